@@ -1,0 +1,216 @@
+"""Every kernel op's forward and backward against PyTorch (float64 reference)
+on fresh random inputs: relative error below 1e-5."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sqlgpt._kernel import ffi, lib
+from sqlgpt.tensor import fptr, iptr
+
+from helpers import rel_err
+
+TOL = 1e-5
+NULL = ffi.NULL
+
+
+def f32(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def t64(a, grad=True):
+    return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
+
+
+def zeros_like(a):
+    return np.zeros_like(a, dtype=np.float32)
+
+
+@pytest.mark.parametrize("N,C,OC", [(1, 8, 8), (7, 13, 29), (64, 128, 428), (200, 512, 128),
+                                    (33, 70, 300)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul(rng, N, C, OC, with_bias):
+    x, w, b, dout = f32(rng, N, C), f32(rng, C, OC), f32(rng, OC), f32(rng, N, OC)
+    out = np.zeros((N, OC), np.float32)
+    lib.matmul_forward(fptr(out), fptr(x), fptr(w), fptr(b) if with_bias else NULL, N, C, OC)
+    tx, tw, tb = t64(x), t64(w), t64(b)
+    ref = tx @ tw + (tb if with_bias else 0)
+    assert rel_err(out, ref.detach()) < TOL
+    ref.backward(torch.tensor(dout, dtype=torch.float64))
+    dx, dw, db = zeros_like(x), zeros_like(w), zeros_like(b)
+    lib.matmul_backward(fptr(dx), fptr(dw), fptr(db) if with_bias else NULL, fptr(dout),
+                        fptr(x), fptr(w), N, C, OC)
+    assert rel_err(dx, tx.grad) < TOL
+    assert rel_err(dw, tw.grad) < TOL
+    if with_bias:
+        assert rel_err(db, tb.grad) < TOL
+
+
+def test_matmul_backward_accumulates(rng):
+    x, w, dout = f32(rng, 9, 16), f32(rng, 16, 24), f32(rng, 9, 24)
+    dx, dw = f32(rng, 9, 16), f32(rng, 16, 24)
+    dx0, dw0 = dx.copy(), dw.copy()
+    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), 9, 16, 24)
+    assert rel_err(dx - dx0, dout.astype(np.float64) @ w.T) < TOL
+    assert rel_err(dw - dw0, x.T.astype(np.float64) @ dout) < TOL
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 8, 2), (2, 17, 32, 4), (3, 64, 128, 8), (1, 100, 48, 3)])
+def test_attention(rng, B, T, C, NH):
+    q, k, v, dout = (f32(rng, B, T, C) for _ in range(4))
+    out, lse = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32)
+    lib.attention_forward(fptr(out), fptr(lse), fptr(q), fptr(k), fptr(v), B, T, C, NH)
+    tq, tk, tv = t64(q), t64(k), t64(v)
+    heads = lambda t: t.view(B, T, NH, C // NH).transpose(1, 2)  # (B, NH, T, hs)
+    ref = F.scaled_dot_product_attention(heads(tq), heads(tk), heads(tv), is_causal=True)
+    ref = ref.transpose(1, 2).reshape(B, T, C)
+    assert rel_err(out, ref.detach()) < TOL
+    ref.backward(torch.tensor(dout, dtype=torch.float64))
+    dq, dk, dv = zeros_like(q), zeros_like(k), zeros_like(v)
+    lib.attention_backward(fptr(dq), fptr(dk), fptr(dv), fptr(dout), fptr(q), fptr(k), fptr(v),
+                           fptr(out), fptr(lse), B, T, C, NH)
+    for ours, t in ((dq, tq), (dk, tk), (dv, tv)):
+        assert rel_err(ours, t.grad) < TOL
+
+
+def test_attention_is_causal(rng):
+    """Changing a later token never changes an earlier output."""
+    B, T, C, NH = 1, 10, 16, 2
+    q, k, v = (f32(rng, B, T, C) for _ in range(3))
+    outs = []
+    for _ in range(2):
+        out, lse = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32)
+        lib.attention_forward(fptr(out), fptr(lse), fptr(q), fptr(k), fptr(v), B, T, C, NH)
+        outs.append(out)
+        k[:, -1], v[:, -1] = f32(rng, C), f32(rng, C)
+    np.testing.assert_array_equal(outs[0][:, :-1], outs[1][:, :-1])
+    assert not np.array_equal(outs[0][:, -1], outs[1][:, -1])
+
+
+@pytest.mark.parametrize("N,C", [(1, 4), (37, 128), (300, 96)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_layernorm(rng, N, C, affine):
+    x, w, b, dout = f32(rng, N, C, scale=3.0) + 2.0, f32(rng, C), f32(rng, C), f32(rng, N, C)
+    out, mean, rstd = np.zeros((N, C), np.float32), np.zeros(N, np.float32), np.zeros(N, np.float32)
+    wp, bp = (fptr(w), fptr(b)) if affine else (NULL, NULL)
+    lib.layernorm_forward(fptr(out), fptr(mean), fptr(rstd), fptr(x), wp, bp, N, C, 1e-5)
+    tx, tw, tb = t64(x), t64(w), t64(b)
+    ref = F.layer_norm(tx, (C,), tw if affine else None, tb if affine else None, eps=1e-5)
+    assert rel_err(out, ref.detach()) < TOL
+    ref.backward(torch.tensor(dout, dtype=torch.float64))
+    dx, dw, db = zeros_like(x), zeros_like(w), zeros_like(b)
+    lib.layernorm_backward(fptr(dx), fptr(dw) if affine else NULL, fptr(db) if affine else NULL,
+                           fptr(dout), fptr(x), wp, fptr(mean), fptr(rstd), N, C)
+    assert rel_err(dx, tx.grad) < TOL
+    if affine:
+        assert rel_err(dw, tw.grad) < TOL
+        assert rel_err(db, tb.grad) < TOL
+
+
+@pytest.mark.parametrize("name,ref_fn", [("relu", F.relu),
+                                         ("gelu", lambda t: F.gelu(t, approximate="tanh"))])
+@pytest.mark.parametrize("n", [1, 1000, 100003])
+def test_activation(rng, name, ref_fn, n):
+    x, dout = f32(rng, n, scale=2.0), f32(rng, n)
+    out = np.zeros(n, np.float32)
+    getattr(lib, f"{name}_forward")(fptr(out), fptr(x), n)
+    tx = t64(x)
+    ref = ref_fn(tx)
+    assert rel_err(out, ref.detach()) < TOL
+    ref.backward(torch.tensor(dout, dtype=torch.float64))
+    dx = zeros_like(x)
+    getattr(lib, f"{name}_backward")(fptr(dx), fptr(dout), fptr(x), n)
+    assert rel_err(dx, tx.grad) < TOL
+
+
+@pytest.mark.parametrize("B,T,C,V", [(1, 1, 4, 3), (4, 33, 64, 50), (2, 256, 128, 428)])
+def test_embedding(rng, B, T, C, V):
+    ids = rng.integers(0, V, (B, T)).astype(np.int32)
+    ids[0, : min(T, 3)] = 1  # repeated ids exercise the scatter-add
+    wte, wpe, dout = f32(rng, V, C), f32(rng, T + 5, C), f32(rng, B, T, C)
+    out = np.zeros((B, T, C), np.float32)
+    lib.embedding_forward(fptr(out), iptr(ids), fptr(wte), fptr(wpe), B, T, C)
+    twte, twpe = t64(wte), t64(wpe)
+    ref = twte[torch.tensor(ids, dtype=torch.long)] + twpe[:T]
+    assert rel_err(out, ref.detach()) < TOL
+    ref.backward(torch.tensor(dout, dtype=torch.float64))
+    dwte, dwpe = zeros_like(wte), zeros_like(wpe)
+    lib.embedding_backward(fptr(dwte), fptr(dwpe), fptr(dout), iptr(ids), B, T, C)
+    assert rel_err(dwte, twte.grad) < TOL
+    assert rel_err(dwpe, twpe.grad) < TOL
+
+
+@pytest.mark.parametrize("N,V", [(1, 2), (50, 428), (1000, 65)])
+def test_crossentropy(rng, N, V):
+    logits = f32(rng, N, V, scale=3.0)
+    targets = rng.integers(0, V, N).astype(np.int32)
+    targets[:: 3] = 0  # the ignore index (padding)
+    if (targets != 0).sum() == 0:
+        targets[0] = V - 1
+    losses = np.zeros(N, np.float32)
+    loss = lib.crossentropy_forward(fptr(losses), fptr(logits), iptr(targets), N, V, 0)
+    tl = t64(logits)
+    ref = F.cross_entropy(tl, torch.tensor(targets, dtype=torch.long), ignore_index=0)
+    assert abs(loss - ref.item()) / abs(ref.item()) < TOL
+    ref.backward()
+    dlogits = np.zeros_like(logits)
+    lib.crossentropy_backward(fptr(dlogits), fptr(logits), iptr(targets), N, V, 0, 1.0)
+    assert rel_err(dlogits, tl.grad) < TOL
+    assert np.all(dlogits[targets == 0] == 0)
+
+
+def test_crossentropy_all_ignored_is_zero_not_nan(rng):
+    logits, targets = f32(rng, 4, 5), np.zeros(4, np.int32)
+    losses, dlogits = np.zeros(4, np.float32), np.ones((4, 5), np.float32)
+    assert lib.crossentropy_forward(fptr(losses), fptr(logits), iptr(targets), 4, 5, 0) == 0.0
+    lib.crossentropy_backward(fptr(dlogits), fptr(logits), iptr(targets), 4, 5, 0, 1.0)
+    assert np.all(dlogits == 0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+def test_dropout(rng, p):
+    n = 200_000
+    x, dout = f32(rng, n), f32(rng, n)
+    seed = int(rng.integers(0, 2**63))
+    out = np.zeros(n, np.float32)
+    lib.dropout_forward(fptr(out), fptr(x), n, p, seed)
+    keep = out != 0
+    # kept elements are scaled by 1/(1-p); the rate matches p within 5 sigma
+    ref = np.where(keep, x.astype(np.float64) / (1 - p), 0.0)
+    assert rel_err(out, ref) < TOL
+    assert abs((~keep).mean() - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-6
+    # backward uses the same mask, recomputed from the seed
+    dx = np.zeros(n, np.float32)
+    lib.dropout_backward(fptr(dx), fptr(dout), n, p, seed)
+    assert rel_err(dx, np.where(keep, dout.astype(np.float64) / (1 - p), 0.0)) < TOL
+    # the same seed gives the same mask; another seed a different one
+    again = np.zeros(n, np.float32)
+    lib.dropout_forward(fptr(again), fptr(x), n, p, seed)
+    np.testing.assert_array_equal(again, out)
+    if p > 0:
+        lib.dropout_forward(fptr(again), fptr(x), n, p, seed + 1)
+        assert not np.array_equal(again != 0, keep)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_matches_torch(rng, weight_decay):
+    n, lr, b1, b2, eps = 5000, 1e-2, 0.9, 0.999, 1e-8
+    data = f32(rng, n)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    tp = torch.nn.Parameter(torch.tensor(data, dtype=torch.float64))
+    opt = torch.optim.AdamW([tp], lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
+    for step in range(1, 6):
+        grad = f32(rng, n)
+        lib.adamw_update(fptr(data), fptr(grad), fptr(m), fptr(v), n, lr, b1, b2, eps,
+                         weight_decay, step)
+        tp.grad = torch.tensor(grad, dtype=torch.float64)
+        opt.step()
+    assert rel_err(data, tp.detach()) < TOL
+    state = opt.state[tp]
+    assert rel_err(m, state["exp_avg"]) < TOL
+    assert rel_err(v, state["exp_avg_sq"]) < TOL
+
+
+def test_sum_squares(rng):
+    x = f32(rng, 123457)
+    assert abs(lib.sum_squares(fptr(x), x.size) - np.sum(x.astype(np.float64) ** 2)) < 1e-9 * x.size
