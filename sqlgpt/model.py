@@ -36,6 +36,8 @@ class Config:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0  # > 0 turns Adam into AdamW
+    lr_schedule: str = "constant"  # or "cosine": decay to lr/10 at max_iters
+    warmup_iters: int = 0     # linear warm-up steps before the schedule
     seed: int = 1337
     preset: str = "lua"
     tokenizer: str = "word"
@@ -68,6 +70,10 @@ class Config:
             raise SqlgptError("beta1 and beta2 must be in [0, 1) and eps positive")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise SqlgptError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise SqlgptError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+            raise SqlgptError(f"warmup_iters must be >= 0, got {self.warmup_iters!r}")
         if self.preset not in PRESETS:
             raise SqlgptError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
         if self.tokenizer != "word":
@@ -75,6 +81,17 @@ class Config:
         if self.embed_dim * 4 * self.embed_dim > 2**31 - 1 or self.seq_len > 65536:
             raise SqlgptError("model too large for this version (embed_dim or seq_len)")
         return self
+
+    def lr_at(self, step):
+        """Learning rate for a 1-based step: warm-up, then constant or cosine."""
+        if step <= self.warmup_iters:
+            return self.lr * step / (self.warmup_iters + 1)
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(1, self.max_iters - self.warmup_iters)
+        progress = min(1.0, (step - self.warmup_iters) / span)
+        min_lr = self.lr / 10
+        return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
     def to_dict(self):
         return asdict(self)
@@ -86,12 +103,18 @@ class Config:
         kwargs = {}
         for key, value in values.items():
             if key in known:
-                kind = {"int": int, "float": float, "str": str}[known[key]]
-                try:
-                    kwargs[key] = kind(value)
-                except (TypeError, ValueError):
-                    raise SqlgptError(f"config {key} has a bad value {value!r}") from None
+                kwargs[key] = _typed(key, value, known[key])
         return cls(**kwargs)
+
+
+def _typed(key, value, kind):
+    """A stored config value as its field's type, refusing lossy conversions."""
+    ok = {int: isinstance(value, int) or (isinstance(value, float) and value.is_integer()),
+          float: isinstance(value, (int, float)),
+          str: isinstance(value, str)}[kind]
+    if not ok or isinstance(value, bool):
+        raise SqlgptError(f"config {key} has a bad value {value!r}")
+    return kind(value)
 
 
 PRESETS = {"lua": {}}  # preset name -> overrides of the Config defaults

@@ -1,0 +1,77 @@
+"""The Python API for apps: load a trained model from its database and use it.
+
+    m = sqlgpt.load("model.db")
+    m.generate("the king", max_tokens=30, temperature=0.8, top_k=40, seed=1)
+"""
+import numpy as np
+
+from . import store
+from .errors import SqlgptError
+from .generate import generate_ids
+from .model import GPT, PAD_ID
+
+
+class Model:
+    """A trained model: config, tokenizer and weights of the latest checkpoint."""
+
+    def __init__(self, gpt, tokenizer, step):
+        self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
+
+    @property
+    def config(self):
+        return self._gpt.cfg.to_dict()
+
+    def state_dict(self):
+        """{name: float32 array}: wte, wpe, layers.<i>.<q|k|v|proj|fc1|fc2>, head (copies)."""
+        return {t.name: t.data.copy() for t in self._gpt.params}
+
+    def num_parameters(self):
+        return self._gpt.params.size
+
+    def encode(self, text):
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids):
+        """Eval-mode logits (len, vocab_size + 2) for a 1-D sequence of ids."""
+        ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
+        self._gpt.forward(ids)
+        return self._gpt.acts.logits[: ids.shape[1]].copy()
+
+    def prompt_ids(self, prompt):
+        """Prompt -> ids; an empty prompt starts from the most frequent word."""
+        ids = self.encode(prompt) if prompt else np.array([1], dtype=np.int32)
+        if prompt and len(ids) == 0:
+            raise SqlgptError("the prompt has no words")
+        if (ids == self.tokenizer.unk_id).all():
+            raise SqlgptError(f"none of the prompt's words are in the vocabulary: {prompt!r}")
+        return ids[-self._gpt.cfg.seq_len:]
+
+    def generate_ids(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
+                     seed=None):
+        """Yield generated ids one at a time (for streaming). <pad> is never sampled."""
+        return generate_ids(self._gpt, self.prompt_ids(prompt), max_tokens, temperature, top_k,
+                            top_p, seed, banned=(PAD_ID,))
+
+    def generate(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+        """The prompt followed by max_tokens generated tokens, as text."""
+        ids = list(self.prompt_ids(prompt))
+        ids += self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed)
+        return self.decode(ids)
+
+
+def load(path):
+    """Load the latest checkpoint of a sqlgpt database (read-only)."""
+    conn = store.open_database(path, readonly=True)
+    try:
+        conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
+        cfg = store.read_config(conn)
+        tokenizer = store.read_tokenizer(conn, cfg)
+        gpt = GPT(cfg)
+        store.read_weights(conn, gpt)
+        step = store.read_train_state(conn).get("step", 0)
+    finally:
+        conn.close()
+    return Model(gpt, tokenizer, step)

@@ -1,0 +1,214 @@
+"""The `sqlgpt` command: parses options, shows progress, calls the library."""
+import functools
+import json
+import math
+import sys
+from dataclasses import fields
+
+import click
+
+from . import store
+from .api import load
+from .errors import SqlgptError
+from .model import PRESETS, Config
+from .train import Trainer
+
+EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+DEFAULTS = Config()
+
+# option name -> Config field, for the options that shape a new model
+MODEL_OPTIONS = {
+    "embed_dim": "embed_dim", "heads": "num_heads", "layers": "num_layers",
+    "seq_len": "seq_len", "batch_size": "batch_size", "vocab_size": "vocab_size",
+    "lr": "lr", "dropout": "dropout", "seed": "seed", "weight_decay": "weight_decay",
+    "lr_schedule": "lr_schedule", "warmup": "warmup_iters", "preset": "preset",
+}
+
+
+def fail_cleanly(fn):
+    """Turn library errors into one-line messages with a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SqlgptError as e:
+            raise click.ClickException(str(e)) from None
+        except MemoryError:
+            raise click.ClickException("out of memory: try a smaller --batch-size, "
+                                       "--seq-len or --embed-dim") from None
+    return wrapper
+
+
+def emit_json(obj):
+    click.echo(json.dumps(obj, default=lambda v: None if isinstance(v, float) and not
+                          math.isfinite(v) else str(v)))
+
+
+@click.group()
+@click.version_option(package_name="sqlgpt")
+def main():
+    """Train and run small GPT language models on a CPU, stored in one SQLite file."""
+
+
+@main.command()
+@click.argument("corpus", type=click.Path(dir_okay=False))
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+              help="SQLite file that holds the model.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULTS.preset,
+              show_default=True, help="Model architecture.")
+@click.option("--embed-dim", type=int, default=DEFAULTS.embed_dim, show_default=True,
+              help="Width of the model.")
+@click.option("--heads", type=int, default=DEFAULTS.num_heads, show_default=True,
+              help="Attention heads (must divide --embed-dim).")
+@click.option("--layers", type=int, default=DEFAULTS.num_layers, show_default=True,
+              help="Transformer blocks.")
+@click.option("--seq-len", type=int, default=DEFAULTS.seq_len, show_default=True,
+              help="Context length in tokens.")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
+              help="Sequences per step.")
+@click.option("--vocab-size", type=int, default=DEFAULTS.vocab_size, show_default=True,
+              help="Most frequent words kept (plus <pad> and <unk>).")
+@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
+              default=DEFAULTS.lr_schedule, show_default=True,
+              help="constant, or cosine decay to lr/10 at --iters.")
+@click.option("--warmup", type=int, default=DEFAULTS.warmup_iters, show_default=True,
+              help="Linear learning-rate warm-up steps.")
+@click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
+              help="AdamW decoupled weight decay (0 = plain Adam).")
+@click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True,
+              help="Dropout rate while training.")
+@click.option("--iters", type=int, default=DEFAULTS.max_iters, show_default=True,
+              help="Train up to this step in total.")
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+              help="Seed for weights, batches and dropout.")
+@click.option("--save-every", type=int, default=100, show_default=True,
+              help="Checkpoint every N steps (and always at the end).")
+@click.option("--grad-clip", type=float, default=0.0, show_default=True,
+              help="Clip the global gradient norm to this (0 = off).")
+@click.option("--max-bad-steps", type=int, default=10, show_default=True,
+              help="Stop after this many steps with a NaN/Inf loss or gradient.")
+@click.option("--resume", is_flag=True, help="Continue training the model in --db.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --db with a new model.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary as the last line of stdout.")
+@click.pass_context
+@fail_cleanly
+def train(ctx, corpus, db_path, iters, save_every, grad_clip, max_bad_steps, resume, overwrite,
+          as_json, **model_options):
+    """Train a model on CORPUS (a UTF-8 text file) into the database --db.
+
+    Example: sqlgpt train examples/tinyshakespeare.txt --db model.db --iters 500
+    """
+    if resume and overwrite:
+        raise SqlgptError("--resume and --overwrite exclude each other")
+    for name, value in (("--iters", iters), ("--save-every", save_every)):
+        if value < 1:
+            raise SqlgptError(f"{name} must be at least 1")
+    if resume:
+        explicit = [name for name in MODEL_OPTIONS
+                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if explicit:
+            raise SqlgptError("--resume keeps the stored config; drop "
+                              + ", ".join("--" + n.replace("_", "-") for n in explicit))
+        trainer = Trainer.resume(db_path, corpus)
+    else:
+        cfg = Config(**{MODEL_OPTIONS[k]: v for k, v in model_options.items()},
+                     max_iters=iters)
+        trainer = Trainer.create(db_path, corpus, cfg, overwrite=overwrite)
+    try:
+        result = run_with_progress(trainer, iters, save_every, grad_clip, max_bad_steps, as_json)
+    finally:
+        trainer.close()
+    summary = {"step": result.step, "final_loss": result.final_loss,
+               "tokens_per_sec": round(result.tokens_per_sec, 1),
+               "bad_steps": result.bad_steps, "db": db_path}
+    if result.stopped_by:
+        click.echo(f"stopped by {result.stopped_by}; checkpoint saved at step {result.step}",
+                   err=True)
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(f"step {result.step}: loss {result.final_loss:.4f}, "
+                   f"{result.tokens_per_sec:,.0f} tokens/s, saved to {db_path}")
+    if result.stopped_by:
+        sys.exit(EXIT_ON_SIGNAL[result.stopped_by])
+
+
+def run_with_progress(trainer, iters, save_every, grad_clip, max_bad_steps, as_json):
+    start = trainer.state["step"]
+    if start >= iters:
+        click.echo(f"already trained to step {start}; nothing to do (raise --iters)", err=True)
+    shown = {"text": ""}
+
+    def show(_):
+        return shown["text"]
+
+    with click.progressbar(length=max(0, iters - start), label="training", file=sys.stderr,
+                           item_show_func=show, show_eta=True) as bar:
+        def on_step(report):
+            shown["text"] = (f"step {report.step} loss {report.loss:.4f} "
+                             f"{report.tokens_per_sec:,.0f} tok/s")
+            bar.update(1)
+        return trainer.run(iters, save_every, max_bad_steps, grad_clip, on_step)
+
+
+@main.command()
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+              help="SQLite file that holds the model.")
+@click.option("--prompt", default="", help="Text to continue (empty: start from the commonest word).")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Sampling temperature (0 = greedy).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample among the k most likely tokens (0 = all).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+              show_default=True, help="Nucleus sampling: smallest set with this probability.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
+@fail_cleanly
+def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed):
+    """Generate text from the model in --db, streaming tokens as they come.
+
+    Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
+    """
+    model = load(db_path)
+    ids = model.prompt_ids(prompt)
+    click.echo(model.decode(ids), nl=False)
+    for token in model.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed):
+        word = model.decode([token])
+        if word:
+            click.echo(" " + word, nl=False)
+    click.echo()
+
+
+@main.command()
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+              help="SQLite file that holds the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@fail_cleanly
+def info(db_path, as_json):
+    """Show a model's config, parameter count and checkpoints.
+
+    Example: sqlgpt info --db model.db
+    """
+    model = load(db_path)
+    conn = store.open_database(db_path, readonly=True)
+    try:
+        history = store.checkpoints(conn)
+    finally:
+        conn.close()
+    report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
+              "step": model.step, "checkpoints": history}
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"{db_path}: step {model.step}, {model.num_parameters():,} parameters")
+    for f in fields(Config):
+        click.echo(f"  {f.name:<14} {model.config[f.name]}")
+    click.echo(f"checkpoints ({len(history)}):")
+    for c in history[-10:]:
+        train = "-" if c["train_loss"] is None else f"{c['train_loss']:.4f}"
+        val = "-" if c["val_loss"] is None else f"{c['val_loss']:.4f}"
+        click.echo(f"  step {c['step']:>6}  train loss {train:>7}  val loss {val:>7}  "
+                   f"{c['created_at']}")

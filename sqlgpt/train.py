@@ -1,0 +1,249 @@
+"""Training: corpus -> token ids -> random windows -> steps -> checkpoints.
+
+Every source of randomness (weight init, batch positions, dropout seeds) comes
+from one numpy PCG64 generator whose state is saved with each checkpoint, so a
+resumed run continues exactly as an uninterrupted one would.
+"""
+import hashlib
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .errors import SqlgptError
+from .model import GPT, Config
+from .tokenizers import TOKENIZERS
+
+VAL_FRACTION = 0.1      # the corpus tail held out for validation loss
+VAL_BATCHES = 4         # batches of the held-out tail scored at each checkpoint
+METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
+
+
+def read_corpus(path):
+    """The corpus as text, or a clear error for a missing, empty or binary file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SqlgptError(f"corpus {path} does not exist" if not path.exists()
+                          else f"corpus {path} is not a file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise SqlgptError(f"corpus {path} is empty")
+    if b"\x00" in raw:
+        raise SqlgptError(f"corpus {path} looks binary (contains NUL bytes); give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8"), hashlib.sha256(raw).hexdigest()
+    except UnicodeDecodeError as e:
+        raise SqlgptError(f"corpus {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def split_tokens(tokens, seq_len):
+    """(train, val) token arrays; val is the corpus tail when it is long enough."""
+    n_val = int(len(tokens) * VAL_FRACTION)
+    if n_val < seq_len + 1:
+        n_val = 0
+    train = tokens[:len(tokens) - n_val]
+    if len(train) < seq_len + 1:
+        raise SqlgptError(f"the corpus has {len(tokens)} tokens, too few for seq_len {seq_len} "
+                          f"(need at least {seq_len + 1}); use a longer corpus or a smaller --seq-len")
+    return train, tokens[len(train):]
+
+
+def random_batch(tokens, rng, B, T):
+    """B random windows of T tokens and their next-token targets, each (B,T)."""
+    starts = rng.integers(0, len(tokens) - T, size=B)
+    index = starts[:, None] + np.arange(T)
+    return tokens[index], tokens[index + 1]
+
+
+@dataclass
+class StepReport:
+    step: int
+    loss: float
+    lr: float
+    tokens_per_sec: float
+    skipped: bool = False
+
+
+@dataclass
+class RunResult:
+    step: int
+    final_loss: float
+    tokens_per_sec: float
+    stopped_by: str = ""      # "", "SIGINT" or "SIGTERM"
+    bad_steps: int = 0
+    losses: list = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the model, its database connection and the training state."""
+
+    def __init__(self, conn, model, tokenizer, train_tokens, val_tokens, state):
+        self.conn, self.model, self.tokenizer = conn, model, tokenizer
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.state = state
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = state["rng"]
+        self._stop = ""
+
+    # ---- construction ----
+    @classmethod
+    def create(cls, db_path, corpus_path, cfg, overwrite=False):
+        """Build the vocabulary and a freshly initialized model, and write it
+        as the step-0 checkpoint of a new database."""
+        db_path = Path(db_path)
+        if db_path.exists() and not overwrite:
+            raise SqlgptError(f"{db_path} already exists; use --resume to continue training it "
+                              f"or --overwrite to replace it")
+        if db_path.exists() and not db_path.is_file():
+            raise SqlgptError(f"{db_path} is not a file")
+        text, digest = read_corpus(corpus_path)
+        cfg.validate()
+        tokenizer = TOKENIZERS[cfg.tokenizer].build(text, cfg.vocab_size)
+        if tokenizer.vocab_size == 0:
+            raise SqlgptError(f"corpus {corpus_path} has no words")
+        cfg.vocab_size = tokenizer.vocab_size  # a small corpus may have fewer words
+        train, val = split_tokens(tokenizer.encode(text), cfg.seq_len)
+        model = GPT(cfg)
+        rng = np.random.default_rng(cfg.seed)
+        model.init_weights(rng)
+        state = {"step": 0, "rng": rng.bit_generator.state, "corpus_sha256": digest,
+                 "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
+        conn = store.create_database(db_path, model, tokenizer, state)
+        return cls(conn, model, tokenizer, train, val, state)
+
+    @classmethod
+    def resume(cls, db_path, corpus_path):
+        """Reopen a database and its corpus to continue where training stopped."""
+        text, digest = read_corpus(corpus_path)
+        conn = store.open_database(db_path, readonly=False)
+        try:
+            cfg = store.read_config(conn)
+            tokenizer = store.read_tokenizer(conn, cfg)
+            state = store.read_train_state(conn)
+            if state.get("corpus_sha256") != digest:
+                raise SqlgptError(f"{corpus_path} is not the corpus {db_path} was trained on; "
+                                  f"resume needs the same file")
+            model = GPT(cfg)
+            store.read_weights(conn, model)
+            train, val = split_tokens(tokenizer.encode(text), cfg.seq_len)
+            return cls(conn, model, tokenizer, train, val, state)
+        except BaseException:
+            conn.close()
+            raise
+
+    # ---- running ----
+    def run(self, max_iters, save_every=100, max_bad_steps=10, grad_clip=0.0, on_step=None):
+        """Train up to step max_iters in total, checkpointing every save_every
+        steps, at the end, and when SIGINT/SIGTERM asks to stop."""
+        cfg, model = self.model.cfg, self.model
+        cfg.max_iters = max_iters
+        B, T = cfg.batch_size, cfg.seq_len
+        pending_metrics, last_flush, window_losses = [], time.perf_counter(), []
+        result = RunResult(step=self.state["step"], final_loss=math.nan, tokens_per_sec=0.0)
+        total_tokens, total_time = 0, 0.0
+        with self._stop_on_signals():
+            while self.state["step"] < max_iters and not self._stop:
+                step = self.state["step"] + 1
+                t0 = time.perf_counter()
+                x, y = random_batch(self.train_tokens, self.rng, B, T)
+                dropout_seed = int(self.rng.integers(0, 2**63))
+                model.params.zero_grad()
+                loss = model.forward(x, y, dropout_seed=dropout_seed)
+                model.backward()
+                grad_sq = model.grad_norm_squared()
+                lr = cfg.lr_at(step)
+                skipped = not (math.isfinite(loss) and math.isfinite(grad_sq))
+                if skipped:
+                    self.state["bad_steps"] += 1
+                    if self.state["bad_steps"] > max_bad_steps:
+                        raise SqlgptError(f"training stopped at step {step}: more than "
+                                          f"{max_bad_steps} steps had a NaN/Inf loss or gradient; "
+                                          f"the last good checkpoint is kept (try a lower --lr)")
+                else:
+                    if grad_clip > 0 and grad_sq > grad_clip ** 2:
+                        g = model.params.arenas["grad"]
+                        g *= np.float32(grad_clip / math.sqrt(grad_sq))
+                    model.adam_step(step, lr)
+                    window_losses.append(loss)
+                    result.losses.append(loss)
+                dt = time.perf_counter() - t0
+                self.state["step"] = step
+                self.state["elapsed_s"] += dt
+                self.state["tokens_seen"] += B * T
+                total_tokens, total_time = total_tokens + B * T, total_time + dt
+                report = StepReport(step, loss, lr, B * T / dt, skipped)
+                if not skipped:
+                    pending_metrics.append((step, loss, lr, report.tokens_per_sec))
+                if on_step:
+                    on_step(report)
+                if time.perf_counter() - last_flush > METRICS_FLUSH_S:
+                    store.write_metrics(self.conn, pending_metrics)
+                    pending_metrics, last_flush = [], time.perf_counter()
+                if step % save_every == 0 or step == max_iters or self._stop:
+                    store.write_metrics(self.conn, pending_metrics)
+                    pending_metrics = []
+                    self.checkpoint(window_losses)
+                    window_losses = []
+            store.write_metrics(self.conn, pending_metrics)
+        result.step = self.state["step"]
+        result.final_loss = result.losses[-1] if result.losses else math.nan
+        result.tokens_per_sec = total_tokens / total_time if total_time else 0.0
+        result.stopped_by = self._stop
+        result.bad_steps = self.state["bad_steps"]
+        return result
+
+    def checkpoint(self, window_losses):
+        train_loss = float(np.mean(window_losses)) if window_losses else None
+        self.state["rng"] = self.rng.bit_generator.state
+        store.save_checkpoint(self.conn, self.model, self.state, train_loss, self.val_loss())
+
+    def val_loss(self):
+        """Mean eval-mode loss over fixed windows of the held-out tail (no RNG used)."""
+        cfg = self.model.cfg
+        T = cfg.seq_len
+        if len(self.val_tokens) < T + 1:
+            return None
+        # whole batches of the training batch size, so no new activations are allocated
+        windows = len(self.val_tokens) - T
+        B = min(cfg.batch_size, windows)
+        n = min(VAL_BATCHES, windows // B) * B
+        starts = np.linspace(0, windows - 1, n).astype(np.int64)
+        losses = []
+        for chunk in starts.reshape(-1, B):
+            index = chunk[:, None] + np.arange(T)
+            losses.append(self.model.forward(self.val_tokens[index], self.val_tokens[index + 1]))
+        return float(np.mean(losses))
+
+    def close(self):
+        self.conn.close()
+
+    # ---- signals: finish the step, save, then stop ----
+    class _SignalGuard:
+        def __init__(self, trainer):
+            self.trainer, self.saved = trainer, {}
+
+        def __enter__(self):
+            if threading.current_thread() is not threading.main_thread():
+                return self
+            for sig, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+                self.saved[sig] = signal.signal(sig, self._handler(name))
+            return self
+
+        def _handler(self, name):
+            def handle(signum, frame):
+                if self.trainer._stop:  # a second signal: stop now, the last checkpoint stands
+                    raise KeyboardInterrupt
+                self.trainer._stop = name
+            return handle
+
+        def __exit__(self, *exc):
+            for sig, handler in self.saved.items():
+                signal.signal(sig, handler)
+
+    def _stop_on_signals(self):
+        return self._SignalGuard(self)
