@@ -50,15 +50,18 @@ class Model:
         return ids[-self._gpt.cfg.seq_len:]
 
     def generate_ids(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
-                     seed=None):
-        """Yield generated ids one at a time (for streaming). <pad> is never sampled."""
+                     seed=None, allow_unk=False):
+        """Yield generated ids one at a time (for streaming). <pad> is never
+        sampled, and <unk> only with allow_unk."""
+        banned = (PAD_ID,) if allow_unk else (PAD_ID, self.tokenizer.unk_id)
         return generate_ids(self._gpt, self.prompt_ids(prompt), max_tokens, temperature, top_k,
-                            top_p, seed, banned=(PAD_ID,))
+                            top_p, seed, banned=banned)
 
-    def generate(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+    def generate(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+                 allow_unk=False):
         """The prompt followed by max_tokens generated tokens, as text."""
         ids = list(self.prompt_ids(prompt))
-        ids += self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed)
+        ids += self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk)
         return self.decode(ids)
 
 

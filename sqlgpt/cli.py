@@ -51,8 +51,8 @@ def main():
 
 
 @main.command()
-@click.argument("corpus", type=click.Path(dir_okay=False))
-@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+@click.argument("corpus", type=click.Path())
+@click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULTS.preset,
               show_default=True, help="Model architecture.")
@@ -154,7 +154,7 @@ def run_with_progress(trainer, iters, save_every, grad_clip, max_bad_steps, as_j
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
 @click.option("--prompt", default="", help="Text to continue (empty: start from the commonest word).")
 @click.option("--max-tokens", type=click.IntRange(min=0), default=50, show_default=True,
@@ -166,8 +166,9 @@ def run_with_progress(trainer, iters, save_every, grad_clip, max_bad_steps, as_j
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
               show_default=True, help="Nucleus sampling: smallest set with this probability.")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
+@click.option("--allow-unk", is_flag=True, help="Let the model emit <unk> (out-of-vocabulary).")
 @fail_cleanly
-def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed):
+def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):
     """Generate text from the model in --db, streaming tokens as they come.
 
     Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
@@ -175,7 +176,8 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed):
     model = load(db_path)
     ids = model.prompt_ids(prompt)
     click.echo(model.decode(ids), nl=False)
-    for token in model.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed):
+    for token in model.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed,
+                                    allow_unk):
         word = model.decode([token])
         if word:
             click.echo(" " + word, nl=False)
@@ -183,7 +185,7 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed):
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @fail_cleanly

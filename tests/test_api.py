@@ -1,0 +1,66 @@
+"""The Python API an app uses: sqlgpt.load(...)."""
+import numpy as np
+import pytest
+
+import sqlgpt
+from sqlgpt.errors import SqlgptError
+
+
+def test_config_and_state_dict(trained_db):
+    m = sqlgpt.load(trained_db)
+    cfg = m.config
+    assert cfg["embed_dim"] == 32 and cfg["num_layers"] == 2 and cfg["preset"] == "lua"
+    sd = m.state_dict()
+    C, V = 32, cfg["vocab_size"] + 2
+    expected = {"wte": (V, C), "wpe": (16, C), "head": (C, V)}
+    for layer in range(2):
+        expected.update({f"layers.{layer}.{c}": s for c, s in
+                         (("q", (C, C)), ("k", (C, C)), ("v", (C, C)), ("proj", (C, C)),
+                          ("fc1", (C, 4 * C)), ("fc2", (4 * C, C)))})
+    assert {k: v.shape for k, v in sd.items()} == expected
+    assert all(v.dtype == np.float32 for v in sd.values())
+    assert m.num_parameters() == sum(v.size for v in sd.values())
+
+
+def test_encode_decode_and_logits(trained_db):
+    m = sqlgpt.load(trained_db)
+    ids = m.encode("The king, the KING!")
+    assert len(ids) == 4 and ids[0] == ids[2]
+    assert m.decode(ids).startswith("the")
+    logits = m.logits(ids)
+    assert logits.shape == (4, m.config["vocab_size"] + 2)
+    # causal: a prefix's logits do not depend on what follows
+    np.testing.assert_allclose(m.logits(ids[:2]), logits[:2], rtol=1e-5, atol=1e-6)
+
+
+def test_generate_is_reproducible_with_a_seed(trained_db):
+    m = sqlgpt.load(trained_db)
+    a = m.generate("the citizen", max_tokens=12, temperature=0.9, top_k=20, seed=3)
+    b = m.generate("the citizen", max_tokens=12, temperature=0.9, top_k=20, seed=3)
+    assert a == b and a.startswith("the citizen") and len(a.split()) == 14
+    assert "<unk>" not in a and "<pad>" not in a
+    greedy = m.generate("the citizen", max_tokens=5, temperature=0)
+    assert greedy == m.generate("the citizen", max_tokens=5, temperature=0, seed=99)
+
+
+def test_generation_runs_past_the_context_length(trained_db):
+    m = sqlgpt.load(trained_db)
+    text = m.generate("the", max_tokens=40, seed=1)  # seq_len is 16
+    assert len(text.split()) == 41
+
+
+def test_prompt_of_unknown_words_is_an_error(trained_db):
+    m = sqlgpt.load(trained_db)
+    with pytest.raises(SqlgptError, match="vocabulary"):
+        m.generate("zzyzx qwfp", max_tokens=3)
+    with pytest.raises(SqlgptError, match="no words"):
+        m.generate("!!! ...", max_tokens=3)
+
+
+def test_top_p_and_top_k_restrict_the_choice():
+    from sqlgpt.generate import sample
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert {sample(logits, rng, top_k=1) for _ in range(50)} == {0}
+    assert {sample(logits, rng, top_p=0.7) for _ in range(200)} == {0, 1}
+    assert {sample(logits, rng, banned=(0,), temperature=0)} == {1}

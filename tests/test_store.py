@@ -1,0 +1,162 @@
+"""The database: layout, round trips, validation of what is read."""
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+
+import sqlgpt
+from sqlgpt import store
+from sqlgpt.errors import SqlgptError
+from sqlgpt.model import GPT
+
+
+def copy_db(src, tmp_path):
+    dst = tmp_path / "copy.db"
+    shutil.copy(src, dst)
+    return dst
+
+
+def test_layout_pragmas_and_original_tables(trained_db):
+    conn = sqlite3.connect(trained_db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == store.APPLICATION_ID
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    config = dict(conn.execute("SELECT key, value FROM config"))
+    for key in ("vocab_size", "embed_dim", "num_heads", "num_layers", "seq_len", "lr",
+                "batch_size", "max_iters", "dropout", "beta1", "beta2", "eps"):
+        assert key in config
+    assert config["embed_dim"] == 32 and config["num_heads"] == 4 and config["max_iters"] == 30
+    # one BLOB per matrix row, never one row per element
+    C, V = 32, config["vocab_size"] + 2
+    assert conn.execute("SELECT count(*) FROM embeddings WHERE type='wte'").fetchone()[0] == V
+    assert conn.execute("SELECT count(*) FROM head").fetchone()[0] == C
+    assert conn.execute("SELECT count(*) FROM layers WHERE layer=0 AND component='fc1'").fetchone()[0] == C
+    assert conn.execute("SELECT DISTINCT length(data) FROM layers WHERE component='fc1'").fetchall() == [(4 * C * 4,)]
+    assert conn.execute("SELECT count(*) FROM vocab").fetchone()[0] == V
+    assert [s for s, in conn.execute("SELECT step FROM checkpoints")] == [0, 10, 20, 30]
+    assert conn.execute("SELECT count(*) FROM metrics").fetchone()[0] == 30
+
+
+def test_blob_rows_are_little_endian_float32_of_the_weights(trained_db):
+    model = sqlgpt.load(trained_db)
+    conn = sqlite3.connect(trained_db)
+    blob, = conn.execute("SELECT data FROM layers WHERE layer=1 AND component='q' AND i=3").fetchone()
+    np.testing.assert_array_equal(np.frombuffer(blob, "<f4"), model.state_dict()["layers.1.q"][3])
+
+
+def test_save_load_round_trip_is_bit_exact(trained_db, tmp_path):
+    conn = store.open_database(trained_db)
+    cfg = store.read_config(conn)
+    first = GPT(cfg)
+    store.read_weights(conn, first)
+    state = store.read_train_state(conn)
+    conn.close()
+    db = copy_db(trained_db, tmp_path)
+    conn = store.open_database(db, readonly=False)
+    state["step"] += 1
+    store.save_checkpoint(conn, first, state, 1.0, None)
+    second = GPT(store.read_config(conn))
+    store.read_weights(conn, second)
+    conn.close()
+    for buf in ("data", "m", "v"):
+        assert first.params.arenas[buf].tobytes() == second.params.arenas[buf].tobytes()
+    assert np.abs(first.params.arenas["m"]).sum() > 0  # moments were really stored
+
+
+def damage(db, sql):
+    conn = sqlite3.connect(db)
+    conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("sql,message", [
+    ("UPDATE layers SET data = substr(data, 1, 10) WHERE layer=0 AND i=0", "damaged"),
+    ("DELETE FROM head WHERE i = 5", "damaged"),
+    ("UPDATE config SET value = 3 WHERE key = 'num_heads'", "must divide"),
+    ("UPDATE config SET value = 'many' WHERE key = 'num_layers'", "bad value"),
+    ("DELETE FROM vocab WHERE id = 3", "vocab"),
+    ("PRAGMA user_version = 99", "newer"),
+    ("PRAGMA application_id = 7", "not a sqlgpt database"),
+    ("DROP TABLE metrics", "missing table"),
+    ("UPDATE head SET data = zeroblob(length(data)) WHERE i = 0", None),
+])
+def test_damaged_databases_are_refused(trained_db, tmp_path, sql, message):
+    db = copy_db(trained_db, tmp_path)
+    damage(db, sql)
+    if message is None:  # zeros are valid weights: it must still load
+        sqlgpt.load(db)
+        return
+    with pytest.raises(SqlgptError, match=message):
+        sqlgpt.load(db)
+
+
+def test_nan_weights_are_refused(trained_db, tmp_path):
+    db = copy_db(trained_db, tmp_path)
+    nan_row = np.full(4 * 100 + 8, np.nan, "<f4")[:102].tobytes()  # head rows have V floats
+    damage(db, f"UPDATE head SET data = x'{nan_row.hex()}' WHERE i = 0")
+    with pytest.raises(SqlgptError, match="NaN"):
+        sqlgpt.load(db)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a database", b"SQLite format 3\x00" + b"\xff" * 200])
+def test_files_that_are_not_databases_are_refused(tmp_path, content):
+    path = tmp_path / "x.db"
+    path.write_bytes(content)
+    with pytest.raises(SqlgptError):
+        sqlgpt.load(path)
+    assert path.read_bytes() == content
+
+
+def test_another_apps_database_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE config (key TEXT, value)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(SqlgptError, match="not a sqlgpt database"):
+        sqlgpt.load(path)
+    assert path.read_bytes() == before
+
+
+def test_readers_see_a_consistent_checkpoint_while_a_writer_commits(trained_db, tmp_path):
+    db = copy_db(trained_db, tmp_path)
+    writer = store.open_database(db, readonly=False)
+    cfg = store.read_config(writer)
+    model = GPT(cfg)
+    store.read_weights(writer, model)
+    state = store.read_train_state(writer)
+    reader = store.open_database(db)
+    reader.execute("BEGIN")
+    before = reader.execute("SELECT data FROM head WHERE i = 0").fetchone()[0]
+    model.params["head"].data[...] += 1.0
+    state["step"] += 1
+    store.save_checkpoint(writer, model, state, 1.0, None)   # commits while the reader is open
+    assert reader.execute("SELECT data FROM head WHERE i = 0").fetchone()[0] == before
+    reader.execute("COMMIT")
+    after = reader.execute("SELECT data FROM head WHERE i = 0").fetchone()[0]
+    np.testing.assert_array_equal(np.frombuffer(after, "<f4"), np.frombuffer(before, "<f4") + 1.0)
+    reader.close()
+    writer.close()
+
+
+def test_a_failed_checkpoint_leaves_the_previous_one(trained_db, tmp_path):
+    db = copy_db(trained_db, tmp_path)
+    conn = store.open_database(db, readonly=False)
+    model = GPT(store.read_config(conn))
+    store.read_weights(conn, model)
+    state = store.read_train_state(conn)
+    good = sqlgpt.load(db).state_dict()
+    model.params["head"].data[...] = 0.0
+    state["step"] += 1
+    state["bad"] = object()  # json.dumps fails mid-transaction, after the weights were written
+    with pytest.raises(TypeError):
+        store.save_checkpoint(conn, model, state, 1.0, None)
+    assert not conn.in_transaction
+    conn.close()
+    reloaded = sqlgpt.load(db)
+    np.testing.assert_array_equal(reloaded.state_dict()["head"], good["head"])
+    assert reloaded.step == 30
