@@ -150,7 +150,15 @@ def run_with_progress(trainer, iters, save_every, grad_clip, max_bad_steps, as_j
             shown["text"] = (f"step {report.step} loss {report.loss:.4f} "
                              f"{report.tokens_per_sec:,.0f} tok/s")
             bar.update(1)
-        return trainer.run(iters, save_every, max_bad_steps, grad_clip, on_step)
+        def on_checkpoint(step, train_loss, val_loss):
+            if not sys.stderr.isatty():  # logs get one line per checkpoint instead of a bar
+                click.echo(f"step {step}: train loss {fmt_loss(train_loss)}, "
+                           f"val loss {fmt_loss(val_loss)}", err=True)
+        return trainer.run(iters, save_every, max_bad_steps, grad_clip, on_step, on_checkpoint)
+
+
+def fmt_loss(value):
+    return "-" if value is None else f"{value:.4f}"
 
 
 @main.command()
@@ -210,7 +218,6 @@ def info(db_path, as_json):
         click.echo(f"  {f.name:<14} {model.config[f.name]}")
     click.echo(f"checkpoints ({len(history)}):")
     for c in history[-10:]:
-        train = "-" if c["train_loss"] is None else f"{c['train_loss']:.4f}"
-        val = "-" if c["val_loss"] is None else f"{c['val_loss']:.4f}"
-        click.echo(f"  step {c['step']:>6}  train loss {train:>7}  val loss {val:>7}  "
+        click.echo(f"  step {c['step']:>6}  train loss {fmt_loss(c['train_loss']):>7}  "
+                   f"val loss {fmt_loss(c['val_loss']):>7}  "
                    f"{c['created_at']}")

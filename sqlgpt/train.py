@@ -137,7 +137,8 @@ class Trainer:
             raise
 
     # ---- running ----
-    def run(self, max_iters, save_every=100, max_bad_steps=10, grad_clip=0.0, on_step=None):
+    def run(self, max_iters, save_every=100, max_bad_steps=10, grad_clip=0.0, on_step=None,
+            on_checkpoint=None):
         """Train up to step max_iters in total, checkpointing every save_every
         steps, at the end, and when SIGINT/SIGTERM asks to stop."""
         cfg, model = self.model.cfg, self.model
@@ -187,8 +188,10 @@ class Trainer:
                 if step % save_every == 0 or step == max_iters or self._stop:
                     store.write_metrics(self.conn, pending_metrics)
                     pending_metrics = []
-                    self.checkpoint(window_losses)
+                    saved = self.checkpoint(window_losses)
                     window_losses = []
+                    if on_checkpoint:
+                        on_checkpoint(step, *saved)
             store.write_metrics(self.conn, pending_metrics)
         result.step = self.state["step"]
         result.final_loss = result.losses[-1] if result.losses else math.nan
@@ -200,7 +203,9 @@ class Trainer:
     def checkpoint(self, window_losses):
         train_loss = float(np.mean(window_losses)) if window_losses else None
         self.state["rng"] = self.rng.bit_generator.state
-        store.save_checkpoint(self.conn, self.model, self.state, train_loss, self.val_loss())
+        val_loss = self.val_loss()
+        store.save_checkpoint(self.conn, self.model, self.state, train_loss, val_loss)
+        return train_loss, val_loss
 
     def val_loss(self):
         """Mean eval-mode loss over fixed windows of the held-out tail (no RNG used)."""
