@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from click.testing import CliRunner
@@ -15,9 +16,11 @@ from conftest import ROOT, TINY
 
 
 def sqlgpt_cmd(*args):
-    """Run the real `sqlgpt` entry point in a subprocess."""
+    """Run the installed `sqlgpt` entry point in a subprocess (from a neutral
+    directory, so the source tree's uncompiled package is not imported)."""
     return subprocess.run([sys.executable, "-c", "from sqlgpt.cli import main; main()",
-                           *map(str, args)], capture_output=True, text=True, timeout=300)
+                           *map(str, args)], capture_output=True, text=True, timeout=300,
+                          cwd=tempfile.gettempdir())
 
 
 def test_generate_and_info(trained_db):
