@@ -14,25 +14,27 @@ void relu_backward(float *dinp, const float *dout, const float *inp, long n) {
     for (long i = 0; i < n; i++) dinp[i] += inp[i] > 0.0f ? dout[i] : 0.0f;
 }
 
-/* GELU, tanh approximation (as GPT-2 uses). */
+/* GELU, tanh approximation (as GPT-2 uses): 0.5 x (1 + tanh(u)), written as
+ * x * sigmoid(2u), which has no cancellation where tanh(u) is near -1. */
 #define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
+
+static inline float gelu_u(float x) { return GELU_K * (x + 0.044715f * x * x * x); }
 
 void gelu_forward(float *out, const float *inp, long n) {
     #pragma omp parallel for simd schedule(static) PAR_IF
     for (long i = 0; i < n; i++) {
         float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + tanhf(GELU_K * (x + 0.044715f * x * x * x)));
+        out[i] = x / (1.0f + expf(-2.0f * gelu_u(x)));
     }
 }
 
 void gelu_backward(float *dinp, const float *dout, const float *inp, long n) {
+    /* d/dx [x s(2u)] = s + x * 2 s (1 - s) * du/dx, s = sigmoid(2u) */
     #pragma omp parallel for simd schedule(static) PAR_IF
     for (long i = 0; i < n; i++) {
         float x = inp[i];
-        float u = GELU_K * (x + 0.044715f * x * x * x);
-        float th = tanhf(u);
-        float sech2 = 1.0f - th * th;
+        float s = 1.0f / (1.0f + expf(-2.0f * gelu_u(x)));
         float du = GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] += dout[i] * (0.5f * (1.0f + th) + 0.5f * x * sech2 * du);
+        dinp[i] += dout[i] * (s + x * 2.0f * s * (1.0f - s) * du);
     }
 }

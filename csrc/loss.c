@@ -1,15 +1,22 @@
 /* Softmax cross-entropy over V classes, mean over rows whose target is not
- * ignore_index. logits and dlogits are (N,V); targets and losses are (N). */
+ * ignore_index. logits and dlogits are (N,V); targets and losses are (N).
+ * dlogits may be the logits buffer itself: each row is read before it is written. */
 #include <math.h>
 #include "kernel.h"
 
-/* log of the sum of exp over one row, computed stably. */
-static float row_logsumexp(const float *x, int V) {
+static inline float row_max(const float *x, int V) {
     float maxv = x[0];
     for (int j = 1; j < V; j++) maxv = x[j] > maxv ? x[j] : maxv;
-    float sum = 0.0f;
-    for (int j = 0; j < V; j++) sum += expf(x[j] - maxv);
-    return maxv + logf(sum);
+    return maxv;
+}
+
+/* One row's loss, log(sum_j exp(x_j - x_t)), in double: a confident correct
+ * prediction has a loss far below float32's resolution of the logits. */
+static double row_loss(const float *x, int V, int target) {
+    float maxv = row_max(x, V);
+    double sum = 0.0;
+    for (int j = 0; j < V; j++) sum += exp((double)x[j] - maxv);
+    return log(sum) - ((double)x[target] - maxv);
 }
 
 static int count_valid(const int *targets, int N, int ignore_index) {
@@ -21,16 +28,16 @@ static int count_valid(const int *targets, int N, int ignore_index) {
 double crossentropy_forward(float *losses, const float *logits,
                             const int *targets, int N, int V,
                             int ignore_index) {
+    double *row = (double *)scratch(3, 2 * (size_t)N); /* per-row losses in double */
     #pragma omp parallel for schedule(static) if ((long)N * V > 65536)
     for (int i = 0; i < N; i++) {
-        const float *x = logits + (size_t)i * V;
-        losses[i] = targets[i] == ignore_index
-                        ? 0.0f
-                        : row_logsumexp(x, V) - x[targets[i]];
+        row[i] = targets[i] == ignore_index ? 0.0
+                                            : row_loss(logits + (size_t)i * V, V, targets[i]);
+        losses[i] = (float)row[i];
     }
-    /* summed in order, in double: the same loss for any thread count */
+    /* summed in order: the same loss for any thread count */
     double total = 0.0;
-    for (int i = 0; i < N; i++) total += losses[i];
+    for (int i = 0; i < N; i++) total += row[i];
     int count = count_valid(targets, N, ignore_index);
     return count ? total / count : 0.0;
 }
@@ -44,12 +51,21 @@ void crossentropy_backward(float *dlogits, const float *logits,
     for (int i = 0; i < N; i++) {
         const float *x = logits + (size_t)i * V;
         float *dx = dlogits + (size_t)i * V;
-        if (targets[i] == ignore_index) {
+        int t = targets[i];
+        if (t == ignore_index) {
             for (int j = 0; j < V; j++) dx[j] = 0.0f;
             continue;
         }
-        float lse = row_logsumexp(x, V);
-        for (int j = 0; j < V; j++) dx[j] = expf(x[j] - lse) * scale;
-        dx[targets[i]] -= scale;
+        float maxv = row_max(x, V), sum = 0.0f, others = 0.0f;
+        for (int j = 0; j < V; j++) {
+            dx[j] = expf(x[j] - maxv);
+            sum += dx[j];
+        }
+        /* the target's p - 1 is -(sum of the other classes)/sum: no
+         * cancellation when p is near 1 */
+        for (int j = 0; j < V; j++) others += j == t ? 0.0f : dx[j];
+        float inv = scale / sum;
+        for (int j = 0; j < V; j++) dx[j] *= inv;
+        dx[t] = -others * inv;
     }
 }
