@@ -3,7 +3,8 @@
 -- One file holds a whole training state: config, vocabulary, every weight with
 -- its Adam moments, the RNG and data position, and the training history.
 -- A matrix is stored one row per matrix row: `data`, `m` and `v` are that row
--- as little-endian float32 BLOBs (4 bytes per column). Every checkpoint
+-- as little-endian float32 BLOBs (4 bytes per column), and `crc` their
+-- CRC-32 (zlib's, over data || m || v), checked on every load. Every checkpoint
 -- replaces the weights in one transaction, so a reader sees whole checkpoints.
 -- Weight matrices are (in, out): y = x @ W.
 
@@ -30,6 +31,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
     data     BLOB NOT NULL,
     m        BLOB NOT NULL,     -- Adam first moment
     v        BLOB NOT NULL,     -- Adam second moment
+    crc      INTEGER NOT NULL,  -- CRC-32 of data || m || v: catches bad bytes inside BLOBs
     PRIMARY KEY (type, position)
 ) WITHOUT ROWID;
 
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS layers (
     data      BLOB NOT NULL,
     m         BLOB NOT NULL,
     v         BLOB NOT NULL,
+    crc       INTEGER NOT NULL,
     PRIMARY KEY (layer, component, i)
 ) WITHOUT ROWID;
 
@@ -50,7 +53,8 @@ CREATE TABLE IF NOT EXISTS head (
     i    INTEGER PRIMARY KEY,
     data BLOB NOT NULL,
     m    BLOB NOT NULL,
-    v    BLOB NOT NULL
+    v    BLOB NOT NULL,
+    crc  INTEGER NOT NULL
 );
 
 -- What exact resume needs besides weights: step, RNG state (JSON), the

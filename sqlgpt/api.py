@@ -69,12 +69,15 @@ def load(path):
     """Load the latest checkpoint of a sqlgpt database (read-only)."""
     conn = store.open_database(path, readonly=True)
     try:
-        conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
-        cfg = store.read_config(conn)
-        tokenizer = store.read_tokenizer(conn, cfg)
-        gpt = GPT(cfg)
-        store.read_weights(conn, gpt)
-        step = store.read_train_state(conn).get("step", 0)
+        with store.sqlite_errors(f"cannot read {path}"):
+            conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
+            cfg = store.read_config(conn)
+            tokenizer = store.read_tokenizer(conn, cfg)
+            gpt = GPT(cfg)
+            store.read_weights(conn, gpt)
+            step = store.read_train_state(conn).get("step")
+            if not isinstance(step, int) or step < 0:
+                raise SqlgptError(f"{path} is damaged: no valid training step")
     finally:
         conn.close()
     return Model(gpt, tokenizer, step)

@@ -205,7 +205,8 @@ def info(db_path, as_json):
     model = load(db_path)
     conn = store.open_database(db_path, readonly=True)
     try:
-        history = store.checkpoints(conn)
+        with store.sqlite_errors(f"cannot read {db_path}"):
+            history = store.checkpoints(conn)
     finally:
         conn.close()
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
@@ -221,3 +222,21 @@ def info(db_path, as_json):
         click.echo(f"  step {c['step']:>6}  train loss {fmt_loss(c['train_loss']):>7}  "
                    f"val loss {fmt_loss(c['val_loss']):>7}  "
                    f"{c['created_at']}")
+
+
+@main.command()
+@click.option("--db", "db_path", required=True, type=click.Path(),
+              help="SQLite file that holds the model.")
+@fail_cleanly
+def check(db_path):
+    """Verify a database: SQLite's integrity_check (the file's structure), then
+    every weight row's checksum, shape and values, the config and vocabulary.
+
+    Example: sqlgpt check --db model.db
+    """
+    problems = store.integrity_check(db_path)
+    if problems:
+        raise SqlgptError(f"{db_path} is damaged: " + "; ".join(problems[:3]))
+    model = load(db_path)
+    click.echo(f"{db_path}: ok (integrity_check ok, {model.num_parameters():,} parameters "
+               f"checksummed, step {model.step})")

@@ -7,9 +7,12 @@ so the path never holds a half-made model. Later checkpoints replace the
 weights inside one BEGIN IMMEDIATE ... COMMIT, so readers (WAL) and a crash
 only ever see the previous checkpoint or the new one.
 """
+import contextlib
+import fcntl
 import json
 import os
 import sqlite3
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +49,14 @@ def row_key(name):
     return "layers", (int(layer), component)
 
 
-INSERT_SQL = {
-    "embeddings": "INSERT INTO embeddings (type, position, data, m, v) VALUES (?, ?, ?, ?, ?)",
-    "layers": "INSERT INTO layers (layer, component, i, data, m, v) VALUES (?, ?, ?, ?, ?, ?)",
-    "head": "INSERT INTO head (i, data, m, v) VALUES (?, ?, ?, ?)",
-}
-SELECT_SQL = {
-    "embeddings": "SELECT type, position, data, m, v FROM embeddings ORDER BY type, position",
-    "layers": "SELECT layer, component, i, data, m, v FROM layers ORDER BY layer, component, i",
-    "head": "SELECT i, data, m, v FROM head ORDER BY i",
-}
+KEY_COLUMNS = {"embeddings": ("type", "position"), "layers": ("layer", "component", "i"),
+               "head": ("i",)}
+INSERT_SQL = {table: f"INSERT INTO {table} ({', '.join(keys)}, data, m, v, crc) "
+                     f"VALUES ({', '.join('?' * (len(keys) + 4))})"
+              for table, keys in KEY_COLUMNS.items()}
+SELECT_SQL = {table: f"SELECT {', '.join(keys)}, data, m, v, crc FROM {table} "
+                     f"ORDER BY {', '.join(keys)}"
+              for table, keys in KEY_COLUMNS.items()}
 
 
 def _le32(matrix):
@@ -63,20 +64,70 @@ def _le32(matrix):
     return [row.tobytes() for row in matrix.astype("<f4", copy=False)]
 
 
+def row_crc(data, m, v):
+    return zlib.crc32(v, zlib.crc32(m, zlib.crc32(data)))
+
+
 def weight_rows(params):
     """(table, row tuple) for every matrix row of every parameter."""
     for t in params:
         table, key = row_key(t.name)
         for i, blobs in enumerate(zip(_le32(t.data), _le32(t.m), _le32(t.v))):
-            yield table, key + (i,) + blobs
+            yield table, key + (i,) + blobs + (row_crc(*blobs),)
+
+
+# ---- errors and locks ----
+@contextlib.contextmanager
+def sqlite_errors(action):
+    """Re-raise SQLite's errors (disk full, I/O error, locked, malformed file)
+    as one-line SqlgptErrors that say what was being done."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise SqlgptError(f"{action}: {e}") from None
+
+
+class WriterLock:
+    """An exclusive flock on the database file held by the one trainer: a
+    second trainer is refused instead of interleaving checkpoints. (flock is
+    independent of SQLite's own fcntl locks, so readers are unaffected.)"""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise SqlgptError(f"{path} is being trained by another sqlgpt process") from None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def check_writable(path):
+    """Training writes the file and creates -wal/-shm beside it."""
+    path = Path(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SqlgptError(f"{path} is read-only")
+    if not os.access(path.parent if str(path.parent) else ".", os.W_OK | os.X_OK):
+        raise SqlgptError(f"cannot write in the directory of {path}")
 
 
 # ---- opening ----
 def _connect(path, readonly):
-    uri = f"file:{Path(path).resolve().as_posix()}?mode={'ro' if readonly else 'rw'}"
+    path = Path(path).resolve()
+    uri = f"file:{path.as_posix()}?mode={'ro' if readonly else 'rw'}"
+    if readonly and not os.access(path.parent, os.W_OK) and not Path(f"{path}-shm").exists():
+        # WAL readers need a -shm file beside the database; on read-only media
+        # nobody can be writing, so read the file as immutable instead
+        uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA trusted_schema = OFF")  # never run functions a foreign schema names
+    conn.execute("PRAGMA cell_size_check = ON")  # notice a malformed page early
+    conn.execute("PRAGMA mmap_size = 0")         # read through SQLite's checks, not a map
     return conn
 
 
@@ -100,7 +151,9 @@ def open_database(path, readonly=True):
         conn = _connect(path, readonly)
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = set(sqlite_utils.Database(conn).table_names())
+        db = sqlite_utils.Database(conn)
+        tables = set(db.table_names())
+        extras = db.view_names() + [t.name for t in db.triggers]
     except sqlite3.DatabaseError as e:
         raise SqlgptError(f"cannot read {path}: {e}") from None
     if app_id != APPLICATION_ID:
@@ -114,6 +167,10 @@ def open_database(path, readonly=True):
     if missing:
         conn.close()
         raise SqlgptError(f"{path} is damaged: missing table(s) {', '.join(missing)}")
+    if extras:  # sqlgpt creates none; a trigger could rewrite data when we write
+        conn.close()
+        raise SqlgptError(f"{path} has views or triggers sqlgpt did not create "
+                          f"({', '.join(sorted(extras))}); refusing to use it")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -156,6 +213,23 @@ def save_checkpoint(conn, model, state, train_loss, val_loss):
     rows = {table: [] for table in WEIGHT_TABLES}
     for table, row in weight_rows(model.params):
         rows[table].append(row)
+    with sqlite_errors("cannot save the checkpoint (the previous one is intact)"), \
+            _durable(conn):
+        _write_checkpoint(conn, model, state, rows, train_loss, val_loss)
+
+
+@contextlib.contextmanager
+def _durable(conn):
+    """synchronous FULL for this commit: in WAL mode NORMAL may lose the last
+    commits on power loss, and checkpoints are rare enough to fsync each one."""
+    conn.execute("PRAGMA synchronous = FULL")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def _write_checkpoint(conn, model, state, rows, train_loss, val_loss):
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
@@ -179,6 +253,11 @@ def write_metrics(conn, rows):
     """rows: (step, loss, lr, tokens_per_sec) tuples, in one small transaction."""
     if not rows:
         return
+    with sqlite_errors("cannot write training metrics"):
+        _write_metrics(conn, rows)
+
+
+def _write_metrics(conn, rows):
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT OR REPLACE INTO metrics (step, loss, lr, tokens_per_sec) "
@@ -228,9 +307,9 @@ def read_weights(conn, model):
     try:
         for table in WEIGHT_TABLES:
             for row in conn.execute(SELECT_SQL[table]):
-                *key, data, m, v = row
+                *key, data, m, v, crc = row
                 name = _param_name(table, key[:-1])
-                found.setdefault(name, []).append((key[-1], data, m, v))
+                found.setdefault(name, []).append((key[-1], data, m, v, crc))
     except sqlite3.DatabaseError as e:
         raise SqlgptError(f"cannot read weights: {e}") from None
     expected = {t.name for t in model.params}
@@ -238,19 +317,25 @@ def read_weights(conn, model):
     if unknown:
         raise SqlgptError(f"weights for unknown parameter(s): {', '.join(sorted(unknown))}")
     for t in model.params:
-        rows = found.get(t.name, [])
-        nrows, ncols = t.shape
-        if [r[0] for r in rows] != list(range(nrows)):
-            raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "
-                              f"found {len(rows)}")
-        for col, buf in ((1, t.data), (2, t.m), (3, t.v)):
-            blobs = [r[col] for r in rows]
-            if not all(isinstance(b, bytes) and len(b) == 4 * ncols for b in blobs):
-                raise SqlgptError(f"weights of {t.name} are damaged: a row is not {ncols} "
-                                  f"float32 values")
-            buf[...] = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(t.shape)
-        if not np.isfinite(t.data).all():
-            raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
+        _fill(t, found.get(t.name, []))
+
+
+def _fill(t, rows):
+    """Copy one parameter's rows (index, data, m, v, crc) into its buffers."""
+    nrows, ncols = t.shape
+    if [r[0] for r in rows] != list(range(nrows)):
+        raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "
+                          f"found {len(rows)}")
+    for index, data, m, v, crc in rows:
+        if not all(isinstance(b, bytes) and len(b) == 4 * ncols for b in (data, m, v)):
+            raise SqlgptError(f"weights of {t.name} are damaged: row {index} is not {ncols} "
+                              f"float32 values")
+        if row_crc(data, m, v) != crc:
+            raise SqlgptError(f"weights of {t.name} are damaged: row {index} fails its checksum")
+    for col, buf in ((1, t.data), (2, t.m), (3, t.v)):
+        buf[...] = np.frombuffer(b"".join(r[col] for r in rows), dtype="<f4").reshape(t.shape)
+    if not np.isfinite(t.data).all():
+        raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
 
 
 def _param_name(table, key):
@@ -266,6 +351,17 @@ def read_train_state(conn):
         return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM train_state")}
     except (sqlite3.DatabaseError, TypeError, ValueError) as e:
         raise SqlgptError(f"the train_state table is damaged: {e}") from None
+
+
+def integrity_check(path):
+    """SQLite's own check of the file's structure: a list of problems, empty if none."""
+    conn = open_database(path)
+    try:
+        with sqlite_errors(f"cannot check {path}"):
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    finally:
+        conn.close()
+    return [] if rows == ["ok"] else rows
 
 
 def checkpoints(conn):

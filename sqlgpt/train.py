@@ -82,12 +82,20 @@ class RunResult:
 class Trainer:
     """Owns the model, its database connection and the training state."""
 
-    def __init__(self, conn, model, tokenizer, train_tokens, val_tokens, state):
-        self.conn, self.model, self.tokenizer = conn, model, tokenizer
+    def __init__(self, conn, lock, model, tokenizer, train_tokens, val_tokens, state):
+        self.conn, self.lock, self.model, self.tokenizer = conn, lock, model, tokenizer
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.state = state
         self.rng = np.random.default_rng()
-        self.rng.bit_generator.state = state["rng"]
+        try:
+            self.rng.bit_generator.state = state["rng"]
+            ok = all(isinstance(state[k], int) and state[k] >= 0
+                     for k in ("step", "bad_steps", "tokens_seen"))
+            ok = ok and isinstance(state["elapsed_s"], (int, float))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SqlgptError("the train_state table is damaged; cannot resume")
         self._stop = ""
 
     # ---- construction ----
@@ -101,6 +109,7 @@ class Trainer:
                               f"or --overwrite to replace it")
         if db_path.exists() and not db_path.is_file():
             raise SqlgptError(f"{db_path} is not a file")
+        store.check_writable(db_path)
         text, digest = read_corpus(corpus_path)
         cfg.validate()
         tokenizer = TOKENIZERS[cfg.tokenizer].build(text, cfg.vocab_size)
@@ -113,15 +122,26 @@ class Trainer:
         model.init_weights(rng)
         state = {"step": 0, "rng": rng.bit_generator.state, "corpus_sha256": digest,
                  "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
-        conn = store.create_database(db_path, model, tokenizer, state)
-        return cls(conn, model, tokenizer, train, val, state)
+        old_lock = store.WriterLock(db_path) if db_path.exists() else None  # not while in use
+        try:
+            with store.sqlite_errors(f"cannot create {db_path}"):
+                conn = store.create_database(db_path, model, tokenizer, state)
+        finally:
+            if old_lock:
+                old_lock.release()
+        return cls(conn, store.WriterLock(db_path), model, tokenizer, train, val, state)
 
     @classmethod
     def resume(cls, db_path, corpus_path):
         """Reopen a database and its corpus to continue where training stopped."""
         text, digest = read_corpus(corpus_path)
-        conn = store.open_database(db_path, readonly=False)
+        store.check_writable(db_path)
+        store.open_database(db_path).close()  # is it a sqlgpt database at all?
+        lock = store.WriterLock(db_path)
+        conn = None
         try:
+            with store.sqlite_errors(f"cannot open {db_path} for training"):
+                conn = store.open_database(db_path, readonly=False)
             cfg = store.read_config(conn)
             tokenizer = store.read_tokenizer(conn, cfg)
             state = store.read_train_state(conn)
@@ -131,9 +151,11 @@ class Trainer:
             model = GPT(cfg)
             store.read_weights(conn, model)
             train, val = split_tokens(tokenizer.encode(text), cfg.seq_len)
-            return cls(conn, model, tokenizer, train, val, state)
+            return cls(conn, lock, model, tokenizer, train, val, state)
         except BaseException:
-            conn.close()
+            if conn:
+                conn.close()
+            lock.release()
             raise
 
     # ---- running ----
@@ -226,6 +248,7 @@ class Trainer:
 
     def close(self):
         self.conn.close()
+        self.lock.release()
 
     # ---- signals: finish the step, save, then stop ----
     class _SignalGuard:

@@ -81,23 +81,40 @@ def damage(db, sql):
     ("PRAGMA user_version = 99", "newer"),
     ("PRAGMA application_id = 7", "not a sqlgpt database"),
     ("DROP TABLE metrics", "missing table"),
-    ("UPDATE head SET data = zeroblob(length(data)) WHERE i = 0", None),
+    ("UPDATE head SET data = zeroblob(length(data)) WHERE i = 0", "checksum"),
 ])
 def test_damaged_databases_are_refused(trained_db, tmp_path, sql, message):
     db = copy_db(trained_db, tmp_path)
     damage(db, sql)
-    if message is None:  # zeros are valid weights: it must still load
-        sqlgpt.load(db)
-        return
     with pytest.raises(SqlgptError, match=message):
         sqlgpt.load(db)
 
 
-def test_nan_weights_are_refused(trained_db, tmp_path):
+def test_nan_weights_are_refused_even_with_a_valid_checksum(trained_db, tmp_path):
     db = copy_db(trained_db, tmp_path)
-    nan_row = np.full(4 * 100 + 8, np.nan, "<f4")[:102].tobytes()  # head rows have V floats
-    damage(db, f"UPDATE head SET data = x'{nan_row.hex()}' WHERE i = 0")
+    conn = sqlite3.connect(db)
+    data, m, v = conn.execute("SELECT data, m, v FROM head WHERE i = 0").fetchone()
+    nan_row = np.full(len(data) // 4, np.nan, "<f4").tobytes()
+    conn.execute("UPDATE head SET data = ?, crc = ? WHERE i = 0",
+                 (nan_row, store.row_crc(nan_row, m, v)))
+    conn.commit()
+    conn.close()
     with pytest.raises(SqlgptError, match="NaN"):
+        sqlgpt.load(db)
+
+
+def test_a_flipped_bit_inside_a_blob_is_caught(trained_db, tmp_path):
+    """integrity_check cannot see this: the b-tree is fine, one float is wrong."""
+    db = copy_db(trained_db, tmp_path)
+    conn = sqlite3.connect(db)
+    data, = conn.execute("SELECT data FROM layers WHERE layer=1 AND component='fc2' AND i=7").fetchone()
+    flipped = bytearray(data)
+    flipped[13] ^= 0x04
+    conn.execute("UPDATE layers SET data = ? WHERE layer=1 AND component='fc2' AND i=7", (bytes(flipped),))
+    conn.commit()
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    with pytest.raises(SqlgptError, match="layers.1.fc2 .*row 7 fails its checksum"):
         sqlgpt.load(db)
 
 
