@@ -85,6 +85,8 @@ def sqlite_errors(action):
         yield
     except sqlite3.Error as e:
         raise SqlgptError(f"{action}: {e}") from None
+    except UnicodeDecodeError:  # a damaged TEXT value
+        raise SqlgptError(f"{action}: the database holds text that is not UTF-8") from None
 
 
 class WriterLock:
@@ -154,7 +156,7 @@ def open_database(path, readonly=True):
         db = sqlite_utils.Database(conn)
         tables = set(db.table_names())
         extras = db.view_names() + [t.name for t in db.triggers]
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
         raise SqlgptError(f"cannot read {path}: {e}") from None
     if app_id != APPLICATION_ID:
         conn.close()

@@ -187,7 +187,7 @@ def test_read_only_database_or_directory(tmp_path, trained_db, small_corpus):
         assert sqlgpt.load(db).step == 30  # reading still works
     finally:
         if os.geteuid() == 0:
-            subprocess.run(["umount", str(ro)], capture_output=True)
+            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
         else:
             ro.chmod(0o755)
 
