@@ -1,0 +1,22 @@
+"""Smoke test of the benchmark harness: it runs end to end at tiny sizes, and
+its PyTorch baseline is the same model as sqlgpt's."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def test_bench_tiny_runs_and_prints_the_table(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--steps", "2", "--markdown",
+                           "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "train tokens/s" in proc.stdout
+    assert "| train tokens/s |" in proc.stdout  # the Markdown table too
+    tiny = json.loads(out.read_text())["configs"]["tiny"]
+    assert tiny["train"]["sqlgpt"]["tokens_per_s"] > 0
+    if "loss_check" in tiny:  # PyTorch is installed: same weights must give the same loss
+        assert tiny["loss_check"]["rel_diff"] < 1e-4
