@@ -9,55 +9,82 @@
 #include <string.h>
 #include "kernel.h"
 
-/* Register tile: MR rows by NV vectors. With AVX-512 that is 4 x 64 floats held
- * in 16 zmm accumulators, each k step loading 4 vectors of b and broadcasting 4
- * scalars of a: 16 FMAs per 8 loads. */
+/* Register tile: up to MR rows by NV vectors. With AVX-512 that is 4 x 64
+ * floats held in 16 zmm accumulators, each k step loading 4 vectors of b and
+ * broadcasting 4 scalars of a: 16 FMAs per 8 loads. */
 #define MR 4
 #define NV 4
 #define NR (NV * VLEN)
-/* K block: a KC x NR panel of b (64 KB) stays in L2 while every row tile uses it. */
-#define KC 256
+/* K block: a KC x NR panel of b (128 KB) stays in L2 while every row tile uses it. */
+#define KC 512
 
-/* Reference version: the obvious triple loop, used for edge tiles. */
-static void gemm_acc_naive(float *c, const float *a, const float *b, int M,
-                           int N, int K, int lda, int ldb, int ldc) {
+/* A operand with strides, so a transposed matrix needs no copy:
+ * element (r, p) is at a[r * rs + p * cs]. */
+typedef struct { const float *a; long rs, cs; } Strided;
+
+/* Reference version: the obvious triple loop, used for the last columns
+ * that do not fill a vector. */
+static void gemm_acc_naive(float *c, Strided A, const float *b, int M, int N, int K,
+                           int ldb, int ldc) {
     for (int i = 0; i < M; i++)
         for (int p = 0; p < K; p++) {
-            float ai = a[(size_t)i * lda + p];
+            float ai = A.a[i * A.rs + p * A.cs];
             const float *brow = b + (size_t)p * ldb;
             float *crow = c + (size_t)i * ldc;
             for (int j = 0; j < N; j++) crow[j] += ai * brow[j];
         }
 }
 
-/* c[MR, NR] += a[MR, K] @ b[K, NR], accumulators in registers. */
-static inline void micro_tile(float *c, const float *a, const float *b, int K,
-                              int lda, int ldb, int ldc) {
+/* c[mr, nv vectors] += A[mr, K] @ b[K, nv vectors], accumulators in registers.
+ * Always inlined with constant mr and nv, so each case is fully unrolled. */
+static inline __attribute__((always_inline)) void
+micro_tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, const int mr,
+           const int nv) {
     vfloat acc[MR][NV];
-    for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++)
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++)
             acc[r][v] = *(const vfloat *)(c + (size_t)r * ldc + v * VLEN);
     for (int p = 0; p < K; p++) {
         const float *brow = b + (size_t)p * ldb;
+        const float *acol = A.a + p * A.cs;
         vfloat bv[NV];
-        for (int v = 0; v < NV; v++) bv[v] = *(const vfloat *)(brow + v * VLEN);
-        for (int r = 0; r < MR; r++) {
-            float ar = a[(size_t)r * lda + p];
-            for (int v = 0; v < NV; v++) acc[r][v] += ar * bv[v];
+        for (int v = 0; v < nv; v++) bv[v] = *(const vfloat *)(brow + v * VLEN);
+        for (int r = 0; r < mr; r++) {
+            float ar = acol[r * A.rs];
+            for (int v = 0; v < nv; v++) acc[r][v] += ar * bv[v];
         }
     }
-    for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++)
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++)
             *(vfloat *)(c + (size_t)r * ldc + v * VLEN) = acc[r][v];
 }
 
-/* c (M,N) += a (M,K) @ b (K,N). Tiles are independent, so the result is the
- * same for any thread count. */
-static void gemm_acc(float *c, const float *a, const float *b, int M, int N,
-                     int K) {
+#define TILE_CASES(mr)                                                     \
+    switch (nv) {                                                          \
+    case 4: micro_tile(c, A, b, K, ldb, ldc, mr, 4); break;                \
+    case 3: micro_tile(c, A, b, K, ldb, ldc, mr, 3); break;                \
+    case 2: micro_tile(c, A, b, K, ldb, ldc, mr, 2); break;                \
+    case 1: micro_tile(c, A, b, K, ldb, ldc, mr, 1); break;                \
+    }
+
+/* One tile of mr <= MR rows and nv <= NV whole vectors. */
+static void tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, int mr,
+                 int nv) {
+    switch (mr) {
+    case 4: TILE_CASES(4) break;
+    case 3: TILE_CASES(3) break;
+    case 2: TILE_CASES(2) break;
+    case 1: TILE_CASES(1) break;
+    }
+}
+
+/* c (M,N) += A (M,K) @ b (K,N). Tiles are independent and each sums over k in
+ * order, so the result is the same for any thread count. */
+static void gemm_acc(float *c, Strided A, const float *b, int M, int N, int K) {
     int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR;
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
+        Strided Ak = {A.a + k0 * A.cs, A.rs, A.cs};
         /* column panel outer, row tile inner: consecutive iterations share the b panel */
         #pragma omp parallel for collapse(2) schedule(static) if ((long)M * N * kc > 32768)
         for (int jt = 0; jt < nt; jt++)
@@ -65,12 +92,11 @@ static void gemm_acc(float *c, const float *a, const float *b, int M, int N,
                 int i = it * MR, j = jt * NR;
                 int mr = M - i < MR ? M - i : MR, nr = N - j < NR ? N - j : NR;
                 float *ct = c + (size_t)i * N + j;
-                const float *at = a + (size_t)i * K + k0;
+                Strided At = {Ak.a + i * Ak.rs, Ak.rs, Ak.cs};
                 const float *bt = b + (size_t)k0 * N + j;
-                if (mr == MR && nr == NR)
-                    micro_tile(ct, at, bt, kc, K, N, N);
-                else
-                    gemm_acc_naive(ct, at, bt, mr, nr, kc, K, N, N);
+                int nv = nr / VLEN, tail = nr % VLEN;
+                if (nv) tile(ct, At, bt, kc, N, N, mr, nv);
+                if (tail) gemm_acc_naive(ct + nv * VLEN, At, bt + nv * VLEN, mr, tail, kc, N, N);
             }
     }
 }
@@ -93,21 +119,22 @@ void matmul_forward(float *out, const float *inp, const float *weight,
         if (bias) memcpy(row, bias, sizeof(float) * OC);
         else memset(row, 0, sizeof(float) * OC);
     }
-    gemm_acc(out, inp, weight, N, OC, C);
+    Strided A = {inp, C, 1};
+    gemm_acc(out, A, weight, N, OC, C);
 }
 
 void matmul_backward(float *dinp, float *dweight, float *dbias,
                      const float *dout, const float *inp, const float *weight,
                      int N, int C, int OC) {
-    if (dinp) { /* dinp (N,C) += dout (N,OC) @ W^T (OC,C) */
+    if (dinp) { /* dinp (N,C) += dout (N,OC) @ W^T (OC,C): W^T is small, copy it */
         float *wt = scratch(0, (size_t)OC * C);
         transpose(wt, weight, C, OC);
-        gemm_acc(dinp, dout, wt, N, C, OC);
+        Strided A = {dout, OC, 1};
+        gemm_acc(dinp, A, wt, N, C, OC);
     }
-    if (dweight) { /* dW (C,OC) += inp^T (C,N) @ dout (N,OC) */
-        float *inpt = scratch(1, (size_t)C * N);
-        transpose(inpt, inp, N, C);
-        gemm_acc(dweight, inpt, dout, C, OC, N);
+    if (dweight) { /* dW (C,OC) += inp^T (C,N) @ dout (N,OC): inp read transposed in place */
+        Strided A = {inp, 1, C};
+        gemm_acc(dweight, A, dout, C, OC, N);
     }
     if (dbias) { /* each thread owns a slice of columns and sums rows in order */
         #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
