@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include "kernel.h"
 
-#define SLOTS 4
+#define SLOTS 4 /* 0: matmul W^T, 1: decode rows, 2: attention heads, 3: loss rows */
 
 static __thread float *buffers[SLOTS];
 static __thread size_t sizes[SLOTS];

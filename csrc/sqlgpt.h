@@ -80,3 +80,17 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
 /* sum of squares of n floats, in double (gradient norm, finiteness check). */
 double sum_squares(const float *x, long n);
 void scale_inplace(float *x, long n, float factor);
+
+/* decode.c: one token through the whole model (preset lua) with a KV cache,
+ * in one call, for generation. The weights are the training tensors
+ * themselves (no copy); per-layer matrices are arrays of num_layers pointers.
+ * kcache, vcache are (num_layers, max_T, C); positions 0..pos-1 must already
+ * hold the earlier tokens' keys and values. logits is (V). */
+typedef struct {
+    int num_layers, C, NH, V, max_T;
+    const float *wte, *wpe, *head;
+    const float **q, **k, **v, **proj, **fc1, **fc2;
+} DecodeModel;
+
+void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
+                 int pos, float *logits);

@@ -1,7 +1,66 @@
-"""Sampling the next token and generating text from a trained model."""
+"""Sampling the next token and generating text from a trained model.
+
+Generation runs each token through the whole model in one kernel call
+(decode_step) with a KV cache, so a token costs one Python -> C crossing.
+"""
 import numpy as np
 
+from ._kernel import ffi, lib
 from .errors import SqlgptError
+from .model import LAYER_COMPONENTS
+from .tensor import fptr
+
+
+class Decoder:
+    """A model's weights seen by the C decode step, plus its KV cache
+    (num_layers, seq_len, C) for keys and for values."""
+
+    def __init__(self, model):
+        cfg = model.cfg
+        self.cfg, self.pos = cfg, 0
+        shape = (cfg.num_layers, cfg.seq_len, cfg.embed_dim)
+        self.kcache = np.zeros(shape, np.float32)
+        self.vcache = np.zeros(shape, np.float32)
+        self.logits = np.zeros(cfg.n_classes, np.float32)
+        p = model.params
+        self._keep = []  # cdata that must outlive the struct
+        desc = ffi.new("DecodeModel *")
+        desc.num_layers, desc.C, desc.NH = cfg.num_layers, cfg.embed_dim, cfg.num_heads
+        desc.V, desc.max_T = cfg.n_classes, cfg.seq_len
+        for name in ("wte", "wpe", "head"):
+            setattr(desc, name, self._ptr(p[name].data))
+        for comp in LAYER_COMPONENTS:
+            array = ffi.new("const float *[]", [self._ptr(p[f"layers.{l}.{comp}"].data)
+                                                for l in range(cfg.num_layers)])
+            self._keep.append(array)
+            setattr(desc, comp, array)
+        self.desc = desc
+        self._k, self._v, self._out = fptr(self.kcache), fptr(self.vcache), fptr(self.logits)
+
+    def _ptr(self, array):
+        ptr = fptr(array)
+        self._keep.append(ptr)
+        return ptr
+
+    def reset(self):
+        self.pos = 0
+
+    def step(self, token):
+        """Logits (V,) for the next token after `token` at the next position."""
+        if self.pos >= self.cfg.seq_len:
+            raise SqlgptError("the KV cache is full")
+        if not 0 <= token < self.cfg.n_classes:
+            raise SqlgptError(f"token id {token} out of range")
+        lib.decode_step(self.desc, self._k, self._v, token, self.pos, self._out)
+        self.pos += 1
+        return self.logits
+
+    def prefill(self, ids):
+        """Run a context through the cache from position 0; logits after its last token."""
+        self.reset()
+        for token in ids:
+            logits = self.step(int(token))
+        return logits
 
 
 def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0, banned=()):
@@ -29,8 +88,8 @@ def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0, banned=()):
 
 def generate_ids(model, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=None,
                  banned=()):
-    """Yield max_tokens sampled ids after prompt_ids; the context is the last
-    seq_len tokens, run in eval mode."""
+    """Yield max_tokens sampled ids after prompt_ids, in eval mode. The context
+    is at most seq_len tokens; when it fills, it restarts from the last half."""
     if max_tokens < 0:
         raise SqlgptError("max_tokens must be >= 0")
     if temperature < 0:
@@ -40,10 +99,14 @@ def generate_ids(model, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=
     rng = np.random.default_rng(seed)
     context = [int(i) for i in prompt_ids]
     T = model.cfg.seq_len
+    decoder = Decoder(model)
+    logits = decoder.prefill(context[-T:])
     for _ in range(max_tokens):
-        window = np.array(context[-T:], dtype=np.int32)[None, :]
-        model.forward(window)
-        last = model.acts.logits[window.shape[1] - 1]
-        token = sample(last, rng, temperature, top_k, top_p, banned)
+        token = sample(logits, rng, temperature, top_k, top_p, banned)
         context.append(token)
         yield token
+        if decoder.pos == T:
+            # learned positions stop at seq_len: slide the window by half of it
+            logits = decoder.prefill(context[-(T // 2):])
+        else:
+            logits = decoder.step(token)

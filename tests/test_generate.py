@@ -1,0 +1,51 @@
+"""The C decode step with its KV cache against the full training forward."""
+import numpy as np
+import pytest
+
+from sqlgpt.errors import SqlgptError
+from sqlgpt.generate import Decoder, generate_ids
+from sqlgpt.model import GPT, Config
+
+from helpers import rel_err
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(embed_dim=48, num_heads=3, num_layers=2,
+                                               seq_len=40, vocab_size=30)])
+def test_decode_step_matches_the_full_forward_at_every_position(rng, kw):
+    cfg = Config(**kw, dropout=0.5)  # eval mode: dropout must not apply
+    model = GPT(cfg)
+    model.init_weights(rng)
+    ids = rng.integers(0, cfg.n_classes, min(cfg.seq_len, 64)).astype(np.int32)
+    model.forward(ids[None, :])
+    full = model.acts.logits.copy()
+    decoder = Decoder(model)
+    for t, token in enumerate(ids):
+        logits = decoder.step(int(token))
+        assert rel_err(logits, full[t]) < 1e-5, t
+
+
+def test_greedy_generation_equals_argmax_of_the_full_forward(rng):
+    cfg = Config(vocab_size=50, embed_dim=32, num_heads=4, num_layers=2, seq_len=24)
+    model = GPT(cfg)
+    model.init_weights(rng)
+    prompt = [3, 7, 9]
+    generated = list(generate_ids(model, prompt, 10, temperature=0))
+    context = list(prompt)
+    for token in generated:
+        model.forward(np.array([context], np.int32))
+        assert token == int(np.argmax(model.acts.logits[len(context) - 1]))
+        context.append(token)
+
+
+def test_cache_limits_are_checked(rng):
+    cfg = Config(vocab_size=10, embed_dim=8, num_heads=2, num_layers=1, seq_len=4)
+    model = GPT(cfg)
+    model.init_weights(rng)
+    decoder = Decoder(model)
+    with pytest.raises(SqlgptError):
+        decoder.step(cfg.n_classes)  # out of range: refused before the kernel runs
+    for _ in range(4):
+        decoder.step(1)
+    with pytest.raises(SqlgptError, match="full"):
+        decoder.step(1)
+    assert len(list(generate_ids(model, [1, 2, 3], 20, seed=0))) == 20  # slides past seq_len
