@@ -27,6 +27,11 @@ SCHEMA_VERSION = 1
 WEIGHT_TABLES = ("embeddings", "layers", "head")
 REQUIRED_TABLES = ("config", "vocab", "train_state", "checkpoints", "metrics") + WEIGHT_TABLES
 BUSY_TIMEOUT_MS = 10_000
+# 64 KB pages: a checkpoint is tens of MB of BLOB rows, and big pages mean far
+# fewer overflow pages and page writes per checkpoint
+PAGE_SIZE = 65536
+# let one checkpoint's pages stay in memory until commit, so none is written twice
+CACHE_KB = 512 * 1024
 
 
 def schema_sql():
@@ -51,16 +56,20 @@ def row_key(name):
 
 KEY_COLUMNS = {"embeddings": ("type", "position"), "layers": ("layer", "component", "i"),
                "head": ("i",)}
-INSERT_SQL = {table: f"INSERT INTO {table} ({', '.join(keys)}, data, m, v, crc) "
+INSERT_SQL = {table: f"INSERT INTO {table} (data, m, v, crc, {', '.join(keys)}) "
                      f"VALUES ({', '.join('?' * (len(keys) + 4))})"
+              for table, keys in KEY_COLUMNS.items()}
+# later checkpoints rewrite the rows in place: no pages freed and reallocated
+UPDATE_SQL = {table: f"UPDATE {table} SET data = ?, m = ?, v = ?, crc = ? WHERE "
+                     + " AND ".join(f"{k} = ?" for k in keys)
               for table, keys in KEY_COLUMNS.items()}
 SELECT_SQL = {table: f"SELECT {', '.join(keys)}, data, m, v, crc FROM {table} "
                      f"ORDER BY {', '.join(keys)}"
               for table, keys in KEY_COLUMNS.items()}
 
 
-def _le32(matrix):
-    """Rows of a float32 matrix as little-endian BLOBs."""
+def _row_blobs(matrix):
+    """Each row of a float32 matrix as little-endian bytes."""
     return [row.tobytes() for row in matrix.astype("<f4", copy=False)]
 
 
@@ -69,11 +78,11 @@ def row_crc(data, m, v):
 
 
 def weight_rows(params):
-    """(table, row tuple) for every matrix row of every parameter."""
+    """(table, (data, m, v, crc, *key)) for every matrix row of every parameter."""
     for t in params:
         table, key = row_key(t.name)
-        for i, blobs in enumerate(zip(_le32(t.data), _le32(t.m), _le32(t.v))):
-            yield table, key + (i,) + blobs + (row_crc(*blobs),)
+        for i, blobs in enumerate(zip(_row_blobs(t.data), _row_blobs(t.m), _row_blobs(t.v))):
+            yield table, blobs + (row_crc(*blobs),) + key + (i,)
 
 
 # ---- errors and locks ----
@@ -130,6 +139,7 @@ def _connect(path, readonly):
     conn.execute("PRAGMA trusted_schema = OFF")  # never run functions a foreign schema names
     conn.execute("PRAGMA cell_size_check = ON")  # notice a malformed page early
     conn.execute("PRAGMA mmap_size = 0")         # read through SQLite's checks, not a map
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KB}")
     return conn
 
 
@@ -188,6 +198,7 @@ def create_database(path, model, tokenizer, state):
         leftover.unlink(missing_ok=True)
     try:
         conn = sqlite3.connect(tmp, isolation_level=None)
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(schema_sql())
@@ -195,6 +206,8 @@ def create_database(path, model, tokenizer, state):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO vocab (word, id) VALUES (?, ?)", tokenizer.vocab())
+        for table, row in weight_rows(model.params):  # the rows checkpoints rewrite
+            conn.execute(INSERT_SQL[table], row)
         conn.execute("COMMIT")
         save_checkpoint(conn, model, state, train_loss=None, val_loss=None)
         conn.close()  # folds the WAL into the file, so the rename moves everything
@@ -237,8 +250,8 @@ def _write_checkpoint(conn, model, state, rows, train_loss, val_loss):
         conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
                          model.cfg.to_dict().items())
         for table in WEIGHT_TABLES:
-            conn.execute(f"DELETE FROM {table}")
-            conn.executemany(INSERT_SQL[table], rows[table])
+            if conn.executemany(UPDATE_SQL[table], rows[table]).rowcount != len(rows[table]):
+                raise SqlgptError(f"the {table} table does not have the model's rows")
         conn.executemany("INSERT OR REPLACE INTO train_state (key, value) VALUES (?, ?)",
                          [(k, json.dumps(v)) for k, v in state.items()])
         conn.execute("INSERT OR REPLACE INTO checkpoints (step, train_loss, val_loss, elapsed_s) "
