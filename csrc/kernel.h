@@ -35,6 +35,10 @@ static inline float fast_expf(float x) {
     return x <= -87.3f ? 0.0f : p * scale.f;
 }
 
+/* Columns [j0, j1) of a one-row matmul; column blocks are MATVEC_BLOCK wide. */
+#define MATVEC_BLOCK (4 * VLEN)
+void matvec_columns(float *y, const float *x, const float *w, int C, int OC, int j0, int j1);
+
 /* Grows a per-thread scratch buffer; slot picks one of a few independent buffers. */
 float *scratch(int slot, size_t nfloats);
 

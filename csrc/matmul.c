@@ -1,9 +1,10 @@
 /* Matrix multiply, the kernel's hot op.
  *
  * Weights keep the (in, out) orientation: out (N,OC) = inp (N,C) @ W (C,OC).
- * Every product is reduced to one routine, gemm_acc: c (M,N) += a (M,K) @ b (K,N),
- * all row-major. Backward transposes an operand into scratch (cheap, memory-bound)
- * so that one tuned routine serves forward, dinp and dweight.
+ * Every product is reduced to one routine, gemm: c (M,N) (+)= A (M,K) @ b (K,N),
+ * row-major, where A may be read transposed in place (dweight = inp^T @ dout)
+ * and only the small W^T of dinp is copied, so that one tuned routine serves
+ * forward, dinp and dweight.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,7 @@
 #define MR 4
 #define NV 4
 #define NR (NV * VLEN)
+_Static_assert(NR == MATVEC_BLOCK, "matvec column blocks are register tiles");
 /* K block: a KC x NR panel of b (128 KB) stays in L2 while every row tile uses it. */
 #define KC 512
 
@@ -35,15 +37,17 @@ static void gemm_acc_naive(float *c, Strided A, const float *b, int M, int N, in
         }
 }
 
-/* c[mr, nv vectors] += A[mr, K] @ b[K, nv vectors], accumulators in registers.
- * Always inlined with constant mr and nv, so each case is fully unrolled. */
+/* c[mr, nv vectors] (+)= A[mr, K] @ b[K, nv vectors], accumulators in
+ * registers; with overwrite, c's old values are neither read nor kept (saves
+ * a pass over the output in forward). Always inlined with constant mr and
+ * nv, so each case is fully unrolled. */
 static inline __attribute__((always_inline)) void
 micro_tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, const int mr,
-           const int nv) {
+           const int nv, int overwrite) {
     vfloat acc[MR][NV];
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < nv; v++)
-            acc[r][v] = *(const vfloat *)(c + (size_t)r * ldc + v * VLEN);
+            acc[r][v] = overwrite ? (vfloat){0} : *(const vfloat *)(c + (size_t)r * ldc + v * VLEN);
     for (int p = 0; p < K; p++) {
         const float *brow = b + (size_t)p * ldb;
         const float *acol = A.a + p * A.cs;
@@ -61,15 +65,15 @@ micro_tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, const i
 
 #define TILE_CASES(mr)                                                     \
     switch (nv) {                                                          \
-    case 4: micro_tile(c, A, b, K, ldb, ldc, mr, 4); break;                \
-    case 3: micro_tile(c, A, b, K, ldb, ldc, mr, 3); break;                \
-    case 2: micro_tile(c, A, b, K, ldb, ldc, mr, 2); break;                \
-    case 1: micro_tile(c, A, b, K, ldb, ldc, mr, 1); break;                \
+    case 4: micro_tile(c, A, b, K, ldb, ldc, mr, 4, overwrite); break;     \
+    case 3: micro_tile(c, A, b, K, ldb, ldc, mr, 3, overwrite); break;     \
+    case 2: micro_tile(c, A, b, K, ldb, ldc, mr, 2, overwrite); break;     \
+    case 1: micro_tile(c, A, b, K, ldb, ldc, mr, 1, overwrite); break;     \
     }
 
 /* One tile of mr <= MR rows and nv <= NV whole vectors. */
 static void tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, int mr,
-                 int nv) {
+                 int nv, int overwrite) {
     switch (mr) {
     case 4: TILE_CASES(4) break;
     case 3: TILE_CASES(3) break;
@@ -78,9 +82,10 @@ static void tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, i
     }
 }
 
-/* c (M,N) += A (M,K) @ b (K,N). Tiles are independent and each sums over k in
- * order, so the result is the same for any thread count. */
-static void gemm_acc(float *c, Strided A, const float *b, int M, int N, int K) {
+/* c (M,N) += A (M,K) @ b (K,N), or = with overwrite. Tiles are independent
+ * and each sums over k in order, so the result is the same for any thread
+ * count. */
+static void gemm(float *c, Strided A, const float *b, int M, int N, int K, int overwrite) {
     int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR;
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
@@ -94,10 +99,30 @@ static void gemm_acc(float *c, Strided A, const float *b, int M, int N, int K) {
                 float *ct = c + (size_t)i * N + j;
                 Strided At = {Ak.a + i * Ak.rs, Ak.rs, Ak.cs};
                 const float *bt = b + (size_t)k0 * N + j;
-                int nv = nr / VLEN, tail = nr % VLEN;
-                if (nv) tile(ct, At, bt, kc, N, N, mr, nv);
-                if (tail) gemm_acc_naive(ct + nv * VLEN, At, bt + nv * VLEN, mr, tail, kc, N, N);
+                int nv = nr / VLEN, tail = nr % VLEN, first = overwrite && k0 == 0;
+                if (nv) tile(ct, At, bt, kc, N, N, mr, nv, first);
+                if (tail) {
+                    if (first)
+                        for (int r = 0; r < mr; r++)
+                            memset(ct + (size_t)r * N + nv * VLEN, 0, sizeof(float) * tail);
+                    gemm_acc_naive(ct + nv * VLEN, At, bt + nv * VLEN, mr, tail, kc, N, N);
+                }
             }
+    }
+}
+
+/* y[j0:j1] = x (C) @ W[:, j0:j1] for W (C,OC): one row of matmul_forward,
+ * restricted to a range of columns so that threads can split a matvec. j0 is
+ * a multiple of NR (or j1 == OC). */
+void matvec_columns(float *y, const float *x, const float *w, int C, int OC, int j0, int j1) {
+    Strided A = {x, C, 1};
+    for (int j = j0; j < j1; j += NR) {
+        int nr = j1 - j < NR ? j1 - j : NR, nv = nr / VLEN, tail = nr % VLEN;
+        if (nv) tile(y + j, A, w + j, C, OC, OC, 1, nv, 1);
+        if (tail) {
+            memset(y + j + nv * VLEN, 0, sizeof(float) * tail);
+            gemm_acc_naive(y + j + nv * VLEN, A, w + j + nv * VLEN, 1, tail, C, OC, OC);
+        }
     }
 }
 
@@ -113,14 +138,14 @@ static void transpose(float *dst, const float *src, int rows, int cols) {
 
 void matmul_forward(float *out, const float *inp, const float *weight,
                     const float *bias, int N, int C, int OC) {
-    #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
-    for (int i = 0; i < N; i++) {
-        float *row = out + (size_t)i * OC;
-        if (bias) memcpy(row, bias, sizeof(float) * OC);
-        else memset(row, 0, sizeof(float) * OC);
-    }
     Strided A = {inp, C, 1};
-    gemm_acc(out, A, weight, N, OC, C);
+    if (!bias) {
+        gemm(out, A, weight, N, OC, C, 1);
+        return;
+    }
+    #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
+    for (int i = 0; i < N; i++) memcpy(out + (size_t)i * OC, bias, sizeof(float) * OC);
+    gemm(out, A, weight, N, OC, C, 0);
 }
 
 void matmul_backward(float *dinp, float *dweight, float *dbias,
@@ -130,11 +155,11 @@ void matmul_backward(float *dinp, float *dweight, float *dbias,
         float *wt = scratch(0, (size_t)OC * C);
         transpose(wt, weight, C, OC);
         Strided A = {dout, OC, 1};
-        gemm_acc(dinp, A, wt, N, C, OC);
+        gemm(dinp, A, wt, N, C, OC, 0);
     }
     if (dweight) { /* dW (C,OC) += inp^T (C,N) @ dout (N,OC): inp read transposed in place */
         Strided A = {inp, 1, C};
-        gemm_acc(dweight, A, dout, C, OC, N);
+        gemm(dweight, A, dout, C, OC, N, 0);
     }
     if (dbias) { /* each thread owns a slice of columns and sums rows in order */
         #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
