@@ -4,7 +4,10 @@
 -- its Adam moments, the RNG and data position, and the training history.
 -- A matrix is stored one row per matrix row: `data`, `m` and `v` are that row
 -- as little-endian float32 BLOBs (4 bytes per column), and `crc` their
--- CRC-32 (zlib's, over data || m || v), checked on every load. Every checkpoint
+-- CRC-32 (zlib's, over data || m || v), checked on every load. Weight tables
+-- are rowid tables: a row of up to ~64 KB stays on its 64 KB page, where an
+-- index b-tree (WITHOUT ROWID) would spill rows over 16 KB into overflow pages
+-- that each take a whole page. Every checkpoint
 -- replaces the weights in one transaction, so a reader sees whole checkpoints.
 -- Weight matrices are (in, out): y = x @ W.
 
@@ -33,7 +36,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
     v        BLOB NOT NULL,     -- Adam second moment
     crc      INTEGER NOT NULL,  -- CRC-32 of data || m || v: catches bad bytes inside BLOBs
     PRIMARY KEY (type, position)
-) WITHOUT ROWID;
+);
 
 -- Per-layer matrices: q, k, v, proj (embed x embed), fc1 (embed x 4*embed),
 -- fc2 (4*embed x embed); `i` is the matrix row.
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS layers (
     v         BLOB NOT NULL,
     crc       INTEGER NOT NULL,
     PRIMARY KEY (layer, component, i)
-) WITHOUT ROWID;
+);
 
 -- Output projection (embed x (vocab_size + 2)); `i` is the matrix row.
 CREATE TABLE IF NOT EXISTS head (

@@ -140,3 +140,22 @@ def test_training_mode_gradients_match_pytorch_with_the_same_masks(rng):
     assert abs(loss - ref.item()) / ref.item() < 1e-4
     for t in model.params:
         assert rel_err(t.grad, weights[t.name].grad) < 1e-4, t.name
+
+
+@pytest.mark.parametrize("ids,message", [
+    (np.array([[1, 2, 99]]), "out of range"),
+    (np.array([[1, -1, 2]]), "out of range"),
+    (np.zeros((1, 0)), "non-empty"),
+    (np.zeros((0, 3)), "non-empty"),
+    (np.array([1, 2, 3]), "non-empty"),
+    (np.ones((1, 9)), "exceeds seq_len"),
+])
+def test_bad_token_ids_are_refused_before_the_kernel_runs(ids, message):
+    from sqlgpt.errors import SqlgptError
+    cfg = Config(vocab_size=10, embed_dim=8, num_heads=2, num_layers=1, seq_len=8)
+    model = GPT(cfg)
+    with pytest.raises(SqlgptError, match=message):
+        model.forward(ids)
+    good = np.ones((1, 4), np.int32)
+    with pytest.raises(SqlgptError, match="out of range"):
+        model.forward(good, targets=np.full((1, 4), 12))
