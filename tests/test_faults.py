@@ -146,7 +146,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, trained_db, small_cor
 def test_a_real_full_filesystem(tmp_path, trained_db, small_corpus):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small filesystem here")
     try:
