@@ -297,10 +297,11 @@ def sqlgpt_checkpoint_io(model, directory, repeats):
     path = directory / "model.db"
     state = {"step": 1, "elapsed_s": 0.0}
     tokenizer = WordTokenizer(f"w{i}" for i in range(model.cfg.vocab_size))
-    conn = store.create_database(path, model, tokenizer, state)
+    conn, lock = store.create_database(path, model, tokenizer, state)
     save_s = median_time(lambda: store.save_checkpoint(conn, model, state, None, None), repeats)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # size at rest, not a WAL copy beside it
     conn.close()
+    lock.release()
     size = path.stat().st_size
 
     def load():

@@ -21,10 +21,13 @@ typedef float vfloat __attribute__((vector_size(VLEN * 4), aligned(4)));
 /* exp(x) in float with about 1 ulp of error, written with plain arithmetic so
  * that loops calling it vectorize (libm's expf is a scalar call): x = n ln2 + r,
  * |r| <= ln2/2, exp(r) by a degree-6 polynomial, times 2^n built in the
- * exponent bits. Inputs below -87.3 give 0 (as softmax wants). */
+ * exponent bits. Inputs below -87.3 give 0 (as softmax wants), above 88
+ * saturate at e^88, and NaN stays NaN. */
 static inline float fast_expf(float x) {
+    float in = x;
+    if (!(x == x)) x = 0.0f;   /* NaN: computed on 0, returned as NaN below */
     if (x < -87.3f) x = -87.3f;
-    if (x > 88.7f) x = 88.7f;
+    if (x > 88.0f) x = 88.0f;  /* 2^n must stay below 2^128 */
     /* round to nearest by adding and removing 1.5 * 2^23 (libm's roundf is a
      * call, and would stop the loop from vectorizing) */
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -32,7 +35,7 @@ static inline float fast_expf(float x) {
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667f + r * (0.041666667f +
               r * (0.0083333338f + r * 0.0013888889f)))));
     union { float f; int i; } scale = { .i = ((int)n + 127) << 23 };
-    return x <= -87.3f ? 0.0f : p * scale.f;
+    return in != in ? in : (x <= -87.3f ? 0.0f : p * scale.f);
 }
 
 /* Columns [j0, j1) of a one-row matmul; column blocks are MATVEC_BLOCK wide. */

@@ -22,6 +22,7 @@ MODEL_OPTIONS = {
     "seq_len": "seq_len", "batch_size": "batch_size", "vocab_size": "vocab_size",
     "lr": "lr", "dropout": "dropout", "seed": "seed", "weight_decay": "weight_decay",
     "lr_schedule": "lr_schedule", "warmup": "warmup_iters", "preset": "preset",
+    "grad_clip": "grad_clip",
 }
 
 
@@ -40,11 +41,35 @@ def fail_cleanly(fn):
 
 
 def emit_json(obj):
-    click.echo(json.dumps(obj, default=lambda v: None if isinstance(v, float) and not
-                          math.isfinite(v) else str(v)))
+    """One line of strict JSON: NaN/Inf (a diverged loss) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    click.echo(json.dumps(clean(obj), allow_nan=False, default=str))
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """Usage mistakes (a bad option value, a missing argument) are one line
+    on stderr and exit 2, like every other error, instead of click's usage block."""
+
+    def main(self, args=None, **kwargs):
+        try:
+            code = super().main(args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors)
 @click.version_option(package_name="sqlgpt")
 def main():
     """Train and run small GPT language models on a CPU, stored in one SQLite file."""
@@ -80,7 +105,7 @@ def main():
               help="Dropout rate while training.")
 @click.option("--iters", type=int, default=DEFAULTS.max_iters, show_default=True,
               help="Train up to this step in total.")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=DEFAULTS.seed, show_default=True,
               help="Seed for weights, batches and dropout.")
 @click.option("--save-every", type=int, default=100, show_default=True,
               help="Checkpoint every N steps (and always at the end).")
@@ -94,8 +119,8 @@ def main():
               help="Print a JSON summary as the last line of stdout.")
 @click.pass_context
 @fail_cleanly
-def train(ctx, corpus, db_path, iters, save_every, grad_clip, max_bad_steps, resume, overwrite,
-          as_json, **model_options):
+def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwrite, as_json,
+          **model_options):
     """Train a model on CORPUS (a UTF-8 text file) into the database --db.
 
     Example: sqlgpt train examples/tinyshakespeare.txt --db model.db --iters 500
@@ -103,8 +128,8 @@ def train(ctx, corpus, db_path, iters, save_every, grad_clip, max_bad_steps, res
     if resume and overwrite:
         raise SqlgptError("--resume and --overwrite exclude each other")
     for name, value in (("--iters", iters), ("--save-every", save_every)):
-        if value < 1:
-            raise SqlgptError(f"{name} must be at least 1")
+        if not 1 <= value < 2**31:
+            raise SqlgptError(f"{name} must be from 1 to 2**31-1")
     if resume:
         explicit = [name for name in MODEL_OPTIONS
                     if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -117,7 +142,7 @@ def train(ctx, corpus, db_path, iters, save_every, grad_clip, max_bad_steps, res
                      max_iters=iters)
         trainer = Trainer.create(db_path, corpus, cfg, overwrite=overwrite)
     try:
-        result = run_with_progress(trainer, iters, save_every, grad_clip, max_bad_steps, as_json)
+        result = run_with_progress(trainer, iters, save_every, max_bad_steps)
     finally:
         trainer.close()
     summary = {"step": result.step, "final_loss": result.final_loss,
@@ -135,26 +160,24 @@ def train(ctx, corpus, db_path, iters, save_every, grad_clip, max_bad_steps, res
         sys.exit(EXIT_ON_SIGNAL[result.stopped_by])
 
 
-def run_with_progress(trainer, iters, save_every, grad_clip, max_bad_steps, as_json):
+def run_with_progress(trainer, iters, save_every, max_bad_steps):
+    """A progress bar on a terminal; elsewhere (logs) one line per checkpoint."""
     start = trainer.state["step"]
     if start >= iters:
         click.echo(f"already trained to step {start}; nothing to do (raise --iters)", err=True)
+    if not sys.stderr.isatty():
+        def on_checkpoint(step, train_loss, val_loss):
+            click.echo(f"step {step}: train loss {fmt_loss(train_loss)}, "
+                       f"val loss {fmt_loss(val_loss)}", err=True)
+        return trainer.run(iters, save_every, max_bad_steps, on_checkpoint=on_checkpoint)
     shown = {"text": ""}
-
-    def show(_):
-        return shown["text"]
-
     with click.progressbar(length=max(0, iters - start), label="training", file=sys.stderr,
-                           item_show_func=show, show_eta=True) as bar:
+                           item_show_func=lambda _: shown["text"], show_eta=True) as bar:
         def on_step(report):
             shown["text"] = (f"step {report.step} loss {report.loss:.4f} "
                              f"{report.tokens_per_sec:,.0f} tok/s")
             bar.update(1)
-        def on_checkpoint(step, train_loss, val_loss):
-            if not sys.stderr.isatty():  # logs get one line per checkpoint instead of a bar
-                click.echo(f"step {step}: train loss {fmt_loss(train_loss)}, "
-                           f"val loss {fmt_loss(val_loss)}", err=True)
-        return trainer.run(iters, save_every, max_bad_steps, grad_clip, on_step, on_checkpoint)
+        return trainer.run(iters, save_every, max_bad_steps, on_step=on_step)
 
 
 def fmt_loss(value):
@@ -173,7 +196,8 @@ def fmt_loss(value):
               help="Sample among the k most likely tokens (0 = all).")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
               show_default=True, help="Nucleus sampling: smallest set with this probability.")
-@click.option("--seed", type=int, default=None, help="Seed for reproducible samples.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Seed for reproducible samples.")
 @click.option("--allow-unk", is_flag=True, help="Let the model emit <unk> (out-of-vocabulary).")
 @fail_cleanly
 def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):

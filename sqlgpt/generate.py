@@ -70,7 +70,7 @@ def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0, banned=()):
     logits[list(banned)] = -np.inf
     if temperature <= 0:
         return int(np.argmax(logits))
-    logits /= temperature
+    logits = (logits - logits.max()) / temperature  # max first: a tiny temperature gives -inf, not nan
     if 0 < top_k < logits.size:
         kth = np.partition(logits, -top_k)[-top_k]
         logits[logits < kth] = -np.inf
@@ -96,6 +96,8 @@ def generate_ids(model, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=
         raise SqlgptError("temperature must be >= 0")
     if not 0 < top_p <= 1:
         raise SqlgptError("top_p must be in (0, 1]")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise SqlgptError("seed must be an integer from 0 to 2**63-1")
     rng = np.random.default_rng(seed)
     context = [int(i) for i in prompt_ids]
     T = model.cfg.seq_len
@@ -107,6 +109,6 @@ def generate_ids(model, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=
         yield token
         if decoder.pos == T:
             # learned positions stop at seq_len: slide the window by half of it
-            logits = decoder.prefill(context[-(T // 2):])
+            logits = decoder.prefill(context[-max(1, T // 2):])
         else:
             logits = decoder.step(token)

@@ -36,6 +36,7 @@ class Config:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0  # > 0 turns Adam into AdamW
+    grad_clip: float = 0.0    # clip the global gradient norm to this (0: off, as the original)
     lr_schedule: str = "constant"  # or "cosine": decay to lr/10 at max_iters
     warmup_iters: int = 0     # linear warm-up steps before the schedule
     seed: int = 1337
@@ -53,33 +54,36 @@ class Config:
 
     def validate(self):
         """Raise SqlgptError for a configuration that cannot be built or trained."""
-        positive = ("vocab_size", "embed_dim", "num_heads", "num_layers", "seq_len",
-                    "batch_size", "max_iters")
-        for name in positive:
+        limits = {"vocab_size": 10**7, "embed_dim": 16384, "num_heads": 16384,
+                  "num_layers": 1024, "seq_len": 65536, "batch_size": 2**20,
+                  "max_iters": 2**31 - 1}
+        for name, limit in limits.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise SqlgptError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or not 1 <= value <= limit:
+                raise SqlgptError(f"{name} must be an integer from 1 to {limit:,}, got {value!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise SqlgptError(f"seed must be an integer from 0 to 2**63-1, got {self.seed!r}")
         if self.embed_dim % self.num_heads:
             raise SqlgptError(f"num_heads ({self.num_heads}) must divide embed_dim "
                               f"({self.embed_dim})")
         if not 0.0 <= self.dropout < 1.0:
             raise SqlgptError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SqlgptError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1e3):
+            raise SqlgptError(f"lr must be a positive number up to 1000, got {self.lr}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise SqlgptError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
             raise SqlgptError("beta1 and beta2 must be in [0, 1) and eps positive")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise SqlgptError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise SqlgptError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+        if not isinstance(self.warmup_iters, int) or not 0 <= self.warmup_iters < 2**31:
             raise SqlgptError(f"warmup_iters must be >= 0, got {self.warmup_iters!r}")
         if self.preset not in PRESETS:
             raise SqlgptError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
         if self.tokenizer != "word":
             raise SqlgptError(f"unknown tokenizer {self.tokenizer!r} (known: word)")
-        if self.embed_dim * 4 * self.embed_dim > 2**31 - 1 or self.seq_len > 65536:
-            raise SqlgptError("model too large for this version (embed_dim or seq_len)")
         return self
 
     def lr_at(self, step):

@@ -104,7 +104,10 @@ class WriterLock:
     independent of SQLite's own fcntl locks, so readers are unaffected.)"""
 
     def __init__(self, path):
-        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise SqlgptError(f"cannot open {path}: {e.strerror}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,12 +130,10 @@ def check_writable(path):
 
 
 # ---- opening ----
-def _connect(path, readonly):
+def _connect(path, readonly, immutable=False):
     path = Path(path).resolve()
     uri = f"file:{path.as_posix()}?mode={'ro' if readonly else 'rw'}"
-    if readonly and not os.access(path.parent, os.W_OK) and not Path(f"{path}-shm").exists():
-        # WAL readers need a -shm file beside the database; on read-only media
-        # nobody can be writing, so read the file as immutable instead
+    if immutable:
         uri += "&immutable=1"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -143,14 +144,33 @@ def _connect(path, readonly):
     return conn
 
 
+def _on_read_only_media(path):
+    path = Path(path).resolve()
+    return not os.access(path.parent, os.W_OK) and not Path(f"{path}-shm").exists()
+
+
+def is_sqlgpt_file(path):
+    """Whether path holds a SQLite database marked as sqlgpt's (header bytes only)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(72)
+    except OSError:
+        return False
+    return header[:16] == b"SQLite format 3\x00" and \
+        int.from_bytes(header[68:72], "big") == APPLICATION_ID
+
+
 def _check_is_sqlite(path):
     path = Path(path)
     if not path.exists():
         raise SqlgptError(f"database {path} does not exist")
     if not path.is_file():
         raise SqlgptError(f"{path} is not a file")
-    with open(path, "rb") as f:
-        header = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+    except OSError as e:
+        raise SqlgptError(f"cannot read {path}: {e.strerror}") from None
     if header != b"SQLite format 3\x00":
         raise SqlgptError(f"{path} is not a SQLite database")
 
@@ -160,8 +180,19 @@ def open_database(path, readonly=True):
     can read. Read-only opens never modify the file."""
     _check_is_sqlite(path)
     try:
-        conn = _connect(path, readonly)
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        conn = None
+        try:
+            conn = _connect(path, readonly)
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        except sqlite3.OperationalError:
+            if conn:
+                conn.close()
+            if not (readonly and _on_read_only_media(path)):
+                raise
+            # a WAL reader needs a -shm file beside the database; where none
+            # can be created, nobody can be writing either: read it as immutable
+            conn = _connect(path, readonly, immutable=True)
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         db = sqlite_utils.Database(conn)
         tables = set(db.table_names())
@@ -189,13 +220,15 @@ def open_database(path, readonly=True):
     return conn
 
 
-def create_database(path, model, tokenizer, state):
+def create_database(path, model, tokenizer, state, overwrite=False):
     """Write a new database with the step-0 checkpoint, atomically: built
-    under a temporary name, then renamed over `path`."""
+    under a temporary name, locked, then moved to `path` (replacing a file
+    there only with overwrite). Returns (connection, writer lock)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         leftover.unlink(missing_ok=True)
+    lock = None
     try:
         conn = sqlite3.connect(tmp, isolation_level=None)
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
@@ -210,15 +243,31 @@ def create_database(path, model, tokenizer, state):
             conn.execute(INSERT_SQL[table], row)
         conn.execute("COMMIT")
         save_checkpoint(conn, model, state, train_loss=None, val_loss=None)
-        conn.close()  # folds the WAL into the file, so the rename moves everything
-        for stale in (Path(f"{path}-wal"), Path(f"{path}-shm")):
-            stale.unlink(missing_ok=True)
-        os.replace(tmp, path)
+        conn.close()  # folds the WAL into the file, so the move takes everything
+        lock = WriterLock(tmp)  # the lock is on the file itself: it moves with it
+        if overwrite:
+            for stale in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+                stale.unlink(missing_ok=True)
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if another process created path meanwhile
+                tmp.unlink()
+            except FileExistsError:
+                raise SqlgptError(f"{path} appeared while the model was being created "
+                                  f"(another sqlgpt train?); nothing was written") from None
+            except OSError:  # no hard links on this filesystem
+                if path.exists():
+                    raise SqlgptError(f"{path} appeared while the model was being created; "
+                                      f"nothing was written") from None
+                os.replace(tmp, path)
     except BaseException:
+        if lock:
+            lock.release()
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             leftover.unlink(missing_ok=True)
         raise
-    return open_database(path, readonly=False)
+    return open_database(path, readonly=False), lock
 
 
 # ---- writing ----
@@ -349,8 +398,10 @@ def _fill(t, rows):
             raise SqlgptError(f"weights of {t.name} are damaged: row {index} fails its checksum")
     for col, buf in ((1, t.data), (2, t.m), (3, t.v)):
         buf[...] = np.frombuffer(b"".join(r[col] for r in rows), dtype="<f4").reshape(t.shape)
-    if not np.isfinite(t.data).all():
+    if not (np.isfinite(t.data).all() and np.isfinite(t.m).all() and np.isfinite(t.v).all()):
         raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
+    if (t.v < 0).any():
+        raise SqlgptError(f"weights of {t.name} are damaged: negative Adam second moment")
 
 
 def _param_name(table, key):
@@ -364,8 +415,8 @@ def _param_name(table, key):
 def read_train_state(conn):
     try:
         return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM train_state")}
-    except (sqlite3.DatabaseError, TypeError, ValueError) as e:
-        raise SqlgptError(f"the train_state table is damaged: {e}") from None
+    except (sqlite3.DatabaseError, TypeError, ValueError, RecursionError) as e:
+        raise SqlgptError(f"the train_state table is damaged: {type(e).__name__}") from None
 
 
 def integrity_check(path):
@@ -380,7 +431,13 @@ def integrity_check(path):
 
 
 def checkpoints(conn):
-    return [dict(zip(("step", "train_loss", "val_loss", "elapsed_s", "created_at"), row))
+    rows = [dict(zip(("step", "train_loss", "val_loss", "elapsed_s", "created_at"), row))
             for row in conn.execute("SELECT step, train_loss, val_loss, elapsed_s, created_at "
                                     "FROM checkpoints ORDER BY step")]
+    for row in rows:
+        losses_ok = all(row[k] is None or isinstance(row[k], (int, float))
+                        for k in ("train_loss", "val_loss", "elapsed_s"))
+        if not (isinstance(row["step"], int) and losses_ok):
+            raise SqlgptError("the checkpoints table is damaged (wrong value types)")
+    return rows
 

@@ -63,8 +63,11 @@ class WordTokenizer:
         return np.array([self.id_of.get(w, unk) for w in words_of(text)], dtype=np.int32)
 
     def decode(self, ids):
+        ids = [int(i) for i in ids]
+        if any(not 0 <= i <= self.unk_id for i in ids):
+            raise SqlgptError(f"token id out of range [0, {self.unk_id}]")
         special = {0: "", self.unk_id: UNK}
-        out = (special[i] if i in special else self.words[i - 1] for i in map(int, ids))
+        out = (special[i] if i in special else self.words[i - 1] for i in ids)
         return " ".join(w for w in out if w)
 
 

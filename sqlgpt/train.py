@@ -96,6 +96,7 @@ class Trainer:
             ok = False
         if not ok:
             raise SqlgptError("the train_state table is damaged; cannot resume")
+        self.saved_step = state["step"]
         self._stop = ""
 
     # ---- construction ----
@@ -109,6 +110,8 @@ class Trainer:
                               f"or --overwrite to replace it")
         if db_path.exists() and not db_path.is_file():
             raise SqlgptError(f"{db_path} is not a file")
+        if db_path.exists() and not store.is_sqlgpt_file(db_path):
+            raise SqlgptError(f"refusing to overwrite {db_path}: it is not a sqlgpt database")
         store.check_writable(db_path)
         text, digest = read_corpus(corpus_path)
         cfg.validate()
@@ -125,11 +128,11 @@ class Trainer:
         old_lock = store.WriterLock(db_path) if db_path.exists() else None  # not while in use
         try:
             with store.sqlite_errors(f"cannot create {db_path}"):
-                conn = store.create_database(db_path, model, tokenizer, state)
+                conn, lock = store.create_database(db_path, model, tokenizer, state, overwrite)
         finally:
             if old_lock:
                 old_lock.release()
-        return cls(conn, store.WriterLock(db_path), model, tokenizer, train, val, state)
+        return cls(conn, lock, model, tokenizer, train, val, state)
 
     @classmethod
     def resume(cls, db_path, corpus_path):
@@ -159,8 +162,7 @@ class Trainer:
             raise
 
     # ---- running ----
-    def run(self, max_iters, save_every=100, max_bad_steps=10, grad_clip=0.0, on_step=None,
-            on_checkpoint=None):
+    def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None):
         """Train up to step max_iters in total, checkpointing every save_every
         steps, at the end, and when SIGINT/SIGTERM asks to stop."""
         cfg, model = self.model.cfg, self.model
@@ -188,9 +190,9 @@ class Trainer:
                                           f"{max_bad_steps} steps had a NaN/Inf loss or gradient; "
                                           f"the last good checkpoint is kept (try a lower --lr)")
                 else:
-                    if grad_clip > 0 and grad_sq > grad_clip ** 2:
+                    if cfg.grad_clip > 0 and grad_sq > cfg.grad_clip ** 2:
                         g = model.params.arenas["grad"]
-                        g *= np.float32(grad_clip / math.sqrt(grad_sq))
+                        g *= np.float32(cfg.grad_clip / math.sqrt(grad_sq))
                     model.adam_step(step, lr)
                     window_losses.append(loss)
                     result.losses.append(loss)
@@ -215,6 +217,8 @@ class Trainer:
                     if on_checkpoint:
                         on_checkpoint(step, *saved)
             store.write_metrics(self.conn, pending_metrics)
+            if self._stop and self.saved_step != self.state["step"]:
+                self.checkpoint(window_losses)  # a signal that came after the loop's last test
         result.step = self.state["step"]
         result.final_loss = result.losses[-1] if result.losses else math.nan
         result.tokens_per_sec = total_tokens / total_time if total_time else 0.0
@@ -223,10 +227,15 @@ class Trainer:
         return result
 
     def checkpoint(self, window_losses):
+        arenas = self.model.params.arenas
+        if not all(np.isfinite(arenas[b]).all() for b in ("data", "m", "v")):
+            raise SqlgptError(f"the weights became NaN or Inf by step {self.state['step']} "
+                              f"(learning rate too high?); the last good checkpoint is kept")
         train_loss = float(np.mean(window_losses)) if window_losses else None
         self.state["rng"] = self.rng.bit_generator.state
         val_loss = self.val_loss()
         store.save_checkpoint(self.conn, self.model, self.state, train_loss, val_loss)
+        self.saved_step = self.state["step"]
         return train_loss, val_loss
 
     def val_loss(self):

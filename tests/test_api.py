@@ -64,3 +64,25 @@ def test_top_p_and_top_k_restrict_the_choice():
     assert {sample(logits, rng, top_k=1) for _ in range(50)} == {0}
     assert {sample(logits, rng, top_p=0.7) for _ in range(200)} == {0, 1}
     assert {sample(logits, rng, banned=(0,), temperature=0)} == {1}
+
+
+def test_edge_cases_are_clean_errors_or_work(trained_db):
+    m = sqlgpt.load(trained_db)
+    with pytest.raises(SqlgptError, match="out of range"):
+        m.decode([10**6])
+    with pytest.raises(SqlgptError, match="out of range"):
+        m.decode([-1])
+    with pytest.raises(SqlgptError, match="seed"):
+        m.generate("the", max_tokens=2, seed=-1)
+    assert len(m.generate("the", max_tokens=3, temperature=1e-300, seed=1).split()) == 4
+
+
+def test_generation_with_a_one_token_context(tmp_path, small_corpus):
+    from click.testing import CliRunner
+    from sqlgpt.cli import main
+    db = tmp_path / "m.db"
+    result = CliRunner().invoke(main, ["train", str(small_corpus), "--db", str(db), "--iters", "2",
+                                       "--seq-len", "1", "--embed-dim", "8", "--heads", "2",
+                                       "--layers", "1", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(sqlgpt.load(db).generate("the", max_tokens=5, seed=0).split()) == 6

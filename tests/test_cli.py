@@ -141,3 +141,35 @@ def test_every_command_and_option_is_documented_in_the_readme():
             for opt in param.opts:
                 if opt.startswith("--"):
                     assert re.search(re.escape(opt) + r"\b", readme), f"{name} {opt}"
+
+
+def test_overwrite_refuses_files_that_are_not_sqlgpt_databases(tmp_path, small_corpus):
+    import sqlite3
+    app = tmp_path / "app.db"
+    conn = sqlite3.connect(app)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.commit()
+    conn.close()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(small_corpus.read_text())
+    for target in (app, corpus):
+        before = target.read_bytes()
+        out = sqlgpt_cmd("train", corpus, "--db", target, *TINY, "--iters", 2, "--overwrite")
+        assert out.returncode == 1 and "not a sqlgpt database" in out.stderr
+        assert target.read_bytes() == before
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for args in (["generate", "--db", tmp_path / "x.db", "--seed", "-1"], ["train"],
+                 ["no-such-command"], ["generate", "--db", tmp_path / "x.db", "--top-p", "0"]):
+        out = sqlgpt_cmd(*args)
+        assert out.returncode == 2 and out.stderr.startswith("Error: ")
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_json_is_strict_even_when_the_loss_diverged(capsys):
+    from sqlgpt.cli import emit_json
+    emit_json({"final_loss": float("nan"), "nested": [float("inf"), 1.5]})
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == \
+        {"final_loss": None, "nested": [None, 1.5]}

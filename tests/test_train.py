@@ -93,13 +93,51 @@ def test_resume_refuses_changed_model_options_and_another_corpus(tmp_path, train
 
 
 def test_nan_loss_never_reaches_a_checkpoint(tmp_path, small_corpus):
+    """Steps with a NaN loss are skipped and counted (no update), then
+    training stops; the weights on disk stay the last good ones."""
+    from sqlgpt.errors import SqlgptError
+    from sqlgpt.model import Config
+    from sqlgpt.train import Trainer
     db = tmp_path / "m.db"
-    result = run("train", small_corpus, "--db", db, "--iters", 10, *TINY, "--lr", "1e30",
-                 "--max-bad-steps", 3)
-    assert result.exit_code != 0
-    assert "NaN" in result.output and "Traceback" not in result.output
-    model = sqlgpt.load(db)  # the last good checkpoint loads: finite weights
-    assert all(np.isfinite(w).all() for w in model.state_dict().values())
+    cfg = Config(vocab_size=100, embed_dim=32, num_heads=4, num_layers=2, seq_len=16,
+                 batch_size=4, max_iters=10)
+    trainer = Trainer.create(db, small_corpus, cfg)
+    trainer.run(3, save_every=1)
+    good = {k: v.copy() for k, v in sqlgpt.load(db).state_dict().items()}
+    forward = trainer.model.forward
+    trainer.model.forward = lambda *a, **k: forward(*a, **k) * float("nan")
+    with pytest.raises(SqlgptError, match="NaN/Inf"):
+        trainer.run(20, save_every=1, max_bad_steps=3)
+    assert trainer.state["bad_steps"] == 4
+    trainer.close()
+    model = sqlgpt.load(db)  # skipped steps changed no weight
+    for name, array in model.state_dict().items():
+        np.testing.assert_array_equal(array, good[name])
+
+
+def test_inf_weights_are_never_saved(tmp_path, small_corpus):
+    from sqlgpt.errors import SqlgptError
+    from sqlgpt.model import Config
+    from sqlgpt.train import Trainer
+    db = tmp_path / "m.db"
+    cfg = Config(vocab_size=100, embed_dim=32, num_heads=4, num_layers=2, seq_len=16,
+                 batch_size=4)
+    trainer = Trainer.create(db, small_corpus, cfg)
+    trainer.model.params["layers.1.fc2"].data[0, 0] = np.inf  # not in the loss's path to NaN
+    trainer.model.params["layers.1.fc2"].m[0, 0] = np.nan
+    with pytest.raises(SqlgptError, match="NaN or Inf"):
+        trainer.checkpoint([1.0])
+    trainer.close()
+    assert sqlgpt.load(db).step == 0
+
+
+@pytest.mark.parametrize("args,message", [(["--lr", "1e30"], "lr"), (["--seed", "-1"], "seed"),
+                                          (["--iters", str(2**40)], "iters"),
+                                          (["--layers", "100000"], "num_layers")])
+def test_out_of_range_options_are_one_line_errors(tmp_path, small_corpus, args, message):
+    result = run("train", small_corpus, "--db", tmp_path / "m.db", *TINY, *args)
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "m.db").exists()
 
 
 def test_small_corpus_with_fewer_words_than_vocab_size(tmp_path):
