@@ -15,8 +15,6 @@
 #include <string.h>
 #include "kernel.h"
 
-#define LN_EPS 1e-5f
-
 /* y (OC) = x (C) @ W (C,OC), column blocks shared among the team; no barrier. */
 static void matvec(float *y, const float *x, const float *w, int C, int OC) {
     int blocks = (OC + MATVEC_BLOCK - 1) / MATVEC_BLOCK;
@@ -27,9 +25,9 @@ static void matvec(float *y, const float *x, const float *w, int C, int OC) {
     }
 }
 
-static void layernorm_row(float *out, const float *x, int C) {
+static void layernorm_row(float *out, const float *x, int C, float eps) {
     float mean, rstd;
-    layernorm_forward(out, &mean, &rstd, x, NULL, NULL, 1, C, LN_EPS);
+    layernorm_forward(out, &mean, &rstd, x, NULL, NULL, 1, C, eps);
 }
 
 /* att (C) = causal attention of query q (C) over cached keys/values 0..pos;
@@ -76,7 +74,7 @@ void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
     float *ln = x + C, *q = ln + C, *att = q + C, *branch = att + C, *h = branch + C;
     for (int c = 0; c < C; c++)
         x[c] = m->wte[(size_t)token * C + c] + m->wpe[(size_t)pos * C + c];
-    layernorm_row(ln, x, C);
+    layernorm_row(ln, x, C, m->ln_eps);
     /* one thread for models whose matrices fit in a core's cache anyway */
     #pragma omp parallel if ((long)C * C >= 128 * 128)
     for (int l = 0; l < m->num_layers; l++) {
@@ -91,7 +89,7 @@ void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
         #pragma omp single
         {
             for (int c = 0; c < C; c++) x[c] += branch[c];
-            layernorm_row(ln, x, C);
+            layernorm_row(ln, x, C, m->ln_eps);
         }
         matvec(h, ln, m->fc1[l], C, 4 * C);
         #pragma omp barrier
@@ -102,7 +100,7 @@ void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
         #pragma omp single
         {
             for (int c = 0; c < C; c++) x[c] += branch[c];
-            if (l + 1 < m->num_layers) layernorm_row(ln, x, C);
+            if (l + 1 < m->num_layers) layernorm_row(ln, x, C, m->ln_eps);
         }
     }
     matvec_columns(logits, x, m->head, C, m->V, 0, m->V);

@@ -88,6 +88,7 @@ void scale_inplace(float *x, long n, float factor);
  * hold the earlier tokens' keys and values. logits is (V). */
 typedef struct {
     int num_layers, C, NH, V, max_T;
+    float ln_eps;
     const float *wte, *wpe, *head;
     const float **q, **k, **v, **proj, **fc1, **fc2;
 } DecodeModel;

@@ -112,7 +112,7 @@ def main():
 @click.option("--grad-clip", type=float, default=0.0, show_default=True,
               help="Clip the global gradient norm to this (0 = off).")
 @click.option("--max-bad-steps", type=int, default=10, show_default=True,
-              help="Stop after this many steps with a NaN/Inf loss or gradient.")
+              help="Stop when more than this many steps had a NaN/Inf loss or gradient.")
 @click.option("--resume", is_flag=True, help="Continue training the model in --db.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --db with a new model.")
 @click.option("--json", "as_json", is_flag=True,

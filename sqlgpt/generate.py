@@ -7,7 +7,7 @@ import numpy as np
 
 from ._kernel import ffi, lib
 from .errors import SqlgptError
-from .model import LAYER_COMPONENTS
+from .model import LAYER_COMPONENTS, LN_EPS
 from .tensor import fptr
 
 
@@ -26,7 +26,7 @@ class Decoder:
         self._keep = []  # cdata that must outlive the struct
         desc = ffi.new("DecodeModel *")
         desc.num_layers, desc.C, desc.NH = cfg.num_layers, cfg.embed_dim, cfg.num_heads
-        desc.V, desc.max_T = cfg.n_classes, cfg.seq_len
+        desc.V, desc.max_T, desc.ln_eps = cfg.n_classes, cfg.seq_len, LN_EPS
         for name in ("wte", "wpe", "head"):
             setattr(desc, name, self._ptr(p[name].data))
         for comp in LAYER_COMPONENTS:

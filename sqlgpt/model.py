@@ -224,7 +224,7 @@ class GPT:
         seeds = dropout_seeds(dropout_seed or 0, cfg.num_layers)
         self._ids, self._seeds = ids, (seeds if use_dropout else None)
 
-        x = a.layers[0]["x"] if cfg.num_layers else a.x_final
+        x = a.layers[0]["x"]
         lib.embedding_forward(fptr(x), iptr(ids), fptr(p["wte"].data), fptr(p["wpe"].data), B, T, C)
         for layer, L in enumerate(a.layers):
             W = {c: fptr(p[f"layers.{layer}.{c}"].data) for c in LAYER_COMPONENTS}

@@ -125,7 +125,7 @@ def check_writable(path):
     path = Path(path)
     if path.exists() and not os.access(path, os.W_OK):
         raise SqlgptError(f"{path} is read-only")
-    if not os.access(path.parent if str(path.parent) else ".", os.W_OK | os.X_OK):
+    if not os.access(path.parent, os.W_OK | os.X_OK):
         raise SqlgptError(f"cannot write in the directory of {path}")
 
 
@@ -194,7 +194,8 @@ def open_database(path, readonly=True):
             conn = _connect(path, readonly, immutable=True)
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        db = sqlite_utils.Database(conn)
+        # no plugins, no recursive_triggers pragma: the file may be hostile
+        db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
         tables = set(db.table_names())
         extras = db.view_names() + [t.name for t in db.triggers]
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:

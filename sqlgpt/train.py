@@ -16,7 +16,7 @@ import numpy as np
 
 from . import store
 from .errors import SqlgptError
-from .model import GPT, Config
+from .model import GPT
 from .tokenizers import TOKENIZERS
 
 VAL_FRACTION = 0.1      # the corpus tail held out for validation loss

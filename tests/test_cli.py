@@ -8,7 +8,6 @@ import sys
 import tempfile
 
 import pytest
-from click.testing import CliRunner
 
 from sqlgpt.cli import main
 

@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import sqlgpt
@@ -19,6 +18,7 @@ from sqlgpt import store
 from sqlgpt.errors import SqlgptError
 from sqlgpt.train import Trainer
 
+from helpers import weights_bytes
 from conftest import TINY
 
 HERE = Path(__file__).resolve().parent
@@ -52,11 +52,6 @@ def wait_until(predicate, timeout=60.0, poll=0.005):
         time.sleep(poll)
 
 
-def weights_bytes(db):
-    conn = store.open_database(db)
-    blobs = [row for table in store.WEIGHT_TABLES for row in conn.execute(store.SELECT_SQL[table])]
-    conn.close()
-    return blobs
 
 
 def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path, small_corpus):
@@ -123,14 +118,10 @@ def test_interrupt_saves_a_checkpoint_and_exits(tmp_path, small_corpus, sig, cod
     assert last_metric == step  # the step in flight was finished, then saved
 
 
-def resume(db, corpus):
-    return Trainer.resume(db, corpus)
-
-
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, trained_db, small_corpus):
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
-    trainer = resume(db, small_corpus)
+    trainer = Trainer.resume(db, small_corpus)
     # the file may not grow: the history rows soon need a page it cannot get
     pages = trainer.conn.execute("PRAGMA page_count").fetchone()[0]
     trainer.conn.execute(f"PRAGMA max_page_count = {pages}")
@@ -156,7 +147,7 @@ def test_a_real_full_filesystem(tmp_path, trained_db, small_corpus):
         filler = mnt / "filler"
         with open(filler, "wb") as f:  # leave a little room: the WAL soon runs out of it
             f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize - 64 * 1024))
-        trainer = resume(db, small_corpus)
+        trainer = Trainer.resume(db, small_corpus)
         with pytest.raises(SqlgptError):
             trainer.run(1000, save_every=1)
         trainer.close()
@@ -183,7 +174,7 @@ def test_read_only_database_or_directory(tmp_path, trained_db, small_corpus):
     try:
         before = db.read_bytes()
         with pytest.raises(SqlgptError, match="read-only|cannot write"):
-            resume(db, small_corpus)
+            Trainer.resume(db, small_corpus)
         assert db.read_bytes() == before
         assert sqlgpt.load(db).step == 30  # reading still works
     finally:
@@ -197,7 +188,7 @@ def test_a_writer_lock_held_by_another_process(tmp_path, trained_db, small_corpu
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
     monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 300)
-    trainer = resume(db, small_corpus)
+    trainer = Trainer.resume(db, small_corpus)
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another app holds the write lock
     with pytest.raises(SqlgptError, match="locked"):
@@ -218,6 +209,7 @@ def test_two_trainers_are_refused(tmp_path, trained_db, small_corpus):
     assert "another sqlgpt process" in second.stderr.read()
     overwrite = start_training(small_corpus, db, 10, *TINY, "--overwrite")
     assert overwrite.wait(timeout=60) == 1
+    assert "another sqlgpt process" in overwrite.stderr.read()
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 143
     assert store.integrity_check(db) == []

@@ -27,7 +27,7 @@ def zeros_like(a):
 
 
 @pytest.mark.parametrize("N,C,OC", [(1, 8, 8), (7, 13, 29), (64, 128, 428), (200, 512, 128),
-                                    (33, 70, 300)])
+                                    (33, 70, 300), (21, 1100, 70)])  # last: several K blocks
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul(rng, N, C, OC, with_bias):
     x, w, b, dout = f32(rng, N, C), f32(rng, C, OC), f32(rng, OC), f32(rng, N, OC)
@@ -55,7 +55,8 @@ def test_matmul_backward_accumulates(rng):
     assert rel_err(dw - dw0, x.T.astype(np.float64) @ dout) < TOL
 
 
-@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 8, 2), (2, 17, 32, 4), (3, 64, 128, 8), (1, 100, 48, 3)])
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 8, 2), (2, 17, 32, 4), (3, 64, 128, 8), (1, 100, 48, 3),
+                                      (2, 70, 48, 2), (1, 33, 384, 6)])  # head sizes 24, 64
 def test_attention(rng, B, T, C, NH):
     q, k, v, dout = (f32(rng, B, T, C) for _ in range(4))
     out, lse = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32)

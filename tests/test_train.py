@@ -1,6 +1,5 @@
 """Training: it learns, resumes exactly, and refuses to clobber a database."""
 import json
-import math
 import shutil
 
 import numpy as np
@@ -10,9 +9,9 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt import store
 from sqlgpt.cli import main
-from sqlgpt.tokenizers import WordTokenizer
 from sqlgpt.train import split_tokens
 
+from helpers import weights_bytes
 from conftest import CORPUS, TINY
 
 
@@ -20,11 +19,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def weights_bytes(db):
-    conn = store.open_database(db)
-    blobs = [row for table in store.WEIGHT_TABLES for row in conn.execute(store.SELECT_SQL[table])]
-    conn.close()
-    return blobs
 
 
 def test_training_learns_well_below_the_unigram_entropy(tmp_path):
