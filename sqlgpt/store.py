@@ -9,6 +9,7 @@ only ever see the previous checkpoint or the new one.
 """
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import sqlite3
@@ -371,10 +372,11 @@ def read_weights(conn, model):
     found = {}
     try:
         for table in WEIGHT_TABLES:
-            for row in conn.execute(SELECT_SQL[table]):
-                *key, data, m, v, crc = row
-                name = _param_name(table, key[:-1])
-                found.setdefault(name, []).append((key[-1], data, m, v, crc))
+            nkeys = len(KEY_COLUMNS[table])
+            rows = conn.execute(SELECT_SQL[table]).fetchall()
+            # rows arrive ordered by key: group them by the key before the row index
+            for key, group in itertools.groupby(rows, key=lambda r: r[:nkeys - 1]):
+                found.setdefault(_param_name(table, key), []).extend(group)
     except sqlite3.DatabaseError as e:
         raise SqlgptError(f"cannot read weights: {e}") from None
     expected = {t.name for t in model.params}
@@ -386,19 +388,24 @@ def read_weights(conn, model):
 
 
 def _fill(t, rows):
-    """Copy one parameter's rows (index, data, m, v, crc) into its buffers."""
+    """Copy one parameter's rows (*key, index, data, m, v, crc) into its
+    buffers. The checks run as C-level maps over columns: this is the hot
+    path of every load."""
     nrows, ncols = t.shape
-    if [r[0] for r in rows] != list(range(nrows)):
+    index, data, m, v, crc = (list(col) for col in list(zip(*rows))[-5:]) if rows else ([],) * 5
+    if index != list(range(nrows)):
         raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "
                           f"found {len(rows)}")
-    for index, data, m, v, crc in rows:
-        if not all(isinstance(b, bytes) and len(b) == 4 * ncols for b in (data, m, v)):
-            raise SqlgptError(f"weights of {t.name} are damaged: row {index} is not {ncols} "
+    for column in (data, m, v):
+        if set(map(type, column)) != {bytes} or set(map(len, column)) != {4 * ncols}:
+            raise SqlgptError(f"weights of {t.name} are damaged: a row is not {ncols} "
                               f"float32 values")
-        if row_crc(data, m, v) != crc:
-            raise SqlgptError(f"weights of {t.name} are damaged: row {index} fails its checksum")
-    for col, buf in ((1, t.data), (2, t.m), (3, t.v)):
-        buf[...] = np.frombuffer(b"".join(r[col] for r in rows), dtype="<f4").reshape(t.shape)
+    computed = map(zlib.crc32, v, map(zlib.crc32, m, map(zlib.crc32, data)))
+    bad = next((i for i, (a, b) in enumerate(zip(computed, crc)) if a != b), None)
+    if bad is not None:
+        raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
+    for column, buf in ((data, t.data), (m, t.m), (v, t.v)):
+        buf[...] = np.frombuffer(b"".join(column), dtype="<f4").reshape(t.shape)
     if not (np.isfinite(t.data).all() and np.isfinite(t.m).all() and np.isfinite(t.v).all()):
         raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
     if (t.v < 0).any():
