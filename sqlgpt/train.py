@@ -165,7 +165,7 @@ class Trainer:
     def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None):
         """Train up to step max_iters in total, checkpointing every save_every
         steps, at the end, and when SIGINT/SIGTERM asks to stop."""
-        cfg, model = self.model.cfg, self.model
+        cfg = self.model.cfg
         cfg.max_iters = max_iters
         B, T = cfg.batch_size, cfg.seq_len
         pending_metrics, last_flush, window_losses = [], time.perf_counter(), []
@@ -175,25 +175,8 @@ class Trainer:
             while self.state["step"] < max_iters and not self._stop:
                 step = self.state["step"] + 1
                 t0 = time.perf_counter()
-                x, y = random_batch(self.train_tokens, self.rng, B, T)
-                dropout_seed = int(self.rng.integers(0, 2**63))
-                model.params.zero_grad()
-                loss = model.forward(x, y, dropout_seed=dropout_seed)
-                model.backward()
-                grad_sq = model.grad_norm_squared()
-                lr = cfg.lr_at(step)
-                skipped = not (math.isfinite(loss) and math.isfinite(grad_sq))
-                if skipped:
-                    self.state["bad_steps"] += 1
-                    if self.state["bad_steps"] > max_bad_steps:
-                        raise SqlgptError(f"training stopped at step {step}: more than "
-                                          f"{max_bad_steps} steps had a NaN/Inf loss or gradient; "
-                                          f"the last good checkpoint is kept (try a lower --lr)")
-                else:
-                    if cfg.grad_clip > 0 and grad_sq > cfg.grad_clip ** 2:
-                        g = model.params.arenas["grad"]
-                        g *= np.float32(cfg.grad_clip / math.sqrt(grad_sq))
-                    model.adam_step(step, lr)
+                loss, lr, skipped = self._step(step, max_bad_steps)
+                if not skipped:
                     window_losses.append(loss)
                     result.losses.append(loss)
                 dt = time.perf_counter() - t0
@@ -225,6 +208,29 @@ class Trainer:
         result.stopped_by = self._stop
         result.bad_steps = self.state["bad_steps"]
         return result
+
+    def _step(self, step, max_bad_steps):
+        """One optimizer step on a random batch: (loss, lr, skipped). A step
+        whose loss or gradient is NaN/Inf changes no weight; it is counted."""
+        cfg, model = self.model.cfg, self.model
+        x, y = random_batch(self.train_tokens, self.rng, cfg.batch_size, cfg.seq_len)
+        dropout_seed = int(self.rng.integers(0, 2**63))
+        model.params.zero_grad()
+        loss = model.forward(x, y, dropout_seed=dropout_seed)
+        model.backward()
+        grad_sq = model.grad_norm_squared()
+        lr = cfg.lr_at(step)
+        if not (math.isfinite(loss) and math.isfinite(grad_sq)):
+            self.state["bad_steps"] += 1
+            if self.state["bad_steps"] > max_bad_steps:
+                raise SqlgptError(f"training stopped at step {step}: more than {max_bad_steps} "
+                                  f"steps had a NaN/Inf loss or gradient; the last good "
+                                  f"checkpoint is kept (try a lower --lr)")
+            return loss, lr, True
+        if cfg.grad_clip > 0 and grad_sq > cfg.grad_clip ** 2:
+            model.params.arenas["grad"] *= np.float32(cfg.grad_clip / math.sqrt(grad_sq))
+        model.adam_step(step, lr)
+        return loss, lr, False
 
     def checkpoint(self, window_losses):
         arenas = self.model.params.arenas
