@@ -8,7 +8,7 @@ import numpy as np
 from ._kernel import ffi, lib
 from .errors import SqlgptError
 from .model import LAYER_COMPONENTS, LN_EPS
-from .tensor import fptr
+from .tensor import aligned_zeros, fptr
 
 
 class Decoder:
@@ -19,9 +19,8 @@ class Decoder:
         cfg = model.cfg
         self.cfg, self.pos = cfg, 0
         shape = (cfg.num_layers, cfg.seq_len, cfg.embed_dim)
-        self.kcache = np.zeros(shape, np.float32)
-        self.vcache = np.zeros(shape, np.float32)
-        self.logits = np.zeros(cfg.n_classes, np.float32)
+        self.kcache, self.vcache = aligned_zeros(shape), aligned_zeros(shape)
+        self.logits = aligned_zeros((cfg.n_classes,))
         p = model.params
         self._keep = []  # cdata that must outlive the struct
         desc = ffi.new("DecodeModel *")

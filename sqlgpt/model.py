@@ -13,7 +13,7 @@ import numpy as np
 
 from ._kernel import ffi, lib
 from .errors import SqlgptError
-from .tensor import ParameterSet, fptr, iptr
+from .tensor import ParameterSet, aligned_zeros, fptr, iptr
 
 LAYER_COMPONENTS = ("q", "k", "v", "proj", "fc1", "fc2")
 PAD_ID = 0  # <pad>: never a target (the loss's ignore index)
@@ -145,7 +145,7 @@ class Activations:
         self.B, self.T = B, T
 
         def buf(*shape):
-            return np.zeros(shape, dtype=np.float32)
+            return aligned_zeros(shape)
 
         # per layer: the residual input and what backward needs of each op
         self.layers = [dict(x=buf(N, C), ln1=buf(N, C), mean1=buf(N), rstd1=buf(N),

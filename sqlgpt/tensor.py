@@ -9,6 +9,27 @@ import numpy as np
 from ._kernel import ffi
 
 BUFFERS = ("data", "grad", "m", "v")
+# Buffers start on 64-byte boundaries (a cache line, one AVX-512 register):
+# numpy's large arrays start 16 bytes past a page, and misaligned vector loads
+# cost the matmul about a third of its speed.
+ALIGN_FLOATS = 16
+
+
+def aligned_zeros(shape):
+    """A zeroed float32 array whose data starts on a 64-byte boundary."""
+    size = prod(shape)
+    raw = np.zeros(size + ALIGN_FLOATS, dtype=np.float32)
+    start = (-raw.ctypes.data // 4) % ALIGN_FLOATS
+    return raw[start:start + size].reshape(shape)
+
+
+def _aligned_offsets(specs):
+    """Start of each tensor in an arena (a multiple of ALIGN_FLOATS), and the arena size."""
+    offsets, offset = [], 0
+    for _, shape in specs:
+        offsets.append(offset)
+        offset += -(-prod(shape) // ALIGN_FLOATS) * ALIGN_FLOATS
+    return offsets, offset
 
 
 def fptr(array):
@@ -36,18 +57,17 @@ class Tensor:
 
 
 class ParameterSet:
-    """All parameters of a model in four flat arenas, in a fixed order."""
+    """All parameters of a model in four flat arenas, in a fixed order, each
+    tensor starting on a 64-byte boundary."""
 
     def __init__(self, specs):
         """specs: list of (name, shape), in storage order."""
-        total = sum(prod(shape) for _, shape in specs)
-        self.arenas = {buf: np.zeros(total, dtype=np.float32) for buf in BUFFERS}
-        self.tensors = {}
-        offset = 0
-        for name, shape in specs:
-            self.tensors[name] = Tensor(name, shape, self.arenas, offset)
-            offset += prod(shape)
-        self.size = total
+        offsets, total = _aligned_offsets(specs)
+        # the gaps between tensors stay zero: Adam leaves zeros with zero gradients alone
+        self.arenas = {buf: aligned_zeros((total,)) for buf in BUFFERS}
+        self.tensors = {name: Tensor(name, shape, self.arenas, offset)
+                        for (name, shape), offset in zip(specs, offsets)}
+        self.size = sum(prod(shape) for _, shape in specs)  # parameters, gaps excluded
 
     def __getitem__(self, name):
         return self.tensors[name]
