@@ -67,11 +67,15 @@ UPDATE_SQL = {table: f"UPDATE {table} SET data = ?, m = ?, v = ?, crc = ? WHERE 
 SELECT_SQL = {table: f"SELECT {', '.join(keys)}, data, m, v, crc FROM {table} "
                      f"ORDER BY {', '.join(keys)}"
               for table, keys in KEY_COLUMNS.items()}
-
-
-def _row_blobs(matrix):
-    """Each row of a float32 matrix as little-endian bytes."""
-    return [row.tobytes() for row in matrix.astype("<f4", copy=False)]
+# Loading reads each table twice in one snapshot: how many rows each parameter
+# has, then the rows with only their index, so that no per-row key objects
+# are built (the load is bound by Python work per row, not by bytes).
+GROUPS_SQL = {table: f"SELECT {', '.join(keys[:-1] + ('count(*)',))} FROM {table}"
+                     + (f" GROUP BY {', '.join(keys[:-1])} ORDER BY {', '.join(keys[:-1])}"
+                        if len(keys) > 1 else "")
+              for table, keys in KEY_COLUMNS.items()}
+ROWS_SQL = {table: f"SELECT {keys[-1]}, data, m, v, crc FROM {table} ORDER BY {', '.join(keys)}"
+            for table, keys in KEY_COLUMNS.items()}
 
 
 def row_crc(data, m, v):
@@ -79,11 +83,18 @@ def row_crc(data, m, v):
 
 
 def weight_rows(params):
-    """(table, (data, m, v, crc, *key)) for every matrix row of every parameter."""
+    """{table: [(data, m, v, crc, *key, i)]}: every matrix row of every
+    parameter. The BLOBs are numpy row views, which sqlite3 and zlib read
+    through the buffer protocol without a copy; the maps keep the per-row
+    work in C."""
+    rows = {table: [] for table in WEIGHT_TABLES}
     for t in params:
         table, key = row_key(t.name)
-        for i, blobs in enumerate(zip(_row_blobs(t.data), _row_blobs(t.m), _row_blobs(t.v))):
-            yield table, blobs + (row_crc(*blobs),) + key + (i,)
+        data, m, v = (list(buf.astype("<f4", copy=False)) for buf in (t.data, t.m, t.v))
+        crcs = map(zlib.crc32, v, map(zlib.crc32, m, map(zlib.crc32, data)))
+        keys = (itertools.repeat(k) for k in key)
+        rows[table].extend(zip(data, m, v, crcs, *keys, range(len(data))))
+    return rows
 
 
 # ---- errors and locks ----
@@ -241,8 +252,8 @@ def create_database(path, model, tokenizer, state, overwrite=False):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO vocab (word, id) VALUES (?, ?)", tokenizer.vocab())
-        for table, row in weight_rows(model.params):  # the rows checkpoints rewrite
-            conn.execute(INSERT_SQL[table], row)
+        for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
+            conn.executemany(INSERT_SQL[table], rows)
         conn.execute("COMMIT")
         save_checkpoint(conn, model, state, train_loss=None, val_loss=None)
         conn.close()  # folds the WAL into the file, so the move takes everything
@@ -276,9 +287,7 @@ def create_database(path, model, tokenizer, state, overwrite=False):
 def save_checkpoint(conn, model, state, train_loss, val_loss):
     """One transaction: config, every weight row with its moments, the training
     state and a checkpoints row. All of it commits, or none of it."""
-    rows = {table: [] for table in WEIGHT_TABLES}
-    for table, row in weight_rows(model.params):
-        rows[table].append(row)
+    rows = weight_rows(model.params)
     with sqlite_errors("cannot save the checkpoint (the previous one is intact)"), \
             _durable(conn):
         _write_checkpoint(conn, model, state, rows, train_loss, val_loss)
@@ -368,15 +377,17 @@ def read_tokenizer(conn, cfg):
 
 def read_weights(conn, model):
     """Fill every parameter's data, m and v from the weight tables, checking
-    that each one has exactly its rows and every BLOB exactly its length."""
+    that each one has exactly its rows and every BLOB exactly its length.
+    Call inside a transaction: the two reads per table must see one snapshot."""
     found = {}
     try:
         for table in WEIGHT_TABLES:
-            nkeys = len(KEY_COLUMNS[table])
-            rows = conn.execute(SELECT_SQL[table]).fetchall()
-            # rows arrive ordered by key: group them by the key before the row index
-            for key, group in itertools.groupby(rows, key=lambda r: r[:nkeys - 1]):
-                found.setdefault(_param_name(table, key), []).extend(group)
+            groups = conn.execute(GROUPS_SQL[table]).fetchall()
+            rows = conn.execute(ROWS_SQL[table]).fetchall()
+            start = 0
+            for *key, count in groups:
+                found[_param_name(table, key)] = rows[start:start + count]
+                start += count
     except sqlite3.DatabaseError as e:
         raise SqlgptError(f"cannot read weights: {e}") from None
     expected = {t.name for t in model.params}
@@ -388,21 +399,21 @@ def read_weights(conn, model):
 
 
 def _fill(t, rows):
-    """Copy one parameter's rows (*key, index, data, m, v, crc) into its
-    buffers. The checks run as C-level maps over columns: this is the hot
-    path of every load."""
+    """Copy one parameter's rows (index, data, m, v, crc) into its buffers.
+    The checks run as C-level maps over columns: this is the hot path of
+    every load."""
     nrows, ncols = t.shape
-    index, data, m, v, crc = (list(col) for col in list(zip(*rows))[-5:]) if rows else ([],) * 5
-    if index != list(range(nrows)):
+    index, data, m, v, crc = zip(*rows) if rows else ((),) * 5
+    if index != tuple(range(nrows)):
         raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "
                           f"found {len(rows)}")
     for column in (data, m, v):
         if set(map(type, column)) != {bytes} or set(map(len, column)) != {4 * ncols}:
             raise SqlgptError(f"weights of {t.name} are damaged: a row is not {ncols} "
                               f"float32 values")
-    computed = map(zlib.crc32, v, map(zlib.crc32, m, map(zlib.crc32, data)))
-    bad = next((i for i, (a, b) in enumerate(zip(computed, crc)) if a != b), None)
-    if bad is not None:
+    computed = tuple(map(zlib.crc32, v, map(zlib.crc32, m, map(zlib.crc32, data))))
+    if computed != crc:
+        bad = next(i for i, (a, b) in enumerate(zip(computed, crc)) if a != b)
         raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
     for column, buf in ((data, t.data), (m, t.m), (v, t.v)):
         buf[...] = np.frombuffer(b"".join(column), dtype="<f4").reshape(t.shape)
