@@ -81,10 +81,15 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
 double sum_squares(const float *x, long n);
 void scale_inplace(float *x, long n, float factor);
 
+/* Decode weights: W (C,OC) repacked as contiguous column panels
+ * (panels_size floats), the layout decode_step reads. */
+long panels_size(int C, int OC);
+void pack_panels(float *dst, const float *w, int C, int OC);
+
 /* decode.c: one token through the whole model (preset lua) with a KV cache,
- * in one call, for generation. The weights are the training tensors
- * themselves (no copy); per-layer matrices are arrays of num_layers pointers.
- * kcache, vcache are (num_layers, max_T, C); positions 0..pos-1 must already
+ * in one call, for generation. wte and wpe are the training tensors; head
+ * and the per-layer matrices (arrays of num_layers pointers) are packed by
+ * pack_panels. kcache, vcache are (num_layers, max_T, C); positions 0..pos-1 must already
  * hold the earlier tokens' keys and values. logits is (V). */
 typedef struct {
     int num_layers, C, NH, V, max_T;

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import store
 from .errors import SqlgptError
-from .generate import generate_ids
+from .generate import Decoder, generate_ids
 from .model import GPT, PAD_ID
 
 
@@ -16,6 +16,7 @@ class Model:
 
     def __init__(self, gpt, tokenizer, step):
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
+        self._decoder = None  # made on first use: packing the weights is a model-sized copy
 
     @property
     def config(self):
@@ -54,7 +55,9 @@ class Model:
         """Yield generated ids one at a time (for streaming). <pad> is never
         sampled, and <unk> only with allow_unk."""
         banned = (PAD_ID,) if allow_unk else (PAD_ID, self.tokenizer.unk_id)
-        return generate_ids(self._gpt, self.prompt_ids(prompt), max_tokens, temperature, top_k,
+        if self._decoder is None:
+            self._decoder = Decoder(self._gpt)
+        return generate_ids(self._decoder, self.prompt_ids(prompt), max_tokens, temperature, top_k,
                             top_p, seed, banned=banned)
 
     def generate(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,

@@ -8,12 +8,14 @@ import numpy as np
 from ._kernel import ffi, lib
 from .errors import SqlgptError
 from .model import LAYER_COMPONENTS, LN_EPS
-from .tensor import aligned_zeros, fptr
+from .tensor import ALIGN_FLOATS, aligned_zeros, fptr
 
 
 class Decoder:
-    """A model's weights seen by the C decode step, plus its KV cache
-    (num_layers, seq_len, C) for keys and for values."""
+    """A snapshot of a model's weights in the layout the C decode step reads
+    (column panels, packed once here), plus its KV cache (num_layers,
+    seq_len, C) for keys and for values. Later changes to the model's
+    weights are not seen: make a new Decoder after training further."""
 
     def __init__(self, model):
         cfg = model.cfg
@@ -22,14 +24,24 @@ class Decoder:
         self.kcache, self.vcache = aligned_zeros(shape), aligned_zeros(shape)
         self.logits = aligned_zeros((cfg.n_classes,))
         p = model.params
-        self._keep = []  # cdata that must outlive the struct
+        packed = ["head"] + [f"layers.{l}.{comp}" for comp in LAYER_COMPONENTS
+                             for l in range(cfg.num_layers)]
+        sizes = [-(-lib.panels_size(*p[name].shape) // ALIGN_FLOATS) * ALIGN_FLOATS
+                 for name in packed]
+        self.panels = aligned_zeros((sum(sizes),))
+        base, ptrs, offset = fptr(self.panels), {}, 0
+        for name, size in zip(packed, sizes):
+            ptrs[name] = base + offset
+            lib.pack_panels(ptrs[name], fptr(p[name].data), *p[name].shape)
+            offset += size
+        self._keep = [base]  # cdata that must outlive the struct
         desc = ffi.new("DecodeModel *")
         desc.num_layers, desc.C, desc.NH = cfg.num_layers, cfg.embed_dim, cfg.num_heads
         desc.V, desc.max_T, desc.ln_eps = cfg.n_classes, cfg.seq_len, LN_EPS
-        for name in ("wte", "wpe", "head"):
-            setattr(desc, name, self._ptr(p[name].data))
+        self.wte, self.wpe = p["wte"].data.copy(), p["wpe"].data.copy()  # the snapshot
+        desc.wte, desc.wpe, desc.head = self._ptr(self.wte), self._ptr(self.wpe), ptrs["head"]
         for comp in LAYER_COMPONENTS:
-            array = ffi.new("const float *[]", [self._ptr(p[f"layers.{l}.{comp}"].data)
+            array = ffi.new("const float *[]", [ptrs[f"layers.{l}.{comp}"]
                                                 for l in range(cfg.num_layers)])
             self._keep.append(array)
             setattr(desc, comp, array)
@@ -65,10 +77,13 @@ class Decoder:
 def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0, banned=()):
     """One token id from a logits row (V,): temperature 0 is greedy; top_k keeps
     the k most likely; top_p keeps the smallest set with that much probability."""
+    if temperature <= 0:  # the common fast path: no float64 copy, no softmax
+        if banned:
+            logits = logits.copy()
+            logits[list(banned)] = -np.inf
+        return int(np.argmax(logits))
     logits = np.asarray(logits, dtype=np.float64).copy()
     logits[list(banned)] = -np.inf
-    if temperature <= 0:
-        return int(np.argmax(logits))
     logits = (logits - logits.max()) / temperature  # max first: a tiny temperature gives -inf, not nan
     if 0 < top_k < logits.size:
         kth = np.partition(logits, -top_k)[-top_k]
@@ -85,10 +100,11 @@ def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0, banned=()):
     return int(rng.choice(probs.size, p=probs))
 
 
-def generate_ids(model, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-                 banned=()):
-    """Yield max_tokens sampled ids after prompt_ids, in eval mode. The context
-    is at most seq_len tokens; when it fills, it restarts from the last half."""
+def generate_ids(decoder, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=None, banned=()):
+    """Yield max_tokens sampled ids after prompt_ids from a Decoder (its KV
+    cache is reset first), in eval mode. The context is at most seq_len
+    tokens; when it fills, it restarts from the last half."""
     if max_tokens < 0:
         raise SqlgptError("max_tokens must be >= 0")
     if temperature < 0:
@@ -99,8 +115,7 @@ def generate_ids(model, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=
         raise SqlgptError("seed must be an integer from 0 to 2**63-1")
     rng = np.random.default_rng(seed)
     context = [int(i) for i in prompt_ids]
-    T = model.cfg.seq_len
-    decoder = Decoder(model)
+    T = decoder.cfg.seq_len
     logits = decoder.prefill(context[-T:])
     for _ in range(max_tokens):
         token = sample(logits, rng, temperature, top_k, top_p, banned)

@@ -9,8 +9,12 @@ from sqlgpt.model import GPT, Config
 from helpers import rel_err
 
 
+# lua defaults; a width below one decode panel (serial path); a width with a
+# partial last panel on the two-thread path
 @pytest.mark.parametrize("kw", [dict(), dict(embed_dim=48, num_heads=3, num_layers=2,
-                                               seq_len=40, vocab_size=30)])
+                                               seq_len=40, vocab_size=30),
+                                dict(embed_dim=136, num_heads=8, num_layers=2, seq_len=24,
+                                     vocab_size=70)])
 def test_decode_step_matches_the_full_forward_at_every_position(rng, kw):
     cfg = Config(**kw, dropout=0.5)  # eval mode: dropout must not apply
     model = GPT(cfg)
@@ -29,7 +33,7 @@ def test_greedy_generation_equals_argmax_of_the_full_forward(rng):
     model = GPT(cfg)
     model.init_weights(rng)
     prompt = [3, 7, 9]
-    generated = list(generate_ids(model, prompt, 10, temperature=0))
+    generated = list(generate_ids(Decoder(model), prompt, 10, temperature=0))
     context = list(prompt)
     for token in generated:
         model.forward(np.array([context], np.int32))
@@ -48,4 +52,18 @@ def test_cache_limits_are_checked(rng):
         decoder.step(1)
     with pytest.raises(SqlgptError, match="full"):
         decoder.step(1)
-    assert len(list(generate_ids(model, [1, 2, 3], 20, seed=0))) == 20  # slides past seq_len
+    # slides past seq_len
+    assert len(list(generate_ids(Decoder(model), [1, 2, 3], 20, seed=0))) == 20
+
+
+def test_a_decoder_keeps_the_weights_it_was_made_with(rng):
+    cfg = Config(vocab_size=20, embed_dim=16, num_heads=2, num_layers=1, seq_len=8)
+    model = GPT(cfg)
+    model.init_weights(rng)
+    decoder = Decoder(model)
+    before = decoder.step(3).copy()
+    for t in model.params:
+        t.data[...] = rng.standard_normal(t.shape)
+    decoder.reset()
+    assert np.array_equal(decoder.step(3), before)
+    assert not np.allclose(Decoder(model).step(3), before)
