@@ -16,6 +16,7 @@ state is left warm for the other. Generation, checkpoint I/O and an
 equivalence check (same weights, same loss) run in this process.
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -246,21 +247,29 @@ def generation_lengths(arch):
 
 
 def compare_generation(model, torch_model, arch, repeats):
-    """Greedy tokens/s on one sequence for each side, and whether they agree."""
-    from sqlgpt.generate import Decoder, generate_ids
+    """Greedy tokens/s on one sequence for each side (sqlgpt in float32 and in
+    bfloat16 decoding), and whether their tokens agree."""
+    from sqlgpt.generate import PRECISIONS, Decoder, generate_ids
     n_prompt, n_new = generation_lengths(arch)
     prompt = np.random.default_rng(1).integers(1, arch["vocab_size"] + 2, n_prompt).tolist()
-    start = time.perf_counter()
-    decoder = Decoder(model)  # as sqlgpt.load()'s model keeps one: weights packed once
-    setup_s = time.perf_counter() - start
-    runs = {"sqlgpt": lambda: list(generate_ids(decoder, prompt, n_new, temperature=0))}
+    runs, setup_s = {}, {}
+    for precision in PRECISIONS:
+        start = time.perf_counter()
+        decoder = Decoder(model, precision)  # as sqlgpt.load()'s model keeps one: packed once
+        setup_s[precision] = time.perf_counter() - start
+        name = "sqlgpt" if precision == "fp32" else f"sqlgpt_{precision}"
+        runs[name] = functools.partial(lambda d: list(generate_ids(d, prompt, n_new, 0)), decoder)
     if torch_model is not None:
         runs["torch"] = lambda: torch_model.generate_greedy(prompt, n_new)
     result = {"tokens_per_s": {name: n_new / median_time(fn, repeats)
                                for name, fn in runs.items()},
               "prompt_tokens": n_prompt, "new_tokens": n_new, "decoder_setup_s": setup_s}
+    tokens = {name: fn() for name, fn in runs.items()}
+    # how many greedy tokens bf16 decoding shares with float32 before they part
+    result["bf16_same_tokens"] = next((i for i, (a, b) in enumerate(
+        zip(tokens["sqlgpt"], tokens["sqlgpt_bf16"])) if a != b), n_new)
     if torch_model is not None:
-        result["greedy_tokens_match"] = runs["sqlgpt"]() == runs["torch"]()
+        result["greedy_tokens_match"] = tokens["sqlgpt"] == tokens["torch"]
     return result
 
 
@@ -410,6 +419,7 @@ def config_rows(r):
         ("train tokens/s", *(train[s].get("tokens_per_s") for s in train), "{:,.0f}"),
         ("MFU", *(train[s].get("mfu") for s in train), "{:.1%}"),
         ("generate tokens/s", gen["sqlgpt"], gen.get("torch"), "-", "{:,.0f}"),
+        ("generate tokens/s, bf16", gen["sqlgpt_bf16"], gen.get("torch"), "-", "{:,.0f}"),
         ("peak RSS MB (training)", *(train[s].get("peak_rss_mb") for s in train), "{:,.0f}"),
         ("RSS MB before the model", *(train[s].get("start_rss_mb") for s in train), "{:,.0f}"),
     ]
@@ -467,7 +477,9 @@ def notes(name, r):
                      f"{'yes' if gen.get('greedy_tokens_match') else 'no'}")
     lines.append(f"  generation: {gen['prompt_tokens']}-token prompt, {gen['new_tokens']} greedy "
                  f"tokens; sqlgpt via generate_ids (one C decode_step per token, KV cache; "
-                 f"weights packed once per model in {gen['decoder_setup_s'] * 1e3:.1f} ms)"
+                 f"weights packed once per model: {gen['decoder_setup_s']['fp32'] * 1e3:.1f} ms "
+                 f"fp32, {gen['decoder_setup_s']['bf16'] * 1e3:.1f} ms bf16); bf16 decoding "
+                 f"gave the fp32 greedy tokens for {gen['bf16_same_tokens']} of {gen['new_tokens']}"
                  + (", PyTorch with a KV cache" if "torch" in gen["tokens_per_s"] else ""))
     lines += [f"  {side}: {run['error']}" for side, run in r["train"].items() if "error" in run]
     return lines

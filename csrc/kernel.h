@@ -38,11 +38,6 @@ static inline float fast_expf(float x) {
     return in != in ? in : (x <= -87.3f ? 0.0f : p * scale.f);
 }
 
-/* One-row matmul over panels b0..b1-1 of a weight packed by pack_panels
- * (panels are MATVEC_BLOCK columns wide). */
-#define MATVEC_BLOCK (4 * VLEN)
-void matvec_panels(float *y, const float *x, const float *panels, int C, int OC, int b0, int b1);
-
 /* Grows a per-thread scratch buffer; slot picks one of a few independent buffers. */
 float *scratch(int slot, size_t nfloats);
 

@@ -16,7 +16,6 @@
 #define MR 4
 #define NV 4
 #define NR (NV * VLEN)
-_Static_assert(NR == MATVEC_BLOCK, "matvec column blocks are register tiles");
 /* K block: a KC x NR panel of b (128 KB) stays in L2 while every row tile uses it. */
 #define KC 512
 
@@ -108,41 +107,6 @@ static void gemm(float *c, Strided A, const float *b, int M, int N, int K, int o
                     gemm_acc_naive(ct + nv * VLEN, At, bt + nv * VLEN, mr, tail, kc, N, N);
                 }
             }
-    }
-}
-
-/* Decode weights: W (C,OC) as column panels of NR, each a contiguous (C,NR)
- * block (the last one zero-padded), so that a one-row matmul streams memory
- * in order: with row-major W each panel row sits a whole W row apart, and the
- * hardware prefetcher falls behind (lua decode 1.6x slower). */
-long panels_size(int C, int OC) {
-    return (long)C * NR * ((OC + NR - 1) / NR);
-}
-
-void pack_panels(float *dst, const float *w, int C, int OC) {
-    for (int j0 = 0; j0 < OC; j0 += NR) {
-        int nr = OC - j0 < NR ? OC - j0 : NR;
-        for (int p = 0; p < C; p++, dst += NR) {
-            memcpy(dst, w + (size_t)p * OC + j0, sizeof(float) * nr);
-            memset(dst + nr, 0, sizeof(float) * (NR - nr));
-        }
-    }
-}
-
-/* y[b0*NR : b1*NR] (clipped to OC) = x (C) @ W's panels b0..b1-1. */
-void matvec_panels(float *y, const float *x, const float *panels, int C, int OC, int b0,
-                   int b1) {
-    Strided A = {x, C, 1};
-    for (int b = b0; b < b1; b++) {
-        const float *panel = panels + (size_t)b * C * NR;
-        int j0 = b * NR;
-        if (OC - j0 >= NR) {
-            tile(y + j0, A, panel, C, NR, NR, 1, NV, 1);
-        } else {  /* the padded last panel: keep only its real columns */
-            float full[NR] __attribute__((aligned(64)));
-            tile(full, A, panel, C, NR, NR, 1, NV, 1);
-            memcpy(y + j0, full, sizeof(float) * (OC - j0));
-        }
     }
 }
 

@@ -81,21 +81,25 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
 double sum_squares(const float *x, long n);
 void scale_inplace(float *x, long n, float factor);
 
-/* Decode weights: W (C,OC) repacked as contiguous column panels
- * (panels_size floats), the layout decode_step reads. */
+/* decode.c: generation, one token through the whole model (preset lua)
+ * with a KV cache, in one call.
+ * Decode weights: W (C,OC) repacked as contiguous column panels of
+ * panels_size elements, float32 or bfloat16 (bf16 = 1: float32 rounded to
+ * nearest even, 8 significant bits, half the bytes to stream). */
 long panels_size(int C, int OC);
-void pack_panels(float *dst, const float *w, int C, int OC);
+void pack_panels(void *dst, const float *w, int C, int OC, int bf16);
 
-/* decode.c: one token through the whole model (preset lua) with a KV cache,
- * in one call, for generation. wte and wpe are the training tensors; head
- * and the per-layer matrices (arrays of num_layers pointers) are packed by
- * pack_panels. kcache, vcache are (num_layers, max_T, C); positions 0..pos-1 must already
- * hold the earlier tokens' keys and values. logits is (V). */
+/* wte and wpe are float32 (C wide, as in training); head and the per-layer
+ * matrices (arrays of num_layers pointers) are panels from pack_panels with
+ * the model's bf16 setting. kcache, vcache are (num_layers, max_T, C);
+ * positions 0..pos-1 must already hold the earlier tokens' keys and values.
+ * logits is (V). */
 typedef struct {
-    int num_layers, C, NH, V, max_T;
+    int num_layers, C, NH, V, max_T, bf16;
     float ln_eps;
-    const float *wte, *wpe, *head;
-    const float **q, **k, **v, **proj, **fc1, **fc2;
+    const float *wte, *wpe;
+    const void *head;
+    const void **q, **k, **v, **proj, **fc1, **fc2;
 } DecodeModel;
 
 void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,

@@ -7,15 +7,18 @@ import numpy as np
 
 from . import store
 from .errors import SqlgptError
-from .generate import Decoder, generate_ids
+from .generate import Decoder, check_precision, generate_ids
 from .model import GPT, PAD_ID
 
 
 class Model:
-    """A trained model: config, tokenizer and weights of the latest checkpoint."""
+    """A trained model: config, tokenizer and weights of the latest checkpoint.
+    precision ("fp32" or "bf16") is the weights' format while generating."""
 
-    def __init__(self, gpt, tokenizer, step):
+    def __init__(self, gpt, tokenizer, step, precision="fp32"):
+        check_precision(precision)
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
+        self.precision = precision
         self._decoder = None  # made on first use: packing the weights is a model-sized copy
 
     @property
@@ -56,7 +59,7 @@ class Model:
         sampled, and <unk> only with allow_unk."""
         banned = (PAD_ID,) if allow_unk else (PAD_ID, self.tokenizer.unk_id)
         if self._decoder is None:
-            self._decoder = Decoder(self._gpt)
+            self._decoder = Decoder(self._gpt, self.precision)
         return generate_ids(self._decoder, self.prompt_ids(prompt), max_tokens, temperature, top_k,
                             top_p, seed, banned=banned)
 
@@ -68,8 +71,10 @@ class Model:
         return self.decode(ids)
 
 
-def load(path):
-    """Load the latest checkpoint of a sqlgpt database (read-only)."""
+def load(path, precision="fp32"):
+    """Load the latest checkpoint of a sqlgpt database (read-only). With
+    precision "bf16", generation reads the matrices rounded to bfloat16."""
+    check_precision(precision)
     conn = store.open_database(path, readonly=True)
     try:
         with store.sqlite_errors(f"cannot read {path}"):
@@ -83,4 +88,4 @@ def load(path):
                 raise SqlgptError(f"{path} is damaged: no valid training step")
     finally:
         conn.close()
-    return Model(gpt, tokenizer, step)
+    return Model(gpt, tokenizer, step, precision)

@@ -10,6 +10,7 @@ import click
 from . import store
 from .api import load
 from .errors import SqlgptError
+from .generate import PRECISIONS
 from .model import PRESETS, Config
 from .train import Trainer
 
@@ -199,13 +200,17 @@ def fmt_loss(value):
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Seed for reproducible samples.")
 @click.option("--allow-unk", is_flag=True, help="Let the model emit <unk> (out-of-vocabulary).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Weights while generating: bf16 streams half the bytes per token "
+                   "(faster; logits within about 1e-2 of fp32).")
 @fail_cleanly
-def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):
+def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk,
+             precision):
     """Generate text from the model in --db, streaming tokens as they come.
 
     Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
     """
-    model = load(db_path)
+    model = load(db_path, precision)
     ids = model.prompt_ids(prompt)
     click.echo(model.decode(ids), nl=False)
     for token in model.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed,

@@ -43,6 +43,16 @@ def test_generate_is_reproducible_with_a_seed(trained_db):
     assert greedy == m.generate("the citizen", max_tokens=5, temperature=0, seed=99)
 
 
+def test_bf16_generation_is_reproducible_and_its_precision_is_checked(trained_db):
+    m = sqlgpt.load(trained_db, precision="bf16")
+    assert m.precision == "bf16"
+    a = m.generate("the citizen", max_tokens=12, temperature=0.9, seed=3)
+    assert a == m.generate("the citizen", max_tokens=12, temperature=0.9, seed=3)
+    assert len(a.split()) == 14
+    with pytest.raises(SqlgptError, match="precision"):
+        sqlgpt.load(trained_db, precision="int4")
+
+
 def test_generation_runs_past_the_context_length(trained_db):
     m = sqlgpt.load(trained_db)
     text = m.generate("the", max_tokens=40, seed=1)  # seq_len is 16

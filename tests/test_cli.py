@@ -27,6 +27,11 @@ def test_generate_and_info(trained_db):
                      "--seed", 1)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("the citizen") and len(out.stdout.split()) == 10
+    bf16 = sqlgpt_cmd("generate", "--db", trained_db, "--prompt", "the citizen",
+                      "--max-tokens", 8, "--precision", "bf16")
+    assert bf16.returncode == 0 and len(bf16.stdout.split()) == 10, bf16.stderr
+    bad = sqlgpt_cmd("generate", "--db", trained_db, "--precision", "fp8")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "fp8" in bad.stderr
     info = sqlgpt_cmd("info", "--db", trained_db, "--json")
     assert info.returncode == 0
     report = json.loads(info.stdout.strip().splitlines()[-1])
