@@ -113,37 +113,55 @@ static void residual_norm(float *x, float *ln, const float *branch, int C, float
     layernorm_forward(ln, &mean, &rstd, x, NULL, NULL, 1, C, eps);
 }
 
-/* att (C) = causal attention of query q (C) over cached keys/values 0..pos;
- * heads shared among the team, scores in the caller's row (max_T). */
-static void attend(float *att, float *scores, const float *q, const float *kc, const float *vc,
-                   int pos, int C, int NH) {
-    int hs = C / NH;
+/* Keys are cached transposed per head, (num_layers, NH, hs, key_stride),
+ * so that a query's scores against VLEN positions are one vector FMA per
+ * head dimension, with no horizontal sums. */
+static int key_stride(int max_T) {
+    return (max_T + VLEN - 1) / VLEN * VLEN;
+}
+
+long key_cache_size(const DecodeModel *m) {
+    return (long)m->num_layers * m->C * key_stride(m->max_T);
+}
+
+/* att (C) = causal attention of query q (C) over positions 0..pos, after
+ * storing the new key krow (C) at pos in kt (NH, hs, Tk); values vc
+ * (max_T, C). Heads are shared among the team; scores (Tk) are the
+ * caller's. Scores past pos are computed from stale keys and never used. */
+static void attend(float *att, float *scores, const float *q, const float *krow, float *kt,
+                   const float *vc, int pos, int C, int NH, int Tk) {
+    int hs = C / NH, n = pos + 1;
     float scale = 1.0f / sqrtf((float)hs);
     #pragma omp for schedule(static)
     for (int h = 0; h < NH; h++) {
+        float *kh = kt + (size_t)h * hs * Tk;
         const float *qh = q + h * hs;
-        float maxv = -INFINITY;
-        for (int s = 0; s <= pos; s++) {
-            const float *ks = kc + (size_t)s * C + h * hs;
-            float dot = 0.0f;
-            #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < hs; d++) dot += qh[d] * ks[d];
-            scores[s] = dot * scale;
-            maxv = scores[s] > maxv ? scores[s] : maxv;
+        for (int d = 0; d < hs; d++) kh[(size_t)d * Tk + pos] = krow[h * hs + d];
+        for (int s0 = 0; s0 < n; s0 += VLEN) {
+            vfloat dots = {0};
+            for (int d = 0; d < hs; d++) dots += qh[d] * *(const vfloat *)(kh + (size_t)d * Tk + s0);
+            *(vfloat *)(scores + s0) = dots * scale;
         }
-        float sum = 0.0f;
+        float maxv = -INFINITY, sum = 0.0f;
+        for (int s = 0; s < n; s++) maxv = scores[s] > maxv ? scores[s] : maxv;
         #pragma omp simd reduction(+ : sum)
-        for (int s = 0; s <= pos; s++) {
+        for (int s = 0; s < n; s++) {
             scores[s] = fast_expf(scores[s] - maxv);
             sum += scores[s];
         }
-        float *ah = att + h * hs;
-        memset(ah, 0, sizeof(float) * hs);
-        for (int s = 0; s <= pos; s++) {
-            const float *vs = vc + (size_t)s * C + h * hs;
-            float p = scores[s] / sum;
-            #pragma omp simd
-            for (int d = 0; d < hs; d++) ah[d] += p * vs[d];
+        /* att_h = sum_s p_s v_s, a vector of head dims at a time in a register */
+        const float *vh = vc + h * hs;
+        float *ah = att + h * hs, inv = 1.0f / sum;
+        int d = 0;
+        for (; d + VLEN <= hs; d += VLEN) {
+            vfloat acc = {0};
+            for (int s = 0; s < n; s++) acc += scores[s] * *(const vfloat *)(vh + (size_t)s * C + d);
+            *(vfloat *)(ah + d) = acc * inv;
+        }
+        for (; d < hs; d++) {
+            float acc = 0.0f;
+            for (int s = 0; s < n; s++) acc += scores[s] * vh[(size_t)s * C + d];
+            ah[d] = acc * inv;
         }
     }
 }
@@ -154,26 +172,27 @@ static void attend(float *att, float *scores, const float *q, const float *kc, c
  * where a matvec's output, split among threads, feeds the next op. */
 void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
                  int pos, float *logits) {
-    int C = m->C;
-    /* shared rows: q, att, branch (C each), h (4C) */
-    float *q = scratch(1, (size_t)7 * C), *att = q + C, *branch = att + C, *h = branch + C;
+    int C = m->C, Tk = key_stride(m->max_T);
+    /* shared rows: q, k, att, branch (C each), h (4C) */
+    float *q = scratch(1, (size_t)8 * C), *k = q + C, *att = k + C, *branch = att + C;
+    float *h = branch + C;
     /* one thread for models whose matrices fit in a core's cache anyway */
     #pragma omp parallel if ((long)C * C >= 128 * 128)
     {
-        /* this thread's x, ln (C each) and attention scores (max_T) */
-        float *x = scratch(4, (size_t)2 * C + m->max_T), *ln = x + C, *scores = ln + C;
+        /* this thread's x, ln (C each) and attention scores (Tk) */
+        float *x = scratch(4, (size_t)2 * C + Tk), *ln = x + C, *scores = ln + C;
         float mean, rstd;
         for (int c = 0; c < C; c++)
             x[c] = m->wte[(size_t)token * C + c] + m->wpe[(size_t)pos * C + c];
         layernorm_forward(ln, &mean, &rstd, x, NULL, NULL, 1, C, m->ln_eps);
         for (int l = 0; l < m->num_layers; l++) {
-            float *kc = kcache + (size_t)l * m->max_T * C;
+            float *kt = kcache + (size_t)l * C * Tk;
             float *vc = vcache + (size_t)l * m->max_T * C;
             matvec(q, ln, m->q[l], C, C, m->bf16, 0);
-            matvec(kc + (size_t)pos * C, ln, m->k[l], C, C, m->bf16, 0);
+            matvec(k, ln, m->k[l], C, C, m->bf16, 0);
             matvec(vc + (size_t)pos * C, ln, m->v[l], C, C, m->bf16, 0);
             #pragma omp barrier
-            attend(att, scores, q, kc, vc, pos, C, m->NH);  /* ends in a barrier */
+            attend(att, scores, q, k, kt, vc, pos, C, m->NH, Tk);  /* ends in a barrier */
             matvec(branch, att, m->proj[l], C, C, m->bf16, 0);
             #pragma omp barrier
             residual_norm(x, ln, branch, C, m->ln_eps);

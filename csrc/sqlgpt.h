@@ -91,9 +91,9 @@ void pack_panels(void *dst, const float *w, int C, int OC, int bf16);
 
 /* wte and wpe are float32 (C wide, as in training); head and the per-layer
  * matrices (arrays of num_layers pointers) are panels from pack_panels with
- * the model's bf16 setting. kcache, vcache are (num_layers, max_T, C);
- * positions 0..pos-1 must already hold the earlier tokens' keys and values.
- * logits is (V). */
+ * the model's bf16 setting. kcache holds key_cache_size floats (keys
+ * transposed per head), vcache (num_layers, max_T, C); positions 0..pos-1
+ * must already hold the earlier tokens' keys and values. logits is (V). */
 typedef struct {
     int num_layers, C, NH, V, max_T, bf16;
     float ln_eps;
@@ -102,5 +102,6 @@ typedef struct {
     const void **q, **k, **v, **proj, **fc1, **fc2;
 } DecodeModel;
 
+long key_cache_size(const DecodeModel *m);
 void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
                  int pos, float *logits);

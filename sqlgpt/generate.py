@@ -21,8 +21,8 @@ def check_precision(precision):
 
 class Decoder:
     """A snapshot of a model's weights in the layout the C decode step reads
-    (column panels, packed once here), plus its KV cache (num_layers,
-    seq_len, C) for keys and for values. Later changes to the model's
+    (column panels, packed once here), plus its KV cache: values
+    (num_layers, seq_len, C), keys in the kernel's transposed layout. Later changes to the model's
     weights are not seen: make a new Decoder after training further.
 
     precision "bf16" rounds the matrices to bfloat16 (8 significant bits) for
@@ -33,8 +33,7 @@ class Decoder:
         check_precision(precision)
         cfg = model.cfg
         self.cfg, self.precision, self.pos = cfg, precision, 0
-        shape = (cfg.num_layers, cfg.seq_len, cfg.embed_dim)
-        self.kcache, self.vcache = aligned_zeros(shape), aligned_zeros(shape)
+        self.vcache = aligned_zeros((cfg.num_layers, cfg.seq_len, cfg.embed_dim))
         self.logits = aligned_zeros((cfg.n_classes,))
         p = model.params
         packed = ["head"] + [f"layers.{l}.{comp}" for comp in LAYER_COMPONENTS
@@ -61,6 +60,7 @@ class Decoder:
             self._keep.append(array)
             setattr(desc, comp, array)
         self.desc = desc
+        self.kcache = aligned_zeros((lib.key_cache_size(desc),))
         self._k, self._v, self._out = fptr(self.kcache), fptr(self.vcache), fptr(self.logits)
 
     def _ptr(self, array):
