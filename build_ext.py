@@ -13,7 +13,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 SOURCES = ["scratch.c", "matmul.c", "attention.c", "norm.c", "activation.c", "decode.c",
-           "embedding.c", "loss.c", "dropout.c", "optim.c"]
+           "embedding.c", "loss.c", "dropout.c", "optim.c", "checksum.c"]
 
 
 def compile_flags():

@@ -3,6 +3,7 @@
 #define SQLGPT_KERNEL_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include "sqlgpt.h"
 
 /* One SIMD register of floats, as a GCC vector type: the compiler maps it to

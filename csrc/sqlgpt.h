@@ -81,6 +81,12 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
 double sum_squares(const float *x, long n);
 void scale_inplace(float *x, long n, float factor);
 
+/* checksum.c: out[r] = zlib's CRC-32 of row r's bytes of data, m, v, one
+ * after the other (each (rows, cols), bytes as they lie in memory), the
+ * per-row checksum of the database's weight tables. */
+void crc32_rows(uint32_t *out, const float *data, const float *m, const float *v, int rows,
+                int cols);
+
 /* decode.c: generation, one token through the whole model (preset lua)
  * with a KV cache, in one call.
  * Decode weights: W (C,OC) repacked as contiguous column panels of

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import itertools
 import json
+import math
 import os
 import sqlite3
 import zlib
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
+from ._kernel import ffi, lib
 from .errors import SqlgptError
 from .model import Config
+from .tensor import fptr
 from .tokenizers import TOKENIZERS
 
 APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
@@ -31,8 +34,11 @@ BUSY_TIMEOUT_MS = 10_000
 # 64 KB pages: a checkpoint is tens of MB of BLOB rows, and big pages mean far
 # fewer overflow pages and page writes per checkpoint
 PAGE_SIZE = 65536
-# let one checkpoint's pages stay in memory until commit, so none is written twice
-CACHE_KB = 512 * 1024
+# a writer lets one checkpoint's pages stay in memory until commit, so none is
+# written twice; a reader reads each page once, and a big cache would only
+# cost fresh memory (page faults) on every load
+WRITER_CACHE_KB = 512 * 1024
+READER_CACHE_KB = 2 * 1024
 
 
 def schema_sql():
@@ -79,21 +85,34 @@ ROWS_SQL = {table: f"SELECT {keys[-1]}, data, m, v, crc FROM {table} ORDER BY {'
 
 
 def row_crc(data, m, v):
+    """The checksum of one stored row (zlib's CRC-32 of data || m || v)."""
     return zlib.crc32(v, zlib.crc32(m, zlib.crc32(data)))
+
+
+def _stored(buf):
+    """A buffer as the database holds it: little-endian float32 (no copy on
+    little-endian hosts)."""
+    return np.ascontiguousarray(buf, dtype="<f4")
+
+
+def row_crcs(t):
+    """row_crc of every row of parameter t, computed by the kernel in one call."""
+    out = np.empty(t.shape[0], dtype=np.uint32)
+    data, m, v = (fptr(_stored(buf)) for buf in (t.data, t.m, t.v))
+    lib.crc32_rows(ffi.from_buffer("uint32_t[]", out), data, m, v, *t.shape)
+    return out.tolist()
 
 
 def weight_rows(params):
     """{table: [(data, m, v, crc, *key, i)]}: every matrix row of every
-    parameter. The BLOBs are numpy row views, which sqlite3 and zlib read
-    through the buffer protocol without a copy; the maps keep the per-row
-    work in C."""
+    parameter. The BLOBs are numpy row views, which sqlite3 reads through the
+    buffer protocol without a copy."""
     rows = {table: [] for table in WEIGHT_TABLES}
     for t in params:
         table, key = row_key(t.name)
-        data, m, v = (list(buf.astype("<f4", copy=False)) for buf in (t.data, t.m, t.v))
-        crcs = map(zlib.crc32, v, map(zlib.crc32, m, map(zlib.crc32, data)))
+        data, m, v = (list(_stored(buf)) for buf in (t.data, t.m, t.v))
         keys = (itertools.repeat(k) for k in key)
-        rows[table].extend(zip(data, m, v, crcs, *keys, range(len(data))))
+        rows[table].extend(zip(data, m, v, row_crcs(t), *keys, range(len(data))))
     return rows
 
 
@@ -152,7 +171,7 @@ def _connect(path, readonly, immutable=False):
     conn.execute("PRAGMA trusted_schema = OFF")  # never run functions a foreign schema names
     conn.execute("PRAGMA cell_size_check = ON")  # notice a malformed page early
     conn.execute("PRAGMA mmap_size = 0")         # read through SQLite's checks, not a map
-    conn.execute(f"PRAGMA cache_size = -{CACHE_KB}")
+    conn.execute(f"PRAGMA cache_size = -{READER_CACHE_KB if readonly else WRITER_CACHE_KB}")
     return conn
 
 
@@ -396,6 +415,23 @@ def read_weights(conn, model):
         raise SqlgptError(f"weights for unknown parameter(s): {', '.join(sorted(unknown))}")
     for t in model.params:
         _fill(t, found.get(t.name, []))
+    _check_values(model.params)
+
+
+def _check_values(params):
+    """Every weight and moment finite, every second moment >= 0. The fast
+    test is one dot product per arena (finite whenever every value is, short
+    of float32 overflow); only when it fails are the parameters searched."""
+    arenas = params.arenas
+    with np.errstate(over="ignore"):
+        quick = all(math.isfinite(np.dot(arenas[b], arenas[b])) for b in ("data", "m", "v"))
+    if quick and arenas["v"].min() >= 0:
+        return
+    for t in params:
+        if not (np.isfinite(t.data).all() and np.isfinite(t.m).all() and np.isfinite(t.v).all()):
+            raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
+        if (t.v < 0).any():
+            raise SqlgptError(f"weights of {t.name} are damaged: negative Adam second moment")
 
 
 def _fill(t, rows):
@@ -411,16 +447,12 @@ def _fill(t, rows):
         if set(map(type, column)) != {bytes} or set(map(len, column)) != {4 * ncols}:
             raise SqlgptError(f"weights of {t.name} are damaged: a row is not {ncols} "
                               f"float32 values")
-    computed = tuple(map(zlib.crc32, v, map(zlib.crc32, m, map(zlib.crc32, data))))
-    if computed != crc:
-        bad = next(i for i, (a, b) in enumerate(zip(computed, crc)) if a != b)
-        raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
     for column, buf in ((data, t.data), (m, t.m), (v, t.v)):
         buf[...] = np.frombuffer(b"".join(column), dtype="<f4").reshape(t.shape)
-    if not (np.isfinite(t.data).all() and np.isfinite(t.m).all() and np.isfinite(t.v).all()):
-        raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
-    if (t.v < 0).any():
-        raise SqlgptError(f"weights of {t.name} are damaged: negative Adam second moment")
+    computed = row_crcs(t)  # over the copied rows: the same bytes, checked in one call
+    if computed != list(crc):
+        bad = next(i for i, (a, b) in enumerate(zip(computed, crc)) if a != b)
+        raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
 
 
 def _param_name(table, key):

@@ -46,6 +46,18 @@ def test_blob_rows_are_little_endian_float32_of_the_weights(trained_db):
     np.testing.assert_array_equal(np.frombuffer(blob, "<f4"), model.state_dict()["layers.1.q"][3])
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (9, 7), (130, 64), (700, 33)])
+def test_kernel_row_checksums_are_zlibs(rng, shape):
+    """The kernel's CRC-32 of every row (data || m || v) against zlib's."""
+    from sqlgpt.tensor import ParameterSet
+    t = ParameterSet([("w", shape)])["w"]
+    for buf in (t.data, t.m, t.v):
+        buf[...] = rng.standard_normal(shape)
+    expected = [store.row_crc(*(buf[i].tobytes() for buf in (t.data, t.m, t.v)))
+                for i in range(shape[0])]
+    assert store.row_crcs(t) == expected
+
+
 def test_save_load_round_trip_is_bit_exact(trained_db, tmp_path):
     conn = store.open_database(trained_db)
     cfg = store.read_config(conn)
@@ -90,17 +102,35 @@ def test_damaged_databases_are_refused(trained_db, tmp_path, sql, message):
         sqlgpt.load(db)
 
 
-def test_nan_weights_are_refused_even_with_a_valid_checksum(trained_db, tmp_path):
-    db = copy_db(trained_db, tmp_path)
+def rewrite_head_row(db, column, value):
+    """Set every value of head row 0's `column` to value, with a valid checksum."""
     conn = sqlite3.connect(db)
-    data, m, v = conn.execute("SELECT data, m, v FROM head WHERE i = 0").fetchone()
-    nan_row = np.full(len(data) // 4, np.nan, "<f4").tobytes()
-    conn.execute("UPDATE head SET data = ?, crc = ? WHERE i = 0",
-                 (nan_row, store.row_crc(nan_row, m, v)))
+    blobs = dict(zip("dmv", conn.execute("SELECT data, m, v FROM head WHERE i = 0").fetchone()))
+    blobs[column[0]] = np.full(len(blobs["d"]) // 4, value, "<f4").tobytes()
+    conn.execute(f"UPDATE head SET {column} = ?, crc = ? WHERE i = 0",
+                 (blobs[column[0]], store.row_crc(blobs["d"], blobs["m"], blobs["v"])))
     conn.commit()
     conn.close()
-    with pytest.raises(SqlgptError, match="NaN"):
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("data", np.nan, "head contain NaN or Inf"), ("m", np.inf, "head contain NaN or Inf"),
+    ("v", -np.inf, "head contain NaN or Inf"), ("v", -1.0, "head .*negative Adam"),
+])
+def test_bad_values_are_refused_even_with_a_valid_checksum(trained_db, tmp_path, column,
+                                                          value, message):
+    db = copy_db(trained_db, tmp_path)
+    rewrite_head_row(db, column, value)
+    with pytest.raises(SqlgptError, match=message):
         sqlgpt.load(db)
+
+
+def test_huge_finite_values_load(trained_db, tmp_path):
+    """Squares of these overflow float32: the quick finiteness test fails and
+    the exact search must find nothing wrong."""
+    db = copy_db(trained_db, tmp_path)
+    rewrite_head_row(db, "data", 3e38)
+    assert sqlgpt.load(db).state_dict()["head"][0, 0] == np.float32(3e38)
 
 
 def test_a_flipped_bit_inside_a_blob_is_caught(trained_db, tmp_path):
