@@ -7,10 +7,10 @@
  * values are appended to the cache and attention reads positions 0..pos.
  *
  * A token reads every weight once, so decoding is bound by memory bandwidth:
- * both cores stream halves of each matrix, packed into contiguous panels,
- * in float32 or (on request) bfloat16, which halves the bytes. One parallel region spans the
- * whole step (a region per matvec would cost more than the matvec), with a
- * barrier wherever a result feeds the next op.
+ * both cores stream halves of each matrix, packed into contiguous panels, in
+ * float32 or (on request) bfloat16, which halves the bytes. One parallel
+ * region spans the whole step (a region per matvec would cost more than the
+ * matvec), with a barrier wherever a result feeds the next op.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,6 +21,7 @@
 #define NV 4
 #define PANEL (NV * VLEN)
 typedef uint32_t vuint __attribute__((vector_size(VLEN * 4), aligned(4)));
+_Static_assert(NV % 2 == 0, "a bf16 panel row is whole words of two vectors");
 
 /* W (C,OC) as column panels, each a contiguous (C,PANEL) block (the last
  * zero-padded), so that a matvec streams memory in order: with row-major W

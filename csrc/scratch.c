@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include "kernel.h"
 
-#define SLOTS 5 /* 0: matmul W^T, 1: decode rows, 2: attention heads, 3: loss rows,
+#define SLOTS 5 /* 0: matmul packed B, 1: decode rows, 2: attention heads, 3: loss rows,
                  * 4: decode scores */
 
 static __thread float *buffers[SLOTS];

@@ -26,8 +26,11 @@ def zeros_like(a):
     return np.zeros_like(a, dtype=np.float32)
 
 
+# several K blocks (of 256) with partial panels: (21, 1100, 70) in forward and
+# dinp, (600, 40, 50) and (1000, 96, 200) in dweight
 @pytest.mark.parametrize("N,C,OC", [(1, 8, 8), (7, 13, 29), (64, 128, 428), (200, 512, 128),
-                                    (33, 70, 300), (21, 1100, 70)])  # last: several K blocks
+                                    (33, 70, 300), (21, 1100, 70), (600, 40, 50),
+                                    (1000, 96, 200)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul(rng, N, C, OC, with_bias):
     x, w, b, dout = f32(rng, N, C), f32(rng, C, OC), f32(rng, OC), f32(rng, N, OC)
