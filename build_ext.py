@@ -19,7 +19,7 @@ SOURCES = ["scratch.c", "matmul.c", "attention.c", "norm.c", "activation.c", "de
 def compile_flags():
     flags = ["-O3", "-fopenmp", "-std=gnu11", "-fno-math-errno"]
     if not os.environ.get("SQLGPT_PORTABLE"):
-        flags.append("-march=native")
+        flags += ["-march=native", "-mprefer-vector-width=512"]
     if os.environ.get("SQLGPT_SANITIZE"):
         flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
     return flags

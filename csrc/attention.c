@@ -2,104 +2,60 @@
  *
  * q, k, v, out are (B,T,C); head h uses columns [h*hs, (h+1)*hs), hs = C/NH.
  * lse is (B,NH,T): the log-sum-exp of each row of scaled scores. The (T,T)
- * probability matrix is never stored: backward recomputes each row from q, k
- * and lse, which costs one more pass of dot products but keeps memory linear
- * in T.
+ * probability matrix is never stored: backward recomputes it block by block
+ * from q, k and lse, which costs one more product but keeps memory linear in
+ * T.
  *
- * Work splits over (b, h) pairs. Each copies its head's slices into
- * contiguous per-thread scratch, k and v also transposed to (hs,T), so that
- * a row of scores is hs vectorized sweeps over keys (not T dot products of
- * length hs, which for hs = 16 would be all horizontal reductions), and
- * writes its own slices of dq, dk, dv: no two threads touch the same float.
+ * Work splits over (b, h) pairs; each copies its head's slices into
+ * contiguous per-thread scratch and writes its own slices of out, dq, dk, dv,
+ * so no two threads touch the same float. Queries go QB at a time, and every
+ * product of a block is a gemm call (the tuned matmul) on transposed scores:
+ * S^T (keys, queries) = K Q^T. With queries along the vector lanes, a 16-wide
+ * head still fills whole registers, and the softmax over keys becomes
+ * elementwise work across rows.
  */
 #include <math.h>
 #include <string.h>
 #include "kernel.h"
 
+/* Queries per block: one gemm panel wide on AVX-512. */
+#define QB 64
+
 /* The per-(b,h) working set, all contiguous. */
 typedef struct {
-    float *q, *k, *v;   /* (T,hs) */
-    float *kt, *vt;     /* (hs,T) */
-    float *dk, *dv;     /* (T,hs) */
-    float *row, *p;     /* (QB,Tp): a block of query rows */
-    float *acc;         /* (hs): one output row being summed */
+    float *q, *k, *v;    /* (T,hs); q pre-multiplied by the score scale */
+    float *dk, *dv;      /* (T,hs) */
+    float *pt, *dst;     /* (T,QB): a block's P^T and dS^T (keys, queries) */
+    float *ot;           /* (hs,QB): a block's output or dq, transposed */
+    float *qsum;         /* (QB): a per-query sum or D */
 } HeadScratch;
 
-/* Sweeps keep U independent vector accumulators in flight (an FMA's result
- * is ready only a few cycles later). Transposed copies have rows of Tp >= T
- * floats, a whole number of U-vector blocks, so a sweep over keys may read
- * (and ignore) a partial block past t. */
-#define U 4
-static inline int padded(int T) { return (T + U * VLEN - 1) / (U * VLEN) * (U * VLEN); }
-
-/* Backward takes queries QB at a time, so each update of a dk or dv row
- * adds QB terms per load and store instead of one. */
-#define QB 4
-
 static HeadScratch head_scratch(int T, int hs) {
-    size_t th = (size_t)padded(T) * hs;
-    size_t tp = QB * (size_t)padded(T);
-    float *base = scratch(2, 7 * th + 2 * tp + hs);
+    size_t th = (size_t)T * hs, tq = (size_t)T * QB;
+    float *base = scratch(2, 5 * th + 2 * tq + (size_t)hs * QB + QB);
     HeadScratch s = {base, base + th, base + 2 * th, base + 3 * th, base + 4 * th,
-                     base + 5 * th, base + 6 * th, base + 7 * th, base + 7 * th + tp,
-                     base + 7 * th + 2 * tp};
+                     base + 5 * th, base + 5 * th + tq, base + 5 * th + 2 * tq,
+                     base + 5 * th + 2 * tq + (size_t)hs * QB};
     return s;
 }
 
-/* dst (T,hs) = head slice of src (T,C); dst_t (hs,Tp) its transpose if given. */
-static void gather_head(float *dst, float *dst_t, const float *src, int T, int C, int hs) {
-    int Tp = padded(T);
-    for (int t = 0; t < T; t++) {
-        const float *row = src + (size_t)t * C;
-        memcpy(dst + (size_t)t * hs, row, sizeof(float) * hs);
-        if (dst_t)
-            for (int d = 0; d < hs; d++) dst_t[(size_t)d * Tp + t] = row[d];
-    }
-    if (dst_t)
-        for (int d = 0; d < hs; d++)
-            for (int t = T; t < Tp; t++) dst_t[(size_t)d * Tp + t] = 0.0f;
+/* dst (T,hs) = scale * head slice of src (T,C). */
+static void gather_head(float *dst, const float *src, int T, int C, int hs, float scale) {
+    for (int t = 0; t < T; t++)
+        for (int d = 0; d < hs; d++) dst[(size_t)t * hs + d] = scale * src[(size_t)t * C + d];
 }
 
-/* row[s] = scale * sum_d x[d] * xt[d][s] for s < n (xt is (hs,Tp)); blocks of
- * U vectors of s accumulate in registers while d runs. */
-static void sweep_keys(float *row, const float *x, const float *xt, int n, int Tp, int hs,
-                       float scale) {
-    for (int s0 = 0; s0 < n; s0 += U * VLEN) {
-        vfloat acc[U] = {{0}};
-        for (int d = 0; d < hs; d++) {
-            float xd = x[d] * scale;
-            const float *col = xt + (size_t)d * Tp + s0;
-            for (int u = 0; u < U; u++) acc[u] += xd * *(const vfloat *)(col + u * VLEN);
-        }
-        for (int u = 0; u < U; u++) *(vfloat *)(row + s0 + u * VLEN) = acc[u];
-    }
+/* pt (n,nq) = S^T for queries t0..t0+nq-1 over keys 0..n-1, n = t0 + nq:
+ * K Q^T with the scale already in q. */
+static void scores_t(HeadScratch *w, int t0, int nq, int hs) {
+    Strided K = {w->k, hs, 1}, Qt = {w->q + (size_t)t0 * hs, 1, hs};
+    gemm(w->pt, K, Qt, t0 + nq, nq, hs, 1);
 }
 
-/* out[d] = sum_{s<n} w[s] * x[s][d] for x (n,hs): a vector of d accumulates
- * in U registers, each taking every U-th s. */
-static void weighted_rows(float *out, const float *w, const float *x, int n, int hs) {
-    int d0 = 0;
-    for (; d0 + VLEN <= hs; d0 += VLEN) {
-        vfloat acc[U] = {{0}};
-        int s = 0;
-        for (; s + U <= n; s += U)
-            for (int u = 0; u < U; u++)
-                acc[u] += w[s + u] * *(const vfloat *)(x + (size_t)(s + u) * hs + d0);
-        for (; s < n; s++) acc[0] += w[s] * *(const vfloat *)(x + (size_t)s * hs + d0);
-        *(vfloat *)(out + d0) = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    }
-    for (int d = d0; d < hs; d++) {  /* hs not a multiple of the vector width */
-        float acc = 0.0f;
-        for (int s = 0; s < n; s++) acc += w[s] * x[(size_t)s * hs + d];
-        out[d] = acc;
-    }
-}
-
-static inline float row_max(const float *row, int n) {
-    float maxv = -INFINITY;
-    #pragma omp simd reduction(max : maxv)
-    for (int s = 0; s < n; s++) maxv = row[s] > maxv ? row[s] : maxv;
-    return maxv;
+/* Key s is seen by the block's queries i >= first_seen (query t0 + i sees
+ * keys up to t0 + i): the columns before are masked, and get no exp. */
+static inline int first_seen(int s, int t0) {
+    return s > t0 ? s - t0 : 0;
 }
 
 void attention_forward(float *out, float *lse, const float *q, const float *k,
@@ -109,84 +65,89 @@ void attention_forward(float *out, float *lse, const float *q, const float *k,
     #pragma omp parallel
     {
         HeadScratch w = head_scratch(T, hs);
+        float maxv[QB];
         #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
             for (int h = 0; h < NH; h++) {
                 size_t base = (size_t)b * T * C + (size_t)h * hs;
-                gather_head(w.q, NULL, q + base, T, C, hs);
-                gather_head(w.k, w.kt, k + base, T, C, hs);
-                gather_head(w.v, NULL, v + base, T, C, hs);
-                for (int t = 0; t < T; t++) {
-                    int n = t + 1;
-                    sweep_keys(w.row, w.q + (size_t)t * hs, w.kt, n, padded(T), hs, scale);
-                    float maxv = row_max(w.row, n);
-                    float sum = 0.0f;
-                    #pragma omp simd reduction(+ : sum)
+                gather_head(w.q, q + base, T, C, hs, scale);
+                gather_head(w.k, k + base, T, C, hs, 1.0f);
+                gather_head(w.v, v + base, T, C, hs, 1.0f);
+                for (int t0 = 0; t0 < T; t0 += QB) {
+                    int nq = T - t0 < QB ? T - t0 : QB, n = t0 + nq;
+                    scores_t(&w, t0, nq, hs);
+                    /* softmax down each column: max, then exp and sum */
+                    for (int i = 0; i < nq; i++) maxv[i] = -INFINITY, w.qsum[i] = 0.0f;
                     for (int s = 0; s < n; s++) {
-                        w.row[s] = fast_expf(w.row[s] - maxv);
-                        sum += w.row[s];
+                        const float *row = w.pt + (size_t)s * nq;
+                        #pragma omp simd
+                        for (int i = first_seen(s, t0); i < nq; i++)
+                            maxv[i] = row[i] > maxv[i] ? row[i] : maxv[i];
                     }
-                    weighted_rows(w.acc, w.row, w.v, n, hs);
-                    float inv = 1.0f / sum, *ot = out + base + (size_t)t * C;
-                    for (int d = 0; d < hs; d++) ot[d] = w.acc[d] * inv;
-                    lse[((size_t)b * NH + h) * T + t] = maxv + logf(sum);
+                    for (int s = 0; s < n; s++) {
+                        float *row = w.pt + (size_t)s * nq;
+                        int seen = first_seen(s, t0);
+                        for (int i = 0; i < seen; i++) row[i] = 0.0f;
+                        #pragma omp simd
+                        for (int i = seen; i < nq; i++) {
+                            row[i] = fast_expf(row[i] - maxv[i]);
+                            w.qsum[i] += row[i];
+                        }
+                    }
+                    /* out^T (hs,nq) = V^T P^T */
+                    Strided Vt = {w.v, 1, hs}, Pt = {w.pt, nq, 1};
+                    gemm(w.ot, Vt, Pt, hs, nq, n, 1);
+                    for (int i = 0; i < nq; i++) {
+                        float inv = 1.0f / w.qsum[i], *ot = out + base + (size_t)(t0 + i) * C;
+                        for (int d = 0; d < hs; d++) ot[d] = w.ot[(size_t)d * nq + i] * inv;
+                        lse[((size_t)b * NH + h) * T + t0 + i] = maxv[i] + logf(w.qsum[i]);
+                    }
                 }
             }
     }
 }
 
-/* Queries t0..t1-1 of one head: their dq rows, and their terms of every dk
- * and dv row s < t1. dq, dout, out point at the head's column offset in
- * (T,C) arrays. */
+/* Queries t0..t0+nq-1 of one head: their dq rows, and their terms of every
+ * dk and dv row s < t0 + nq. dq, dout, out point at the head's column offset
+ * in (T,C) arrays; lse at the head's row. */
 static void backward_query_block(HeadScratch *w, float *dq, const float *dout,
-                                 const float *out, const float *lse, int t0, int t1, int T,
-                                 int C, int hs, float scale) {
-    int tp = padded(T), nq = t1 - t0;
+                                 const float *out, const float *lse, int t0, int nq, int C,
+                                 int hs, float scale) {
+    int n = t0 + nq;
+    /* P^T, recomputed from the scores and each query's log-sum-exp */
+    scores_t(w, t0, nq, hs);
+    for (int s = 0; s < n; s++) {
+        float *row = w->pt + (size_t)s * nq;
+        int seen = first_seen(s, t0);
+        for (int i = 0; i < seen; i++) row[i] = 0.0f;
+        #pragma omp simd
+        for (int i = seen; i < nq; i++) row[i] = fast_expf(row[i] - lse[t0 + i]);
+    }
+    /* dP^T (n,nq) = V dout^T; dS^T = P^T * (dP^T - D), D_i = dout_i . out_i */
+    Strided V = {w->v, hs, 1}, Gt = {dout + (size_t)t0 * C, 1, C};
+    gemm(w->dst, V, Gt, n, nq, hs, 1);
     for (int i = 0; i < nq; i++) {
-        int t = t0 + i, n = t + 1;
-        const float *go = dout + (size_t)t * C, *ot = out + (size_t)t * C;
-        float *p = w->p + (size_t)i * tp, *ds = w->row + (size_t)i * tp;
-        /* p[s] = softmax row, recomputed; ds = p * (dp - dout.out) * scale */
-        sweep_keys(p, w->q + (size_t)t * hs, w->kt, n, tp, hs, scale);
-        sweep_keys(ds, go, w->vt, n, tp, hs, 1.0f); /* dp[s] = dout_t . v_s */
+        const float *go = dout + (size_t)(t0 + i) * C, *ot = out + (size_t)(t0 + i) * C;
         float D = 0.0f;
         for (int d = 0; d < hs; d++) D += go[d] * ot[d];
-        #pragma omp simd
-        for (int s = 0; s < n; s++) {
-            p[s] = fast_expf(p[s] - lse[t]);
-            ds[s] = p[s] * (ds[s] - D) * scale;
-        }
-        for (int s = n; s < t1; s++) p[s] = ds[s] = 0.0f; /* causal: later keys unseen */
-        weighted_rows(w->acc, ds, w->k, n, hs);          /* dq_t = sum_s ds[s] k_s */
-        for (int d = 0; d < hs; d++) dq[(size_t)t * C + d] += w->acc[d];
+        w->qsum[i] = D;
     }
-    /* dk_s += sum_i ds_i[s] q_i;  dv_s += sum_i p_i[s] dout_i. For a full
-     * block the q_i and dout_i vectors stay in registers while s runs, and the
-     * QB terms are summed as a tree, so rows s are independent work. */
-    int d0 = 0;
-    if (nq == QB)
-        for (; d0 + VLEN <= hs; d0 += VLEN) {
-            vfloat qv[QB], gv[QB];
-            for (int i = 0; i < QB; i++) {
-                qv[i] = *(const vfloat *)(w->q + (size_t)(t0 + i) * hs + d0);
-                gv[i] = *(const vfloat *)(dout + (size_t)(t0 + i) * C + d0);
-            }
-            const float *ds = w->row, *p = w->p;
-            for (int s = 0; s < t1; s++) {
-                vfloat *dks = (vfloat *)(w->dk + (size_t)s * hs + d0);
-                vfloat *dvs = (vfloat *)(w->dv + (size_t)s * hs + d0);
-                *dks += (ds[s] * qv[0] + ds[tp + s] * qv[1]) +
-                        (ds[2 * tp + s] * qv[2] + ds[3 * tp + s] * qv[3]);
-                *dvs += (p[s] * gv[0] + p[tp + s] * gv[1]) +
-                        (p[2 * tp + s] * gv[2] + p[3 * tp + s] * gv[3]);
-            }
-        }
-    for (int d = d0; d < hs; d++)  /* a partial block, or hs not a multiple of VLEN */
-        for (int s = 0; s < t1; s++)
-            for (int i = 0; i < nq; i++) {
-                w->dk[(size_t)s * hs + d] += w->row[(size_t)i * tp + s] * w->q[(size_t)(t0 + i) * hs + d];
-                w->dv[(size_t)s * hs + d] += w->p[(size_t)i * tp + s] * dout[(size_t)(t0 + i) * C + d];
-            }
+    for (int s = 0; s < n; s++) {
+        const float *p = w->pt + (size_t)s * nq;
+        float *ds = w->dst + (size_t)s * nq;
+        #pragma omp simd
+        for (int i = 0; i < nq; i++) ds[i] = p[i] * (ds[i] - w->qsum[i]);
+    }
+    /* dq^T (hs,nq) = K^T dS^T, times the scale */
+    Strided Kt = {w->k, 1, hs}, dSt = {w->dst, nq, 1};
+    gemm(w->ot, Kt, dSt, hs, nq, n, 1);
+    for (int i = 0; i < nq; i++)
+        for (int d = 0; d < hs; d++) dq[(size_t)(t0 + i) * C + d] += scale * w->ot[(size_t)d * nq + i];
+    /* dk (n,hs) += dS^T Q (q carries the scale); dv (n,hs) += P^T dout */
+    Strided Q = {w->q + (size_t)t0 * hs, hs, 1}, G = {dout + (size_t)t0 * C, C, 1};
+    Strided Pt = {w->pt, nq, 1};
+    gemm(w->dk, dSt, Q, n, hs, nq, 0);
+    gemm(w->dv, Pt, G, n, hs, nq, 0);
 }
 
 void attention_backward(float *dq, float *dk, float *dv, const float *dout,
@@ -203,14 +164,14 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             for (int h = 0; h < NH; h++) {
                 size_t base = (size_t)b * T * C + (size_t)h * hs;
                 const float *lse_bh = lse + ((size_t)b * NH + h) * T;
-                gather_head(w.q, NULL, q + base, T, C, hs);
-                gather_head(w.k, w.kt, k + base, T, C, hs);
-                gather_head(w.v, w.vt, v + base, T, C, hs);
+                gather_head(w.q, q + base, T, C, hs, scale);
+                gather_head(w.k, k + base, T, C, hs, 1.0f);
+                gather_head(w.v, v + base, T, C, hs, 1.0f);
                 memset(w.dk, 0, sizeof(float) * T * hs);
                 memset(w.dv, 0, sizeof(float) * T * hs);
                 for (int t0 = 0; t0 < T; t0 += QB)
-                    backward_query_block(&w, dq + base, dout + base, out + base, lse_bh,
-                                         t0, T < t0 + QB ? T : t0 + QB, T, C, hs, scale);
+                    backward_query_block(&w, dq + base, dout + base, out + base, lse_bh, t0,
+                                         T - t0 < QB ? T - t0 : QB, C, hs, scale);
                 for (int t = 0; t < T; t++)
                     for (int d = 0; d < hs; d++) {
                         dk[base + (size_t)t * C + d] += w.dk[(size_t)t * hs + d];

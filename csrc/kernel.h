@@ -39,6 +39,14 @@ static inline float fast_expf(float x) {
     return in != in ? in : (x <= -87.3f ? 0.0f : p * scale.f);
 }
 
+/* An operand with strides, so a transposed matrix needs no copy:
+ * element (r, p) is at a[r * rs + p * cs]. */
+typedef struct { const float *a; long rs, cs; } Strided;
+
+/* c (M,N) (+)= A (M,K) @ B (K,N), c row-major and contiguous: the tuned
+ * matmul every product goes through (matmul.c). */
+void gemm(float *c, Strided A, Strided B, int M, int N, int K, int overwrite);
+
 /* Grows a per-thread scratch buffer; slot picks one of a few independent buffers. */
 float *scratch(int slot, size_t nfloats);
 

@@ -28,9 +28,6 @@
 /* K block: a KC x NR panel of B (64 KB) stays in L1/L2 while every row tile uses it. */
 #define KC 256
 
-/* An operand with strides, so a transposed matrix needs no copy:
- * element (r, p) is at a[r * rs + p * cs]. */
-typedef struct { const float *a; long rs, cs; } Strided;
 
 /* c[mr, nv vectors] (+)= A[mr, K] @ b[K, nv vectors], accumulators in
  * registers; with overwrite, c's old values are neither read nor kept (saves
@@ -47,7 +44,7 @@ typedef struct { const float *a; long rs, cs; } Strided;
 _Static_assert(MR <= 6 && NV <= 4, "FOR_TILE spells out at most 6 x 4");
 
 static inline __attribute__((always_inline)) void
-micro_tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, const int mr,
+micro_tile(float *c, const float *a, long rs, long cs, const float *b, int K, int ldb, int ldc, const int mr,
            const int nv, int overwrite) {
     const vfloat zero = {0};
 #define IN_TILE(r, v) ((r) < mr && (v) < nv)
@@ -56,12 +53,12 @@ micro_tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, const i
     FOR_TILE(DECLARE)
     for (int p = 0; p < K; p++) {
         const float *brow = b + (size_t)p * ldb;
-        const float *acol = A.a + p * A.cs;
+        const float *acol = a + p * cs;
         vfloat b0 = nv > 0 ? *(const vfloat *)brow : zero;
         vfloat b1 = nv > 1 ? *(const vfloat *)(brow + VLEN) : zero;
         vfloat b2 = nv > 2 ? *(const vfloat *)(brow + 2 * VLEN) : zero;
         vfloat b3 = nv > 3 ? *(const vfloat *)(brow + 3 * VLEN) : zero;
-#define FMA(r, v) if (IN_TILE(r, v)) c##r##v += acol[(r) * A.rs] * b##v;
+#define FMA(r, v) if (IN_TILE(r, v)) c##r##v += acol[(r) * rs] * b##v;
         FOR_TILE(FMA)
     }
 #define STORE(r, v) if (IN_TILE(r, v)) *(vfloat *)AT(r, v) = c##r##v;
@@ -75,14 +72,14 @@ micro_tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, const i
 
 #define TILE_CASES(mr)                                                     \
     switch (nv) {                                                          \
-    case 4: micro_tile(c, A, b, K, ldb, ldc, mr, 4, overwrite); break;     \
-    case 3: micro_tile(c, A, b, K, ldb, ldc, mr, 3, overwrite); break;     \
-    case 2: micro_tile(c, A, b, K, ldb, ldc, mr, 2, overwrite); break;     \
-    case 1: micro_tile(c, A, b, K, ldb, ldc, mr, 1, overwrite); break;     \
+    case 4: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 4, overwrite); break;     \
+    case 3: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 3, overwrite); break;     \
+    case 2: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 2, overwrite); break;     \
+    case 1: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 1, overwrite); break;     \
     }
 
 /* One tile of mr <= MR rows and nv <= NV whole vectors. */
-static void tile(float *c, Strided A, const float *b, int K, int ldb, int ldc, int mr,
+static void tile(float *c, const float *a, long rs, long cs, const float *b, int K, int ldb, int ldc, int mr,
                  int nv, int overwrite) {
     switch (mr) {
     case 6: TILE_CASES(6) break;
@@ -112,7 +109,7 @@ static void pack_panel(float *panel, Strided B, int k0, int kc, int j0, int N) {
 static void edge_tile(float *c, Strided A, const float *panel, int kc, int ldc, int mr, int nr,
                       int overwrite) {
     float buf[MR * NR] __attribute__((aligned(64)));
-    tile(buf, A, panel, kc, NR, NR, mr, (nr + VLEN - 1) / VLEN, 1);
+    tile(buf, A.a, A.rs, A.cs, panel, kc, NR, NR, mr, (nr + VLEN - 1) / VLEN, 1);
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < nr; j++)
             c[(size_t)r * ldc + j] = (overwrite ? 0.0f : c[(size_t)r * ldc + j]) + buf[r * NR + j];
@@ -121,16 +118,22 @@ static void edge_tile(float *c, Strided A, const float *panel, int kc, int ldc, 
 /* c (M,N) += A (M,K) @ B (K,N), or = with overwrite. Tiles are independent
  * and each sums over k in order, so the result is the same for any thread
  * count. One parallel region for all K blocks: a region per block would cost
- * more than a block of a skinny product. */
-static void gemm(float *c, Strided A, Strided B, int M, int N, int K, int overwrite) {
+ * more than a block of a skinny product. Inside another parallel region
+ * (attention) it runs on the calling thread alone. */
+void gemm(float *c, Strided A, Strided B, int M, int N, int K, int overwrite) {
     int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR;
     float *packed = scratch(0, (size_t)nt * NR * (K < KC ? K : KC)); /* shared by the team */
     #pragma omp parallel if ((long)M * N * K > 32768)
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC, first = overwrite && k0 == 0;
-        #pragma omp for schedule(static)
-        for (int jt = 0; jt < nt; jt++)
-            pack_panel(packed + (size_t)jt * kc * NR, B, k0, kc, jt * NR, N);
+        /* a B already laid out as one panel (attention's blocks) is used in place */
+        int in_place = N == NR && B.rs == NR && B.cs == 1;
+        const float *panels = in_place ? B.a + (size_t)k0 * NR : packed;
+        if (!in_place) {
+            #pragma omp for schedule(static)
+            for (int jt = 0; jt < nt; jt++)
+                pack_panel(packed + (size_t)jt * kc * NR, B, k0, kc, jt * NR, N);
+        }
         /* column panel outer, row tile inner: consecutive tiles share a panel */
         #pragma omp for collapse(2) schedule(static)
         for (int jt = 0; jt < nt; jt++)
@@ -139,8 +142,8 @@ static void gemm(float *c, Strided A, Strided B, int M, int N, int K, int overwr
                 int mr = M - i < MR ? M - i : MR, nr = N - j < NR ? N - j : NR;
                 float *ct = c + (size_t)i * N + j;
                 Strided At = {A.a + i * A.rs + k0 * A.cs, A.rs, A.cs};
-                const float *panel = packed + (size_t)jt * kc * NR;
-                if (nr % VLEN == 0) tile(ct, At, panel, kc, NR, N, mr, nr / VLEN, first);
+                const float *panel = panels + (size_t)jt * kc * NR;
+                if (nr % VLEN == 0) tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, first);
                 else edge_tile(ct, At, panel, kc, N, mr, nr, first);
             }
     }
