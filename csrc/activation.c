@@ -1,4 +1,4 @@
-/* Elementwise activations over n floats; backward accumulates into dinp. */
+/* Elementwise activations over n floats; backward writes dinp. */
 #include <math.h>
 #include "kernel.h"
 
@@ -11,7 +11,7 @@ void relu_forward(float *out, const float *inp, long n) {
 
 void relu_backward(float *dinp, const float *dout, const float *inp, long n) {
     #pragma omp parallel for simd schedule(static) PAR_IF
-    for (long i = 0; i < n; i++) dinp[i] += inp[i] > 0.0f ? dout[i] : 0.0f;
+    for (long i = 0; i < n; i++) dinp[i] = inp[i] > 0.0f ? dout[i] : 0.0f;
 }
 
 /* GELU, tanh approximation (as GPT-2 uses): 0.5 x (1 + tanh(u)), written as
@@ -35,6 +35,6 @@ void gelu_backward(float *dinp, const float *dout, const float *inp, long n) {
         float x = inp[i];
         float s = 1.0f / (1.0f + expf(-2.0f * gelu_u(x)));
         float du = GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] += dout[i] * (s + x * 2.0f * s * (1.0f - s) * du);
+        dinp[i] = dout[i] * (s + x * 2.0f * s * (1.0f - s) * du);
     }
 }

@@ -16,24 +16,36 @@ static inline float keep_scale(uint64_t seed, long i, uint32_t threshold, float 
     return r >= threshold ? scale : 0.0f;
 }
 
-static void apply_mask(float *out, const float *inp, long n, float p,
-                       unsigned long long seed, int accumulate) {
+/* out = residual + dropout(inp), residual may be NULL (then 0). */
+static void apply_mask(float *out, const float *inp, const float *residual, long n, float p,
+                       unsigned long long seed) {
     uint32_t threshold = (uint32_t)((double)p * 4294967296.0 > 4294967295.0
                                         ? 4294967295.0 : (double)p * 4294967296.0);
     float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
     #pragma omp parallel for schedule(static) if (n > 65536)
     for (long i = 0; i < n; i++) {
-        float y = inp[i] * keep_scale(seed, i, threshold, scale);
-        out[i] = accumulate ? out[i] + y : y;
+        out[i] = (residual ? residual[i] : 0.0f) + inp[i] * keep_scale(seed, i, threshold, scale);
     }
 }
 
 void dropout_forward(float *out, const float *inp, long n, float p,
                      unsigned long long seed) {
-    apply_mask(out, inp, n, p, seed, 0);
+    apply_mask(out, inp, NULL, n, p, seed);
 }
 
 void dropout_backward(float *dinp, const float *dout, long n, float p,
                       unsigned long long seed) {
-    apply_mask(dinp, dout, n, p, seed, 1);
+    apply_mask(dinp, dout, NULL, n, p, seed);
+}
+
+/* out = x + dropout(branch): a sublayer's output joining the residual stream,
+ * in one pass; p = 0 (evaluation) adds without hashing. */
+void residual_dropout_forward(float *out, const float *x, const float *branch, long n,
+                              float p, unsigned long long seed) {
+    if (p > 0.0f) {
+        apply_mask(out, branch, x, n, p, seed);
+        return;
+    }
+    #pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (long i = 0; i < n; i++) out[i] = x[i] + branch[i];
 }

@@ -25,8 +25,8 @@
 #define NV 2
 #endif
 #define NR (NV * VLEN)
-/* K block: a KC x NR panel of B (64 KB) stays in L1/L2 while every row tile uses it. */
-#define KC 256
+/* K block: a KC x NR panel of B (48 KB) stays in L1/L2 while every row tile uses it. */
+#define KC 192
 
 
 /* c[mr, nv vectors] (+)= A[mr, K] @ b[K, nv vectors], accumulators in
@@ -163,10 +163,10 @@ void matmul_forward(float *out, const float *inp, const float *weight,
 
 void matmul_backward(float *dinp, float *dweight, float *dbias,
                      const float *dout, const float *inp, const float *weight,
-                     int N, int C, int OC) {
-    if (dinp) { /* dinp (N,C) += dout (N,OC) @ W^T (OC,C) */
+                     int N, int C, int OC, int dinp_accumulate) {
+    if (dinp) { /* dinp (N,C) (+)= dout (N,OC) @ W^T (OC,C) */
         Strided D = {dout, OC, 1}, Wt = {weight, 1, OC};
-        gemm(dinp, D, Wt, N, C, OC, 0);
+        gemm(dinp, D, Wt, N, C, OC, !dinp_accumulate);
     }
     if (dweight) { /* dW (C,OC) += inp^T (C,N) @ dout (N,OC) */
         Strided At = {inp, 1, C}, D = {dout, OC, 1};

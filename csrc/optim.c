@@ -1,6 +1,7 @@
 /* Adam / AdamW over a flat run of parameters with their grad, m and v buffers
  * (the original's four buffers per tensor), plus gradient-norm helpers. */
 #include <math.h>
+#include <string.h>
 #include "kernel.h"
 
 void adamw_update(float *data, const float *grad, float *m, float *v, long n,
@@ -34,6 +35,15 @@ double sum_squares(const float *x, long n) {
         total += s;
     }
     return total;
+}
+
+/* x[0:n] = 0 on every core: the backward pass clears tens of MB of
+ * activation gradients per layer, and one thread's memset left the other
+ * core idle. */
+void zero_floats(float *x, long n) {
+    enum { CHUNK = 16384 };
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i = 0; i < n; i += CHUNK) memset(x + i, 0, sizeof(float) * (n - i < CHUNK ? n - i : CHUNK));
 }
 
 void scale_inplace(float *x, long n, float factor) {

@@ -3,8 +3,10 @@
  * Contract: arrays are row-major and contiguous; the caller (Python) allocates
  * every buffer and validates every shape and token id before calling. The
  * kernel never allocates per element, never does I/O, and never calls back.
- * Backward functions ACCUMULATE (+=) into gradient buffers; zeroing them is
- * the caller's single memset per step.
+ * Parameter gradients ACCUMULATE (+=) into their buffers; zeroing them is the
+ * caller's single memset per step. Activation gradients are WRITTEN (=) by
+ * attention and the elementwise ops, and by matmul_backward's dinp unless
+ * dinp_accumulate: a fresh buffer then needs no zeroing pass.
  *
  * Legend: N = rows (batch*time), B = batch, T = time, C = channels,
  * OC = output channels, NH = heads, V = classes.
@@ -18,7 +20,7 @@ void matmul_forward(float *out, const float *inp, const float *weight,
                     const float *bias, int N, int C, int OC);
 void matmul_backward(float *dinp, float *dweight, float *dbias,
                      const float *dout, const float *inp, const float *weight,
-                     int N, int C, int OC);
+                     int N, int C, int OC, int dinp_accumulate);
 
 /* attention.c: causal multi-head self-attention over separate q, k, v, each
  * (B,T,C) with head h in columns [h*C/NH, (h+1)*C/NH). Keeps only the
@@ -70,6 +72,9 @@ void dropout_forward(float *out, const float *inp, long n, float p,
                      unsigned long long seed);
 void dropout_backward(float *dinp, const float *dout, long n, float p,
                       unsigned long long seed);
+/* out = x + dropout_forward(branch) in one pass (the same mask). */
+void residual_dropout_forward(float *out, const float *x, const float *branch, long n,
+                              float p, unsigned long long seed);
 
 /* optim.c: Adam (weight_decay = 0) or AdamW (decoupled decay) over n floats,
  * with bias correction for the 1-based step. Hyperparameters are doubles so
@@ -80,6 +85,7 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
 /* sum of squares of n floats, in double (gradient norm, finiteness check). */
 double sum_squares(const float *x, long n);
 void scale_inplace(float *x, long n, float factor);
+void zero_floats(float *x, long n);
 
 /* checksum.c: out[r] = zlib's CRC-32 of row r's bytes of data, m, v, one
  * after the other (each (rows, cols), bytes as they lie in memory), the

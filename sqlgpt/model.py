@@ -13,7 +13,7 @@ import numpy as np
 
 from ._kernel import ffi, lib
 from .errors import SqlgptError
-from .tensor import ParameterSet, aligned_zeros, fptr, iptr
+from .tensor import ParameterSet, aligned_zeros, fptr, iptr, zero
 
 LAYER_COMPONENTS = ("q", "k", "v", "proj", "fc1", "fc2")
 PAD_ID = 0  # <pad>: never a target (the loss's ignore index)
@@ -254,11 +254,9 @@ class GPT:
                                         N, V, PAD_ID)
 
     def _residual_add(self, out, x, branch, seed):
-        """out = x + dropout(branch); dropout is in place on branch (its
-        pre-dropout value is not needed by backward)."""
-        if seed is not None:
-            lib.dropout_forward(fptr(branch), fptr(branch), branch.size, self.cfg.dropout, seed)
-        np.add(x, branch, out=out)
+        """out = x + dropout(branch), or x + branch with seed None (eval)."""
+        p = self.cfg.dropout if seed is not None else 0.0
+        lib.residual_dropout_forward(fptr(out), fptr(x), fptr(branch), branch.size, p, seed or 0)
 
     # ---- backward: the mirror of forward, accumulating into .grad ----
     def backward(self):
@@ -272,37 +270,30 @@ class GPT:
         # dlogits overwrite logits in place: each row is read before it is written
         dlogits = a.logits
         lib.crossentropy_backward(fptr(dlogits), fptr(a.logits), iptr(self._targets), N, V, PAD_ID, 1.0)
-        a.dx.fill(0.0)
         lib.matmul_backward(fptr(a.dx), fptr(p["head"].grad), ffi.NULL, fptr(dlogits),
-                            fptr(a.x_final), fptr(p["head"].data), N, C, V)
+                            fptr(a.x_final), fptr(p["head"].data), N, C, V, 0)
         for layer in reversed(range(cfg.num_layers)):
             L = a.layers[layer]
             W = {c: p[f"layers.{layer}.{c}"] for c in LAYER_COMPONENTS}
             # MLP sublayer (a.dx is the gradient of this layer's output)
             self._branch_grad(a.dx, layer, 1)
-            a.da.fill(0.0)
             lib.matmul_backward(fptr(a.da), fptr(W["fc2"].grad), ffi.NULL, fptr(a.dbranch),
-                                fptr(L["a"]), fptr(W["fc2"].data), N, 4 * C, C)
-            a.dh.fill(0.0)
+                                fptr(L["a"]), fptr(W["fc2"].data), N, 4 * C, C, 0)
             lib.relu_backward(fptr(a.dh), fptr(a.da), fptr(L["h"]), N * 4 * C)
-            a.dln.fill(0.0)
             lib.matmul_backward(fptr(a.dln), fptr(W["fc1"].grad), ffi.NULL, fptr(a.dh),
-                                fptr(L["ln2"]), fptr(W["fc1"].data), N, C, 4 * C)
+                                fptr(L["ln2"]), fptr(W["fc1"].data), N, C, 4 * C, 0)
             lib.layernorm_backward(fptr(a.dx), ffi.NULL, ffi.NULL, fptr(a.dln), fptr(L["xmid"]),
                                    ffi.NULL, fptr(L["mean2"]), fptr(L["rstd2"]), N, C)
             # attention sublayer (a.dx is now the gradient of xmid)
             self._branch_grad(a.dx, layer, 0)
-            a.datt.fill(0.0)
             lib.matmul_backward(fptr(a.datt), fptr(W["proj"].grad), ffi.NULL, fptr(a.dbranch),
-                                fptr(L["att"]), fptr(W["proj"].data), N, C, C)
-            for buf in (a.dq, a.dk, a.dv, a.dln):
-                buf.fill(0.0)
+                                fptr(L["att"]), fptr(W["proj"].data), N, C, C, 0)
             lib.attention_backward(fptr(a.dq), fptr(a.dk), fptr(a.dv), fptr(a.datt),
                                    fptr(L["q"]), fptr(L["k"]), fptr(L["v"]), fptr(L["att"]),
                                    fptr(L["lse"]), B, T, C, NH)
-            for name, dbuf in (("q", a.dq), ("k", a.dk), ("v", a.dv)):
+            for name, dbuf in (("q", a.dq), ("k", a.dk), ("v", a.dv)):  # dln = sum of three
                 lib.matmul_backward(fptr(a.dln), fptr(W[name].grad), ffi.NULL, fptr(dbuf),
-                                    fptr(L["ln1"]), fptr(W[name].data), N, C, C)
+                                    fptr(L["ln1"]), fptr(W[name].data), N, C, C, name != "q")
             lib.layernorm_backward(fptr(a.dx), ffi.NULL, ffi.NULL, fptr(a.dln), fptr(L["x"]),
                                    ffi.NULL, fptr(L["mean1"]), fptr(L["rstd1"]), N, C)
         lib.embedding_backward(fptr(p["wte"].grad), fptr(p["wpe"].grad), fptr(a.dx),
@@ -314,7 +305,6 @@ class GPT:
         if self._seeds is None:
             np.copyto(a.dbranch, dout)
             return
-        a.dbranch.fill(0.0)
         lib.dropout_backward(fptr(a.dbranch), fptr(dout), dout.size, self.cfg.dropout,
                              self._seeds[2 * layer + site])
 

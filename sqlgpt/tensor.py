@@ -6,7 +6,7 @@ from math import prod
 
 import numpy as np
 
-from ._kernel import ffi
+from ._kernel import ffi, lib
 
 BUFFERS = ("data", "grad", "m", "v")
 # Buffers start on 64-byte boundaries (a cache line, one AVX-512 register):
@@ -35,6 +35,11 @@ def _aligned_offsets(specs):
 def fptr(array):
     """float* to a contiguous float32 numpy array (no copy)."""
     return ffi.from_buffer("float[]", array)
+
+
+def zero(array):
+    """array[...] = 0 on every core (a contiguous float32 array)."""
+    lib.zero_floats(fptr(array), array.size)
 
 
 def iptr(array):
@@ -76,4 +81,4 @@ class ParameterSet:
         return iter(self.tensors.values())
 
     def zero_grad(self):
-        self.arenas["grad"].fill(0.0)
+        zero(self.arenas["grad"])

@@ -42,7 +42,7 @@ def test_matmul(rng, N, C, OC, with_bias):
     ref.backward(torch.tensor(dout, dtype=torch.float64))
     dx, dw, db = zeros_like(x), zeros_like(w), zeros_like(b)
     lib.matmul_backward(fptr(dx), fptr(dw), fptr(db) if with_bias else NULL, fptr(dout),
-                        fptr(x), fptr(w), N, C, OC)
+                        fptr(x), fptr(w), N, C, OC, 0)
     assert rel_err(dx, tx.grad) < TOL
     assert rel_err(dw, tw.grad) < TOL
     if with_bias:
@@ -53,9 +53,13 @@ def test_matmul_backward_accumulates(rng):
     x, w, dout = f32(rng, 9, 16), f32(rng, 16, 24), f32(rng, 9, 24)
     dx, dw = f32(rng, 9, 16), f32(rng, 16, 24)
     dx0, dw0 = dx.copy(), dw.copy()
-    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), 9, 16, 24)
+    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), 9, 16, 24, 1)
     assert rel_err(dx - dx0, dout.astype(np.float64) @ w.T) < TOL
     assert rel_err(dw - dw0, x.T.astype(np.float64) @ dout) < TOL
+    # without dinp_accumulate dinp is overwritten; weight gradients still add up
+    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), 9, 16, 24, 0)
+    assert rel_err(dx, dout.astype(np.float64) @ w.T) < TOL
+    assert rel_err(dw - dw0, 2 * (x.T.astype(np.float64) @ dout)) < TOL
 
 
 @pytest.mark.parametrize("B,T,C,NH", [(1, 1, 8, 2), (2, 17, 32, 4), (3, 64, 128, 8), (1, 100, 48, 3),
@@ -70,7 +74,7 @@ def test_attention(rng, B, T, C, NH):
     ref = ref.transpose(1, 2).reshape(B, T, C)
     assert rel_err(out, ref.detach()) < TOL
     ref.backward(torch.tensor(dout, dtype=torch.float64))
-    dq, dk, dv = zeros_like(q), zeros_like(k), zeros_like(v)
+    dq, dk, dv = (f32(rng, B, T, C) for _ in range(3))  # stale values: overwritten
     lib.attention_backward(fptr(dq), fptr(dk), fptr(dv), fptr(dout), fptr(q), fptr(k), fptr(v),
                            fptr(out), fptr(lse), B, T, C, NH)
     for ours, t in ((dq, tq), (dk, tk), (dv, tv)):
@@ -122,7 +126,7 @@ def test_activation(rng, name, ref_fn, n):
     ref = ref_fn(tx)
     assert rel_err(out, ref.detach()) < TOL
     ref.backward(torch.tensor(dout, dtype=torch.float64))
-    dx = zeros_like(x)
+    dx = f32(rng, n)  # stale values: backward writes dinp, it does not add to it
     getattr(lib, f"{name}_backward")(fptr(dx), fptr(dout), fptr(x), n)
     assert rel_err(dx, tx.grad) < TOL
 
@@ -184,9 +188,13 @@ def test_dropout(rng, p):
     assert rel_err(out, ref) < TOL
     assert abs((~keep).mean() - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-6
     # backward uses the same mask, recomputed from the seed
-    dx = np.zeros(n, np.float32)
+    dx = f32(rng, n)  # stale values: overwritten
     lib.dropout_backward(fptr(dx), fptr(dout), n, p, seed)
     assert rel_err(dx, np.where(keep, dout.astype(np.float64) / (1 - p), 0.0)) < TOL
+    # the fused residual form applies the same mask
+    residual, joined = f32(rng, n), np.zeros(n, np.float32)
+    lib.residual_dropout_forward(fptr(joined), fptr(residual), fptr(x), n, p, seed)
+    assert rel_err(joined, residual + out.astype(np.float64)) < TOL
     # the same seed gives the same mask; another seed a different one
     again = np.zeros(n, np.float32)
     lib.dropout_forward(fptr(again), fptr(x), n, p, seed)
