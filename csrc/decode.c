@@ -47,18 +47,21 @@ void pack_panels(void *dst, const float *w, int C, int OC, int bf16) {
     float *out = dst;
     uint32_t *words = dst;
     for (int j0 = 0; j0 < OC; j0 += PANEL)
-        for (int p = 0; p < C; p++)
-            for (int c = 0; c < PANEL; c++) {
-                float value = j0 + c < OC ? w[(size_t)p * OC + j0 + c] : 0.0f;
-                if (!bf16) {
-                    *out++ = value;
-                    continue;
-                }
-                uint32_t *word = words + c / (2 * VLEN) * VLEN + c % VLEN;
-                if (c / VLEN % 2 == 0) *word = to_bf16(value);
-                else *word |= to_bf16(value) << 16;
-                if (c == PANEL - 1) words += PANEL / 2; /* the next row */
-            }
+        for (int p = 0; p < C; p++) {
+            const float *row = w + (size_t)p * OC;
+            #define COLUMN(j) (j0 + (j) < OC ? row[j0 + (j)] : 0.0f)
+            if (!bf16) {
+                int n = OC - j0 < PANEL ? OC - j0 : PANEL;
+                memcpy(out, row + j0, sizeof(float) * n);
+                memset(out + n, 0, sizeof(float) * (PANEL - n));
+                out += PANEL;
+            } else /* word vector k holds vectors 2k (low halves) and 2k+1 (high) */
+                for (int k = 0; k < NV / 2; k++)
+                    for (int i = 0; i < VLEN; i++)
+                        *words++ = to_bf16(COLUMN(2 * k * VLEN + i)) |
+                                   to_bf16(COLUMN((2 * k + 1) * VLEN + i)) << 16;
+            #undef COLUMN
+        }
 }
 
 /* Vector i of a panel row as float32 (bf16 is float32's top half). */
