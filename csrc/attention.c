@@ -53,9 +53,27 @@ static void scores_t(HeadScratch *w, int t0, int nq, int hs) {
 }
 
 /* Key s is seen by the block's queries i >= first_seen (query t0 + i sees
- * keys up to t0 + i): the columns before are masked, and get no exp. */
+ * keys up to t0 + i): the columns before are masked. */
 static inline int first_seen(int s, int t0) {
     return s > t0 ? s - t0 : 0;
+}
+
+/* The row-wise steps of the softmax over a block's P^T rows (nq columns).
+ * A full row of a full block has the constant trip count QB, which the
+ * compiler turns into independent vectors; other rows take the general loop. */
+#define FOR_COLUMNS(i, seen, nq, body)                                   \
+    do {                                                                 \
+        if ((seen) == 0 && (nq) == QB) {                                 \
+            _Pragma("omp simd") for (int i = 0; i < QB; i++) body        \
+        } else {                                                         \
+            _Pragma("omp simd") for (int i = (seen); i < (nq); i++) body \
+        }                                                                \
+    } while (0)
+
+/* row[i] = exp(row[i] - sub[i]) for seen columns, 0 for masked ones. */
+static inline void exp_row(float *row, const float *sub, int seen, int nq) {
+    for (int i = 0; i < seen; i++) row[i] = 0.0f;
+    FOR_COLUMNS(i, seen, nq, { row[i] = fast_expf(row[i] - sub[i]); });
 }
 
 void attention_forward(float *out, float *lse, const float *q, const float *k,
@@ -80,19 +98,13 @@ void attention_forward(float *out, float *lse, const float *q, const float *k,
                     for (int i = 0; i < nq; i++) maxv[i] = -INFINITY, w.qsum[i] = 0.0f;
                     for (int s = 0; s < n; s++) {
                         const float *row = w.pt + (size_t)s * nq;
-                        #pragma omp simd
-                        for (int i = first_seen(s, t0); i < nq; i++)
-                            maxv[i] = row[i] > maxv[i] ? row[i] : maxv[i];
+                        FOR_COLUMNS(i, first_seen(s, t0), nq,
+                                    { maxv[i] = row[i] > maxv[i] ? row[i] : maxv[i]; });
                     }
                     for (int s = 0; s < n; s++) {
                         float *row = w.pt + (size_t)s * nq;
-                        int seen = first_seen(s, t0);
-                        for (int i = 0; i < seen; i++) row[i] = 0.0f;
-                        #pragma omp simd
-                        for (int i = seen; i < nq; i++) {
-                            row[i] = fast_expf(row[i] - maxv[i]);
-                            w.qsum[i] += row[i];
-                        }
+                        exp_row(row, maxv, first_seen(s, t0), nq);
+                        FOR_COLUMNS(i, 0, nq, { w.qsum[i] += row[i]; });
                     }
                     /* out^T (hs,nq) = V^T P^T */
                     Strided Vt = {w.v, 1, hs}, Pt = {w.pt, nq, 1};
@@ -116,13 +128,7 @@ static void backward_query_block(HeadScratch *w, float *dq, const float *dout,
     int n = t0 + nq;
     /* P^T, recomputed from the scores and each query's log-sum-exp */
     scores_t(w, t0, nq, hs);
-    for (int s = 0; s < n; s++) {
-        float *row = w->pt + (size_t)s * nq;
-        int seen = first_seen(s, t0);
-        for (int i = 0; i < seen; i++) row[i] = 0.0f;
-        #pragma omp simd
-        for (int i = seen; i < nq; i++) row[i] = fast_expf(row[i] - lse[t0 + i]);
-    }
+    for (int s = 0; s < n; s++) exp_row(w->pt + (size_t)s * nq, lse + t0, first_seen(s, t0), nq);
     /* dP^T (n,nq) = V dout^T; dS^T = P^T * (dP^T - D), D_i = dout_i . out_i */
     Strided V = {w->v, hs, 1}, Gt = {dout + (size_t)t0 * C, 1, C};
     gemm(w->dst, V, Gt, n, nq, hs, 1);
@@ -135,8 +141,7 @@ static void backward_query_block(HeadScratch *w, float *dq, const float *dout,
     for (int s = 0; s < n; s++) {
         const float *p = w->pt + (size_t)s * nq;
         float *ds = w->dst + (size_t)s * nq;
-        #pragma omp simd
-        for (int i = 0; i < nq; i++) ds[i] = p[i] * (ds[i] - w->qsum[i]);
+        FOR_COLUMNS(i, 0, nq, { ds[i] = p[i] * (ds[i] - w->qsum[i]); });
     }
     /* dq^T (hs,nq) = K^T dS^T, times the scale */
     Strided Kt = {w->k, 1, hs}, dSt = {w->dst, nq, 1};

@@ -47,6 +47,7 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias,
         }
         gmean /= C;
         gxmean /= C;
+        #pragma omp simd
         for (int j = 0; j < C; j++) {
             float g = dy[j] * (weight ? weight[j] : 1.0f);
             dx[j] += s * (g - gmean - (x[j] - m) * s * gxmean);
