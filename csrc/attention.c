@@ -39,10 +39,15 @@ static HeadScratch head_scratch(int T, int hs) {
     return s;
 }
 
-/* dst (T,hs) = scale * head slice of src (T,C). */
+/* dst (T,hs) = scale * head slice of src (T,C); whole vectors when hs allows. */
 static void gather_head(float *dst, const float *src, int T, int C, int hs, float scale) {
-    for (int t = 0; t < T; t++)
-        for (int d = 0; d < hs; d++) dst[(size_t)t * hs + d] = scale * src[(size_t)t * C + d];
+    for (int t = 0; t < T; t++) {
+        const float *row = src + (size_t)t * C;
+        float *out = dst + (size_t)t * hs;
+        int d = 0;
+        for (; d + VLEN <= hs; d += VLEN) *(vfloat *)(out + d) = scale * *(const vfloat *)(row + d);
+        for (; d < hs; d++) out[d] = scale * row[d];
+    }
 }
 
 /* pt (n,nq) = S^T for queries t0..t0+nq-1 over keys 0..n-1, n = t0 + nq:

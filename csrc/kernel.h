@@ -18,6 +18,7 @@
 #define VLEN 4
 #endif
 typedef float vfloat __attribute__((vector_size(VLEN * 4), aligned(4)));
+typedef int vint __attribute__((vector_size(VLEN * 4), aligned(4)));
 
 /* exp(x) in float with about 1 ulp of error, written with plain arithmetic so
  * that loops calling it vectorize (libm's expf is a scalar call): x = n ln2 + r,
@@ -44,8 +45,10 @@ static inline float fast_expf(float x) {
 typedef struct { const float *a; long rs, cs; } Strided;
 
 /* c (M,N) (+)= A (M,K) @ B (K,N), c row-major and contiguous: the tuned
- * matmul every product goes through (matmul.c). */
-void gemm(float *c, Strided A, Strided B, int M, int N, int K, int overwrite);
+ * matmul every product goes through (matmul.c). flags: GEMM_OVERWRITE
+ * (c = instead of c +=), GEMM_RELU (c = max(c, 0) once the sum is done). */
+enum { GEMM_OVERWRITE = 1, GEMM_RELU = 2 };
+void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags);
 
 /* Grows a per-thread scratch buffer; slot picks one of a few independent buffers. */
 float *scratch(int slot, size_t nfloats);

@@ -30,9 +30,10 @@
 
 
 /* c[mr, nv vectors] (+)= A[mr, K] @ b[K, nv vectors], accumulators in
- * registers; with overwrite, c's old values are neither read nor kept (saves
- * a pass over the output in forward). Always inlined with constant mr and
- * nv, so each case is fully unrolled.
+ * registers; with GEMM_OVERWRITE, c's old values are neither read nor kept
+ * (saves a pass over the output in forward), with GEMM_RELU the stored sums
+ * are clamped at 0 (fc1's activation, fused). Always inlined with constant
+ * mr and nv, so each case is fully unrolled.
  *
  * The accumulators are named variables c<row><vector>, expanded by FOR_TILE,
  * not an array: with an array GCC 12 rotates the last row's accumulators
@@ -44,9 +45,10 @@
 _Static_assert(MR <= 6 && NV <= 4, "FOR_TILE spells out at most 6 x 4");
 
 static inline __attribute__((always_inline)) void
-micro_tile(float *c, const float *a, long rs, long cs, const float *b, int K, int ldb, int ldc, const int mr,
-           const int nv, int overwrite) {
+micro_tile(float *c, const float *a, long rs, long cs, const float *b, int K, int ldb, int ldc,
+           const int mr, const int nv, int flags) {
     const vfloat zero = {0};
+    int overwrite = flags & GEMM_OVERWRITE, relu = flags & GEMM_RELU;
 #define IN_TILE(r, v) ((r) < mr && (v) < nv)
 #define AT(r, v) (c + (size_t)(r) * ldc + (v) * VLEN)
 #define DECLARE(r, v) vfloat c##r##v = IN_TILE(r, v) && !overwrite ? *(const vfloat *)AT(r, v) : zero;
@@ -61,26 +63,31 @@ micro_tile(float *c, const float *a, long rs, long cs, const float *b, int K, in
 #define FMA(r, v) if (IN_TILE(r, v)) c##r##v += acol[(r) * rs] * b##v;
         FOR_TILE(FMA)
     }
+    if (relu) { /* positive lanes keep their bits, the others become +0 */
+#define RELU(r, v) if (IN_TILE(r, v)) c##r##v = (vfloat)((vint)c##r##v & (c##r##v > zero));
+        FOR_TILE(RELU)
+    }
 #define STORE(r, v) if (IN_TILE(r, v)) *(vfloat *)AT(r, v) = c##r##v;
     FOR_TILE(STORE)
 #undef IN_TILE
 #undef AT
 #undef DECLARE
 #undef FMA
+#undef RELU
 #undef STORE
 }
 
 #define TILE_CASES(mr)                                                     \
     switch (nv) {                                                          \
-    case 4: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 4, overwrite); break;     \
-    case 3: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 3, overwrite); break;     \
-    case 2: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 2, overwrite); break;     \
-    case 1: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 1, overwrite); break;     \
+    case 4: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 4, flags); break;     \
+    case 3: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 3, flags); break;     \
+    case 2: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 2, flags); break;     \
+    case 1: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 1, flags); break;     \
     }
 
 /* One tile of mr <= MR rows and nv <= NV whole vectors. */
-static void tile(float *c, const float *a, long rs, long cs, const float *b, int K, int ldb, int ldc, int mr,
-                 int nv, int overwrite) {
+static void tile(float *c, const float *a, long rs, long cs, const float *b, int K, int ldb,
+                 int ldc, int mr, int nv, int flags) {
     switch (mr) {
     case 6: TILE_CASES(6) break;
     case 5: TILE_CASES(5) break;
@@ -107,25 +114,30 @@ static void pack_panel(float *panel, Strided B, int k0, int kc, int j0, int N) {
 /* A tile whose columns end inside a vector: computed whole over the padded
  * panel into a buffer, of which only the real columns reach c. */
 static void edge_tile(float *c, Strided A, const float *panel, int kc, int ldc, int mr, int nr,
-                      int overwrite) {
+                      int flags) {
     float buf[MR * NR] __attribute__((aligned(64)));
-    tile(buf, A.a, A.rs, A.cs, panel, kc, NR, NR, mr, (nr + VLEN - 1) / VLEN, 1);
+    tile(buf, A.a, A.rs, A.cs, panel, kc, NR, NR, mr, (nr + VLEN - 1) / VLEN, GEMM_OVERWRITE);
     for (int r = 0; r < mr; r++)
-        for (int j = 0; j < nr; j++)
-            c[(size_t)r * ldc + j] = (overwrite ? 0.0f : c[(size_t)r * ldc + j]) + buf[r * NR + j];
+        for (int j = 0; j < nr; j++) {
+            float *cj = c + (size_t)r * ldc + j;
+            float sum = (flags & GEMM_OVERWRITE ? 0.0f : *cj) + buf[r * NR + j];
+            *cj = flags & GEMM_RELU && !(sum > 0.0f) ? 0.0f : sum;
+        }
 }
 
-/* c (M,N) += A (M,K) @ B (K,N), or = with overwrite. Tiles are independent
+/* c (M,N) (+)= A (M,K) @ B (K,N) (see kernel.h for flags). Tiles are independent
  * and each sums over k in order, so the result is the same for any thread
  * count. One parallel region for all K blocks: a region per block would cost
  * more than a block of a skinny product. Inside another parallel region
  * (attention) it runs on the calling thread alone. */
-void gemm(float *c, Strided A, Strided B, int M, int N, int K, int overwrite) {
+void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
     int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR;
     float *packed = scratch(0, (size_t)nt * NR * (K < KC ? K : KC)); /* shared by the team */
     #pragma omp parallel if ((long)M * N * K > 32768)
     for (int k0 = 0; k0 < K; k0 += KC) {
-        int kc = K - k0 < KC ? K - k0 : KC, first = overwrite && k0 == 0;
+        int kc = K - k0 < KC ? K - k0 : KC;
+        /* overwrite on the first K block, relu after the last */
+        int mode = (k0 == 0 ? flags & GEMM_OVERWRITE : 0) | (k0 + kc >= K ? flags & GEMM_RELU : 0);
         /* a B already laid out as one panel (attention's blocks) is used in place */
         int in_place = N == NR && B.rs == NR && B.cs == 1;
         const float *panels = in_place ? B.a + (size_t)k0 * NR : packed;
@@ -143,8 +155,8 @@ void gemm(float *c, Strided A, Strided B, int M, int N, int K, int overwrite) {
                 float *ct = c + (size_t)i * N + j;
                 Strided At = {A.a + i * A.rs + k0 * A.cs, A.rs, A.cs};
                 const float *panel = panels + (size_t)jt * kc * NR;
-                if (nr % VLEN == 0) tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, first);
-                else edge_tile(ct, At, panel, kc, N, mr, nr, first);
+                if (nr % VLEN == 0) tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, mode);
+                else edge_tile(ct, At, panel, kc, N, mr, nr, mode);
             }
     }
 }
@@ -153,7 +165,7 @@ void matmul_forward(float *out, const float *inp, const float *weight,
                     const float *bias, int N, int C, int OC) {
     Strided A = {inp, C, 1}, W = {weight, OC, 1};
     if (!bias) {
-        gemm(out, A, W, N, OC, C, 1);
+        gemm(out, A, W, N, OC, C, GEMM_OVERWRITE);
         return;
     }
     #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
@@ -161,12 +173,18 @@ void matmul_forward(float *out, const float *inp, const float *weight,
     gemm(out, A, W, N, OC, C, 0);
 }
 
+void matmul_relu_forward(float *out, const float *inp, const float *weight, int N, int C,
+                         int OC) {
+    Strided A = {inp, C, 1}, W = {weight, OC, 1};
+    gemm(out, A, W, N, OC, C, GEMM_OVERWRITE | GEMM_RELU);
+}
+
 void matmul_backward(float *dinp, float *dweight, float *dbias,
                      const float *dout, const float *inp, const float *weight,
                      int N, int C, int OC, int dinp_accumulate) {
     if (dinp) { /* dinp (N,C) (+)= dout (N,OC) @ W^T (OC,C) */
         Strided D = {dout, OC, 1}, Wt = {weight, 1, OC};
-        gemm(dinp, D, Wt, N, C, OC, !dinp_accumulate);
+        gemm(dinp, D, Wt, N, C, OC, dinp_accumulate ? 0 : GEMM_OVERWRITE);
     }
     if (dweight) { /* dW (C,OC) += inp^T (C,N) @ dout (N,OC) */
         Strided At = {inp, 1, C}, D = {dout, OC, 1};

@@ -18,6 +18,10 @@
 /* matmul.c: out (N,OC) = inp (N,C) @ weight (C,OC) + bias (OC); bias may be NULL. */
 void matmul_forward(float *out, const float *inp, const float *weight,
                     const float *bias, int N, int C, int OC);
+/* out = max(inp @ weight, 0): the MLP's first layer and its ReLU in one pass;
+ * backward is relu_backward (masked by out > 0) then matmul_backward. */
+void matmul_relu_forward(float *out, const float *inp, const float *weight, int N, int C,
+                         int OC);
 void matmul_backward(float *dinp, float *dweight, float *dbias,
                      const float *dout, const float *inp, const float *weight,
                      int N, int C, int OC, int dinp_accumulate);

@@ -151,7 +151,7 @@ class Activations:
         self.layers = [dict(x=buf(N, C), ln1=buf(N, C), mean1=buf(N), rstd1=buf(N),
                             q=buf(N, C), k=buf(N, C), v=buf(N, C), att=buf(N, C),
                             lse=buf(B, cfg.num_heads, T), xmid=buf(N, C), ln2=buf(N, C),
-                            mean2=buf(N), rstd2=buf(N), h=buf(N, 4 * C), a=buf(N, 4 * C))
+                            mean2=buf(N), rstd2=buf(N), a=buf(N, 4 * C))
                        for _ in range(cfg.num_layers)]
         self.x_final = buf(N, C)
         self.branch = buf(N, C)      # a sublayer's output before dropout
@@ -160,7 +160,7 @@ class Activations:
         # backward scratch
         self.dx, self.dbranch, self.datt = buf(N, C), buf(N, C), buf(N, C)
         self.dq, self.dk, self.dv, self.dln = buf(N, C), buf(N, C), buf(N, C), buf(N, C)
-        self.da, self.dh = buf(N, 4 * C), buf(N, 4 * C)
+        self.da = buf(N, 4 * C)  # also the gradient of fc1's output, in place
 
 
 def dropout_seeds(base_seed, num_layers):
@@ -241,8 +241,7 @@ class GPT:
             # MLP sublayer: out = xmid + dropout(relu(ln2(xmid) @ fc1) @ fc2)
             lib.layernorm_forward(fptr(L["ln2"]), fptr(L["mean2"]), fptr(L["rstd2"]), fptr(L["xmid"]),
                                   ffi.NULL, ffi.NULL, N, C, LN_EPS)
-            lib.matmul_forward(fptr(L["h"]), fptr(L["ln2"]), W["fc1"], ffi.NULL, N, C, 4 * C)
-            lib.relu_forward(fptr(L["a"]), fptr(L["h"]), N * 4 * C)
+            lib.matmul_relu_forward(fptr(L["a"]), fptr(L["ln2"]), W["fc1"], N, C, 4 * C)
             lib.matmul_forward(fptr(a.branch), fptr(L["a"]), W["fc2"], ffi.NULL, N, 4 * C, C)
             self._residual_add(out, L["xmid"], a.branch, seeds[2 * layer + 1] if use_dropout else None)
         lib.matmul_forward(fptr(a.logits), fptr(a.x_final), fptr(p["head"].data), ffi.NULL, N, C, V)
@@ -279,8 +278,9 @@ class GPT:
             self._branch_grad(a.dx, layer, 1)
             lib.matmul_backward(fptr(a.da), fptr(W["fc2"].grad), ffi.NULL, fptr(a.dbranch),
                                 fptr(L["a"]), fptr(W["fc2"].data), N, 4 * C, C, 0)
-            lib.relu_backward(fptr(a.dh), fptr(a.da), fptr(L["h"]), N * 4 * C)
-            lib.matmul_backward(fptr(a.dln), fptr(W["fc1"].grad), ffi.NULL, fptr(a.dh),
+            # a > 0 exactly where fc1's output h > 0: relu's mask without keeping h
+            lib.relu_backward(fptr(a.da), fptr(a.da), fptr(L["a"]), N * 4 * C)
+            lib.matmul_backward(fptr(a.dln), fptr(W["fc1"].grad), ffi.NULL, fptr(a.da),
                                 fptr(L["ln2"]), fptr(W["fc1"].data), N, C, 4 * C, 0)
             lib.layernorm_backward(fptr(a.dx), ffi.NULL, ffi.NULL, fptr(a.dln), fptr(L["xmid"]),
                                    ffi.NULL, fptr(L["mean2"]), fptr(L["rstd2"]), N, C)

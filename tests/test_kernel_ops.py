@@ -49,6 +49,17 @@ def test_matmul(rng, N, C, OC, with_bias):
         assert rel_err(db, tb.grad) < TOL
 
 
+@pytest.mark.parametrize("N,C,OC", [(7, 13, 29), (64, 128, 512), (33, 700, 50)])
+def test_matmul_relu_forward(rng, N, C, OC):
+    """The fused fc1 + ReLU; with C = 700 the clamp must wait for the last K
+    block (a partial sum may change sign)."""
+    x, w = f32(rng, N, C), f32(rng, C, OC)
+    out = f32(rng, N, OC)  # stale values: overwritten
+    lib.matmul_relu_forward(fptr(out), fptr(x), fptr(w), N, C, OC)
+    ref = torch.relu(t64(x, grad=False) @ t64(w, grad=False))
+    assert rel_err(out, ref) < TOL and (out >= 0).all()
+
+
 def test_matmul_backward_accumulates(rng):
     x, w, dout = f32(rng, 9, 16), f32(rng, 16, 24), f32(rng, 9, 24)
     dx, dw = f32(rng, 9, 16), f32(rng, 16, 24)

@@ -18,7 +18,7 @@ def torch_lua_loss(weights, cfg, ids, targets, masks=None, tie_signs=None):
     """The lua preset written directly in PyTorch: pre-norm, parameter-free
     layernorm, causal attention, ReLU MLP, no biases, untied head.
 
-    tie_signs: our fc1 outputs per layer. Where a pre-activation is within 1e-5
+    tie_signs: our ReLU outputs per layer (positive exactly where fc1's output is). Where a pre-activation is within 1e-5
     of ReLU's kink, float32 and float64 may land on opposite sides, and the two
     gradients then differ by a whole term; there (only there) the reference
     takes the side our forward took."""
@@ -63,7 +63,7 @@ def model_and_reference(cfg, rng, dtype=torch.float64, embed_scale=1.0):
                for t in model.params}
     ref = torch_lua_loss(weights, cfg, torch.tensor(ids, dtype=torch.long),
                          torch.tensor(targets, dtype=torch.long),
-                         tie_signs=[L["h"] for L in model.acts.layers])
+                         tie_signs=[L["a"] for L in model.acts.layers])
     ref.backward()
     return model, loss, weights, ref.item()
 
@@ -135,7 +135,7 @@ def test_training_mode_gradients_match_pytorch_with_the_same_masks(rng):
     ref = torch_lua_loss(weights, cfg, torch.tensor(ids, dtype=torch.long),
                          torch.tensor(targets, dtype=torch.long),
                          masks=dropout_masks(cfg, 12345, (B, T, cfg.embed_dim)),
-                         tie_signs=[L["h"] for L in model.acts.layers])
+                         tie_signs=[L["a"] for L in model.acts.layers])
     ref.backward()
     assert abs(loss - ref.item()) / ref.item() < 1e-4
     for t in model.params:
