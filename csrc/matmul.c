@@ -77,13 +77,11 @@ micro_tile(float *c, const float *a, long rs, long cs, const float *b, int K, in
 #undef STORE
 }
 
-#define TILE_CASES(mr)                                                     \
-    switch (nv) {                                                          \
-    case 4: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 4, flags); break;     \
-    case 3: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 3, flags); break;     \
-    case 2: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 2, flags); break;     \
-    case 1: micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, 1, flags); break;     \
-    }
+/* nv cases beyond NV are never taken; the guard keeps them out of the build */
+#define NV_CASE(mr, nv) \
+    case nv: if (nv <= NV) micro_tile(c, a, rs, cs, b, K, ldb, ldc, mr, nv, flags); break;
+#define TILE_CASES(mr) \
+    switch (nv) { NV_CASE(mr, 4) NV_CASE(mr, 3) NV_CASE(mr, 2) NV_CASE(mr, 1) }
 
 /* One tile of mr <= MR rows and nv <= NV whole vectors. */
 static void tile(float *c, const float *a, long rs, long cs, const float *b, int K, int ldb,

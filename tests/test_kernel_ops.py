@@ -88,8 +88,13 @@ def test_attention(rng, B, T, C, NH):
     dq, dk, dv = (f32(rng, B, T, C) for _ in range(3))  # stale values: overwritten
     lib.attention_backward(fptr(dq), fptr(dk), fptr(dv), fptr(dout), fptr(q), fptr(k), fptr(v),
                            fptr(out), fptr(lse), B, T, C, NH)
+    # a lone query (T = 1) has p = 1 and zero dq, dk up to rounding: there the
+    # error is measured against the incoming gradient's size instead
+    floor = 0.1 * np.linalg.norm(dout.astype(np.float64))
     for ours, t in ((dq, tq), (dk, tk), (dv, tv)):
-        assert rel_err(ours, t.grad) < TOL
+        ref_grad = t.grad.numpy()
+        err = np.linalg.norm(ours - ref_grad) / max(np.linalg.norm(ref_grad), floor)
+        assert err < TOL
 
 
 def test_attention_is_causal(rng):
