@@ -152,7 +152,8 @@ static void backward_query_block(HeadScratch *w, float *dq, const float *dout,
     Strided Kt = {w->k, 1, hs}, dSt = {w->dst, nq, 1};
     gemm(w->ot, Kt, dSt, hs, nq, n, 1);
     for (int i = 0; i < nq; i++)
-        for (int d = 0; d < hs; d++) dq[(size_t)(t0 + i) * C + d] = scale * w->ot[(size_t)d * nq + i];
+        for (int d = 0; d < hs; d++)
+            dq[(size_t)(t0 + i) * C + d] = scale * w->ot[(size_t)d * nq + i];
     /* dk (n,hs) += dS^T Q (q carries the scale); dv (n,hs) += P^T dout */
     Strided Q = {w->q + (size_t)t0 * hs, hs, 1}, G = {dout + (size_t)t0 * C, C, 1};
     Strided Pt = {w->pt, nq, 1};

@@ -48,7 +48,8 @@ crc_lanes(uint32_t *crc, const unsigned char **p, size_t n, const int lanes) {
     for (; i + 8 <= n; i += 8)
         for (int l = 0; l < lanes; l++) crc[l] = step8(crc[l], p[l] + i);
     for (; i < n; i++)
-        for (int l = 0; l < lanes; l++) crc[l] = table[0][(crc[l] ^ p[l][i]) & 0xff] ^ (crc[l] >> 8);
+        for (int l = 0; l < lanes; l++)
+            crc[l] = table[0][(crc[l] ^ p[l][i]) & 0xff] ^ (crc[l] >> 8);
 }
 
 #define LANES 4

@@ -143,7 +143,8 @@ static void attend(float *att, float *scores, const float *q, const float *krow,
         for (int d = 0; d < hs; d++) kh[(size_t)d * Tk + pos] = krow[h * hs + d];
         for (int s0 = 0; s0 < n; s0 += VLEN) {
             vfloat dots = {0};
-            for (int d = 0; d < hs; d++) dots += qh[d] * *(const vfloat *)(kh + (size_t)d * Tk + s0);
+            for (int d = 0; d < hs; d++)
+                dots += qh[d] * *(const vfloat *)(kh + (size_t)d * Tk + s0);
             *(vfloat *)(scores + s0) = dots * scale;
         }
         float maxv = -INFINITY, sum = 0.0f;
@@ -159,7 +160,8 @@ static void attend(float *att, float *scores, const float *q, const float *krow,
         int d = 0;
         for (; d + VLEN <= hs; d += VLEN) {
             vfloat acc = {0};
-            for (int s = 0; s < n; s++) acc += scores[s] * *(const vfloat *)(vh + (size_t)s * C + d);
+            for (int s = 0; s < n; s++)
+                acc += scores[s] * *(const vfloat *)(vh + (size_t)s * C + d);
             *(vfloat *)(ah + d) = acc * inv;
         }
         for (; d < hs; d++) {

@@ -51,7 +51,8 @@ micro_tile(float *c, const float *a, long rs, long cs, const float *b, int K, in
     int overwrite = flags & GEMM_OVERWRITE, relu = flags & GEMM_RELU;
 #define IN_TILE(r, v) ((r) < mr && (v) < nv)
 #define AT(r, v) (c + (size_t)(r) * ldc + (v) * VLEN)
-#define DECLARE(r, v) vfloat c##r##v = IN_TILE(r, v) && !overwrite ? *(const vfloat *)AT(r, v) : zero;
+#define DECLARE(r, v) \
+    vfloat c##r##v = IN_TILE(r, v) && !overwrite ? *(const vfloat *)AT(r, v) : zero;
     FOR_TILE(DECLARE)
     for (int p = 0; p < K; p++) {
         const float *brow = b + (size_t)p * ldb;
@@ -153,7 +154,8 @@ void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
                 float *ct = c + (size_t)i * N + j;
                 Strided At = {A.a + i * A.rs + k0 * A.cs, A.rs, A.cs};
                 const float *panel = panels + (size_t)jt * kc * NR;
-                if (nr % VLEN == 0) tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, mode);
+                if (nr % VLEN == 0)
+                    tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, mode);
                 else edge_tile(ct, At, panel, kc, N, mr, nr, mode);
             }
     }

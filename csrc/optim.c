@@ -43,7 +43,8 @@ double sum_squares(const float *x, long n) {
 void zero_floats(float *x, long n) {
     enum { CHUNK = 16384 };
     #pragma omp parallel for schedule(static) if (n > 65536)
-    for (long i = 0; i < n; i += CHUNK) memset(x + i, 0, sizeof(float) * (n - i < CHUNK ? n - i : CHUNK));
+    for (long i = 0; i < n; i += CHUNK)
+        memset(x + i, 0, sizeof(float) * (n - i < CHUNK ? n - i : CHUNK));
 }
 
 void scale_inplace(float *x, long n, float factor) {

@@ -22,8 +22,9 @@ def check_precision(precision):
 class Decoder:
     """A snapshot of a model's weights in the layout the C decode step reads
     (column panels, packed once here), plus its KV cache: values
-    (num_layers, seq_len, C), keys in the kernel's transposed layout. Later changes to the model's
-    weights are not seen: make a new Decoder after training further.
+    (num_layers, seq_len, C), keys in the kernel's transposed layout. Later
+    changes to the model's weights are not seen: make a new Decoder after
+    training further.
 
     precision "bf16" rounds the matrices to bfloat16 (8 significant bits) for
     decoding: half the memory to stream per token, logits within about 1e-2

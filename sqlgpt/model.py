@@ -13,7 +13,7 @@ import numpy as np
 
 from ._kernel import ffi, lib
 from .errors import SqlgptError
-from .tensor import ParameterSet, aligned_zeros, fptr, iptr, zero
+from .tensor import ParameterSet, aligned_zeros, fptr, iptr
 
 LAYER_COMPONENTS = ("q", "k", "v", "proj", "fc1", "fc2")
 PAD_ID = 0  # <pad>: never a target (the loss's ignore index)
