@@ -106,7 +106,7 @@ static void matvec(float *y, const float *x, const void *panels, int C, int OC, 
         float out[PANEL] __attribute__((aligned(64)));
         if (bf16) panel_matvec(out, x, panel, C, 1);
         else panel_matvec(out, x, panel, C, 0);
-        for (int j = 0; j < n; j++) y[j0 + j] = relu && out[j] < 0.0f ? 0.0f : out[j];
+        for (int j = 0; j < n; j++) y[j0 + j] = relu && !(out[j] > 0.0f) ? 0.0f : out[j];
     }
 }
 
