@@ -17,7 +17,11 @@ SOURCES = ["scratch.c", "matmul.c", "attention.c", "norm.c", "activation.c", "de
 
 
 def compile_flags():
-    flags = ["-O3", "-fopenmp", "-std=gnu11", "-fno-math-errno"]
+    # -fno-trapping-math: nothing here enables floating-point traps, and without
+    # it GCC will not if-convert a clamp next to a float-to-int conversion on
+    # targets without AVX-512 masks, so fast_expf's loops (softmax, the loss)
+    # stayed scalar on AVX2
+    flags = ["-O3", "-fopenmp", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math"]
     if not os.environ.get("SQLGPT_PORTABLE"):
         flags += ["-march=native", "-mprefer-vector-width=512"]
     if os.environ.get("SQLGPT_SANITIZE"):
