@@ -4,13 +4,24 @@
  * Every product is reduced to one routine, gemm: c (M,N) (+)= A (M,K) @ B (K,N),
  * row-major c, with both operands read through strides, so that transposes
  * (dweight = inp^T @ dout, dinp = dout @ W^T) need no copy and one tuned
- * routine serves forward, dinp and dweight. B is packed per K block into
- * contiguous column panels (zero-padded to whole panels), which the register
- * tile streams in order; A is read in place.
+ * routine serves forward, dinp and dweight. B is packed into contiguous
+ * column panels (zero-padded to whole panels), which the register tile
+ * streams in order; A is read in place, or packed into row tiles when it is a
+ * transposed operand.
+ *
+ * Three ways to share the work (gemm picks): many rows (forward, dinp: M is
+ * the token count) go in blocks of rows to the threads, each tile summing all
+ * of K at once; a long K (dweight: K is the token count) is split between
+ * the threads, each summing its share with no barrier until one final add;
+ * inside attention's parallel region, one thread runs the whole product.
  */
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 #include "kernel.h"
+
+/* The most threads split-K sums over (each holds an (M,N) partial sum). */
+#define MAX_THREADS 64
 
 /* Register tile: up to MR rows by NV vectors. With AVX-512 (32 registers)
  * that is 6 x 64 floats in 24 zmm accumulators, each k step loading 4
@@ -124,15 +135,35 @@ static void edge_tile(float *c, Strided A, const float *panel, int kc, int ldc, 
         }
 }
 
-/* c (M,N) (+)= A (M,K) @ B (K,N) (see kernel.h for flags). Tiles are independent
- * and each sums over k in order, so the result is the same for any thread
- * count. One parallel region for all K blocks: a region per block would cost
- * more than a block of a skinny product. Inside another parallel region
- * (attention) it runs on the calling thread alone. */
-void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
-    int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR;
-    float *packed = scratch(0, (size_t)nt * NR * (K < KC ? K : KC)); /* shared by the team */
-    #pragma omp parallel if ((long)M * N * K > 32768)
+/* The tile of c at (i, j) over a kc-deep panel. */
+static void any_tile(float *c, Strided A, const float *panel, int kc, int i, int j, int M, int N,
+                     int flags) {
+    int mr = M - i < MR ? M - i : MR, nr = N - j < NR ? N - j : NR;
+    float *ct = c + (size_t)i * N + j;
+    Strided At = {A.a + (size_t)i * A.rs, A.rs, A.cs};
+    if (nr % VLEN == 0) tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, flags);
+    else edge_tile(ct, At, panel, kc, N, mr, nr, flags);
+}
+
+/* Rows [i0, i0 + mr) and columns [k0, k0 + kc) of A as kc x MR (column k of
+ * the tile's rows together), for an A read across rows (a transposed
+ * operand), whose tile would otherwise touch a new cache line every k. */
+static Strided pack_rows(float *dst, Strided A, int i0, int mr, int k0, int kc) {
+    for (int p = 0; p < kc; p++)
+        for (int r = 0; r < mr; r++)
+            dst[p * MR + r] = A.a[(size_t)(i0 + r) * A.rs + (size_t)(k0 + p) * A.cs];
+    Strided packed = {dst, 1, MR};
+    return packed;
+}
+
+/* One thread: c (M,N) (+)= A @ B block by block over K, each B block packed
+ * into panels (or used in place when it already is one panel), and with
+ * pack_a each A block into row tiles. */
+static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int flags,
+                        int pack_a) {
+    int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR, kmax = K < KC ? K : KC;
+    float *packed = scratch(0, (size_t)nt * NR * kmax);
+    float *rows = pack_a ? scratch(6, (size_t)mt * MR * kmax) : NULL;
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
         /* overwrite on the first K block, relu after the last */
@@ -140,25 +171,93 @@ void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
         /* a B already laid out as one panel (attention's blocks) is used in place */
         int in_place = N == NR && B.rs == NR && B.cs == 1;
         const float *panels = in_place ? B.a + (size_t)k0 * NR : packed;
+        if (!in_place)
+            for (int jt = 0; jt < nt; jt++)
+                pack_panel(packed + (size_t)jt * kc * NR, B, k0, kc, jt * NR, N);
+        for (int it = 0; it < mt && pack_a; it++)
+            pack_rows(rows + (size_t)it * MR * kc, A, it * MR, M - it * MR < MR ? M - it * MR : MR,
+                      k0, kc);
+        for (int jt = 0; jt < nt; jt++) /* consecutive row tiles share a panel */
+            for (int it = 0; it < mt; it++) {
+                /* any_tile offsets A by the tile's first row: undo that for packed rows */
+                Strided At = pack_a ? (Strided){rows + (size_t)it * MR * kc - (size_t)it * MR, 1, MR}
+                                    : (Strided){A.a + (size_t)k0 * A.cs, A.rs, A.cs};
+                any_tile(c, At, panels + (size_t)jt * kc * NR, kc, it * MR, jt * NR, M, N, mode);
+            }
+    }
+}
+
+/* Row tiles per block in the parallel product: a block's rows of A (RB * MR
+ * x K) stay in L1/L2 while every panel of B passes over them. */
+#define RB 4
+
+/* Both threads over one product: all of B packed once (each panel K deep),
+ * then blocks of rows x one panel each, every tile summing the whole K in
+ * registers, so c is written once and never read back (with OVERWRITE). */
+static void gemm_rows(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
+    int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR, mb = (mt + RB - 1) / RB;
+    int in_place = N == NR && B.rs == NR && B.cs == 1;
+    float *packed = in_place ? NULL : scratch(0, (size_t)nt * NR * K); /* shared by the team */
+    const float *panels = in_place ? B.a : packed;
+    #pragma omp parallel
+    {
         if (!in_place) {
             #pragma omp for schedule(static)
             for (int jt = 0; jt < nt; jt++)
-                pack_panel(packed + (size_t)jt * kc * NR, B, k0, kc, jt * NR, N);
+                pack_panel(packed + (size_t)jt * K * NR, B, 0, K, jt * NR, N);
         }
-        /* column panel outer, row tile inner: consecutive tiles share a panel */
         #pragma omp for collapse(2) schedule(static)
-        for (int jt = 0; jt < nt; jt++)
-            for (int it = 0; it < mt; it++) {
-                int i = it * MR, j = jt * NR;
-                int mr = M - i < MR ? M - i : MR, nr = N - j < NR ? N - j : NR;
-                float *ct = c + (size_t)i * N + j;
-                Strided At = {A.a + i * A.rs + k0 * A.cs, A.rs, A.cs};
-                const float *panel = panels + (size_t)jt * kc * NR;
-                if (nr % VLEN == 0)
-                    tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, mode);
-                else edge_tile(ct, At, panel, kc, N, mr, nr, mode);
-            }
+        for (int ib = 0; ib < mb; ib++)
+            for (int jt = 0; jt < nt; jt++)
+                for (int it = ib * RB; it < mt && it < (ib + 1) * RB; it++)
+                    any_tile(c, A, panels + (size_t)jt * K * NR, K, it * MR, jt * NR, M, N,
+                             flags);
     }
+}
+
+/* A long K (dweight: K is the token count) split between the threads: each
+ * sums its share of K into its own (M,N) buffer with no barrier between K
+ * blocks, then the partial sums are added in thread order. */
+static void gemm_split_k(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
+    float *parts[MAX_THREADS];
+    int nth = omp_get_max_threads() < MAX_THREADS ? omp_get_max_threads() : MAX_THREADS;
+    #pragma omp parallel num_threads(nth)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int k0 = (int)((long)K * t / n), k1 = (int)((long)K * (t + 1) / n);
+        Strided At = {A.a + (size_t)k0 * A.cs, A.rs, A.cs};
+        Strided Bt = {B.a + (size_t)k0 * B.rs, B.rs, B.cs};
+        /* thread 0 sums into c itself; the others into their own buffers */
+        parts[t] = t == 0 ? c : scratch(5, (size_t)M * N);
+        gemm_serial(parts[t], At, Bt, M, N, k1 - k0,
+                    t == 0 ? flags & GEMM_OVERWRITE : GEMM_OVERWRITE, A.cs != 1);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int i = 0; i < M; i++) {
+            float *row = c + (size_t)i * N;
+            for (int p = 1; p < n; p++) {
+                const float *part = parts[p] + (size_t)i * N;
+                #pragma omp simd
+                for (int j = 0; j < N; j++) row[j] += part[j];
+            }
+            if (flags & GEMM_RELU)
+                for (int j = 0; j < N; j++) row[j] = row[j] > 0.0f ? row[j] : 0.0f;
+        }
+    }
+}
+
+/* c (M,N) (+)= A (M,K) @ B (K,N) (see kernel.h for flags). Inside another
+ * parallel region (attention), or when too small to share, it runs on the
+ * calling thread alone; a K much longer than M and N is split between the
+ * threads, anything else shares out blocks of rows. Each element's sum runs
+ * over k in a fixed order for a given thread count. */
+void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
+    if (omp_in_parallel() || (long)M * N * K <= 32768 || omp_get_max_threads() == 1)
+        gemm_serial(c, A, B, M, N, K, flags, 0);
+    else if (K >= M && K >= N)
+        gemm_split_k(c, A, B, M, N, K, flags);
+    else
+        gemm_rows(c, A, B, M, N, K, flags);
 }
 
 void matmul_forward(float *out, const float *inp, const float *weight,

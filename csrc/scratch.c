@@ -4,8 +4,9 @@
 #include <stdlib.h>
 #include "kernel.h"
 
-#define SLOTS 5 /* 0: matmul packed B, 1: decode rows, 2: attention heads, 3: loss rows,
-                 * 4: decode scores */
+#define SLOTS 7 /* 0: matmul packed B, 1: decode rows, 2: attention heads, 3: loss rows,
+                 * 4: decode scores, 5: split-K partial sums,
+                 * 6: matmul packed A */
 
 static __thread float *buffers[SLOTS];
 static __thread size_t sizes[SLOTS];

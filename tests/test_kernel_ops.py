@@ -26,8 +26,10 @@ def zeros_like(a):
     return np.zeros_like(a, dtype=np.float32)
 
 
-# several K blocks (of 256) with partial panels: (21, 1100, 70) in forward and
-# dinp, (600, 40, 50) and (1000, 96, 200) in dweight
+# several K blocks (of 192) with partial panels: (21, 1100, 70) in forward and
+# dinp; (21, 1100, 70), (600, 40, 50) and (1000, 96, 200) take the split-K
+# path (K far longer than M and N) in dweight, (200, 512, 128) the row blocks
+# with one 512-deep panel
 @pytest.mark.parametrize("N,C,OC", [(1, 8, 8), (7, 13, 29), (64, 128, 428), (200, 512, 128),
                                     (33, 70, 300), (21, 1100, 70), (600, 40, 50),
                                     (1000, 96, 200)])
@@ -49,10 +51,11 @@ def test_matmul(rng, N, C, OC, with_bias):
         assert rel_err(db, tb.grad) < TOL
 
 
-@pytest.mark.parametrize("N,C,OC", [(7, 13, 29), (64, 128, 512), (33, 700, 50)])
+@pytest.mark.parametrize("N,C,OC", [(7, 13, 29), (64, 128, 512), (33, 700, 50), (7, 700, 29)])
 def test_matmul_relu_forward(rng, N, C, OC):
     """The fused fc1 + ReLU; with C = 700 the clamp must wait for the last K
-    block (a partial sum may change sign)."""
+    block (a partial sum may change sign), and with (7, 700, 29) for the
+    split-K partial sums to be added."""
     x, w = f32(rng, N, C), f32(rng, C, OC)
     out = f32(rng, N, OC)  # stale values: overwritten
     lib.matmul_relu_forward(fptr(out), fptr(x), fptr(w), N, C, OC)
@@ -60,15 +63,16 @@ def test_matmul_relu_forward(rng, N, C, OC):
     assert rel_err(out, ref) < TOL and (out >= 0).all()
 
 
-def test_matmul_backward_accumulates(rng):
-    x, w, dout = f32(rng, 9, 16), f32(rng, 16, 24), f32(rng, 9, 24)
-    dx, dw = f32(rng, 9, 16), f32(rng, 16, 24)
+@pytest.mark.parametrize("N,C,OC", [(9, 16, 24), (1000, 40, 48)])  # one thread; split-K
+def test_matmul_backward_accumulates(rng, N, C, OC):
+    x, w, dout = f32(rng, N, C), f32(rng, C, OC), f32(rng, N, OC)
+    dx, dw = f32(rng, N, C), f32(rng, C, OC)
     dx0, dw0 = dx.copy(), dw.copy()
-    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), 9, 16, 24, 1)
+    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), N, C, OC, 1)
     assert rel_err(dx - dx0, dout.astype(np.float64) @ w.T) < TOL
     assert rel_err(dw - dw0, x.T.astype(np.float64) @ dout) < TOL
     # without dinp_accumulate dinp is overwritten; weight gradients still add up
-    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), 9, 16, 24, 0)
+    lib.matmul_backward(fptr(dx), fptr(dw), NULL, fptr(dout), fptr(x), fptr(w), N, C, OC, 0)
     assert rel_err(dx, dout.astype(np.float64) @ w.T) < TOL
     assert rel_err(dw - dw0, 2 * (x.T.astype(np.float64) @ dout)) < TOL
 
