@@ -112,9 +112,9 @@ static void matvec(float *y, const float *x, const void *panels, int C, int OC, 
 
 /* x += branch, then ln = layernorm(x). */
 static void residual_norm(float *x, float *ln, const float *branch, int C, float eps) {
-    float mean, rstd;
+    float mean;
     for (int c = 0; c < C; c++) x[c] += branch[c];
-    layernorm_forward(ln, &mean, &rstd, x, NULL, NULL, 1, C, eps);
+    layernorm_row(ln, &mean, x, NULL, NULL, C, eps);
 }
 
 /* Keys are cached transposed per head, (num_layers, NH, hs, key_stride),
@@ -187,10 +187,10 @@ void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
     {
         /* this thread's x, ln (C each) and attention scores (Tk) */
         float *x = scratch(4, (size_t)2 * C + Tk), *ln = x + C, *scores = ln + C;
-        float mean, rstd;
+        float mean;
         for (int c = 0; c < C; c++)
             x[c] = m->wte[(size_t)token * C + c] + m->wpe[(size_t)pos * C + c];
-        layernorm_forward(ln, &mean, &rstd, x, NULL, NULL, 1, C, m->ln_eps);
+        layernorm_row(ln, &mean, x, NULL, NULL, C, m->ln_eps);
         for (int l = 0; l < m->num_layers; l++) {
             float *kt = kcache + (size_t)l * C * Tk;
             float *vc = vcache + (size_t)l * m->max_T * C;

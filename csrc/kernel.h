@@ -50,6 +50,10 @@ typedef struct { const float *a; long rs, cs; } Strided;
 enum { GEMM_OVERWRITE = 1, GEMM_RELU = 2 };
 void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags);
 
+/* Layer normalization of one row of C (norm.c); returns its rstd. */
+float layernorm_row(float *y, float *mean, const float *x, const float *weight,
+                    const float *bias, int C, float eps);
+
 /* Grows a per-thread scratch buffer; slot picks one of a few independent buffers. */
 float *scratch(int slot, size_t nfloats);
 

@@ -5,28 +5,33 @@
 #include <math.h>
 #include "kernel.h"
 
+/* One row: y = normalized x (with gain and bias if given); returns rstd and
+ * stores the mean. Decoding calls it directly, inside its own parallel region. */
+float layernorm_row(float *y, float *mean, const float *x, const float *weight,
+                    const float *bias, int C, float eps) {
+    float m = 0.0f;
+    #pragma omp simd reduction(+ : m)
+    for (int j = 0; j < C; j++) m += x[j];
+    m /= C;
+    float var = 0.0f; /* two passes: no cancellation for large means */
+    #pragma omp simd reduction(+ : var)
+    for (int j = 0; j < C; j++) var += (x[j] - m) * (x[j] - m);
+    float s = 1.0f / sqrtf(var / C + eps);
+    for (int j = 0; j < C; j++) {
+        float n = (x[j] - m) * s;
+        y[j] = n * (weight ? weight[j] : 1.0f) + (bias ? bias[j] : 0.0f);
+    }
+    *mean = m;
+    return s;
+}
+
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *weight, const float *bias, int N, int C,
                        float eps) {
     #pragma omp parallel for schedule(static) if ((long)N * C > 65536)
-    for (int i = 0; i < N; i++) {
-        const float *x = inp + (size_t)i * C;
-        float *y = out + (size_t)i * C;
-        float m = 0.0f;
-        #pragma omp simd reduction(+ : m)
-        for (int j = 0; j < C; j++) m += x[j];
-        m /= C;
-        float var = 0.0f; /* two passes: no cancellation for large means */
-        #pragma omp simd reduction(+ : var)
-        for (int j = 0; j < C; j++) var += (x[j] - m) * (x[j] - m);
-        float s = 1.0f / sqrtf(var / C + eps);
-        for (int j = 0; j < C; j++) {
-            float n = (x[j] - m) * s;
-            y[j] = n * (weight ? weight[j] : 1.0f) + (bias ? bias[j] : 0.0f);
-        }
-        mean[i] = m;
-        rstd[i] = s;
-    }
+    for (int i = 0; i < N; i++)
+        rstd[i] = layernorm_row(out + (size_t)i * C, mean + i, inp + (size_t)i * C, weight, bias,
+                                C, eps);
 }
 
 void layernorm_backward(float *dinp, float *dweight, float *dbias,
