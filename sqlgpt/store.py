@@ -9,11 +9,11 @@ only ever see the previous checkpoint or the new one.
 """
 import contextlib
 import fcntl
-import itertools
 import json
 import math
 import os
 import sqlite3
+import weakref
 import zlib
 from pathlib import Path
 
@@ -66,8 +66,10 @@ KEY_COLUMNS = {"embeddings": ("type", "position"), "layers": ("layer", "componen
 INSERT_SQL = {table: f"INSERT INTO {table} (data, m, v, crc, {', '.join(keys)}) "
                      f"VALUES ({', '.join('?' * (len(keys) + 4))})"
               for table, keys in KEY_COLUMNS.items()}
-# later checkpoints rewrite the rows in place: no pages freed and reallocated
-UPDATE_SQL = {table: f"UPDATE {table} SET data = ?, m = ?, v = ?, crc = ? WHERE "
+# later checkpoints rewrite the rows in place: no pages freed and reallocated.
+# Each row is found by its rowid (read in the same transaction), which skips
+# the key index; the key must still match, so a row never lands elsewhere.
+UPDATE_SQL = {table: f"UPDATE {table} SET data = ?, m = ?, v = ?, crc = ? WHERE rowid = ? AND "
                      + " AND ".join(f"{k} = ?" for k in keys)
               for table, keys in KEY_COLUMNS.items()}
 SELECT_SQL = {table: f"SELECT {', '.join(keys)}, data, m, v, crc FROM {table} "
@@ -103,17 +105,56 @@ def row_crcs(t):
     return out.tolist()
 
 
-def weight_rows(params):
-    """{table: [(data, m, v, crc, *key, i)]}: every matrix row of every
-    parameter. The BLOBs are numpy row views, which sqlite3 reads through the
-    buffer protocol without a copy."""
-    rows = {table: [] for table in WEIGHT_TABLES}
-    for t in params:
+# A parameter set's rows as memoryviews, made once per set: its arenas never
+# move, so the same views serve every checkpoint, and sqlite3 reads a
+# memoryview through the buffer protocol with none of the per-call work a
+# numpy view's buffer costs.
+_ROW_COLUMNS = weakref.WeakKeyDictionary()
+
+
+def _in_key_order(params):
+    return sorted(params, key=lambda t: row_key(t.name))
+
+
+def _row_columns(params):
+    """{table: [data, m, v, *key columns]}: per-table column lists, rows in
+    the tables' key order (the order of SELECT ... ORDER BY the key)."""
+    columns = _ROW_COLUMNS.get(params)
+    if columns is not None:
+        return columns
+    columns = {table: [[] for _ in range(3 + len(keys))] for table, keys in KEY_COLUMNS.items()}
+    in_place = True
+    for t in _in_key_order(params):
         table, key = row_key(t.name)
-        data, m, v = (list(_stored(buf)) for buf in (t.data, t.m, t.v))
-        keys = (itertools.repeat(k) for k in key)
-        rows[table].extend(zip(data, m, v, row_crcs(t), *keys, range(len(data))))
+        stored = [_stored(buf) for buf in (t.data, t.m, t.v)]
+        in_place &= all(s is buf for s, buf in zip(stored, (t.data, t.m, t.v)))
+        n = t.shape[0]
+        values = [list(map(memoryview, s)) for s in stored] + [[k] * n for k in key] + [range(n)]
+        for column, part in zip(columns[table], values):
+            column.extend(part)
+    if in_place:  # a big-endian host stores copies: those must be made afresh each time
+        _ROW_COLUMNS[params] = columns
+    return columns
+
+
+def weight_rows(params, rowids=None):
+    """{table: [(data, m, v, crc, *key, i)]}: every matrix row of every
+    parameter, in key order; with rowids ({table: [rowid]} in key order),
+    (data, m, v, crc, rowid, *key, i), as UPDATE_SQL takes them."""
+    crcs = {table: [] for table in WEIGHT_TABLES}
+    for t in _in_key_order(params):
+        crcs[row_key(t.name)[0]].extend(row_crcs(t))
+    rows = {}
+    for table, (data, m, v, *keys) in _row_columns(params).items():
+        extra = [rowids[table]] if rowids else []
+        rows[table] = list(zip(data, m, v, crcs[table], *extra, *keys))
     return rows
+
+
+def table_rowids(conn, table):
+    """The rowids of a weight table in key order."""
+    return [r[0] for r in conn.execute(f"SELECT rowid FROM {table} "
+                                       f"ORDER BY {', '.join(KEY_COLUMNS[table])}")]
 
 
 # ---- errors and locks ----
@@ -306,10 +347,9 @@ def create_database(path, model, tokenizer, state, overwrite=False):
 def save_checkpoint(conn, model, state, train_loss, val_loss):
     """One transaction: config, every weight row with its moments, the training
     state and a checkpoints row. All of it commits, or none of it."""
-    rows = weight_rows(model.params)
     with sqlite_errors("cannot save the checkpoint (the previous one is intact)"), \
             _durable(conn):
-        _write_checkpoint(conn, model, state, rows, train_loss, val_loss)
+        _write_checkpoint(conn, model, state, train_loss, val_loss)
 
 
 @contextlib.contextmanager
@@ -323,13 +363,17 @@ def _durable(conn):
         conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def _write_checkpoint(conn, model, state, rows, train_loss, val_loss):
+def _write_checkpoint(conn, model, state, train_loss, val_loss):
     try:
         conn.execute("BEGIN IMMEDIATE")
+        rowids = {table: table_rowids(conn, table) for table in WEIGHT_TABLES}
+        rows = weight_rows(model.params, rowids)
         conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
                          model.cfg.to_dict().items())
         for table in WEIGHT_TABLES:
-            if conn.executemany(UPDATE_SQL[table], rows[table]).rowcount != len(rows[table]):
+            expected = len(_row_columns(model.params)[table][0])
+            if len(rowids[table]) != expected or \
+                    conn.executemany(UPDATE_SQL[table], rows[table]).rowcount != expected:
                 raise SqlgptError(f"the {table} table does not have the model's rows")
         conn.executemany("INSERT OR REPLACE INTO train_state (key, value) VALUES (?, ?)",
                          [(k, json.dumps(v)) for k, v in state.items()])

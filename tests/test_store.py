@@ -207,3 +207,49 @@ def test_a_failed_checkpoint_leaves_the_previous_one(trained_db, tmp_path):
     reloaded = sqlgpt.load(db)
     np.testing.assert_array_equal(reloaded.state_dict()["head"], good["head"])
     assert reloaded.step == 30
+
+
+def open_for_writing(db):
+    conn = store.open_database(db, readonly=False)
+    model = GPT(store.read_config(conn))
+    store.read_weights(conn, model)
+    return conn, model, store.read_train_state(conn)
+
+
+def test_checkpoints_find_rows_whose_rowids_moved(trained_db, tmp_path):
+    """Rows are rewritten by rowid, read in the same transaction: a row that
+    was deleted and inserted again (a new rowid, out of key order) still gets
+    its own values."""
+    db = copy_db(trained_db, tmp_path)
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TEMP TABLE moved AS SELECT * FROM layers WHERE layer = 0 AND i < 3")
+        conn.execute("DELETE FROM layers WHERE layer = 0 AND i < 3")
+        conn.execute("INSERT INTO layers (layer, component, i, data, m, v, crc) "
+                     "SELECT layer, component, i, data, m, v, crc FROM moved ORDER BY i DESC")
+    conn, model, state = open_for_writing(db)
+    for t in model.params:
+        t.data[...] = np.arange(t.data.size, dtype=np.float32).reshape(t.shape) + len(t.name)
+    state["step"] += 1
+    store.save_checkpoint(conn, model, state, 1.0, None)
+    conn.close()
+    reloaded = sqlgpt.load(db).state_dict()
+    for t in model.params:
+        np.testing.assert_array_equal(reloaded[t.name], t.data)
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM layers WHERE layer = 1 AND component = 'fc2' AND i = 5",
+                                 "UPDATE layers SET component = 'zz' WHERE layer = 1 AND "
+                                 "component = 'fc2' AND i = 5"])
+def test_a_checkpoint_into_a_table_without_the_models_rows_is_refused(trained_db, tmp_path, sql):
+    db = copy_db(trained_db, tmp_path)
+    conn, model, state = open_for_writing(db)
+    conn.execute(sql)
+    row = "SELECT data FROM embeddings WHERE type = 'wte' AND position = 1"
+    before = conn.execute(row).fetchone()[0]
+    model.params["wte"].data[...] += 1.0  # embeddings are written before layers: rolled back
+    state["step"] += 1
+    with pytest.raises(SqlgptError, match="layers table does not have the model's rows"):
+        store.save_checkpoint(conn, model, state, 1.0, None)
+    assert conn.execute(row).fetchone()[0] == before
+    assert conn.execute("SELECT max(step) FROM checkpoints").fetchone()[0] == state["step"] - 1
+    conn.close()
