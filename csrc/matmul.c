@@ -162,6 +162,8 @@ static Strided pack_rows(float *dst, Strided A, int i0, int mr, int k0, int kc) 
 static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int flags,
                         int pack_a) {
     int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR, kmax = K < KC ? K : KC;
+    if (K == 0 && flags & GEMM_OVERWRITE) /* an empty sum (a split-K share can be empty) */
+        memset(c, 0, sizeof(float) * (size_t)M * N);
     float *packed = scratch(0, (size_t)nt * NR * kmax);
     float *rows = pack_a ? scratch(6, (size_t)mt * MR * kmax) : NULL;
     for (int k0 = 0; k0 < K; k0 += KC) {

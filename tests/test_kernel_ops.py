@@ -1,5 +1,9 @@
 """Every kernel op's forward and backward against PyTorch (float64 reference)
 on fresh random inputs: relative error below 1e-5."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +53,30 @@ def test_matmul(rng, N, C, OC, with_bias):
     assert rel_err(dw, tw.grad) < TOL
     if with_bias:
         assert rel_err(db, tb.grad) < TOL
+
+
+SPLIT_K_MANY_THREADS = """
+import numpy as np
+from sqlgpt._kernel import ffi, lib
+from sqlgpt.tensor import fptr
+rng = np.random.default_rng(0)
+C = OC = 33
+w = np.zeros((C, OC), np.float32)
+for N in (4000, 40):  # the first call leaves every thread's partial sums in its scratch;
+    # in the second, split-K over 64 threads leaves some shares of the 40 rows empty
+    x, dout = rng.standard_normal((N, C), np.float32), rng.standard_normal((N, OC), np.float32)
+    dw = np.full((C, OC), 1.0, np.float32)
+    lib.matmul_backward(ffi.NULL, fptr(dw), ffi.NULL, fptr(dout), fptr(x), fptr(w), N, C, OC, 0)
+expected = 1.0 + x.T.astype(np.float64) @ dout
+print(np.abs(dw - expected).max() / np.abs(expected).max())
+"""
+
+
+def test_split_k_with_more_threads_than_rows_to_share():
+    env = {**os.environ, "OMP_NUM_THREADS": "64"}
+    out = subprocess.run([sys.executable, "-c", SPLIT_K_MANY_THREADS], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert float(out) < TOL
 
 
 @pytest.mark.parametrize("N,C,OC", [(7, 13, 29), (64, 128, 512), (33, 700, 50), (7, 700, 29)])
