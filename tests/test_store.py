@@ -46,7 +46,8 @@ def test_blob_rows_are_little_endian_float32_of_the_weights(trained_db):
     np.testing.assert_array_equal(np.frombuffer(blob, "<f4"), model.state_dict()["layers.1.q"][3])
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (9, 7), (130, 64), (700, 33)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (9, 7), (3, 16), (4, 20), (5, 31), (130, 64),
+                                   (700, 33), (2, 1001)])
 def test_kernel_row_checksums_are_zlibs(rng, shape):
     """The kernel's CRC-32 of every row (data || m || v) against zlib's."""
     from sqlgpt.tensor import ParameterSet
