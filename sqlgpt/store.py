@@ -76,13 +76,18 @@ SELECT_SQL = {table: f"SELECT {', '.join(keys)}, data, m, v, crc FROM {table} "
                      f"ORDER BY {', '.join(keys)}"
               for table, keys in KEY_COLUMNS.items()}
 # Loading reads each table twice in one snapshot: how many rows each parameter
-# has, then the rows with only their index, so that no per-row key objects
-# are built (the load is bound by Python work per row, not by bytes).
-GROUPS_SQL = {table: f"SELECT {', '.join(keys[:-1] + ('count(*)',))} FROM {table}"
+# has and the range of their indices, then the rows without any key, so that
+# no per-row key objects are built (the load is bound by the work per row,
+# not by bytes).
+GROUPS_SQL = {table: f"SELECT {', '.join(keys[:-1])}{', ' if len(keys) > 1 else ''}"
+                     f"count(*), min({keys[-1]}), max({keys[-1]}), "
+                     f"total(typeof({keys[-1]}) != 'integer') FROM {table}"
                      + (f" GROUP BY {', '.join(keys[:-1])} ORDER BY {', '.join(keys[:-1])}"
                         if len(keys) > 1 else "")
               for table, keys in KEY_COLUMNS.items()}
-ROWS_SQL = {table: f"SELECT {keys[-1]}, data, m, v, crc FROM {table} ORDER BY {', '.join(keys)}"
+# the row index is not fetched: a group of n distinct integer indices (the
+# primary key) from 0 to n - 1 is exactly 0..n-1, and rows come in index order
+ROWS_SQL = {table: f"SELECT data, m, v, crc FROM {table} ORDER BY {', '.join(keys)}"
             for table, keys in KEY_COLUMNS.items()}
 
 
@@ -448,8 +453,9 @@ def read_weights(conn, model):
             groups = conn.execute(GROUPS_SQL[table]).fetchall()
             rows = conn.execute(ROWS_SQL[table]).fetchall()
             start = 0
-            for *key, count in groups:
-                found[_param_name(table, key)] = rows[start:start + count]
+            for *key, count, first, last, non_integers in groups:
+                index_range = (first, last) if not non_integers else None
+                found[_param_name(table, key)] = (rows[start:start + count], index_range)
                 start += count
     except sqlite3.DatabaseError as e:
         raise SqlgptError(f"cannot read weights: {e}") from None
@@ -458,7 +464,7 @@ def read_weights(conn, model):
     if unknown:
         raise SqlgptError(f"weights for unknown parameter(s): {', '.join(sorted(unknown))}")
     for t in model.params:
-        _fill(t, found.get(t.name, []))
+        _fill(t, *found.get(t.name, ([], None)))
     _check_values(model.params)
 
 
@@ -478,25 +484,31 @@ def _check_values(params):
             raise SqlgptError(f"weights of {t.name} are damaged: negative Adam second moment")
 
 
-def _fill(t, rows):
-    """Copy one parameter's rows (index, data, m, v, crc) into its buffers.
-    The checks run as C-level maps over columns: this is the hot path of
-    every load."""
+def _fill(t, rows, index_range):
+    """Copy one parameter's rows (data, m, v, crc), whose integer indices run
+    over index_range (first, last), into its buffers. This is the hot path of every load: the
+    whole copy and its checksums come first, and only when they fail are the
+    rows examined one by one, to say what is wrong."""
     nrows, ncols = t.shape
-    index, data, m, v, crc = zip(*rows) if rows else ((),) * 5
-    if index != tuple(range(nrows)):
+    if len(rows) != nrows or (nrows and index_range != (0, nrows - 1)):
         raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "
                           f"found {len(rows)}")
+    data, m, v, crc = zip(*rows) if rows else ((),) * 4
+    try:
+        columns = [b"".join(column) for column in (data, m, v)]  # refuses what is not bytes
+    except TypeError:
+        columns = None
+    if columns and all(len(c) == 4 * t.data.size for c in columns):
+        for column, buf in zip(columns, (t.data, t.m, t.v)):
+            buf[...] = np.frombuffer(column, dtype="<f4").reshape(t.shape)
+        if row_crcs(t) == list(crc):  # over the copied rows: the same bytes, in one call
+            return
     for column in (data, m, v):
         if set(map(type, column)) != {bytes} or set(map(len, column)) != {4 * ncols}:
             raise SqlgptError(f"weights of {t.name} are damaged: a row is not {ncols} "
                               f"float32 values")
-    for column, buf in ((data, t.data), (m, t.m), (v, t.v)):
-        buf[...] = np.frombuffer(b"".join(column), dtype="<f4").reshape(t.shape)
-    computed = row_crcs(t)  # over the copied rows: the same bytes, checked in one call
-    if computed != list(crc):
-        bad = next(i for i, (a, b) in enumerate(zip(computed, crc)) if a != b)
-        raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
+    bad = next(i for i, (a, b) in enumerate(zip(row_crcs(t), crc)) if a != b)
+    raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
 
 
 def _param_name(table, key):

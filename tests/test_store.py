@@ -95,6 +95,15 @@ def damage(db, sql):
     ("PRAGMA application_id = 7", "not a sqlgpt database"),
     ("DROP TABLE metrics", "missing table"),
     ("UPDATE head SET data = zeroblob(length(data)) WHERE i = 0", "checksum"),
+    # rows 0..n-1 by count, min and max, but one index is not an integer
+    ("UPDATE layers SET i = 2.5 WHERE layer = 0 AND component = 'q' AND i = 2", "expected rows"),
+    ("UPDATE embeddings SET position = 'x' WHERE type = 'wpe' AND position = 3", "expected rows"),
+    # a row one value short and the next one long: the total length is right
+    ("UPDATE layers SET data = CASE i WHEN 0 THEN substr(data, 1, length(data) - 4) "
+     "ELSE CAST(data || x'00000000' AS BLOB) END WHERE layer = 0 AND component = 'k' AND i < 2",
+     "a row is not 32 float32 values"),
+    ("UPDATE layers SET m = 7 WHERE layer = 1 AND component = 'v' AND i = 0",
+     "a row is not 32 float32 values"),
 ])
 def test_damaged_databases_are_refused(trained_db, tmp_path, sql, message):
     db = copy_db(trained_db, tmp_path)
