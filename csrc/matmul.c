@@ -20,9 +20,6 @@
 #include <omp.h>
 #include "kernel.h"
 
-/* The most threads split-K sums over (each holds an (M,N) partial sum). */
-#define MAX_THREADS 64
-
 /* Register tile: up to MR rows by NV vectors. With AVX-512 (32 registers)
  * that is 6 x 64 floats in 24 zmm accumulators, each k step loading 4
  * vectors of b and broadcasting 6 scalars of a: 24 FMAs per 10 loads (a 4 x 4
@@ -162,8 +159,11 @@ static Strided pack_rows(float *dst, Strided A, int i0, int mr, int k0, int kc) 
 static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int flags,
                         int pack_a) {
     int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR, kmax = K < KC ? K : KC;
-    if (K == 0 && flags & GEMM_OVERWRITE) /* an empty sum (a split-K share can be empty) */
-        memset(c, 0, sizeof(float) * (size_t)M * N);
+    if (K == 0) { /* an empty sum (a split-K share can be empty) */
+        for (size_t i = 0; i < (size_t)M * N; i++)
+            c[i] = flags & GEMM_OVERWRITE || (flags & GEMM_RELU && !(c[i] > 0.0f)) ? 0.0f : c[i];
+        return;
+    }
     float *packed = scratch(0, (size_t)nt * NR * kmax);
     float *rows = pack_a ? scratch(6, (size_t)mt * MR * kmax) : NULL;
     for (int k0 = 0; k0 < K; k0 += KC) {
@@ -221,9 +221,11 @@ static void gemm_rows(float *c, Strided A, Strided B, int M, int N, int K, int f
  * sums its share of K into its own (M,N) buffer with no barrier between K
  * blocks, then the partial sums are added in thread order. */
 static void gemm_split_k(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
-    float *parts[MAX_THREADS];
-    int nth = omp_get_max_threads() < MAX_THREADS ? omp_get_max_threads() : MAX_THREADS;
-    #pragma omp parallel num_threads(nth)
+    /* the default team, as every other region uses: a team of another size
+     * would make OpenMP end and restart pool threads, and with them their
+     * per-thread scratch buffers */
+    float *parts[omp_get_max_threads()];
+    #pragma omp parallel
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         int k0 = (int)((long)K * t / n), k1 = (int)((long)K * (t + 1) / n);

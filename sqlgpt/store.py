@@ -80,13 +80,15 @@ SELECT_SQL = {table: f"SELECT {', '.join(keys)}, data, m, v, crc FROM {table} "
 # no per-row key objects are built (the load is bound by the work per row,
 # not by bytes).
 GROUPS_SQL = {table: f"SELECT {', '.join(keys[:-1])}{', ' if len(keys) > 1 else ''}"
-                     f"count(*), min({keys[-1]}), max({keys[-1]}), "
+                     f"count(*), count(DISTINCT {keys[-1]}), min({keys[-1]}), max({keys[-1]}), "
                      f"total(typeof({keys[-1]}) != 'integer') FROM {table}"
                      + (f" GROUP BY {', '.join(keys[:-1])} ORDER BY {', '.join(keys[:-1])}"
                         if len(keys) > 1 else "")
               for table, keys in KEY_COLUMNS.items()}
-# the row index is not fetched: a group of n distinct integer indices (the
-# primary key) from 0 to n - 1 is exactly 0..n-1, and rows come in index order
+# the row index is not fetched: a group of n distinct integer indices from 0
+# to n - 1 is exactly 0..n-1 (distinct is checked, not assumed from the
+# primary key: a damaged index or a table made elsewhere may repeat one), and
+# rows come in index order
 ROWS_SQL = {table: f"SELECT data, m, v, crc FROM {table} ORDER BY {', '.join(keys)}"
             for table, keys in KEY_COLUMNS.items()}
 
@@ -453,8 +455,8 @@ def read_weights(conn, model):
             groups = conn.execute(GROUPS_SQL[table]).fetchall()
             rows = conn.execute(ROWS_SQL[table]).fetchall()
             start = 0
-            for *key, count, first, last, non_integers in groups:
-                index_range = (first, last) if not non_integers else None
+            for *key, count, distinct, first, last, non_integers in groups:
+                index_range = (first, last) if distinct == count and not non_integers else None
                 found[_param_name(table, key)] = (rows[start:start + count], index_range)
                 start += count
     except sqlite3.DatabaseError as e:

@@ -79,6 +79,41 @@ def test_split_k_with_more_threads_than_rows_to_share():
     assert float(out) < TOL
 
 
+SCRATCH_OF_EXITED_THREADS = """
+import os, threading
+import numpy as np
+from sqlgpt._kernel import lib
+from sqlgpt.tensor import fptr
+B, T, C, NH = 2, 2048, 256, 4   # attention scratch: about 2.7 MB per thread
+q = np.random.default_rng(0).standard_normal((B, T, C), np.float32)
+out, lse = np.empty_like(q), np.empty((B, NH, T), np.float32)
+def attend():
+    lib.attention_forward(fptr(out), fptr(lse), fptr(q), fptr(q), fptr(q), B, T, C, NH)
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def in_new_threads(n):
+    for _ in range(n):
+        t = threading.Thread(target=attend)
+        t.start()
+        t.join()
+in_new_threads(5)
+before = rss_mb()
+in_new_threads(30)
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer keeps freed memory in quarantine")
+def test_scratch_of_exited_threads_is_freed():
+    """Each Python thread that runs a kernel gets its own scratch buffers (and
+    OpenMP gives it its own pool threads); they must go when the threads do."""
+    out = subprocess.run([sys.executable, "-c", SCRATCH_OF_EXITED_THREADS],
+                         capture_output=True, text=True, check=True).stdout
+    assert float(out) < 20  # MB; 125 when they were kept
+
+
 @pytest.mark.parametrize("N,C,OC", [(7, 13, 29), (64, 128, 512), (33, 700, 50), (7, 700, 29)])
 def test_matmul_relu_forward(rng, N, C, OC):
     """The fused fc1 + ReLU; with C = 700 the clamp must wait for the last K

@@ -112,6 +112,20 @@ def test_damaged_databases_are_refused(trained_db, tmp_path, sql, message):
         sqlgpt.load(db)
 
 
+def test_a_repeated_row_index_is_refused(trained_db, tmp_path):
+    """A layers table made without its primary key, holding row 0 twice and no
+    row 1: count, range and type of the indices alone would pass it."""
+    db = copy_db(trained_db, tmp_path)
+    damage(db, "CREATE TABLE loose AS SELECT * FROM layers")
+    damage(db, "DROP TABLE layers")
+    damage(db, "ALTER TABLE loose RENAME TO layers")
+    damage(db, "DELETE FROM layers WHERE layer = 0 AND component = 'q' AND i = 1")
+    damage(db, "INSERT INTO layers SELECT * FROM layers WHERE layer = 0 AND component = 'q' "
+               "AND i = 0")  # a whole copy, checksum included
+    with pytest.raises(SqlgptError, match="expected rows"):
+        sqlgpt.load(db)
+
+
 def rewrite_head_row(db, column, value):
     """Set every value of head row 0's `column` to value, with a valid checksum."""
     conn = sqlite3.connect(db)
