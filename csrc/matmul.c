@@ -132,25 +132,29 @@ static void edge_tile(float *c, Strided A, const float *panel, int kc, int ldc, 
         }
 }
 
-/* The tile of c at (i, j) over a kc-deep panel. */
-static void any_tile(float *c, Strided A, const float *panel, int kc, int i, int j, int M, int N,
-                     int flags) {
+/* The tile of c at (i, j) over a kc-deep panel; At starts at the tile's
+ * first row of A. */
+static void any_tile(float *c, Strided At, const float *panel, int kc, int i, int j, int M,
+                     int N, int flags) {
     int mr = M - i < MR ? M - i : MR, nr = N - j < NR ? N - j : NR;
     float *ct = c + (size_t)i * N + j;
-    Strided At = {A.a + (size_t)i * A.rs, A.rs, A.cs};
     if (nr % VLEN == 0) tile(ct, At.a, At.rs, At.cs, panel, kc, NR, N, mr, nr / VLEN, flags);
     else edge_tile(ct, At, panel, kc, N, mr, nr, flags);
+}
+
+/* Row i of A onward, from column k0. */
+static Strided from(Strided A, int i, int k0) {
+    Strided At = {A.a + (size_t)i * A.rs + (size_t)k0 * A.cs, A.rs, A.cs};
+    return At;
 }
 
 /* Rows [i0, i0 + mr) and columns [k0, k0 + kc) of A as kc x MR (column k of
  * the tile's rows together), for an A read across rows (a transposed
  * operand), whose tile would otherwise touch a new cache line every k. */
-static Strided pack_rows(float *dst, Strided A, int i0, int mr, int k0, int kc) {
+static void pack_rows(float *dst, Strided A, int i0, int mr, int k0, int kc) {
     for (int p = 0; p < kc; p++)
         for (int r = 0; r < mr; r++)
             dst[p * MR + r] = A.a[(size_t)(i0 + r) * A.rs + (size_t)(k0 + p) * A.cs];
-    Strided packed = {dst, 1, MR};
-    return packed;
 }
 
 /* One thread: c (M,N) (+)= A @ B block by block over K, each B block packed
@@ -181,9 +185,8 @@ static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int
                       k0, kc);
         for (int jt = 0; jt < nt; jt++) /* consecutive row tiles share a panel */
             for (int it = 0; it < mt; it++) {
-                /* any_tile offsets A by the tile's first row: undo that for packed rows */
-                Strided At = pack_a ? (Strided){rows + (size_t)it * MR * kc - (size_t)it * MR, 1, MR}
-                                    : (Strided){A.a + (size_t)k0 * A.cs, A.rs, A.cs};
+                Strided At = pack_a ? (Strided){rows + (size_t)it * MR * kc, 1, MR}
+                                    : from(A, it * MR, k0);
                 any_tile(c, At, panels + (size_t)jt * kc * NR, kc, it * MR, jt * NR, M, N, mode);
             }
     }
@@ -193,7 +196,7 @@ static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int
  * x K) stay in L1/L2 while every panel of B passes over them. */
 #define RB 4
 
-/* Both threads over one product: all of B packed once (each panel K deep),
+/* All threads over one product: all of B packed once (each panel K deep),
  * then blocks of rows x one panel each, every tile summing the whole K in
  * registers, so c is written once and never read back (with OVERWRITE). */
 static void gemm_rows(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
@@ -212,8 +215,8 @@ static void gemm_rows(float *c, Strided A, Strided B, int M, int N, int K, int f
         for (int ib = 0; ib < mb; ib++)
             for (int jt = 0; jt < nt; jt++)
                 for (int it = ib * RB; it < mt && it < (ib + 1) * RB; it++)
-                    any_tile(c, A, panels + (size_t)jt * K * NR, K, it * MR, jt * NR, M, N,
-                             flags);
+                    any_tile(c, from(A, it * MR, 0), panels + (size_t)jt * K * NR, K, it * MR,
+                             jt * NR, M, N, flags);
     }
 }
 
@@ -229,8 +232,7 @@ static void gemm_split_k(float *c, Strided A, Strided B, int M, int N, int K, in
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         int k0 = (int)((long)K * t / n), k1 = (int)((long)K * (t + 1) / n);
-        Strided At = {A.a + (size_t)k0 * A.cs, A.rs, A.cs};
-        Strided Bt = {B.a + (size_t)k0 * B.rs, B.rs, B.cs};
+        Strided At = from(A, 0, k0), Bt = {B.a + (size_t)k0 * B.rs, B.rs, B.cs};
         /* thread 0 sums into c itself; the others into their own buffers */
         parts[t] = t == 0 ? c : scratch(5, (size_t)M * N);
         gemm_serial(parts[t], At, Bt, M, N, k1 - k0,
@@ -252,8 +254,8 @@ static void gemm_split_k(float *c, Strided A, Strided B, int M, int N, int K, in
 
 /* c (M,N) (+)= A (M,K) @ B (K,N) (see kernel.h for flags). Inside another
  * parallel region (attention), or when too small to share, it runs on the
- * calling thread alone; a K much longer than M and N is split between the
- * threads, anything else shares out blocks of rows. Each element's sum runs
+ * calling thread alone; a K at least as long as M and N is split between
+ * the threads, anything else shares out blocks of rows. Each element's sum runs
  * over k in a fixed order for a given thread count. */
 void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
     if (omp_in_parallel() || (long)M * N * K <= 32768 || omp_get_max_threads() == 1)
