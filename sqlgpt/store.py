@@ -487,10 +487,11 @@ def _check_values(params):
 
 
 def _fill(t, rows, index_range):
-    """Copy one parameter's rows (data, m, v, crc), whose integer indices run
-    over index_range (first, last), into its buffers. This is the hot path of every load: the
-    whole copy and its checksums come first, and only when they fail are the
-    rows examined one by one, to say what is wrong."""
+    """Copy one parameter's rows (data, m, v, crc), whose distinct integer
+    indices span index_range (first, last; None if they are not such), into
+    its buffers. This is the hot path of every load: the whole copy and its
+    checksums come first, and only when they fail are the rows examined one
+    by one, to say what is wrong."""
     nrows, ncols = t.shape
     if len(rows) != nrows or (nrows and index_range != (0, nrows - 1)):
         raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "

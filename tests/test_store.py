@@ -261,9 +261,9 @@ def test_checkpoints_find_rows_whose_rowids_moved(trained_db, tmp_path):
         np.testing.assert_array_equal(reloaded[t.name], t.data)
 
 
-@pytest.mark.parametrize("sql", ["DELETE FROM layers WHERE layer = 1 AND component = 'fc2' AND i = 5",
-                                 "UPDATE layers SET component = 'zz' WHERE layer = 1 AND "
-                                 "component = 'fc2' AND i = 5"])
+@pytest.mark.parametrize("sql", [
+    "DELETE FROM layers WHERE layer = 1 AND component = 'fc2' AND i = 5",
+    "UPDATE layers SET component = 'zz' WHERE layer = 1 AND component = 'fc2' AND i = 5"])
 def test_a_checkpoint_into_a_table_without_the_models_rows_is_refused(trained_db, tmp_path, sql):
     db = copy_db(trained_db, tmp_path)
     conn, model, state = open_for_writing(db)
