@@ -1,19 +1,31 @@
--- sqlgpt database layout, schema version 1 (PRAGMA user_version).
+-- sqlgpt database layout, schema version 2 (PRAGMA user_version).
 --
 -- One file holds a whole training state: config, vocabulary, every weight with
 -- its Adam moments, the RNG and data position, and the training history.
 -- A matrix is stored one row per matrix row: `data`, `m` and `v` are that row
 -- as little-endian float32 BLOBs (4 bytes per column), and `crc` their
--- CRC-32 (zlib's, over data || m || v), checked on every load. Weight tables
+-- CRC-32 (zlib's, over data || m || v), checked on every load. A vector (a
+-- norm's gain, a bias) is one such row, i = 0. Weight tables
 -- are rowid tables: a row of up to ~64 KB stays on its 64 KB page, where an
 -- index b-tree (WITHOUT ROWID) would spill rows over 16 KB into overflow pages
 -- that each take a whole page. Every checkpoint
 -- replaces the weights in one transaction, so a reader sees whole checkpoints.
--- Weight matrices are (in, out): y = x @ W.
+-- Weight matrices are (in, out): y = x @ W. Which tensors a model has, and
+-- their shapes, is sqlgpt/arch.py's tensor table for the stored architecture.
+--
+-- Older files are brought up to this version by the numbered migrations in
+-- sqlgpt/store.py (MIGRATIONS) when they are opened for writing; read-only
+-- opens read them as they are. Version 1 had no `norms` table and no
+-- architecture keys in `config` (it is the lua preset).
 
 -- Settings, under the original script's key names (vocab_size, embed_dim,
 -- num_heads, num_layers, seq_len, lr, batch_size, max_iters, dropout, beta1,
--- beta2, eps) plus weight_decay, seed, preset and tokenizer.
+-- beta2, eps), the other training settings (weight_decay, grad_clip,
+-- lr_schedule, warmup_iters, seed, tokenizer) and, since version 2, the
+-- architecture: preset, n_vocab, kv_heads, norm, norm_affine, norm_eps, pos,
+-- rope_theta, mlp, ffn_dim, bias, tie_weights, final_norm, init (booleans as
+-- 0/1). The fields of TrainConfig (sqlgpt/config.py) and ArchConfig
+-- (sqlgpt/arch.py).
 CREATE TABLE IF NOT EXISTS config (
     key   TEXT PRIMARY KEY,
     value                      -- a number, or text for preset/tokenizer
@@ -25,9 +37,10 @@ CREATE TABLE IF NOT EXISTS vocab (
     id   INTEGER NOT NULL UNIQUE
 );
 
--- Token (wte, (vocab_size + 2) x embed_dim) and position (wpe, seq_len x
--- embed_dim) embeddings; `position` is the row: a token id for wte, a
--- position for wpe.
+-- Token (wte, n_vocab x embed_dim, n_vocab = vocab_size + 2 for the word
+-- tokenizer) and learned position (wpe, seq_len x embed_dim; only with pos =
+-- learned) embeddings; `position` is the row: a token id for wte, a position
+-- for wpe.
 CREATE TABLE IF NOT EXISTS embeddings (
     type     TEXT NOT NULL CHECK (type IN ('wte', 'wpe')),
     position INTEGER NOT NULL,
@@ -38,8 +51,12 @@ CREATE TABLE IF NOT EXISTS embeddings (
     PRIMARY KEY (type, position)
 );
 
--- Per-layer matrices: q, k, v, proj (embed x embed), fc1 (embed x 4*embed),
--- fc2 (4*embed x embed); `i` is the matrix row.
+-- Per-layer tensors, C = embed_dim, KV = kv heads x head size, F = the MLP's
+-- hidden size; `i` is the matrix row (0 for a vector). Matrices: q (C x C),
+-- k, v (C x KV), proj (C x C), gate (C x F, swiglu only), fc1 (C x F), fc2
+-- (F x C). Vectors, each present only where the architecture has it: ln1_w,
+-- ln1_b, ln2_w, ln2_b (norm gain and bias, C), and the biases q_b (C), k_b,
+-- v_b (KV), proj_b (C), gate_b, fc1_b (F), fc2_b (C).
 CREATE TABLE IF NOT EXISTS layers (
     layer     INTEGER NOT NULL,
     component TEXT NOT NULL,
@@ -51,13 +68,27 @@ CREATE TABLE IF NOT EXISTS layers (
     PRIMARY KEY (layer, component, i)
 );
 
--- Output projection (embed x (vocab_size + 2)); `i` is the matrix row.
+-- Output projection (embed x n_vocab); `i` is the matrix row. Empty when
+-- the head is tied to wte (tie_weights): the head is then wte transposed.
 CREATE TABLE IF NOT EXISTS head (
     i    INTEGER PRIMARY KEY,
     data BLOB NOT NULL,
     m    BLOB NOT NULL,
     v    BLOB NOT NULL,
     crc  INTEGER NOT NULL
+);
+
+-- Model-level tensors outside the layers other than the embeddings and the
+-- head (since version 2): the final norm's gain lnf_w and bias lnf_b, each
+-- one row (i = 0) of embed_dim values.
+CREATE TABLE IF NOT EXISTS norms (
+    name TEXT NOT NULL,
+    i    INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    m    BLOB NOT NULL,
+    v    BLOB NOT NULL,
+    crc  INTEGER NOT NULL,
+    PRIMARY KEY (name, i)
 );
 
 -- What exact resume needs besides weights: step, RNG state (JSON), the

@@ -1,13 +1,18 @@
 """Benchmark sqlgpt against the same model in PyTorch on this CPU.
 
-    python benchmarks/bench.py [--configs lua,baby,small] [--sweep] [--tiny]
+    python benchmarks/bench.py [--configs lua,baby,small,gpt2-baby,...] [--sweep] [--tiny]
                                [--threads 2] [--steps 5] [--no-compile] [--markdown]
                                [--out results.json]
 
-For each config: training tokens/s and model FLOPs utilization, greedy
-generation tokens/s, checkpoint save/load time and size, and peak RSS while
-training, for sqlgpt, PyTorch eager and torch.compile (PyTorch is optional:
-without it its columns read n/a). --sweep scales context length and width
+For each config (a preset at a size: the lua preset at the original's size
+and at nanoGPT's baby and small sizes, the gpt2 and llama presets at those
+two, and llama at llama2.c's stories15M, which is generation only):
+training tokens/s and model FLOPs utilization, greedy generation tokens/s,
+checkpoint save/load time and size, and peak RSS while training, for
+sqlgpt, PyTorch eager and torch.compile (PyTorch is optional: without it its
+columns read n/a). The PyTorch side of each preset is that architecture as
+its community writes it (benchmarks/torch_gpt.py: nanoGPT's model for gpt2,
+a llama2.c-style model for llama). --sweep scales context length and width
 on the lua architecture. --tiny is a seconds-long run for CI.
 
 Training runs in a fresh subprocess per side (this script with --child), so
@@ -28,15 +33,32 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {  # sqlgpt Config fields; n_classes = vocab_size + 2
-    "lua": dict(vocab_size=426, embed_dim=128, num_heads=8, num_layers=6, seq_len=256,
+# sizes: the original's; nanoGPT's shakespeare-char "baby" (4 x 4 x 128,
+# block 64, batch 12, 65 characters) and its 6 x 6 x 384 "small" at block 256
+SIZES = {
+    "lua": dict(n_vocab=428, embed_dim=128, num_heads=8, num_layers=6, seq_len=256,
                 batch_size=32),
-    "baby": dict(vocab_size=63, embed_dim=128, num_heads=4, num_layers=4, seq_len=64,
+    "baby": dict(n_vocab=65, embed_dim=128, num_heads=4, num_layers=4, seq_len=64,
                  batch_size=12),
-    "small": dict(vocab_size=426, embed_dim=384, num_heads=6, num_layers=6, seq_len=256,
+    "small": dict(n_vocab=428, embed_dim=384, num_heads=6, num_layers=6, seq_len=256,
                   batch_size=8),
 }
-TINY = dict(vocab_size=62, embed_dim=32, num_heads=4, num_layers=2, seq_len=16, batch_size=4)
+CONFIGS = {  # name -> ArchConfig fields (a preset and its sizes) plus batch_size
+    "lua": dict(preset="lua", **SIZES["lua"]),
+    "baby": dict(preset="lua", **SIZES["baby"]),
+    "small": dict(preset="lua", **SIZES["small"]),
+    "gpt2-baby": dict(preset="gpt2", **SIZES["baby"]),
+    "gpt2-small": dict(preset="gpt2", **SIZES["small"]),
+    "llama-baby": dict(preset="llama", **SIZES["baby"], kv_heads=2),
+    "llama-small": dict(preset="llama", **SIZES["small"], kv_heads=2),
+    # llama2.c's stories15M: dim 288, 6 layers, 6 heads, hidden 768, 32000 tokens
+    "stories15M": dict(preset="llama", n_vocab=32000, embed_dim=288, num_heads=6,
+                       num_layers=6, seq_len=256, ffn_dim=768, batch_size=8),
+}
+GENERATE_ONLY = {"stories15M"}  # its 32000-token head makes training it a different test
+TINY = dict(preset="lua", n_vocab=64, embed_dim=32, num_heads=4, num_layers=2, seq_len=16,
+            batch_size=4)
+TINY_LLAMA = dict(TINY, preset="llama", kv_heads=2)
 DROPOUT = 0.2
 LR = 3e-4
 WARMUP_STEPS = 2        # first-step costs: buffer allocation, torch.compile's compilation
@@ -51,7 +73,7 @@ POOL_IDLE_S = 0.5       # long enough for an idle BLAS/OpenMP pool to stop spinn
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="lua,baby,small",
+    p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--sweep", action="store_true", help="context-length and width sweep")
     p.add_argument("--tiny", action="store_true", help="tiny sizes for CI (no torch.compile)")
@@ -84,7 +106,7 @@ load_file = save_file = None
 if _CHILD != "sqlgpt":  # its peak RSS must be sqlgpt's alone, without torch's libraries
     try:
         import torch
-        from torch_gpt import TorchGPT, adam  # benchmarks/ is sys.path[0] as a script
+        from torch_gpt import adam, build  # benchmarks/ is sys.path[0] as a script
     except ImportError:
         torch = None
 if _CHILD is None:
@@ -123,17 +145,33 @@ def peak_rss_mb():
         return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+def architecture(arch):
+    """The ArchConfig of a config dict (its other keys ignored)."""
+    from sqlgpt.arch import ArchConfig, preset
+    fields = {k: v for k, v in arch.items() if k in ArchConfig.__dataclass_fields__}
+    return preset(fields.pop("preset"), **fields)
+
+
+def resolved(config, name):
+    """A config with every ArchConfig field spelled out (the preset applied),
+    as the children and the PyTorch peers read it."""
+    return {**architecture(config).to_dict(), "batch_size": config["batch_size"],
+            "dropout": DROPOUT, "name": name}
+
+
 def flops_per_token(arch):
     """Training FLOPs per token, the PaLM/nanoGPT estimate for causal attention:
     6 * (matmul parameters) + 6 * layers * seq_len * width.
     6 = 2 (multiply-add) x 3 (forward, input grad, weight grad) per weight.
-    Only weights that enter a matmul count: every layer's 12 C^2 and the untied
-    head C*V; wte and wpe are row lookups. The attention term is
-    QK^T and AV (2 * 2TC forward per token per layer) x 3 for backward, halved
-    for the causal mask."""
-    C, L, T = arch["embed_dim"], arch["num_layers"], arch["seq_len"]
-    matmul_params = L * 12 * C * C + C * (arch["vocab_size"] + 2)
-    return 6 * matmul_params + 6 * L * T * C
+    Only weights that enter a matmul count (the tensor table's matrices and
+    the head, tied or not); wte and wpe are row lookups. The attention term
+    is QK^T and AV (2 * 2TC forward per token per layer) x 3 for backward,
+    halved for the causal mask."""
+    from sqlgpt.arch import tensor_table
+    a = architecture(arch)
+    matmul_params = sum(s.rows * s.cols for s in tensor_table(a)
+                        if len(s.shape) == 2 and s.name not in ("wte", "wpe"))
+    return 6 * matmul_params + 6 * a.num_layers * a.seq_len * a.embed_dim
 
 
 def matmul_peak(threads, n, repeats):
@@ -174,25 +212,25 @@ def random_batch(arch):
     """The same (ids, targets) for every side; ids 1.. so no target is padding."""
     rng = np.random.default_rng(0)
     shape = (arch["batch_size"], arch["seq_len"])
-    return [rng.integers(1, arch["vocab_size"] + 2, shape).astype(np.int32) for _ in range(2)]
+    return [rng.integers(1, arch["n_vocab"], shape).astype(np.int32) for _ in range(2)]
 
 
 def sqlgpt_train_step(arch, x, y):
     """One sqlgpt training step as sqlgpt.train runs it: zero, forward, backward, Adam."""
-    from sqlgpt.model import GPT, Config
-    model = GPT(Config(**arch, lr=LR))
+    from sqlgpt.model import GPT
+    model = GPT(architecture(arch))
     model.init_weights(np.random.default_rng(0))
 
     def step(i):
         model.params.zero_grad()
-        model.forward(x, y, dropout_seed=i)
+        model.forward(x, y, dropout=arch["dropout"], dropout_seed=i)
         model.backward()
         model.adam_step(i, LR)
     return step
 
 
 def torch_train_step(arch, x, y, compiled):
-    model = TorchGPT(arch).train()
+    model = build(arch).train()
     opt = adam(model, LR)
     forward = torch.compile(model) if compiled else model
     x, y = torch.from_numpy(x).long(), torch.from_numpy(y).long()
@@ -251,7 +289,7 @@ def compare_generation(model, torch_model, arch, repeats):
     bfloat16 decoding), and whether their tokens agree."""
     from sqlgpt.generate import PRECISIONS, Decoder, generate_ids
     n_prompt, n_new = generation_lengths(arch)
-    prompt = np.random.default_rng(1).integers(1, arch["vocab_size"] + 2, n_prompt).tolist()
+    prompt = np.random.default_rng(1).integers(1, arch["n_vocab"], n_prompt).tolist()
     runs, setup_s = {}, {}
     for precision in PRECISIONS:
         start = time.perf_counter()
@@ -308,9 +346,12 @@ def sqlgpt_checkpoint_io(model, directory, repeats):
     from sqlgpt.tokenizers import WordTokenizer
     path = directory / "model.db"
     state = {"step": 1, "elapsed_s": 0.0}
-    tokenizer = WordTokenizer(f"w{i}" for i in range(model.cfg.vocab_size))
-    conn, lock = store.create_database(path, model, tokenizer, state)
-    save_s = median_time(lambda: store.save_checkpoint(conn, model, state, None, None), repeats)
+    from sqlgpt.config import TrainConfig
+    train_cfg = TrainConfig(vocab_size=model.arch.n_vocab - 2)
+    tokenizer = WordTokenizer(f"w{i}" for i in range(train_cfg.vocab_size))
+    conn, lock = store.create_database(path, model, train_cfg, tokenizer, state)
+    save_s = median_time(lambda: store.save_checkpoint(conn, model, train_cfg, state, None, None),
+                         repeats)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # size at rest, not a WAL copy beside it
     conn.close()
     lock.release()
@@ -365,14 +406,14 @@ def compare_checkpoints(model, repeats):
 
 # ---- one config ----
 def bench_config(arch, args, peak_flops):
-    from sqlgpt.model import GPT, Config
+    from sqlgpt.model import GPT
     repeats = 3 if args.tiny else 5
-    model = GPT(Config(**arch))
+    model = GPT(architecture(arch))
     model.init_weights(np.random.default_rng(0))
     torch_model = None
     if torch is not None:
         torch.set_num_threads(args.threads)
-        torch_model = TorchGPT(arch).eval()
+        torch_model = build(arch).eval()
         torch_model.load_sqlgpt_weights({t.name: t.data for t in model.params})
         assert sum(p.numel() for p in torch_model.parameters()) == model.params.size
     result = {"arch": arch, "params": model.params.size, "flops_per_token": flops_per_token(arch)}
@@ -383,6 +424,8 @@ def bench_config(arch, args, peak_flops):
     del model, torch_model
     compile_too = args.compile if args.compile is not None else not args.tiny
     sides = ["sqlgpt", "torch"] + (["torch_compile"] if compile_too else [])
+    if arch["name"] in GENERATE_ONLY:
+        sides = []
     result["train"] = {side: train_in_child(side, arch, args) for side in sides}
     for run in result["train"].values():
         if "tokens_per_s" in run:
@@ -466,9 +509,12 @@ def render(header, rows, markdown):
 def notes(name, r):
     """The lines under a config's table: what was compared and what went wrong."""
     a, gen = r["arch"], r["generate"]
-    lines = [f"{name}: {a['num_layers']} layers, width {a['embed_dim']}, {a['num_heads']} heads, "
-             f"seq {a['seq_len']}, batch {a['batch_size']}, {a['vocab_size'] + 2} classes, "
-             f"{r['params']:,} parameters, {r['flops_per_token'] / 1e6:.1f} MFLOP/token"]
+    kv = f" ({a['kv_heads']} kv)" if a.get("kv_heads") else ""
+    lines = [f"{name}: {a['preset']} preset, {a['num_layers']} layers, width {a['embed_dim']}, "
+             f"{a['num_heads']} heads{kv}, seq {a['seq_len']}, batch {a['batch_size']}, "
+             f"{a['n_vocab']} tokens, {r['params']:,} parameters, "
+             f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token"
+             + (" (generation only)" if a["name"] in GENERATE_ONLY else "")]
     if "loss_check" in r:
         c = r["loss_check"]
         lines.append(f"  same weights, eval loss: sqlgpt {c['sqlgpt']:.6f}, "
@@ -517,17 +563,18 @@ def report(results, markdown):
 def main(args):
     if args.child:
         return child_main(args.child, args.arch, args.threads, args.steps)
-    names = ["tiny"] if args.tiny else args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS and n != "tiny"]
+    tiny = {"tiny": TINY, "tiny-llama": TINY_LLAMA}
+    names = list(tiny) if args.tiny else args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS and n not in tiny]
     if unknown:
         sys.exit(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
-    archs = {n: dict(TINY if n == "tiny" else CONFIGS[n], dropout=DROPOUT) for n in names}
+    archs = {n: resolved({**CONFIGS, **tiny}[n], n) for n in names}
     results = {"machine": machine_info(args.threads),
                "peak": matmul_peak(args.threads, 512 if args.tiny else 2048, 3 if args.tiny else 5)}
     results["configs"] = {n: bench_config(a, args, results["peak"]["flops"])
                           for n, a in archs.items()}
     if args.sweep:
-        results["sweep"] = sweep(dict(TINY if args.tiny else CONFIGS["lua"], dropout=DROPOUT), args)
+        results["sweep"] = sweep(resolved(TINY if args.tiny else CONFIGS["lua"], "sweep"), args)
     print(report(results, markdown=False))
     if args.markdown:
         print(report(results, markdown=True))

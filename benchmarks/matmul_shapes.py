@@ -2,16 +2,16 @@
 GFLOP/s of the forward product, dinp and dweight, each side timed on its own
 (a BLAS pool that has just worked keeps spinning and would slow the other).
 
-    python benchmarks/matmul_shapes.py [lua|baby|small]
+    python benchmarks/matmul_shapes.py [a config of bench.py: lua, baby, gpt2-small, ...]
 """
 import sys
 import time
 
 import numpy as np
 
-from profile_step import CONFIGS
+from bench import CONFIGS, architecture
 from sqlgpt._kernel import ffi, lib
-from sqlgpt.model import Config
+from sqlgpt.arch import tensor_table
 from sqlgpt.tensor import fptr
 
 REPEATS = 15
@@ -43,10 +43,13 @@ def products(x, w, dout, out, dx, dw):
 
 
 def main(name):
-    cfg = Config(**CONFIGS[name])
-    N, C = cfg.batch_size * cfg.seq_len, cfg.embed_dim
-    shapes = {"q, k, v, proj": (C, C), "fc1": (C, 4 * C), "fc2": (4 * C, C),
-              "head": (C, cfg.n_classes)}
+    arch = architecture(CONFIGS[name])
+    N = CONFIGS[name]["batch_size"] * arch.seq_len
+    shapes = {}  # every distinct matrix shape of the tensor table, named by its components
+    for spec in tensor_table(arch):
+        if len(spec.shape) == 2 and spec.name not in ("wte", "wpe") and spec.layer in (0, None):
+            shapes.setdefault(spec.shape, []).append(spec.component)
+    shapes = {", ".join(names): shape for shape, names in shapes.items()}
     rng = np.random.default_rng(0)
     rows = []
     for label, (c, oc) in shapes.items():

@@ -1,7 +1,9 @@
-"""Where a training step's time goes: every kernel call of a few sqlgpt
-training steps timed by name, plus what is left (Python and numpy).
+"""Where a training step's time goes: the whole-model forward, its backward,
+zeroing the gradients and the Adam update, each one kernel call, timed over
+a few steps. (The split inside forward and backward is perf's job:
+`perf record -g python benchmarks/profile_step.py lua`.)
 
-    python benchmarks/profile_step.py [lua|baby|small]
+    python benchmarks/profile_step.py [a config of bench.py: lua, baby, llama-small, ...]
 """
 import collections
 import sys
@@ -9,53 +11,32 @@ import time
 
 import numpy as np
 
-import sqlgpt.model as model_module
-from sqlgpt.model import GPT, Config
+from bench import CONFIGS, DROPOUT, LR, architecture
+from sqlgpt.model import GPT
 
-CONFIGS = {"lua": {},
-           "baby": dict(vocab_size=63, num_heads=4, num_layers=4, seq_len=64, batch_size=12),
-           "small": dict(embed_dim=384, num_heads=6, seq_len=256, batch_size=8)}
 STEPS = 3
 
 
-class TimedKernel:
-    """Stands in for the kernel library and adds each call's time to a counter."""
-
-    def __init__(self, lib, times):
-        self.lib, self.times = lib, times
-
-    def __getattr__(self, name):
-        fn = getattr(self.lib, name)
-
-        def timed(*args):
-            t0 = time.perf_counter()
-            result = fn(*args)
-            self.times[name] += time.perf_counter() - t0
-            return result
-        return timed
-
-
 def main(name):
-    cfg = Config(**CONFIGS[name])
-    times = collections.Counter()
-    model_module.lib = TimedKernel(model_module.lib, times)
-    model = GPT(cfg)
+    arch, B = architecture(CONFIGS[name]), CONFIGS[name]["batch_size"]
+    model = GPT(arch)
     model.init_weights(np.random.default_rng(0))
-    x = np.random.default_rng(1).integers(1, cfg.n_classes, (cfg.batch_size, cfg.seq_len))
-    x = x.astype(np.int32)
+    x = np.random.default_rng(1).integers(1, arch.n_vocab, (B, arch.seq_len)).astype(np.int32)
+    phases = {"zero_grad": lambda step: model.params.zero_grad(),
+              "forward": lambda step: model.forward(x, x, dropout=DROPOUT, dropout_seed=step),
+              "backward": lambda step: model.backward(),
+              "adam": lambda step: model.adam_step(step + 1, LR)}
+    times = collections.Counter()
     for step in range(STEPS + 1):  # the first step allocates buffers: not timed
-        if step == 1:
-            times.clear()
+        for phase, run in phases.items():
             t0 = time.perf_counter()
-        model.params.zero_grad()
-        model.forward(x, x, dropout_seed=step)
-        model.backward()
-        model.adam_step(step + 1, cfg.lr)
-    step_s = (time.perf_counter() - t0) / STEPS
+            run(step)
+            if step:
+                times[phase] += time.perf_counter() - t0
+    step_s = sum(times.values()) / STEPS
     print(f"{name}: {step_s * 1000:.0f} ms per step, {x.size / step_s:,.0f} tokens/s")
-    for op, seconds in times.most_common():
-        print(f"  {op:24s} {seconds / STEPS * 1000:8.1f} ms")
-    print(f"  {'python and numpy':24s} {(step_s - sum(times.values()) / STEPS) * 1000:8.1f} ms")
+    for phase, seconds in times.most_common():
+        print(f"  {phase:12s} {seconds / STEPS * 1000:8.1f} ms")
 
 
 if __name__ == "__main__":

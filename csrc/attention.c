@@ -1,18 +1,20 @@
-/* Causal multi-head self-attention, scaled dot product.
+/* Causal self-attention, scaled dot product, grouped-query.
  *
- * q, k, v, out are (B,T,C); head h uses columns [h*hs, (h+1)*hs), hs = C/NH.
+ * q and out are (B,T,NH*hs), k and v (B,T,KVH*hs); query head h uses
+ * columns [h*hs, (h+1)*hs) of q and kv head h / (NH/KVH) of k and v.
  * lse is (B,NH,T): the log-sum-exp of each row of scaled scores. The (T,T)
  * probability matrix is never stored: backward recomputes it block by block
  * from q, k and lse, which costs one more product but keeps memory linear in
  * T.
  *
- * Work splits over (b, h) pairs; each copies its head's slices into
- * contiguous per-thread scratch and writes its own slices of out, dq, dk, dv,
- * so no two threads touch the same float. Queries go QB at a time, and every
- * product of a block is a gemm call (the tuned matmul) on transposed scores:
- * S^T (keys, queries) = K Q^T. With queries along the vector lanes, a 16-wide
- * head still fills whole registers, and the softmax over keys becomes
- * elementwise work across rows.
+ * Forward splits work over (b, query head) pairs, backward over (b, kv head)
+ * pairs, each summing the dk and dv of its group's query heads; each copies
+ * its heads' slices into contiguous per-thread scratch and writes its own
+ * slices of out, dq, dk, dv, so no two threads touch the same float. Queries
+ * go QB at a time, and every product of a block is a gemm call (the tuned
+ * matmul) on transposed scores: S^T (keys, queries) = K Q^T. With queries
+ * along the vector lanes, a 16-wide head still fills whole registers, and
+ * the softmax over keys becomes elementwise work across rows.
  */
 #include <math.h>
 #include <string.h>
@@ -30,16 +32,19 @@ typedef struct {
     float *qsum;         /* (QB): a per-query sum or D */
 } HeadScratch;
 
+/* .q is NULL when the scratch cannot grow (noted for the status). */
 static HeadScratch head_scratch(int T, int hs) {
     size_t th = (size_t)T * hs, tq = (size_t)T * QB;
     float *base = scratch(2, 5 * th + 2 * tq + (size_t)hs * QB + QB);
+    if (!base) return (HeadScratch){0};
     HeadScratch s = {base, base + th, base + 2 * th, base + 3 * th, base + 4 * th,
                      base + 5 * th, base + 5 * th + tq, base + 5 * th + 2 * tq,
                      base + 5 * th + 2 * tq + (size_t)hs * QB};
     return s;
 }
 
-/* dst (T,hs) = scale * head slice of src (T,C); whole vectors when hs allows. */
+/* dst (T,hs) = scale * head slice of src (T,C) (C: src's row length);
+ * whole vectors when hs allows. */
 static void gather_head(float *dst, const float *src, int T, int C, int hs, float scale) {
     for (int t = 0; t < T; t++) {
         const float *row = src + (size_t)t * C;
@@ -81,9 +86,9 @@ static inline void exp_row(float *row, const float *sub, int seen, int nq) {
     FOR_COLUMNS(i, seen, nq, { row[i] = fast_expf(row[i] - sub[i]); });
 }
 
-void attention_forward(float *out, float *lse, const float *q, const float *k,
-                       const float *v, int B, int T, int C, int NH) {
-    int hs = C / NH;
+int attention_forward(float *out, float *lse, const float *q, const float *k,
+                      const float *v, int B, int T, int NH, int KVH, int hs) {
+    int C = NH * hs, KVC = KVH * hs, group = NH / KVH;
     float scale = 1.0f / sqrtf((float)hs);
     #pragma omp parallel
     {
@@ -92,10 +97,12 @@ void attention_forward(float *out, float *lse, const float *q, const float *k,
         #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
             for (int h = 0; h < NH; h++) {
+                if (!w.q) continue;
                 size_t base = (size_t)b * T * C + (size_t)h * hs;
+                size_t kv_base = (size_t)b * T * KVC + (size_t)(h / group) * hs;
                 gather_head(w.q, q + base, T, C, hs, scale);
-                gather_head(w.k, k + base, T, C, hs, 1.0f);
-                gather_head(w.v, v + base, T, C, hs, 1.0f);
+                gather_head(w.k, k + kv_base, T, KVC, hs, 1.0f);
+                gather_head(w.v, v + kv_base, T, KVC, hs, 1.0f);
                 for (int t0 = 0; t0 < T; t0 += QB) {
                     int nq = T - t0 < QB ? T - t0 : QB, n = t0 + nq;
                     scores_t(&w, t0, nq, hs);
@@ -122,6 +129,7 @@ void attention_forward(float *out, float *lse, const float *q, const float *k,
                 }
             }
     }
+    return take_status();
 }
 
 /* Queries t0..t0+nq-1 of one head: their dq rows, and their terms of every
@@ -161,33 +169,38 @@ static void backward_query_block(HeadScratch *w, float *dq, const float *dout,
     gemm(w->dv, Pt, G, n, hs, nq, 0);
 }
 
-void attention_backward(float *dq, float *dk, float *dv, const float *dout,
-                        const float *q, const float *k, const float *v,
-                        const float *out, const float *lse,
-                        int B, int T, int C, int NH) {
-    int hs = C / NH;
+int attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                       const float *q, const float *k, const float *v,
+                       const float *out, const float *lse,
+                       int B, int T, int NH, int KVH, int hs) {
+    int C = NH * hs, KVC = KVH * hs, group = NH / KVH;
     float scale = 1.0f / sqrtf((float)hs);
     #pragma omp parallel
     {
         HeadScratch w = head_scratch(T, hs);
         #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
-            for (int h = 0; h < NH; h++) {
-                size_t base = (size_t)b * T * C + (size_t)h * hs;
-                const float *lse_bh = lse + ((size_t)b * NH + h) * T;
-                gather_head(w.q, q + base, T, C, hs, scale);
-                gather_head(w.k, k + base, T, C, hs, 1.0f);
-                gather_head(w.v, v + base, T, C, hs, 1.0f);
+            for (int g = 0; g < KVH; g++) {
+                if (!w.q) continue;
+                size_t kv_base = (size_t)b * T * KVC + (size_t)g * hs;
+                gather_head(w.k, k + kv_base, T, KVC, hs, 1.0f);
+                gather_head(w.v, v + kv_base, T, KVC, hs, 1.0f);
                 memset(w.dk, 0, sizeof(float) * T * hs);
                 memset(w.dv, 0, sizeof(float) * T * hs);
-                for (int t0 = 0; t0 < T; t0 += QB)
-                    backward_query_block(&w, dq + base, dout + base, out + base, lse_bh, t0,
-                                         T - t0 < QB ? T - t0 : QB, C, hs, scale);
+                for (int h = g * group; h < (g + 1) * group; h++) {
+                    size_t base = (size_t)b * T * C + (size_t)h * hs;
+                    const float *lse_bh = lse + ((size_t)b * NH + h) * T;
+                    gather_head(w.q, q + base, T, C, hs, scale);
+                    for (int t0 = 0; t0 < T; t0 += QB)
+                        backward_query_block(&w, dq + base, dout + base, out + base, lse_bh, t0,
+                                             T - t0 < QB ? T - t0 : QB, C, hs, scale);
+                }
                 for (int t = 0; t < T; t++)
                     for (int d = 0; d < hs; d++) {
-                        dk[base + (size_t)t * C + d] = w.dk[(size_t)t * hs + d];
-                        dv[base + (size_t)t * C + d] = w.dv[(size_t)t * hs + d];
+                        dk[kv_base + (size_t)t * KVC + d] = w.dk[(size_t)t * hs + d];
+                        dv[kv_base + (size_t)t * KVC + d] = w.dv[(size_t)t * hs + d];
                     }
             }
     }
+    return take_status();
 }

@@ -1,10 +1,12 @@
 /* Generation: one token through every layer with a KV cache, in one call,
  * so a token costs no Python round trips and no allocation.
  *
- * The same math as the training forward in eval mode (parameter-free
- * layernorm, causal attention, ReLU MLP, no dropout), one row at a time:
- * x (C) is the residual stream of the new token at position pos; its keys and
- * values are appended to the cache and attention reads positions 0..pos.
+ * The same blocks as the training forward (model.c) in eval mode, for the
+ * same ModelConfig, one row at a time with the same per-row helpers (norms,
+ * rotary angles, activations): x (C) is the residual stream of the new token
+ * at position pos; its keys (rotated once, for rope) and values are appended
+ * to the cache and attention reads positions 0..pos. Grouped-query models
+ * cache only their KVH key/value heads.
  *
  * A token reads every weight once, so decoding is bound by memory bandwidth:
  * both cores stream halves of each matrix, packed into contiguous panels, in
@@ -92,55 +94,106 @@ panel_matvec(float *out, const float *x, const void *panel, int C, const int bf1
     for (int v = 0; v < NV; v++) *(vfloat *)(out + v * VLEN) = even[v] + odd[v];
 }
 
-/* y (OC) = x (C) @ W (C,OC) from W's panels, panels shared among the team
- * (each thread always gets the same ones, so they stay in its cache); with
- * relu, max(y, 0). No barrier. */
-static void matvec(float *y, const float *x, const void *panels, int C, int OC, int bf16,
-                   int relu) {
-    int blocks = (OC + PANEL - 1) / PANEL;
+/* What a matvec does to each output before storing it. */
+enum { ACT_NONE, ACT_RELU, ACT_GELU };
+
+static inline float activate(float y, int act) {
+    if (act == ACT_RELU) return y > 0.0f ? y : 0.0f; /* NaN -> 0, as training's relu */
+    return act == ACT_GELU ? gelu(y) : y;
+}
+
+/* Panel block b of W (C,OC) times x, into out (PANEL). */
+static void panel_block(float *out, const float *x, const void *panels, int b, int C, int bf16) {
     size_t panel_bytes = (size_t)C * PANEL * (bf16 ? 2 : 4);
+    const void *panel = (const char *)panels + b * panel_bytes;
+    if (bf16) panel_matvec(out, x, panel, C, 1);
+    else panel_matvec(out, x, panel, C, 0);
+}
+
+/* y (OC) = act(x (C) @ W (C,OC) + bias) from W's panels, panels shared
+ * among the team (each thread always gets the same ones, so they stay in
+ * its cache); bias may be NULL. No barrier. */
+static void matvec(float *y, const float *x, const void *panels, const float *bias, int C,
+                   int OC, int bf16, int act) {
+    int blocks = (OC + PANEL - 1) / PANEL;
     #pragma omp for schedule(static) nowait
     for (int b = 0; b < blocks; b++) {
-        const void *panel = (const char *)panels + b * panel_bytes;
         int j0 = b * PANEL, n = OC - j0 < PANEL ? OC - j0 : PANEL;
         float out[PANEL] __attribute__((aligned(64)));
-        if (bf16) panel_matvec(out, x, panel, C, 1);
-        else panel_matvec(out, x, panel, C, 0);
-        for (int j = 0; j < n; j++) y[j0 + j] = relu && !(out[j] > 0.0f) ? 0.0f : out[j];
+        panel_block(out, x, panels, b, C, bf16);
+        for (int j = 0; j < n; j++)
+            y[j0 + j] = activate(out[j] + (bias ? bias[j0 + j] : 0.0f), act);
     }
 }
 
-/* x += branch, then ln = layernorm(x). */
-static void residual_norm(float *x, float *ln, const float *branch, int C, float eps) {
-    float mean;
-    for (int c = 0; c < C; c++) x[c] += branch[c];
-    layernorm_row(ln, &mean, x, NULL, NULL, C, eps);
+/* SwiGLU's hidden row, h (F) = silu(x @ gate + gate_b) * (x @ up + up_b),
+ * both matrices' panels of a block by the same thread, so no barrier. */
+static void matvec_swiglu(float *h, const float *x, const void *gate, const float *gate_b,
+                          const void *up, const float *up_b, int C, int F, int bf16) {
+    int blocks = (F + PANEL - 1) / PANEL;
+    #pragma omp for schedule(static) nowait
+    for (int b = 0; b < blocks; b++) {
+        int j0 = b * PANEL, n = F - j0 < PANEL ? F - j0 : PANEL;
+        float g[PANEL] __attribute__((aligned(64))), u[PANEL] __attribute__((aligned(64)));
+        panel_block(g, x, gate, b, C, bf16);
+        panel_block(u, x, up, b, C, bf16);
+        for (int j = 0; j < n; j++)
+            h[j0 + j] = silu(g[j] + (gate_b ? gate_b[j0 + j] : 0.0f)) *
+                        (u[j] + (up_b ? up_b[j0 + j] : 0.0f));
+    }
 }
 
-/* Keys are cached transposed per head, (num_layers, NH, hs, key_stride),
+/* y = norm(x) with the config's norm and the given gain and bias. */
+static void norm_row(const ModelConfig *cfg, float *y, const float *x, const float *weight,
+                     const float *bias) {
+    float mean;
+    if (cfg->norm == NORM_RMSNORM) rmsnorm_row(y, x, weight, cfg->C, cfg->norm_eps);
+    else layernorm_row(y, &mean, x, weight, bias, cfg->C, cfg->norm_eps);
+}
+
+/* Keys are cached transposed per kv head, (num_layers, KVH, hs, key_stride),
  * so that a query's scores against VLEN positions are one vector FMA per
  * head dimension, with no horizontal sums. */
 static int key_stride(int max_T) {
     return (max_T + VLEN - 1) / VLEN * VLEN;
 }
 
-long key_cache_size(const DecodeModel *m) {
-    return (long)m->num_layers * m->C * key_stride(m->max_T);
+long key_cache_size(const ModelConfig *cfg) {
+    return (long)cfg->num_layers * cfg->KVH * (cfg->C / cfg->NH) * key_stride(cfg->max_T);
 }
 
-/* att (C) = causal attention of query q (C) over positions 0..pos, after
- * storing the new key krow (C) at pos in kt (NH, hs, Tk); values vc
- * (max_T, C). Heads are shared among the team; scores (Tk) are the
- * caller's. Scores past pos are computed from stale keys and never used. */
-static void attend(float *att, float *scores, const float *q, const float *krow, float *kt,
-                   const float *vc, int pos, int C, int NH, int Tk) {
-    int hs = C / NH, n = pos + 1;
+/* One layer's view of the step: the config and this token's place. */
+typedef struct {
+    const ModelConfig *cfg;
+    int pos, hs, Tk;
+    const float *cos, *sin;  /* this position's rotary angles (rope) */
+} Step;
+
+/* Store the new key krow (KVH*hs, rotated here for rope) at pos in kt
+ * (KVH, hs, Tk), kv heads shared among the team; ends in a barrier. */
+static void store_key(const Step *s, float *krow, float *kt) {
+    #pragma omp for schedule(static)
+    for (int g = 0; g < s->cfg->KVH; g++) {
+        float *kg = krow + g * s->hs, *kh = kt + (size_t)g * s->hs * s->Tk;
+        if (s->cfg->pos == POS_ROPE) rope_row(kg, s->cos, s->sin, 1, s->hs, 1.0f);
+        for (int d = 0; d < s->hs; d++) kh[(size_t)d * s->Tk + s->pos] = kg[d];
+    }
+}
+
+/* att (C) = causal attention of query q (C, rotated here for rope) over
+ * positions 0..pos of kt and vc (max_T, KVH*hs). Query heads are shared
+ * among the team; scores (Tk) are the caller's. Scores past pos are
+ * computed from stale keys and never used. Ends in a barrier. */
+static void attend(const Step *s, float *att, float *scores, float *q, const float *kt,
+                   const float *vc) {
+    int hs = s->hs, n = s->pos + 1, Tk = s->Tk, NH = s->cfg->NH, group = NH / s->cfg->KVH;
+    int KVC = s->cfg->KVH * hs;
     float scale = 1.0f / sqrtf((float)hs);
     #pragma omp for schedule(static)
     for (int h = 0; h < NH; h++) {
-        float *kh = kt + (size_t)h * hs * Tk;
-        const float *qh = q + h * hs;
-        for (int d = 0; d < hs; d++) kh[(size_t)d * Tk + pos] = krow[h * hs + d];
+        const float *kh = kt + (size_t)(h / group) * hs * Tk;
+        float *qh = q + h * hs;
+        if (s->cfg->pos == POS_ROPE) rope_row(qh, s->cos, s->sin, 1, hs, 1.0f);
         for (int s0 = 0; s0 < n; s0 += VLEN) {
             vfloat dots = {0};
             for (int d = 0; d < hs; d++)
@@ -148,66 +201,105 @@ static void attend(float *att, float *scores, const float *q, const float *krow,
             *(vfloat *)(scores + s0) = dots * scale;
         }
         float maxv = -INFINITY, sum = 0.0f;
-        for (int s = 0; s < n; s++) maxv = scores[s] > maxv ? scores[s] : maxv;
+        for (int t = 0; t < n; t++) maxv = scores[t] > maxv ? scores[t] : maxv;
         #pragma omp simd reduction(+ : sum)
-        for (int s = 0; s < n; s++) {
-            scores[s] = fast_expf(scores[s] - maxv);
-            sum += scores[s];
+        for (int t = 0; t < n; t++) {
+            scores[t] = fast_expf(scores[t] - maxv);
+            sum += scores[t];
         }
-        /* att_h = sum_s p_s v_s, a vector of head dims at a time in a register */
-        const float *vh = vc + h * hs;
+        /* att_h = sum_t p_t v_t, a vector of head dims at a time in a register */
+        const float *vh = vc + (h / group) * hs;
         float *ah = att + h * hs, inv = 1.0f / sum;
         int d = 0;
         for (; d + VLEN <= hs; d += VLEN) {
             vfloat acc = {0};
-            for (int s = 0; s < n; s++)
-                acc += scores[s] * *(const vfloat *)(vh + (size_t)s * C + d);
+            for (int t = 0; t < n; t++)
+                acc += scores[t] * *(const vfloat *)(vh + (size_t)t * KVC + d);
             *(vfloat *)(ah + d) = acc * inv;
         }
         for (; d < hs; d++) {
             float acc = 0.0f;
-            for (int s = 0; s < n; s++) acc += scores[s] * vh[(size_t)s * C + d];
+            for (int t = 0; t < n; t++) acc += scores[t] * vh[(size_t)t * KVC + d];
             ah[d] = acc * inv;
         }
     }
 }
 
-/* Every thread keeps its own copy of the residual stream x and its
- * layernorm, computing both redundantly (C values), so no thread waits on
- * another for them: a barrier costs more than the work. Barriers remain only
- * where a matvec's output, split among threads, feeds the next op. */
-void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
-                 int pos, float *logits) {
-    int C = m->C, Tk = key_stride(m->max_T);
-    /* shared rows: q, k, att, branch (C each), h (4C) */
-    float *q = scratch(1, (size_t)8 * C), *k = q + C, *att = k + C, *branch = att + C;
-    float *h = branch + C;
+/* Rows shared by the team: q, att, branch (C), k (KVC), h, gate (F). */
+typedef struct { float *q, *k, *att, *branch, *h; } SharedRows;
+
+/* The next norm's input gain and bias: the next block's norm1, or after the
+ * last block the final norm (a parameter-free one reads NULL). */
+static void next_norm(const ModelConfig *cfg, const ModelTensors *w, int l, const float **weight,
+                      const float **bias) {
+    int last = l + 1 == cfg->num_layers;
+    *weight = last ? w->lnf_w : w->layers[l + 1].ln1_w;
+    *bias = last ? w->lnf_b : w->layers[l + 1].ln1_b;
+}
+
+/* One block for this thread: x and ln (its private copies) advance, the
+ * cache gains this token's key and value; ln ends as the next norm's output. */
+static void decode_block(const Step *s, const ModelTensors *w, int l, int bf16, SharedRows r,
+                         float *x, float *ln, float *scores, float *kcache, float *vcache) {
+    const ModelConfig *cfg = s->cfg;
+    const LayerTensors *L = &w->layers[l];
+    int C = cfg->C, KVC = cfg->KVH * s->hs, F = cfg->F;
+    float *kt = kcache + (size_t)l * KVC * s->Tk, *vc = vcache + (size_t)l * cfg->max_T * KVC;
+    matvec(r.q, ln, L->q, L->q_b, C, C, bf16, ACT_NONE);
+    matvec(r.k, ln, L->k, L->k_b, C, KVC, bf16, ACT_NONE);
+    matvec(vc + (size_t)s->pos * KVC, ln, L->v, L->v_b, C, KVC, bf16, ACT_NONE);
+    #pragma omp barrier
+    store_key(s, r.k, kt);
+    attend(s, r.att, scores, r.q, kt, vc);
+    matvec(r.branch, r.att, L->proj, L->proj_b, C, C, bf16, ACT_NONE);
+    #pragma omp barrier
+    for (int c = 0; c < C; c++) x[c] += r.branch[c];
+    norm_row(cfg, ln, x, L->ln2_w, L->ln2_b);
+    if (cfg->mlp == MLP_SWIGLU)
+        matvec_swiglu(r.h, ln, L->gate, L->gate_b, L->fc1, L->fc1_b, C, F, bf16);
+    else
+        matvec(r.h, ln, L->fc1, L->fc1_b, C, F, bf16, cfg->mlp == MLP_RELU ? ACT_RELU : ACT_GELU);
+    #pragma omp barrier
+    matvec(r.branch, r.h, L->fc2, L->fc2_b, F, C, bf16, ACT_NONE);
+    #pragma omp barrier
+    for (int c = 0; c < C; c++) x[c] += r.branch[c];
+    const float *weight, *bias;
+    next_norm(cfg, w, l, &weight, &bias);
+    norm_row(cfg, ln, x, weight, bias);  /* unused after the last block without a final norm */
+}
+
+/* Every thread keeps its own copy of the residual stream x and its norm,
+ * computing both redundantly (C values), so no thread waits on another for
+ * them: a barrier costs more than the work. Barriers remain only where a
+ * matvec's output, split among threads, feeds the next op. */
+int decode_step(const ModelConfig *cfg, const ModelTensors *w, int bf16, float *kcache,
+                float *vcache, int token, int pos, float *logits) {
+    int C = cfg->C, hs = C / cfg->NH, F = cfg->F, Tk = key_stride(cfg->max_T);
+    float *shared = scratch(1, (size_t)3 * C + (size_t)cfg->KVH * hs + F);
+    if (!shared) return take_status();
+    SharedRows r = {shared, shared + C, shared + C + cfg->KVH * hs, NULL, NULL};
+    r.branch = r.att + C;
+    r.h = r.branch + C;
+    int failed = 0;
     /* one thread for models whose matrices fit in a core's cache anyway */
     #pragma omp parallel if ((long)C * C >= 128 * 128)
     {
-        /* this thread's x, ln (C each) and attention scores (Tk) */
-        float *x = scratch(4, (size_t)2 * C + Tk), *ln = x + C, *scores = ln + C;
-        float mean;
-        for (int c = 0; c < C; c++)
-            x[c] = m->wte[(size_t)token * C + c] + m->wpe[(size_t)pos * C + c];
-        layernorm_row(ln, &mean, x, NULL, NULL, C, m->ln_eps);
-        for (int l = 0; l < m->num_layers; l++) {
-            float *kt = kcache + (size_t)l * C * Tk;
-            float *vc = vcache + (size_t)l * m->max_T * C;
-            matvec(q, ln, m->q[l], C, C, m->bf16, 0);
-            matvec(k, ln, m->k[l], C, C, m->bf16, 0);
-            matvec(vc + (size_t)pos * C, ln, m->v[l], C, C, m->bf16, 0);
-            #pragma omp barrier
-            attend(att, scores, q, k, kt, vc, pos, C, m->NH, Tk);  /* ends in a barrier */
-            matvec(branch, att, m->proj[l], C, C, m->bf16, 0);
-            #pragma omp barrier
-            residual_norm(x, ln, branch, C, m->ln_eps);
-            matvec(h, ln, m->fc1[l], C, 4 * C, m->bf16, 1);
-            #pragma omp barrier
-            matvec(branch, h, m->fc2[l], 4 * C, C, m->bf16, 0);
-            #pragma omp barrier
-            residual_norm(x, ln, branch, C, m->ln_eps);  /* the last ln goes unused */
+        /* this thread's x, ln (C each), scores (Tk) and rotary angles (hs) */
+        float *x = scratch(4, (size_t)2 * C + Tk + hs);
+        if (!x) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        #pragma omp barrier
+        if (!__atomic_load_n(&failed, __ATOMIC_RELAXED)) {
+            float *ln = x + C, *scores = ln + C, *cos_t = scores + Tk, *sin_t = cos_t + hs / 2;
+            Step s = {cfg, pos, hs, Tk, cos_t, sin_t};
+            if (cfg->pos == POS_ROPE) rope_angles(cos_t, sin_t, pos, hs, cfg->rope_theta);
+            const float *te = w->wte + (size_t)token * C;
+            const float *pe = w->wpe ? w->wpe + (size_t)pos * C : NULL;
+            for (int c = 0; c < C; c++) x[c] = te[c] + (pe ? pe[c] : 0.0f);
+            norm_row(cfg, ln, x, w->layers[0].ln1_w, w->layers[0].ln1_b);
+            for (int l = 0; l < cfg->num_layers; l++)
+                decode_block(&s, w, l, bf16, r, x, ln, scores, kcache, vcache);
+            matvec(logits, cfg->final_norm ? ln : x, w->head, NULL, C, cfg->V, bf16, ACT_NONE);
         }
-        matvec(logits, x, m->head, C, m->V, m->bf16, 0);
     }
+    return take_status();
 }

@@ -1,7 +1,8 @@
 /* Token plus learned position embedding.
- * ids (B,T) index rows of wte (V,C); wpe is (T',C) with T <= T'; out is (B,T,C).
- * Ids are validated by the caller.
+ * ids (B,T) index rows of wte (V,C); wpe is (T',C) with T <= T', or NULL
+ * (rotary or no positions); out is (B,T,C). Ids are validated by the caller.
  */
+#include <string.h>
 #include "kernel.h"
 
 void embedding_forward(float *out, const int *ids, const float *wte,
@@ -11,6 +12,10 @@ void embedding_forward(float *out, const int *ids, const float *wte,
         for (int t = 0; t < T; t++) {
             float *o = out + ((size_t)b * T + t) * C;
             const float *te = wte + (size_t)ids[b * T + t] * C;
+            if (!wpe) {
+                memcpy(o, te, sizeof(float) * C);
+                continue;
+            }
             const float *pe = wpe + (size_t)t * C;
             for (int c = 0; c < C; c++) o[c] = te[c] + pe[c];
         }
@@ -27,6 +32,7 @@ void embedding_backward(float *dwte, float *dwpe, const float *dout,
             const float *src = dout + i * C;
             for (int c = c0; c < C && c < c0 + 16; c++) dst[c] += src[c];
         }
+    if (!dwpe) return;
     #pragma omp parallel for schedule(static) if ((long)B * T * C > 65536)
     for (int t = 0; t < T; t++)
         for (int b = 0; b < B; b++) {

@@ -48,13 +48,42 @@ typedef struct { const float *a; long rs, cs; } Strided;
  * matmul every product goes through (matmul.c). flags: GEMM_OVERWRITE
  * (c = instead of c +=), GEMM_RELU (c = max(c, 0) once the sum is done). */
 enum { GEMM_OVERWRITE = 1, GEMM_RELU = 2 };
+/* Skips the product when scratch cannot grow (noted for take_status). */
 void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags);
 
-/* Layer normalization of one row of C (norm.c); returns its rstd. */
+/* One row of C normalized (norm.c), as training and decoding both do it;
+ * each returns its rstd (layernorm also stores its mean). */
 float layernorm_row(float *y, float *mean, const float *x, const float *weight,
                     const float *bias, int C, float eps);
+float rmsnorm_row(float *y, const float *x, const float *weight, int C, float eps);
 
-/* Grows a per-thread scratch buffer; slot picks one of a few independent buffers. */
+/* One position's heads (heads * hs floats) rotated in place by the angles
+ * whose cos and sin (hs/2) are given; sign -1 rotates back (rope.c). */
+void rope_row(float *x, const float *cos, const float *sin, int heads, int hs, float sign);
+/* cos and sin (hs/2) of position t's angles. */
+void rope_angles(float *cos, float *sin, int t, int hs, float theta);
+
+/* GELU, tanh form (GPT-2's): 0.5 x (1 + tanh(u)) written as x * sigmoid(2u),
+ * which has no cancellation where tanh(u) is near -1. Past |x| = GELU_TAIL
+ * it is x or 0 to float precision (|gelu(-9)| < 1e-27), and there the cubic
+ * would overflow and fast_expf saturate: the tails are exact instead. */
+#define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_TAIL 9.0f
+static inline float gelu_sigmoid(float x) {
+    if (x < -GELU_TAIL) return 0.0f;
+    if (x > GELU_TAIL) return 1.0f;
+    return 1.0f / (1.0f + fast_expf(-2.0f * GELU_K * (x + 0.044715f * x * x * x)));
+}
+static inline float gelu(float x) { return x * gelu_sigmoid(x); }
+/* sigmoid(x) < 2e-35 below -80, where fast_expf(-x) would soon saturate */
+static inline float sigmoid(float x) { return x < -80.0f ? 0.0f : 1.0f / (1.0f + fast_expf(-x)); }
+static inline float silu(float x) { return x * sigmoid(x); }
+
+/* Grows a per-thread scratch buffer; slot picks one of a few independent
+ * buffers. NULL when it cannot grow (the failure is noted for take_status). */
 float *scratch(int slot, size_t nfloats);
+/* Note an allocation failure; the entry point's status, clearing the note. */
+void note_nomem(void);
+int take_status(void);
 
 #endif

@@ -29,10 +29,10 @@ static int count_valid(const int *targets, int N, int ignore_index) {
     return count;
 }
 
-double crossentropy_forward(float *losses, const float *logits,
-                            const int *targets, int N, int V,
-                            int ignore_index) {
+int crossentropy_forward(double *loss, float *losses, const float *logits,
+                         const int *targets, int N, int V, int ignore_index) {
     double *row = (double *)scratch(3, 2 * (size_t)N); /* per-row losses in double */
+    if (!row) return take_status();
     #pragma omp parallel for schedule(static) if ((long)N * V > 65536)
     for (int i = 0; i < N; i++) {
         row[i] = targets[i] == ignore_index ? 0.0
@@ -43,7 +43,8 @@ double crossentropy_forward(float *losses, const float *logits,
     double total = 0.0;
     for (int i = 0; i < N; i++) total += row[i];
     int count = count_valid(targets, N, ignore_index);
-    return count ? total / count : 0.0;
+    *loss = count ? total / count : 0.0;
+    return take_status();
 }
 
 void crossentropy_backward(float *dlogits, const float *logits,

@@ -170,6 +170,7 @@ static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int
     }
     float *packed = scratch(0, (size_t)nt * NR * kmax);
     float *rows = pack_a ? scratch(6, (size_t)mt * MR * kmax) : NULL;
+    if (!packed || (pack_a && !rows)) return; /* noted for the caller's status */
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
         /* overwrite on the first K block, relu after the last */
@@ -204,6 +205,7 @@ static void gemm_rows(float *c, Strided A, Strided B, int M, int N, int K, int f
     int in_place = N == NR && B.rs == NR && B.cs == 1;
     float *packed = in_place ? NULL : scratch(0, (size_t)nt * NR * K); /* shared by the team */
     const float *panels = in_place ? B.a : packed;
+    if (!panels) return;
     #pragma omp parallel
     {
         if (!in_place) {
@@ -235,11 +237,14 @@ static void gemm_split_k(float *c, Strided A, Strided B, int M, int N, int K, in
         Strided At = from(A, 0, k0), Bt = {B.a + (size_t)k0 * B.rs, B.rs, B.cs};
         /* thread 0 sums into c itself; the others into their own buffers */
         parts[t] = t == 0 ? c : scratch(5, (size_t)M * N);
-        gemm_serial(parts[t], At, Bt, M, N, k1 - k0,
-                    t == 0 ? flags & GEMM_OVERWRITE : GEMM_OVERWRITE, A.cs != 1);
+        if (parts[t])
+            gemm_serial(parts[t], At, Bt, M, N, k1 - k0,
+                        t == 0 ? flags & GEMM_OVERWRITE : GEMM_OVERWRITE, A.cs != 1);
         #pragma omp barrier
+        int complete = 1; /* every share summed (else the failure is noted) */
+        for (int p = 1; p < n; p++) complete &= parts[p] != NULL;
         #pragma omp for schedule(static)
-        for (int i = 0; i < M; i++) {
+        for (int i = 0; i < (complete ? M : 0); i++) {
             float *row = c + (size_t)i * N;
             for (int p = 1; p < n; p++) {
                 const float *part = parts[p] + (size_t)i * N;
@@ -266,27 +271,51 @@ void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
         gemm_rows(c, A, B, M, N, K, flags);
 }
 
-void matmul_forward(float *out, const float *inp, const float *weight,
-                    const float *bias, int N, int C, int OC) {
-    Strided A = {inp, C, 1}, W = {weight, OC, 1};
-    if (!bias) {
-        gemm(out, A, W, N, OC, C, GEMM_OVERWRITE);
-        return;
-    }
+/* c (N,OC) = bias broadcast over rows (c is then summed into). */
+static void fill_bias(float *c, const float *bias, int N, int OC) {
     #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
-    for (int i = 0; i < N; i++) memcpy(out + (size_t)i * OC, bias, sizeof(float) * OC);
-    gemm(out, A, W, N, OC, C, 0);
+    for (int i = 0; i < N; i++) memcpy(c + (size_t)i * OC, bias, sizeof(float) * OC);
 }
 
-void matmul_relu_forward(float *out, const float *inp, const float *weight, int N, int C,
-                         int OC) {
-    Strided A = {inp, C, 1}, W = {weight, OC, 1};
-    gemm(out, A, W, N, OC, C, GEMM_OVERWRITE | GEMM_RELU);
+/* out (N,OC) = inp (N,C) @ W + bias, with extra flags (GEMM_RELU). */
+static int linear(float *out, const float *inp, Strided W, const float *bias, int N, int C,
+                  int OC, int flags) {
+    Strided A = {inp, C, 1};
+    if (bias) fill_bias(out, bias, N, OC);
+    gemm(out, A, W, N, OC, C, flags | (bias ? 0 : GEMM_OVERWRITE));
+    return take_status();
 }
 
-void matmul_backward(float *dinp, float *dweight, float *dbias,
-                     const float *dout, const float *inp, const float *weight,
-                     int N, int C, int OC, int dinp_accumulate) {
+int matmul_forward(float *out, const float *inp, const float *weight,
+                   const float *bias, int N, int C, int OC) {
+    Strided W = {weight, OC, 1};
+    return linear(out, inp, W, bias, N, C, OC, 0);
+}
+
+int matmul_relu_forward(float *out, const float *inp, const float *weight, const float *bias,
+                        int N, int C, int OC) {
+    Strided W = {weight, OC, 1};
+    return linear(out, inp, W, bias, N, C, OC, GEMM_RELU);
+}
+
+int matmul_t_forward(float *out, const float *inp, const float *wte, int N, int C, int V) {
+    Strided Wt = {wte, 1, C}; /* element (c, v) of wte^T is wte[v * C + c] */
+    return linear(out, inp, Wt, NULL, N, C, V, 0);
+}
+
+/* dbias (OC) += column sums of dout (N,OC): each thread owns a slice of
+ * columns and sums rows in order. */
+static void bias_backward(float *dbias, const float *dout, int N, int OC) {
+    #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
+    for (int j0 = 0; j0 < OC; j0 += 64)
+        for (int i = 0; i < N; i++)
+            for (int j = j0; j < OC && j < j0 + 64; j++)
+                dbias[j] += dout[(size_t)i * OC + j];
+}
+
+int matmul_backward(float *dinp, float *dweight, float *dbias,
+                    const float *dout, const float *inp, const float *weight,
+                    int N, int C, int OC, int dinp_accumulate) {
     if (dinp) { /* dinp (N,C) (+)= dout (N,OC) @ W^T (OC,C) */
         Strided D = {dout, OC, 1}, Wt = {weight, 1, OC};
         gemm(dinp, D, Wt, N, C, OC, dinp_accumulate ? 0 : GEMM_OVERWRITE);
@@ -295,11 +324,17 @@ void matmul_backward(float *dinp, float *dweight, float *dbias,
         Strided At = {inp, 1, C}, D = {dout, OC, 1};
         gemm(dweight, At, D, C, OC, N, 0);
     }
-    if (dbias) { /* each thread owns a slice of columns and sums rows in order */
-        #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
-        for (int j0 = 0; j0 < OC; j0 += 64)
-            for (int i = 0; i < N; i++)
-                for (int j = j0; j < OC && j < j0 + 64; j++)
-                    dbias[j] += dout[(size_t)i * OC + j];
-    }
+    if (dbias) bias_backward(dbias, dout, N, OC);
+    return take_status();
+}
+
+int matmul_t_backward(float *dinp, float *dwte, const float *dout, const float *inp,
+                      const float *wte, int N, int C, int V) {
+    /* dinp (N,C) = dout (N,V) @ wte (V,C) */
+    Strided D = {dout, V, 1}, W = {wte, C, 1};
+    gemm(dinp, D, W, N, C, V, GEMM_OVERWRITE);
+    /* dwte (V,C) += dout^T (V,N) @ inp (N,C) */
+    Strided Dt = {dout, 1, V}, X = {inp, C, 1};
+    gemm(dwte, Dt, X, V, C, N, 0);
+    return take_status();
 }

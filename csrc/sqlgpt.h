@@ -2,58 +2,183 @@
  *
  * Contract: arrays are row-major and contiguous; the caller (Python) allocates
  * every buffer and validates every shape and token id before calling. The
- * kernel never allocates per element, never does I/O, and never calls back.
- * Parameter gradients ACCUMULATE (+=) into their buffers; zeroing them is the
- * caller's single memset per step. Activation gradients are WRITTEN (=) by
- * attention and the elementwise ops, and by matmul_backward's dinp unless
- * dinp_accumulate: a fresh buffer then needs no zeroing pass.
+ * kernel never allocates per element, never does I/O, never calls back and
+ * never aborts: the only allocations are per-thread scratch buffers that
+ * grow, and when one cannot grow, the call skips its work and returns
+ * SQLGPT_NOMEM (functions that return int return a status).
+ *
+ * Gradients, one rule:
+ *  - parameter gradients ACCUMULATE (+=); zeroing them is the caller's one
+ *    call per step (zero_floats over the grad arena);
+ *  - activation gradients are WRITTEN (=), so a fresh buffer needs no
+ *    zeroing pass, except matmul_backward's dinp with dinp_accumulate (the
+ *    sum over q, k, v of one input);
+ *  - the residual stream's backward is explicit: a norm's backward takes
+ *    dskip, the gradient arriving along the skip connection, and writes
+ *    dinp = dskip + (the gradient through the norm).
  *
  * Legend: N = rows (batch*time), B = batch, T = time, C = channels,
- * OC = output channels, NH = heads, V = classes.
+ * OC = output channels, NH = query heads, KVH = key/value heads,
+ * hs = head size (C / NH), F = MLP hidden size, V = vocabulary.
  *
  * This header is also the CFFI cdef, so it holds declarations only: no
  * preprocessor lines, no inline code.
  */
 
+enum { SQLGPT_OK = 0, SQLGPT_NOMEM = 1 };
+
+/* ---- the model, described once ---- */
+enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 };
+enum { POS_LEARNED = 0, POS_SINUSOIDAL = 1, POS_ROPE = 2, POS_NONE = 3 };
+enum { MLP_RELU = 0, MLP_GELU = 1, MLP_SWIGLU = 2 };
+
+/* The architecture: which parts a block has and its sizes. Optional
+ * parameters (norm gains and biases, linear biases, a learned wpe, the
+ * head) are present exactly where their pointer in ModelTensors is not
+ * NULL; a NULL head means the head is wte transposed (tied). */
+typedef struct {
+    int num_layers, C, NH, KVH, F, V, max_T;
+    int norm, pos, mlp, final_norm;
+    float norm_eps, rope_theta;
+} ModelConfig;
+
+/* One block's parameters (in, out): q (C,C), k and v (C,KVH*hs), proj
+ * (C,C), gate and fc1 (C,F), fc2 (F,C); *_w, *_b are norm gains and biases
+ * (C), q_b ... fc2_b linear biases (OC). gate exists for MLP_SWIGLU:
+ * fc2(silu(x @ gate) * (x @ fc1)). In a decoder the matrices point at
+ * pack_panels' layout instead. */
+typedef struct {
+    float *ln1_w, *ln1_b, *q, *q_b, *k, *k_b, *v, *v_b, *proj, *proj_b;
+    float *ln2_w, *ln2_b, *gate, *gate_b, *fc1, *fc1_b, *fc2, *fc2_b;
+} LayerTensors;
+
+/* wte (V,C); wpe (max_T,C): learned, or the fixed sinusoids (with no
+ * gradient) for POS_SINUSOIDAL, NULL otherwise; lnf_w, lnf_b (C) the final
+ * norm; head (C,V) or NULL (tied); layers (num_layers). */
+typedef struct {
+    float *wte, *wpe, *lnf_w, *lnf_b, *head;
+    LayerTensors *layers;
+} ModelTensors;
+
+/* What one layer's forward keeps for backward. x (N,C) its input; ln1, ln2
+ * (N,C) norm outputs with mean1/rstd1, mean2/rstd2 (N); q (N,C), k, v
+ * (N,KVH*hs), rotated for POS_ROPE; att (N,C) and lse (B,NH,T); xmid (N,C)
+ * after the attention sublayer; pre (N,F) fc1's output (GELU's input, or
+ * SwiGLU's linear half; unused for ReLU), gate (N,F) SwiGLU's gate input,
+ * h (N,F) the activation, fc2's input. */
+typedef struct {
+    float *x, *ln1, *mean1, *rstd1, *q, *k, *v, *att, *lse, *xmid, *ln2, *mean2, *rstd2;
+    float *pre, *gate, *h;
+} LayerActs;
+
+/* Every buffer of one (B,T) forward/backward: layers (num_layers); x_final
+ * (N,C) the last block's output, lnf/meanf/rstdf its final norm; logits
+ * (N,V), losses (N); rope_cos/rope_sin (T, hs/2); the rest is backward's
+ * scratch: branch, dx, dbranch, datt, dq, dln (N,C), dk, dv (N,KVH*hs),
+ * dh, dgate (N,F). */
+typedef struct {
+    LayerActs *layers;
+    float *x_final, *lnf, *meanf, *rstdf, *logits, *losses, *rope_cos, *rope_sin;
+    float *branch, *dx, *dbranch, *datt, *dq, *dk, *dv, *dln, *dh, *dgate;
+} ModelActs;
+
+/* model.c: the whole model. ids, targets (B,T); targets may be NULL (then
+ * no loss). seeds (2 * num_layers) are the dropout sites' seeds (after each
+ * attention and each MLP), or NULL for evaluation mode (no dropout). *loss
+ * receives the mean cross-entropy over targets that are not ignore_index.
+ * backward needs the forward's acts, ids, targets and seeds; it overwrites
+ * the logits with their gradient. grads holds the gradient of each
+ * parameter of w (NULL where w's is NULL or has no gradient). */
+int model_forward(const ModelConfig *cfg, const ModelTensors *w, const ModelActs *a,
+                  const int *ids, const int *targets, int B, int T, float dropout,
+                  const unsigned long long *seeds, int ignore_index, double *loss);
+int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTensors *grads,
+                   const ModelActs *a, const int *ids, const int *targets, int B, int T,
+                   float dropout, const unsigned long long *seeds, int ignore_index);
+
+/* decode.c: generation, one token through the whole model with a KV cache,
+ * in one call, on the same ModelConfig and per-row helpers as training.
+ * Decode weights: W (C,OC) repacked as contiguous column panels of
+ * panels_size elements, float32 or bfloat16 (bf16 = 1: float32 rounded to
+ * nearest even, 8 significant bits, half the bytes to stream). */
+long panels_size(int C, int OC);
+void pack_panels(void *dst, const float *w, int C, int OC, int bf16);
+
+/* panels: every matrix of w, the head included (wte transposed when tied),
+ * as pack_panels made them with this bf16 setting; wte, wpe and the vectors
+ * float32 as in training. kcache holds key_cache_size floats (keys
+ * transposed per kv head), vcache (num_layers, max_T, KVH*hs); positions
+ * 0..pos-1 must already hold the earlier tokens' keys and values. logits
+ * is (V). */
+long key_cache_size(const ModelConfig *cfg);
+int decode_step(const ModelConfig *cfg, const ModelTensors *panels, int bf16, float *kcache,
+                float *vcache, int token, int pos, float *logits);
+
+/* ---- ops, each a forward/backward pair ---- */
+
 /* matmul.c: out (N,OC) = inp (N,C) @ weight (C,OC) + bias (OC); bias may be NULL. */
-void matmul_forward(float *out, const float *inp, const float *weight,
-                    const float *bias, int N, int C, int OC);
-/* out = max(inp @ weight, 0): the MLP's first layer and its ReLU in one pass;
- * backward is relu_backward (masked by out > 0) then matmul_backward. */
-void matmul_relu_forward(float *out, const float *inp, const float *weight, int N, int C,
-                         int OC);
-void matmul_backward(float *dinp, float *dweight, float *dbias,
-                     const float *dout, const float *inp, const float *weight,
-                     int N, int C, int OC, int dinp_accumulate);
+int matmul_forward(float *out, const float *inp, const float *weight,
+                   const float *bias, int N, int C, int OC);
+/* out = max(inp @ weight + bias, 0): the MLP's first layer and its ReLU in
+ * one pass; backward is relu_backward (masked by out > 0) then matmul_backward. */
+int matmul_relu_forward(float *out, const float *inp, const float *weight, const float *bias,
+                        int N, int C, int OC);
+int matmul_backward(float *dinp, float *dweight, float *dbias,
+                    const float *dout, const float *inp, const float *weight,
+                    int N, int C, int OC, int dinp_accumulate);
+/* The tied head: out (N,V) = inp (N,C) @ wte^T, wte (V,C). */
+int matmul_t_forward(float *out, const float *inp, const float *wte, int N, int C, int V);
+int matmul_t_backward(float *dinp, float *dwte, const float *dout, const float *inp,
+                      const float *wte, int N, int C, int V);
 
-/* attention.c: causal multi-head self-attention over separate q, k, v, each
- * (B,T,C) with head h in columns [h*C/NH, (h+1)*C/NH). Keeps only the
- * log-sum-exp of each score row, lse (B,NH,T); backward recomputes scores,
- * so memory grows linearly in T. */
-void attention_forward(float *out, float *lse, const float *q, const float *k,
-                       const float *v, int B, int T, int C, int NH);
-void attention_backward(float *dq, float *dk, float *dv, const float *dout,
-                        const float *q, const float *k, const float *v,
-                        const float *out, const float *lse,
-                        int B, int T, int C, int NH);
+/* attention.c: causal self-attention with NH query heads over KVH key/value
+ * heads (grouped-query; KVH = NH is multi-head, 1 multi-query). q, out
+ * (B,T,NH*hs), k, v (B,T,KVH*hs); query head h reads kv head h / (NH/KVH).
+ * Keeps only the log-sum-exp of each score row, lse (B,NH,T); backward
+ * recomputes scores, so memory grows linearly in T. */
+int attention_forward(float *out, float *lse, const float *q, const float *k,
+                      const float *v, int B, int T, int NH, int KVH, int hs);
+int attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                       const float *q, const float *k, const float *v,
+                       const float *out, const float *lse,
+                       int B, int T, int NH, int KVH, int hs);
 
-/* norm.c: layernorm over the last axis; weight and bias (C) may be NULL
- * (parameter-free). mean and rstd (N) are saved for backward. */
+/* norm.c: layernorm or RMSNorm over the last axis; weight and bias (C) may
+ * be NULL (parameter-free). mean (layernorm only) and rstd (N) are saved
+ * for backward; dskip (N,C) may be NULL (no skip connection) or dinp. */
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *weight, const float *bias, int N, int C,
                        float eps);
-void layernorm_backward(float *dinp, float *dweight, float *dbias,
-                        const float *dout, const float *inp,
-                        const float *weight, const float *mean,
-                        const float *rstd, int N, int C);
+void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dskip,
+                        const float *dout, const float *inp, const float *weight,
+                        const float *mean, const float *rstd, int N, int C);
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
+                     int N, int C, float eps);
+void rmsnorm_backward(float *dinp, float *dweight, const float *dskip, const float *dout,
+                      const float *inp, const float *weight, const float *rstd, int N, int C);
 
-/* activation.c: elementwise over n floats. */
+/* rope.c: rotary position embeddings on x (B,T,heads*hs) in place, pairs
+ * (i, i + hs/2) of each head rotated by angle t * theta^(-2i/hs), the
+ * layout of transformers' llama (rotate_half). cos, sin (T, hs/2) from
+ * rope_table; backward rotates the gradient back (also in place). */
+void rope_table(float *cos, float *sin, int T, int hs, float theta);
+void rope_forward(float *x, const float *cos, const float *sin, int B, int T, int heads, int hs);
+void rope_backward(float *dx, const float *cos, const float *sin, int B, int T, int heads,
+                   int hs);
+
+/* activation.c: elementwise over n floats; backward writes dinp. */
 void relu_forward(float *out, const float *inp, long n);
 void relu_backward(float *dinp, const float *dout, const float *inp, long n);
 void gelu_forward(float *out, const float *inp, long n);
 void gelu_backward(float *dinp, const float *dout, const float *inp, long n);
+/* SwiGLU's product: h = silu(gate) * up; backward writes dgate and dup
+ * (dup may be dh itself: each element is read before it is written). */
+void swiglu_forward(float *h, const float *gate, const float *up, long n);
+void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                     const float *up, long n);
 
-/* embedding.c: out (B,T,C) = wte[ids] (V,C) + wpe[t] (T,C); ids (B,T). */
+/* embedding.c: out (B,T,C) = wte[ids] (V,C) + wpe[t] (T,C); ids (B,T);
+ * wpe may be NULL (no added positions), and so may dwpe. */
 void embedding_forward(float *out, const int *ids, const float *wte,
                        const float *wpe, int B, int T, int C);
 void embedding_backward(float *dwte, float *dwpe, const float *dout,
@@ -61,10 +186,9 @@ void embedding_backward(float *dwte, float *dwpe, const float *dout,
 
 /* loss.c: softmax cross-entropy, mean over rows whose target is not
  * ignore_index. losses (N) receives each row's loss (0 for ignored rows);
- * returns the mean. backward writes (not accumulates) dlogits (N,V). */
-double crossentropy_forward(float *losses, const float *logits,
-                            const int *targets, int N, int V,
-                            int ignore_index);
+ * *loss the mean. backward writes (not accumulates) dlogits (N,V). */
+int crossentropy_forward(double *loss, float *losses, const float *logits,
+                         const int *targets, int N, int V, int ignore_index);
 void crossentropy_backward(float *dlogits, const float *logits,
                            const int *targets, int N, int V, int ignore_index,
                            float dloss);
@@ -96,28 +220,3 @@ void zero_floats(float *x, long n);
  * per-row checksum of the database's weight tables. */
 void crc32_rows(uint32_t *out, const float *data, const float *m, const float *v, int rows,
                 int cols);
-
-/* decode.c: generation, one token through the whole model (preset lua)
- * with a KV cache, in one call.
- * Decode weights: W (C,OC) repacked as contiguous column panels of
- * panels_size elements, float32 or bfloat16 (bf16 = 1: float32 rounded to
- * nearest even, 8 significant bits, half the bytes to stream). */
-long panels_size(int C, int OC);
-void pack_panels(void *dst, const float *w, int C, int OC, int bf16);
-
-/* wte and wpe are float32 (C wide, as in training); head and the per-layer
- * matrices (arrays of num_layers pointers) are panels from pack_panels with
- * the model's bf16 setting. kcache holds key_cache_size floats (keys
- * transposed per head), vcache (num_layers, max_T, C); positions 0..pos-1
- * must already hold the earlier tokens' keys and values. logits is (V). */
-typedef struct {
-    int num_layers, C, NH, V, max_T, bf16;
-    float ln_eps;
-    const float *wte, *wpe;
-    const void *head;
-    const void **q, **k, **v, **proj, **fc1, **fc2;
-} DecodeModel;
-
-long key_cache_size(const DecodeModel *m);
-void decode_step(const DecodeModel *m, float *kcache, float *vcache, int token,
-                 int pos, float *logits);

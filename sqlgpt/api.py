@@ -15,18 +15,25 @@ class Model:
     """A trained model: config, tokenizer and weights of the latest checkpoint.
     precision ("fp32" or "bf16") is the weights' format while generating."""
 
-    def __init__(self, gpt, tokenizer, step, precision="fp32"):
+    def __init__(self, gpt, train_cfg, tokenizer, step, precision="fp32"):
         check_precision(precision)
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
+        self.train_config = train_cfg
         self.precision = precision
         self._decoder = None  # made on first use: packing the weights is a model-sized copy
 
     @property
     def config(self):
-        return self._gpt.cfg.to_dict()
+        """Architecture and training settings, as stored (one flat dict)."""
+        return {**self.train_config.to_dict(), **self._gpt.arch.to_dict()}
+
+    @property
+    def arch(self):
+        return self._gpt.arch
 
     def state_dict(self):
-        """{name: float32 array}: wte, wpe, layers.<i>.<q|k|v|proj|fc1|fc2>, head (copies)."""
+        """{name: float32 array} of every stored tensor, under the tensor
+        table's names (copies; a tied head is wte)."""
         return {t.name: t.data.copy() for t in self._gpt.params}
 
     def num_parameters(self):
@@ -51,7 +58,7 @@ class Model:
             raise SqlgptError("the prompt has no words")
         if (ids == self.tokenizer.unk_id).all():
             raise SqlgptError(f"none of the prompt's words are in the vocabulary: {prompt!r}")
-        return ids[-self._gpt.cfg.seq_len:]
+        return ids[-self._gpt.arch.seq_len:]
 
     def generate_ids(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
                      seed=None, allow_unk=False):
@@ -79,13 +86,13 @@ def load(path, precision="fp32"):
     try:
         with store.sqlite_errors(f"cannot read {path}"):
             conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
-            cfg = store.read_config(conn)
+            arch, cfg = store.read_config(conn)
             tokenizer = store.read_tokenizer(conn, cfg)
-            gpt = GPT(cfg)
+            gpt = GPT(arch)
             store.read_weights(conn, gpt)
             step = store.read_train_state(conn).get("step")
             if not isinstance(step, int) or step < 0:
                 raise SqlgptError(f"{path} is damaged: no valid training step")
     finally:
         conn.close()
-    return Model(gpt, tokenizer, step, precision)
+    return Model(gpt, cfg, tokenizer, step, precision)

@@ -3,27 +3,34 @@ import functools
 import json
 import math
 import sys
-from dataclasses import fields
 
 import click
 
 from . import store
 from .api import load
+from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
+from .config import TrainConfig
 from .errors import SqlgptError
 from .generate import PRECISIONS
-from .model import PRESETS, Config
 from .train import Trainer
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
-DEFAULTS = Config()
+DEFAULTS, ARCH_DEFAULTS = TrainConfig(), ArchConfig()
 
-# option name -> Config field, for the options that shape a new model
-MODEL_OPTIONS = {
+# option name -> ArchConfig field, for the options that shape a new model's
+# architecture; those not given on the command line keep the preset's value
+ARCH_OPTIONS = {
     "embed_dim": "embed_dim", "heads": "num_heads", "layers": "num_layers",
-    "seq_len": "seq_len", "batch_size": "batch_size", "vocab_size": "vocab_size",
-    "lr": "lr", "dropout": "dropout", "seed": "seed", "weight_decay": "weight_decay",
-    "lr_schedule": "lr_schedule", "warmup": "warmup_iters", "preset": "preset",
-    "grad_clip": "grad_clip",
+    "seq_len": "seq_len", "kv_heads": "kv_heads", "norm": "norm",
+    "norm_affine": "norm_affine", "norm_eps": "norm_eps", "pos": "pos",
+    "rope_theta": "rope_theta", "mlp": "mlp", "ffn_dim": "ffn_dim", "bias": "bias",
+    "tie_weights": "tie_weights", "final_norm": "final_norm",
+}
+# option name -> TrainConfig field
+TRAIN_OPTIONS = {
+    "batch_size": "batch_size", "vocab_size": "vocab_size", "lr": "lr", "dropout": "dropout",
+    "seed": "seed", "weight_decay": "weight_decay", "lr_schedule": "lr_schedule",
+    "warmup": "warmup_iters", "grad_clip": "grad_clip",
 }
 
 
@@ -80,16 +87,41 @@ def main():
 @click.argument("corpus", type=click.Path())
 @click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULTS.preset,
-              show_default=True, help="Model architecture.")
-@click.option("--embed-dim", type=int, default=DEFAULTS.embed_dim, show_default=True,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=ARCH_DEFAULTS.preset,
+              show_default=True,
+              help="Model architecture: lua (the original), gpt2 or llama.")
+@click.option("--embed-dim", type=int, default=ARCH_DEFAULTS.embed_dim, show_default=True,
               help="Width of the model.")
-@click.option("--heads", type=int, default=DEFAULTS.num_heads, show_default=True,
+@click.option("--heads", type=int, default=ARCH_DEFAULTS.num_heads, show_default=True,
               help="Attention heads (must divide --embed-dim).")
-@click.option("--layers", type=int, default=DEFAULTS.num_layers, show_default=True,
+@click.option("--kv-heads", type=int, default=None,
+              help="Key/value heads for grouped-query attention (must divide --heads; "
+                   "1 = multi-query). [default: --heads]")
+@click.option("--layers", type=int, default=ARCH_DEFAULTS.num_layers, show_default=True,
               help="Transformer blocks.")
-@click.option("--seq-len", type=int, default=DEFAULTS.seq_len, show_default=True,
+@click.option("--seq-len", type=int, default=ARCH_DEFAULTS.seq_len, show_default=True,
               help="Context length in tokens.")
+@click.option("--norm", type=click.Choice(NORMS), default=None,
+              help="Normalization. [default: the preset's]")
+@click.option("--norm-affine/--no-norm-affine", default=None,
+              help="Learned norm gains (and biases with --bias). [default: the preset's]")
+@click.option("--norm-eps", type=float, default=None,
+              help="Epsilon inside the norms. [default: 1e-5]")
+@click.option("--pos", type=click.Choice(POSITIONS), default=None,
+              help="Position scheme. [default: the preset's]")
+@click.option("--rope-theta", type=float, default=None,
+              help="Base of the rotary angles. [default: 10000]")
+@click.option("--mlp", type=click.Choice(MLPS), default=None,
+              help="MLP kind. [default: the preset's]")
+@click.option("--ffn-dim", type=int, default=None,
+              help="MLP hidden size. [default: 4 x --embed-dim; for swiglu 2/3 of that, "
+                   "rounded up to a multiple of 32]")
+@click.option("--bias/--no-bias", default=None,
+              help="Biases on every linear and layernorm. [default: the preset's]")
+@click.option("--tie-weights/--no-tie-weights", default=None,
+              help="Head shares wte's weights. [default: the preset's]")
+@click.option("--final-norm/--no-final-norm", default=None,
+              help="A norm before the head. [default: the preset's]")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
               help="Sequences per step.")
 @click.option("--vocab-size", type=int, default=DEFAULTS.vocab_size, show_default=True,
@@ -121,7 +153,7 @@ def main():
 @click.pass_context
 @fail_cleanly
 def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwrite, as_json,
-          **model_options):
+          **options):
     """Train a model on CORPUS (a UTF-8 text file) into the database --db.
 
     Example: sqlgpt train examples/tinyshakespeare.txt --db model.db --iters 500
@@ -131,17 +163,19 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
     for name, value in (("--iters", iters), ("--save-every", save_every)):
         if not 1 <= value < 2**31:
             raise SqlgptError(f"{name} must be from 1 to 2**31-1")
+    explicit = [name for name in (*ARCH_OPTIONS, *TRAIN_OPTIONS, "preset")
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if resume:
-        explicit = [name for name in MODEL_OPTIONS
-                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if explicit:
             raise SqlgptError("--resume keeps the stored config; drop "
                               + ", ".join("--" + n.replace("_", "-") for n in explicit))
         trainer = Trainer.resume(db_path, corpus)
     else:
-        cfg = Config(**{MODEL_OPTIONS[k]: v for k, v in model_options.items()},
-                     max_iters=iters)
-        trainer = Trainer.create(db_path, corpus, cfg, overwrite=overwrite)
+        arch = preset(options["preset"], **{field: options[name] for name, field in
+                                            ARCH_OPTIONS.items() if name in explicit})
+        cfg = TrainConfig(**{field: options[name] for name, field in TRAIN_OPTIONS.items()},
+                          max_iters=iters)
+        trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite=overwrite)
     try:
         result = run_with_progress(trainer, iters, save_every, max_bad_steps)
     finally:
@@ -244,8 +278,8 @@ def info(db_path, as_json):
         emit_json(report)
         return
     click.echo(f"{db_path}: step {model.step}, {model.num_parameters():,} parameters")
-    for f in fields(Config):
-        click.echo(f"  {f.name:<14} {model.config[f.name]}")
+    for name, value in model.config.items():
+        click.echo(f"  {name:<14} {value}")
     click.echo(f"checkpoints ({len(history)}):")
     for c in history[-10:]:
         click.echo(f"  step {c['step']:>6}  train loss {fmt_loss(c['train_loss']):>7}  "
@@ -269,3 +303,7 @@ def check(db_path):
     model = load(db_path)
     click.echo(f"{db_path}: ok (integrity_check ok, {model.num_parameters():,} parameters "
                f"checksummed, step {model.step})")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,10 @@ Generation runs each token through the whole model in one kernel call
 """
 import numpy as np
 
-from ._kernel import ffi, lib
+from ._kernel import lib
+from .arch import tensor_table
 from .errors import SqlgptError
-from .model import LAYER_COMPONENTS, LN_EPS
+from .model import TensorStruct, check_status, model_config, tensor_fields
 from .tensor import ALIGN_FLOATS, aligned_zeros, fptr
 
 
@@ -21,64 +22,63 @@ def check_precision(precision):
 
 class Decoder:
     """A snapshot of a model's weights in the layout the C decode step reads
-    (column panels, packed once here), plus its KV cache: values
-    (num_layers, seq_len, C), keys in the kernel's transposed layout. Later
-    changes to the model's weights are not seen: make a new Decoder after
-    training further.
+    (every matrix as column panels, packed once here; a tied head is wte
+    transposed), plus its KV cache: values (num_layers, seq_len, kv_dim),
+    keys in the kernel's transposed layout. Later changes to the model's
+    weights are not seen: make a new Decoder after training further.
 
     precision "bf16" rounds the matrices to bfloat16 (8 significant bits) for
     decoding: half the memory to stream per token, logits within about 1e-2
-    of float32's; wte, wpe, activations and sums stay float32."""
+    of float32's; embeddings, norms, biases, activations and sums stay float32."""
 
     def __init__(self, model, precision="fp32"):
         check_precision(precision)
-        cfg = model.cfg
-        self.cfg, self.precision, self.pos = cfg, precision, 0
-        self.vcache = aligned_zeros((cfg.num_layers, cfg.seq_len, cfg.embed_dim))
-        self.logits = aligned_zeros((cfg.n_classes,))
-        p = model.params
-        packed = ["head"] + [f"layers.{l}.{comp}" for comp in LAYER_COMPONENTS
-                             for l in range(cfg.num_layers)]
-        bf16 = precision == "bf16"
-        # panel sizes in float32 slots, each rounded up to keep panels 64-byte aligned
-        slots = [-(-lib.panels_size(*p[name].shape) // (2 if bf16 else 1) // ALIGN_FLOATS)
-                 * ALIGN_FLOATS for name in packed]
-        self.panels = aligned_zeros((sum(slots),))
-        base, ptrs, offset = fptr(self.panels), {}, 0
-        for name, size in zip(packed, slots):
-            ptrs[name] = base + offset
-            lib.pack_panels(ptrs[name], fptr(p[name].data), *p[name].shape, bf16)
-            offset += size
-        self._keep = [base]  # cdata that must outlive the struct
-        desc = ffi.new("DecodeModel *")
-        desc.num_layers, desc.C, desc.NH = cfg.num_layers, cfg.embed_dim, cfg.num_heads
-        desc.V, desc.max_T, desc.ln_eps, desc.bf16 = cfg.n_classes, cfg.seq_len, LN_EPS, bf16
-        self.wte, self.wpe = p["wte"].data.copy(), p["wpe"].data.copy()  # the snapshot
-        desc.wte, desc.wpe, desc.head = self._ptr(self.wte), self._ptr(self.wpe), ptrs["head"]
-        for comp in LAYER_COMPONENTS:
-            array = ffi.new("const void *[]", [ptrs[f"layers.{l}.{comp}"]
-                                               for l in range(cfg.num_layers)])
-            self._keep.append(array)
-            setattr(desc, comp, array)
-        self.desc = desc
-        self.kcache = aligned_zeros((lib.key_cache_size(desc),))
+        arch = model.arch
+        self.arch, self.precision, self.pos = arch, precision, 0
+        self.bf16 = precision == "bf16"
+        self.vcache = aligned_zeros((arch.num_layers, arch.seq_len, arch.kv_dim))
+        self.logits = aligned_zeros((arch.n_vocab,))
+        arrays = self._snapshot(model)
+        self.config = model_config(arch)
+        self.tensors = TensorStruct(arch.num_layers,
+                                    *tensor_fields(arch, arrays, model.weights_fixed))
+        self.kcache = aligned_zeros((lib.key_cache_size(self.config),))
         self._k, self._v, self._out = fptr(self.kcache), fptr(self.vcache), fptr(self.logits)
 
-    def _ptr(self, array):
-        ptr = fptr(array)
-        self._keep.append(ptr)
-        return ptr
+    def _snapshot(self, model):
+        """{name: array} for the decode struct: matrices packed into panels
+        (one aligned block), everything else copied as float32."""
+        arrays, matrices = {}, {}
+        for spec in tensor_table(model.arch):
+            data = model.params[spec.tied_to or spec.name].data
+            if spec.tied_to:
+                data = np.ascontiguousarray(data.T)  # the head reads wte transposed
+            if len(spec.shape) == 2 and spec.name not in ("wte", "wpe"):
+                matrices[spec.name] = data
+            else:
+                arrays[spec.name] = data.copy()
+        # panel sizes in float32 slots, each rounded up to keep panels 64-byte aligned
+        slots = [-(-lib.panels_size(*m.shape) // (2 if self.bf16 else 1) // ALIGN_FLOATS)
+                 * ALIGN_FLOATS for m in matrices.values()]
+        self.panels = aligned_zeros((sum(slots),))
+        offset = 0
+        for (name, matrix), size in zip(matrices.items(), slots):
+            arrays[name] = self.panels[offset:offset + size]
+            lib.pack_panels(fptr(arrays[name]), fptr(matrix), *matrix.shape, self.bf16)
+            offset += size
+        return arrays
 
     def reset(self):
         self.pos = 0
 
     def step(self, token):
         """Logits (V,) for the next token after `token` at the next position."""
-        if self.pos >= self.cfg.seq_len:
+        if self.pos >= self.arch.seq_len:
             raise SqlgptError("the KV cache is full")
-        if not 0 <= token < self.cfg.n_classes:
+        if not 0 <= token < self.arch.n_vocab:
             raise SqlgptError(f"token id {token} out of range")
-        lib.decode_step(self.desc, self._k, self._v, token, self.pos, self._out)
+        check_status(lib.decode_step(self.config, self.tensors.struct, self.bf16, self._k,
+                                     self._v, token, self.pos, self._out))
         self.pos += 1
         return self.logits
 
@@ -131,7 +131,7 @@ def generate_ids(decoder, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_
         raise SqlgptError("seed must be an integer from 0 to 2**63-1")
     rng = np.random.default_rng(seed)
     context = [int(i) for i in prompt_ids]
-    T = decoder.cfg.seq_len
+    T = decoder.arch.seq_len
     logits = decoder.prefill(context[-T:])
     for _ in range(max_tokens):
         token = sample(logits, rng, temperature, top_k, top_p, banned)

@@ -1,5 +1,9 @@
 """Every SQL statement sqlgpt runs: creating a database, checkpoints (one
-transaction each), and loading with validation of everything read.
+transaction each), loading with validation of everything read, and the
+numbered migrations that bring older files up to SCHEMA_VERSION.
+
+Where each tensor's rows live comes from its TensorSpec (arch.py's tensor
+table): its layer and component, never its name's spelling.
 
 A database is created whole: schema, config, vocabulary and the step-0
 checkpoint are written to a temporary file which is then renamed into place,
@@ -21,15 +25,17 @@ import numpy as np
 import sqlite_utils
 
 from ._kernel import ffi, lib
+from .config import from_rows, to_rows
 from .errors import SqlgptError
-from .model import Config
 from .tensor import fptr
 from .tokenizers import TOKENIZERS
 
 APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
-SCHEMA_VERSION = 1
-WEIGHT_TABLES = ("embeddings", "layers", "head")
+SCHEMA_VERSION = 2
+WEIGHT_TABLES = ("embeddings", "layers", "head", "norms")
 REQUIRED_TABLES = ("config", "vocab", "train_state", "checkpoints", "metrics") + WEIGHT_TABLES
+# the schema version that added a table (the others are in every version)
+ADDED_IN = {"norms": 2}
 BUSY_TIMEOUT_MS = 10_000
 # 64 KB pages: a checkpoint is tens of MB of BLOB rows, and big pages mean far
 # fewer overflow pages and page writes per checkpoint
@@ -50,19 +56,39 @@ def schema_sql():
     raise SqlgptError("schema.sql is missing from the installation")
 
 
+def tables_at(version):
+    """The tables a database of this schema version has."""
+    return [t for t in REQUIRED_TABLES if ADDED_IN.get(t, 1) <= version]
+
+
 # ---- where each parameter's rows live ----
-def row_key(name):
-    """(table, key values before the row index) for a parameter name."""
-    if name in ("wte", "wpe"):
-        return "embeddings", (name,)
-    if name == "head":
-        return "head", ()
-    _, layer, component = name.split(".")
-    return "layers", (int(layer), component)
-
-
+# the table of each model-level tensor (layer None), by its component; every
+# tensor of a layer lives in `layers`. A new model-level tensor gets a place
+# here (and, for a new table, a migration) before it can be stored.
+MODEL_TENSOR_TABLES = {"wte": "embeddings", "wpe": "embeddings", "head": "head",
+                       "lnf_w": "norms", "lnf_b": "norms"}
+# each table's key columns; the last is the row index
 KEY_COLUMNS = {"embeddings": ("type", "position"), "layers": ("layer", "component", "i"),
-               "head": ("i",)}
+               "head": ("i",), "norms": ("name", "i")}
+
+
+def location(spec):
+    """(table, key values before the row index) of a TensorSpec's rows."""
+    if spec.layer is not None:
+        return "layers", (spec.layer, spec.component)
+    table = MODEL_TENSOR_TABLES.get(spec.component)
+    if table is None:
+        raise SqlgptError(f"no table stores the tensor {spec.name}")
+    return table, () if table == "head" else (spec.component,)
+
+
+def describe(table, key):
+    """A stored location in words, for errors: `layers (layer=7, component='q')`."""
+    if not key:
+        return table
+    return f"{table} ({', '.join(f'{c}={k!r}' for c, k in zip(KEY_COLUMNS[table], key))})"
+
+
 INSERT_SQL = {table: f"INSERT INTO {table} (data, m, v, crc, {', '.join(keys)}) "
                      f"VALUES ({', '.join('?' * (len(keys) + 4))})"
               for table, keys in KEY_COLUMNS.items()}
@@ -105,10 +131,11 @@ def _stored(buf):
 
 
 def row_crcs(t):
-    """row_crc of every row of parameter t, computed by the kernel in one call."""
-    out = np.empty(t.shape[0], dtype=np.uint32)
+    """row_crc of every stored row of parameter t (a vector is one row),
+    computed by the kernel in one call."""
+    out = np.empty(t.spec.rows, dtype=np.uint32)
     data, m, v = (fptr(_stored(buf)) for buf in (t.data, t.m, t.v))
-    lib.crc32_rows(ffi.from_buffer("uint32_t[]", out), data, m, v, *t.shape)
+    lib.crc32_rows(ffi.from_buffer("uint32_t[]", out), data, m, v, t.spec.rows, t.spec.cols)
     return out.tolist()
 
 
@@ -120,7 +147,7 @@ _ROW_COLUMNS = weakref.WeakKeyDictionary()
 
 
 def _in_key_order(params):
-    return sorted(params, key=lambda t: row_key(t.name))
+    return sorted(params, key=lambda t: location(t.spec))
 
 
 def _row_columns(params):
@@ -132,11 +159,12 @@ def _row_columns(params):
     columns = {table: [[] for _ in range(3 + len(keys))] for table, keys in KEY_COLUMNS.items()}
     in_place = True
     for t in _in_key_order(params):
-        table, key = row_key(t.name)
+        table, key = location(t.spec)
         stored = [_stored(buf) for buf in (t.data, t.m, t.v)]
         in_place &= all(s is buf for s, buf in zip(stored, (t.data, t.m, t.v)))
-        n = t.shape[0]
-        values = [list(map(memoryview, s)) for s in stored] + [[k] * n for k in key] + [range(n)]
+        n = t.spec.rows
+        values = [list(map(memoryview, s.reshape(n, t.spec.cols))) for s in stored] + \
+            [[k] * n for k in key] + [range(n)]
         for column, part in zip(columns[table], values):
             column.extend(part)
     if in_place:  # a big-endian host stores copies: those must be made afresh each time
@@ -150,7 +178,7 @@ def weight_rows(params, rowids=None):
     (data, m, v, crc, rowid, *key, i), as UPDATE_SQL takes them."""
     crcs = {table: [] for table in WEIGHT_TABLES}
     for t in _in_key_order(params):
-        crcs[row_key(t.name)[0]].extend(row_crcs(t))
+        crcs[location(t.spec)[0]].extend(row_crcs(t))
     rows = {}
     for table, (data, m, v, *keys) in _row_columns(params).items():
         extra = [rowids[table]] if rowids else []
@@ -256,7 +284,8 @@ def _check_is_sqlite(path):
 
 def open_database(path, readonly=True):
     """Open an existing sqlgpt database after checking it is one this version
-    can read. Read-only opens never modify the file."""
+    can read. Read-only opens never modify the file (an older schema version
+    is read as it is); opening for writing first migrates it to SCHEMA_VERSION."""
     _check_is_sqlite(path)
     try:
         conn = None
@@ -286,7 +315,10 @@ def open_database(path, readonly=True):
         conn.close()
         raise SqlgptError(f"{path} has schema version {version}, newer than this sqlgpt "
                           f"supports ({SCHEMA_VERSION}); upgrade sqlgpt")
-    missing = [t for t in REQUIRED_TABLES if t not in tables]
+    if version < 1:  # every sqlgpt file has had a version; none was 0
+        conn.close()
+        raise SqlgptError(f"{path} is damaged: schema version {version}")
+    missing = [t for t in tables_at(version) if t not in tables]
     if missing:
         conn.close()
         raise SqlgptError(f"{path} is damaged: missing table(s) {', '.join(missing)}")
@@ -295,15 +327,90 @@ def open_database(path, readonly=True):
         raise SqlgptError(f"{path} has views or triggers sqlgpt did not create "
                           f"({', '.join(sorted(extras))}); refusing to use it")
     if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate(conn, path)
+        except BaseException:
+            conn.close()
+            raise
     return conn
 
 
-def create_database(path, model, tokenizer, state, overwrite=False):
+# ---- migrations ----
+# Each step takes a database from version N (its key) to N + 1 inside the one
+# transaction that also sets user_version, so a file is always at one version
+# or the next. A step's SQL is frozen as that version had it: a later
+# schema.sql must not change what an old step creates (tests check that a
+# migrated file has the same tables as a new one).
+def _v1_to_v2(conn):
+    """Version 2 stores norm gains and biases (layers holds the per-layer ones
+    already) and the architecture in config. A version-1 file is the lua
+    preset: it has no rows for the new table, and gains the architecture keys
+    (the values from_rows derives for it) without any of its keys changing."""
+    conn.execute("""
+        CREATE TABLE norms (
+            name TEXT NOT NULL,
+            i    INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            m    BLOB NOT NULL,
+            v    BLOB NOT NULL,
+            crc  INTEGER NOT NULL,
+            PRIMARY KEY (name, i)
+        )""")
+    values = dict(conn.execute("SELECT key, value FROM config"))
+    conn.executemany("INSERT OR IGNORE INTO config (key, value) VALUES (?, ?)",
+                     to_rows(*from_rows(values)))
+
+
+MIGRATIONS = {1: _v1_to_v2}
+
+
+def migrate(conn, path):
+    """Apply the migrations a database needs, each in its own transaction.
+    The version is read inside each transaction, so two writers that open an
+    old file at once migrate it once."""
+    while _migrate_step(conn, path):
+        pass
+
+
+def _migrate_step(conn, path):
+    """Migrate one version up; False when there is nothing to do."""
+    with _durable(conn):
+        version = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                return False
+            if version not in MIGRATIONS:
+                raise SqlgptError(f"no migration from schema version {version}")
+            MIGRATIONS[version](conn)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+            return True
+        except (sqlite3.Error, SqlgptError, UnicodeDecodeError) as e:
+            _rollback(conn)
+            step = f" from schema version {version} to {version + 1}" if version is not None \
+                else ""
+            raise SqlgptError(f"cannot migrate {path}{step} (the file is unchanged): "
+                              f"{e}") from None
+        except BaseException:
+            _rollback(conn)
+            raise
+
+
+def _rollback(conn):
+    if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+        conn.execute("ROLLBACK")
+
+
+def create_database(path, model, train_cfg, tokenizer, state, overwrite=False):
     """Write a new database with the step-0 checkpoint, atomically: built
     under a temporary name, locked, then moved to `path` (replacing a file
-    there only with overwrite). Returns (connection, writer lock)."""
+    there only with overwrite). model: .arch (an ArchConfig) and .params (its
+    ParameterSet). Returns (connection, writer lock)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
@@ -322,7 +429,7 @@ def create_database(path, model, tokenizer, state, overwrite=False):
         for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
             conn.executemany(INSERT_SQL[table], rows)
         conn.execute("COMMIT")
-        save_checkpoint(conn, model, state, train_loss=None, val_loss=None)
+        save_checkpoint(conn, model, train_cfg, state, train_loss=None, val_loss=None)
         conn.close()  # folds the WAL into the file, so the move takes everything
         lock = WriterLock(tmp)  # the lock is on the file itself: it moves with it
         if overwrite:
@@ -351,12 +458,13 @@ def create_database(path, model, tokenizer, state, overwrite=False):
 
 
 # ---- writing ----
-def save_checkpoint(conn, model, state, train_loss, val_loss):
-    """One transaction: config, every weight row with its moments, the training
-    state and a checkpoints row. All of it commits, or none of it."""
+def save_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
+    """One transaction: config (the architecture and train_cfg), every weight
+    row with its moments, the training state and a checkpoints row. All of it
+    commits, or none of it."""
     with sqlite_errors("cannot save the checkpoint (the previous one is intact)"), \
             _durable(conn):
-        _write_checkpoint(conn, model, state, train_loss, val_loss)
+        _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss)
 
 
 @contextlib.contextmanager
@@ -370,13 +478,13 @@ def _durable(conn):
         conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def _write_checkpoint(conn, model, state, train_loss, val_loss):
+def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
     try:
         conn.execute("BEGIN IMMEDIATE")
         rowids = {table: table_rowids(conn, table) for table in WEIGHT_TABLES}
         rows = weight_rows(model.params, rowids)
         conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                         model.cfg.to_dict().items())
+                         to_rows(model.arch, train_cfg))
         for table in WEIGHT_TABLES:
             expected = len(_row_columns(model.params)[table][0])
             if len(rowids[table]) != expected or \
@@ -389,8 +497,7 @@ def _write_checkpoint(conn, model, state, train_loss, val_loss):
                      (state["step"], train_loss, val_loss, state["elapsed_s"]))
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
-            conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
 
 
@@ -409,64 +516,71 @@ def _write_metrics(conn, rows):
                          "VALUES (?, ?, ?, ?)", rows)
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
 
 
 # ---- reading, validating everything ----
 def read_config(conn):
+    """(ArchConfig, TrainConfig) from the config table, validated (a version-1
+    table has no architecture keys: from_rows reads it as the lua preset)."""
     try:
-        values = dict(conn.execute("SELECT key, value FROM config"))
-        cfg = Config.from_dict(values)
-        missing = [k for k in ("vocab_size", "embed_dim", "num_heads", "num_layers", "seq_len")
-                   if k not in values]
+        arch, train_cfg = from_rows(dict(conn.execute("SELECT key, value FROM config")))
     except (sqlite3.DatabaseError, TypeError) as e:
         raise SqlgptError(f"the config table is damaged: {e}") from None
-    if missing:
-        raise SqlgptError(f"the config table is missing {', '.join(missing)}")
-    try:
-        return cfg.validate()
-    except SqlgptError as e:
-        raise SqlgptError(f"the stored config is invalid: {e}") from None
+    # the vocab table's ids are 0..vocab_size + 1: each must have a wte row
+    if arch.n_vocab < train_cfg.vocab_size + 2:
+        raise SqlgptError(f"the stored config is invalid: n_vocab {arch.n_vocab} is below "
+                          f"vocab_size + 2 ({train_cfg.vocab_size + 2} token ids)")
+    return arch, train_cfg
 
 
-def read_tokenizer(conn, cfg):
+def read_tokenizer(conn, train_cfg):
     try:
         pairs = [(w, i) for w, i in conn.execute("SELECT word, id FROM vocab")]
     except sqlite3.DatabaseError as e:
         raise SqlgptError(f"the vocab table is damaged: {e}") from None
     if not all(isinstance(w, str) and isinstance(i, int) for w, i in pairs):
         raise SqlgptError("the vocab table is damaged (wrong value types)")
-    tokenizer = TOKENIZERS[cfg.tokenizer].from_vocab(pairs)
-    if tokenizer.vocab_size != cfg.vocab_size:
+    tokenizer = TOKENIZERS[train_cfg.tokenizer].from_vocab(pairs)
+    if tokenizer.vocab_size != train_cfg.vocab_size:
         raise SqlgptError(f"the vocab table has {tokenizer.vocab_size} words but config says "
-                          f"vocab_size {cfg.vocab_size}")
+                          f"vocab_size {train_cfg.vocab_size}")
     return tokenizer
 
 
+def weight_tables(conn):
+    """The weight tables this database's schema version has (a version-1
+    file, read as it is, has no norms table: it has no such tensors)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    return [t for t in WEIGHT_TABLES if t in tables_at(version)]
+
+
 def read_weights(conn, model):
-    """Fill every parameter's data, m and v from the weight tables, checking
-    that each one has exactly its rows and every BLOB exactly its length.
-    Call inside a transaction: the two reads per table must see one snapshot."""
+    """Fill every parameter of model.params with data, m and v from the
+    weight tables, checking that each one has exactly its rows and every BLOB
+    exactly its length, and that no rows belong to no parameter. Call inside
+    a transaction: the reads of a table must see one snapshot."""
     found = {}
     try:
-        for table in WEIGHT_TABLES:
+        for table in weight_tables(conn):
             groups = conn.execute(GROUPS_SQL[table]).fetchall()
             rows = conn.execute(ROWS_SQL[table]).fetchall()
             start = 0
             for *key, count, distinct, first, last, non_integers in groups:
-                index_range = (first, last) if distinct == count and not non_integers else None
-                found[_param_name(table, key)] = (rows[start:start + count], index_range)
+                if count:  # an empty head table still gives its one aggregate row
+                    index_range = (first, last) if distinct == count and not non_integers \
+                        else None
+                    found[table, tuple(key)] = (rows[start:start + count], index_range)
                 start += count
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
         raise SqlgptError(f"cannot read weights: {e}") from None
-    expected = {t.name for t in model.params}
-    unknown = set(found) - expected
+    params = {location(t.spec): t for t in model.params}
+    unknown = [describe(*loc) for loc in found if loc not in params]
     if unknown:
         raise SqlgptError(f"weights for unknown parameter(s): {', '.join(sorted(unknown))}")
-    for t in model.params:
-        _fill(t, *found.get(t.name, ([], None)))
+    for loc, t in params.items():
+        _fill(t, *found.get(loc, ([], None)))
     _check_values(model.params)
 
 
@@ -492,7 +606,7 @@ def _fill(t, rows, index_range):
     its buffers. This is the hot path of every load: the whole copy and its
     checksums come first, and only when they fail are the rows examined one
     by one, to say what is wrong."""
-    nrows, ncols = t.shape
+    nrows, ncols = t.spec.rows, t.spec.cols
     if len(rows) != nrows or (nrows and index_range != (0, nrows - 1)):
         raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "
                           f"found {len(rows)}")
@@ -512,14 +626,6 @@ def _fill(t, rows, index_range):
                               f"float32 values")
     bad = next(i for i, (a, b) in enumerate(zip(row_crcs(t), crc)) if a != b)
     raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
-
-
-def _param_name(table, key):
-    if table == "embeddings":
-        return str(key[0])
-    if table == "head":
-        return "head"
-    return f"layers.{key[0]}.{key[1]}"
 
 
 def read_train_state(conn):

@@ -24,12 +24,18 @@ def aligned_zeros(shape):
 
 
 def _aligned_offsets(specs):
-    """Start of each tensor in an arena (a multiple of ALIGN_FLOATS), and the arena size."""
-    offsets, offset = [], 0
-    for _, shape in specs:
-        offsets.append(offset)
-        offset += -(-prod(shape) // ALIGN_FLOATS) * ALIGN_FLOATS
-    return offsets, offset
+    """Start of each tensor in an arena (a multiple of ALIGN_FLOATS), the
+    arena size, and where the tensors without weight decay begin: those come
+    last, so that each decay group is one contiguous run for the optimizer."""
+    offsets, offset = {}, 0
+    for decay in (True, False):
+        if not decay:
+            no_decay_start = offset
+        for spec in specs:
+            if spec.decay == decay:
+                offsets[spec.name] = offset
+                offset += -(-prod(spec.shape) // ALIGN_FLOATS) * ALIGN_FLOATS
+    return offsets, offset, no_decay_start
 
 
 def fptr(array):
@@ -48,11 +54,10 @@ def iptr(array):
 
 
 class Tensor:
-    """One parameter: a name, a shape and four views of the same size."""
+    """One parameter: its row of the tensor table and four views of its shape."""
 
-    def __init__(self, name, shape, arenas, offset):
-        self.name = name
-        self.shape = tuple(shape)
+    def __init__(self, spec, arenas, offset):
+        self.spec, self.name, self.shape = spec, spec.name, tuple(spec.shape)
         size = prod(self.shape)
         for buf in BUFFERS:
             setattr(self, buf, arenas[buf][offset:offset + size].reshape(self.shape))
@@ -62,17 +67,20 @@ class Tensor:
 
 
 class ParameterSet:
-    """All parameters of a model in four flat arenas, in a fixed order, each
-    tensor starting on a 64-byte boundary."""
+    """All parameters of a model in four flat arenas, each tensor starting on
+    a 64-byte boundary; iteration is in the tensor table's order."""
 
     def __init__(self, specs):
-        """specs: list of (name, shape), in storage order."""
-        offsets, total = _aligned_offsets(specs)
+        """specs: the tensor table's rows that own storage (arch.stored_tensors)."""
+        offsets, total, self.no_decay_start = _aligned_offsets(specs)
         # the gaps between tensors stay zero: Adam leaves zeros with zero gradients alone
         self.arenas = {buf: aligned_zeros((total,)) for buf in BUFFERS}
-        self.tensors = {name: Tensor(name, shape, self.arenas, offset)
-                        for (name, shape), offset in zip(specs, offsets)}
-        self.size = sum(prod(shape) for _, shape in specs)  # parameters, gaps excluded
+        self.tensors = {spec.name: Tensor(spec, self.arenas, offsets[spec.name])
+                        for spec in specs}
+        self.size = sum(prod(spec.shape) for spec in specs)  # parameters, gaps excluded
+
+    def __contains__(self, name):
+        return name in self.tensors
 
     def __getitem__(self, name):
         return self.tensors[name]

@@ -44,6 +44,11 @@ class WordTokenizer:
         """Number of words (classes are vocab_size + 2)."""
         return len(self.words)
 
+    @property
+    def n_ids(self):
+        """Token ids, special ones included: the rows of the model's wte."""
+        return len(self.words) + 2
+
     def vocab(self):
         """(token, id) pairs, special tokens included, for storage."""
         return [(PAD, 0)] + [(w, i + 1) for i, w in enumerate(self.words)] + [(UNK, self.unk_id)]

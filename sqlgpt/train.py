@@ -80,10 +80,12 @@ class RunResult:
 
 
 class Trainer:
-    """Owns the model, its database connection and the training state."""
+    """Owns the model, its training settings, its database connection and
+    the training state."""
 
-    def __init__(self, conn, lock, model, tokenizer, train_tokens, val_tokens, state):
+    def __init__(self, conn, lock, model, train_cfg, tokenizer, train_tokens, val_tokens, state):
         self.conn, self.lock, self.model, self.tokenizer = conn, lock, model, tokenizer
+        self.cfg = train_cfg
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.state = state
         self.rng = np.random.default_rng()
@@ -101,9 +103,10 @@ class Trainer:
 
     # ---- construction ----
     @classmethod
-    def create(cls, db_path, corpus_path, cfg, overwrite=False):
-        """Build the vocabulary and a freshly initialized model, and write it
-        as the step-0 checkpoint of a new database."""
+    def create(cls, db_path, corpus_path, arch, cfg, overwrite=False):
+        """Build the vocabulary and a freshly initialized model of
+        architecture arch (its n_vocab is set from the tokenizer), and write
+        it as the step-0 checkpoint of a new database."""
         db_path = Path(db_path)
         if db_path.exists() and not overwrite:
             raise SqlgptError(f"{db_path} already exists; use --resume to continue training it "
@@ -115,12 +118,14 @@ class Trainer:
         store.check_writable(db_path)
         text, digest = read_corpus(corpus_path)
         cfg.validate()
+        arch.validate()
         tokenizer = TOKENIZERS[cfg.tokenizer].build(text, cfg.vocab_size)
         if tokenizer.vocab_size == 0:
             raise SqlgptError(f"corpus {corpus_path} has no words")
         cfg.vocab_size = tokenizer.vocab_size  # a small corpus may have fewer words
-        train, val = split_tokens(tokenizer.encode(text), cfg.seq_len)
-        model = GPT(cfg)
+        arch.n_vocab = tokenizer.n_ids
+        train, val = split_tokens(tokenizer.encode(text), arch.seq_len)
+        model = GPT(arch)
         rng = np.random.default_rng(cfg.seed)
         model.init_weights(rng)
         state = {"step": 0, "rng": rng.bit_generator.state, "corpus_sha256": digest,
@@ -128,11 +133,12 @@ class Trainer:
         old_lock = store.WriterLock(db_path) if db_path.exists() else None  # not while in use
         try:
             with store.sqlite_errors(f"cannot create {db_path}"):
-                conn, lock = store.create_database(db_path, model, tokenizer, state, overwrite)
+                conn, lock = store.create_database(db_path, model, cfg, tokenizer, state,
+                                                   overwrite)
         finally:
             if old_lock:
                 old_lock.release()
-        return cls(conn, lock, model, tokenizer, train, val, state)
+        return cls(conn, lock, model, cfg, tokenizer, train, val, state)
 
     @classmethod
     def resume(cls, db_path, corpus_path):
@@ -145,16 +151,16 @@ class Trainer:
         try:
             with store.sqlite_errors(f"cannot open {db_path} for training"):
                 conn = store.open_database(db_path, readonly=False)
-            cfg = store.read_config(conn)
+            arch, cfg = store.read_config(conn)
             tokenizer = store.read_tokenizer(conn, cfg)
             state = store.read_train_state(conn)
             if state.get("corpus_sha256") != digest:
                 raise SqlgptError(f"{corpus_path} is not the corpus {db_path} was trained on; "
                                   f"resume needs the same file")
-            model = GPT(cfg)
+            model = GPT(arch)
             store.read_weights(conn, model)
-            train, val = split_tokens(tokenizer.encode(text), cfg.seq_len)
-            return cls(conn, lock, model, tokenizer, train, val, state)
+            train, val = split_tokens(tokenizer.encode(text), arch.seq_len)
+            return cls(conn, lock, model, cfg, tokenizer, train, val, state)
         except BaseException:
             if conn:
                 conn.close()
@@ -165,9 +171,9 @@ class Trainer:
     def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None):
         """Train up to step max_iters in total, checkpointing every save_every
         steps, at the end, and when SIGINT/SIGTERM asks to stop."""
-        cfg = self.model.cfg
+        cfg = self.cfg
         cfg.max_iters = max_iters
-        B, T = cfg.batch_size, cfg.seq_len
+        B, T = cfg.batch_size, self.model.arch.seq_len
         pending_metrics, last_flush, window_losses = [], time.perf_counter(), []
         result = RunResult(step=self.state["step"], final_loss=math.nan, tokens_per_sec=0.0)
         total_tokens, total_time = 0, 0.0
@@ -212,11 +218,11 @@ class Trainer:
     def _step(self, step, max_bad_steps):
         """One optimizer step on a random batch: (loss, lr, skipped). A step
         whose loss or gradient is NaN/Inf changes no weight; it is counted."""
-        cfg, model = self.model.cfg, self.model
-        x, y = random_batch(self.train_tokens, self.rng, cfg.batch_size, cfg.seq_len)
+        cfg, model = self.cfg, self.model
+        x, y = random_batch(self.train_tokens, self.rng, cfg.batch_size, model.arch.seq_len)
         dropout_seed = int(self.rng.integers(0, 2**63))
         model.params.zero_grad()
-        loss = model.forward(x, y, dropout_seed=dropout_seed)
+        loss = model.forward(x, y, dropout=cfg.dropout, dropout_seed=dropout_seed)
         model.backward()
         grad_sq = model.grad_norm_squared()
         lr = cfg.lr_at(step)
@@ -229,7 +235,7 @@ class Trainer:
             return loss, lr, True
         if cfg.grad_clip > 0 and grad_sq > cfg.grad_clip ** 2:
             model.params.arenas["grad"] *= np.float32(cfg.grad_clip / math.sqrt(grad_sq))
-        model.adam_step(step, lr)
+        model.adam_step(step, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
         return loss, lr, False
 
     def checkpoint(self, window_losses):
@@ -240,14 +246,14 @@ class Trainer:
         train_loss = float(np.mean(window_losses)) if window_losses else None
         self.state["rng"] = self.rng.bit_generator.state
         val_loss = self.val_loss()
-        store.save_checkpoint(self.conn, self.model, self.state, train_loss, val_loss)
+        store.save_checkpoint(self.conn, self.model, self.cfg, self.state, train_loss, val_loss)
         self.saved_step = self.state["step"]
         return train_loss, val_loss
 
     def val_loss(self):
         """Mean eval-mode loss over fixed windows of the held-out tail (no RNG used)."""
-        cfg = self.model.cfg
-        T = cfg.seq_len
+        cfg = self.cfg
+        T = self.model.arch.seq_len
         if len(self.val_tokens) < T + 1:
             return None
         # whole batches of the training batch size, so no new activations are allocated

@@ -1,4 +1,6 @@
 """Shared test helpers."""
+import types
+
 import numpy as np
 
 
@@ -11,9 +13,76 @@ def rel_err(ours, ref):
 
 
 def weights_bytes(db):
-    """Every weight row of a database (keys, data, m, v, crc), for exact comparisons."""
+    """Every weight row of a database (table, keys, data, m, v, crc), for
+    exact comparisons; a table the file's schema version lacks has no rows."""
     from sqlgpt import store
     conn = store.open_database(db)
-    rows = [row for table in store.WEIGHT_TABLES for row in conn.execute(store.SELECT_SQL[table])]
+    rows = [(table, *row) for table in store.weight_tables(conn)
+            for row in conn.execute(store.SELECT_SQL[table])]
     conn.close()
     return rows
+
+
+# ---- models as store.py sees them (no kernel ops needed) ----
+def standin(arch):
+    """What store.py takes as a model: .arch and .params, a ParameterSet of
+    the architecture's stored tensors."""
+    from sqlgpt.arch import stored_tensors
+    from sqlgpt.tensor import ParameterSet
+    return types.SimpleNamespace(arch=arch, params=ParameterSet(stored_tensors(arch)))
+
+
+def randomize(model, rng):
+    """Random weights and first moments, second moments >= 0."""
+    for t in model.params:
+        t.data[...] = rng.standard_normal(t.shape)
+        t.m[...] = rng.standard_normal(t.shape)
+        t.v[...] = rng.random(t.shape)
+    return model
+
+
+def word_tokenizer(vocab_size):
+    from sqlgpt.tokenizers import WordTokenizer
+    return WordTokenizer(f"w{i}" for i in range(vocab_size))
+
+
+def write_db(path, arch, train_cfg, seed=0, save_at=(10, 20, 30)):
+    """A database as training leaves one, through store.py alone: random
+    weights, the step-0 checkpoint, one checkpoint (new weights) per step in
+    save_at and a metrics row per step. Returns the model last saved."""
+    from sqlgpt import store
+    rng = np.random.default_rng(seed)
+    model = randomize(standin(arch), rng)
+    state = {"step": 0, "elapsed_s": 0.0, "rng": {"seed": seed}}
+    conn, lock = store.create_database(path, model, train_cfg,
+                                       word_tokenizer(train_cfg.vocab_size), state)
+    try:
+        for step in save_at:
+            store.write_metrics(conn, [(s, 3.0, train_cfg.lr, 1000.0)
+                                       for s in range(state["step"] + 1, step + 1)])
+            randomize(model, rng)
+            state = {**state, "step": step, "elapsed_s": step / 100}
+            store.save_checkpoint(conn, model, train_cfg, state, 3.0, 3.1)
+    finally:
+        conn.close()
+        lock.release()
+    return model
+
+
+def load_db(path):
+    """Read a whole database as loading a model does (one snapshot, read-only):
+    a namespace with arch, train_cfg, tokenizer, params, state and step."""
+    from sqlgpt import store
+    conn = store.open_database(path)
+    try:
+        with store.sqlite_errors(f"cannot read {path}"):
+            conn.execute("BEGIN")
+            arch, train_cfg = store.read_config(conn)
+            tokenizer = store.read_tokenizer(conn, train_cfg)
+            model = standin(arch)
+            store.read_weights(conn, model)
+            state = store.read_train_state(conn)
+    finally:
+        conn.close()
+    return types.SimpleNamespace(arch=arch, train_cfg=train_cfg, tokenizer=tokenizer,
+                                 params=model.params, state=state, step=state.get("step"))

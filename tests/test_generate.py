@@ -1,65 +1,87 @@
-"""The C decode step with its KV cache against the full training forward."""
+"""The C decode step with its KV cache against the full training forward,
+for every preset and a grid of part combinations."""
 import numpy as np
 import pytest
 
+from sqlgpt.arch import preset
 from sqlgpt.errors import SqlgptError
 from sqlgpt.generate import Decoder, generate_ids
-from sqlgpt.model import GPT, Config
+from sqlgpt.model import GPT
 
+from architectures import ARCHITECTURES, arch_of
 from helpers import rel_err
 
 
-# lua defaults; a width below one decode panel (serial path); a width with a
-# partial last panel on the two-thread path
-@pytest.mark.parametrize("kw", [dict(), dict(embed_dim=48, num_heads=3, num_layers=2,
-                                               seq_len=40, vocab_size=30),
-                                dict(embed_dim=136, num_heads=8, num_layers=2, seq_len=24,
-                                     vocab_size=70)])
-def test_decode_step_matches_the_full_forward_at_every_position(rng, kw):
-    cfg = Config(**kw, dropout=0.5)  # eval mode: dropout must not apply
-    model = GPT(cfg)
+def initialized(arch, rng, jitter=0.0):
+    """A GPT with its init, moved off exact ones and zeros by jitter."""
+    model = GPT(arch)
     model.init_weights(rng)
-    ids = rng.integers(0, cfg.n_classes, min(cfg.seq_len, 64)).astype(np.int32)
+    for t in model.params:
+        t.data += (jitter * rng.standard_normal(t.shape)).astype(np.float32)
+    return model
+
+
+def assert_decode_matches_forward(model, rng, precision="fp32", tol=1e-5):
+    arch = model.arch
+    ids = rng.integers(0, arch.n_vocab, min(arch.seq_len, 64)).astype(np.int32)
     model.forward(ids[None, :])
     full = model.acts.logits.copy()
-    decoder = Decoder(model)
+    decoder = Decoder(model, precision)
     for t, token in enumerate(ids):
-        logits = decoder.step(int(token))
-        assert rel_err(logits, full[t]) < 1e-5, t
+        assert rel_err(decoder.step(int(token)), full[t]) < tol, t
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_decode_step_matches_the_full_forward_at_every_position(rng, name):
+    assert_decode_matches_forward(initialized(arch_of(name, seq_len=40), rng, jitter=0.05), rng)
+
+
+# the lua defaults; a width below one decode panel (serial path); widths with
+# a partial last panel on the two-thread path, for each MLP
+@pytest.mark.parametrize("arch", [
+    preset("lua"),
+    preset("lua", embed_dim=48, num_heads=3, num_layers=2, seq_len=40, n_vocab=32),
+    preset("lua", embed_dim=136, num_heads=8, num_layers=2, seq_len=24, n_vocab=72),
+    preset("gpt2", embed_dim=136, num_heads=8, num_layers=2, seq_len=24, n_vocab=72),
+    preset("llama", embed_dim=144, num_heads=8, kv_heads=2, num_layers=2, seq_len=24, n_vocab=72),
+], ids=["lua", "lua-narrow", "lua-wide", "gpt2-wide", "llama-wide"])
+def test_decode_step_at_panel_edges(rng, arch):
+    assert_decode_matches_forward(initialized(arch, rng, jitter=0.02), rng)
 
 
 def test_greedy_generation_equals_argmax_of_the_full_forward(rng):
-    cfg = Config(vocab_size=50, embed_dim=32, num_heads=4, num_layers=2, seq_len=24)
-    model = GPT(cfg)
-    model.init_weights(rng)
-    prompt = [3, 7, 9]
-    generated = list(generate_ids(Decoder(model), prompt, 10, temperature=0))
-    context = list(prompt)
-    for token in generated:
-        model.forward(np.array([context], np.int32))
-        assert token == int(np.argmax(model.acts.logits[len(context) - 1]))
-        context.append(token)
+    for name in ("lua", "gpt2", "llama"):
+        model = initialized(arch_of(name, seq_len=24), rng, jitter=0.05)
+        prompt = [3, 7, 9]
+        generated = list(generate_ids(Decoder(model), prompt, 10, temperature=0))
+        context = list(prompt)
+        for token in generated:
+            model.forward(np.array([context], np.int32))
+            assert token == int(np.argmax(model.acts.logits[len(context) - 1])), name
+            context.append(token)
 
 
-def test_cache_limits_are_checked(rng):
-    cfg = Config(vocab_size=10, embed_dim=8, num_heads=2, num_layers=1, seq_len=4)
-    model = GPT(cfg)
-    model.init_weights(rng)
+@pytest.mark.parametrize("name", ["lua", "gpt2", "llama", "rmsnorm-plain-sinusoidal-relu"])
+def test_cache_limits_are_checked_and_generation_slides_past_the_context(rng, name):
+    model = initialized(arch_of(name, seq_len=4), rng)
     decoder = Decoder(model)
     with pytest.raises(SqlgptError):
-        decoder.step(cfg.n_classes)  # out of range: refused before the kernel runs
+        decoder.step(model.arch.n_vocab)  # out of range: refused before the kernel runs
     for _ in range(4):
         decoder.step(1)
     with pytest.raises(SqlgptError, match="full"):
         decoder.step(1)
-    # slides past seq_len
     assert len(list(generate_ids(Decoder(model), [1, 2, 3], 20, seed=0))) == 20
 
 
+def test_grouped_query_attention_caches_only_the_kv_heads(rng):
+    full, grouped = (Decoder(initialized(arch_of("llama", kv_heads=k), rng)) for k in (4, 1))
+    assert grouped.vcache.size * 4 == full.vcache.size
+    assert grouped.kcache.size * 4 == full.kcache.size
+
+
 def test_a_decoder_keeps_the_weights_it_was_made_with(rng):
-    cfg = Config(vocab_size=20, embed_dim=16, num_heads=2, num_layers=1, seq_len=8)
-    model = GPT(cfg)
-    model.init_weights(rng)
+    model = initialized(arch_of("gpt2"), rng)
     decoder = Decoder(model)
     before = decoder.step(3).copy()
     for t in model.params:
@@ -76,39 +98,36 @@ def bf16_rounded(x):
     return u.astype(np.uint32).view(np.float32).reshape(np.shape(x))
 
 
-@pytest.mark.parametrize("kw", [dict(num_layers=2, seq_len=32),
-                                dict(embed_dim=136, num_heads=8, num_layers=2, seq_len=24,
-                                     vocab_size=70),
-                                dict(embed_dim=40, num_heads=5, num_layers=1, seq_len=16,
-                                     vocab_size=9)])
-def test_bf16_decoding_is_exactly_the_model_with_bf16_rounded_matrices(rng, kw):
+@pytest.mark.parametrize("arch", [
+    preset("lua", num_layers=2, seq_len=32),
+    preset("lua", embed_dim=136, num_heads=8, num_layers=2, seq_len=24, n_vocab=72),
+    preset("lua", embed_dim=40, num_heads=5, num_layers=1, seq_len=16, n_vocab=11),
+    preset("gpt2", embed_dim=40, num_heads=5, num_layers=2, seq_len=16, n_vocab=11,
+           tie_weights=False),
+    preset("llama", embed_dim=144, num_heads=8, kv_heads=2, num_layers=2, seq_len=24, n_vocab=72),
+], ids=["lua", "lua-wide", "lua-odd", "gpt2-untied", "llama"])
+def test_bf16_decoding_is_exactly_the_model_with_bf16_rounded_matrices(rng, arch):
     """The bf16 panels hold each matrix weight rounded to nearest even, and
     the step computes with them in float32: the same logits as a float32
-    decoder of a model whose matrices were rounded that way beforehand."""
-    model = GPT(Config(**kw))
-    model.init_weights(rng)
+    decoder of a model whose matrices were rounded that way beforehand
+    (embeddings, norm gains and biases stay float32 in bf16 decoding)."""
+    model = initialized(arch, rng, jitter=0.02)
     bf16 = Decoder(model, "bf16")
     for t in model.params:
-        if t.name not in ("wte", "wpe"):  # embeddings stay float32 in bf16 decoding
+        if t.data.ndim == 2 and t.name not in ("wte", "wpe"):
             t.data[...] = bf16_rounded(t.data)
     rounded = Decoder(model)
-    for token in rng.integers(0, model.cfg.n_classes, 12):
-        a, b = bf16.step(int(token)), rounded.step(int(token))
-        assert rel_err(a, b) < 1e-5
+    for token in rng.integers(0, arch.n_vocab, 12):
+        assert rel_err(bf16.step(int(token)), rounded.step(int(token))) < 1e-5
 
 
-def test_bf16_decoding_stays_close_to_float32(rng):
-    model = GPT(Config())
-    model.init_weights(rng)
-    ids = rng.integers(0, model.cfg.n_classes, 48).astype(np.int32)
-    model.forward(ids[None, :])
-    full = model.acts.logits.copy()
-    decoder = Decoder(model, "bf16")
-    for t, token in enumerate(ids):
-        assert rel_err(decoder.step(int(token)), full[t]) < 1e-2, t
+@pytest.mark.parametrize("name", ["lua", "gpt2", "llama"])
+def test_bf16_decoding_stays_close_to_float32(rng, name):
+    base, overrides = ARCHITECTURES[name]
+    model = initialized(preset(base, **overrides), rng)  # the presets at their default sizes
+    assert_decode_matches_forward(model, rng, "bf16", tol=1e-2)
 
 
 def test_unknown_precision_is_refused(rng):
-    model = GPT(Config(vocab_size=10, embed_dim=8, num_heads=2, num_layers=1, seq_len=4))
     with pytest.raises(SqlgptError, match="precision"):
-        Decoder(model, "fp16")
+        Decoder(GPT(arch_of("lua")), "fp16")

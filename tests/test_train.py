@@ -90,12 +90,13 @@ def test_nan_loss_never_reaches_a_checkpoint(tmp_path, small_corpus):
     """Steps with a NaN loss are skipped and counted (no update), then
     training stops; the weights on disk stay the last good ones."""
     from sqlgpt.errors import SqlgptError
-    from sqlgpt.model import Config
+    from sqlgpt.arch import preset
+    from sqlgpt.config import TrainConfig
     from sqlgpt.train import Trainer
     db = tmp_path / "m.db"
-    cfg = Config(vocab_size=100, embed_dim=32, num_heads=4, num_layers=2, seq_len=16,
-                 batch_size=4, max_iters=10)
-    trainer = Trainer.create(db, small_corpus, cfg)
+    arch = preset("lua", embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
+    cfg = TrainConfig(vocab_size=100, batch_size=4, max_iters=10)
+    trainer = Trainer.create(db, small_corpus, arch, cfg)
     trainer.run(3, save_every=1)
     good = {k: v.copy() for k, v in sqlgpt.load(db).state_dict().items()}
     forward = trainer.model.forward
@@ -111,12 +112,13 @@ def test_nan_loss_never_reaches_a_checkpoint(tmp_path, small_corpus):
 
 def test_inf_weights_are_never_saved(tmp_path, small_corpus):
     from sqlgpt.errors import SqlgptError
-    from sqlgpt.model import Config
+    from sqlgpt.arch import preset
+    from sqlgpt.config import TrainConfig
     from sqlgpt.train import Trainer
     db = tmp_path / "m.db"
-    cfg = Config(vocab_size=100, embed_dim=32, num_heads=4, num_layers=2, seq_len=16,
-                 batch_size=4)
-    trainer = Trainer.create(db, small_corpus, cfg)
+    arch = preset("lua", embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
+    cfg = TrainConfig(vocab_size=100, batch_size=4)
+    trainer = Trainer.create(db, small_corpus, arch, cfg)
     trainer.model.params["layers.1.fc2"].data[0, 0] = np.inf  # not in the loss's path to NaN
     trainer.model.params["layers.1.fc2"].m[0, 0] = np.nan
     with pytest.raises(SqlgptError, match="NaN or Inf"):
@@ -156,11 +158,11 @@ def test_grad_clip_is_stored_and_limits_the_update(tmp_path, small_corpus):
     # Adam's first step moves every weight by about lr whatever the gradient's
     # scale, so compare the stored first moments: clipped ones are that much smaller
     conn = store.open_database(clipped)
-    m_clipped = GPT(store.read_config(conn))
+    m_clipped = GPT(store.read_config(conn)[0])
     store.read_weights(conn, m_clipped)
     conn.close()
     conn = store.open_database(free)
-    m_free = GPT(store.read_config(conn))
+    m_free = GPT(store.read_config(conn)[0])
     store.read_weights(conn, m_free)
     conn.close()
     norm = lambda m: float(np.linalg.norm(m.params.arenas["m"]))  # noqa: E731

@@ -1,0 +1,30 @@
+"""Architectures the model tests run over: the presets, then parts mixed as
+no preset does, so that every option value meets several others."""
+from sqlgpt.arch import preset
+
+SMALL = dict(n_vocab=40, embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
+
+# name -> (preset, overrides)
+ARCHITECTURES = {
+    "lua": ("lua", {}),
+    "gpt2": ("gpt2", {}),
+    "gpt2-no-bias": ("gpt2", dict(bias=False)),
+    "llama": ("llama", dict(kv_heads=2)),
+    "llama-mqa-tied-bias": ("llama", dict(kv_heads=1, tie_weights=True, bias=True)),
+    "llama-ffn": ("llama", dict(ffn_dim=40, rope_theta=500.0)),
+    "layernorm-rope-swiglu": ("lua", dict(pos="rope", mlp="swiglu", norm_affine=True)),
+    "rmsnorm-learned-gelu": ("llama", dict(pos="learned", mlp="gelu", bias=True,
+                                           tie_weights=True)),
+    "rmsnorm-plain-sinusoidal-relu": ("llama", dict(norm_affine=False, pos="sinusoidal",
+                                                    mlp="relu", kv_heads=2)),
+    "layernorm-nopos-bias-mqa": ("gpt2", dict(pos="none", mlp="relu", kv_heads=1,
+                                              tie_weights=False)),
+    "plain-final-norm-sinusoidal": ("lua", dict(final_norm=True, pos="sinusoidal", mlp="gelu",
+                                                tie_weights=True)),
+    "odd-sizes": ("llama", dict(embed_dim=24, num_heads=4, kv_heads=2, seq_len=13)),
+}
+
+
+def arch_of(name, **more):
+    base, overrides = ARCHITECTURES[name]
+    return preset(base, **{**SMALL, **overrides, **more})

@@ -1,0 +1,231 @@
+"""Schema migrations, on a database the previous release wrote.
+
+tests/data/v1_model.db.gz is a schema-1 database made by c523d19 (lua
+preset, embed 16, 2 heads, 1 layer, seq 8, 20 steps on the first 20,000
+characters of examples/tinyshakespeare.txt); v1_model_logits.npz holds its
+logits for one prompt (keys ids, logits). A read-only open reads it as it is;
+opening it for writing migrates it to the current version, one numbered
+step per transaction."""
+import gzip
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import load_db, rel_err, standin, weights_bytes, write_db
+
+from sqlgpt import arch, store
+from sqlgpt.config import TrainConfig
+from sqlgpt.errors import SqlgptError
+
+DATA = Path(__file__).resolve().parent / "data"
+V1_ARCH = arch.preset("lua", n_vocab=32, embed_dim=16, num_heads=2, num_layers=1, seq_len=8)
+
+
+@pytest.fixture
+def v1_db(tmp_path):
+    """A fresh copy of the committed version-1 database."""
+    path = tmp_path / "v1.db"
+    with gzip.open(DATA / "v1_model.db.gz") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return path
+
+
+def query(db, sql):
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def execute(db, sql):
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(sql)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def version(db):
+    return query(db, "PRAGMA user_version")[0][0]
+
+
+def config_of(db):
+    return dict(query(db, "SELECT key, value FROM config"))
+
+
+def non_weight_tables(db):
+    """Everything but config and the weights, row for row."""
+    return {t: query(db, f"SELECT * FROM {t} ORDER BY 1")
+            for t in ("vocab", "train_state", "checkpoints", "metrics")}
+
+
+def table_layout(db):
+    """Each table's and index's definition, comments and spacing aside."""
+    rows = query(db, "SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+    return {(kind, name): " ".join(re.sub(r"--[^\n]*", "", sql or "").split())
+            for kind, name, sql in rows}
+
+
+def test_the_fixture_is_version_1(v1_db):
+    assert version(v1_db) == 1
+    assert query(v1_db, "SELECT name FROM sqlite_master WHERE name = 'norms'") == []
+    assert "n_vocab" not in config_of(v1_db)
+
+
+def test_a_read_only_open_reads_version_1_and_leaves_it_untouched(v1_db):
+    before = v1_db.read_bytes()
+    model = load_db(v1_db)
+    assert model.arch == V1_ARCH
+    assert model.train_cfg.vocab_size == 30 and model.train_cfg.max_iters == 20
+    assert model.tokenizer.vocab_size == 30
+    assert model.step == 20
+    assert np.abs(model.params.arenas["m"]).sum() > 0
+    assert store.integrity_check(v1_db) == []
+    assert len(weights_bytes(v1_db)) == 32 + 8 + (5 * 16 + 64) + 16  # wte, wpe, layer 0, head
+    assert v1_db.read_bytes() == before
+    assert sorted(p.name for p in v1_db.parent.iterdir()) == ["v1.db"]  # no -wal, -shm, -journal
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])  # the fixture's mode, and a trainer's
+def test_opening_for_writing_migrates_to_version_2(v1_db, journal):
+    execute(v1_db, f"PRAGMA journal_mode = {journal}")
+    config, weights, others = config_of(v1_db), weights_bytes(v1_db), non_weight_tables(v1_db)
+    store.open_database(v1_db, readonly=False).close()
+    assert version(v1_db) == store.SCHEMA_VERSION == 2
+    assert query(v1_db, "SELECT count(*) FROM norms") == [(0,)]
+    migrated = config_of(v1_db)
+    assert {k: migrated[k] for k in config} == config  # no key changed
+    assert {k: migrated[k] for k in V1_ARCH.to_dict()} == V1_ARCH.to_dict()  # sqlite: bools 0/1
+    assert weights_bytes(v1_db) == weights  # byte for byte, checksums included
+    assert non_weight_tables(v1_db) == others
+    assert store.integrity_check(v1_db) == []
+    after = v1_db.read_bytes()
+    store.open_database(v1_db, readonly=False).close()  # a second open does nothing more
+    assert v1_db.read_bytes() == after
+    loaded = load_db(v1_db)
+    assert loaded.arch == V1_ARCH and loaded.step == 20
+
+
+def test_a_migrated_file_has_the_tables_of_a_new_one(v1_db, tmp_path):
+    store.open_database(v1_db, readonly=False).close()
+    new = tmp_path / "new.db"
+    write_db(new, V1_ARCH, TrainConfig(vocab_size=30), save_at=())
+    assert table_layout(v1_db) == table_layout(new)
+    assert set(config_of(v1_db)) == set(config_of(new))
+
+
+def fail_after(step, failure):
+    """A migration step that does all its work, then fails before it commits."""
+    def failing(conn):
+        step(conn)
+        if failure == "crash":
+            raise RuntimeError("power cut")
+        conn.execute("INSERT INTO no_such_table VALUES (1)")  # an SQLite error
+    return failing
+
+
+@pytest.mark.parametrize("failure, error, message", [
+    ("crash", RuntimeError, "power cut"),
+    ("sqlite", SqlgptError, r"cannot migrate .*v1.db from schema version 1 to 2 \(the file is "
+                            r"unchanged\): no such table: no_such_table")])
+def test_a_failed_migration_leaves_a_valid_version_1(v1_db, monkeypatch, failure, error,
+                                                     message):
+    config, weights, others = config_of(v1_db), weights_bytes(v1_db), non_weight_tables(v1_db)
+    monkeypatch.setitem(store.MIGRATIONS, 1, fail_after(store.MIGRATIONS[1], failure))
+    with pytest.raises(error, match=message):
+        store.open_database(v1_db, readonly=False)
+    assert version(v1_db) == 1
+    assert query(v1_db, "SELECT name FROM sqlite_master WHERE name = 'norms'") == []
+    assert config_of(v1_db) == config
+    assert weights_bytes(v1_db) == weights and non_weight_tables(v1_db) == others
+    assert store.integrity_check(v1_db) == []
+    assert load_db(v1_db).arch == V1_ARCH
+    monkeypatch.undo()
+    store.open_database(v1_db, readonly=False).close()  # and it migrates once it can
+    assert version(v1_db) == 2
+
+
+def test_a_version_1_file_with_a_bad_config_is_not_migrated(v1_db):
+    execute(v1_db, "UPDATE config SET value = 3 WHERE key = 'num_heads'")
+    with pytest.raises(SqlgptError, match="cannot migrate .* 1 to 2 .*must divide"):
+        store.open_database(v1_db, readonly=False)
+    assert version(v1_db) == 1
+
+
+def test_save_checkpoint_after_migration(v1_db):
+    conn = store.open_database(v1_db, readonly=False)
+    arch_cfg, train_cfg = store.read_config(conn)
+    model = standin(arch_cfg)
+    store.read_weights(conn, model)
+    state = store.read_train_state(conn)
+    model.params["head"].data[...] += 1.0
+    model.params["layers.0.fc1"].v[...] *= 2.0
+    state["step"] = 21
+    store.save_checkpoint(conn, model, train_cfg, state, 2.5, None)
+    conn.close()
+    loaded = load_db(v1_db)
+    assert loaded.step == 21 and loaded.arch == V1_ARCH
+    for buf in ("data", "m", "v"):
+        assert loaded.params.arenas[buf].tobytes() == model.params.arenas[buf].tobytes()
+    assert [s for s, in query(v1_db, "SELECT step FROM checkpoints")] == [0, 10, 20, 21]
+    assert version(v1_db) == 2
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_a_newer_version_is_refused_and_untouched(v1_db, readonly):
+    store.open_database(v1_db, readonly=False).close()
+    execute(v1_db, "PRAGMA user_version = 3")
+    before = v1_db.read_bytes()
+    with pytest.raises(SqlgptError, match=r"schema version 3, newer than this sqlgpt supports "
+                                          r"\(2\); upgrade sqlgpt"):
+        store.open_database(v1_db, readonly=readonly)
+    assert v1_db.read_bytes() == before
+
+
+def test_every_version_below_the_current_one_has_a_migration():
+    assert sorted(store.MIGRATIONS) == list(range(1, store.SCHEMA_VERSION))
+
+
+# ---- end to end, through the library and the CLI ----
+def test_a_version_1_model_gives_the_logits_it_gave(v1_db):
+    import sqlgpt
+    before = v1_db.read_bytes()
+    expected = np.load(DATA / "v1_model_logits.npz")
+    logits = sqlgpt.load(v1_db).logits(expected["ids"])
+    assert rel_err(logits, expected["logits"]) < 1e-5
+    assert v1_db.read_bytes() == before
+
+
+def test_check_passes_on_a_version_1_file(v1_db):
+    from sqlgpt.cli import main
+    result = CliRunner().invoke(main, ["check", "--db", str(v1_db)])
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output
+    assert version(v1_db) == 1  # check only reads
+
+
+def test_training_resumes_a_version_1_file(v1_db, small_corpus):
+    from sqlgpt.cli import main
+    result = CliRunner().invoke(main, ["train", str(small_corpus), "--db", str(v1_db),
+                                       "--iters", "30", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert version(v1_db) == 2
+    loaded = load_db(v1_db)
+    assert loaded.step == 30 and loaded.arch == V1_ARCH
+    assert [s for s, in query(v1_db, "SELECT step FROM checkpoints")][:3] == [0, 10, 20]
+    assert query(v1_db, "SELECT max(step) FROM checkpoints") == [(30,)]
+    assert query(v1_db, "SELECT min(step), max(step) FROM metrics WHERE step > 20") == [(21, 30)]
+
+
+def test_generate_from_a_version_1_file(v1_db):
+    from sqlgpt.cli import main
+    result = CliRunner().invoke(main, ["generate", "--db", str(v1_db), "--prompt", "the king",
+                                       "--max-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
