@@ -278,8 +278,10 @@ def info(db_path, as_json):
         emit_json(report)
         return
     click.echo(f"{db_path}: step {model.step}, {model.num_parameters():,} parameters")
-    for name, value in model.config.items():
-        click.echo(f"  {name:<14} {value}")
+    for title, settings in (("architecture", model.arch), ("training", model.train_config)):
+        click.echo(f"{title}:")
+        for name, value in settings.to_dict().items():
+            click.echo(f"  {name:<14} {value}")
     click.echo(f"checkpoints ({len(history)}):")
     for c in history[-10:]:
         click.echo(f"  step {c['step']:>6}  train loss {fmt_loss(c['train_loss']):>7}  "
