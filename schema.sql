@@ -15,8 +15,9 @@
 --
 -- Older files are brought up to this version by the numbered migrations in
 -- sqlgpt/store.py (MIGRATIONS) when they are opened for writing; read-only
--- opens read them as they are. Version 1 had no `norms` table and no
--- architecture keys in `config` (it is the lua preset).
+-- opens read them as they are. Version 1 had no `norms` and `tokenizer`
+-- tables, its `vocab` was (word, id), and `config` had no architecture keys
+-- (it is the lua preset with the word tokenizer).
 
 -- Settings, under the original script's key names (vocab_size, embed_dim,
 -- num_heads, num_layers, seq_len, lr, batch_size, max_iters, dropout, beta1,
@@ -31,10 +32,25 @@ CREATE TABLE IF NOT EXISTS config (
     value                      -- a number, or text for preset/tokenizer
 );
 
--- Tokens and their ids: <pad> = 0, words 1..vocab_size, <unk> = vocab_size + 1.
+-- Every token id of the tokenizer, 0..n_vocab - 1 (since version 2; version 1
+-- had `vocab(word TEXT PRIMARY KEY, id)`): `token` is readable text (bytes
+-- that are not UTF-8 written as \xNN, specials as <pad>, <unk>, <bos>,
+-- <eos>), `bytes` the token's exact bytes (NULL for the special tokens).
+-- Special ids: word: <pad> = 0, words 1..vocab_size, <unk> = vocab_size + 1;
+-- char, byte, bpe: <pad> = 0, <unk> = 1, <bos> = 2, <eos> = 3.
 CREATE TABLE IF NOT EXISTS vocab (
-    word TEXT PRIMARY KEY,
-    id   INTEGER NOT NULL UNIQUE
+    id    INTEGER PRIMARY KEY,
+    token TEXT NOT NULL,
+    bytes BLOB
+);
+
+-- The rest of the tokenizer (since version 2), so that the file alone
+-- encodes and decodes: `kind` (word, char, byte, bpe) and what that kind
+-- needs, e.g. a BPE's merges in rank order (JSON [[left, right], ...]) and
+-- its whole definition as the tokenizers library writes it (JSON).
+CREATE TABLE IF NOT EXISTS tokenizer (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 
 -- Token (wte, n_vocab x embed_dim, n_vocab = vocab_size + 2 for the word

@@ -101,6 +101,8 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
+from tables import render  # noqa: E402 (benchmarks/ is sys.path[0] as a script)
+
 torch = None
 load_file = save_file = None
 if _CHILD != "sqlgpt":  # its peak RSS must be sqlgpt's alone, without torch's libraries
@@ -490,20 +492,6 @@ def sweep_rows(points):
                     + [fmt(v, "{:,.0f}") for v in speed] + [ratio(*speed)]
                     + [fmt(v, "{:,.0f}") for v in rss])
     return rows
-
-
-def render(header, rows, markdown):
-    """A plain aligned table, or a Markdown one (numbers right-aligned)."""
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-
-    def line(row):
-        return "  ".join([row[0].ljust(widths[0])] +
-                         [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
-    return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])
 
 
 def notes(name, r):

@@ -46,33 +46,70 @@ class Model:
         return self.tokenizer.decode(ids)
 
     def logits(self, ids):
-        """Eval-mode logits (len, vocab_size + 2) for a 1-D sequence of ids."""
+        """Eval-mode logits (len, n_vocab) for a 1-D sequence of ids."""
         ids = np.asarray(ids, dtype=np.int32).reshape(1, -1)
         self._gpt.forward(ids)
         return self._gpt.acts.logits[: ids.shape[1]].copy()
 
     def prompt_ids(self, prompt):
-        """Prompt -> ids; an empty prompt starts from the most frequent word."""
-        ids = self.encode(prompt) if prompt else np.array([1], dtype=np.int32)
-        if prompt and len(ids) == 0:
-            raise SqlgptError("the prompt has no words")
-        if (ids == self.tokenizer.unk_id).all():
-            raise SqlgptError(f"none of the prompt's words are in the vocabulary: {prompt!r}")
+        """Prompt -> ids (the last seq_len of them). An empty prompt starts a
+        new document: after <eos> where the tokenizer has one, else from the
+        most frequent word."""
+        tok = self.tokenizer
+        if not prompt:
+            return np.array([tok.eos_id if tok.eos_id is not None else 1], dtype=np.int32)
+        ids = self.encode(prompt)
+        if len(ids) == 0:
+            raise SqlgptError("the prompt has no words" if tok.kind == "word"
+                              else "the prompt has no tokens")
+        if tok.unk_id is not None and (ids == tok.unk_id).all():
+            raise SqlgptError(f"none of the prompt's tokens are in the vocabulary: {prompt!r}")
         return ids[-self._gpt.arch.seq_len:]
+
+    def _banned(self, allow_unk):
+        """Ids never sampled: <pad>, <bos>, and <unk> unless allowed."""
+        tok = self.tokenizer
+        banned = {PAD_ID, tok.bos_id} | (set() if allow_unk else {tok.unk_id})
+        return tuple(sorted(i for i in banned if i is not None))
 
     def generate_ids(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
                      seed=None, allow_unk=False):
-        """Yield generated ids one at a time (for streaming). <pad> is never
-        sampled, and <unk> only with allow_unk."""
-        banned = (PAD_ID,) if allow_unk else (PAD_ID, self.tokenizer.unk_id)
+        """Yield generated ids one at a time (for streaming), ending early at
+        <eos> (which is not yielded). <pad> and <bos> are never sampled, and
+        <unk> only with allow_unk."""
         if self._decoder is None:
             self._decoder = Decoder(self._gpt, self.precision)
-        return generate_ids(self._decoder, self.prompt_ids(prompt), max_tokens, temperature, top_k,
-                            top_p, seed, banned=banned)
+        for token in generate_ids(self._decoder, self.prompt_ids(prompt), max_tokens, temperature,
+                                  top_k, top_p, seed, banned=self._banned(allow_unk)):
+            if token == self.tokenizer.eos_id:
+                return
+            yield token
+
+    def stream(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+               allow_unk=False):
+        """Yield the generated text in pieces as tokens come: the prompt's
+        text first, then what each token adds. A token that ends inside a
+        UTF-8 character (byte and BPE pieces can) is held back until the
+        character is whole."""
+        ids = [int(i) for i in self.prompt_ids(prompt)]
+        shown = ""
+        for token in [None, *self.generate_ids(prompt, max_tokens, temperature, top_k, top_p,
+                                               seed, allow_unk)]:
+            if token is not None:
+                ids.append(token)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):
+                continue
+            if text.startswith(shown):
+                yield text[len(shown):]
+                shown = text
+        text = self.decode(ids)
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]
 
     def generate(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
                  allow_unk=False):
-        """The prompt followed by max_tokens generated tokens, as text."""
+        """The prompt followed by up to max_tokens generated tokens, as text."""
         ids = list(self.prompt_ids(prompt))
         ids += self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk)
         return self.decode(ids)
@@ -87,7 +124,7 @@ def load(path, precision="fp32"):
         with store.sqlite_errors(f"cannot read {path}"):
             conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
             arch, cfg = store.read_config(conn)
-            tokenizer = store.read_tokenizer(conn, cfg)
+            tokenizer = store.read_tokenizer(conn, arch, cfg)
             gpt = GPT(arch)
             store.read_weights(conn, gpt)
             step = store.read_train_state(conn).get("step")

@@ -9,12 +9,17 @@ import click
 from . import store
 from .api import load
 from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
-from .config import TrainConfig
+from .config import TOKENIZER_KINDS, TrainConfig
+from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
 from .generate import PRECISIONS
 from .train import Trainer
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+PRESET_TOKENIZER = {"lua": "word", "gpt2": "bpe", "llama": "bpe"}
+# --vocab-size when not given: words kept; every character (0); bytes have
+# no size; BPE ids in all (specials and the 256 bytes included)
+DEFAULT_VOCAB = {"word": 426, "char": 0, "byte": 0, "bpe": 2048}
 DEFAULTS, ARCH_DEFAULTS = TrainConfig(), ArchConfig()
 
 # option name -> ArchConfig field, for the options that shape a new model's
@@ -28,7 +33,7 @@ ARCH_OPTIONS = {
 }
 # option name -> TrainConfig field
 TRAIN_OPTIONS = {
-    "batch_size": "batch_size", "vocab_size": "vocab_size", "lr": "lr", "dropout": "dropout",
+    "batch_size": "batch_size", "lr": "lr", "dropout": "dropout",
     "seed": "seed", "weight_decay": "weight_decay", "lr_schedule": "lr_schedule",
     "warmup": "warmup_iters", "grad_clip": "grad_clip",
 }
@@ -84,7 +89,7 @@ def main():
 
 
 @main.command()
-@click.argument("corpus", type=click.Path())
+@click.argument("corpus", nargs=-1, type=click.Path())
 @click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=ARCH_DEFAULTS.preset,
@@ -124,8 +129,19 @@ def main():
               help="A norm before the head. [default: the preset's]")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
               help="Sequences per step.")
-@click.option("--vocab-size", type=int, default=DEFAULTS.vocab_size, show_default=True,
-              help="Most frequent words kept (plus <pad> and <unk>).")
+@click.option("--tokenizer", type=click.Choice(TOKENIZER_KINDS), default=None,
+              help="word (lua's default: lower-cased words), char, byte, or bpe (byte-level "
+                   "BPE; the default of gpt2 and llama).")
+@click.option("--ext", "extensions", multiple=True,
+              help="With a directory as CORPUS: read only files with this suffix "
+                   "(repeatable, e.g. --ext .txt --ext .md).")
+@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
+              show_default=True,
+              help="Bytes that are not UTF-8: an error, or replace them with U+FFFD.")
+@click.option("--vocab-size", type=int, default=None,
+              help="word: most frequent words kept (plus <pad> and <unk>) [426]; char: most "
+                   "frequent characters kept [0: all]; bpe: token ids in all, at least 260 "
+                   "[2048]; byte: not used.")
 @click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Learning rate.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
               default=DEFAULTS.lr_schedule, show_default=True,
@@ -153,8 +169,9 @@ def main():
 @click.pass_context
 @fail_cleanly
 def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwrite, as_json,
-          **options):
-    """Train a model on CORPUS (a UTF-8 text file) into the database --db.
+          extensions, encoding_errors, **options):
+    """Train a model on CORPUS (UTF-8 text files, directories, or - for
+    standard input) into the database --db.
 
     Example: sqlgpt train examples/tinyshakespeare.txt --db model.db --iters 500
     """
@@ -163,19 +180,27 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
     for name, value in (("--iters", iters), ("--save-every", save_every)):
         if not 1 <= value < 2**31:
             raise SqlgptError(f"{name} must be from 1 to 2**31-1")
-    explicit = [name for name in (*ARCH_OPTIONS, *TRAIN_OPTIONS, "preset")
+    explicit = [name for name in (*ARCH_OPTIONS, *TRAIN_OPTIONS, "preset", "tokenizer")
                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if resume:
         if explicit:
             raise SqlgptError("--resume keeps the stored config; drop "
                               + ", ".join("--" + n.replace("_", "-") for n in explicit))
-        trainer = Trainer.resume(db_path, corpus)
+        trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
+                                 corpus_progress())
     else:
+        if not corpus:
+            raise SqlgptError("name the corpus: one or more files, a directory, or - for stdin")
         arch = preset(options["preset"], **{field: options[name] for name, field in
                                             ARCH_OPTIONS.items() if name in explicit})
+        tokenizer = options["tokenizer"] or PRESET_TOKENIZER[arch.preset]
+        vocab_size = options["vocab_size"]
         cfg = TrainConfig(**{field: options[name] for name, field in TRAIN_OPTIONS.items()},
-                          max_iters=iters)
-        trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite=overwrite)
+                          tokenizer=tokenizer, max_iters=iters,
+                          vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
+                          else vocab_size)
+        trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
+                                 encoding_errors, corpus_progress())
     try:
         result = run_with_progress(trainer, iters, save_every, max_bad_steps)
     finally:
@@ -193,6 +218,25 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
                    f"{result.tokens_per_sec:,.0f} tokens/s, saved to {db_path}")
     if result.stopped_by:
         sys.exit(EXIT_ON_SIGNAL[result.stopped_by])
+
+
+def corpus_progress():
+    """A progress bar per pass over the corpus on a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        return None
+    bars = {}
+
+    def on_progress(stage, done, total):
+        if stage not in bars:
+            for bar in bars.values():
+                bar.render_finish()
+            bars[stage] = click.progressbar(length=max(total, 1), label=stage, file=sys.stderr)
+            bars[stage].render_progress()
+        bar = bars[stage]
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.render_finish()
+    return on_progress
 
 
 def run_with_progress(trainer, iters, save_every, max_bad_steps):
@@ -213,6 +257,12 @@ def run_with_progress(trainer, iters, save_every, max_bad_steps):
                              f"{report.tokens_per_sec:,.0f} tok/s")
             bar.update(1)
         return trainer.run(iters, save_every, max_bad_steps, on_step=on_step)
+
+
+def shown_piece(piece):
+    """A token's piece on one line: line breaks and tabs as escapes (a piece
+    that is not UTF-8 already reads \\xNN)."""
+    return piece.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
 def fmt_loss(value):
@@ -245,14 +295,31 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow
     Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
     """
     model = load(db_path, precision)
-    ids = model.prompt_ids(prompt)
-    click.echo(model.decode(ids), nl=False)
-    for token in model.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed,
-                                    allow_unk):
-        word = model.decode([token])
-        if word:
-            click.echo(" " + word, nl=False)
+    for piece in model.stream(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):
+        click.echo(piece, nl=False)
     click.echo()
+
+
+@main.command()
+@click.option("--db", "db_path", required=True, type=click.Path(),
+              help="SQLite file that holds the model (its tokenizer is used).")
+@click.argument("text")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@fail_cleanly
+def tokenize(db_path, text, as_json):
+    """Show how the model in --db splits TEXT: each token's id and piece.
+
+    Example: sqlgpt tokenize --db model.db "The king's crown"
+    """
+    model = load(db_path)
+    ids = [int(i) for i in model.encode(text)]
+    pieces = model.tokenizer.pieces(ids)
+    if as_json:
+        emit_json({"ids": ids, "pieces": pieces, "tokens": len(ids)})
+        return
+    for token, piece in zip(ids, pieces):
+        click.echo(f"{token:>7}  '{shown_piece(piece)}'")
+    click.echo(f"{len(ids)} tokens")
 
 
 @main.command()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .arch import ArchConfig, StoredFields
 from .errors import SqlgptError
 
+TOKENIZER_KINDS = ("word", "char", "byte", "bpe")
 # keys every stored config must have (schema version 1 had these too)
 REQUIRED_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "seq_len")
 
@@ -13,7 +14,8 @@ REQUIRED_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "seq_len"
 @dataclass
 class TrainConfig(StoredFields):
     """How a model is trained; names match the original's `cfg` keys."""
-    vocab_size: int = 426     # words the tokenizer keeps (plus <pad> and <unk>)
+    vocab_size: int = 426     # word: words kept (plus <pad>, <unk>); char: characters kept
+                              # (0: all); bpe: token ids in all; byte: not used
     tokenizer: str = "word"
     batch_size: int = 32
     lr: float = 3e-4
@@ -30,11 +32,14 @@ class TrainConfig(StoredFields):
 
     def validate(self):
         """Raise SqlgptError for settings that cannot be trained with."""
-        limits = {"vocab_size": 10**7, "batch_size": 2**20, "max_iters": 2**31 - 1}
-        for name, limit in limits.items():
+        # vocab_size 0: every character (char), not used (byte)
+        limits = {"vocab_size": (0 if self.tokenizer in ("char", "byte") else 1, 10**7),
+                  "batch_size": (1, 2**20), "max_iters": (1, 2**31 - 1)}
+        for name, (low, high) in limits.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= limit:
-                raise SqlgptError(f"{name} must be an integer from 1 to {limit:,}, got {value!r}")
+            if not isinstance(value, int) or not low <= value <= high:
+                raise SqlgptError(f"{name} must be an integer from {low} to {high:,}, "
+                                  f"got {value!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise SqlgptError(f"seed must be an integer from 0 to 2**63-1, got {self.seed!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -51,8 +56,9 @@ class TrainConfig(StoredFields):
             raise SqlgptError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not isinstance(self.warmup_iters, int) or not 0 <= self.warmup_iters < 2**31:
             raise SqlgptError(f"warmup_iters must be >= 0, got {self.warmup_iters!r}")
-        if self.tokenizer != "word":
-            raise SqlgptError(f"unknown tokenizer {self.tokenizer!r} (known: word)")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise SqlgptError(f"unknown tokenizer {self.tokenizer!r} "
+                              f"(known: {', '.join(TOKENIZER_KINDS)})")
         return self
 
     def lr_at(self, step):

@@ -28,14 +28,15 @@ from ._kernel import ffi, lib
 from .config import from_rows, to_rows
 from .errors import SqlgptError
 from .tensor import fptr
-from .tokenizers import TOKENIZERS
+from .tokenizers import from_storage
 
 APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
 SCHEMA_VERSION = 2
 WEIGHT_TABLES = ("embeddings", "layers", "head", "norms")
-REQUIRED_TABLES = ("config", "vocab", "train_state", "checkpoints", "metrics") + WEIGHT_TABLES
+REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
+                   "metrics") + WEIGHT_TABLES
 # the schema version that added a table (the others are in every version)
-ADDED_IN = {"norms": 2}
+ADDED_IN = {"norms": 2, "tokenizer": 2}
 BUSY_TIMEOUT_MS = 10_000
 # 64 KB pages: a checkpoint is tens of MB of BLOB rows, and big pages mean far
 # fewer overflow pages and page writes per checkpoint
@@ -345,7 +346,8 @@ def open_database(path, readonly=True):
 # migrated file has the same tables as a new one).
 def _v1_to_v2(conn):
     """Version 2 stores norm gains and biases (layers holds the per-layer ones
-    already) and the architecture in config. A version-1 file is the lua
+    already), the architecture in config, and the whole tokenizer (vocab by
+    id with readable text and bytes, and the tokenizer table). A version-1 file is the lua
     preset: it has no rows for the new table, and gains the architecture keys
     (the values from_rows derives for it) without any of its keys changing."""
     conn.execute("""
@@ -361,6 +363,26 @@ def _v1_to_v2(conn):
     values = dict(conn.execute("SELECT key, value FROM config"))
     conn.executemany("INSERT OR IGNORE INTO config (key, value) VALUES (?, ?)",
                      to_rows(*from_rows(values)))
+    # the vocabulary by id with readable text and exact bytes, and the
+    # tokenizer's own table: a version-1 file has the word tokenizer
+    conn.execute("ALTER TABLE vocab RENAME TO vocab_v1")
+    conn.execute("""
+CREATE TABLE vocab (
+    id    INTEGER PRIMARY KEY,
+    token TEXT NOT NULL,
+    bytes BLOB
+)""")
+    conn.execute("""
+        INSERT INTO vocab (id, token, bytes)
+        SELECT id, word, CASE WHEN word IN ('<pad>', '<unk>') THEN NULL
+                              ELSE CAST(word AS BLOB) END FROM vocab_v1""")
+    conn.execute("DROP TABLE vocab_v1")
+    conn.execute("""
+CREATE TABLE tokenizer (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)""")
+    conn.execute("INSERT INTO tokenizer (key, value) VALUES ('kind', 'word')")
 
 
 MIGRATIONS = {1: _v1_to_v2}
@@ -425,7 +447,10 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False):
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("BEGIN")
-        conn.executemany("INSERT INTO vocab (word, id) VALUES (?, ?)", tokenizer.vocab())
+        conn.executemany("INSERT INTO vocab (id, token, bytes) VALUES (?, ?, ?)",
+                         tokenizer.vocab_rows())
+        conn.executemany("INSERT INTO tokenizer (key, value) VALUES (?, ?)",
+                         [("kind", tokenizer.kind), *tokenizer.state().items()])
         for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
             conn.executemany(INSERT_SQL[table], rows)
         conn.execute("COMMIT")
@@ -525,25 +550,34 @@ def read_config(conn):
     """(ArchConfig, TrainConfig) from the config table, validated (a version-1
     table has no architecture keys: from_rows reads it as the lua preset)."""
     try:
-        arch, train_cfg = from_rows(dict(conn.execute("SELECT key, value FROM config")))
+        return from_rows(dict(conn.execute("SELECT key, value FROM config")))
     except (sqlite3.DatabaseError, TypeError) as e:
         raise SqlgptError(f"the config table is damaged: {e}") from None
-    # the vocab table's ids are 0..vocab_size + 1: each must have a wte row
-    if arch.n_vocab < train_cfg.vocab_size + 2:
-        raise SqlgptError(f"the stored config is invalid: n_vocab {arch.n_vocab} is below "
-                          f"vocab_size + 2 ({train_cfg.vocab_size + 2} token ids)")
-    return arch, train_cfg
 
 
-def read_tokenizer(conn, train_cfg):
+def read_tokenizer(conn, arch, train_cfg):
+    """The tokenizer from the vocab and tokenizer tables (a version-1 file:
+    the word tokenizer's (word, id) rows), validated, with exactly as many
+    ids as the model has embedding rows (each id indexes wte in C)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     try:
-        pairs = [(w, i) for w, i in conn.execute("SELECT word, id FROM vocab")]
+        if version < 2:
+            rows = conn.execute("SELECT id, word, NULL FROM vocab").fetchall()
+            state, kind = {}, "word"
+        else:
+            rows = conn.execute("SELECT id, token, bytes FROM vocab").fetchall()
+            state = dict(conn.execute("SELECT key, value FROM tokenizer"))
+            kind = state.pop("kind", None)
     except sqlite3.DatabaseError as e:
         raise SqlgptError(f"the vocab table is damaged: {e}") from None
-    if not all(isinstance(w, str) and isinstance(i, int) for w, i in pairs):
-        raise SqlgptError("the vocab table is damaged (wrong value types)")
-    tokenizer = TOKENIZERS[train_cfg.tokenizer].from_vocab(pairs)
-    if tokenizer.vocab_size != train_cfg.vocab_size:
+    if kind != train_cfg.tokenizer:
+        raise SqlgptError(f"the tokenizer table says {kind!r} but config says "
+                          f"{train_cfg.tokenizer!r}")
+    tokenizer = from_storage(kind, rows, state)
+    if tokenizer.n_ids != arch.n_vocab:
+        raise SqlgptError(f"the tokenizer has {tokenizer.n_ids} token ids but the model has "
+                          f"n_vocab {arch.n_vocab}")
+    if kind == "word" and tokenizer.vocab_size != train_cfg.vocab_size:
         raise SqlgptError(f"the vocab table has {tokenizer.vocab_size} words but config says "
                           f"vocab_size {train_cfg.vocab_size}")
     return tokenizer

@@ -1,11 +1,11 @@
-"""Training: corpus -> token ids -> random windows -> steps -> checkpoints.
+"""Training: corpus -> token ids (once, in a file) -> random windows -> steps -> checkpoints.
 
 Every source of randomness (weight init, batch positions, dropout seeds) comes
 from one numpy PCG64 generator whose state is saved with each checkpoint, so a
 resumed run continues exactly as an uninterrupted one would.
 """
-import hashlib
 import math
+import os
 import signal
 import threading
 import time
@@ -15,42 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .corpus import find_sources, fingerprint, remove_spools
+from .dataset import build_tokenizer, open_tokens, split_tokens, tokens_path, write_tokens
 from .errors import SqlgptError
 from .model import GPT
-from .tokenizers import TOKENIZERS
 
-VAL_FRACTION = 0.1      # the corpus tail held out for validation loss
 VAL_BATCHES = 4         # batches of the held-out tail scored at each checkpoint
 METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
-
-
-def read_corpus(path):
-    """The corpus as text, or a clear error for a missing, empty or binary file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SqlgptError(f"corpus {path} does not exist" if not path.exists()
-                          else f"corpus {path} is not a file")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise SqlgptError(f"corpus {path} is empty")
-    if b"\x00" in raw:
-        raise SqlgptError(f"corpus {path} looks binary (contains NUL bytes); give a UTF-8 text file")
-    try:
-        return raw.decode("utf-8"), hashlib.sha256(raw).hexdigest()
-    except UnicodeDecodeError as e:
-        raise SqlgptError(f"corpus {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-
-
-def split_tokens(tokens, seq_len):
-    """(train, val) token arrays; val is the corpus tail when it is long enough."""
-    n_val = int(len(tokens) * VAL_FRACTION)
-    if n_val < seq_len + 1:
-        n_val = 0
-    train = tokens[:len(tokens) - n_val]
-    if len(train) < seq_len + 1:
-        raise SqlgptError(f"the corpus has {len(tokens)} tokens, too few for seq_len {seq_len} "
-                          f"(need at least {seq_len + 1}); use a longer corpus or a smaller --seq-len")
-    return train, tokens[len(train):]
 
 
 def random_batch(tokens, rng, B, T):
@@ -79,6 +50,46 @@ class RunResult:
     losses: list = field(default_factory=list)
 
 
+def _progress(on_progress, stage, sources):
+    """on_bytes(n) for one pass over the sources, reporting to on_progress."""
+    if not on_progress:
+        return None
+    total, done = sum(source.size for source in sources), [0]
+
+    def on_bytes(n):
+        done[0] += n
+        on_progress(stage, done[0], total)
+    on_progress(stage, 0, total)
+    return on_bytes
+
+
+def _resume_tokens(db_path, state, tokenizer, sources, errors, on_progress):
+    """The recorded token file; or, when it is gone or the database predates
+    token files, the given corpus tokenized again into it (to the recorded
+    ids). Without a corpus a missing file is a one-line error."""
+    info = state.get("tokens")
+    path = tokens_path(db_path)
+    if info and (path.is_file() or not sources):
+        return open_tokens(db_path, info)
+    if not sources:
+        raise SqlgptError(f"{db_path} was trained before token files existed: name its corpus "
+                          f"to resume")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        written = write_tokens(sources, tokenizer, tmp, errors,
+                               _progress(on_progress, "tokenizing", sources))
+        written["file"] = path.name
+        if info and written["sha256"] != info["sha256"]:
+            raise SqlgptError(f"the corpus tokenizes to other ids than {db_path} recorded; "
+                              f"refusing to resume on other data")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    state["tokens"] = written  # recorded with the next checkpoint
+    return open_tokens(db_path, written, verify=False)
+
+
 class Trainer:
     """Owns the model, its training settings, its database connection and
     the training state."""
@@ -103,10 +114,14 @@ class Trainer:
 
     # ---- construction ----
     @classmethod
-    def create(cls, db_path, corpus_path, arch, cfg, overwrite=False):
-        """Build the vocabulary and a freshly initialized model of
-        architecture arch (its n_vocab is set from the tokenizer), and write
-        it as the step-0 checkpoint of a new database."""
+    def create(cls, db_path, corpus, arch, cfg, overwrite=False, extensions=(),
+               encoding_errors="strict", on_progress=None):
+        """Build the tokenizer from the corpus (files, directories or "-"),
+        tokenize the corpus once into the token file beside the database,
+        and write a freshly initialized model of architecture arch (its
+        n_vocab set from the tokenizer) as the step-0 checkpoint of a new
+        database. on_progress(stage, bytes_done, bytes_total) reports the
+        two passes over the corpus."""
         db_path = Path(db_path)
         if db_path.exists() and not overwrite:
             raise SqlgptError(f"{db_path} already exists; use --resume to continue training it "
@@ -116,56 +131,79 @@ class Trainer:
         if db_path.exists() and not store.is_sqlgpt_file(db_path):
             raise SqlgptError(f"refusing to overwrite {db_path}: it is not a sqlgpt database")
         store.check_writable(db_path)
-        text, digest = read_corpus(corpus_path)
         cfg.validate()
         arch.validate()
-        tokenizer = TOKENIZERS[cfg.tokenizer].build(text, cfg.vocab_size)
-        if tokenizer.vocab_size == 0:
-            raise SqlgptError(f"corpus {corpus_path} has no words")
-        cfg.vocab_size = tokenizer.vocab_size  # a small corpus may have fewer words
-        arch.n_vocab = tokenizer.n_ids
-        train, val = split_tokens(tokenizer.encode(text), arch.seq_len)
-        model = GPT(arch)
-        rng = np.random.default_rng(cfg.seed)
-        model.init_weights(rng)
-        state = {"step": 0, "rng": rng.bit_generator.state, "corpus_sha256": digest,
-                 "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
-        old_lock = store.WriterLock(db_path) if db_path.exists() else None  # not while in use
+        sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
+        tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.tokens.tmp")
         try:
-            with store.sqlite_errors(f"cannot create {db_path}"):
-                conn, lock = store.create_database(db_path, model, cfg, tokenizer, state,
-                                                   overwrite)
+            tokenizer = build_tokenizer(cfg.tokenizer, sources, cfg.vocab_size, encoding_errors,
+                                        _progress(on_progress, "reading", sources))
+            if cfg.tokenizer == "word":  # a small corpus may have fewer words
+                cfg.vocab_size = tokenizer.vocab_size
+            arch.n_vocab = tokenizer.n_ids
+            arch.validate()
+            info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
+                                _progress(on_progress, "tokenizing", sources))
+            info["file"] = tokens_path(db_path).name
+            tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
+            train, val = split_tokens(tokens, arch.seq_len)
+            model = GPT(arch)
+            rng = np.random.default_rng(cfg.seed)
+            model.init_weights(rng)
+            state = {"step": 0, "rng": rng.bit_generator.state,
+                     "corpus_sha256": fingerprint(sources), "tokens": info,
+                     "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
+            old_lock = store.WriterLock(db_path) if db_path.exists() else None  # not in use
+            try:
+                with store.sqlite_errors(f"cannot create {db_path}"):
+                    conn, lock = store.create_database(db_path, model, cfg, tokenizer, state,
+                                                       overwrite)
+                os.replace(tmp_tokens, tokens_path(db_path))  # the memmap follows the file
+            finally:
+                if old_lock:
+                    old_lock.release()
         finally:
-            if old_lock:
-                old_lock.release()
+            remove_spools(sources)
+            if tmp_tokens.exists():
+                tmp_tokens.unlink()
         return cls(conn, lock, model, cfg, tokenizer, train, val, state)
 
     @classmethod
-    def resume(cls, db_path, corpus_path):
-        """Reopen a database and its corpus to continue where training stopped."""
-        text, digest = read_corpus(corpus_path)
+    def resume(cls, db_path, corpus=(), extensions=(), encoding_errors="strict",
+               on_progress=None):
+        """Reopen a database to continue where training stopped, on the token
+        file it recorded. A corpus, if given, must be the one it was trained
+        on; it is needed only when the token file is gone (or the database
+        predates token files): then it is tokenized again, to the same ids."""
         store.check_writable(db_path)
-        store.open_database(db_path).close()  # is it a sqlgpt database at all?
-        lock = store.WriterLock(db_path)
-        conn = None
+        sources = find_sources(corpus, extensions, Path(db_path).parent) if corpus else []
         try:
-            with store.sqlite_errors(f"cannot open {db_path} for training"):
-                conn = store.open_database(db_path, readonly=False)
-            arch, cfg = store.read_config(conn)
-            tokenizer = store.read_tokenizer(conn, cfg)
-            state = store.read_train_state(conn)
-            if state.get("corpus_sha256") != digest:
-                raise SqlgptError(f"{corpus_path} is not the corpus {db_path} was trained on; "
-                                  f"resume needs the same file")
-            model = GPT(arch)
-            store.read_weights(conn, model)
-            train, val = split_tokens(tokenizer.encode(text), arch.seq_len)
-            return cls(conn, lock, model, cfg, tokenizer, train, val, state)
-        except BaseException:
-            if conn:
-                conn.close()
-            lock.release()
-            raise
+            digest = fingerprint(sources) if sources else None
+            store.open_database(db_path).close()  # is it a sqlgpt database at all?
+            lock = store.WriterLock(db_path)
+            conn = None
+            try:
+                with store.sqlite_errors(f"cannot open {db_path} for training"):
+                    conn = store.open_database(db_path, readonly=False)
+                arch, cfg = store.read_config(conn)
+                tokenizer = store.read_tokenizer(conn, arch, cfg)
+                state = store.read_train_state(conn)
+                if digest and state.get("corpus_sha256") != digest:
+                    raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
+                                      f"{db_path} was trained on; resume needs the same files")
+                tokens = _resume_tokens(db_path, state, tokenizer, sources, encoding_errors,
+                                        on_progress)
+                model = GPT(arch)
+                store.read_weights(conn, model)
+                train, val = split_tokens(tokens, arch.seq_len)
+                return cls(conn, lock, model, cfg, tokenizer, train, val, state)
+            except BaseException:
+                if conn:
+                    conn.close()
+                lock.release()
+                raise
+        finally:
+            remove_spools(sources)
 
     # ---- running ----
     def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None):

@@ -78,7 +78,7 @@ def load_db(path):
         with store.sqlite_errors(f"cannot read {path}"):
             conn.execute("BEGIN")
             arch, train_cfg = store.read_config(conn)
-            tokenizer = store.read_tokenizer(conn, train_cfg)
+            tokenizer = store.read_tokenizer(conn, arch, train_cfg)
             model = standin(arch)
             store.read_weights(conn, model)
             state = store.read_train_state(conn)

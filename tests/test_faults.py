@@ -121,7 +121,7 @@ def test_interrupt_saves_a_checkpoint_and_exits(tmp_path, small_corpus, sig, cod
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, trained_db, small_corpus):
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
-    trainer = Trainer.resume(db, small_corpus)
+    trainer = Trainer.resume(db, [small_corpus])
     # the file may not grow: the history rows soon need a page it cannot get
     pages = trainer.conn.execute("PRAGMA page_count").fetchone()[0]
     trainer.conn.execute(f"PRAGMA max_page_count = {pages}")
@@ -147,7 +147,7 @@ def test_a_real_full_filesystem(tmp_path, trained_db, small_corpus):
         filler = mnt / "filler"
         with open(filler, "wb") as f:  # leave a little room: the WAL soon runs out of it
             f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize - 64 * 1024))
-        trainer = Trainer.resume(db, small_corpus)
+        trainer = Trainer.resume(db, [small_corpus])
         with pytest.raises(SqlgptError):
             trainer.run(1000, save_every=1)
         trainer.close()
@@ -174,7 +174,7 @@ def test_read_only_database_or_directory(tmp_path, trained_db, small_corpus):
     try:
         before = db.read_bytes()
         with pytest.raises(SqlgptError, match="read-only|cannot write"):
-            Trainer.resume(db, small_corpus)
+            Trainer.resume(db, [small_corpus])
         assert db.read_bytes() == before
         assert sqlgpt.load(db).step == 30  # reading still works
     finally:
@@ -188,7 +188,7 @@ def test_a_writer_lock_held_by_another_process(tmp_path, trained_db, small_corpu
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
     monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 300)
-    trainer = Trainer.resume(db, small_corpus)
+    trainer = Trainer.resume(db, [small_corpus])
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another app holds the write lock
     with pytest.raises(SqlgptError, match="locked"):

@@ -96,7 +96,11 @@ def test_a_read_only_open_reads_version_1_and_leaves_it_untouched(v1_db):
 def test_opening_for_writing_migrates_to_version_2(v1_db, journal):
     execute(v1_db, f"PRAGMA journal_mode = {journal}")
     config, weights, others = config_of(v1_db), weights_bytes(v1_db), non_weight_tables(v1_db)
+    words = query(v1_db, "SELECT id, word FROM vocab ORDER BY id")
     store.open_database(v1_db, readonly=False).close()
+    # the vocabulary by id, each word with its bytes, the specials without
+    others["vocab"] = [(i, w, None if w in ("<pad>", "<unk>") else w.encode()) for i, w in words]
+    assert query(v1_db, "SELECT key, value FROM tokenizer") == [("kind", "word")]
     assert version(v1_db) == store.SCHEMA_VERSION == 2
     assert query(v1_db, "SELECT count(*) FROM norms") == [(0,)]
     migrated = config_of(v1_db)

@@ -163,8 +163,8 @@ def damage(db, sql):
     ("UPDATE config SET value = 'batchnorm' WHERE key = 'norm'", "norm must be one of"),
     ("UPDATE config SET value = 3 WHERE key = 'kv_heads'", "must divide"),
     ("UPDATE config SET value = 1 WHERE key = 'tie_weights'", "unknown parameter.*head"),
-    ("UPDATE config SET value = 101 WHERE key = 'n_vocab'", "below vocab_size"),
-    ("DELETE FROM vocab WHERE id = 3", "vocab"),
+    ("UPDATE config SET value = 101 WHERE key = 'n_vocab'", "102 token ids but the model has n_vocab 101"),
+    ("DELETE FROM vocab WHERE id = 3", "token ids are not exactly"),
     ("PRAGMA user_version = 99", "newer"),
     ("PRAGMA user_version = 0", "damaged: schema version 0"),
     ("PRAGMA application_id = 7", "not a sqlgpt database"),
@@ -215,7 +215,8 @@ def test_damaged_databases_are_refused(stored_db, tmp_path, sql, message):
      "AND i = 0", r"unknown parameter\(s\): head$"),
     ("UPDATE config SET value = 0 WHERE key = 'final_norm'", "unknown parameter.*lnf_b.*lnf_w"),
     ("UPDATE config SET value = 0 WHERE key = 'bias'", "unknown parameter.*fc1_b"),
-    ("PRAGMA user_version = 1", "lnf_w are damaged"),  # a version-1 file has no norms table
+    # read as version 1: its vocab has no (id, token, bytes), it has no norms table
+    ("PRAGMA user_version = 1", "vocab table is damaged"),
 ])
 def test_damaged_norms_and_biases_are_refused(gpt2_db, tmp_path, sql, message):
     db = copy_db(gpt2_db, tmp_path)

@@ -96,7 +96,7 @@ def test_nan_loss_never_reaches_a_checkpoint(tmp_path, small_corpus):
     db = tmp_path / "m.db"
     arch = preset("lua", embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
     cfg = TrainConfig(vocab_size=100, batch_size=4, max_iters=10)
-    trainer = Trainer.create(db, small_corpus, arch, cfg)
+    trainer = Trainer.create(db, [small_corpus], arch, cfg)
     trainer.run(3, save_every=1)
     good = {k: v.copy() for k, v in sqlgpt.load(db).state_dict().items()}
     forward = trainer.model.forward
@@ -118,7 +118,7 @@ def test_inf_weights_are_never_saved(tmp_path, small_corpus):
     db = tmp_path / "m.db"
     arch = preset("lua", embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
     cfg = TrainConfig(vocab_size=100, batch_size=4)
-    trainer = Trainer.create(db, small_corpus, arch, cfg)
+    trainer = Trainer.create(db, [small_corpus], arch, cfg)
     trainer.model.params["layers.1.fc2"].data[0, 0] = np.inf  # not in the loss's path to NaN
     trainer.model.params["layers.1.fc2"].m[0, 0] = np.nan
     with pytest.raises(SqlgptError, match="NaN or Inf"):
