@@ -129,5 +129,6 @@ CREATE TABLE IF NOT EXISTS metrics (
     loss           REAL NOT NULL,
     lr             REAL NOT NULL,
     tokens_per_sec REAL NOT NULL,
-    created_at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    created_at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    grad_norm      REAL            -- the global gradient norm before clipping (since version 2)
 );

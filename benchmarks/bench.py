@@ -227,7 +227,7 @@ def sqlgpt_train_step(arch, x, y):
         model.params.zero_grad()
         model.forward(x, y, dropout=arch["dropout"], dropout_seed=i)
         model.backward()
-        model.adam_step(i, LR)
+        model.optimizer_step(i, LR)
     return step
 
 

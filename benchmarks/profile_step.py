@@ -25,7 +25,7 @@ def main(name):
     phases = {"zero_grad": lambda step: model.params.zero_grad(),
               "forward": lambda step: model.forward(x, x, dropout=DROPOUT, dropout_seed=step),
               "backward": lambda step: model.backward(),
-              "adam": lambda step: model.adam_step(step + 1, LR)}
+              "adam": lambda step: model.optimizer_step(step + 1, LR)}
     times = collections.Counter()
     for step in range(STEPS + 1):  # the first step allocates buffers: not timed
         for phase, run in phases.items():

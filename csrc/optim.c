@@ -6,11 +6,21 @@
 
 void adamw_update(float *data, const float *grad, float *m, float *v, long n,
                   double lr, double beta1, double beta2, double eps,
-                  double weight_decay, int step) {
+                  double weight_decay, int decoupled, int step) {
     float b1 = (float)beta1, b2 = (float)beta2, one_b1 = (float)(1.0 - beta1),
           one_b2 = (float)(1.0 - beta2), flr = (float)lr, feps = (float)eps,
           wd = (float)weight_decay;
     float c1 = (float)(1.0 - pow(beta1, step)), c2 = (float)(1.0 - pow(beta2, step));
+    if (!decoupled) { /* Adam with L2: the decay joins the gradient (torch.optim.Adam) */
+        #pragma omp parallel for simd schedule(static) if (n > 65536)
+        for (long i = 0; i < n; i++) {
+            float g = grad[i] + wd * data[i];
+            m[i] = b1 * m[i] + one_b1 * g;
+            v[i] = b2 * v[i] + one_b2 * g * g;
+            data[i] -= flr * ((m[i] / c1) / (sqrtf(v[i] / c2) + feps));
+        }
+        return;
+    }
     #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (long i = 0; i < n; i++) {
         float g = grad[i];
@@ -18,6 +28,19 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
         v[i] = b2 * v[i] + one_b2 * g * g;
         float mhat = m[i] / c1, vhat = v[i] / c2;
         data[i] -= flr * (mhat / (sqrtf(vhat) + feps) + wd * data[i]);
+    }
+}
+
+void sgd_update(float *data, const float *grad, float *momentum_buf, long n, double lr,
+                double momentum, double weight_decay) {
+    float flr = (float)lr, mu = (float)momentum, wd = (float)weight_decay;
+    /* torch.optim.SGD: d = g + wd p; buf = mu buf + d (buf starts at 0, so
+     * the first step's buf is d, as torch's clone); p -= lr buf */
+    #pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (long i = 0; i < n; i++) {
+        float d = grad[i] + wd * data[i];
+        float step = mu > 0.0f ? (momentum_buf[i] = mu * momentum_buf[i] + d) : d;
+        data[i] -= flr * step;
     }
 }
 

@@ -204,12 +204,17 @@ void dropout_backward(float *dinp, const float *dout, long n, float p,
 void residual_dropout_forward(float *out, const float *x, const float *branch, long n,
                               float p, unsigned long long seed);
 
-/* optim.c: Adam (weight_decay = 0) or AdamW (decoupled decay) over n floats,
- * with bias correction for the 1-based step. Hyperparameters are doubles so
- * that 1 - beta2 = 0.001 is exact to float precision (1.0f - 0.999f is not). */
+/* optim.c: Adam over n floats with bias correction for the 1-based step;
+ * weight_decay decoupled (AdamW, torch.optim.AdamW) or, with decoupled = 0,
+ * added to the gradient (L2, torch.optim.Adam). Hyperparameters are doubles
+ * so that 1 - beta2 = 0.001 is exact to float precision (1.0f - 0.999f is
+ * not). SGD with momentum (buf: the momentum buffer, zero at the start) and
+ * L2 weight decay, as torch.optim.SGD without dampening or Nesterov. */
 void adamw_update(float *data, const float *grad, float *m, float *v, long n,
                   double lr, double beta1, double beta2, double eps,
-                  double weight_decay, int step);
+                  double weight_decay, int decoupled, int step);
+void sgd_update(float *data, const float *grad, float *momentum_buf, long n, double lr,
+                double momentum, double weight_decay);
 /* sum of squares of n floats, in double (gradient norm, finiteness check). */
 double sum_squares(const float *x, long n);
 void scale_inplace(float *x, long n, float factor);

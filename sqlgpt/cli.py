@@ -9,7 +9,7 @@ import click
 from . import store
 from .api import load
 from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
-from .config import TOKENIZER_KINDS, TrainConfig
+from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig
 from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
 from .generate import PRECISIONS
@@ -31,12 +31,17 @@ ARCH_OPTIONS = {
     "rope_theta": "rope_theta", "mlp": "mlp", "ffn_dim": "ffn_dim", "bias": "bias",
     "tie_weights": "tie_weights", "final_norm": "final_norm",
 }
-# option name -> TrainConfig field
+# option name -> TrainConfig field (vocab_size and tokenizer have defaults per tokenizer)
 TRAIN_OPTIONS = {
     "batch_size": "batch_size", "lr": "lr", "dropout": "dropout",
     "seed": "seed", "weight_decay": "weight_decay", "lr_schedule": "lr_schedule",
-    "warmup": "warmup_iters", "grad_clip": "grad_clip",
+    "warmup": "warmup_iters", "grad_clip": "grad_clip", "optimizer": "optimizer",
+    "beta1": "beta1", "beta2": "beta2", "eps": "eps", "momentum": "momentum",
+    "grad_accum": "grad_accum", "lr_decay_iters": "lr_decay_iters", "min_lr": "min_lr",
 }
+# every option that is a stored setting -> its field
+SETTING_FIELDS = {**ARCH_OPTIONS, **TRAIN_OPTIONS, "preset": "preset", "tokenizer": "tokenizer",
+                  "vocab_size": "vocab_size"}
 
 
 def fail_cleanly(fn):
@@ -143,20 +148,43 @@ def main():
                    "frequent characters kept [0: all]; bpe: token ids in all, at least 260 "
                    "[2048]; byte: not used.")
 @click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Learning rate.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
-              default=DEFAULTS.lr_schedule, show_default=True,
-              help="constant, or cosine decay to lr/10 at --iters.")
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.lr_schedule,
+              show_default=True,
+              help="constant, or cosine or linear decay to --min-lr at --lr-decay-iters.")
+@click.option("--lr-decay-iters", type=click.IntRange(min=1), default=None,
+              help="Step where the decay ends, stored with the model, so a resumed run to "
+                   "more --iters keeps the curve. [default: --iters]")
+@click.option("--min-lr", type=float, default=None,
+              help="Learning rate at the end of the decay. [default: lr/10]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
+              show_default=True,
+              help="adamw (decoupled weight decay), adam (decay added to the gradient, L2) "
+                   "or sgd.")
+@click.option("--beta1", type=float, default=DEFAULTS.beta1, show_default=True,
+              help="Adam's first-moment decay.")
+@click.option("--beta2", type=float, default=DEFAULTS.beta2, show_default=True,
+              help="Adam's second-moment decay.")
+@click.option("--eps", type=float, default=DEFAULTS.eps, show_default=True,
+              help="Adam's epsilon.")
+@click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True,
+              help="SGD momentum.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=DEFAULTS.grad_accum,
+              show_default=True,
+              help="Micro-batches of --batch-size per step (the same step as one batch that "
+                   "many times larger).")
 @click.option("--warmup", type=int, default=DEFAULTS.warmup_iters, show_default=True,
               help="Linear learning-rate warm-up steps.")
 @click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
               help="AdamW decoupled weight decay (0 = plain Adam).")
 @click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True,
               help="Dropout rate while training.")
-@click.option("--iters", type=int, default=DEFAULTS.max_iters, show_default=True,
+@click.option("--iters", type=click.IntRange(1, 2**31 - 1), default=DEFAULTS.max_iters,
+              show_default=True,
               help="Train up to this step in total.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=DEFAULTS.seed, show_default=True,
               help="Seed for weights, batches and dropout.")
-@click.option("--save-every", type=int, default=100, show_default=True,
+@click.option("--save-every", type=click.IntRange(1, 2**31 - 1), default=100,
+              show_default=True,
               help="Checkpoint every N steps (and always at the end).")
 @click.option("--grad-clip", type=float, default=0.0, show_default=True,
               help="Clip the global gradient norm to this (0 = off).")
@@ -177,36 +205,46 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
     """
     if resume and overwrite:
         raise SqlgptError("--resume and --overwrite exclude each other")
-    for name, value in (("--iters", iters), ("--save-every", save_every)):
-        if not 1 <= value < 2**31:
-            raise SqlgptError(f"{name} must be from 1 to 2**31-1")
-    explicit = [name for name in (*ARCH_OPTIONS, *TRAIN_OPTIONS, "preset", "tokenizer")
+    explicit = [name for name in SETTING_FIELDS
                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if resume:
-        if explicit:
-            raise SqlgptError("--resume keeps the stored config; drop "
-                              + ", ".join("--" + n.replace("_", "-") for n in explicit))
+        given = {SETTING_FIELDS[name]: (f"--{name.replace('_', '-')}", options[name])
+                 for name in explicit}
         trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
-                                 corpus_progress())
+                                 corpus_progress(), given)
     else:
         if not corpus:
             raise SqlgptError("name the corpus: one or more files, a directory, or - for stdin")
         arch = preset(options["preset"], **{field: options[name] for name, field in
                                             ARCH_OPTIONS.items() if name in explicit})
         tokenizer = options["tokenizer"] or PRESET_TOKENIZER[arch.preset]
+        settings = {field: options[name] for name, field in TRAIN_OPTIONS.items()}
+        # what a resumed run must not change is fixed now: the decay's length and end
+        settings["lr_decay_iters"] = settings["lr_decay_iters"] or iters
+        if settings["min_lr"] is None:
+            settings["min_lr"] = settings["lr"] / 10
         vocab_size = options["vocab_size"]
-        cfg = TrainConfig(**{field: options[name] for name, field in TRAIN_OPTIONS.items()},
-                          tokenizer=tokenizer, max_iters=iters,
+        cfg = TrainConfig(**settings, tokenizer=tokenizer, max_iters=iters,
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
                           else vocab_size)
         trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
                                  encoding_errors, corpus_progress())
+    if trainer.state["step"] >= iters:
+        done = trainer.summary()
+        trainer.close()
+        click.echo(f"{db_path} is already trained to step {done['step']} (train loss "
+                   f"{fmt_loss(done['train_loss'])}); nothing to do: raise --iters", err=True)
+        if as_json:
+            emit_json({"step": done["step"], "final_loss": done["train_loss"],
+                       "tokens_per_sec": 0.0, "steps_run": 0, "db": db_path})
+        return
     try:
         result = run_with_progress(trainer, iters, save_every, max_bad_steps)
     finally:
         trainer.close()
     summary = {"step": result.step, "final_loss": result.final_loss,
                "tokens_per_sec": round(result.tokens_per_sec, 1),
+               "steps_run": len(result.losses),
                "bad_steps": result.bad_steps, "db": db_path}
     if result.stopped_by:
         click.echo(f"stopped by {result.stopped_by}; checkpoint saved at step {result.step}",
@@ -242,8 +280,6 @@ def corpus_progress():
 def run_with_progress(trainer, iters, save_every, max_bad_steps):
     """A progress bar on a terminal; elsewhere (logs) one line per checkpoint."""
     start = trainer.state["step"]
-    if start >= iters:
-        click.echo(f"already trained to step {start}; nothing to do (raise --iters)", err=True)
     if not sys.stderr.isatty():
         def on_checkpoint(step, train_loss, val_loss):
             click.echo(f"step {step}: train loss {fmt_loss(train_loss)}, "

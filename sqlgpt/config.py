@@ -7,6 +7,8 @@ from .arch import ArchConfig, StoredFields
 from .errors import SqlgptError
 
 TOKENIZER_KINDS = ("word", "char", "byte", "bpe")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
 # keys every stored config must have (schema version 1 had these too)
 REQUIRED_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "seq_len")
 
@@ -21,13 +23,19 @@ class TrainConfig(StoredFields):
     lr: float = 3e-4
     max_iters: int = 1000     # the original shipped 1 ("increase for actual training")
     dropout: float = 0.2      # train mode only, on each sublayer's output
-    beta1: float = 0.9        # plain Adam, as the original
+    optimizer: str = "adamw"  # adamw (decoupled decay), adam (decay as L2), or sgd
+    beta1: float = 0.9        # with weight_decay 0, plain Adam, as the original
     beta2: float = 0.999
     eps: float = 1e-8
-    weight_decay: float = 0.0  # > 0 turns Adam into AdamW (on the decay group only)
+    momentum: float = 0.0     # sgd only (torch.optim.SGD's default)
+    weight_decay: float = 0.0  # on the tensor table's decay group only (matrices, embeddings)
     grad_clip: float = 0.0    # clip the global gradient norm to this (0: off, as the original)
-    lr_schedule: str = "constant"  # or "cosine": decay to lr/10 at max_iters
+    grad_accum: int = 1       # micro-batches of batch_size per step
+    lr_schedule: str = "constant"  # constant, cosine or linear from lr to min_lr
     warmup_iters: int = 0     # linear warm-up steps before the schedule
+    lr_decay_iters: int = 0   # the step where decay ends, fixed when a model is created
+                              # (0, in databases from before: the current max_iters)
+    min_lr: float = -1.0      # where decay ends (-1, in databases from before: lr / 10)
     seed: int = 1337
 
     def validate(self):
@@ -52,8 +60,22 @@ class TrainConfig(StoredFields):
             raise SqlgptError("beta1 and beta2 must be in [0, 1) and eps positive")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise SqlgptError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise SqlgptError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise SqlgptError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SqlgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"got {self.optimizer!r}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise SqlgptError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not isinstance(self.grad_accum, int) or not 1 <= self.grad_accum <= 2**16:
+            raise SqlgptError(f"grad_accum must be an integer from 1 to 65,536, "
+                              f"got {self.grad_accum!r}")
+        if not isinstance(self.lr_decay_iters, int) or not 0 <= self.lr_decay_iters < 2**31:
+            raise SqlgptError(f"lr_decay_iters must be >= 0, got {self.lr_decay_iters!r}")
+        if not (math.isfinite(self.min_lr) and (self.min_lr == -1.0 or
+                                                0 <= self.min_lr <= self.lr)):
+            raise SqlgptError(f"min_lr must be from 0 to lr ({self.lr}), got {self.min_lr}")
         if not isinstance(self.warmup_iters, int) or not 0 <= self.warmup_iters < 2**31:
             raise SqlgptError(f"warmup_iters must be >= 0, got {self.warmup_iters!r}")
         if self.tokenizer not in TOKENIZER_KINDS:
@@ -62,16 +84,18 @@ class TrainConfig(StoredFields):
         return self
 
     def lr_at(self, step):
-        """Learning rate for a 1-based step: warm-up, then constant or cosine."""
+        """Learning rate for a 1-based step: linear warm-up, then constant, or
+        cosine or linear decay to min_lr at lr_decay_iters, min_lr after."""
         if step <= self.warmup_iters:
             return self.lr * step / (self.warmup_iters + 1)
         if self.lr_schedule == "constant":
             return self.lr
-        span = max(1, self.max_iters - self.warmup_iters)
+        min_lr = self.min_lr if self.min_lr >= 0 else self.lr / 10
+        span = max(1, (self.lr_decay_iters or self.max_iters) - self.warmup_iters)
         progress = min(1.0, (step - self.warmup_iters) / span)
-        min_lr = self.lr / 10
+        if self.lr_schedule == "linear":
+            return self.lr + (min_lr - self.lr) * progress
         return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
 
 def to_rows(arch, train):
     """The config table's (key, value) pairs for a model."""

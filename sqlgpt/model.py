@@ -9,6 +9,7 @@ import numpy as np
 
 from ._kernel import ffi, lib
 from .arch import stored_tensors, tensor_table
+from .config import OPTIMIZERS
 from .errors import SqlgptError
 from .tensor import ParameterSet, aligned_zeros, fptr, iptr
 
@@ -210,14 +211,22 @@ class GPT:
         g = self.params.arenas["grad"]
         return lib.sum_squares(fptr(g), g.size)
 
-    def adam_step(self, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-        """One Adam/AdamW update of every parameter (step is 1-based); the
-        decay applies to the tensor table's decay group only, which the
-        arenas hold first, so each group is one call."""
+    def optimizer_step(self, step, lr, optimizer="adamw", beta1=0.9, beta2=0.999, eps=1e-8,
+                       weight_decay=0.0, momentum=0.0):
+        """One update of every parameter (step is 1-based): AdamW (decoupled
+        decay), Adam (decay as L2 in the gradient) or SGD with momentum (its
+        buffer in the m arena). The decay applies to the tensor table's decay
+        group only, which the arenas hold first, so each group is one call."""
+        if optimizer not in OPTIMIZERS:
+            raise SqlgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"not {optimizer!r}")
         ar, split = self.params.arenas, self.params.no_decay_start
         for start, stop, decay in ((0, split, weight_decay), (split, ar["data"].size, 0.0)):
-            if stop > start:
-                data, grad, m, v = (fptr(ar[b][start:stop]) for b in ("data", "grad", "m", "v"))
+            if stop <= start:
+                continue
+            data, grad, m, v = (fptr(ar[b][start:stop]) for b in ("data", "grad", "m", "v"))
+            if optimizer == "sgd":
+                lib.sgd_update(data, grad, m, stop - start, lr, momentum, decay)
+            else:
                 lib.adamw_update(data, grad, m, v, stop - start, lr, beta1, beta2, eps, decay,
-                                 step)
-
+                                 optimizer == "adamw", step)

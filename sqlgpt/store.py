@@ -346,8 +346,9 @@ def open_database(path, readonly=True):
 # migrated file has the same tables as a new one).
 def _v1_to_v2(conn):
     """Version 2 stores norm gains and biases (layers holds the per-layer ones
-    already), the architecture in config, and the whole tokenizer (vocab by
-    id with readable text and bytes, and the tokenizer table). A version-1 file is the lua
+    already), the architecture in config, the whole tokenizer (vocab by
+    id with readable text and bytes, and the tokenizer table) and each
+    step's gradient norm in metrics. A version-1 file is the lua
     preset: it has no rows for the new table, and gains the architecture keys
     (the values from_rows derives for it) without any of its keys changing."""
     conn.execute("""
@@ -377,6 +378,7 @@ CREATE TABLE vocab (
         SELECT id, word, CASE WHEN word IN ('<pad>', '<unk>') THEN NULL
                               ELSE CAST(word AS BLOB) END FROM vocab_v1""")
     conn.execute("DROP TABLE vocab_v1")
+    conn.execute("ALTER TABLE metrics ADD COLUMN grad_norm REAL")
     conn.execute("""
 CREATE TABLE tokenizer (
     key   TEXT PRIMARY KEY,
@@ -527,7 +529,7 @@ def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
 
 
 def write_metrics(conn, rows):
-    """rows: (step, loss, lr, tokens_per_sec) tuples, in one small transaction."""
+    """rows: (step, loss, lr, tokens_per_sec, grad_norm) tuples, in one small transaction."""
     if not rows:
         return
     with sqlite_errors("cannot write training metrics"):
@@ -537,8 +539,8 @@ def write_metrics(conn, rows):
 def _write_metrics(conn, rows):
     try:
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT OR REPLACE INTO metrics (step, loss, lr, tokens_per_sec) "
-                         "VALUES (?, ?, ?, ?)", rows)
+        conn.executemany("INSERT OR REPLACE INTO metrics (step, loss, lr, tokens_per_sec, "
+                         "grad_norm) VALUES (?, ?, ?, ?, ?)", rows)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)

@@ -90,3 +90,8 @@ class ParameterSet:
 
     def zero_grad(self):
         zero(self.arenas["grad"])
+
+    def scale_grad(self, factor):
+        """grad *= factor over every parameter (clipping, accumulation)."""
+        g = self.arenas["grad"]
+        lib.scale_inplace(fptr(g), g.size, factor)

@@ -22,6 +22,7 @@ from .model import GPT
 
 VAL_BATCHES = 4         # batches of the held-out tail scored at each checkpoint
 METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
+MICRO_SEED_STRIDE = 0xD1B54A32D192ED03  # an odd constant: micro-batch seeds far apart
 
 
 def random_batch(tokens, rng, B, T):
@@ -61,6 +62,15 @@ def _progress(on_progress, stage, sources):
         on_progress(stage, done[0], total)
     on_progress(stage, 0, total)
     return on_bytes
+
+
+def _check_unchanged(settings, stored):
+    """Refuse, naming them, the settings a resumed run asks to change."""
+    changed = [f"{option} {value} (stored: {stored[field]})"
+               for field, (option, value) in settings.items() if stored[field] != value]
+    if changed:
+        raise SqlgptError("--resume keeps the stored config; these differ from it: "
+                          + ", ".join(changed))
 
 
 def _resume_tokens(db_path, state, tokenizer, sources, errors, on_progress):
@@ -123,6 +133,8 @@ class Trainer:
         database. on_progress(stage, bytes_done, bytes_total) reports the
         two passes over the corpus."""
         db_path = Path(db_path)
+        if db_path.is_dir():
+            raise SqlgptError(f"{db_path} is a directory; --db names the database file")
         if db_path.exists() and not overwrite:
             raise SqlgptError(f"{db_path} already exists; use --resume to continue training it "
                               f"or --overwrite to replace it")
@@ -170,11 +182,13 @@ class Trainer:
 
     @classmethod
     def resume(cls, db_path, corpus=(), extensions=(), encoding_errors="strict",
-               on_progress=None):
+               on_progress=None, settings=None):
         """Reopen a database to continue where training stopped, on the token
         file it recorded. A corpus, if given, must be the one it was trained
         on; it is needed only when the token file is gone (or the database
-        predates token files): then it is tokenized again, to the same ids."""
+        predates token files): then it is tokenized again, to the same ids.
+        settings ({field: (option name, value)}, what the user asked for)
+        must equal the stored ones: a resumed run keeps its config."""
         store.check_writable(db_path)
         sources = find_sources(corpus, extensions, Path(db_path).parent) if corpus else []
         try:
@@ -186,6 +200,7 @@ class Trainer:
                 with store.sqlite_errors(f"cannot open {db_path} for training"):
                     conn = store.open_database(db_path, readonly=False)
                 arch, cfg = store.read_config(conn)
+                _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()})
                 tokenizer = store.read_tokenizer(conn, arch, cfg)
                 state = store.read_train_state(conn)
                 if digest and state.get("corpus_sha256") != digest:
@@ -211,7 +226,7 @@ class Trainer:
         steps, at the end, and when SIGINT/SIGTERM asks to stop."""
         cfg = self.cfg
         cfg.max_iters = max_iters
-        B, T = cfg.batch_size, self.model.arch.seq_len
+        B, T = cfg.batch_size * cfg.grad_accum, self.model.arch.seq_len  # tokens per step
         pending_metrics, last_flush, window_losses = [], time.perf_counter(), []
         result = RunResult(step=self.state["step"], final_loss=math.nan, tokens_per_sec=0.0)
         total_tokens, total_time = 0, 0.0
@@ -219,7 +234,7 @@ class Trainer:
             while self.state["step"] < max_iters and not self._stop:
                 step = self.state["step"] + 1
                 t0 = time.perf_counter()
-                loss, lr, skipped = self._step(step, max_bad_steps)
+                loss, lr, grad_norm, skipped = self._step(step, max_bad_steps)
                 if not skipped:
                     window_losses.append(loss)
                     result.losses.append(loss)
@@ -230,7 +245,7 @@ class Trainer:
                 total_tokens, total_time = total_tokens + B * T, total_time + dt
                 report = StepReport(step, loss, lr, B * T / dt, skipped)
                 if not skipped:
-                    pending_metrics.append((step, loss, lr, report.tokens_per_sec))
+                    pending_metrics.append((step, loss, lr, report.tokens_per_sec, grad_norm))
                 if on_step:
                     on_step(report)
                 if time.perf_counter() - last_flush > METRICS_FLUSH_S:
@@ -254,14 +269,26 @@ class Trainer:
         return result
 
     def _step(self, step, max_bad_steps):
-        """One optimizer step on a random batch: (loss, lr, skipped). A step
-        whose loss or gradient is NaN/Inf changes no weight; it is counted."""
+        """One optimizer step on grad_accum random micro-batches: (loss, lr,
+        gradient norm, skipped). A step whose loss or gradient is NaN/Inf
+        changes no weight; it is counted."""
         cfg, model = self.cfg, self.model
-        x, y = random_batch(self.train_tokens, self.rng, cfg.batch_size, model.arch.seq_len)
-        dropout_seed = int(self.rng.integers(0, 2**63))
+        B, N = cfg.batch_size, cfg.grad_accum
+        # all windows at once: N micro-batches are one batch N times larger, split
+        x, y = random_batch(self.train_tokens, self.rng, B * N, model.arch.seq_len)
+        # one draw per step whatever N is, so the batches of later steps do not
+        # depend on it; micro-batch i's dropout seed is spread from it
+        seed = int(self.rng.integers(0, 2**63))
+        seeds = [(seed + MICRO_SEED_STRIDE * i) % 2**64 for i in range(N)]
         model.params.zero_grad()
-        loss = model.forward(x, y, dropout=cfg.dropout, dropout_seed=dropout_seed)
-        model.backward()
+        losses = []
+        for i, seed in enumerate(seeds):
+            losses.append(model.forward(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B],
+                                        dropout=cfg.dropout, dropout_seed=seed))
+            model.backward()
+        loss = losses[0] if N == 1 else float(np.mean(losses))
+        if N > 1:  # the mean over micro-batches, as one batch's mean
+            model.params.scale_grad(1.0 / N)
         grad_sq = model.grad_norm_squared()
         lr = cfg.lr_at(step)
         if not (math.isfinite(loss) and math.isfinite(grad_sq)):
@@ -270,11 +297,12 @@ class Trainer:
                 raise SqlgptError(f"training stopped at step {step}: more than {max_bad_steps} "
                                   f"steps had a NaN/Inf loss or gradient; the last good "
                                   f"checkpoint is kept (try a lower --lr)")
-            return loss, lr, True
+            return loss, lr, math.nan, True
         if cfg.grad_clip > 0 and grad_sq > cfg.grad_clip ** 2:
-            model.params.arenas["grad"] *= np.float32(cfg.grad_clip / math.sqrt(grad_sq))
-        model.adam_step(step, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)
-        return loss, lr, False
+            model.params.scale_grad(cfg.grad_clip / math.sqrt(grad_sq))
+        model.optimizer_step(step, lr, cfg.optimizer, cfg.beta1, cfg.beta2, cfg.eps,
+                             cfg.weight_decay, cfg.momentum)
+        return loss, lr, math.sqrt(grad_sq), False
 
     def checkpoint(self, window_losses):
         arenas = self.model.params.arenas
@@ -304,6 +332,12 @@ class Trainer:
             index = chunk[:, None] + np.arange(T)
             losses.append(self.model.forward(self.val_tokens[index], self.val_tokens[index + 1]))
         return float(np.mean(losses))
+
+    def summary(self):
+        """The stored state: step and the last checkpoint's training loss."""
+        history = store.checkpoints(self.conn)
+        return {"step": self.state["step"],
+                "train_loss": history[-1]["train_loss"] if history else None}
 
     def close(self):
         self.conn.close()

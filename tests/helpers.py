@@ -58,7 +58,7 @@ def write_db(path, arch, train_cfg, seed=0, save_at=(10, 20, 30)):
                                        word_tokenizer(train_cfg.vocab_size), state)
     try:
         for step in save_at:
-            store.write_metrics(conn, [(s, 3.0, train_cfg.lr, 1000.0)
+            store.write_metrics(conn, [(s, 3.0, train_cfg.lr, 1000.0, 1.5)
                                        for s in range(state["step"] + 1, step + 1)])
             randomize(model, rng)
             state = {**state, "step": step, "elapsed_s": step / 100}

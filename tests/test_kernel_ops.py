@@ -94,23 +94,32 @@ def test_dropout(rng, p):
         assert not np.array_equal(again != 0, keep)
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adam_matches_torch(rng, weight_decay):
-    n, lr, b1, b2, eps = 5000, 1e-2, 0.9, 0.999, 1e-8
+@pytest.mark.parametrize("name,weight_decay,momentum", [
+    ("adamw", 0.0, 0), ("adamw", 0.1, 0), ("adam", 0.1, 0), ("sgd", 0.0, 0.0), ("sgd", 0.1, 0.9)])
+def test_optimizers_match_torch_step_by_step(rng, name, weight_decay, momentum):
+    n, lr, b1, b2, eps = 5000, 1e-2, 0.9, 0.99, 1e-8
     data = f32(rng, n)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
     tp = torch.nn.Parameter(torch.tensor(data, dtype=torch.float64))
-    opt = torch.optim.AdamW([tp], lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
+    opt = {"adamw": lambda: torch.optim.AdamW([tp], lr, (b1, b2), eps, weight_decay),
+           "adam": lambda: torch.optim.Adam([tp], lr, (b1, b2), eps, weight_decay),
+           "sgd": lambda: torch.optim.SGD([tp], lr, momentum, weight_decay=weight_decay)}[name]()
     for step in range(1, 6):
         grad = f32(rng, n)
-        lib.adamw_update(fptr(data), fptr(grad), fptr(m), fptr(v), n, lr, b1, b2, eps,
-                         weight_decay, step)
+        if name == "sgd":
+            lib.sgd_update(fptr(data), fptr(grad), fptr(m), n, lr, momentum, weight_decay)
+        else:
+            lib.adamw_update(fptr(data), fptr(grad), fptr(m), fptr(v), n, lr, b1, b2, eps,
+                             weight_decay, name == "adamw", step)
         tp.grad = torch.tensor(grad, dtype=torch.float64)
         opt.step()
-    assert rel_err(data, tp.detach()) < TOL
+        assert rel_err(data, tp.detach()) < TOL, step
     state = opt.state[tp]
-    assert rel_err(m, state["exp_avg"]) < TOL
-    assert rel_err(v, state["exp_avg_sq"]) < TOL
+    if name == "sgd" and momentum:
+        assert rel_err(m, state["momentum_buffer"]) < TOL
+    elif name != "sgd":
+        assert rel_err(m, state["exp_avg"]) < TOL
+        assert rel_err(v, state["exp_avg_sq"]) < TOL
 
 
 def test_sum_squares(rng):

@@ -1,0 +1,193 @@
+"""The training recipe: optimizers and their weight-decay groups, schedules,
+gradient accumulation, the gradient norm per step, and resuming with the
+settings a model was created with."""
+import math
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sqlgpt
+from sqlgpt.arch import preset
+from sqlgpt.config import TrainConfig
+from sqlgpt.model import GPT
+
+from conftest import TINY
+from helpers import rel_err
+
+
+def run(*args):
+    return CliRunner().invoke(main_cli(), [str(a) for a in args])
+
+
+def main_cli():
+    from sqlgpt.cli import main
+    return main
+
+
+def nanogpt_lr(it, lr, min_lr, warmup, decay_iters, schedule):
+    """nanoGPT's get_lr for the step numbered it from 1 (warm-up to lr, then
+    the decay to min_lr at decay_iters, min_lr after)."""
+    if it <= warmup:
+        return lr * it / (warmup + 1)
+    if schedule == "constant":
+        return lr
+    ratio = min(1.0, (it - warmup) / (decay_iters - warmup))
+    if schedule == "linear":
+        return lr + (min_lr - lr) * ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_schedules(schedule, warmup):
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=warmup, lr_decay_iters=100,
+                      lr_schedule=schedule, max_iters=500)
+    for step in range(1, 200):
+        assert cfg.lr_at(step) == pytest.approx(
+            nanogpt_lr(step, 1e-3, 1e-4, warmup, 100, schedule), rel=1e-12), step
+
+
+def test_a_resumed_cosine_run_keeps_its_curve(tmp_path, small_corpus):
+    """The decay length is fixed when the model is created: resuming to more
+    steps continues at min_lr instead of stretching the curve already taken."""
+    def lrs(db):
+        return [r[0] for r in sqlite3.connect(db).execute("SELECT lr FROM metrics ORDER BY step")]
+    common = [*TINY, "--lr-schedule", "cosine", "--lr", "1e-3", "--min-lr", "2e-4",
+              "--warmup", "2", "--save-every", "3"]
+    once, twice = tmp_path / "once.db", tmp_path / "twice.db"
+    assert run("train", small_corpus, "--db", once, "--iters", 12, *common,
+               "--lr-decay-iters", 6).exit_code == 0
+    assert run("train", small_corpus, "--db", twice, "--iters", 6, *common).exit_code == 0
+    result = run("train", small_corpus, "--db", twice, "--iters", 12, "--resume")
+    assert result.exit_code == 0, result.output
+    assert lrs(twice) == lrs(once)
+    assert lrs(once)[6:] == [pytest.approx(2e-4)] * 6
+    assert sqlgpt.load(twice).state_dict()["head"].tolist() == \
+        sqlgpt.load(once).state_dict()["head"].tolist()
+
+
+def test_grad_accum_equals_one_larger_batch(tmp_path, small_corpus):
+    dbs = {}
+    for name, batch, accum in (("one", 8, 1), ("accum", 4, 2), ("four", 2, 4)):
+        dbs[name] = tmp_path / f"{name}.db"
+        result = run("train", small_corpus, "--db", dbs[name], "--iters", 3, *TINY,
+                     "--batch-size", batch, "--grad-accum", accum, "--dropout", 0)
+        assert result.exit_code == 0, result.output
+    ref = sqlgpt.load(dbs["one"]).state_dict()
+    for name in ("accum", "four"):
+        weights = sqlgpt.load(dbs[name]).state_dict()
+        for tensor in ref:
+            assert rel_err(weights[tensor], ref[tensor]) < 1e-5, (name, tensor)
+
+
+def test_the_gradient_norm_of_every_step_is_stored(tmp_path, small_corpus):
+    db = tmp_path / "m.db"
+    assert run("train", small_corpus, "--db", db, "--iters", 4, *TINY,
+               "--grad-clip", "0.5").exit_code == 0
+    norms = [r[0] for r in sqlite3.connect(db).execute("SELECT grad_norm FROM metrics")]
+    assert len(norms) == 4 and all(n > 0.5 for n in norms)  # before clipping
+
+
+def model_and_grads(rng):
+    arch = preset("gpt2", n_vocab=40, embed_dim=32, num_heads=4, num_layers=2, seq_len=8)
+    model = GPT(arch)
+    model.init_weights(rng)
+    grads = [{t.name: rng.standard_normal(t.shape).astype(np.float32) for t in model.params}
+             for _ in range(3)]
+    return model, grads
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("adamw", dict(weight_decay=0.1, beta2=0.99)), ("adam", dict(weight_decay=0.1)),
+    ("sgd", dict(momentum=0.9, weight_decay=0.01))])
+def test_optimizer_groups_match_torch(rng, name, kw):
+    """Matrices and embeddings decay, norm gains and biases do not: two
+    torch.optim groups given the same gradients, step by step."""
+    model, grads = model_and_grads(rng)
+    params = {t.name: torch.nn.Parameter(torch.tensor(t.data, dtype=torch.float64))
+              for t in model.params}
+    decay = [params[t.name] for t in model.params if t.spec.decay]
+    plain = [params[t.name] for t in model.params if not t.spec.decay]
+    assert decay and plain
+    wd = kw.get("weight_decay", 0.0)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": plain, "weight_decay": 0.0}]
+    lr = 1e-2
+    opt = {"adamw": lambda: torch.optim.AdamW(groups, lr, betas=(0.9, kw.get("beta2", 0.999))),
+           "adam": lambda: torch.optim.Adam(groups, lr),
+           "sgd": lambda: torch.optim.SGD(groups, lr, momentum=kw["momentum"])}[name]()
+    for step, grad in enumerate(grads, 1):
+        for t in model.params:
+            t.grad[...] = grad[t.name]
+            params[t.name].grad = torch.tensor(grad[t.name], dtype=torch.float64)
+        model.optimizer_step(step, lr, name, beta2=kw.get("beta2", 0.999), weight_decay=wd,
+                             momentum=kw.get("momentum", 0.0))
+        opt.step()
+    for t in model.params:
+        assert rel_err(t.data, params[t.name].detach()) < 1e-5, t.name
+
+
+def test_grad_clip_matches_torch(rng):
+    model, grads = model_and_grads(rng)
+    for t in model.params:
+        t.grad[...] = grad = grads[0][t.name]
+    tensors = [torch.tensor(grads[0][t.name], dtype=torch.float64, requires_grad=True)
+               for t in model.params]
+    for tensor in tensors:
+        tensor.grad = tensor.detach().clone()
+    total = torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+    norm = math.sqrt(model.grad_norm_squared())
+    assert norm == pytest.approx(total.item(), rel=1e-6)
+    model.params.scale_grad(1.0 / norm)  # what training does above the limit
+    for t, tensor in zip(model.params, tensors):
+        assert rel_err(t.grad, tensor.grad) < 1e-6
+    del grad
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_every_optimizer_trains(tmp_path, small_corpus, optimizer):
+    db = tmp_path / "m.db"
+    lr = "0.05" if optimizer == "sgd" else "3e-3"
+    result = run("train", small_corpus, "--db", db, "--iters", 30, *TINY, "--optimizer",
+                 optimizer, "--lr", lr, "--momentum", "0.9" if optimizer == "sgd" else "0",
+                 "--weight-decay", "0.01", "--save-every", "30")
+    assert result.exit_code == 0, result.output
+    losses = [r[0] for r in sqlite3.connect(db).execute("SELECT loss FROM metrics ORDER BY step")]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert sqlgpt.load(db).config["optimizer"] == optimizer
+
+
+def test_resume_accepts_the_stored_settings_and_names_the_others(tmp_path, small_corpus):
+    db = tmp_path / "m.db"
+    args = ["train", small_corpus, "--db", db, *TINY, "--lr", "1e-3"]
+    assert run(*args, "--iters", 2).exit_code == 0
+    result = run(*args, "--iters", 4, "--resume")  # the same command again, resumed
+    assert result.exit_code == 0, result.output
+    result = run("train", small_corpus, "--db", db, "--iters", 6, "--resume", "--lr", "2e-3",
+                 "--heads", "2", "--embed-dim", "32")
+    assert result.exit_code != 0
+    assert "--lr 0.002 (stored: 0.001)" in result.output and "--heads 2 (stored: 4)" in result.output
+    assert "--embed-dim" not in result.output
+
+
+def test_resume_with_nothing_to_do_says_one_true_thing(tmp_path, small_corpus):
+    import json
+    db = tmp_path / "m.db"
+    assert run("train", small_corpus, "--db", db, "--iters", 2, *TINY).exit_code == 0
+    before = db.read_bytes()
+    result = run("train", "--db", db, "--iters", 2, "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert "already trained to step 2" in result.output and "nan" not in result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["steps_run"] == 0 and summary["final_loss"] > 0 and summary["step"] == 2
+    assert db.read_bytes() == before
+
+
+def test_bad_run_lengths_are_usage_errors_and_a_directory_is_not_a_database(tmp_path,
+                                                                            small_corpus):
+    result = run("train", small_corpus, "--db", tmp_path / "m.db", "--iters", 0, *TINY)
+    assert result.exit_code == 2 and "--iters" in result.output
+    result = run("train", small_corpus, "--db", tmp_path, "--iters", 1, *TINY)
+    assert result.exit_code == 1 and "is a directory" in result.output
