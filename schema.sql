@@ -123,6 +123,18 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 
+-- One row per evaluation of the held-out split (since version 2): at each
+-- checkpoint, or every --eval-every steps. loss is the mean cross-entropy per
+-- scored token, accuracy how often the most likely next token was right.
+CREATE TABLE IF NOT EXISTS evaluations (
+    step       INTEGER PRIMARY KEY,
+    loss       REAL NOT NULL,
+    perplexity REAL NOT NULL,
+    accuracy   REAL NOT NULL,
+    tokens     INTEGER NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
 -- One row per training step, written as training runs.
 CREATE TABLE IF NOT EXISTS metrics (
     step           INTEGER PRIMARY KEY,

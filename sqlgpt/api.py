@@ -3,10 +3,16 @@
     m = sqlgpt.load("model.db")
     m.generate("the king", max_tokens=30, temperature=0.8, top_k=40, seed=1)
 """
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from . import store
+from .corpus import find_sources
+from .dataset import write_tokens
 from .errors import SqlgptError
+from .evaluate import evaluate
 from .generate import Decoder, check_precision, generate_ids
 from .model import GPT, PAD_ID
 
@@ -113,6 +119,24 @@ class Model:
         ids = list(self.prompt_ids(prompt))
         ids += self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk)
         return self.decode(ids)
+
+
+    def evaluate(self, text=None, paths=(), stride=None, batch_size=8, extensions=(),
+                 encoding_errors="strict"):
+        """Loss per token, perplexity, accuracy and tokens scored on a text,
+        or on files and directories (each a document, separated by <eos>),
+        tokenized by a stream into a temporary file (flat memory). stride:
+        see sqlgpt.evaluate (default: seq_len // 2)."""
+        stride = stride or max(1, self._gpt.arch.seq_len // 2)
+        if text is not None:
+            return evaluate(self._gpt, self.encode(text), stride, batch_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            sources = find_sources(paths, extensions, spool_dir=tmp)
+            info = write_tokens(sources, self.tokenizer, Path(tmp) / "eval.tokens",
+                                encoding_errors)
+            tokens = np.memmap(Path(tmp) / "eval.tokens", dtype=np.dtype(info["dtype"]),
+                               mode="r")
+            return evaluate(self._gpt, tokens, stride, batch_size)
 
 
 def load(path, precision="fp32"):

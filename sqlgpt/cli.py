@@ -38,6 +38,7 @@ TRAIN_OPTIONS = {
     "warmup": "warmup_iters", "grad_clip": "grad_clip", "optimizer": "optimizer",
     "beta1": "beta1", "beta2": "beta2", "eps": "eps", "momentum": "momentum",
     "grad_accum": "grad_accum", "lr_decay_iters": "lr_decay_iters", "min_lr": "min_lr",
+    "val_fraction": "val_fraction", "eval_every": "eval_every", "eval_iters": "eval_iters",
 }
 # every option that is a stored setting -> its field
 SETTING_FIELDS = {**ARCH_OPTIONS, **TRAIN_OPTIONS, "preset": "preset", "tokenizer": "tokenizer",
@@ -168,6 +169,13 @@ def main():
               help="Adam's epsilon.")
 @click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True,
               help="SGD momentum.")
+@click.option("--val-fraction", type=float, default=DEFAULTS.val_fraction, show_default=True,
+              help="The corpus tail held out for evaluation (0: none).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=DEFAULTS.eval_every,
+              show_default=True, help="Evaluate every N steps (0: at each checkpoint).")
+@click.option("--eval-iters", type=click.IntRange(min=0), default=DEFAULTS.eval_iters,
+              show_default=True,
+              help="Batches of the held-out split per evaluation (0: all of it).")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=DEFAULTS.grad_accum,
               show_default=True,
               help="Micro-batches of --batch-size per step (the same step as one batch that "
@@ -334,6 +342,38 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow
     for piece in model.stream(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):
         click.echo(piece, nl=False)
     click.echo()
+
+
+@main.command(name="eval")
+@click.argument("corpus", nargs=-1, required=True, type=click.Path())
+@click.option("--db", "db_path", required=True, type=click.Path(),
+              help="SQLite file that holds the model.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Windows of seq-len tokens this far apart; each token after the first "
+                   "window has at least seq-len - stride tokens of context (1: all of it, "
+                   "slowest). [default: seq-len / 2]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows scored at once.")
+@click.option("--ext", "extensions", multiple=True,
+              help="With a directory: only files with this suffix (repeatable).")
+@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
+              show_default=True, help="Bytes that are not UTF-8: an error, or U+FFFD.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@fail_cleanly
+def eval_(corpus, db_path, stride, batch_size, extensions, encoding_errors, as_json):
+    """Score the model in --db on CORPUS (files, directories or -): mean
+    cross-entropy per token, perplexity and next-token accuracy.
+
+    Example: sqlgpt eval --db model.db held_out.txt --json
+    """
+    model = load(db_path)
+    result = model.evaluate(paths=corpus, stride=stride, batch_size=batch_size,
+                            extensions=extensions, encoding_errors=encoding_errors)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(f"loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+               f"accuracy {result.accuracy:.1%}, {result.tokens:,} tokens")
 
 
 @main.command()

@@ -36,6 +36,9 @@ class TrainConfig(StoredFields):
     lr_decay_iters: int = 0   # the step where decay ends, fixed when a model is created
                               # (0, in databases from before: the current max_iters)
     min_lr: float = -1.0      # where decay ends (-1, in databases from before: lr / 10)
+    val_fraction: float = 0.1  # the corpus tail held out for evaluation
+    eval_every: int = 0       # evaluate every N steps (0: at each checkpoint)
+    eval_iters: int = 4       # batches per evaluation (0: the whole held-out split)
     seed: int = 1337
 
     def validate(self):
@@ -68,6 +71,12 @@ class TrainConfig(StoredFields):
                               f"got {self.optimizer!r}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
             raise SqlgptError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
+            raise SqlgptError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("eval_every", "eval_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 2**31:
+                raise SqlgptError(f"{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.grad_accum, int) or not 1 <= self.grad_accum <= 2**16:
             raise SqlgptError(f"grad_accum must be an integer from 1 to 65,536, "
                               f"got {self.grad_accum!r}")

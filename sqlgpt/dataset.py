@@ -82,9 +82,9 @@ def open_tokens(db_path, info, verify=True):
     return np.memmap(path, dtype=np.dtype(info["dtype"]), mode="r", shape=(info["count"],))
 
 
-def split_tokens(tokens, seq_len):
+def split_tokens(tokens, seq_len, val_fraction=VAL_FRACTION):
     """(train, val) token arrays; val is the corpus tail when it is long enough."""
-    n_val = int(len(tokens) * VAL_FRACTION)
+    n_val = int(len(tokens) * val_fraction)
     if n_val < seq_len + 1:
         n_val = 0
     train = tokens[:len(tokens) - n_val]

@@ -34,9 +34,9 @@ APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
 SCHEMA_VERSION = 2
 WEIGHT_TABLES = ("embeddings", "layers", "head", "norms")
 REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
-                   "metrics") + WEIGHT_TABLES
+                   "metrics", "evaluations") + WEIGHT_TABLES
 # the schema version that added a table (the others are in every version)
-ADDED_IN = {"norms": 2, "tokenizer": 2}
+ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2}
 BUSY_TIMEOUT_MS = 10_000
 # 64 KB pages: a checkpoint is tens of MB of BLOB rows, and big pages mean far
 # fewer overflow pages and page writes per checkpoint
@@ -380,6 +380,15 @@ CREATE TABLE vocab (
     conn.execute("DROP TABLE vocab_v1")
     conn.execute("ALTER TABLE metrics ADD COLUMN grad_norm REAL")
     conn.execute("""
+CREATE TABLE evaluations (
+    step       INTEGER PRIMARY KEY,
+    loss       REAL NOT NULL,
+    perplexity REAL NOT NULL,
+    accuracy   REAL NOT NULL,
+    tokens     INTEGER NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+)""")
+    conn.execute("""
 CREATE TABLE tokenizer (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -526,6 +535,21 @@ def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
     except BaseException:
         _rollback(conn)
         raise
+
+
+def write_evaluation(conn, step, evaluation):
+    """One evaluation's row, in its own small transaction."""
+    with sqlite_errors("cannot write the evaluation"):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO evaluations (step, loss, perplexity, accuracy, "
+                         "tokens) VALUES (?, ?, ?, ?, ?)",
+                         (step, evaluation.loss, evaluation.perplexity, evaluation.accuracy,
+                          evaluation.tokens))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
 
 
 def write_metrics(conn, rows):

@@ -18,9 +18,9 @@ from . import store
 from .corpus import find_sources, fingerprint, remove_spools
 from .dataset import build_tokenizer, open_tokens, split_tokens, tokens_path, write_tokens
 from .errors import SqlgptError
+from .evaluate import evaluate
 from .model import GPT
 
-VAL_BATCHES = 4         # batches of the held-out tail scored at each checkpoint
 METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
 MICRO_SEED_STRIDE = 0xD1B54A32D192ED03  # an odd constant: micro-batch seeds far apart
 
@@ -121,6 +121,7 @@ class Trainer:
             raise SqlgptError("the train_state table is damaged; cannot resume")
         self.saved_step = state["step"]
         self._stop = ""
+        self._last_val = None  # the latest evaluation's loss, with --eval-every
 
     # ---- construction ----
     @classmethod
@@ -158,7 +159,7 @@ class Trainer:
                                 _progress(on_progress, "tokenizing", sources))
             info["file"] = tokens_path(db_path).name
             tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
-            train, val = split_tokens(tokens, arch.seq_len)
+            train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
             model = GPT(arch)
             rng = np.random.default_rng(cfg.seed)
             model.init_weights(rng)
@@ -210,7 +211,7 @@ class Trainer:
                                         on_progress)
                 model = GPT(arch)
                 store.read_weights(conn, model)
-                train, val = split_tokens(tokens, arch.seq_len)
+                train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
                 return cls(conn, lock, model, cfg, tokenizer, train, val, state)
             except BaseException:
                 if conn:
@@ -248,6 +249,9 @@ class Trainer:
                     pending_metrics.append((step, loss, lr, report.tokens_per_sec, grad_norm))
                 if on_step:
                     on_step(report)
+                if cfg.eval_every and step % cfg.eval_every == 0 and not skipped:
+                    evaluation = self.record_evaluation(step)
+                    self._last_val = evaluation.loss if evaluation else None
                 if time.perf_counter() - last_flush > METRICS_FLUSH_S:
                     store.write_metrics(self.conn, pending_metrics)
                     pending_metrics, last_flush = [], time.perf_counter()
@@ -311,27 +315,35 @@ class Trainer:
                               f"(learning rate too high?); the last good checkpoint is kept")
         train_loss = float(np.mean(window_losses)) if window_losses else None
         self.state["rng"] = self.rng.bit_generator.state
-        val_loss = self.val_loss()
+        evaluation = self.record_evaluation(self.state["step"]) if not self.cfg.eval_every \
+            else None
+        val_loss = evaluation.loss if evaluation else self._last_val
         store.save_checkpoint(self.conn, self.model, self.cfg, self.state, train_loss, val_loss)
         self.saved_step = self.state["step"]
         return train_loss, val_loss
 
-    def val_loss(self):
-        """Mean eval-mode loss over fixed windows of the held-out tail (no RNG used)."""
-        cfg = self.cfg
-        T = self.model.arch.seq_len
+    def evaluate(self):
+        """The held-out split scored in eval mode (no RNG used): eval_iters
+        batches of windows spread over it, or all of it; None without one."""
+        cfg, T = self.cfg, self.model.arch.seq_len
         if len(self.val_tokens) < T + 1:
             return None
-        # whole batches of the training batch size, so no new activations are allocated
+        # whole batches of the training batch size: no new activations are allocated
         windows = len(self.val_tokens) - T
         B = min(cfg.batch_size, windows)
-        n = min(VAL_BATCHES, windows // B) * B
-        starts = np.linspace(0, windows - 1, n).astype(np.int64)
-        losses = []
-        for chunk in starts.reshape(-1, B):
-            index = chunk[:, None] + np.arange(T)
-            losses.append(self.model.forward(self.val_tokens[index], self.val_tokens[index + 1]))
-        return float(np.mean(losses))
+        limit = min(cfg.eval_iters, windows // B) * B if cfg.eval_iters else None
+        return evaluate(self.model, self.val_tokens, stride=T, batch_size=B, limit=limit)
+
+    def record_evaluation(self, step):
+        """Evaluate, store the result and keep the best step in the state."""
+        result = self.evaluate()
+        if result is None or not math.isfinite(result.loss):  # nothing held out, or diverged
+            return None
+        best = self.state.get("best_val")
+        if best is None or result.loss < best["loss"]:
+            self.state["best_val"] = {"step": step, "loss": result.loss}
+        store.write_evaluation(self.conn, step, result)
+        return result
 
     def summary(self):
         """The stored state: step and the last checkpoint's training loss."""

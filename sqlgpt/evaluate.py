@@ -1,0 +1,75 @@
+"""Scoring a model on text it is not trained on: mean cross-entropy per
+token, perplexity and next-token accuracy, in evaluation mode.
+
+Windows of seq_len tokens slide over the ids `stride` apart; each window
+scores only the targets no earlier window scored, so every token counts
+once and, after the first window, has at least seq_len - stride tokens of
+context (stride 1: every token its full context, one window per token).
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import SqlgptError
+from .model import PAD_ID
+
+
+@dataclass
+class Evaluation:
+    loss: float        # mean cross-entropy per scored token (nats)
+    perplexity: float
+    accuracy: float    # how often the most likely next token is the right one
+    tokens: int        # tokens scored
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def windows(n_targets, T, stride):
+    """(start, first) per window: tokens[start:start + T] predict
+    tokens[start + 1:start + T + 1], of which the ones from index first on
+    (relative to start) are scored. Together they score every target once."""
+    if n_targets < 1:
+        return []
+    starts = list(range(0, max(1, n_targets - T + 1), stride))
+    if starts[-1] + T < n_targets:  # the tail: one last window ending at the end
+        starts.append(n_targets - T)
+    spans, scored = [], 0
+    for start in starts:
+        spans.append((start, scored - start))
+        scored = start + min(T, n_targets - start)
+    return spans
+
+
+def evaluate(model, tokens, stride=None, batch_size=8, limit=None):
+    """Evaluation of model (a GPT) on a 1-D array of token ids; limit, if
+    given, keeps that many windows spread evenly over the ids."""
+    T = model.arch.seq_len
+    tokens = np.asarray(tokens)
+    n_targets = len(tokens) - 1
+    if n_targets < 1:
+        raise SqlgptError("the text has fewer than 2 tokens: nothing to score")
+    T = min(T, n_targets)
+    stride = stride or T
+    if not 1 <= stride <= T:
+        raise SqlgptError(f"stride must be from 1 to the context length {T}, got {stride}")
+    spans = windows(n_targets, T, stride)
+    if limit and limit < len(spans):  # spread out, each scoring its whole window
+        spans = [(start, 0) for start in np.linspace(0, n_targets - T, limit).astype(int)]
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, len(spans), batch_size):
+        batch = spans[i:i + batch_size]
+        index = np.array([start for start, _ in batch])[:, None] + np.arange(T)
+        x, y = tokens[index].astype(np.int32), tokens[index + 1].astype(np.int32)
+        for row, (_, first) in enumerate(batch):
+            y[row, :max(0, first)] = PAD_ID  # scored by an earlier window
+        scored = y != PAD_ID
+        mean = model.forward(x, y)
+        n = int(scored.sum())
+        total += mean * n
+        count += n
+        guesses = model.acts.logits.reshape(len(batch), T, -1).argmax(axis=-1)
+        correct += int((guesses == y)[scored].sum())
+    loss = total / count
+    return Evaluation(loss, math.exp(min(loss, 700.0)), correct / count, count)
