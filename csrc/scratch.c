@@ -4,6 +4,7 @@
  * inside other people's processes, so it never aborts). Thread-local
  * because CFFI releases the GIL: two Python threads may run kernels at once. A thread's buffers are freed when it exits (a Python
  * thread that generated once, an OpenMP pool thread that was retired). */
+#include <omp.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -60,4 +61,12 @@ float *scratch(int slot, size_t nfloats) {
         sizes[slot] = nfloats;
     }
     return buffers[slot];
+}
+
+void set_threads(int n) {
+    omp_set_num_threads(n);
+}
+
+int max_threads(void) {
+    return omp_get_max_threads();
 }

@@ -27,6 +27,11 @@
 
 enum { SQLGPT_OK = 0, SQLGPT_NOMEM = 1 };
 
+/* scratch.c: the threads every parallel region uses (OpenMP's team size;
+ * set it before the first kernel call: a new size restarts the pool). */
+void set_threads(int n);
+int max_threads(void);
+
 /* ---- the model, described once ---- */
 enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 };
 enum { POS_LEARNED = 0, POS_SINUSOIDAL = 1, POS_ROPE = 2, POS_NONE = 3 };

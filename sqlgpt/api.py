@@ -42,6 +42,10 @@ class Model:
         table's names (copies; a tied head is wte)."""
         return {t.name: t.data.copy() for t in self._gpt.params}
 
+    def state_dict_view(self):
+        """{name: the model's own float32 array} (no copies: do not modify)."""
+        return {t.name: t.data for t in self._gpt.params}
+
     def num_parameters(self):
         return self._gpt.params.size
 

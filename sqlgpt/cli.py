@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from . import store
+from . import set_threads, store
 from .api import load
 from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
-from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig
+from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
 from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
 from .generate import PRECISIONS
@@ -88,14 +88,48 @@ class OneLineErrors(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def apply_threads(ctx, param, value):
+    if value is not None:
+        set_threads(value)
+    return value
+
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(1, 4096), default=None, expose_value=False,
+    callback=apply_threads, help="Threads for the kernel. [default: every core]")
+
+
 @click.group(cls=OneLineErrors)
 @click.version_option(package_name="sqlgpt")
 def main():
     """Train and run small GPT language models on a CPU, stored in one SQLite file."""
 
 
+def load_run_file(ctx, param, path):
+    """--config: the file's settings become the defaults of train's options
+    (options given on the command line override them)."""
+    if path is None:
+        return None
+    try:
+        values = read_run_file(path)
+    except SqlgptError as e:
+        raise click.BadParameter(str(e)) from None
+    names = {p.name: p for p in ctx.command.params}
+    names["db"] = names.pop("db_path")
+    unknown = sorted(set(values) - set(names) - {"config"})
+    if unknown:
+        raise click.BadParameter(f"{path} sets unknown option(s): {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}),
+                       **{("db_path" if k == "db" else k): v for k, v in values.items()}}
+    return path
+
+
 @main.command()
 @click.argument("corpus", nargs=-1, type=click.Path())
+@click.option("--config", "config_file", type=click.Path(), is_eager=True, expose_value=False,
+              callback=load_run_file,
+              help="A .yaml or .toml file of option values (names as the options, e.g. "
+                   "embed-dim: 128); options given here override it.")
 @click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=ARCH_DEFAULTS.preset,
@@ -199,13 +233,17 @@ def main():
 @click.option("--max-bad-steps", type=int, default=10, show_default=True,
               help="Stop when more than this many steps had a NaN/Inf loss or gradient.")
 @click.option("--resume", is_flag=True, help="Continue training the model in --db.")
+@click.option("--init-from", type=click.Path(), default=None,
+              help="Start a new model in --db from a trained database's architecture, "
+                   "tokenizer and weights (fresh optimizer state; the base is only read).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --db with a new model.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary as the last line of stdout.")
 @click.pass_context
+@threads_option
 @fail_cleanly
 def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwrite, as_json,
-          extensions, encoding_errors, **options):
+          extensions, encoding_errors, init_from, **options):
     """Train a model on CORPUS (UTF-8 text files, directories, or - for
     standard input) into the database --db.
 
@@ -213,11 +251,14 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
     """
     if resume and overwrite:
         raise SqlgptError("--resume and --overwrite exclude each other")
+    given_sources = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.DEFAULT_MAP)
     explicit = [name for name in SETTING_FIELDS
-                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+                if ctx.get_parameter_source(name) in given_sources]
+    given = {SETTING_FIELDS[name]: (f"--{name.replace('_', '-')}", options[name])
+             for name in explicit}
+    if resume and init_from:
+        raise SqlgptError("--resume and --init-from exclude each other")
     if resume:
-        given = {SETTING_FIELDS[name]: (f"--{name.replace('_', '-')}", options[name])
-                 for name in explicit}
         trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
                                  corpus_progress(), given)
     else:
@@ -236,7 +277,7 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
                           else vocab_size)
         trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
-                                 encoding_errors, corpus_progress())
+                                 encoding_errors, corpus_progress(), init_from, given)
     if trainer.state["step"] >= iters:
         done = trainer.summary()
         trainer.close()
@@ -331,6 +372,7 @@ def fmt_loss(value):
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Weights while generating: bf16 streams half the bytes per token "
                    "(faster; logits within about 1e-2 of fp32).")
+@threads_option
 @fail_cleanly
 def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk,
              precision):
@@ -359,6 +401,7 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
               show_default=True, help="Bytes that are not UTF-8: an error, or U+FFFD.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@threads_option
 @fail_cleanly
 def eval_(corpus, db_path, stride, batch_size, extensions, encoding_errors, as_json):
     """Score the model in --db on CORPUS (files, directories or -): mean

@@ -125,3 +125,39 @@ def from_rows(values):
         return ArchConfig.from_dict(values).validate(), TrainConfig.from_dict(values).validate()
     except SqlgptError as e:
         raise SqlgptError(f"the stored config is invalid: {e}") from None
+
+
+def read_run_file(path):
+    """The settings of a run file (.yaml, .yml or .toml): a mapping of option
+    names (dashes or underscores) to values, as one flat dict with
+    underscores. A one-line error for a missing, unreadable or malformed file."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise SqlgptError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SqlgptError(f"cannot read config file {path}: {e}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            values = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python before 3.11
+                raise SqlgptError(f"reading {path} needs Python 3.11 or later (tomllib); "
+                                  f"use a .yaml file") from None
+            values = tomllib.loads(text)
+        else:
+            raise SqlgptError(f"config file {path} must end in .yaml, .yml or .toml")
+    except SqlgptError:
+        raise
+    except Exception as e:  # each parser has its own error types
+        raise SqlgptError(f"config file {path} is malformed: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SqlgptError(f"config file {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}

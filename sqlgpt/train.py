@@ -9,12 +9,13 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import store
+from .api import load
 from .corpus import find_sources, fingerprint, remove_spools
 from .dataset import build_tokenizer, open_tokens, split_tokens, tokens_path, write_tokens
 from .errors import SqlgptError
@@ -64,13 +65,12 @@ def _progress(on_progress, stage, sources):
     return on_bytes
 
 
-def _check_unchanged(settings, stored):
-    """Refuse, naming them, the settings a resumed run asks to change."""
+def _check_unchanged(settings, stored, keeper="--resume keeps the stored config"):
+    """Refuse, naming them, the settings a run asks to change from stored ones."""
     changed = [f"{option} {value} (stored: {stored[field]})"
                for field, (option, value) in settings.items() if stored[field] != value]
     if changed:
-        raise SqlgptError("--resume keeps the stored config; these differ from it: "
-                          + ", ".join(changed))
+        raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
 
 
 def _resume_tokens(db_path, state, tokenizer, sources, errors, on_progress):
@@ -126,13 +126,16 @@ class Trainer:
     # ---- construction ----
     @classmethod
     def create(cls, db_path, corpus, arch, cfg, overwrite=False, extensions=(),
-               encoding_errors="strict", on_progress=None):
+               encoding_errors="strict", on_progress=None, init_from=None, settings=None):
         """Build the tokenizer from the corpus (files, directories or "-"),
         tokenize the corpus once into the token file beside the database,
         and write a freshly initialized model of architecture arch (its
         n_vocab set from the tokenizer) as the step-0 checkpoint of a new
         database. on_progress(stage, bytes_done, bytes_total) reports the
-        two passes over the corpus."""
+        two passes over the corpus. init_from: a trained database whose
+        architecture, tokenizer and weights the new model starts from (with a
+        fresh optimizer state; the base file is only read); settings (as for
+        resume) must then not change its architecture."""
         db_path = Path(db_path)
         if db_path.is_dir():
             raise SqlgptError(f"{db_path} is a directory; --db names the database file")
@@ -149,11 +152,21 @@ class Trainer:
         sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
         tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.tokens.tmp")
         try:
-            tokenizer = build_tokenizer(cfg.tokenizer, sources, cfg.vocab_size, encoding_errors,
-                                        _progress(on_progress, "reading", sources))
-            if cfg.tokenizer == "word":  # a small corpus may have fewer words
-                cfg.vocab_size = tokenizer.vocab_size
-            arch.n_vocab = tokenizer.n_ids
+            if init_from:
+                base = load(init_from)
+                _check_unchanged({f: v for f, v in (settings or {}).items()
+                                  if f in base.arch.to_dict()}, base.arch.to_dict(),
+                                 "--init-from keeps the base model's architecture")
+                arch, tokenizer = replace(base.arch), base.tokenizer
+                cfg.tokenizer = base.train_config.tokenizer
+                cfg.vocab_size = base.train_config.vocab_size
+            else:
+                tokenizer = build_tokenizer(cfg.tokenizer, sources, cfg.vocab_size,
+                                            encoding_errors,
+                                            _progress(on_progress, "reading", sources))
+                if cfg.tokenizer == "word":  # a small corpus may have fewer words
+                    cfg.vocab_size = tokenizer.vocab_size
+                arch.n_vocab = tokenizer.n_ids
             arch.validate()
             info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
                                 _progress(on_progress, "tokenizing", sources))
@@ -163,6 +176,9 @@ class Trainer:
             model = GPT(arch)
             rng = np.random.default_rng(cfg.seed)
             model.init_weights(rng)
+            if init_from:  # the base's weights; Adam's moments start at zero
+                for t in model.params:
+                    t.data[...] = base.state_dict_view()[t.name]
             state = {"step": 0, "rng": rng.bit_generator.state,
                      "corpus_sha256": fingerprint(sources), "tokens": info,
                      "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}

@@ -191,3 +191,69 @@ def test_bad_run_lengths_are_usage_errors_and_a_directory_is_not_a_database(tmp_
     assert result.exit_code == 2 and "--iters" in result.output
     result = run("train", small_corpus, "--db", tmp_path, "--iters", 1, *TINY)
     assert result.exit_code == 1 and "is a directory" in result.output
+
+
+def test_a_run_file_holds_options_and_flags_override_it(tmp_path, small_corpus):
+    db = tmp_path / "m.db"
+    settings = dict(zip([o.lstrip("-") for o in TINY[::2]], TINY[1::2]))
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("\n".join([f"corpus: [{small_corpus}]", f"db: {db}", "preset: llama",
+                                    "tokenizer: char", "kv_heads: 2", "iters: 3",
+                                    "lr-schedule: cosine", "lr: 0.002"]
+                                   + [f"{k}: {v}" for k, v in settings.items()]))
+    result = run("train", "--config", yaml_file, "--lr", "0.001")
+    assert result.exit_code == 0, result.output
+    stored = sqlgpt.load(db).config
+    assert stored["kv_heads"] == 2 and stored["lr_schedule"] == "cosine"
+    assert stored["lr"] == 0.001 and stored["tokenizer"] == "char"  # the flag won
+    result = run("train", "--config", yaml_file, "--lr", "0.001", "--iters", 5, "--resume")
+    assert result.exit_code == 0, result.output  # the file's settings equal the stored ones
+    toml_file = tmp_path / "run.toml"
+    toml_file.write_text(f'db = "{tmp_path / "t.db"}"\ncorpus = ["{small_corpus}"]\n'
+                         + "".join(f'{k} = {v}\n' for k, v in settings.items()) + "iters = 2\n")
+    assert run("train", "--config", toml_file).exit_code == 0
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    ("bogus: 1", ".yaml", "unknown option(s): bogus"), ("[oops", ".toml", "malformed"),
+    ("- a list", ".yaml", "mapping"), ("x", ".ini", "must end in")])
+def test_bad_run_files_are_usage_errors(tmp_path, small_corpus, content, suffix, message):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(content)
+    result = run("train", small_corpus, "--db", tmp_path / "m.db", "--config", path)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_init_from_a_trained_model(tmp_path, small_corpus):
+    base = tmp_path / "base.db"
+    assert run("train", small_corpus, "--db", base, "--iters", 4, *TINY, "--tokenizer",
+               "char").exit_code == 0
+    before = base.read_bytes()
+    other = tmp_path / "new.txt"
+    other.write_text(small_corpus.read_text()[::-1])
+    tuned = tmp_path / "tuned.db"
+    result = run("train", other, "--db", tuned, "--init-from", base, "--iters", 2,
+                 "--batch-size", 4, "--lr", "1e-5")
+    assert result.exit_code == 0, result.output
+    assert base.read_bytes() == before
+    a, b = sqlgpt.load(base), sqlgpt.load(tuned)
+    assert a.arch == b.arch and b.config["tokenizer"] == "char" and b.step == 2
+    for name, array in a.state_dict().items():
+        assert rel_err(b.state_dict()[name], array) < 1e-2
+    result = run("train", other, "--db", tmp_path / "x.db", "--init-from", base,
+                 "--embed-dim", 64)
+    assert result.exit_code != 0 and "--embed-dim 64 (stored: 32)" in result.output
+
+
+def test_threads_option(tmp_path, small_corpus):
+    from sqlgpt._kernel import lib
+    before = lib.max_threads()
+    try:
+        result = run("train", small_corpus, "--db", tmp_path / "m.db", "--iters", 1, *TINY,
+                     "--threads", 1)
+        assert result.exit_code == 0, result.output
+        assert lib.max_threads() == 1
+    finally:
+        sqlgpt.set_threads(before)  # CliRunner runs in this process: the other tests keep theirs
+    assert run("train", small_corpus, "--db", tmp_path / "n.db", "--threads", 0).exit_code == 2
