@@ -1,4 +1,13 @@
 """sqlgpt: train and run small GPT-style language models on a CPU, stored in SQLite."""
+import importlib as _importlib
+
+try:
+    _importlib.import_module(f"{__name__}._kernel")  # built by pip install
+except ImportError:
+    import os as _os
+    raise ImportError(f"sqlgpt's C kernel is not built in {_os.path.dirname(__file__)}: this is "
+                      f"the source folder, not the installed package; run Python from another "
+                      f"folder, or build the kernel in place with pip install -e .") from None
 from .api import Model, load
 from .errors import SqlgptError
 

@@ -13,6 +13,7 @@ from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_ru
 from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
 from .generate import PRECISIONS
+from .profile import model_profile
 from .train import Trainer
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -334,11 +335,13 @@ def run_with_progress(trainer, iters, save_every, max_bad_steps):
             click.echo(f"step {step}: train loss {fmt_loss(train_loss)}, "
                        f"val loss {fmt_loss(val_loss)}", err=True)
         return trainer.run(iters, save_every, max_bad_steps, on_checkpoint=on_checkpoint)
-    shown = {"text": ""}
+    shown = {"text": "", "val": None}
     with click.progressbar(length=max(0, iters - start), label="training", file=sys.stderr,
                            item_show_func=lambda _: shown["text"], show_eta=True) as bar:
         def on_step(report):
-            shown["text"] = (f"step {report.step} loss {report.loss:.4f} "
+            latest = trainer.latest_val()
+            val = f" val {latest:.4f}" if latest is not None else ""
+            shown["text"] = (f"step {report.step} loss {report.loss:.4f}{val} "
                              f"{report.tokens_per_sec:,.0f} tok/s")
             bar.update(1)
         return trainer.run(iters, save_every, max_bad_steps, on_step=on_step)
@@ -458,8 +461,9 @@ def info(db_path, as_json):
             history = store.checkpoints(conn)
     finally:
         conn.close()
+    profile = model_profile(model.arch, model.train_config.batch_size)
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
-              "step": model.step, "checkpoints": history}
+              "step": model.step, "profile": profile, "checkpoints": history}
     if as_json:
         emit_json(report)
         return
@@ -468,6 +472,14 @@ def info(db_path, as_json):
         click.echo(f"{title}:")
         for name, value in settings.to_dict().items():
             click.echo(f"  {name:<14} {value}")
+    click.echo("parameters: " + ", ".join(f"{group} {count:,}" for group, count
+                                          in profile["parameters"].items()))
+    flops = profile["flops_per_token"]
+    click.echo(f"FLOPs per token: forward {flops['forward'] / 1e6:.2f} M, training "
+               f"{flops['training'] / 1e6:.2f} M")
+    click.echo(f"memory to train at batch {model.train_config.batch_size} x seq "
+               f"{model.arch.seq_len} (MB): " + ", ".join(
+                   f"{part} {size:,.1f}" for part, size in profile["memory_mb"].items()))
     click.echo(f"checkpoints ({len(history)}):")
     for c in history[-10:]:
         click.echo(f"  step {c['step']:>6}  train loss {fmt_loss(c['train_loss']):>7}  "

@@ -82,28 +82,35 @@ def tensor_fields(arch, arrays, fixed=None):
     return globals_, layers
 
 
+def activation_shapes(arch, B, T):
+    """(per-layer {name: shape}, model-wide {name: shape}) of the buffers of
+    a (B, T) forward and backward (the fields of LayerActs and ModelActs)."""
+    N, C, F, KV = B * T, arch.embed_dim, arch.hidden_dim, arch.kv_dim
+    layer_shapes = dict(x=(N, C), ln1=(N, C), mean1=(N,), rstd1=(N,), q=(N, C), k=(N, KV),
+                        v=(N, KV), att=(N, C), lse=(B, arch.num_heads, T), xmid=(N, C),
+                        ln2=(N, C), mean2=(N,), rstd2=(N,), h=(N, F))
+    shapes = dict(x_final=(N, C), logits=(N, arch.n_vocab), losses=(N,), branch=(N, C),
+                  dx=(N, C), dbranch=(N, C), datt=(N, C), dq=(N, C), dk=(N, KV), dv=(N, KV),
+                  dln=(N, C), dh=(N, F))  # dh: also the gradient of fc1's output
+    if arch.mlp != "relu":  # relu keeps only its output: h > 0 is its mask
+        layer_shapes["pre"] = (N, F)
+    if arch.mlp == "swiglu":
+        layer_shapes["gate"] = shapes["dgate"] = (N, F)
+    if arch.final_norm:
+        shapes.update(lnf=(N, C), meanf=(N,), rstdf=(N,))
+    if arch.pos == "rope":
+        shapes["rope_cos"] = shapes["rope_sin"] = (T, arch.head_dim // 2)
+    return layer_shapes, shapes
+
+
 class Activations:
     """Every buffer one forward/backward pass needs for a (B, T) batch, and
     the ModelActs struct over them; allocated once and reused while the
     batch shape stays the same."""
 
     def __init__(self, arch, B, T):
-        N, C, F, KV = B * T, arch.embed_dim, arch.hidden_dim, arch.kv_dim
         self.B, self.T = B, T
-        layer_shapes = dict(x=(N, C), ln1=(N, C), mean1=(N,), rstd1=(N,), q=(N, C), k=(N, KV),
-                            v=(N, KV), att=(N, C), lse=(B, arch.num_heads, T), xmid=(N, C),
-                            ln2=(N, C), mean2=(N,), rstd2=(N,), h=(N, F))
-        shapes = dict(x_final=(N, C), logits=(N, arch.n_vocab), losses=(N,), branch=(N, C),
-                      dx=(N, C), dbranch=(N, C), datt=(N, C), dq=(N, C), dk=(N, KV), dv=(N, KV),
-                      dln=(N, C), dh=(N, F))  # dh: also the gradient of fc1's output
-        if arch.mlp != "relu":  # relu keeps only its output: h > 0 is its mask
-            layer_shapes["pre"] = (N, F)
-        if arch.mlp == "swiglu":
-            layer_shapes["gate"] = shapes["dgate"] = (N, F)
-        if arch.final_norm:
-            shapes.update(lnf=(N, C), meanf=(N,), rstdf=(N,))
-        if arch.pos == "rope":
-            shapes["rope_cos"] = shapes["rope_sin"] = (T, arch.head_dim // 2)
+        layer_shapes, shapes = activation_shapes(arch, B, T)
         self.layers = [{name: aligned_zeros(shape) for name, shape in layer_shapes.items()}
                        for _ in range(arch.num_layers)]
         self.buffers = {name: aligned_zeros(shape) for name, shape in shapes.items()}

@@ -331,9 +331,10 @@ class Trainer:
                               f"(learning rate too high?); the last good checkpoint is kept")
         train_loss = float(np.mean(window_losses)) if window_losses else None
         self.state["rng"] = self.rng.bit_generator.state
-        evaluation = self.record_evaluation(self.state["step"]) if not self.cfg.eval_every \
-            else None
-        val_loss = evaluation.loss if evaluation else self._last_val
+        if not self.cfg.eval_every:
+            evaluation = self.record_evaluation(self.state["step"])
+            self._last_val = evaluation.loss if evaluation else None
+        val_loss = self._last_val
         store.save_checkpoint(self.conn, self.model, self.cfg, self.state, train_loss, val_loss)
         self.saved_step = self.state["step"]
         return train_loss, val_loss
@@ -349,6 +350,10 @@ class Trainer:
         B = min(cfg.batch_size, windows)
         limit = min(cfg.eval_iters, windows // B) * B if cfg.eval_iters else None
         return evaluate(self.model, self.val_tokens, stride=T, batch_size=B, limit=limit)
+
+    def latest_val(self):
+        """The latest evaluation's loss in this run (None before the first)."""
+        return self._last_val
 
     def record_evaluation(self, step):
         """Evaluate, store the result and keep the best step in the state."""

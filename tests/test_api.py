@@ -96,3 +96,22 @@ def test_generation_with_a_one_token_context(tmp_path, small_corpus):
                                        "--layers", "1", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     assert len(sqlgpt.load(db).generate("the", max_tokens=5, seed=0).split()) == 6
+
+
+def test_importing_a_source_folder_without_the_kernel_says_what_to_do(tmp_path):
+    """A checkout's sqlgpt/ (no built kernel) shadows the installed package
+    when Python runs in the checkout: a one-line ImportError says so."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    source = Path(sqlgpt.__file__).parent
+    copy = tmp_path / "sqlgpt"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("_kernel*", "__pycache__"))
+    script = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+              "if 'editable' not in repr(f).lower()]; import sqlgpt")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "C kernel is not built" in last and "pip install -e ." in last
