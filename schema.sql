@@ -15,9 +15,10 @@
 --
 -- Older files are brought up to this version by the numbered migrations in
 -- sqlgpt/store.py (MIGRATIONS) when they are opened for writing; read-only
--- opens read them as they are. Version 1 had no `norms` and `tokenizer`
--- tables, its `vocab` was (word, id), and `config` had no architecture keys
--- (it is the lua preset with the word tokenizer).
+-- opens read them as they are. Version 1 had no `norms`, `tokenizer` and
+-- `evaluations` tables and no `metrics.grad_norm`, its `vocab` was (word,
+-- id), and `config` had no architecture keys (it is the lua preset with the
+-- word tokenizer).
 
 -- Settings, under the original script's key names (vocab_size, embed_dim,
 -- num_heads, num_layers, seq_len, lr, batch_size, max_iters, dropout, beta1,

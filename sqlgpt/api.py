@@ -130,8 +130,7 @@ class Model:
         """Loss per token, perplexity, accuracy and tokens scored on a text,
         or on files and directories (each a document, separated by <eos>),
         tokenized by a stream into a temporary file (flat memory). stride:
-        see sqlgpt.evaluate (default: seq_len // 2)."""
-        stride = stride or max(1, self._gpt.arch.seq_len // 2)
+        see sqlgpt.evaluate (default: half the context)."""
         if text is not None:
             return evaluate(self._gpt, self.encode(text), stride, batch_size)
         with tempfile.TemporaryDirectory() as tmp:

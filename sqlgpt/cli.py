@@ -218,7 +218,8 @@ def load_run_file(ctx, param, path):
 @click.option("--warmup", type=int, default=DEFAULTS.warmup_iters, show_default=True,
               help="Linear learning-rate warm-up steps.")
 @click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True,
-              help="AdamW decoupled weight decay (0 = plain Adam).")
+              help="Weight decay of matrices and embeddings only (never norm gains or "
+                   "biases): decoupled with adamw, L2 with adam and sgd.")
 @click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True,
               help="Dropout rate while training.")
 @click.option("--iters", type=click.IntRange(1, 2**31 - 1), default=DEFAULTS.max_iters,
@@ -360,7 +361,8 @@ def fmt_loss(value):
 @main.command()
 @click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
-@click.option("--prompt", default="", help="Text to continue (empty: start from the commonest word).")
+@click.option("--prompt", default="", help="Text to continue (empty: a new document, after <eos>; with the word "
+                   "tokenizer, from the commonest word).")
 @click.option("--max-tokens", type=click.IntRange(min=0), default=50, show_default=True,
               help="Tokens to generate.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,

@@ -75,11 +75,13 @@ def _spool_stdin(spool_dir):
 def read_chunks(source, errors="strict"):
     """Yield the text of one document in chunks at the boundaries above. A
     NUL byte (a binary file) and, with errors "strict", bytes that are not
-    UTF-8 are one-line errors naming the file and the byte offset."""
+    UTF-8 are one-line errors naming the file and the byte offset. Text
+    without a boundary (one long line, or only indented lines) is held until
+    one comes: memory follows the longest such stretch, not the file."""
     if errors not in ENCODING_ERRORS:
         raise SqlgptError(f"encoding errors must be strict or replace, not {errors!r}")
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    offset, pending = 0, ""
+    offset, held = 0, []  # text read since the last boundary, in pieces (no re-copying)
     try:
         with open(source.path, "rb") as f:
             while True:
@@ -92,20 +94,28 @@ def read_chunks(source, errors="strict"):
                 # the last block) and then this block
                 start = offset - len(decoder.getstate()[0])
                 try:
-                    text = pending + decoder.decode(block, final=not block)
+                    text = decoder.decode(block, final=not block)
                 except UnicodeDecodeError as e:
                     raise SqlgptError(f"corpus {source.name} is not UTF-8 text (bad byte at "
                                       f"offset {start + e.start}); use --encoding-errors "
                                       f"replace to read it anyway") from None
                 offset += len(block)
                 if not block:
-                    if text:
-                        yield text
+                    rest = "".join(held) + text
+                    if rest:
+                        yield rest
                     return
-                cut = last_boundary(text)
-                if cut:
-                    yield text[:cut]
-                pending = text[cut:]
+                # a boundary may straddle the pieces: look from the last held character
+                tail = held[-1][-1] if held and held[-1] else ""
+                cut = last_boundary(tail + text) - len(tail)
+                if cut > 0:
+                    yield "".join(held) + text[:cut]
+                    held = [text[cut:]]
+                elif cut == 0 and tail:  # the boundary is right between the pieces
+                    yield "".join(held)
+                    held = [text]
+                else:
+                    held.append(text)
     except OSError as e:
         raise SqlgptError(f"cannot read corpus {source.name}: {e.strerror}") from None
 

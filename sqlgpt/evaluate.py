@@ -43,15 +43,16 @@ def windows(n_targets, T, stride):
 
 
 def evaluate(model, tokens, stride=None, batch_size=8, limit=None):
-    """Evaluation of model (a GPT) on a 1-D array of token ids; limit, if
-    given, keeps that many windows spread evenly over the ids."""
+    """Evaluation of model (a GPT) on a 1-D array of token ids; stride
+    defaults to half the context (of the text, when it is shorter); limit,
+    if given, keeps that many windows spread evenly over the ids."""
     T = model.arch.seq_len
     tokens = np.asarray(tokens)
     n_targets = len(tokens) - 1
     if n_targets < 1:
         raise SqlgptError("the text has fewer than 2 tokens: nothing to score")
     T = min(T, n_targets)
-    stride = stride or T
+    stride = stride or max(1, T // 2)
     if not 1 <= stride <= T:
         raise SqlgptError(f"stride must be from 1 to the context length {T}, got {stride}")
     spans = windows(n_targets, T, stride)

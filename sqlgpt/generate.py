@@ -84,6 +84,8 @@ class Decoder:
 
     def prefill(self, ids):
         """Run a context through the cache from position 0; logits after its last token."""
+        if len(ids) == 0:
+            raise SqlgptError("the context is empty: generation needs at least one token")
         self.reset()
         for token in ids:
             logits = self.step(int(token))

@@ -582,8 +582,8 @@ def read_config(conn):
 
 
 def read_tokenizer(conn, arch, train_cfg):
-    """The tokenizer from the vocab and tokenizer tables (a version-1 file:
-    the word tokenizer's (word, id) rows), validated, with exactly as many
+    """The tokenizer from the vocab and tokenizer tables (a version-1 file,
+    read without migrating it: the word tokenizer's (word, id) rows), validated, with exactly as many
     ids as the model has embedding rows (each id indexes wte in C)."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     try:

@@ -65,10 +65,16 @@ def _progress(on_progress, stage, sources):
     return on_bytes
 
 
-def _check_unchanged(settings, stored, keeper="--resume keeps the stored config"):
-    """Refuse, naming them, the settings a run asks to change from stored ones."""
+def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored config"):
+    """Refuse, naming them, the settings a run asks to change from stored ones.
+    kv_heads and ffn_dim compare by what they mean (0: the default) in arch."""
+    def same(field, value):
+        if field in ("kv_heads", "ffn_dim"):
+            other = replace(arch, **{field: value})
+            return (other.n_kv_heads, other.hidden_dim) == (arch.n_kv_heads, arch.hidden_dim)
+        return stored[field] == value
     changed = [f"{option} {value} (stored: {stored[field]})"
-               for field, (option, value) in settings.items() if stored[field] != value]
+               for field, (option, value) in settings.items() if not same(field, value)]
     if changed:
         raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
 
@@ -153,10 +159,15 @@ class Trainer:
         tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.tokens.tmp")
         try:
             if init_from:
+                if Path(init_from).resolve() == db_path.resolve():
+                    raise SqlgptError("--init-from and --db name the same file; the base model "
+                                      "is only read: name a new --db")
                 base = load(init_from)
-                _check_unchanged({f: v for f, v in (settings or {}).items()
-                                  if f in base.arch.to_dict()}, base.arch.to_dict(),
-                                 "--init-from keeps the base model's architecture")
+                kept = {**base.arch.to_dict(), "tokenizer": base.train_config.tokenizer,
+                        "vocab_size": base.train_config.vocab_size}
+                _check_unchanged({f: v for f, v in (settings or {}).items() if f in kept}, kept,
+                                 base.arch, "--init-from keeps the base model's architecture and "
+                                 "tokenizer")
                 arch, tokenizer = replace(base.arch), base.tokenizer
                 cfg.tokenizer = base.train_config.tokenizer
                 cfg.vocab_size = base.train_config.vocab_size
@@ -217,7 +228,7 @@ class Trainer:
                 with store.sqlite_errors(f"cannot open {db_path} for training"):
                     conn = store.open_database(db_path, readonly=False)
                 arch, cfg = store.read_config(conn)
-                _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()})
+                _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()}, arch)
                 tokenizer = store.read_tokenizer(conn, arch, cfg)
                 state = store.read_train_state(conn)
                 if digest and state.get("corpus_sha256") != digest:
@@ -345,7 +356,8 @@ class Trainer:
         cfg, T = self.cfg, self.model.arch.seq_len
         if len(self.val_tokens) < T + 1:
             return None
-        # whole batches of the training batch size: no new activations are allocated
+        # whole batches of the training batch size, so no new activations are
+        # allocated (with eval_iters 0, the last batch of the split may be short)
         windows = len(self.val_tokens) - T
         B = min(cfg.batch_size, windows)
         limit = min(cfg.eval_iters, windows // B) * B if cfg.eval_iters else None

@@ -119,3 +119,8 @@ def test_no_held_out_split(tmp_path, small_corpus):
     con = sqlite3.connect(db)
     assert con.execute("SELECT count(*) FROM evaluations").fetchone()[0] == 0
     assert con.execute("SELECT val_loss FROM checkpoints WHERE step = 2").fetchone()[0] is None
+
+
+def test_a_text_shorter_than_the_context(char_db):
+    result = sqlgpt.load(char_db).evaluate("Speak!")  # 5 targets, a 16-token context
+    assert result.tokens == 5

@@ -131,3 +131,8 @@ def test_bf16_decoding_stays_close_to_float32(rng, name):
 def test_unknown_precision_is_refused(rng):
     with pytest.raises(SqlgptError, match="precision"):
         Decoder(GPT(arch_of("lua")), "fp16")
+
+
+def test_an_empty_context_is_a_clear_error(rng):
+    with pytest.raises(SqlgptError, match="empty"):
+        list(generate_ids(Decoder(initialized(arch_of("lua"), rng)), [], 3))

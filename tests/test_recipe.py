@@ -257,3 +257,26 @@ def test_threads_option(tmp_path, small_corpus):
     finally:
         sqlgpt.set_threads(before)  # CliRunner runs in this process: the other tests keep theirs
     assert run("train", small_corpus, "--db", tmp_path / "n.db", "--threads", 0).exit_code == 2
+
+
+def test_resume_compares_what_settings_mean(tmp_path, small_corpus):
+    db = tmp_path / "m.db"
+    assert run("train", small_corpus, "--db", db, "--iters", 1, *TINY).exit_code == 0
+    # kv heads and the MLP width default to the heads and 4 x width: saying so is no change
+    result = run("train", small_corpus, "--db", db, "--iters", 2, "--resume", "--kv-heads", 4,
+                 "--ffn-dim", 128)
+    assert result.exit_code == 0, result.output
+    result = run("train", small_corpus, "--db", db, "--iters", 3, "--resume", "--kv-heads", 2)
+    assert result.exit_code != 0 and "--kv-heads 2" in result.output
+
+
+def test_init_from_refuses_its_own_file_and_a_changed_tokenizer(tmp_path, small_corpus):
+    base = tmp_path / "base.db"
+    assert run("train", small_corpus, "--db", base, "--iters", 1, *TINY).exit_code == 0
+    before = base.read_bytes()
+    result = run("train", small_corpus, "--db", base, "--init-from", base, "--overwrite")
+    assert result.exit_code != 0 and "same file" in result.output
+    result = run("train", small_corpus, "--db", tmp_path / "t.db", "--init-from", base,
+                 "--tokenizer", "char")
+    assert result.exit_code != 0 and "--tokenizer char (stored: word)" in result.output
+    assert base.read_bytes() == before
