@@ -179,9 +179,16 @@ int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTen
     if (cfg->final_norm)
         norm_backward(cfg, a->dx, grads->lnf_w, grads->lnf_b, NULL, a->dln, a->x_final,
                       w->lnf_w, a->meanf, a->rstdf, N);
-    for (int l = cfg->num_layers - 1; l >= 0; l--)
+    for (int l = cfg->num_layers - 1; l >= 0; l--) {
+        const unsigned long long *block_seeds = seeds ? seeds + 2 * l : NULL;
+        /* the last block's activations are still in the shared buffers; the
+         * recomputed output equals what the next block's x already holds */
+        if (a->recompute && l + 1 < cfg->num_layers)
+            st |= block_forward(cfg, &w->layers[l], &a->layers[l], a, a->layers[l + 1].x, B, T,
+                                dropout, block_seeds);
         st |= block_backward(cfg, &w->layers[l], &grads->layers[l], &a->layers[l], a, B, T,
-                             dropout, seeds ? seeds + 2 * l : NULL);
+                             dropout, block_seeds);
+    }
     embedding_backward(grads->wte, grads->wpe, a->dx, ids, B, T, C);
     return st;
 }

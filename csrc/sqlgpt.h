@@ -80,9 +80,14 @@ typedef struct {
  * (N,C) the last block's output, lnf/meanf/rstdf its final norm; logits
  * (N,V), losses (N); rope_cos/rope_sin (T, hs/2); the rest is backward's
  * scratch: branch, dx, dbranch, datt, dq, dln (N,C), dk, dv (N,KVH*hs),
- * dh, dgate (N,F). */
+ * dh, dgate (N,F). recompute = 1 is activation checkpointing: every
+ * layer's LayerActs has its own x but shares all other buffers with the
+ * others, and backward runs each block's forward again from its x (with
+ * the same dropout seeds) just before that block's backward: the same
+ * gradients, bit for bit, in one block's memory instead of num_layers'. */
 typedef struct {
     LayerActs *layers;
+    int recompute;
     float *x_final, *lnf, *meanf, *rstdf, *logits, *losses, *rope_cos, *rope_sin;
     float *branch, *dx, *dbranch, *datt, *dq, *dk, *dv, *dln, *dh, *dgate;
 } ModelActs;

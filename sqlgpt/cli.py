@@ -40,7 +40,10 @@ TRAIN_OPTIONS = {
     "beta1": "beta1", "beta2": "beta2", "eps": "eps", "momentum": "momentum",
     "grad_accum": "grad_accum", "lr_decay_iters": "lr_decay_iters", "min_lr": "min_lr",
     "val_fraction": "val_fraction", "eval_every": "eval_every", "eval_iters": "eval_iters",
+    "dropout_final": "dropout_final", "val_file": "val_file",
 }
+# stored settings a resumed run may change: results do not depend on them
+RUN_OPTIONS = ("checkpoint_activations",)
 # every option that is a stored setting -> its field
 SETTING_FIELDS = {**ARCH_OPTIONS, **TRAIN_OPTIONS, "preset": "preset", "tokenizer": "tokenizer",
                   "vocab_size": "vocab_size"}
@@ -206,6 +209,9 @@ def load_run_file(ctx, param, path):
               help="SGD momentum.")
 @click.option("--val-fraction", type=float, default=DEFAULTS.val_fraction, show_default=True,
               help="The corpus tail held out for evaluation (0: none).")
+@click.option("--val-file", type=click.Path(), default=None,
+              help="A held-out text to evaluate on instead of the corpus tail (the whole "
+                   "corpus then trains).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=DEFAULTS.eval_every,
               show_default=True, help="Evaluate every N steps (0: at each checkpoint).")
 @click.option("--eval-iters", type=click.IntRange(min=0), default=DEFAULTS.eval_iters,
@@ -222,6 +228,17 @@ def load_run_file(ctx, param, path):
                    "biases): decoupled with adamw, L2 with adam and sgd.")
 @click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True,
               help="Dropout rate while training.")
+@click.option("--dropout-final", type=float, default=None,
+              help="Anneal dropout linearly from --dropout to this at --lr-decay-iters. "
+                   "[default: no annealing]")
+@click.option("--checkpoint-activations/--no-checkpoint-activations", default=False,
+              show_default=True,
+              help="Keep only each block's input and recompute the rest in backward: "
+                   "activation memory of one block instead of all, about a third more "
+                   "compute, the same gradients bit for bit.")
+@click.option("--stop-on-divergence", is_flag=True,
+              help="Stop (keeping the last checkpoint) when the loss climbs past 3x its "
+                   "start; without it, a warning.")
 @click.option("--iters", type=click.IntRange(1, 2**31 - 1), default=DEFAULTS.max_iters,
               show_default=True,
               help="Train up to this step in total.")
@@ -245,7 +262,7 @@ def load_run_file(ctx, param, path):
 @threads_option
 @fail_cleanly
 def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwrite, as_json,
-          extensions, encoding_errors, init_from, **options):
+          extensions, encoding_errors, init_from, stop_on_divergence, **options):
     """Train a model on CORPUS (UTF-8 text files, directories, or - for
     standard input) into the database --db.
 
@@ -260,9 +277,13 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
              for name in explicit}
     if resume and init_from:
         raise SqlgptError("--resume and --init-from exclude each other")
+    if options["val_file"] is not None and "val_fraction" in explicit:
+        raise click.UsageError("--val-file and --val-fraction exclude each other")
+    run_options = {name: options[name] for name in RUN_OPTIONS
+                   if ctx.get_parameter_source(name) in given_sources}
     if resume:
         trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
-                                 corpus_progress(), given)
+                                 corpus_progress(), given, run_options)
     else:
         if not corpus:
             raise SqlgptError("name the corpus: one or more files, a directory, or - for stdin")
@@ -274,6 +295,10 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
         settings["lr_decay_iters"] = settings["lr_decay_iters"] or iters
         if settings["min_lr"] is None:
             settings["min_lr"] = settings["lr"] / 10
+        settings["val_file"] = settings["val_file"] or ""
+        if settings["dropout_final"] is None:
+            settings["dropout_final"] = -1.0
+        settings["checkpoint_activations"] = options["checkpoint_activations"]
         vocab_size = options["vocab_size"]
         cfg = TrainConfig(**settings, tokenizer=tokenizer, max_iters=iters,
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
@@ -290,9 +315,14 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
                        "tokens_per_sec": 0.0, "steps_run": 0, "db": db_path})
         return
     try:
-        result = run_with_progress(trainer, iters, save_every, max_bad_steps)
+        result = run_with_progress(trainer, iters, save_every, max_bad_steps,
+                                   stop_on_divergence)
     finally:
         trainer.close()
+    if result.stopped_by == "divergence":
+        raise SqlgptError(f"stopped at step {result.diverged_at}: the loss diverged "
+                          f"(--stop-on-divergence); the last checkpoint, step "
+                          f"{trainer.saved_step}, is kept: try a lower --lr")
     summary = {"step": result.step, "final_loss": result.final_loss,
                "tokens_per_sec": round(result.tokens_per_sec, 1),
                "steps_run": len(result.losses),
@@ -328,14 +358,24 @@ def corpus_progress():
     return on_progress
 
 
-def run_with_progress(trainer, iters, save_every, max_bad_steps):
+def run_with_progress(trainer, iters, save_every, max_bad_steps, stop_on_divergence=False):
     """A progress bar on a terminal; elsewhere (logs) one line per checkpoint."""
     start = trainer.state["step"]
+
+    def on_diverge(step, recent, first):
+        if stop_on_divergence:
+            return  # the run stops with its own message
+        click.echo(f"{chr(10) if sys.stderr.isatty() else ''}warning: the loss is diverging: {recent:.4g} over the last steps at "
+                   f"step {step}, from {first:.4f} at the start (try a lower --lr; "
+                   f"--stop-on-divergence stops here)",
+                   err=True)
+    run = functools.partial(trainer.run, iters, save_every, max_bad_steps,
+                            on_diverge=on_diverge, stop_on_divergence=stop_on_divergence)
     if not sys.stderr.isatty():
         def on_checkpoint(step, train_loss, val_loss):
             click.echo(f"step {step}: train loss {fmt_loss(train_loss)}, "
                        f"val loss {fmt_loss(val_loss)}", err=True)
-        return trainer.run(iters, save_every, max_bad_steps, on_checkpoint=on_checkpoint)
+        return run(on_checkpoint=on_checkpoint)
     shown = {"text": "", "val": None}
     with click.progressbar(length=max(0, iters - start), label="training", file=sys.stderr,
                            item_show_func=lambda _: shown["text"], show_eta=True) as bar:
@@ -345,7 +385,7 @@ def run_with_progress(trainer, iters, save_every, max_bad_steps):
             shown["text"] = (f"step {report.step} loss {report.loss:.4f}{val} "
                              f"{report.tokens_per_sec:,.0f} tok/s")
             bar.update(1)
-        return trainer.run(iters, save_every, max_bad_steps, on_step=on_step)
+        return run(on_step=on_step)
 
 
 def shown_piece(piece):
@@ -463,7 +503,8 @@ def info(db_path, as_json):
             history = store.checkpoints(conn)
     finally:
         conn.close()
-    profile = model_profile(model.arch, model.train_config.batch_size)
+    profile = model_profile(model.arch, model.train_config.batch_size,
+                            model.train_config.checkpoint_activations)
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
               "step": model.step, "profile": profile, "checkpoints": history}
     if as_json:

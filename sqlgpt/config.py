@@ -23,6 +23,8 @@ class TrainConfig(StoredFields):
     lr: float = 3e-4
     max_iters: int = 1000     # the original shipped 1 ("increase for actual training")
     dropout: float = 0.2      # train mode only, on each sublayer's output
+    dropout_final: float = -1.0  # linear annealing from dropout to this over the decay
+                                 # length (lr_decay_iters); -1: no annealing
     optimizer: str = "adamw"  # adamw (decoupled decay), adam (decay as L2), or sgd
     beta1: float = 0.9        # with weight_decay 0, plain Adam, as the original
     beta2: float = 0.999
@@ -36,10 +38,12 @@ class TrainConfig(StoredFields):
     lr_decay_iters: int = 0   # the step where decay ends, fixed when a model is created
                               # (0, in databases from before: the current max_iters)
     min_lr: float = -1.0      # where decay ends (-1, in databases from before: lr / 10)
-    val_fraction: float = 0.1  # the corpus tail held out for evaluation
+    val_fraction: float = 0.1  # the corpus tail held out for evaluation (unless val_file)
+    val_file: str = ""        # a held-out text instead, tokenized beside the database
     eval_every: int = 0       # evaluate every N steps (0: at each checkpoint)
     eval_iters: int = 4       # batches per evaluation (0: the whole held-out split)
     seed: int = 1337
+    checkpoint_activations: bool = False  # recompute blocks in backward (memory, not results)
 
     def validate(self):
         """Raise SqlgptError for settings that cannot be trained with."""
@@ -55,6 +59,8 @@ class TrainConfig(StoredFields):
             raise SqlgptError(f"seed must be an integer from 0 to 2**63-1, got {self.seed!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise SqlgptError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (self.dropout_final == -1.0 or 0.0 <= self.dropout_final < 1.0):
+            raise SqlgptError(f"dropout_final must be in [0, 1), got {self.dropout_final}")
         if not (math.isfinite(self.lr) and 0 < self.lr <= 1e3):
             raise SqlgptError(f"lr must be a positive number up to 1000, got {self.lr}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
@@ -105,6 +111,15 @@ class TrainConfig(StoredFields):
         if self.lr_schedule == "linear":
             return self.lr + (min_lr - self.lr) * progress
         return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+    def dropout_at(self, step):
+        """Dropout rate for a 1-based step: dropout, or with dropout_final a
+        straight line from dropout at step 0 to dropout_final at the decay
+        length (fixed when the model was created), dropout_final after."""
+        if self.dropout_final < 0:
+            return self.dropout
+        progress = min(1.0, step / max(1, self.lr_decay_iters or self.max_iters))
+        return self.dropout + (self.dropout_final - self.dropout) * progress
 
 def to_rows(arch, train):
     """The config table's (key, value) pairs for a model."""

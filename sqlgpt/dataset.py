@@ -13,11 +13,12 @@ from .corpus import corpus_chunks, file_sha256, read_chunks
 from .errors import SqlgptError
 
 TOKENS_SUFFIX = ".tokens"
+VAL_TOKENS_SUFFIX = ".val.tokens"  # --val-file's held-out text
 VAL_FRACTION = 0.1      # the corpus tail held out for validation loss
 
 
-def tokens_path(db_path):
-    return Path(f"{db_path}{TOKENS_SUFFIX}")
+def tokens_path(db_path, suffix=TOKENS_SUFFIX):
+    return Path(f"{db_path}{suffix}")
 
 
 def token_dtype(n_ids):

@@ -106,16 +106,22 @@ def activation_shapes(arch, B, T):
 class Activations:
     """Every buffer one forward/backward pass needs for a (B, T) batch, and
     the ModelActs struct over them; allocated once and reused while the
-    batch shape stays the same."""
+    batch shape stays the same. recompute (activation checkpointing): the
+    layers keep only their inputs and share one block's other buffers,
+    which backward fills again block by block."""
 
-    def __init__(self, arch, B, T):
-        self.B, self.T = B, T
+    def __init__(self, arch, B, T, recompute=False):
+        self.B, self.T, self.recompute = B, T, recompute
         layer_shapes, shapes = activation_shapes(arch, B, T)
-        self.layers = [{name: aligned_zeros(shape) for name, shape in layer_shapes.items()}
+        shared = {name: aligned_zeros(shape) for name, shape in layer_shapes.items()
+                  if name != "x"} if recompute else None
+        self.layers = [{name: shared[name] if shared and name != "x" else aligned_zeros(shape)
+                        for name, shape in layer_shapes.items()}
                        for _ in range(arch.num_layers)]
         self.buffers = {name: aligned_zeros(shape) for name, shape in shapes.items()}
         self.logits = self.buffers["logits"]
         self.struct = ffi.new("ModelActs *")
+        self.struct.recompute = int(recompute)
         self._layer_structs = ffi.new("LayerActs[]", max(1, arch.num_layers))
         self.struct.layers = self._layer_structs
         self._keep = []
@@ -139,8 +145,10 @@ def dropout_seeds(base_seed, num_layers):
 class GPT:
     """Parameters plus one kernel call for the forward and one for the backward."""
 
-    def __init__(self, arch):
+    def __init__(self, arch, checkpoint_activations=False):
         self.arch = arch.validate()
+        # recompute each block's activations in backward instead of keeping them
+        self.checkpoint_activations = checkpoint_activations
         self.params = ParameterSet(stored_tensors(arch))
         self.kernel_config = model_config(arch)
         # fixed (not learned) tensors the kernel reads as parameters
@@ -165,9 +173,10 @@ class GPT:
                 t.data[...] = 1.0 if kind == "ones" else 0.0
 
     def _activations(self, B, T):
-        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
+        shape = (B, T, self.checkpoint_activations)
+        if self.acts is None or (self.acts.B, self.acts.T, self.acts.recompute) != shape:
             self.acts = None  # free the old set before allocating the new one
-            self.acts = Activations(self.arch, B, T)
+            self.acts = Activations(self.arch, *shape)
         return self.acts
 
     def check_ids(self, ids):

@@ -19,10 +19,12 @@ COMPONENTS = {  # component -> group it is reported under
 }
 
 
-def model_profile(arch, batch_size):
+def model_profile(arch, batch_size, checkpoint_activations=False):
     """{parameters: {group: count, total}, flops_per_token: {forward,
     training}, memory_mb: {weights, gradients, optimizer, activations,
-    scratch, database, runtime, total}} for training at batch_size x seq_len."""
+    scratch, database, runtime, total}} for training at batch_size x seq_len.
+    With checkpoint_activations the layers keep only their inputs (plus one
+    block's buffers) and training runs each block's forward twice."""
     table = tensor_table(arch)
     stored = [s for s in table if s.tied_to is None]
     groups = {}
@@ -35,8 +37,12 @@ def model_profile(arch, batch_size):
     attention = 2 * arch.num_layers * arch.seq_len * arch.embed_dim  # QK^T and AV, causal half
     forward = 2 * matmul + attention
     layer_shapes, shapes = activation_shapes(arch, batch_size, arch.seq_len)
-    acts = arch.num_layers * sum(prod(s) for s in layer_shapes.values()) + \
-        sum(prod(s) for s in shapes.values())
+    per_layer = sum(prod(s) for s in layer_shapes.values())
+    if checkpoint_activations:
+        kept = arch.num_layers * prod(layer_shapes["x"]) + per_layer - prod(layer_shapes["x"])
+    else:
+        kept = arch.num_layers * per_layer
+    acts = kept + sum(prod(s) for s in shapes.values())
     largest = max(prod(s.shape) for s in table if len(s.shape) == 2)
     mb = 1 / 2**20
     memory = {"weights": total * FLOAT * mb, "gradients": total * FLOAT * mb,
@@ -47,5 +53,6 @@ def model_profile(arch, batch_size):
               "database": 3 * total * FLOAT * mb, "runtime": RUNTIME_MB}
     memory["total"] = sum(memory.values())
     return {"parameters": {**groups, "total": total},
-            "flops_per_token": {"forward": forward, "training": 3 * forward},
+            "flops_per_token": {"forward": forward,
+                                "training": (4 if checkpoint_activations else 3) * forward},
             "memory_mb": {k: round(v, 1) for k, v in memory.items()}}

@@ -17,13 +17,19 @@ import numpy as np
 from . import store
 from .api import load
 from .corpus import find_sources, fingerprint, remove_spools
-from .dataset import build_tokenizer, open_tokens, split_tokens, tokens_path, write_tokens
+from .dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_tokens,
+                      split_tokens, tokens_path, write_tokens)
 from .errors import SqlgptError
 from .evaluate import evaluate
 from .model import GPT
 
 METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
 MICRO_SEED_STRIDE = 0xD1B54A32D192ED03  # an odd constant: micro-batch seeds far apart
+# a run diverges when its loss, averaged over this many steps, passes this
+# multiple of its first step's (a fresh model starts near ln(vocabulary))
+DIVERGE_WINDOW = 10
+DIVERGE_FACTOR = 3.0
+EXIT_SIGNALS = ("SIGINT", "SIGTERM")
 
 
 def random_batch(tokens, rng, B, T):
@@ -47,9 +53,10 @@ class RunResult:
     step: int
     final_loss: float
     tokens_per_sec: float
-    stopped_by: str = ""      # "", "SIGINT" or "SIGTERM"
+    stopped_by: str = ""      # "", "SIGINT", "SIGTERM" or "divergence"
     bad_steps: int = 0
     losses: list = field(default_factory=list)
+    diverged_at: int = 0      # the step where the loss was first found diverging (0: never)
 
 
 def _progress(on_progress, stage, sources):
@@ -69,6 +76,8 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
     """Refuse, naming them, the settings a run asks to change from stored ones.
     kv_heads and ffn_dim compare by what they mean (0: the default) in arch."""
     def same(field, value):
+        if field == "val_file":
+            return Path(value).resolve() == Path(stored[field]).resolve()
         if field in ("kv_heads", "ffn_dim"):
             other = replace(arch, **{field: value})
             return (other.n_kv_heads, other.hidden_dim) == (arch.n_kv_heads, arch.hidden_dim)
@@ -79,31 +88,70 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
         raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
 
 
-def _resume_tokens(db_path, state, tokenizer, sources, errors, on_progress):
-    """The recorded token file; or, when it is gone or the database predates
-    token files, the given corpus tokenized again into it (to the recorded
-    ids). Without a corpus a missing file is a one-line error."""
-    info = state.get("tokens")
-    path = tokens_path(db_path)
-    if info and (path.is_file() or not sources):
-        return open_tokens(db_path, info)
-    if not sources:
-        raise SqlgptError(f"{db_path} was trained before token files existed: name its corpus "
-                          f"to resume")
+# train_state key and file suffix of each token file: the corpus, --val-file's text
+TOKEN_FILES = {"corpus": ("tokens", TOKENS_SUFFIX), "val": ("val_tokens", VAL_TOKENS_SUFFIX)}
+
+
+def _write_token_file(db_path, which, sources, tokenizer, errors, on_progress, recorded=None):
+    """Tokenize sources into the token file `which` beside the database
+    (through a temporary file, so a failure leaves none); its description.
+    recorded: the description the database holds, which the ids must match."""
+    key, suffix = TOKEN_FILES[which]
+    path = tokens_path(db_path, suffix)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         written = write_tokens(sources, tokenizer, tmp, errors,
                                _progress(on_progress, "tokenizing", sources))
         written["file"] = path.name
-        if info and written["sha256"] != info["sha256"]:
-            raise SqlgptError(f"the corpus tokenizes to other ids than {db_path} recorded; "
-                              f"refusing to resume on other data")
+        if recorded and written["sha256"] != recorded["sha256"]:
+            raise SqlgptError(f"the {'corpus' if which == 'corpus' else 'validation text'} "
+                              f"tokenizes to other ids than {db_path} recorded; refusing to "
+                              f"resume on other data")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    state["tokens"] = written  # recorded with the next checkpoint
-    return open_tokens(db_path, written, verify=False)
+    return written
+
+
+def _resume_tokens(db_path, state, which, tokenizer, sources, errors, on_progress):
+    """The recorded token file; or, when it is gone or the database predates
+    token files, the given text tokenized again into it (to the recorded
+    ids). Without the text a missing file is a one-line error."""
+    key, suffix = TOKEN_FILES[which]
+    info = state.get(key)
+    if info and (tokens_path(db_path, suffix).is_file() or not sources):
+        return open_tokens(db_path, info)
+    if not sources:
+        raise SqlgptError(f"{db_path} was trained before token files existed: name its corpus "
+                          f"to resume")
+    state[key] = _write_token_file(db_path, which, sources, tokenizer, errors, on_progress,
+                                   info)  # recorded with the next checkpoint
+    return open_tokens(db_path, state[key], verify=False)
+
+
+def _val_sources(val_file, spool_dir):
+    """--val-file's one text (a file, not a directory or stdin)."""
+    path = Path(val_file)
+    if str(val_file) == "-" or path.is_dir():
+        raise SqlgptError("--val-file names one text file")
+    return find_sources([path], spool_dir=spool_dir)
+
+
+def _val_split(val_tokens, seq_len, val_file):
+    if len(val_tokens) < seq_len + 1:
+        raise SqlgptError(f"--val-file {val_file} has {len(val_tokens)} tokens, too few for "
+                          f"seq_len {seq_len} (need at least {seq_len + 1})")
+    return val_tokens
+
+
+def divergence(losses, start):
+    """True when the mean of the last DIVERGE_WINDOW losses is more than
+    DIVERGE_FACTOR times the run's first loss (or not finite)."""
+    if len(losses) < DIVERGE_WINDOW:
+        return False
+    recent = float(np.mean(losses[-DIVERGE_WINDOW:]))
+    return not math.isfinite(recent) or recent > DIVERGE_FACTOR * start
 
 
 class Trainer:
@@ -158,6 +206,9 @@ class Trainer:
         sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
         tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.tokens.tmp")
         try:
+            if cfg.val_file:  # held out whole: the corpus is all training text
+                val_sources = _val_sources(cfg.val_file, db_path.parent)
+                cfg.val_file, cfg.val_fraction = str(val_sources[0].path.resolve()), 0.0
             if init_from:
                 if Path(init_from).resolve() == db_path.resolve():
                     raise SqlgptError("--init-from and --db name the same file; the base model "
@@ -184,7 +235,13 @@ class Trainer:
             info["file"] = tokens_path(db_path).name
             tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
             train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
-            model = GPT(arch)
+            val_info = None
+            if cfg.val_file:
+                val_info = _write_token_file(db_path, "val", val_sources, tokenizer,
+                                             encoding_errors, on_progress)
+                val = _val_split(open_tokens(db_path, val_info, verify=False), arch.seq_len,
+                                 cfg.val_file)
+            model = GPT(arch, cfg.checkpoint_activations)
             rng = np.random.default_rng(cfg.seed)
             model.init_weights(rng)
             if init_from:  # the base's weights; Adam's moments start at zero
@@ -193,6 +250,8 @@ class Trainer:
             state = {"step": 0, "rng": rng.bit_generator.state,
                      "corpus_sha256": fingerprint(sources), "tokens": info,
                      "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
+            if val_info:
+                state["val_tokens"] = val_info
             old_lock = store.WriterLock(db_path) if db_path.exists() else None  # not in use
             try:
                 with store.sqlite_errors(f"cannot create {db_path}"):
@@ -210,13 +269,15 @@ class Trainer:
 
     @classmethod
     def resume(cls, db_path, corpus=(), extensions=(), encoding_errors="strict",
-               on_progress=None, settings=None):
+               on_progress=None, settings=None, run_options=None):
         """Reopen a database to continue where training stopped, on the token
         file it recorded. A corpus, if given, must be the one it was trained
         on; it is needed only when the token file is gone (or the database
         predates token files): then it is tokenized again, to the same ids.
         settings ({field: (option name, value)}, what the user asked for)
-        must equal the stored ones: a resumed run keeps its config."""
+        must equal the stored ones: a resumed run keeps its config.
+        run_options ({field: value}): stored settings a resumed run may
+        change because results do not depend on them (checkpoint_activations)."""
         store.check_writable(db_path)
         sources = find_sources(corpus, extensions, Path(db_path).parent) if corpus else []
         try:
@@ -234,11 +295,20 @@ class Trainer:
                 if digest and state.get("corpus_sha256") != digest:
                     raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
                                       f"{db_path} was trained on; resume needs the same files")
-                tokens = _resume_tokens(db_path, state, tokenizer, sources, encoding_errors,
-                                        on_progress)
-                model = GPT(arch)
+                tokens = _resume_tokens(db_path, state, "corpus", tokenizer, sources,
+                                        encoding_errors, on_progress)
+                if run_options:  # settings that change memory or messages, not results
+                    for name, value in run_options.items():
+                        setattr(cfg, name, value)
+                model = GPT(arch, cfg.checkpoint_activations)
                 store.read_weights(conn, model)
                 train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
+                if cfg.val_file:
+                    val_sources = (_val_sources(cfg.val_file, Path(db_path).parent)
+                                   if Path(cfg.val_file).is_file() else [])
+                    val = _val_split(_resume_tokens(db_path, state, "val", tokenizer,
+                                                    val_sources, encoding_errors, on_progress),
+                                     arch.seq_len, cfg.val_file)
                 return cls(conn, lock, model, cfg, tokenizer, train, val, state)
             except BaseException:
                 if conn:
@@ -249,9 +319,14 @@ class Trainer:
             remove_spools(sources)
 
     # ---- running ----
-    def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None):
+    def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None,
+            on_diverge=None, stop_on_divergence=False):
         """Train up to step max_iters in total, checkpointing every save_every
-        steps, at the end, and when SIGINT/SIGTERM asks to stop."""
+        steps, at the end, and when SIGINT/SIGTERM asks to stop. When the
+        loss climbs far above its start (see divergence), on_diverge(step,
+        recent loss, first loss) is called once, and with stop_on_divergence
+        the run stops there without saving the diverged weights (the last
+        checkpoint stays the latest)."""
         cfg = self.cfg
         cfg.max_iters = max_iters
         B, T = cfg.batch_size * cfg.grad_accum, self.model.arch.seq_len  # tokens per step
@@ -266,6 +341,13 @@ class Trainer:
                 if not skipped:
                     window_losses.append(loss)
                     result.losses.append(loss)
+                    if not result.diverged_at and divergence(result.losses, result.losses[0]):
+                        result.diverged_at = step
+                        if on_diverge:
+                            on_diverge(step, float(np.mean(result.losses[-DIVERGE_WINDOW:])),
+                                       result.losses[0])
+                        if stop_on_divergence:
+                            self._stop = "divergence"
                 dt = time.perf_counter() - t0
                 self.state["step"] = step
                 self.state["elapsed_s"] += dt
@@ -282,6 +364,8 @@ class Trainer:
                 if time.perf_counter() - last_flush > METRICS_FLUSH_S:
                     store.write_metrics(self.conn, pending_metrics)
                     pending_metrics, last_flush = [], time.perf_counter()
+                if self._stop == "divergence":
+                    break
                 if step % save_every == 0 or step == max_iters or self._stop:
                     store.write_metrics(self.conn, pending_metrics)
                     pending_metrics = []
@@ -290,7 +374,7 @@ class Trainer:
                     if on_checkpoint:
                         on_checkpoint(step, *saved)
             store.write_metrics(self.conn, pending_metrics)
-            if self._stop and self.saved_step != self.state["step"]:
+            if self._stop in EXIT_SIGNALS and self.saved_step != self.state["step"]:
                 self.checkpoint(window_losses)  # a signal that came after the loop's last test
         result.step = self.state["step"]
         result.final_loss = result.losses[-1] if result.losses else math.nan
@@ -315,7 +399,7 @@ class Trainer:
         losses = []
         for i, seed in enumerate(seeds):
             losses.append(model.forward(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B],
-                                        dropout=cfg.dropout, dropout_seed=seed))
+                                        dropout=cfg.dropout_at(step), dropout_seed=seed))
             model.backward()
         loss = losses[0] if N == 1 else float(np.mean(losses))
         if N > 1:  # the mean over micro-batches, as one batch's mean

@@ -43,7 +43,8 @@ def test_parameters_and_flops():
     [],  # the lua defaults: activations dominate
     ["--preset", "gpt2", "--tokenizer", "char", "--embed-dim", "256", "--layers", "4",
      "--heads", "8", "--seq-len", "128", "--batch-size", "8"],  # weights and moments weigh more
-], ids=["lua", "gpt2-256"])
+    ["--checkpoint-activations"],  # the lua defaults keeping one block's activations
+], ids=["lua", "gpt2-256", "lua-checkpointed"])
 def test_the_memory_estimate_is_within_a_quarter_of_the_peak(tmp_path, small_corpus, options):
     corpus = tmp_path / "c.txt"
     corpus.write_text(small_corpus.read_text() * 8)  # enough tokens for seq 256

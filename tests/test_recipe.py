@@ -280,3 +280,111 @@ def test_init_from_refuses_its_own_file_and_a_changed_tokenizer(tmp_path, small_
                  "--tokenizer", "char")
     assert result.exit_code != 0 and "--tokenizer char (stored: word)" in result.output
     assert base.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["lua", "gpt2", "llama"])
+def test_checkpointed_activations_give_the_same_gradients_bit_for_bit(rng, name):
+    arch = preset(name, n_vocab=50, embed_dim=32, num_heads=4, num_layers=3, seq_len=16,
+                  **({"kv_heads": 2} if name == "llama" else {}))
+    x = rng.integers(1, 50, (3, 16))
+    init_seed, dropout_seed = int(rng.integers(2**31)), int(rng.integers(2**31))
+    results = []
+    for checkpointed in (False, True):
+        model = GPT(arch, checkpoint_activations=checkpointed)
+        model.init_weights(np.random.default_rng(init_seed))
+        model.params.zero_grad()
+        loss = model.forward(x, np.roll(x, -1, 1), dropout=0.1, dropout_seed=dropout_seed)
+        model.backward()
+        results.append((loss, model.params.arenas["grad"].copy(),
+                        sum(b.nbytes for b in {id(a): a for layer in model.acts.layers
+                                               for a in layer.values()}.values())))
+    (loss, grads, kept), (loss_ck, grads_ck, kept_ck) = results
+    assert loss == loss_ck and np.array_equal(grads, grads_ck)
+    assert kept_ck < kept / 2  # three layers' buffers became one block's and three inputs
+
+
+def test_checkpoint_activations_train_the_same_model_and_may_change_on_resume(tmp_path,
+                                                                              small_corpus):
+    plain, checkpointed = tmp_path / "plain.db", tmp_path / "ck.db"
+    assert run("train", small_corpus, "--db", plain, "--iters", 6, *TINY).exit_code == 0
+    assert run("train", small_corpus, "--db", checkpointed, "--iters", 3, *TINY,
+               "--checkpoint-activations").exit_code == 0
+    result = run("train", small_corpus, "--db", checkpointed, "--iters", 6, "--resume",
+                 "--no-checkpoint-activations")
+    assert result.exit_code == 0, result.output
+    assert sqlgpt.load(checkpointed).train_config.checkpoint_activations is False
+    ref, got = sqlgpt.load(plain).state_dict(), sqlgpt.load(checkpointed).state_dict()
+    assert all(np.array_equal(ref[name], got[name]) for name in ref)
+
+
+def test_dropout_anneals_linearly_over_the_decay_length():
+    cfg = TrainConfig(dropout=0.2, dropout_final=0.0, lr_decay_iters=100, max_iters=300)
+    assert [cfg.dropout_at(s) for s in (0, 50, 100, 250)] == \
+        [pytest.approx(v) for v in (0.2, 0.1, 0.0, 0.0)]
+    assert TrainConfig(dropout=0.2).dropout_at(70) == 0.2  # no annealing by default
+
+
+def test_dropout_final_changes_training_and_is_stored(tmp_path, small_corpus):
+    dbs = {}
+    for name, extra in (("fixed", []), ("annealed", ["--dropout-final", "0"])):
+        dbs[name] = tmp_path / f"{name}.db"
+        result = run("train", small_corpus, "--db", dbs[name], "--iters", 4, *TINY,
+                     "--dropout", "0.3", *extra)
+        assert result.exit_code == 0, result.output
+    assert sqlgpt.load(dbs["annealed"]).train_config.dropout_final == 0.0
+    assert sqlgpt.load(dbs["fixed"]).state_dict()["head"].tolist() != \
+        sqlgpt.load(dbs["annealed"]).state_dict()["head"].tolist()
+    assert run("train", small_corpus, "--db", tmp_path / "bad.db", *TINY,
+               "--dropout-final", "1.5").exit_code != 0
+
+
+def test_a_val_file_is_held_out_whole(tmp_path, small_corpus):
+    text = small_corpus.read_text()
+    train_text, val_text = tmp_path / "train.txt", tmp_path / "val.txt"
+    train_text.write_text(text[:15000])
+    val_text.write_text(text[15000:])
+    db = tmp_path / "m.db"
+    result = run("train", train_text, "--db", db, "--iters", 4, "--save-every", 2, *TINY,
+                 "--tokenizer", "char", "--vocab-size", 0, "--val-file", val_text,
+                 "--eval-iters", 0)
+    assert result.exit_code == 0, result.output
+    cfg = sqlgpt.load(db).train_config
+    assert cfg.val_fraction == 0.0 and cfg.val_file == str(val_text.resolve())
+    stored = [r[0] for r in sqlite3.connect(db).execute("SELECT loss FROM evaluations "
+                                                        "ORDER BY step")]
+    # the stored evaluation is the val file scored by `sqlgpt eval` at stride seq_len
+    scored = sqlgpt.load(db).evaluate(paths=[val_text], stride=16)
+    assert len(stored) == 2 and stored[-1] == pytest.approx(scored.loss, rel=1e-5)
+    # resuming finds the held-out tokens again (here: after their file is gone)
+    (tmp_path / "m.db.val.tokens").unlink()
+    result = run("train", train_text, "--db", db, "--iters", 6, "--resume", "--val-file",
+                 val_text)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.db.val.tokens").is_file()
+    assert run("train", train_text, "--db", tmp_path / "x.db", *TINY, "--val-file",
+               val_text, "--val-fraction", "0.2").exit_code == 2
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    result = run("train", train_text, "--db", tmp_path / "y.db", *TINY, "--val-file", short)
+    assert result.exit_code == 1 and "too few" in result.output
+    assert not (tmp_path / "y.db").exists()
+    result = run("train", train_text, "--db", tmp_path / "z.db", *TINY, "--val-file",
+                 tmp_path / "missing.txt")
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_a_diverging_run_warns_and_stops_on_request(tmp_path, small_corpus):
+    db = tmp_path / "m.db"
+    result = run("train", small_corpus, "--db", db, "--iters", 30, *TINY, "--lr", "10")
+    assert result.exit_code == 0 and "warning: the loss is diverging" in result.output
+    stopped = tmp_path / "stopped.db"
+    result = run("train", small_corpus, "--db", stopped, "--iters", 30, "--save-every", 5,
+                 *TINY, "--lr", "10", "--stop-on-divergence")
+    assert result.exit_code == 1 and "the loss diverged" in result.output
+    assert result.output.splitlines()[-1].startswith("Error: stopped at step 10")
+    model = sqlgpt.load(stopped)
+    assert model.step < 30 and np.isfinite(model.state_dict()["head"]).all()
+    calm = tmp_path / "calm.db"
+    result = run("train", small_corpus, "--db", calm, "--iters", 30, *TINY, "--lr", "1e-3",
+                 "--stop-on-divergence")
+    assert result.exit_code == 0 and "warning" not in result.output
