@@ -3,6 +3,7 @@ trained by sqlgpt and by PyTorch with nanoGPT's model, on the same token
 ids, then both scored on the same held-out split the same way.
 
     python benchmarks/recipe_bench.py [--corpus FILE] [--iters 2000] [--eval-every 250]
+        [--png docs/recipe.png]
 
 The recipe (nanoGPT's config/train_shakespeare_char.py, CPU settings): the
 gpt2 preset with the char tokenizer, 4 layers, 4 heads, 128 wide, block 64,
@@ -37,6 +38,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--out", type=Path)
+    p.add_argument("--png", type=Path, help="plot both curves into this file (matplotlib)")
     return p.parse_args()
 
 
@@ -61,7 +63,7 @@ def sqlgpt_run(corpus, db, args):
         start = time.perf_counter()
         trainer.run(stop, save_every=args.iters)
         seconds += time.perf_counter() - start
-        curve.append((stop, trainer.evaluate().loss))
+        curve.append((stop, trainer.evaluate().loss, seconds))
     tokens = (np.asarray(trainer.train_tokens), np.asarray(trainer.val_tokens))
     trainer.close()
     return seconds, sqlgpt.load(db), curve, tokens
@@ -97,7 +99,7 @@ def torch_run(train_ids, val_ids, arch, args):
         opt.step()
         if it % args.eval_every == 0:
             seconds += time.perf_counter() - start
-            curve.append((it, torch_val_loss(model, val_ids)))
+            curve.append((it, torch_val_loss(model, val_ids), seconds))
             start = time.perf_counter()
     return seconds, curve
 
@@ -142,13 +144,35 @@ def main(args):
               "sqlgpt": {"train_s": ours_s, "curve": ours_curve},
               "pytorch": {"train_s": theirs_s, "curve": theirs_curve}}
     rows = [[str(step), f"{a:.4f}", f"{b:.4f}"]
-            for (step, a), (_, b) in zip(ours_curve, theirs_curve)]
+            for (step, a, _), (_, b, _) in zip(ours_curve, theirs_curve)]
     rows.append(["train s", f"{ours_s:.1f}", f"{theirs_s:.1f}"])
     print(render(["step", "sqlgpt val loss", "PyTorch (nanoGPT) val loss"], rows, args.markdown))
     final = ours_curve[-1][1] - theirs_curve[-1][1]
     print(f"final val loss difference {final:+.4f}; time ratio {ours_s / theirs_s:.2f}x")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+    if args.png:
+        plot(result, args.png)
+
+
+def plot(result, path):
+    """Both validation curves, against step and against training seconds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for name, label in (("sqlgpt", "sqlgpt"), ("pytorch", "PyTorch, nanoGPT's model")):
+        steps, losses, seconds = zip(*result[name]["curve"])
+        axes[0].plot(steps, losses, marker="o", label=label)
+        axes[1].plot(seconds, losses, marker="o", label=label)
+    axes[0].set(xlabel="step", ylabel="validation loss")
+    axes[1].set(xlabel="training seconds")
+    axes[0].legend()
+    fig.suptitle(f"nanoGPT's Tiny Shakespeare recipe, {result['iters']} steps")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 if __name__ == "__main__":
