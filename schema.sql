@@ -1,4 +1,4 @@
--- sqlgpt database layout, schema version 2 (PRAGMA user_version).
+-- sqlgpt database layout, schema version 3 (PRAGMA user_version).
 --
 -- One file holds a whole training state: config, vocabulary, every weight with
 -- its Adam moments, the RNG and data position, and the training history.
@@ -18,7 +18,8 @@
 -- opens read them as they are. Version 1 had no `norms`, `tokenizer` and
 -- `evaluations` tables and no `metrics.grad_norm`, its `vocab` was (word,
 -- id), and `config` had no architecture keys (it is the lua preset with the
--- word tokenizer).
+-- word tokenizer). Version 2 had no `tensor_stats` table, no `tensors` view
+-- and no `vocab.count`.
 
 -- Settings, under the original script's key names (vocab_size, embed_dim,
 -- num_heads, num_layers, seq_len, lr, batch_size, max_iters, dropout, beta1,
@@ -39,10 +40,13 @@ CREATE TABLE IF NOT EXISTS config (
 -- <eos>), `bytes` the token's exact bytes (NULL for the special tokens).
 -- Special ids: word: <pad> = 0, words 1..vocab_size, <unk> = vocab_size + 1;
 -- char, byte, bpe: <pad> = 0, <unk> = 1, <bos> = 2, <eos> = 3.
+-- `count` (since version 3): how often the id occurs in the tokenized
+-- training corpus (NULL in files from before).
 CREATE TABLE IF NOT EXISTS vocab (
     id    INTEGER PRIMARY KEY,
     token TEXT NOT NULL,
-    bytes BLOB
+    bytes BLOB,
+    count INTEGER
 );
 
 -- The rest of the tokenizer (since version 2), so that the file alone
@@ -145,3 +149,30 @@ CREATE TABLE IF NOT EXISTS metrics (
     created_at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     grad_norm      REAL            -- the global gradient norm before clipping (since version 2)
 );
+
+-- Summary statistics of every stored parameter tensor at each checkpoint
+-- (since version 3), written in the checkpoint's own transaction: `name` is
+-- the tensor table's (wte, wpe, layers.0.q, ..., lnf_w, head; a tied head is
+-- wte and has no row of its own), `layer` NULL outside the blocks, `rows` x
+-- `cols` its shape (a vector is 1 x n), then the mean, standard deviation
+-- (population), minimum, maximum and L2 norm of its values.
+CREATE TABLE IF NOT EXISTS tensor_stats (
+    step      INTEGER NOT NULL,
+    name      TEXT NOT NULL,
+    layer     INTEGER,
+    component TEXT NOT NULL,
+    rows      INTEGER NOT NULL,
+    cols      INTEGER NOT NULL,
+    mean      REAL NOT NULL,
+    std       REAL NOT NULL,
+    min       REAL NOT NULL,
+    max       REAL NOT NULL,
+    l2        REAL NOT NULL,
+    PRIMARY KEY (step, name)
+);
+
+-- The latest checkpoint's tensors, one row each (since version 3).
+CREATE VIEW IF NOT EXISTS tensors AS
+    SELECT name, layer, component, rows, cols, mean, std, min, max, l2
+    FROM tensor_stats
+    WHERE step = (SELECT max(step) FROM tensor_stats);

@@ -21,9 +21,11 @@ class Model:
     """A trained model: config, tokenizer and weights of the latest checkpoint.
     precision ("fp32" or "bf16") is the weights' format while generating."""
 
-    def __init__(self, gpt, train_cfg, tokenizer, step, precision="fp32"):
+    def __init__(self, gpt, train_cfg, tokenizer, step, precision="fp32", corpus=None):
         check_precision(precision)
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
+        # what the model was trained on: {files: [{path, bytes}], sha256, tokens}
+        self.corpus = corpus or {}
         self.train_config = train_cfg
         self.precision = precision
         self._decoder = None  # made on first use: packing the weights is a model-sized copy
@@ -154,9 +156,17 @@ def load(path, precision="fp32"):
             tokenizer = store.read_tokenizer(conn, arch, cfg)
             gpt = GPT(arch)
             store.read_weights(conn, gpt)
-            step = store.read_train_state(conn).get("step")
+            state = store.read_train_state(conn)
+            step = state.get("step")
             if not isinstance(step, int) or step < 0:
                 raise SqlgptError(f"{path} is damaged: no valid training step")
     finally:
         conn.close()
-    return Model(gpt, cfg, tokenizer, step, precision)
+    return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state))
+
+
+def corpus_of(state):
+    """The corpus a training state records (older files: its hash alone)."""
+    tokens = state.get("tokens") if isinstance(state.get("tokens"), dict) else {}
+    files = state.get("corpus") if isinstance(state.get("corpus"), list) else []
+    return {"files": files, "sha256": state.get("corpus_sha256"), "tokens": tokens.get("count")}

@@ -14,7 +14,7 @@ from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
 from .generate import PRECISIONS
 from .profile import model_profile
-from .train import Trainer
+from .train import AlreadyTrained, Trainer
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 PRESET_TOKENIZER = {"lua": "word", "gpt2": "bpe", "llama": "bpe"}
@@ -282,8 +282,16 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
     run_options = {name: options[name] for name in RUN_OPTIONS
                    if ctx.get_parameter_source(name) in given_sources}
     if resume:
-        trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
-                                 corpus_progress(), given, run_options)
+        try:
+            trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
+                                     corpus_progress(), given, run_options, iters)
+        except AlreadyTrained as done:
+            click.echo(f"{db_path} is already trained to step {done.step} (train loss "
+                       f"{fmt_loss(done.train_loss)}); nothing to do: raise --iters", err=True)
+            if as_json:
+                emit_json({"step": done.step, "final_loss": done.train_loss,
+                           "tokens_per_sec": 0.0, "steps_run": 0, "db": db_path})
+            return
     else:
         if not corpus:
             raise SqlgptError("name the corpus: one or more files, a directory, or - for stdin")
@@ -305,15 +313,6 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
                           else vocab_size)
         trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
                                  encoding_errors, corpus_progress(), init_from, given)
-    if trainer.state["step"] >= iters:
-        done = trainer.summary()
-        trainer.close()
-        click.echo(f"{db_path} is already trained to step {done['step']} (train loss "
-                   f"{fmt_loss(done['train_loss'])}); nothing to do: raise --iters", err=True)
-        if as_json:
-            emit_json({"step": done["step"], "final_loss": done["train_loss"],
-                       "tokens_per_sec": 0.0, "steps_run": 0, "db": db_path})
-        return
     try:
         result = run_with_progress(trainer, iters, save_every, max_bad_steps,
                                    stop_on_divergence)
@@ -506,11 +505,18 @@ def info(db_path, as_json):
     profile = model_profile(model.arch, model.train_config.batch_size,
                             model.train_config.checkpoint_activations)
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
-              "step": model.step, "profile": profile, "checkpoints": history}
+              "step": model.step, "corpus": model.corpus, "profile": profile,
+              "checkpoints": history}
     if as_json:
         emit_json(report)
         return
     click.echo(f"{db_path}: step {model.step}, {model.num_parameters():,} parameters")
+    corpus = model.corpus
+    if corpus.get("sha256"):
+        files = ", ".join(f"{f['path']} ({f['bytes']:,} bytes)" for f in corpus["files"]) or \
+            "(files not recorded)"
+        tokens = f", {corpus['tokens']:,} tokens" if corpus.get("tokens") else ""
+        click.echo(f"corpus: {files}{tokens}, sha256 {corpus['sha256']}")
     for title, settings in (("architecture", model.arch), ("training", model.train_config)):
         click.echo(f"{title}:")
         for name, value in settings.to_dict().items():

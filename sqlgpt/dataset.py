@@ -44,10 +44,11 @@ def build_tokenizer(kind, sources, vocab_size, errors, on_bytes=None):
     return tokenizer
 
 
-def write_tokens(sources, tokenizer, path, errors, on_bytes=None):
+def write_tokens(sources, tokenizer, path, errors, on_bytes=None, counts=None):
     """Encode every source into path (created afresh), documents separated
     by <eos> where the tokenizer has one; returns the file's description
-    for train_state: name, dtype, count, bytes and SHA-256."""
+    for train_state: name, dtype, count, bytes and SHA-256. counts (n_ids
+    int64s), if given, gains each id's occurrences."""
     dtype = np.dtype(token_dtype(tokenizer.n_ids))
     separator = (np.array([tokenizer.eos_id], dtype).tobytes()
                  if tokenizer.eos_id is not None else b"")
@@ -57,9 +58,14 @@ def write_tokens(sources, tokenizer, path, errors, on_bytes=None):
             if index and separator:
                 f.write(separator)
                 count += 1
+                if counts is not None:
+                    counts[tokenizer.eos_id] += 1
             for ids in tokenizer.encode_chunks(read_chunks(source, errors)):
-                f.write(np.asarray(ids, dtype).tobytes())
+                ids = np.asarray(ids, dtype)
+                f.write(ids.tobytes())
                 count += len(ids)
+                if counts is not None:
+                    counts += np.bincount(ids, minlength=len(counts))[:len(counts)]
             if on_bytes:
                 on_bytes(source.size)
         f.flush()

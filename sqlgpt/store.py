@@ -16,7 +16,9 @@ import fcntl
 import json
 import math
 import os
+import re
 import sqlite3
+import types
 import weakref
 import zlib
 from pathlib import Path
@@ -25,18 +27,21 @@ import numpy as np
 import sqlite_utils
 
 from ._kernel import ffi, lib
+from .arch import stored_tensors
 from .config import from_rows, to_rows
 from .errors import SqlgptError
-from .tensor import fptr
+from .tensor import ParameterSet, fptr
 from .tokenizers import from_storage
 
 APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 WEIGHT_TABLES = ("embeddings", "layers", "head", "norms")
 REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
-                   "metrics", "evaluations") + WEIGHT_TABLES
+                   "metrics", "evaluations", "tensor_stats") + WEIGHT_TABLES
 # the schema version that added a table (the others are in every version)
-ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2}
+ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3}
+# the views sqlgpt creates, and the version that added each
+VIEWS_ADDED_IN = {"tensors": 3}
 BUSY_TIMEOUT_MS = 10_000
 # 64 KB pages: a checkpoint is tens of MB of BLOB rows, and big pages mean far
 # fewer overflow pages and page writes per checkpoint
@@ -60,6 +65,33 @@ def schema_sql():
 def tables_at(version):
     """The tables a database of this schema version has."""
     return [t for t in REQUIRED_TABLES if ADDED_IN.get(t, 1) <= version]
+
+
+def _normal_sql(sql):
+    """A statement with comments, IF NOT EXISTS and spacing removed."""
+    text = " ".join(re.sub(r"--[^\n]*", "", sql or "").split())
+    return re.sub(r" ?([(),=]) ?", r"\1", text.replace(" IF NOT EXISTS", ""))
+
+
+def own_views():
+    """{name: normalized SQL} of the views schema.sql creates."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(schema_sql())
+        return {name: _normal_sql(sql) for name, sql in
+                conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'view'")}
+    finally:
+        conn.close()
+
+
+def foreign_views(conn, version):
+    """Views and triggers of this file that sqlgpt did not create: any
+    trigger, and any view but its own (with exactly its own definition)."""
+    own = {name: sql for name, sql in own_views().items() if VIEWS_ADDED_IN[name] <= version}
+    found = conn.execute("SELECT type, name, sql FROM sqlite_master "
+                         "WHERE type IN ('view', 'trigger')").fetchall()
+    return sorted(name for kind, name, sql in found
+                  if kind == "trigger" or own.get(name) != _normal_sql(sql))
 
 
 # ---- where each parameter's rows live ----
@@ -306,7 +338,7 @@ def open_database(path, readonly=True):
         # no plugins, no recursive_triggers pragma: the file may be hostile
         db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
         tables = set(db.table_names())
-        extras = db.view_names() + [t.name for t in db.triggers]
+        extras = foreign_views(conn, version)
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
         raise SqlgptError(f"cannot read {path}: {e}") from None
     if app_id != APPLICATION_ID:
@@ -326,7 +358,7 @@ def open_database(path, readonly=True):
     if extras:  # sqlgpt creates none; a trigger could rewrite data when we write
         conn.close()
         raise SqlgptError(f"{path} has views or triggers sqlgpt did not create "
-                          f"({', '.join(sorted(extras))}); refusing to use it")
+                          f"({', '.join(extras)}); refusing to use it")
     if not readonly:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -336,6 +368,20 @@ def open_database(path, readonly=True):
             conn.close()
             raise
     return conn
+
+
+def close_writer(conn):
+    """Close a writer's connection and leave one file at rest: back in
+    rollback-journal mode, the WAL folded in and no -wal or -shm beside it
+    (readers that open it later leave none either). While a reader still
+    has the file open the switch cannot happen; it stays in WAL mode, whole,
+    until a writer closes it alone."""
+    try:
+        conn.execute("PRAGMA busy_timeout = 0")  # never wait on a reader here
+        conn.execute("PRAGMA journal_mode = DELETE")
+    except sqlite3.Error:
+        pass
+    conn.close()
 
 
 # ---- migrations ----
@@ -396,7 +442,41 @@ CREATE TABLE tokenizer (
     conn.execute("INSERT INTO tokenizer (key, value) VALUES ('kind', 'word')")
 
 
-MIGRATIONS = {1: _v1_to_v2}
+def _v2_to_v3(conn):
+    """Version 3 keeps summary statistics of every tensor at each checkpoint
+    (tensor_stats, filled here for the latest checkpoint from its weights,
+    which are read and validated as a load does) with the `tensors` view
+    over the latest, and counts each token id's occurrences in the corpus
+    (vocab.count: unknown, NULL, for files trained before)."""
+    conn.execute("""
+CREATE TABLE tensor_stats (
+    step      INTEGER NOT NULL,
+    name      TEXT NOT NULL,
+    layer     INTEGER,
+    component TEXT NOT NULL,
+    rows      INTEGER NOT NULL,
+    cols      INTEGER NOT NULL,
+    mean      REAL NOT NULL,
+    std       REAL NOT NULL,
+    min       REAL NOT NULL,
+    max       REAL NOT NULL,
+    l2        REAL NOT NULL,
+    PRIMARY KEY (step, name)
+)""")
+    conn.execute("""
+CREATE VIEW tensors AS
+    SELECT name, layer, component, rows, cols, mean, std, min, max, l2
+    FROM tensor_stats
+    WHERE step = (SELECT max(step) FROM tensor_stats)""")
+    conn.execute("ALTER TABLE vocab ADD COLUMN count INTEGER")
+    arch, _ = read_config(conn)
+    model = types.SimpleNamespace(arch=arch, params=ParameterSet(stored_tensors(arch)))
+    read_weights(conn, model)
+    step = conn.execute("SELECT max(step) FROM checkpoints").fetchone()[0] or 0
+    conn.executemany(TENSOR_STATS_SQL, tensor_stats(model.params, step))
+
+
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(conn, path):
@@ -439,11 +519,13 @@ def _rollback(conn):
         conn.execute("ROLLBACK")
 
 
-def create_database(path, model, train_cfg, tokenizer, state, overwrite=False):
+def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
+                    token_counts=None):
     """Write a new database with the step-0 checkpoint, atomically: built
     under a temporary name, locked, then moved to `path` (replacing a file
     there only with overwrite). model: .arch (an ArchConfig) and .params (its
-    ParameterSet). Returns (connection, writer lock)."""
+    ParameterSet); token_counts: each id's occurrences in the corpus (n_ids
+    integers) or None. Returns (connection, writer lock)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
@@ -458,8 +540,10 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False):
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("BEGIN")
-        conn.executemany("INSERT INTO vocab (id, token, bytes) VALUES (?, ?, ?)",
-                         tokenizer.vocab_rows())
+        counts = [None] * tokenizer.n_ids if token_counts is None else \
+            [int(c) for c in token_counts]
+        conn.executemany("INSERT INTO vocab (id, token, bytes, count) VALUES (?, ?, ?, ?)",
+                         [(*row, counts[row[0]]) for row in tokenizer.vocab_rows()])
         conn.executemany("INSERT INTO tokenizer (key, value) VALUES (?, ?)",
                          [("kind", tokenizer.kind), *tokenizer.state().items()])
         for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
@@ -531,10 +615,27 @@ def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
         conn.execute("INSERT OR REPLACE INTO checkpoints (step, train_loss, val_loss, elapsed_s) "
                      "VALUES (?, ?, ?, ?)",
                      (state["step"], train_loss, val_loss, state["elapsed_s"]))
+        conn.executemany(TENSOR_STATS_SQL, tensor_stats(model.params, state["step"]))
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
+
+
+TENSOR_STATS_SQL = ("INSERT OR REPLACE INTO tensor_stats (step, name, layer, component, rows, "
+                    "cols, mean, std, min, max, l2) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def tensor_stats(params, step):
+    """tensor_stats rows of every parameter (values in float64 sums)."""
+    rows = []
+    for t in params:
+        values = t.data.reshape(-1).astype(np.float64)
+        mean = float(values.mean())
+        rows.append((step, t.name, t.spec.layer, t.spec.component, t.spec.rows, t.spec.cols,
+                     mean, float(np.sqrt(np.mean((values - mean) ** 2))), float(values.min()),
+                     float(values.max()), float(np.sqrt(np.dot(values, values)))))
+    return rows
 
 
 def write_evaluation(conn, step, evaluation):

@@ -145,6 +145,13 @@ def _val_split(val_tokens, seq_len, val_file):
     return val_tokens
 
 
+def corpus_record(sources):
+    """What train_state keeps of the corpus besides its SHA-256: each file's
+    absolute path ("-" for standard input) and size in bytes."""
+    return [{"path": source.name if source.name == "-" else str(Path(source.path).resolve()),
+             "bytes": source.size} for source in sources]
+
+
 def divergence(losses, start):
     """True when the mean of the last DIVERGE_WINDOW losses is more than
     DIVERGE_FACTOR times the run's first loss (or not finite)."""
@@ -152,6 +159,14 @@ def divergence(losses, start):
         return False
     recent = float(np.mean(losses[-DIVERGE_WINDOW:]))
     return not math.isfinite(recent) or recent > DIVERGE_FACTOR * start
+
+
+class AlreadyTrained(Exception):
+    """Resume found the model at the requested step already."""
+
+    def __init__(self, step, train_loss):
+        super().__init__(f"already trained to step {step}")
+        self.step, self.train_loss = step, train_loss
 
 
 class Trainer:
@@ -230,8 +245,9 @@ class Trainer:
                     cfg.vocab_size = tokenizer.vocab_size
                 arch.n_vocab = tokenizer.n_ids
             arch.validate()
+            counts = np.zeros(tokenizer.n_ids, dtype=np.int64)
             info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
-                                _progress(on_progress, "tokenizing", sources))
+                                _progress(on_progress, "tokenizing", sources), counts)
             info["file"] = tokens_path(db_path).name
             tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
             train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
@@ -249,6 +265,7 @@ class Trainer:
                     t.data[...] = base.state_dict_view()[t.name]
             state = {"step": 0, "rng": rng.bit_generator.state,
                      "corpus_sha256": fingerprint(sources), "tokens": info,
+                     "corpus": corpus_record(sources),
                      "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
             if val_info:
                 state["val_tokens"] = val_info
@@ -256,7 +273,7 @@ class Trainer:
             try:
                 with store.sqlite_errors(f"cannot create {db_path}"):
                     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state,
-                                                       overwrite)
+                                                       overwrite, counts)
                 os.replace(tmp_tokens, tokens_path(db_path))  # the memmap follows the file
             finally:
                 if old_lock:
@@ -269,7 +286,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, db_path, corpus=(), extensions=(), encoding_errors="strict",
-               on_progress=None, settings=None, run_options=None):
+               on_progress=None, settings=None, run_options=None, max_iters=None):
         """Reopen a database to continue where training stopped, on the token
         file it recorded. A corpus, if given, must be the one it was trained
         on; it is needed only when the token file is gone (or the database
@@ -277,46 +294,66 @@ class Trainer:
         settings ({field: (option name, value)}, what the user asked for)
         must equal the stored ones: a resumed run keeps its config.
         run_options ({field: value}): stored settings a resumed run may
-        change because results do not depend on them (checkpoint_activations)."""
+        change because results do not depend on them (checkpoint_activations).
+        A model already at max_iters raises AlreadyTrained, the file untouched."""
         store.check_writable(db_path)
         sources = find_sources(corpus, extensions, Path(db_path).parent) if corpus else []
         try:
             digest = fingerprint(sources) if sources else None
             store.open_database(db_path).close()  # is it a sqlgpt database at all?
             lock = store.WriterLock(db_path)
-            conn = None
             try:
+                # every check reads through a read-only connection, so a refused
+                # resume leaves the file byte for byte as it was
+                reader = store.open_database(db_path)
+                try:
+                    with store.sqlite_errors(f"cannot read {db_path}"):
+                        reader.execute("BEGIN")
+                        parts = cls._read_for_resume(db_path, reader, sources, digest, corpus,
+                                                     encoding_errors, on_progress, settings,
+                                                     run_options)
+                        step = parts[-1]["step"]
+                        if max_iters is not None and step >= max_iters:
+                            history = store.checkpoints(reader)
+                            raise AlreadyTrained(step, history[-1]["train_loss"]
+                                                 if history else None)
+                finally:
+                    reader.close()
                 with store.sqlite_errors(f"cannot open {db_path} for training"):
-                    conn = store.open_database(db_path, readonly=False)
-                arch, cfg = store.read_config(conn)
-                _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()}, arch)
-                tokenizer = store.read_tokenizer(conn, arch, cfg)
-                state = store.read_train_state(conn)
-                if digest and state.get("corpus_sha256") != digest:
-                    raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
-                                      f"{db_path} was trained on; resume needs the same files")
-                tokens = _resume_tokens(db_path, state, "corpus", tokenizer, sources,
-                                        encoding_errors, on_progress)
-                if run_options:  # settings that change memory or messages, not results
-                    for name, value in run_options.items():
-                        setattr(cfg, name, value)
-                model = GPT(arch, cfg.checkpoint_activations)
-                store.read_weights(conn, model)
-                train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
-                if cfg.val_file:
-                    val_sources = (_val_sources(cfg.val_file, Path(db_path).parent)
-                                   if Path(cfg.val_file).is_file() else [])
-                    val = _val_split(_resume_tokens(db_path, state, "val", tokenizer,
-                                                    val_sources, encoding_errors, on_progress),
-                                     arch.seq_len, cfg.val_file)
-                return cls(conn, lock, model, cfg, tokenizer, train, val, state)
+                    conn = store.open_database(db_path, readonly=False)  # migrates an old file
+                return cls(conn, lock, *parts)
             except BaseException:
-                if conn:
-                    conn.close()
                 lock.release()
                 raise
         finally:
             remove_spools(sources)
+
+    @staticmethod
+    def _read_for_resume(db_path, conn, sources, digest, corpus, encoding_errors, on_progress,
+                         settings, run_options):
+        """(model, cfg, tokenizer, train, val, state) of a database to resume,
+        every part checked."""
+        arch, cfg = store.read_config(conn)
+        _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()}, arch)
+        tokenizer = store.read_tokenizer(conn, arch, cfg)
+        state = store.read_train_state(conn)
+        if digest and state.get("corpus_sha256") != digest:
+            raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
+                              f"{db_path} was trained on; resume needs the same files")
+        tokens = _resume_tokens(db_path, state, "corpus", tokenizer, sources, encoding_errors,
+                                on_progress)
+        for name, value in (run_options or {}).items():  # memory or messages, not results
+            setattr(cfg, name, value)
+        model = GPT(arch, cfg.checkpoint_activations)
+        store.read_weights(conn, model)
+        train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
+        if cfg.val_file:
+            val_sources = (_val_sources(cfg.val_file, Path(db_path).parent)
+                           if Path(cfg.val_file).is_file() else [])
+            val = _val_split(_resume_tokens(db_path, state, "val", tokenizer, val_sources,
+                                            encoding_errors, on_progress),
+                             arch.seq_len, cfg.val_file)
+        return model, cfg, tokenizer, train, val, state
 
     # ---- running ----
     def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None,
@@ -462,14 +499,8 @@ class Trainer:
         store.write_evaluation(self.conn, step, result)
         return result
 
-    def summary(self):
-        """The stored state: step and the last checkpoint's training loss."""
-        history = store.checkpoints(self.conn)
-        return {"step": self.state["step"],
-                "train_loss": history[-1]["train_loss"] if history else None}
-
     def close(self):
-        self.conn.close()
+        store.close_writer(self.conn)
         self.lock.release()
 
     # ---- signals: finish the step, save, then stop ----

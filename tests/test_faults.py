@@ -145,8 +145,9 @@ def test_a_real_full_filesystem(tmp_path, trained_db, small_corpus):
         db = mnt / "m.db"
         shutil.copy(trained_db, db)
         filler = mnt / "filler"
-        with open(filler, "wb") as f:  # leave a little room: the WAL soon runs out of it
-            f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize - 64 * 1024))
+        # room to switch to WAL mode (a 64 KB page through a journal); the WAL soon runs out
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize - 512 * 1024))
         trainer = Trainer.resume(db, [small_corpus])
         with pytest.raises(SqlgptError):
             trainer.run(1000, save_every=1)

@@ -25,13 +25,17 @@ DATA = Path(__file__).resolve().parent / "data"
 V1_ARCH = arch.preset("lua", n_vocab=32, embed_dim=16, num_heads=2, num_layers=1, seq_len=8)
 
 
+def unpacked(fixture, path):
+    """A fresh copy of a committed, gzipped database at path."""
+    with gzip.open(DATA / fixture) as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return path
+
+
 @pytest.fixture
 def v1_db(tmp_path):
     """A fresh copy of the committed version-1 database."""
-    path = tmp_path / "v1.db"
-    with gzip.open(DATA / "v1_model.db.gz") as src, open(path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return path
+    return unpacked("v1_model.db.gz", tmp_path / "v1.db")
 
 
 def query(db, sql):
@@ -95,16 +99,18 @@ def test_a_read_only_open_reads_version_1_and_leaves_it_untouched(v1_db):
 
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])  # the fixture's mode, and a trainer's
-def test_opening_for_writing_migrates_to_version_2(v1_db, journal):
+def test_opening_for_writing_migrates_to_the_current_version(v1_db, journal):
     execute(v1_db, f"PRAGMA journal_mode = {journal}")
     config, weights, others = config_of(v1_db), weights_bytes(v1_db), non_weight_tables(v1_db)
     words = query(v1_db, "SELECT id, word FROM vocab ORDER BY id")
     store.open_database(v1_db, readonly=False).close()
     # the vocabulary by id, each word with its bytes, the specials without
-    others["vocab"] = [(i, w, None if w in ("<pad>", "<unk>") else w.encode()) for i, w in words]
+    # (and, since version 3, no count: the corpus was not counted then)
+    others["vocab"] = [(i, w, None if w in ("<pad>", "<unk>") else w.encode(), None)
+                       for i, w in words]
     others["metrics"] = [(*row, None) for row in others["metrics"]]  # no gradient norms then
     assert query(v1_db, "SELECT key, value FROM tokenizer") == [("kind", "word")]
-    assert version(v1_db) == store.SCHEMA_VERSION == 2
+    assert version(v1_db) == store.SCHEMA_VERSION == 3
     assert query(v1_db, "SELECT count(*) FROM norms") == [(0,)]
     migrated = config_of(v1_db)
     assert {k: migrated[k] for k in config} == config  # no key changed
@@ -155,7 +161,7 @@ def test_a_failed_migration_leaves_a_valid_version_1(v1_db, monkeypatch, failure
     assert load_db(v1_db).arch == V1_ARCH
     monkeypatch.undo()
     store.open_database(v1_db, readonly=False).close()  # and it migrates once it can
-    assert version(v1_db) == 2
+    assert version(v1_db) == store.SCHEMA_VERSION
 
 
 def test_a_version_1_file_with_a_bad_config_is_not_migrated(v1_db):
@@ -181,16 +187,16 @@ def test_save_checkpoint_after_migration(v1_db):
     for buf in ("data", "m", "v"):
         assert loaded.params.arenas[buf].tobytes() == model.params.arenas[buf].tobytes()
     assert [s for s, in query(v1_db, "SELECT step FROM checkpoints")] == [0, 10, 20, 21]
-    assert version(v1_db) == 2
+    assert version(v1_db) == store.SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("readonly", [True, False])
 def test_a_newer_version_is_refused_and_untouched(v1_db, readonly):
     store.open_database(v1_db, readonly=False).close()
-    execute(v1_db, "PRAGMA user_version = 3")
+    execute(v1_db, "PRAGMA user_version = 4")
     before = v1_db.read_bytes()
-    with pytest.raises(SqlgptError, match=r"schema version 3, newer than this sqlgpt supports "
-                                          r"\(2\); upgrade sqlgpt"):
+    with pytest.raises(SqlgptError, match=r"schema version 4, newer than this sqlgpt supports "
+                                          r"\(3\); upgrade sqlgpt"):
         store.open_database(v1_db, readonly=readonly)
     assert v1_db.read_bytes() == before
 
@@ -222,7 +228,7 @@ def test_training_resumes_a_version_1_file(v1_db, small_corpus):
     result = CliRunner().invoke(main, ["train", str(small_corpus), "--db", str(v1_db),
                                        "--iters", "30", "--resume"])
     assert result.exit_code == 0, result.output
-    assert version(v1_db) == 2
+    assert version(v1_db) == store.SCHEMA_VERSION
     loaded = load_db(v1_db)
     assert loaded.step == 30 and loaded.arch == V1_ARCH
     assert [s for s, in query(v1_db, "SELECT step FROM checkpoints")][:3] == [0, 10, 20]
@@ -236,3 +242,81 @@ def test_generate_from_a_version_1_file(v1_db):
                                        "--max-tokens", "5"])
     assert result.exit_code == 0, result.output
     assert result.output.strip()
+
+
+# ---- version 2 -> 3 ----
+# tests/data/v2_model.db.gz is a schema-2 database made by 7f64fd2 (gpt2
+# preset, char tokenizer, embed 16, 2 heads, 1 layer, seq 8, batch 4, 20
+# steps, checkpoints at 10 and 20, on the first 20,000 characters of
+# examples/tinyshakespeare.txt); v2_model_logits.npz its logits for "the king".
+V2_ARCH = arch.preset("gpt2", n_vocab=62, embed_dim=16, num_heads=2, num_layers=1, seq_len=8)
+
+
+@pytest.fixture
+def v2_db(tmp_path):
+    return unpacked("v2_model.db.gz", tmp_path / "v2.db")
+
+
+def test_version_2_reads_as_it_is_and_migrates_to_3(v2_db):
+    import sqlgpt
+    before = v2_db.read_bytes()
+    assert version(v2_db) == 2
+    model = sqlgpt.load(v2_db)
+    assert model.arch == V2_ARCH and model.step == 20
+    expected = np.load(DATA / "v2_model_logits.npz")
+    assert rel_err(model.logits(expected["ids"]), expected["logits"]) < 1e-5
+    assert v2_db.read_bytes() == before  # read-only: untouched
+    weights, vocab = weights_bytes(v2_db), query(v2_db, "SELECT * FROM vocab ORDER BY id")
+    others = {t: query(v2_db, f"SELECT * FROM {t} ORDER BY 1")
+              for t in ("config", "tokenizer", "train_state", "checkpoints", "metrics",
+                        "evaluations")}
+    store.open_database(v2_db, readonly=False).close()
+    assert version(v2_db) == 3
+    assert weights_bytes(v2_db) == weights
+    assert query(v2_db, "SELECT * FROM vocab ORDER BY id") == [(*row, None) for row in vocab]
+    assert {t: query(v2_db, f"SELECT * FROM {t} ORDER BY 1") for t in others} == others
+    # the latest checkpoint's statistics, from its weights
+    stats = {row[0]: row for row in query(v2_db, "SELECT name, layer, component, rows, cols, "
+                                                 "mean, std, min, max, l2 FROM tensors")}
+    state = model.state_dict()
+    assert set(stats) == set(state)
+    for name, (_, layer, component, rows, cols, mean, std, low, high, l2) in stats.items():
+        values = state[name].astype(np.float64)
+        assert (rows, cols) == (values.shape if values.ndim == 2 else (1, values.size))
+        assert mean == pytest.approx(values.mean(), abs=1e-12)
+        assert std == pytest.approx(values.std(), rel=1e-9)
+        assert (low, high) == (values.min(), values.max())
+        assert l2 == pytest.approx(np.linalg.norm(values), rel=1e-12)
+    assert query(v2_db, "SELECT DISTINCT step FROM tensor_stats") == [(20,)]
+    assert query(v2_db, "SELECT layer, component FROM tensors WHERE name = 'layers.0.fc1'") == \
+        [(0, "fc1")]
+    np.testing.assert_allclose(sqlgpt.load(v2_db).logits(expected["ids"]), expected["logits"],
+                               rtol=0, atol=0)  # the same weights, the same numbers
+
+
+def test_a_migrated_version_2_file_has_the_tables_of_a_new_one(v2_db, tmp_path):
+    store.open_database(v2_db, readonly=False).close()
+    new = tmp_path / "new.db"
+    write_db(new, V2_ARCH, TrainConfig(tokenizer="word", vocab_size=60), save_at=())
+    assert table_layout(v2_db) == table_layout(new)
+
+
+def test_a_damaged_version_2_file_is_not_migrated(v2_db):
+    execute(v2_db, "UPDATE layers SET data = zeroblob(length(data)) WHERE component = 'q' "
+                   "AND i = 0")
+    before = v2_db.read_bytes()
+    with pytest.raises(SqlgptError, match="cannot migrate .* 2 to 3 .*checksum"):
+        store.open_database(v2_db, readonly=False)
+    assert version(v2_db) == 2 and v2_db.read_bytes() == before
+
+
+def test_training_resumes_a_version_2_file(v2_db, tmp_path):
+    from sqlgpt.cli import main
+    (tmp_path / "v2.db.tokens").unlink(missing_ok=True)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((Path(__file__).resolve().parent.parent / "examples" /
+                       "tinyshakespeare.txt").read_text()[:20000])
+    result = CliRunner().invoke(main, ["train", str(corpus), "--db", str(v2_db), "--iters", "25",
+                                       "--resume"])
+    assert result.exit_code == 0, result.output
+    assert query(v2_db, "SELECT DISTINCT step FROM tensor_stats ORDER BY step") == [(20,), (25,)]

@@ -51,7 +51,7 @@ def copy_db(src, tmp_path):
 def test_layout_pragmas_and_original_tables(stored_db):
     conn = sqlite3.connect(stored_db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 3
     assert conn.execute("PRAGMA application_id").fetchone()[0] == store.APPLICATION_ID
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     config = dict(conn.execute("SELECT key, value FROM config"))
@@ -215,8 +215,8 @@ def test_damaged_databases_are_refused(stored_db, tmp_path, sql, message):
      "AND i = 0", r"unknown parameter\(s\): head$"),
     ("UPDATE config SET value = 0 WHERE key = 'final_norm'", "unknown parameter.*lnf_b.*lnf_w"),
     ("UPDATE config SET value = 0 WHERE key = 'bias'", "unknown parameter.*fc1_b"),
-    # read as version 1: its vocab has no (id, token, bytes), it has no norms table
-    ("PRAGMA user_version = 1", "vocab table is damaged"),
+    # claiming version 1: the tensors view of version 3 is not one version 1 had
+    ("PRAGMA user_version = 1", r"views or triggers sqlgpt did not create \(tensors\)"),
 ])
 def test_damaged_norms_and_biases_are_refused(gpt2_db, tmp_path, sql, message):
     db = copy_db(gpt2_db, tmp_path)
