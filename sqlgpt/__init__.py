@@ -10,6 +10,7 @@ except ImportError:
                       f"folder, or build the kernel in place with pip install -e .") from None
 from .api import Model, load
 from .errors import SqlgptError
+from .sql import connect, register
 
 
 def set_threads(n):
@@ -20,4 +21,4 @@ def set_threads(n):
     lib.set_threads(n)
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "SqlgptError", "set_threads", "__version__"]
+__all__ = ["load", "Model", "SqlgptError", "connect", "register", "set_threads", "__version__"]

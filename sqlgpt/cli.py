@@ -554,5 +554,139 @@ def check(db_path):
                f"checksummed, step {model.step})")
 
 
+@main.command()
+@click.option("--db", "db_path", required=True, type=click.Path(),
+              help="SQLite file that holds the model.")
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(),
+              help="The PNG file to write.")
+@fail_cleanly
+def plot(db_path, out_path):
+    """Plot the learning curves of --db: training and validation loss,
+    learning rate and gradient norm against step (needs matplotlib).
+
+    Example: sqlgpt plot --db model.db -o curves.png
+    """
+    from .plot import plot_curves
+    check_output_path(out_path)
+    plot_curves(db_path, out_path)
+    click.echo(f"wrote {out_path}")
+
+
+@main.command()
+@click.option("--db", "db_path", required=True, type=click.Path(),
+              help="SQLite file that holds the model.")
+@click.option("--prompt", required=True, help="The text whose attention to draw.")
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(),
+              help="The PNG file to write.")
+@fail_cleanly
+def attention(db_path, prompt, out_path):
+    """Draw every layer's and head's attention map for --prompt (needs matplotlib).
+
+    Example: sqlgpt attention --db model.db --prompt "the king" -o attn.png
+    """
+    from .plot import plot_attention
+    check_output_path(out_path)
+    plot_attention(load(db_path), prompt, out_path)
+    click.echo(f"wrote {out_path}")
+
+
+def check_output_path(path):
+    from pathlib import Path
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise SqlgptError(f"{path} must end in .png")
+    if path.is_dir() or not path.parent.is_dir():
+        raise SqlgptError(f"cannot write {path}: not a file in an existing directory")
+
+
+@main.command()
+@click.option("--db", "db_path", required=True, type=click.Path(),
+              help="SQLite file that holds the model.")
+@click.argument("query", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print each row as a JSON object.")
+@click.option("--write", is_flag=True, help="Open the file for writing (default: read-only).")
+@threads_option
+@fail_cleanly
+def sql(db_path, query, as_json, write):
+    """Run QUERY on --db with sqlite-vec and sqlgpt's SQL functions loaded
+    (sqlgpt_generate, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed), or,
+    without QUERY, a shell of such queries (end each with ;).
+
+    Example: sqlgpt sql --db model.db "SELECT name, l2 FROM tensors ORDER BY l2 DESC LIMIT 3"
+    """
+    from .sql import connect
+    conn = connect(db_path, readonly=not write)
+    try:
+        if query is not None:
+            run_query(conn, query, as_json)
+        else:
+            sql_shell(conn, as_json)
+    finally:
+        conn.close()
+
+
+def run_query(conn, query, as_json):
+    """Print a query's rows: aligned columns under a header, or JSON lines."""
+    try:
+        cursor = conn.execute(query)
+        try:  # before fetching: apsw has no description once a statement is done
+            names = [d[0] for d in cursor.description or ()]
+        except Exception:  # apsw, a statement that returned no rows
+            names = []
+        rows = cursor.fetchall()
+    except Exception as e:  # sqlite3's and apsw's errors, and the functions' own
+        raise SqlgptError(f"SQL error: {e}") from None
+    cells = [[shown_cell(v) for v in row] for row in rows]
+    if as_json:
+        for row in rows:
+            emit_json({n: (f"<BLOB {len(v)} bytes>" if isinstance(v, bytes) else v)
+                       for n, v in zip(names, row)})
+        return
+    if not names:
+        return
+    widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+    click.echo("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip())
+    click.echo("  ".join("-" * w for w in widths))
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def shown_cell(value):
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes):
+        return f"<BLOB {len(value)} bytes>"
+    return shown_piece(str(value))
+
+
+def sql_shell(conn, as_json):
+    """Read statements (ended by ;) and print their rows; errors are shown
+    and the shell goes on; Ctrl-D quits."""
+    import importlib
+    import sqlite3
+    try:
+        importlib.import_module("readline")  # line editing and history for input()
+    except ImportError:
+        pass
+    buffer = ""
+    while True:
+        try:
+            line = input("sqlgpt> " if not buffer else "   ...> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            buffer = ""
+            continue
+        buffer += line + "\n"
+        if sqlite3.complete_statement(buffer):
+            try:
+                run_query(conn, buffer, as_json)
+            except SqlgptError as e:
+                click.echo(f"Error: {e}", err=True)
+            buffer = ""
+
+
 if __name__ == "__main__":
     main()
