@@ -18,8 +18,8 @@
 -- opens read them as they are. Version 1 had no `norms`, `tokenizer` and
 -- `evaluations` tables and no `metrics.grad_norm`, its `vocab` was (word,
 -- id), and `config` had no architecture keys (it is the lua preset with the
--- word tokenizer). Version 2 had no `tensor_stats` table, no `tensors` view
--- and no `vocab.count`.
+-- word tokenizer). Version 2 had no `tensor_stats` and `checkpoint_weights`
+-- tables, no `tensors` view and no `vocab.count`.
 
 -- Settings, under the original script's key names (vocab_size, embed_dim,
 -- num_heads, num_layers, seq_len, lr, batch_size, max_iters, dropout, beta1,
@@ -176,3 +176,19 @@ CREATE VIEW IF NOT EXISTS tensors AS
     SELECT name, layer, component, rows, cols, mean, std, min, max, l2
     FROM tensor_stats
     WHERE step = (SELECT max(step) FROM tensor_stats);
+
+-- Older checkpoints kept by `sqlgpt train --keep N` (since version 3): the
+-- weights, without Adam's moments, of the last N checkpoints and of the one
+-- with the best validation loss; the others are deleted in the transaction
+-- that saves a new one. One row per matrix row: `name` is the tensor
+-- table's, `i` the row, `data` the row as in the weight tables, `crc` zlib's
+-- CRC-32 of data. The latest checkpoint is here too (and, with its moments,
+-- in the weight tables).
+CREATE TABLE IF NOT EXISTS checkpoint_weights (
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    i    INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    crc  INTEGER NOT NULL,
+    PRIMARY KEY (step, name, i)
+);

@@ -144,10 +144,13 @@ class Model:
             return evaluate(self._gpt, tokens, stride, batch_size)
 
 
-def load(path, precision="fp32"):
-    """Load the latest checkpoint of a sqlgpt database (read-only). With
-    precision "bf16", generation reads the matrices rounded to bfloat16."""
+def load(path, precision="fp32", step=None):
+    """Load the latest checkpoint of a sqlgpt database (read-only), or with
+    step an older one that `train --keep` kept. With precision "bf16",
+    generation reads the matrices rounded to bfloat16."""
     check_precision(precision)
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise SqlgptError(f"step must be an integer >= 0, got {step!r}")
     conn = store.open_database(path, readonly=True)
     try:
         with store.sqlite_errors(f"cannot read {path}"):
@@ -155,11 +158,20 @@ def load(path, precision="fp32"):
             arch, cfg = store.read_config(conn)
             tokenizer = store.read_tokenizer(conn, arch, cfg)
             gpt = GPT(arch)
-            store.read_weights(conn, gpt)
             state = store.read_train_state(conn)
-            step = state.get("step")
-            if not isinstance(step, int) or step < 0:
+            latest = state.get("step")
+            if not isinstance(latest, int) or latest < 0:
                 raise SqlgptError(f"{path} is damaged: no valid training step")
+            if step is None or step == latest:
+                store.read_weights(conn, gpt)
+                step = latest
+            else:
+                kept = store.kept_steps(conn)
+                if step not in kept:
+                    raise SqlgptError(f"{path} keeps no checkpoint at step {step} (kept: "
+                                      f"{', '.join(map(str, kept)) or 'none'}; latest: {latest}"
+                                      f"); train with --keep N to keep older ones")
+                store.read_kept_weights(conn, gpt, step)
     finally:
         conn.close()
     return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state))

@@ -43,7 +43,7 @@ TRAIN_OPTIONS = {
     "dropout_final": "dropout_final", "val_file": "val_file",
 }
 # stored settings a resumed run may change: results do not depend on them
-RUN_OPTIONS = ("checkpoint_activations",)
+RUN_OPTIONS = ("checkpoint_activations", "keep")
 # every option that is a stored setting -> its field
 SETTING_FIELDS = {**ARCH_OPTIONS, **TRAIN_OPTIONS, "preset": "preset", "tokenizer": "tokenizer",
                   "vocab_size": "vocab_size"}
@@ -97,6 +97,19 @@ def apply_threads(ctx, param, value):
         set_threads(value)
     return value
 
+
+db_option = click.option("--db", "db_path", required=True, type=click.Path(),
+                         help="SQLite file that holds the model.")
+
+
+def output_option(help_text):
+    return click.option("-o", "--output", "out_path", required=True, type=click.Path(),
+                        help=help_text)
+
+
+step_option = click.option(
+    "--step", type=click.IntRange(min=0), default=None,
+    help="Use the checkpoint of this step (one train --keep kept). [default: the latest]")
 
 threads_option = click.option(
     "--threads", type=click.IntRange(1, 4096), default=None, expose_value=False,
@@ -236,6 +249,9 @@ def load_run_file(ctx, param, path):
               help="Keep only each block's input and recompute the rest in backward: "
                    "activation memory of one block instead of all, about a third more "
                    "compute, the same gradients bit for bit.")
+@click.option("--keep", type=click.IntRange(0, 10**6), default=DEFAULTS.keep, show_default=True,
+              help="Keep the weights of the last N checkpoints (and of the best by validation "
+                   "loss) for generate --step and SQL; 0 keeps only the latest.")
 @click.option("--stop-on-divergence", is_flag=True,
               help="Stop (keeping the last checkpoint) when the loss climbs past 3x its "
                    "start; without it, a warning.")
@@ -307,6 +323,7 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
         if settings["dropout_final"] is None:
             settings["dropout_final"] = -1.0
         settings["checkpoint_activations"] = options["checkpoint_activations"]
+        settings["keep"] = options["keep"]
         vocab_size = options["vocab_size"]
         cfg = TrainConfig(**settings, tokenizer=tokenizer, max_iters=iters,
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
@@ -416,15 +433,16 @@ def fmt_loss(value):
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Weights while generating: bf16 streams half the bytes per token "
                    "(faster; logits within about 1e-2 of fp32).")
+@step_option
 @threads_option
 @fail_cleanly
 def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk,
-             precision):
+             precision, step):
     """Generate text from the model in --db, streaming tokens as they come.
 
     Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
     """
-    model = load(db_path, precision)
+    model = load(db_path, precision, step)
     for piece in model.stream(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):
         click.echo(piece, nl=False)
     click.echo()
@@ -445,15 +463,16 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
               show_default=True, help="Bytes that are not UTF-8: an error, or U+FFFD.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@step_option
 @threads_option
 @fail_cleanly
-def eval_(corpus, db_path, stride, batch_size, extensions, encoding_errors, as_json):
+def eval_(corpus, db_path, stride, batch_size, extensions, encoding_errors, as_json, step):
     """Score the model in --db on CORPUS (files, directories or -): mean
     cross-entropy per token, perplexity and next-token accuracy.
 
     Example: sqlgpt eval --db model.db held_out.txt --json
     """
-    model = load(db_path)
+    model = load(db_path, step=step)
     result = model.evaluate(paths=corpus, stride=stride, batch_size=batch_size,
                             extensions=extensions, encoding_errors=encoding_errors)
     if as_json:
@@ -500,13 +519,14 @@ def info(db_path, as_json):
     try:
         with store.sqlite_errors(f"cannot read {db_path}"):
             history = store.checkpoints(conn)
+            kept = store.kept_steps(conn)
     finally:
         conn.close()
     profile = model_profile(model.arch, model.train_config.batch_size,
                             model.train_config.checkpoint_activations)
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
               "step": model.step, "corpus": model.corpus, "profile": profile,
-              "checkpoints": history}
+              "checkpoints": history, "kept_steps": kept}
     if as_json:
         emit_json(report)
         return
@@ -529,6 +549,8 @@ def info(db_path, as_json):
     click.echo(f"memory to train at batch {model.train_config.batch_size} x seq "
                f"{model.arch.seq_len} (MB): " + ", ".join(
                    f"{part} {size:,.1f}" for part, size in profile["memory_mb"].items()))
+    if kept:
+        click.echo(f"kept checkpoints (--step): {', '.join(map(str, kept))}")
     click.echo(f"checkpoints ({len(history)}):")
     for c in history[-10:]:
         click.echo(f"  step {c['step']:>6}  train loss {fmt_loss(c['train_loss']):>7}  "
@@ -554,11 +576,52 @@ def check(db_path):
                f"checksummed, step {model.step})")
 
 
-@main.command()
+@main.command(name="datasette-metadata")
 @click.option("--db", "db_path", required=True, type=click.Path(),
               help="SQLite file that holds the model.")
-@click.option("-o", "--output", "out_path", required=True, type=click.Path(),
-              help="The PNG file to write.")
+@click.option("-o", "--output", "out_path", type=click.Path(), default=None,
+              help="Write the JSON here. [default: standard output]")
+@fail_cleanly
+def datasette_metadata(db_path, out_path):
+    """Datasette metadata for --db: table descriptions, the weight tables
+    hidden from the index, and canned queries (see the README's ten).
+
+    Example: sqlgpt datasette-metadata --db model.db -o metadata.json && datasette model.db -m metadata.json
+    """
+    from pathlib import Path
+    from .queries import metadata_json
+    store.open_database(db_path).close()  # a sqlgpt database this version reads
+    text = metadata_json(Path(db_path).stem)
+    if out_path is None:
+        click.echo(text)
+        return
+    try:
+        Path(out_path).write_text(text + "\n")
+    except OSError as e:
+        raise SqlgptError(f"cannot write {out_path}: {e.strerror}") from None
+    click.echo(f"wrote {out_path}")
+
+
+@main.command()
+@db_option
+@output_option("The new, compacted database file.")
+@fail_cleanly
+def compact(db_path, out_path):
+    """Copy --db without Adam's moments and kept checkpoints: about a third of
+    the size; it generates and evaluates, and --init-from fine-tunes from it
+    (it cannot resume).
+
+    Example: sqlgpt compact --db model.db -o small.db
+    """
+    import os
+    store.compact(db_path, out_path)
+    before, after = os.path.getsize(db_path), os.path.getsize(out_path)
+    click.echo(f"wrote {out_path}: {after:,} bytes ({after / before:.0%} of {before:,})")
+
+
+@main.command()
+@db_option
+@output_option("The PNG file to write.")
 @fail_cleanly
 def plot(db_path, out_path):
     """Plot the learning curves of --db: training and validation loss,
@@ -573,11 +636,9 @@ def plot(db_path, out_path):
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @click.option("--prompt", required=True, help="The text whose attention to draw.")
-@click.option("-o", "--output", "out_path", required=True, type=click.Path(),
-              help="The PNG file to write.")
+@output_option("The PNG file to write.")
 @fail_cleanly
 def attention(db_path, prompt, out_path):
     """Draw every layer's and head's attention map for --prompt (needs matplotlib).

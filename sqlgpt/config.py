@@ -44,6 +44,7 @@ class TrainConfig(StoredFields):
     eval_iters: int = 4       # batches per evaluation (0: the whole held-out split)
     seed: int = 1337
     checkpoint_activations: bool = False  # recompute blocks in backward (memory, not results)
+    keep: int = 0             # older checkpoints whose weights are kept (plus the best)
 
     def validate(self):
         """Raise SqlgptError for settings that cannot be trained with."""
@@ -79,7 +80,7 @@ class TrainConfig(StoredFields):
             raise SqlgptError(f"momentum must be in [0, 1), got {self.momentum}")
         if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise SqlgptError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("eval_every", "eval_iters"):
+        for name in ("eval_every", "eval_iters", "keep"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < 2**31:
                 raise SqlgptError(f"{name} must be an integer >= 0, got {value!r}")

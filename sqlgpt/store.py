@@ -37,9 +37,10 @@ APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
 SCHEMA_VERSION = 3
 WEIGHT_TABLES = ("embeddings", "layers", "head", "norms")
 REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
-                   "metrics", "evaluations", "tensor_stats") + WEIGHT_TABLES
+                   "metrics", "evaluations", "tensor_stats", "checkpoint_weights") + WEIGHT_TABLES
 # the schema version that added a table (the others are in every version)
-ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3}
+ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3,
+            "checkpoint_weights": 3}
 # the views sqlgpt creates, and the version that added each
 VIEWS_ADDED_IN = {"tensors": 3}
 BUSY_TIMEOUT_MS = 10_000
@@ -468,6 +469,15 @@ CREATE VIEW tensors AS
     SELECT name, layer, component, rows, cols, mean, std, min, max, l2
     FROM tensor_stats
     WHERE step = (SELECT max(step) FROM tensor_stats)""")
+    conn.execute("""
+CREATE TABLE checkpoint_weights (
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    i    INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    crc  INTEGER NOT NULL,
+    PRIMARY KEY (step, name, i)
+)""")
     conn.execute("ALTER TABLE vocab ADD COLUMN count INTEGER")
     arch, _ = read_config(conn)
     model = types.SimpleNamespace(arch=arch, params=ParameterSet(stored_tensors(arch)))
@@ -616,10 +626,114 @@ def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
                      "VALUES (?, ?, ?, ?)",
                      (state["step"], train_loss, val_loss, state["elapsed_s"]))
         conn.executemany(TENSOR_STATS_SQL, tensor_stats(model.params, state["step"]))
+        keep_checkpoints(conn, model.params, state["step"], train_cfg.keep)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
+
+
+def compact(path, out_path):
+    """Write out_path: a copy of the database at path with only what using
+    the model needs, the latest weights without Adam's moments (and no kept
+    checkpoints), so about a third of the size; config, tokenizer, metrics,
+    evaluations and checkpoints rows stay. train_state says compacted: it
+    generates, evaluates and fine-tunes (--init-from) but cannot resume.
+    Built under a temporary name and moved into place."""
+    path, out_path = Path(path), Path(out_path)
+    if out_path.exists():
+        raise SqlgptError(f"{out_path} already exists; name a new file")
+    if out_path.resolve() == path.resolve():
+        raise SqlgptError("compact writes a new file: name another -o")
+    source = open_database(path)  # checks it is a sqlgpt database this version reads
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        dest = sqlite3.connect(tmp, isolation_level=None)
+        with sqlite_errors(f"cannot compact {path}"):
+            source.backup(dest)
+            source.close()
+            dest.execute("PRAGMA journal_mode = DELETE")
+            migrate(dest, out_path)  # an older source: the copy at this version
+            dest.execute("BEGIN")
+            for table in WEIGHT_TABLES:
+                rows = dest.execute(f"SELECT rowid, data FROM {table}").fetchall()
+                dest.executemany(f"UPDATE {table} SET m = x'', v = x'', crc = ? WHERE rowid = ?",
+                                 [(zlib.crc32(data), rowid) for rowid, data in rows])
+            dest.execute("DELETE FROM checkpoint_weights")
+            dest.execute("DELETE FROM tensor_stats WHERE step < (SELECT max(step) FROM tensor_stats)")
+            dest.execute("INSERT OR REPLACE INTO train_state (key, value) VALUES ('compacted', "
+                         "'true')")
+            dest.execute("COMMIT")
+            dest.execute("VACUUM")
+        dest.close()
+        os.replace(tmp, out_path)
+    finally:
+        source.close()
+        tmp.unlink(missing_ok=True)
+
+
+def keep_checkpoints(conn, params, step, keep):
+    """With keep > 0: this checkpoint's weights into checkpoint_weights, and
+    only the last keep checkpoints there, plus the best by validation loss,
+    kept (keep 0 keeps none). Inside the checkpoint's transaction."""
+    if keep > 0:
+        conn.executemany("INSERT OR REPLACE INTO checkpoint_weights (step, name, i, data, crc) "
+                         "VALUES (?, ?, ?, ?, ?)", _history_rows(params, step))
+    conn.execute("""
+        DELETE FROM checkpoint_weights WHERE step NOT IN (
+            SELECT step FROM (SELECT DISTINCT step FROM checkpoint_weights
+                              ORDER BY step DESC LIMIT ?)
+            UNION
+            SELECT step FROM (SELECT step FROM checkpoints
+                              WHERE val_loss IS NOT NULL AND step IN
+                                  (SELECT DISTINCT step FROM checkpoint_weights)
+                              ORDER BY val_loss, step LIMIT 1)
+            WHERE ? > 0)""", (keep, keep))
+
+
+def _history_rows(params, step):
+    for t in params:
+        rows = _stored(t.data).reshape(t.spec.rows, t.spec.cols)
+        for i, row in enumerate(rows):
+            data = row.tobytes()
+            yield step, t.name, i, data, zlib.crc32(data)
+
+
+def kept_steps(conn):
+    """The steps whose weights checkpoint_weights holds, in order."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if "checkpoint_weights" not in tables_at(version):
+        return []
+    return [s for s, in conn.execute("SELECT DISTINCT step FROM checkpoint_weights "
+                                     "ORDER BY step")]
+
+
+def read_kept_weights(conn, model, step):
+    """Fill model.params' data with a kept checkpoint's weights (moments
+    zero), checking every row's presence, length and checksum."""
+    rows = {}
+    for name, i, data, crc in conn.execute("SELECT name, i, data, crc FROM checkpoint_weights "
+                                           "WHERE step = ? ORDER BY name, i", (step,)):
+        rows.setdefault(name, []).append((i, data, crc))
+    unknown = sorted(set(rows) - set(model.params.tensors))
+    if unknown:
+        raise SqlgptError(f"checkpoint {step} has weights for unknown tensor(s): "
+                          f"{', '.join(unknown)}")
+    for t in model.params:
+        found = rows.get(t.name, [])
+        if [i for i, _, _ in found] != list(range(t.spec.rows)):
+            raise SqlgptError(f"checkpoint {step}: weights of {t.name} are damaged: expected "
+                              f"rows 0..{t.spec.rows - 1}, found {len(found)}")
+        for i, data, crc in found:
+            if not isinstance(data, bytes) or len(data) != 4 * t.spec.cols:
+                raise SqlgptError(f"checkpoint {step}: weights of {t.name} are damaged: row {i} "
+                                  f"is not {t.spec.cols} float32 values")
+            if zlib.crc32(data) != crc:
+                raise SqlgptError(f"checkpoint {step}: weights of {t.name} are damaged: row {i} "
+                                  f"fails its checksum")
+        t.data[...] = np.frombuffer(b"".join(d for _, d, _ in found), "<f4").reshape(t.shape)
+        t.m[...], t.v[...] = 0.0, 0.0
+    _check_values(model.params)
 
 
 TENSOR_STATS_SQL = ("INSERT OR REPLACE INTO tensor_stats (step, name, layer, component, rows, "
@@ -776,6 +890,14 @@ def _fill(t, rows, index_range):
         columns = [b"".join(column) for column in (data, m, v)]  # refuses what is not bytes
     except TypeError:
         columns = None
+    if columns and len(columns[0]) == 4 * t.data.size and columns[1] == columns[2] == b"":
+        # a compacted file (sqlgpt compact): no moments, each crc over data alone
+        t.data[...] = np.frombuffer(columns[0], dtype="<f4").reshape(t.shape)
+        t.m[...], t.v[...] = 0.0, 0.0
+        bad = [i for i, (row, c) in enumerate(zip(data, crc)) if zlib.crc32(row) != c]
+        if not bad:
+            return
+        raise SqlgptError(f"weights of {t.name} are damaged: row {bad[0]} fails its checksum")
     if columns and all(len(c) == 4 * t.data.size for c in columns):
         for column, buf in zip(columns, (t.data, t.m, t.v)):
             buf[...] = np.frombuffer(column, dtype="<f4").reshape(t.shape)

@@ -337,6 +337,9 @@ class Trainer:
         _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()}, arch)
         tokenizer = store.read_tokenizer(conn, arch, cfg)
         state = store.read_train_state(conn)
+        if state.get("compacted"):
+            raise SqlgptError(f"{db_path} is compacted (sqlgpt compact: no optimizer state); "
+                              f"it cannot resume: start a new model from it with --init-from")
         if digest and state.get("corpus_sha256") != digest:
             raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
                               f"{db_path} was trained on; resume needs the same files")

@@ -184,3 +184,37 @@ def test_the_readme_queries_print_what_the_readme_shows(tmp_path):
         argv = [str(tmp_path / "model.db") if a == "model.db" else a for a in argv]
         got = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
         assert same_output(printed, got), (argv[-1], printed, got)
+
+
+def test_the_readme_queries_are_the_shipped_ones():
+    from sqlgpt.queries import QUERIES
+    _, queries = readme_queries()
+    assert [argv[-1] for argv, _ in queries] == [sql for _, sql in QUERIES.values()]
+
+
+def test_datasette_serves_the_model_with_metadata(gpt2_db, tmp_path):
+    datasette = pytest.importorskip("datasette.app")
+    import asyncio
+    import json
+    out = tmp_path / "metadata.json"
+    result = run("datasette-metadata", "--db", gpt2_db, "-o", out)
+    assert result.exit_code == 0, result.output
+    metadata = json.loads(out.read_text())
+
+    async def fetch():
+        ds = datasette.Datasette([str(gpt2_db)], metadata=metadata)
+        index = (await ds.client.get("/m.json")).json()
+        tensors = (await ds.client.get("/m/tensors.json?_shape=objects")).json()
+        curve = (await ds.client.get("/m/loss_curve.json?_shape=objects")).json()
+        best = (await ds.client.get("/m/best_checkpoint.json?_shape=objects")).json()
+        return index, tensors, curve, best
+    index, tensors, curve, best = asyncio.run(fetch())
+    shown = {t["name"] for t in index["tables"] if not t["hidden"]}
+    assert {"metrics", "tensor_stats", "vocab"} <= shown and not shown & {"layers", "embeddings"}
+    assert {v["name"] for v in index["views"]} == {"tensors"}
+    assert {row["name"] for row in tensors["rows"]} == set(sqlgpt.load(gpt2_db).state_dict())
+    assert [row["step"] for row in curve["rows"]] == []  # 20 steps: none is a multiple of 40
+    assert best["rows"][0]["step"] in (10, 20)
+    assert {q["name"] for q in index["queries"]} >= {"loss_curve", "commonest_tokens"}
+    result = run("datasette-metadata", "--db", tmp_path / "none.db")
+    assert result.exit_code == 1

@@ -236,7 +236,8 @@ def test_connect_with_a_python_that_loads_extensions(char_db):
             "assert isinstance(c, sqlite3.Connection); "
             "print(c.execute(\"SELECT vec_length(sqlgpt_embed('the'))\").fetchone()[0])" % str(char_db))
     out = subprocess.run([extension_python(), "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)}, timeout=120)
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)}, timeout=120,
+                         cwd=Path(char_db).parent)  # not a checkout whose sqlgpt/ would shadow
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == sqlgpt.load(char_db).arch.embed_dim
 
