@@ -577,8 +577,7 @@ def check(db_path):
 
 
 @main.command(name="datasette-metadata")
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @click.option("-o", "--output", "out_path", type=click.Path(), default=None,
               help="Write the JSON here. [default: standard output]")
 @fail_cleanly
@@ -590,7 +589,13 @@ def datasette_metadata(db_path, out_path):
     """
     from pathlib import Path
     from .queries import metadata_json
-    store.open_database(db_path).close()  # a sqlgpt database this version reads
+    conn = store.open_database(db_path)  # a sqlgpt database this version reads
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.close()
+    if version < 3:  # the canned queries read the tensors view and vocab.count
+        raise SqlgptError(f"{db_path} has schema version {version}: its queries need version "
+                          f"3 (sqlgpt train --resume upgrades it; sqlgpt compact writes an "
+                          f"upgraded copy)")
     text = metadata_json(Path(db_path).stem)
     if out_path is None:
         click.echo(text)
@@ -607,9 +612,9 @@ def datasette_metadata(db_path, out_path):
 @output_option("The new, compacted database file.")
 @fail_cleanly
 def compact(db_path, out_path):
-    """Copy --db without Adam's moments and kept checkpoints: about a third of
-    the size; it generates and evaluates, and --init-from fine-tunes from it
-    (it cannot resume).
+    """Copy --db without Adam's moments and kept checkpoints (the history
+    rows stay): about a third of the size; it generates and evaluates, and
+    --init-from fine-tunes from it (it cannot resume).
 
     Example: sqlgpt compact --db model.db -o small.db
     """
@@ -661,8 +666,7 @@ def check_output_path(path):
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @click.argument("query", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print each row as a JSON object.")
 @click.option("--write", is_flag=True, help="Open the file for writing (default: read-only).")

@@ -9,6 +9,16 @@ from . import store
 from .errors import SqlgptError
 
 
+def _save(fig, path):
+    try:
+        fig.savefig(path, dpi=80)
+    except OSError as e:
+        raise SqlgptError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -62,8 +72,7 @@ def plot_curves(db_path, out_path):
         ax.grid(alpha=0.3)
     fig.suptitle(str(db_path))
     fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
-    plt.close(fig)
+    _save(fig, out_path)
 
 
 def attention_maps(model, prompt):
@@ -109,5 +118,4 @@ def plot_attention(model, prompt, out_path):
                 ax.set_yticklabels(labels, fontsize=6)
     fig.suptitle(f"attention for {prompt!r} (rows: queries, columns: keys)")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
-    plt.close(fig)
+    _save(fig, out_path)

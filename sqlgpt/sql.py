@@ -16,6 +16,7 @@ connections (which sqlgpt.connect falls back to) show it directly.
 import json
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -132,18 +133,19 @@ class ModelFunctions:
             return method
 
         def call(*args):
-            try:
-                with self.lock:
+            with self.lock:
+                try:
                     return method(*args)
-            except SqlFunctionError as e:
-                self.last_error = str(e)
-            except SqlgptError as e:
-                self.last_error = f"{name}: {e}"
-            except MemoryError:
-                self.last_error = f"{name}: out of memory"
-            except Exception as e:  # a host must see an SQL error, never a crash
-                self.last_error = f"{name}: {type(e).__name__}: {e}"
-            raise SqlFunctionError(self.last_error)
+                except SqlFunctionError as e:
+                    message = str(e)
+                except SqlgptError as e:
+                    message = f"{name}: {e}"
+                except MemoryError:
+                    message = f"{name}: out of memory"
+                except Exception as e:  # a host must see an SQL error, never a crash
+                    message = f"{name}: {type(e).__name__}: {e}"
+                self.last_error = message
+            raise SqlFunctionError(message)
         return call
 
 
@@ -183,30 +185,39 @@ def connect(path, readonly=True, functions=True, precision="fp32"):
     """A connection to the database at path with sqlite-vec loaded and, with
     functions, sqlgpt's SQL functions for the model it holds: the standard
     library's sqlite3 where it can load extensions, else an apsw connection
-    (both have .execute(sql, params).fetchall())."""
+    (both have .execute(sql, params).fetchall()). Each statement commits by
+    itself (autocommit), on both; one thread at a time may use it."""
     import sqlite_vec
     path = Path(path)
     if not path.is_file():
         raise SqlgptError(f"database {path} does not exist")
+    conn = _open(path, readonly)
+    try:
+        conn.enable_load_extension(True)
+        if hasattr(conn, "create_function"):
+            sqlite_vec.load(conn)
+        else:
+            conn.load_extension(sqlite_vec.loadable_path())
+        conn.enable_load_extension(False)
+        if functions:
+            register(conn, path, precision)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open(path, readonly):
+    """An autocommit connection: the standard library's, or apsw's."""
     if can_load_extensions():
         import sqlite3
-        conn = sqlite3.connect(f"file:{path.resolve().as_posix()}?mode={'ro' if readonly else 'rw'}",
-                               uri=True, check_same_thread=False)
-        conn.enable_load_extension(True)
-        sqlite_vec.load(conn)
-        conn.enable_load_extension(False)
-    else:
-        try:
-            import apsw
-        except ImportError:
-            raise SqlgptError("this Python's sqlite3 cannot load extensions and apsw is not "
-                              "installed: pip install apsw, or use a Python built with "
-                              "loadable SQLite extensions") from None
-        flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
-        conn = apsw.Connection(str(path), flags=flags)
-        conn.enable_load_extension(True)
-        conn.load_extension(sqlite_vec.loadable_path())
-        conn.enable_load_extension(False)
-    if functions:
-        register(conn, path, precision)
-    return conn
+        uri = f"file:{quote(path.resolve().as_posix())}?mode={'ro' if readonly else 'rw'}"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        import apsw
+    except ImportError:
+        raise SqlgptError("this Python's sqlite3 cannot load extensions and apsw is not "
+                          "installed: pip install apsw, or use a Python built with "
+                          "loadable SQLite extensions") from None
+    flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    return apsw.Connection(str(path), flags=flags)

@@ -637,19 +637,20 @@ def compact(path, out_path):
     """Write out_path: a copy of the database at path with only what using
     the model needs, the latest weights without Adam's moments (and no kept
     checkpoints), so about a third of the size; config, tokenizer, metrics,
-    evaluations and checkpoints rows stay. train_state says compacted: it
+    evaluations, checkpoints and tensor_stats rows stay. train_state says compacted: it
     generates, evaluates and fine-tunes (--init-from) but cannot resume.
     Built under a temporary name and moved into place."""
     path, out_path = Path(path), Path(out_path)
     if out_path.exists():
         raise SqlgptError(f"{out_path} already exists; name a new file")
-    if out_path.resolve() == path.resolve():
-        raise SqlgptError("compact writes a new file: name another -o")
+    if not out_path.parent.is_dir():
+        raise SqlgptError(f"cannot write {out_path}: {out_path.parent} is not a directory")
     source = open_database(path)  # checks it is a sqlgpt database this version reads
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    dest = None
     try:
-        dest = sqlite3.connect(tmp, isolation_level=None)
-        with sqlite_errors(f"cannot compact {path}"):
+        with sqlite_errors(f"cannot compact {path} into {out_path}"):
+            dest = sqlite3.connect(tmp, isolation_level=None)
             source.backup(dest)
             source.close()
             dest.execute("PRAGMA journal_mode = DELETE")
@@ -660,16 +661,22 @@ def compact(path, out_path):
                 dest.executemany(f"UPDATE {table} SET m = x'', v = x'', crc = ? WHERE rowid = ?",
                                  [(zlib.crc32(data), rowid) for rowid, data in rows])
             dest.execute("DELETE FROM checkpoint_weights")
-            dest.execute("DELETE FROM tensor_stats WHERE step < (SELECT max(step) FROM tensor_stats)")
             dest.execute("INSERT OR REPLACE INTO train_state (key, value) VALUES ('compacted', "
                          "'true')")
             dest.execute("COMMIT")
             dest.execute("VACUUM")
-        dest.close()
-        os.replace(tmp, out_path)
+            dest.close()
+            dest = None
+        try:
+            os.replace(tmp, out_path)
+        except OSError as e:
+            raise SqlgptError(f"cannot write {out_path}: {e.strerror}") from None
     finally:
         source.close()
-        tmp.unlink(missing_ok=True)
+        if dest is not None:
+            dest.close()
+        for leftover in (tmp, Path(f"{tmp}-journal")):
+            leftover.unlink(missing_ok=True)
 
 
 def keep_checkpoints(conn, params, step, keep):

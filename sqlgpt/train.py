@@ -92,7 +92,8 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
 TOKEN_FILES = {"corpus": ("tokens", TOKENS_SUFFIX), "val": ("val_tokens", VAL_TOKENS_SUFFIX)}
 
 
-def _write_token_file(db_path, which, sources, tokenizer, errors, on_progress, recorded=None):
+def _write_token_file(db_path, which, sources, tokenizer, errors, on_progress,
+                      recorded=None):
     """Tokenize sources into the token file `which` beside the database
     (through a temporary file, so a failure leaves none); its description.
     recorded: the description the database holds, which the ids must match."""
@@ -122,6 +123,9 @@ def _resume_tokens(db_path, state, which, tokenizer, sources, errors, on_progres
     info = state.get(key)
     if info and (tokens_path(db_path, suffix).is_file() or not sources):
         return open_tokens(db_path, info)
+    if not sources and which == "val":
+        raise SqlgptError(f"the validation tokens of {db_path} ({tokens_path(db_path, suffix)}) "
+                          f"and the --val-file they came from are both missing")
     if not sources:
         raise SqlgptError(f"{db_path} was trained before token files existed: name its corpus "
                           f"to resume")
@@ -161,6 +165,22 @@ def divergence(losses, start):
     return not math.isfinite(recent) or recent > DIVERGE_FACTOR * start
 
 
+def resumable_rng(state):
+    """The generator a training state saved, after checking the state's
+    counters; a one-line error for a damaged one."""
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = state["rng"]
+        ok = all(isinstance(state[k], int) and not isinstance(state[k], bool) and state[k] >= 0
+                 for k in ("step", "bad_steps", "tokens_seen"))
+        ok = ok and isinstance(state["elapsed_s"], (int, float))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SqlgptError("the train_state table is damaged; cannot resume")
+    return rng
+
+
 class AlreadyTrained(Exception):
     """Resume found the model at the requested step already."""
 
@@ -178,16 +198,7 @@ class Trainer:
         self.cfg = train_cfg
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.state = state
-        self.rng = np.random.default_rng()
-        try:
-            self.rng.bit_generator.state = state["rng"]
-            ok = all(isinstance(state[k], int) and state[k] >= 0
-                     for k in ("step", "bad_steps", "tokens_seen"))
-            ok = ok and isinstance(state["elapsed_s"], (int, float))
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise SqlgptError("the train_state table is damaged; cannot resume")
+        self.rng = resumable_rng(state)
         self.saved_step = state["step"]
         self._stop = ""
         self._last_val = None  # the latest evaluation's loss, with --eval-every
@@ -220,6 +231,7 @@ class Trainer:
         arch.validate()
         sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
         tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.tokens.tmp")
+        tmp_val = db_path.with_name(f".{db_path.name}.{os.getpid()}.val.tokens.tmp")
         try:
             if cfg.val_file:  # held out whole: the corpus is all training text
                 val_sources = _val_sources(cfg.val_file, db_path.parent)
@@ -252,11 +264,12 @@ class Trainer:
             tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
             train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
             val_info = None
-            if cfg.val_file:
-                val_info = _write_token_file(db_path, "val", val_sources, tokenizer,
-                                             encoding_errors, on_progress)
-                val = _val_split(open_tokens(db_path, val_info, verify=False), arch.seq_len,
-                                 cfg.val_file)
+            if cfg.val_file:  # beside the corpus's: both move into place with the database
+                val_info = write_tokens(val_sources, tokenizer, tmp_val, encoding_errors,
+                                        _progress(on_progress, "tokenizing", val_sources))
+                val_info["file"] = tokens_path(db_path, VAL_TOKENS_SUFFIX).name
+                val = _val_split(np.memmap(tmp_val, dtype=np.dtype(val_info["dtype"]), mode="r"),
+                                 arch.seq_len, cfg.val_file)
             model = GPT(arch, cfg.checkpoint_activations)
             rng = np.random.default_rng(cfg.seed)
             model.init_weights(rng)
@@ -275,13 +288,15 @@ class Trainer:
                     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state,
                                                        overwrite, counts)
                 os.replace(tmp_tokens, tokens_path(db_path))  # the memmap follows the file
+                if val_info:
+                    os.replace(tmp_val, tokens_path(db_path, VAL_TOKENS_SUFFIX))
             finally:
                 if old_lock:
                     old_lock.release()
         finally:
             remove_spools(sources)
-            if tmp_tokens.exists():
-                tmp_tokens.unlink()
+            for tmp in (tmp_tokens, tmp_val):
+                tmp.unlink(missing_ok=True)
         return cls(conn, lock, model, cfg, tokenizer, train, val, state)
 
     @classmethod
@@ -302,6 +317,7 @@ class Trainer:
             digest = fingerprint(sources) if sources else None
             store.open_database(db_path).close()  # is it a sqlgpt database at all?
             lock = store.WriterLock(db_path)
+            conn = None
             try:
                 # every check reads through a read-only connection, so a refused
                 # resume leaves the file byte for byte as it was
@@ -323,6 +339,8 @@ class Trainer:
                     conn = store.open_database(db_path, readonly=False)  # migrates an old file
                 return cls(conn, lock, *parts)
             except BaseException:
+                if conn is not None:
+                    store.close_writer(conn)
                 lock.release()
                 raise
         finally:
@@ -337,6 +355,7 @@ class Trainer:
         _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()}, arch)
         tokenizer = store.read_tokenizer(conn, arch, cfg)
         state = store.read_train_state(conn)
+        resumable_rng(state)  # a damaged state is refused before anything is written
         if state.get("compacted"):
             raise SqlgptError(f"{db_path} is compacted (sqlgpt compact: no optimizer state); "
                               f"it cannot resume: start a new model from it with --init-from")

@@ -56,6 +56,8 @@ def test_compact_refuses_to_overwrite_and_damaged_rows_are_caught(tmp_path, trai
     assert result.exit_code == 1 and "already exists" in result.output
     result = run("compact", "--db", tmp_path / "none.db", "-o", tmp_path / "x.db")
     assert result.exit_code == 1 and "does not exist" in result.output
+    result = run("compact", "--db", trained_db, "-o", tmp_path / "no" / "x.db")
+    assert result.exit_code == 1 and "is not a directory" in result.output
     conn = sqlite3.connect(out)
     conn.execute("UPDATE layers SET data = zeroblob(length(data)) WHERE layer = 0 AND "
                  "component = 'q' AND i = 2")

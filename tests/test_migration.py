@@ -319,3 +319,19 @@ def test_training_resumes_a_version_2_file(v2_db, tmp_path):
                                        "--resume"])
     assert result.exit_code == 0, result.output
     assert query(v2_db, "SELECT DISTINCT step FROM tensor_stats ORDER BY step") == [(20,), (25,)]
+
+
+def test_a_refused_resume_of_version_2_leaves_it_as_it_was(v2_db, small_corpus):
+    from sqlgpt.cli import main
+    execute(v2_db, "UPDATE train_state SET value = '{\"bit_generator\": \"nope\"}' "
+                   "WHERE key = 'rng'")
+    before = v2_db.read_bytes()
+    result = CliRunner().invoke(main, ["train", "--db", str(v2_db), "--iters", "30", "--resume"])
+    assert result.exit_code == 1 and "train_state table is damaged" in result.output
+    assert v2_db.read_bytes() == before and version(v2_db) == 2
+
+
+def test_datasette_metadata_needs_version_3(v2_db):
+    from sqlgpt.cli import main
+    result = CliRunner().invoke(main, ["datasette-metadata", "--db", str(v2_db)])
+    assert result.exit_code == 1 and "need version 3" in result.output

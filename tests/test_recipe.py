@@ -368,6 +368,7 @@ def test_a_val_file_is_held_out_whole(tmp_path, small_corpus):
     result = run("train", train_text, "--db", tmp_path / "y.db", *TINY, "--val-file", short)
     assert result.exit_code == 1 and "too few" in result.output
     assert not (tmp_path / "y.db").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".y.db", "y.db"))]
     result = run("train", train_text, "--db", tmp_path / "z.db", *TINY, "--val-file",
                  tmp_path / "missing.txt")
     assert result.exit_code == 1 and "does not exist" in result.output

@@ -281,3 +281,14 @@ def test_the_example_app(char_db, tmp_path):
     assert "summaries" in out.stdout and "closest to" in out.stdout
     conn = sqlite3.connect(tmp_path / "notes.db")
     assert conn.execute("SELECT count(*) FROM notes WHERE summary IS NOT NULL").fetchone()[0] > 0
+
+
+def test_sql_write_commits(char_db, tmp_path):
+    db = tmp_path / "w.db"
+    shutil.copy(char_db, db)
+    result = run("sql", "--db", db, "--write", "INSERT INTO config (key, value) VALUES "
+                                               "('note', 'hello')")
+    assert result.exit_code == 0, result.output
+    assert sqlite3.connect(db).execute("SELECT value FROM config WHERE key = 'note'"
+                                       ).fetchone() == ("hello",)
+    assert sqlgpt.load(db).step == sqlgpt.load(char_db).step  # unknown keys are ignored
