@@ -23,6 +23,16 @@ def weights_bytes(db):
     return rows
 
 
+def query(db, sql):
+    """sql's rows from db, read through a read-only connection."""
+    import sqlite3
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
 # ---- models as store.py sees them (no kernel ops needed) ----
 def standin(arch):
     """What store.py takes as a model: .arch and .params, a ParameterSet of

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import load_db, rel_err, standin, weights_bytes, write_db
+from helpers import load_db, query, rel_err, standin, weights_bytes, write_db
 
 from sqlgpt import arch, store
 from sqlgpt.config import TrainConfig
@@ -36,14 +36,6 @@ def unpacked(fixture, path):
 def v1_db(tmp_path):
     """A fresh copy of the committed version-1 database."""
     return unpacked("v1_model.db.gz", tmp_path / "v1.db")
-
-
-def query(db, sql):
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 def execute(db, sql):

@@ -17,18 +17,11 @@ from sqlgpt.cli import main
 from sqlgpt.errors import SqlgptError
 
 from conftest import ROOT, TINY
+from helpers import query
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def rows(db, sql):
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def gpt2_db(tmp_path_factory, small_corpus):
 
 def test_the_tensors_view_summarizes_the_latest_weights(gpt2_db):
     weights = sqlgpt.load(gpt2_db).state_dict()
-    found = {name: rest for name, *rest in rows(
+    found = {name: rest for name, *rest in query(
         gpt2_db, "SELECT name, layer, component, rows, cols, mean, std, min, max, l2 FROM tensors")}
     assert set(found) == set(weights)  # tied head: no row of its own
     for name, (layer, component, n_rows, cols, mean, std, low, high, l2) in found.items():
@@ -57,10 +50,10 @@ def test_the_tensors_view_summarizes_the_latest_weights(gpt2_db):
 
 
 def test_every_checkpoint_keeps_its_statistics(gpt2_db):
-    steps = rows(gpt2_db, "SELECT step, count(*) FROM tensor_stats GROUP BY step")
+    steps = query(gpt2_db, "SELECT step, count(*) FROM tensor_stats GROUP BY step")
     n = len(sqlgpt.load(gpt2_db).state_dict())
     assert steps == [(0, n), (10, n), (20, n)]
-    grew = rows(gpt2_db, "SELECT step, l2 FROM tensor_stats WHERE name = 'layers.0.q' "
+    grew = query(gpt2_db, "SELECT step, l2 FROM tensor_stats WHERE name = 'layers.0.q' "
                          "ORDER BY step")
     assert len({l2 for _, l2 in grew}) == 3  # the weights moved between checkpoints
 
@@ -68,7 +61,7 @@ def test_every_checkpoint_keeps_its_statistics(gpt2_db):
 def test_vocab_counts_are_the_corpus_token_counts(gpt2_db):
     model = sqlgpt.load(gpt2_db)
     tokens = np.fromfile(f"{gpt2_db}.tokens", dtype="<u2")
-    counts = dict(rows(gpt2_db, "SELECT id, count FROM vocab"))
+    counts = dict(query(gpt2_db, "SELECT id, count FROM vocab"))
     assert [counts[i] for i in range(model.arch.n_vocab)] == \
         np.bincount(tokens, minlength=model.arch.n_vocab).tolist()
 
