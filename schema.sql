@@ -13,6 +13,12 @@
 -- Weight matrices are (in, out): y = x @ W. Which tensors a model has, and
 -- their shapes, is sqlgpt/arch.py's tensor table for the stored architecture.
 --
+-- A model inside an app's own database (sqlgpt train --prefix gpt_) has
+-- these tables and views under prefixed names (gpt_config, ...), created in
+-- this order in one transaction, plus {prefix}schema (key, value) holding
+-- ('application', 'sqlgpt') and ('version', N) in place of the file's
+-- application_id and user_version, which stay the app's.
+--
 -- Older files are brought up to this version by the numbered migrations in
 -- sqlgpt/store.py (MIGRATIONS) when they are opened for writing; read-only
 -- opens read them as they are. Version 1 had no `norms`, `tokenizer` and

@@ -144,14 +144,15 @@ class Model:
             return evaluate(self._gpt, tokens, stride, batch_size)
 
 
-def load(path, precision="fp32", step=None):
+def load(path, precision="fp32", step=None, prefix=""):
     """Load the latest checkpoint of a sqlgpt database (read-only), or with
     step an older one that `train --keep` kept. With precision "bf16",
-    generation reads the matrices rounded to bfloat16."""
+    generation reads the matrices rounded to bfloat16. prefix: the model
+    kept under that table prefix inside an app's database."""
     check_precision(precision)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise SqlgptError(f"step must be an integer >= 0, got {step!r}")
-    conn = store.open_database(path, readonly=True)
+    conn = store.open_database(path, readonly=True, prefix=prefix)
     try:
         with store.sqlite_errors(f"cannot read {path}"):
             conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read

@@ -98,8 +98,20 @@ def apply_threads(ctx, param, value):
     return value
 
 
-db_option = click.option("--db", "db_path", required=True, type=click.Path(),
-                         help="SQLite file that holds the model.")
+def checked_prefix(ctx, param, value):
+    try:
+        return store.check_prefix(value)
+    except SqlgptError as e:
+        raise click.BadParameter(str(e).removeprefix("bad --prefix ")) from None
+
+
+def db_option(fn):
+    """--db and --prefix: where the model is."""
+    fn = click.option("--prefix", default="", callback=checked_prefix, metavar="PREFIX",
+                      help="The model's table prefix inside an app's own database (e.g. gpt_): "
+                           "its tables sit beside the app's, which are left untouched.")(fn)
+    return click.option("--db", "db_path", required=True, type=click.Path(),
+                        help="SQLite file that holds the model.")(fn)
 
 
 def output_option(help_text):
@@ -147,8 +159,7 @@ def load_run_file(ctx, param, path):
               callback=load_run_file,
               help="A .yaml or .toml file of option values (names as the options, e.g. "
                    "embed-dim: 128); options given here override it.")
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=ARCH_DEFAULTS.preset,
               show_default=True,
               help="Model architecture: lua (the original), gpt2 or llama.")
@@ -277,7 +288,7 @@ def load_run_file(ctx, param, path):
 @click.pass_context
 @threads_option
 @fail_cleanly
-def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwrite, as_json,
+def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume, overwrite, as_json,
           extensions, encoding_errors, init_from, stop_on_divergence, **options):
     """Train a model on CORPUS (UTF-8 text files, directories, or - for
     standard input) into the database --db.
@@ -300,7 +311,7 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
     if resume:
         try:
             trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
-                                     corpus_progress(), given, run_options, iters)
+                                     corpus_progress(), given, run_options, iters, prefix)
         except AlreadyTrained as done:
             click.echo(f"{db_path} is already trained to step {done.step} (train loss "
                        f"{fmt_loss(done.train_loss)}); nothing to do: raise --iters", err=True)
@@ -329,7 +340,7 @@ def train(ctx, corpus, db_path, iters, save_every, max_bad_steps, resume, overwr
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
                           else vocab_size)
         trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
-                                 encoding_errors, corpus_progress(), init_from, given)
+                                 encoding_errors, corpus_progress(), init_from, given, prefix)
     try:
         result = run_with_progress(trainer, iters, save_every, max_bad_steps,
                                    stop_on_divergence)
@@ -415,8 +426,7 @@ def fmt_loss(value):
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @click.option("--prompt", default="", help="Text to continue (empty: a new document, after <eos>; with the word "
                    "tokenizer, from the commonest word).")
 @click.option("--max-tokens", type=click.IntRange(min=0), default=50, show_default=True,
@@ -436,13 +446,13 @@ def fmt_loss(value):
 @step_option
 @threads_option
 @fail_cleanly
-def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk,
+def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk,
              precision, step):
     """Generate text from the model in --db, streaming tokens as they come.
 
     Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
     """
-    model = load(db_path, precision, step)
+    model = load(db_path, precision, step, prefix)
     for piece in model.stream(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):
         click.echo(piece, nl=False)
     click.echo()
@@ -450,8 +460,7 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow
 
 @main.command(name="eval")
 @click.argument("corpus", nargs=-1, required=True, type=click.Path())
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="Windows of seq-len tokens this far apart; each token after the first "
                    "window has at least seq-len - stride tokens of context (1: all of it, "
@@ -466,13 +475,13 @@ def generate(db_path, prompt, max_tokens, temperature, top_k, top_p, seed, allow
 @step_option
 @threads_option
 @fail_cleanly
-def eval_(corpus, db_path, stride, batch_size, extensions, encoding_errors, as_json, step):
+def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, as_json, step):
     """Score the model in --db on CORPUS (files, directories or -): mean
     cross-entropy per token, perplexity and next-token accuracy.
 
     Example: sqlgpt eval --db model.db held_out.txt --json
     """
-    model = load(db_path, step=step)
+    model = load(db_path, step=step, prefix=prefix)
     result = model.evaluate(paths=corpus, stride=stride, batch_size=batch_size,
                             extensions=extensions, encoding_errors=encoding_errors)
     if as_json:
@@ -483,17 +492,16 @@ def eval_(corpus, db_path, stride, batch_size, extensions, encoding_errors, as_j
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model (its tokenizer is used).")
+@db_option
 @click.argument("text")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @fail_cleanly
-def tokenize(db_path, text, as_json):
+def tokenize(db_path, prefix, text, as_json):
     """Show how the model in --db splits TEXT: each token's id and piece.
 
     Example: sqlgpt tokenize --db model.db "The king's crown"
     """
-    model = load(db_path)
+    model = load(db_path, prefix=prefix)
     ids = [int(i) for i in model.encode(text)]
     pieces = model.tokenizer.pieces(ids)
     if as_json:
@@ -505,17 +513,16 @@ def tokenize(db_path, text, as_json):
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @fail_cleanly
-def info(db_path, as_json):
+def info(db_path, prefix, as_json):
     """Show a model's config, parameter count and checkpoints.
 
     Example: sqlgpt info --db model.db
     """
-    model = load(db_path)
-    conn = store.open_database(db_path, readonly=True)
+    model = load(db_path, prefix=prefix)
+    conn = store.open_database(db_path, readonly=True, prefix=prefix)
     try:
         with store.sqlite_errors(f"cannot read {db_path}"):
             history = store.checkpoints(conn)
@@ -559,19 +566,18 @@ def info(db_path, as_json):
 
 
 @main.command()
-@click.option("--db", "db_path", required=True, type=click.Path(),
-              help="SQLite file that holds the model.")
+@db_option
 @fail_cleanly
-def check(db_path):
+def check(db_path, prefix):
     """Verify a database: SQLite's integrity_check (the file's structure), then
     every weight row's checksum, shape and values, the config and vocabulary.
 
     Example: sqlgpt check --db model.db
     """
-    problems = store.integrity_check(db_path)
+    problems = store.integrity_check(db_path, prefix)
     if problems:
         raise SqlgptError(f"{db_path} is damaged: " + "; ".join(problems[:3]))
-    model = load(db_path)
+    model = load(db_path, prefix=prefix)
     click.echo(f"{db_path}: ok (integrity_check ok, {model.num_parameters():,} parameters "
                f"checksummed, step {model.step})")
 
@@ -581,7 +587,7 @@ def check(db_path):
 @click.option("-o", "--output", "out_path", type=click.Path(), default=None,
               help="Write the JSON here. [default: standard output]")
 @fail_cleanly
-def datasette_metadata(db_path, out_path):
+def datasette_metadata(db_path, prefix, out_path):
     """Datasette metadata for --db: table descriptions, the weight tables
     hidden from the index, and canned queries (see the README's ten).
 
@@ -589,14 +595,14 @@ def datasette_metadata(db_path, out_path):
     """
     from pathlib import Path
     from .queries import metadata_json
-    conn = store.open_database(db_path)  # a sqlgpt database this version reads
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn = store.open_database(db_path, prefix=prefix)  # a sqlgpt model this version reads
+    version = store.schema_version(conn)
     conn.close()
     if version < 3:  # the canned queries read the tensors view and vocab.count
         raise SqlgptError(f"{db_path} has schema version {version}: its queries need version "
                           f"3 (sqlgpt train --resume upgrades it; sqlgpt compact writes an "
                           f"upgraded copy)")
-    text = metadata_json(Path(db_path).stem)
+    text = metadata_json(Path(db_path).stem, prefix)
     if out_path is None:
         click.echo(text)
         return
@@ -611,7 +617,7 @@ def datasette_metadata(db_path, out_path):
 @db_option
 @output_option("The new, compacted database file.")
 @fail_cleanly
-def compact(db_path, out_path):
+def compact(db_path, prefix, out_path):
     """Copy --db without Adam's moments and kept checkpoints (the history
     rows stay): about a third of the size; it generates and evaluates, and
     --init-from fine-tunes from it (it cannot resume).
@@ -619,7 +625,7 @@ def compact(db_path, out_path):
     Example: sqlgpt compact --db model.db -o small.db
     """
     import os
-    store.compact(db_path, out_path)
+    store.compact(db_path, out_path, prefix)
     before, after = os.path.getsize(db_path), os.path.getsize(out_path)
     click.echo(f"wrote {out_path}: {after:,} bytes ({after / before:.0%} of {before:,})")
 
@@ -628,7 +634,7 @@ def compact(db_path, out_path):
 @db_option
 @output_option("The PNG file to write.")
 @fail_cleanly
-def plot(db_path, out_path):
+def plot(db_path, prefix, out_path):
     """Plot the learning curves of --db: training and validation loss,
     learning rate and gradient norm against step (needs matplotlib).
 
@@ -636,7 +642,7 @@ def plot(db_path, out_path):
     """
     from .plot import plot_curves
     check_output_path(out_path)
-    plot_curves(db_path, out_path)
+    plot_curves(db_path, out_path, prefix)
     click.echo(f"wrote {out_path}")
 
 
@@ -645,14 +651,14 @@ def plot(db_path, out_path):
 @click.option("--prompt", required=True, help="The text whose attention to draw.")
 @output_option("The PNG file to write.")
 @fail_cleanly
-def attention(db_path, prompt, out_path):
+def attention(db_path, prefix, prompt, out_path):
     """Draw every layer's and head's attention map for --prompt (needs matplotlib).
 
     Example: sqlgpt attention --db model.db --prompt "the king" -o attn.png
     """
     from .plot import plot_attention
     check_output_path(out_path)
-    plot_attention(load(db_path), prompt, out_path)
+    plot_attention(load(db_path, prefix=prefix), prompt, out_path)
     click.echo(f"wrote {out_path}")
 
 
@@ -672,7 +678,7 @@ def check_output_path(path):
 @click.option("--write", is_flag=True, help="Open the file for writing (default: read-only).")
 @threads_option
 @fail_cleanly
-def sql(db_path, query, as_json, write):
+def sql(db_path, prefix, query, as_json, write):
     """Run QUERY on --db with sqlite-vec and sqlgpt's SQL functions loaded
     (sqlgpt_generate, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed), or,
     without QUERY, a shell of such queries (end each with ;).
@@ -680,7 +686,7 @@ def sql(db_path, query, as_json, write):
     Example: sqlgpt sql --db model.db "SELECT name, l2 FROM tensors ORDER BY l2 DESC LIMIT 3"
     """
     from .sql import connect
-    conn = connect(db_path, readonly=not write)
+    conn = connect(db_path, readonly=not write, prefix=prefix)
     try:
         if query is not None:
             run_query(conn, query, as_json)

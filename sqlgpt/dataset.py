@@ -17,8 +17,10 @@ VAL_TOKENS_SUFFIX = ".val.tokens"  # --val-file's held-out text
 VAL_FRACTION = 0.1      # the corpus tail held out for validation loss
 
 
-def tokens_path(db_path, suffix=TOKENS_SUFFIX):
-    return Path(f"{db_path}{suffix}")
+def tokens_path(db_path, suffix=TOKENS_SUFFIX, prefix=""):
+    """The token file beside a database (app.db.gpt_tokens for the model
+    with the prefix gpt_ inside app.db)."""
+    return Path(f"{db_path}.{prefix}{suffix[1:]}")
 
 
 def token_dtype(n_ids):

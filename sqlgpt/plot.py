@@ -29,17 +29,16 @@ def _pyplot():
     return plt
 
 
-def curves(db_path):
+def curves(db_path, prefix=""):
     """{name: (steps, values)} of training loss, validation loss, learning
     rate and gradient norm, read from the database."""
-    conn = store.open_database(db_path)
+    conn = store.open_database(db_path, prefix=prefix)
     try:
         with store.sqlite_errors(f"cannot read {db_path}"):
             metrics = conn.execute("SELECT step, loss, lr, grad_norm FROM metrics "
                                    "ORDER BY step").fetchall()
             evals = conn.execute("SELECT step, loss FROM evaluations ORDER BY step").fetchall() \
-                if "evaluations" in store.tables_at(conn.execute(
-                    "PRAGMA user_version").fetchone()[0]) else []
+                if "evaluations" in store.tables_at(store.schema_version(conn)) else []
     finally:
         conn.close()
     if not metrics:
@@ -52,11 +51,11 @@ def curves(db_path):
     return out
 
 
-def plot_curves(db_path, out_path):
+def plot_curves(db_path, out_path, prefix=""):
     """Loss (training and validation), learning rate and gradient norm
     against step, in one PNG of three panels."""
     plt = _pyplot()
-    series = curves(db_path)
+    series = curves(db_path, prefix)
     fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
     axes[0].plot(*series["train loss"], lw=1, label="training (each step)")
     if series["validation loss"][0]:

@@ -2,6 +2,8 @@
 Datasette's canned queries (sqlgpt datasette-metadata), from this one list."""
 import json
 
+from .store import prefixed
+
 # name -> (title, SQL); every query reads only sqlgpt's own tables and views
 QUERIES = {
     "largest_matrices": (
@@ -67,22 +69,23 @@ HIDDEN = ("embeddings", "layers", "head", "norms", "checkpoint_weights", "train_
           "tokenizer")
 
 
-def datasette_metadata(db_name):
+def datasette_metadata(db_name, prefix=""):
     """Datasette's metadata (as a JSON-ready dict) for a model database
-    served under db_name (its file name without .db)."""
+    served under db_name (its file name without .db); with prefix, for the
+    model under that table prefix in an app's database."""
     return {
         "title": "sqlgpt model",
         "description": "A language model stored in SQLite by sqlgpt: its tensors, "
                        "training history and vocabulary.",
         "databases": {db_name: {
-            "tables": {name: {"description": text, **({"hidden": True} if name in HIDDEN
-                                                        else {})}
+            "tables": {prefix + name: {"description": text,
+                                       **({"hidden": True} if name in HIDDEN else {})}
                        for name, text in DESCRIPTIONS.items()},
-            "queries": {name: {"title": title, "sql": sql}
+            "queries": {prefix + name: {"title": title, "sql": prefixed(sql, prefix)}
                         for name, (title, sql) in QUERIES.items()},
         }},
     }
 
 
-def metadata_json(db_name):
-    return json.dumps(datasette_metadata(db_name), indent=2)
+def metadata_json(db_name, prefix=""):
+    return json.dumps(datasette_metadata(db_name, prefix), indent=2)

@@ -149,12 +149,13 @@ class ModelFunctions:
         return call
 
 
-def register(conn, path, precision="fp32"):
+def register(conn, path, precision="fp32", prefix=""):
     """Add sqlgpt_generate, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed and
     sqlgpt_error to a connection (the standard library's sqlite3 or apsw),
-    backed by the model in path (loaded now, read-only). Returns the
+    backed by the model in path (loaded now, read-only; prefix: the one kept
+    under that table prefix, e.g. in the app's own database). Returns the
     ModelFunctions object (its .model is the loaded sqlgpt.Model)."""
-    functions = ModelFunctions(load(path, precision))
+    functions = ModelFunctions(load(path, precision, prefix=prefix))
     for name, (_, counts) in ModelFunctions.FUNCTIONS.items():
         fn = functions.sql_function(name)
         for nargs in counts:
@@ -181,12 +182,13 @@ def can_load_extensions():
         conn.close()
 
 
-def connect(path, readonly=True, functions=True, precision="fp32"):
+def connect(path, readonly=True, functions=True, precision="fp32", prefix=""):
     """A connection to the database at path with sqlite-vec loaded and, with
     functions, sqlgpt's SQL functions for the model it holds: the standard
     library's sqlite3 where it can load extensions, else an apsw connection
     (both have .execute(sql, params).fetchall()). Each statement commits by
-    itself (autocommit), on both; one thread at a time may use it."""
+    itself (autocommit), on both; one thread at a time may use it. prefix:
+    the functions' model is the one under that table prefix."""
     import sqlite_vec
     path = Path(path)
     if not path.is_file():
@@ -200,7 +202,7 @@ def connect(path, readonly=True, functions=True, precision="fp32"):
             conn.load_extension(sqlite_vec.loadable_path())
         conn.enable_load_extension(False)
         if functions:
-            register(conn, path, precision)
+            register(conn, path, precision, prefix)
     except BaseException:
         conn.close()
         raise

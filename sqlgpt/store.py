@@ -13,6 +13,7 @@ only ever see the previous checkpoint or the new one.
 """
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import types
 import weakref
 import zlib
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import sqlite_utils
@@ -43,6 +45,9 @@ ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3,
             "checkpoint_weights": 3}
 # the views sqlgpt creates, and the version that added each
 VIEWS_ADDED_IN = {"tensors": 3}
+_NAME_RE = re.compile(r"\b(FROM|INTO|UPDATE|JOIN|TABLE|VIEW|EXISTS)(\s+)("
+                      + "|".join(sorted(REQUIRED_TABLES + tuple(VIEWS_ADDED_IN),
+                                        key=len, reverse=True)) + r")\b", re.IGNORECASE)
 BUSY_TIMEOUT_MS = 10_000
 # 64 KB pages: a checkpoint is tens of MB of BLOB rows, and big pages mean far
 # fewer overflow pages and page writes per checkpoint
@@ -52,6 +57,65 @@ PAGE_SIZE = 65536
 # cost fresh memory (page faults) on every load
 WRITER_CACHE_KB = 512 * 1024
 READER_CACHE_KB = 2 * 1024
+
+
+# ---- a model inside an app's database ----
+# With a prefix the model's tables are the prefixed names (gpt_config,
+# gpt_layers, ...) in a database that also holds an app's own tables. The
+# file's PRAGMAs (application_id, user_version, journal_mode) are the app's:
+# a prefixed model keeps its marker and version in {prefix}schema instead,
+# and never changes the journal mode.
+PREFIX_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+PREFIX_SCHEMA = "schema"  # {prefix}schema (key, value): application 'sqlgpt', version N
+
+
+def check_prefix(prefix):
+    """A prefix is an identifier (letters, digits, _; up to 32; not sqlite_...)."""
+    if prefix and (not PREFIX_RE.fullmatch(prefix) or prefix.lower().startswith("sqlite")):
+        raise SqlgptError(f"bad --prefix {prefix!r}: use letters, digits and _ (starting with "
+                          f"a letter, not 'sqlite'), e.g. gpt_")
+    return prefix
+
+
+@functools.lru_cache(maxsize=1024)
+def prefixed(sql, prefix):
+    """sql with every sqlgpt table and view it names (after FROM, INTO,
+    UPDATE, JOIN, TABLE, VIEW or EXISTS) given the prefix."""
+    if not prefix:
+        return sql
+    return _NAME_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{prefix}{m.group(3)}", sql)
+
+
+class ModelConnection(sqlite3.Connection):
+    """A connection to one model's tables: sqlgpt's SQL is written once, with
+    the plain names, and runs on the prefixed ones where the model has a
+    prefix (conn.prefix)."""
+    prefix = ""
+
+    def execute(self, sql, *args):
+        return super().execute(prefixed(sql, self.prefix), *args)
+
+    def executemany(self, sql, *args):
+        return super().executemany(prefixed(sql, self.prefix), *args)
+
+
+def schema_version(conn):
+    """The model's schema version: PRAGMA user_version, or a prefixed
+    model's {prefix}schema row (0 where there is none)."""
+    prefix = getattr(conn, "prefix", "")
+    if not prefix:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    row = conn.execute(f"SELECT value FROM {prefix}{PREFIX_SCHEMA} WHERE key = 'version'") \
+        .fetchone()
+    return row[0] if row and isinstance(row[0], int) else 0
+
+
+def _set_schema_version(conn, version):
+    if conn.prefix:
+        conn.execute(f"INSERT OR REPLACE INTO {conn.prefix}{PREFIX_SCHEMA} (key, value) "
+                     f"VALUES ('version', ?)", (version,))
+    else:
+        conn.execute(f"PRAGMA user_version = {int(version)}")
 
 
 def schema_sql():
@@ -74,25 +138,38 @@ def _normal_sql(sql):
     return re.sub(r" ?([(),=]) ?", r"\1", text.replace(" IF NOT EXISTS", ""))
 
 
-def own_views():
-    """{name: normalized SQL} of the views schema.sql creates."""
+@functools.lru_cache(maxsize=1)
+def schema_objects():
+    """(type, name, CREATE statement) of every table, index and view
+    schema.sql creates, in its order."""
     conn = sqlite3.connect(":memory:")
     try:
         conn.executescript(schema_sql())
-        return {name: _normal_sql(sql) for name, sql in
-                conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'view'")}
+        return tuple(conn.execute("SELECT type, name, sql FROM sqlite_master "
+                                  "WHERE sql IS NOT NULL ORDER BY rowid"))
     finally:
         conn.close()
 
 
+def own_views():
+    """{name: normalized SQL} of the views schema.sql creates."""
+    return {name: _normal_sql(sql) for kind, name, sql in schema_objects() if kind == "view"}
+
+
 def foreign_views(conn, version):
-    """Views and triggers of this file that sqlgpt did not create: any
-    trigger, and any view but its own (with exactly its own definition)."""
-    own = {name: sql for name, sql in own_views().items() if VIEWS_ADDED_IN[name] <= version}
-    found = conn.execute("SELECT type, name, sql FROM sqlite_master "
+    """Views and triggers of the model that sqlgpt did not create: any
+    trigger on its tables, and any view but its own (with exactly its own
+    definition). With a prefix, only views and triggers under the model's
+    own names count: the app's, on its own tables, are the app's business."""
+    prefix = getattr(conn, "prefix", "")
+    own = {prefix + name: prefixed(sql, prefix) for name, sql in own_views().items()
+           if VIEWS_ADDED_IN[name] <= version}
+    names = {prefix + name for name in REQUIRED_TABLES + tuple(VIEWS_ADDED_IN)}
+    found = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
                          "WHERE type IN ('view', 'trigger')").fetchall()
-    return sorted(name for kind, name, sql in found
-                  if kind == "trigger" or own.get(name) != _normal_sql(sql))
+    return sorted(name for kind, name, table, sql in found
+                  if (not prefix or name in names or table in names)
+                  and (kind == "trigger" or own.get(name) != _normal_sql(sql)))
 
 
 # ---- where each parameter's rows live ----
@@ -271,12 +348,14 @@ def check_writable(path):
 
 
 # ---- opening ----
-def _connect(path, readonly, immutable=False):
+def _connect(path, readonly, immutable=False, prefix="", create=False):
     path = Path(path).resolve()
-    uri = f"file:{path.as_posix()}?mode={'ro' if readonly else 'rw'}"
+    uri = f"file:{quote(path.as_posix())}?mode={'ro' if readonly else 'rwc' if create else 'rw'}"
     if immutable:
         uri += "&immutable=1"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                           factory=ModelConnection)
+    conn.prefix = prefix
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA trusted_schema = OFF")  # never run functions a foreign schema names
     conn.execute("PRAGMA cell_size_check = ON")  # notice a malformed page early
@@ -316,16 +395,18 @@ def _check_is_sqlite(path):
         raise SqlgptError(f"{path} is not a SQLite database")
 
 
-def open_database(path, readonly=True):
+def open_database(path, readonly=True, prefix=""):
     """Open an existing sqlgpt database after checking it is one this version
-    can read. Read-only opens never modify the file (an older schema version
-    is read as it is); opening for writing first migrates it to SCHEMA_VERSION."""
+    can read (with prefix: the model under that prefix in an app's database).
+    Read-only opens never modify the file (an older schema version is read
+    as it is); opening for writing first migrates it to SCHEMA_VERSION."""
+    check_prefix(prefix)
     _check_is_sqlite(path)
     try:
         conn = None
         try:
-            conn = _connect(path, readonly)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            conn = _connect(path, readonly, prefix=prefix)
+            marked = _is_marked(conn)
         except sqlite3.OperationalError:
             if conn:
                 conn.close()
@@ -333,42 +414,66 @@ def open_database(path, readonly=True):
                 raise
             # a WAL reader needs a -shm file beside the database; where none
             # can be created, nobody can be writing either: read it as immutable
-            conn = _connect(path, readonly, immutable=True)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn = _connect(path, readonly, immutable=True, prefix=prefix)
+            marked = _is_marked(conn)
+        version = schema_version(conn) if marked else 0
         # no plugins, no recursive_triggers pragma: the file may be hostile
         db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
-        tables = set(db.table_names())
+        tables = {name[len(prefix):] for name in db.table_names() if name.startswith(prefix)}
         extras = foreign_views(conn, version)
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
         raise SqlgptError(f"cannot read {path}: {e}") from None
-    if app_id != APPLICATION_ID:
+    problem = _refusal(path, prefix, marked, version, tables, extras)
+    if problem:
         conn.close()
-        raise SqlgptError(f"{path} is not a sqlgpt database")
-    if version > SCHEMA_VERSION:
-        conn.close()
-        raise SqlgptError(f"{path} has schema version {version}, newer than this sqlgpt "
-                          f"supports ({SCHEMA_VERSION}); upgrade sqlgpt")
-    if version < 1:  # every sqlgpt file has had a version; none was 0
-        conn.close()
-        raise SqlgptError(f"{path} is damaged: schema version {version}")
-    missing = [t for t in tables_at(version) if t not in tables]
-    if missing:
-        conn.close()
-        raise SqlgptError(f"{path} is damaged: missing table(s) {', '.join(missing)}")
-    if extras:  # sqlgpt creates none; a trigger could rewrite data when we write
-        conn.close()
-        raise SqlgptError(f"{path} has views or triggers sqlgpt did not create "
-                          f"({', '.join(extras)}); refusing to use it")
+        raise SqlgptError(problem)
     if not readonly:
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            if not prefix:  # an app's file keeps its own journal mode and synchronous
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
             migrate(conn, path)
         except BaseException:
             conn.close()
             raise
     return conn
+
+
+def _is_marked(conn):
+    """Whether the file (or, with a prefix, its {prefix}schema table) says sqlgpt."""
+    if not conn.prefix:
+        return conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    table = f"{conn.prefix}{PREFIX_SCHEMA}"
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (table,)).fetchone():
+        return False
+    return conn.execute(f"SELECT value FROM {table} WHERE key = 'application'").fetchone() \
+        == ("sqlgpt",)
+
+
+def _refusal(path, prefix, marked, version, tables, extras):
+    """Why an opened file cannot be used as a sqlgpt model (None if it can)."""
+    if not marked:
+        return f"{path} holds no sqlgpt model with the prefix {prefix!r}" if prefix else \
+            f"{path} is not a sqlgpt database" + (
+                " (a model inside an app's database is opened with --prefix)"
+                if _model_prefixes_hint(tables) else "")
+    if version > SCHEMA_VERSION:
+        return (f"{path} has schema version {version}, newer than this sqlgpt "
+                f"supports ({SCHEMA_VERSION}); upgrade sqlgpt")
+    if version < 1:  # every sqlgpt file has had a version; none was 0
+        return f"{path} is damaged: schema version {version}"
+    missing = [prefix + t for t in tables_at(version) if t not in tables]
+    if missing:
+        return f"{path} is damaged: missing table(s) {', '.join(missing)}"
+    if extras:  # sqlgpt creates none; a trigger could rewrite data when we write
+        return (f"{path} has views or triggers sqlgpt did not create ({', '.join(extras)}); "
+                f"refusing to use it")
+    return None
+
+
+def _model_prefixes_hint(tables):
+    return any(name.endswith(PREFIX_SCHEMA) and name != PREFIX_SCHEMA for name in tables)
 
 
 def close_writer(conn):
@@ -377,11 +482,12 @@ def close_writer(conn):
     (readers that open it later leave none either). While a reader still
     has the file open the switch cannot happen; it stays in WAL mode, whole,
     until a writer closes it alone."""
-    try:
-        conn.execute("PRAGMA busy_timeout = 0")  # never wait on a reader here
-        conn.execute("PRAGMA journal_mode = DELETE")
-    except sqlite3.Error:
-        pass
+    if not getattr(conn, "prefix", ""):  # an app's file keeps its journal mode
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")  # never wait on a reader here
+            conn.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.Error:
+            pass
     conn.close()
 
 
@@ -503,14 +609,14 @@ def _migrate_step(conn, path):
         version = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = schema_version(conn)
             if version >= SCHEMA_VERSION:
                 conn.execute("COMMIT")
                 return False
             if version not in MIGRATIONS:
                 raise SqlgptError(f"no migration from schema version {version}")
             MIGRATIONS[version](conn)
-            conn.execute(f"PRAGMA user_version = {version + 1}")
+            _set_schema_version(conn, version + 1)
             conn.execute("COMMIT")
             return True
         except (sqlite3.Error, SqlgptError, UnicodeDecodeError) as e:
@@ -530,19 +636,24 @@ def _rollback(conn):
 
 
 def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
-                    token_counts=None):
+                    token_counts=None, prefix=""):
     """Write a new database with the step-0 checkpoint, atomically: built
     under a temporary name, locked, then moved to `path` (replacing a file
-    there only with overwrite). model: .arch (an ArchConfig) and .params (its
-    ParameterSet); token_counts: each id's occurrences in the corpus (n_ids
-    integers) or None. Returns (connection, writer lock)."""
+    there only with overwrite); with prefix, the model's tables added to
+    the (app's) database at path in one transaction. model: .arch (an
+    ArchConfig) and .params (its ParameterSet); token_counts: each id's
+    occurrences in the corpus (n_ids integers) or None. Returns (connection,
+    writer lock)."""
+    if prefix:
+        return _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts,
+                              check_prefix(prefix))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         leftover.unlink(missing_ok=True)
     lock = None
     try:
-        conn = sqlite3.connect(tmp, isolation_level=None)
+        conn = sqlite3.connect(tmp, isolation_level=None, factory=ModelConnection)
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -550,14 +661,7 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("BEGIN")
-        counts = [None] * tokenizer.n_ids if token_counts is None else \
-            [int(c) for c in token_counts]
-        conn.executemany("INSERT INTO vocab (id, token, bytes, count) VALUES (?, ?, ?, ?)",
-                         [(*row, counts[row[0]]) for row in tokenizer.vocab_rows()])
-        conn.executemany("INSERT INTO tokenizer (key, value) VALUES (?, ?)",
-                         [("kind", tokenizer.kind), *tokenizer.state().items()])
-        for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
-            conn.executemany(INSERT_SQL[table], rows)
+        _new_model_rows(conn, model, tokenizer, token_counts)
         conn.execute("COMMIT")
         save_checkpoint(conn, model, train_cfg, state, train_loss=None, val_loss=None)
         conn.close()  # folds the WAL into the file, so the move takes everything
@@ -587,6 +691,95 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
     return open_database(path, readonly=False), lock
 
 
+def _new_model_rows(conn, model, tokenizer, token_counts):
+    """A new model's vocabulary, tokenizer and weight rows (inside a transaction)."""
+    counts = [None] * tokenizer.n_ids if token_counts is None else [int(c) for c in token_counts]
+    conn.executemany("INSERT INTO vocab (id, token, bytes, count) VALUES (?, ?, ?, ?)",
+                     [(*row, counts[row[0]]) for row in tokenizer.vocab_rows()])
+    conn.executemany("INSERT INTO tokenizer (key, value) VALUES (?, ?)",
+                     [("kind", tokenizer.kind), *tokenizer.state().items()])
+    for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
+        conn.executemany(INSERT_SQL[table], rows)
+
+
+def model_names(prefix):
+    """Every table and view name a model with this prefix has (or may have)."""
+    return [prefix + name for name in (*VIEWS_ADDED_IN, *REQUIRED_TABLES, PREFIX_SCHEMA)]
+
+
+def has_model(path, prefix):
+    """Whether the SQLite file at path holds anything under a prefixed model's names."""
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return False
+    _check_is_sqlite(path)
+    conn = _connect(path, readonly=True)
+    try:
+        with sqlite_errors(f"cannot read {path}"):
+            names = {n for n, in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+    return bool(names & set(model_names(prefix)))
+
+
+def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts, prefix):
+    """The model's prefixed tables, rows and step-0 checkpoint added to the
+    database at path (created if missing) in one transaction: the app's
+    tables, its PRAGMAs and its journal mode are left as they are; with
+    overwrite, a model under the same prefix is replaced (its names only)."""
+    path = Path(path)
+    created = not path.exists()
+    if not created and path.stat().st_size:
+        _check_is_sqlite(path)
+        if is_sqlgpt_file(path):
+            raise SqlgptError(f"{path} is a sqlgpt model file; --prefix puts a model inside "
+                              f"an app's own database")
+    conn = lock = None
+    try:
+        with sqlite_errors(f"cannot add the model to {path}"):
+            conn = _connect(path, readonly=False, prefix=prefix, create=True)
+            lock = WriterLock(path)
+            with _durable(conn):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    _replace_prefixed(conn, path, prefix, overwrite)
+                    for _, _, sql in schema_objects():
+                        conn.execute(sql)  # under the prefixed names
+                    conn.execute(f"CREATE TABLE {prefix}{PREFIX_SCHEMA} (key TEXT PRIMARY KEY, "
+                                 f"value)")
+                    conn.executemany(f"INSERT INTO {prefix}{PREFIX_SCHEMA} (key, value) "
+                                     f"VALUES (?, ?)",
+                                     [("application", "sqlgpt"), ("version", SCHEMA_VERSION)])
+                    _new_model_rows(conn, model, tokenizer, token_counts)
+                    _checkpoint_rows(conn, model, train_cfg, state, None, None)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        if lock:
+            lock.release()
+        if created:
+            for leftover in (path, Path(f"{path}-journal")):
+                leftover.unlink(missing_ok=True)
+        raise
+    return conn, lock
+
+
+def _replace_prefixed(conn, path, prefix, overwrite):
+    """Refuse, or with overwrite drop, what a model under prefix has (inside
+    the creating transaction: nothing else is touched)."""
+    found = dict(conn.execute("SELECT name, type FROM sqlite_master "
+                              "WHERE type IN ('table', 'view')"))
+    present = [name for name in model_names(prefix) if name in found]
+    if present and not overwrite:
+        raise SqlgptError(f"{path} already holds a model with the prefix {prefix!r}; use "
+                          f"--resume to continue training it or --overwrite to replace it")
+    for name in present:
+        conn.execute(f'DROP {found[name].upper()} "{name}"')
+
+
 # ---- writing ----
 def save_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
     """One transaction: config (the architecture and train_cfg), every weight
@@ -601,57 +794,69 @@ def save_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
 def _durable(conn):
     """synchronous FULL for this commit: in WAL mode NORMAL may lose the last
     commits on power loss, and checkpoints are rare enough to fsync each one."""
+    before = conn.execute("PRAGMA synchronous").fetchone()[0]
     conn.execute("PRAGMA synchronous = FULL")
     try:
         yield
     finally:
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {int(before)}")
 
 
 def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
     try:
         conn.execute("BEGIN IMMEDIATE")
-        rowids = {table: table_rowids(conn, table) for table in WEIGHT_TABLES}
-        rows = weight_rows(model.params, rowids)
-        conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                         to_rows(model.arch, train_cfg))
-        for table in WEIGHT_TABLES:
-            expected = len(_row_columns(model.params)[table][0])
-            if len(rowids[table]) != expected or \
-                    conn.executemany(UPDATE_SQL[table], rows[table]).rowcount != expected:
-                raise SqlgptError(f"the {table} table does not have the model's rows")
-        conn.executemany("INSERT OR REPLACE INTO train_state (key, value) VALUES (?, ?)",
-                         [(k, json.dumps(v)) for k, v in state.items()])
-        conn.execute("INSERT OR REPLACE INTO checkpoints (step, train_loss, val_loss, elapsed_s) "
-                     "VALUES (?, ?, ?, ?)",
-                     (state["step"], train_loss, val_loss, state["elapsed_s"]))
-        conn.executemany(TENSOR_STATS_SQL, tensor_stats(model.params, state["step"]))
-        keep_checkpoints(conn, model.params, state["step"], train_cfg.keep)
+        _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
 
 
-def compact(path, out_path):
+def _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss):
+    """Everything a checkpoint writes (inside its transaction)."""
+    rowids = {table: table_rowids(conn, table) for table in WEIGHT_TABLES}
+    rows = weight_rows(model.params, rowids)
+    conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                     to_rows(model.arch, train_cfg))
+    for table in WEIGHT_TABLES:
+        expected = len(_row_columns(model.params)[table][0])
+        if len(rowids[table]) != expected or \
+                conn.executemany(UPDATE_SQL[table], rows[table]).rowcount != expected:
+            raise SqlgptError(f"the {table} table does not have the model's rows")
+    conn.executemany("INSERT OR REPLACE INTO train_state (key, value) VALUES (?, ?)",
+                     [(k, json.dumps(v)) for k, v in state.items()])
+    conn.execute("INSERT OR REPLACE INTO checkpoints (step, train_loss, val_loss, elapsed_s) "
+                 "VALUES (?, ?, ?, ?)",
+                 (state["step"], train_loss, val_loss, state["elapsed_s"]))
+    conn.executemany(TENSOR_STATS_SQL, tensor_stats(model.params, state["step"]))
+    keep_checkpoints(conn, model.params, state["step"], train_cfg.keep)
+
+
+def compact(path, out_path, prefix=""):
     """Write out_path: a copy of the database at path with only what using
     the model needs, the latest weights without Adam's moments (and no kept
     checkpoints), so about a third of the size; config, tokenizer, metrics,
     evaluations, checkpoints and tensor_stats rows stay. train_state says compacted: it
     generates, evaluates and fine-tunes (--init-from) but cannot resume.
-    Built under a temporary name and moved into place."""
+    With prefix, the copy is a model file of its own: the model's tables
+    under their plain names, none of the app's. Built under a temporary name
+    and moved into place."""
     path, out_path = Path(path), Path(out_path)
     if out_path.exists():
         raise SqlgptError(f"{out_path} already exists; name a new file")
     if not out_path.parent.is_dir():
         raise SqlgptError(f"cannot write {out_path}: {out_path.parent} is not a directory")
-    source = open_database(path)  # checks it is a sqlgpt database this version reads
+    source = open_database(path, prefix=prefix)  # a sqlgpt database this version reads
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     dest = None
     try:
         with sqlite_errors(f"cannot compact {path} into {out_path}"):
-            dest = sqlite3.connect(tmp, isolation_level=None)
-            source.backup(dest)
+            dest = sqlite3.connect(f"file:{quote(str(tmp.resolve()))}", uri=True,
+                                   isolation_level=None)
+            if prefix:
+                _copy_prefixed(source, path, prefix, dest)
+            else:
+                source.backup(dest)
             source.close()
             dest.execute("PRAGMA journal_mode = DELETE")
             migrate(dest, out_path)  # an older source: the copy at this version
@@ -677,6 +882,33 @@ def compact(path, out_path):
             dest.close()
         for leftover in (tmp, Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
+
+
+def _copy_prefixed(source, path, prefix, dest):
+    """A prefixed model's tables, in one snapshot, into the empty model file
+    dest under their plain names."""
+    version = schema_version(source)
+    if version != SCHEMA_VERSION:
+        raise SqlgptError(f"the model in {path} has schema version {version}: train it once "
+                          f"(--resume) with this sqlgpt to migrate it, then compact it")
+    dest.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    dest.executescript(schema_sql())
+    dest.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    dest.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    dest.execute("ATTACH DATABASE ? AS source",
+                 (f"file:{quote(str(Path(path).resolve()))}?mode=ro",))
+    try:
+        dest.execute("BEGIN")
+        for table in tables_at(SCHEMA_VERSION):
+            columns = ", ".join(row[1] for row in dest.execute(f"PRAGMA main.table_info({table})"))
+            dest.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} '
+                         f'FROM source."{prefix}{table}"')
+        dest.execute("COMMIT")
+    except BaseException:
+        _rollback(dest)
+        raise
+    finally:
+        dest.execute("DETACH DATABASE source")
 
 
 def keep_checkpoints(conn, params, step, keep):
@@ -708,7 +940,7 @@ def _history_rows(params, step):
 
 def kept_steps(conn):
     """The steps whose weights checkpoint_weights holds, in order."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = schema_version(conn)
     if "checkpoint_weights" not in tables_at(version):
         return []
     return [s for s, in conn.execute("SELECT DISTINCT step FROM checkpoint_weights "
@@ -807,7 +1039,7 @@ def read_tokenizer(conn, arch, train_cfg):
     """The tokenizer from the vocab and tokenizer tables (a version-1 file,
     read without migrating it: the word tokenizer's (word, id) rows), validated, with exactly as many
     ids as the model has embedding rows (each id indexes wte in C)."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = schema_version(conn)
     try:
         if version < 2:
             rows = conn.execute("SELECT id, word, NULL FROM vocab").fetchall()
@@ -834,7 +1066,7 @@ def read_tokenizer(conn, arch, train_cfg):
 def weight_tables(conn):
     """The weight tables this database's schema version has (a version-1
     file, read as it is, has no norms table: it has no such tensors)."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = schema_version(conn)
     return [t for t in WEIGHT_TABLES if t in tables_at(version)]
 
 
@@ -925,9 +1157,9 @@ def read_train_state(conn):
         raise SqlgptError(f"the train_state table is damaged: {type(e).__name__}") from None
 
 
-def integrity_check(path):
+def integrity_check(path, prefix=""):
     """SQLite's own check of the file's structure: a list of problems, empty if none."""
-    conn = open_database(path)
+    conn = open_database(path, prefix=prefix)
     try:
         with sqlite_errors(f"cannot check {path}"):
             rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]

@@ -88,17 +88,38 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
         raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
 
 
+def _check_new_location(db_path, overwrite, prefix):
+    """Where a new model goes: a new file (or, with overwrite, a sqlgpt
+    file), or with a prefix an app's database without a model of that prefix
+    (or, with overwrite, with one)."""
+    if db_path.is_dir():
+        raise SqlgptError(f"{db_path} is a directory; --db names the database file")
+    if db_path.exists() and not db_path.is_file():
+        raise SqlgptError(f"{db_path} is not a file")
+    if prefix:
+        if store.has_model(db_path, prefix) and not overwrite:
+            raise SqlgptError(f"{db_path} already holds a model with the prefix {prefix!r}; use "
+                              f"--resume to continue training it or --overwrite to replace it")
+    elif db_path.exists() and not overwrite:
+        raise SqlgptError(f"{db_path} already exists; use --resume to continue training it "
+                          f"or --overwrite to replace it (or --prefix to add a model to an "
+                          f"app's database)")
+    elif db_path.exists() and not store.is_sqlgpt_file(db_path):
+        raise SqlgptError(f"refusing to overwrite {db_path}: it is not a sqlgpt database")
+    store.check_writable(db_path)
+
+
 # train_state key and file suffix of each token file: the corpus, --val-file's text
 TOKEN_FILES = {"corpus": ("tokens", TOKENS_SUFFIX), "val": ("val_tokens", VAL_TOKENS_SUFFIX)}
 
 
-def _write_token_file(db_path, which, sources, tokenizer, errors, on_progress,
+def _write_token_file(db_path, prefix, which, sources, tokenizer, errors, on_progress,
                       recorded=None):
     """Tokenize sources into the token file `which` beside the database
     (through a temporary file, so a failure leaves none); its description.
     recorded: the description the database holds, which the ids must match."""
     key, suffix = TOKEN_FILES[which]
-    path = tokens_path(db_path, suffix)
+    path = tokens_path(db_path, suffix, prefix)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         written = write_tokens(sources, tokenizer, tmp, errors,
@@ -115,22 +136,23 @@ def _write_token_file(db_path, which, sources, tokenizer, errors, on_progress,
     return written
 
 
-def _resume_tokens(db_path, state, which, tokenizer, sources, errors, on_progress):
+def _resume_tokens(db_path, prefix, state, which, tokenizer, sources, errors, on_progress):
     """The recorded token file; or, when it is gone or the database predates
     token files, the given text tokenized again into it (to the recorded
     ids). Without the text a missing file is a one-line error."""
     key, suffix = TOKEN_FILES[which]
     info = state.get(key)
-    if info and (tokens_path(db_path, suffix).is_file() or not sources):
+    if info and (tokens_path(db_path, suffix, prefix).is_file() or not sources):
         return open_tokens(db_path, info)
     if not sources and which == "val":
-        raise SqlgptError(f"the validation tokens of {db_path} ({tokens_path(db_path, suffix)}) "
-                          f"and the --val-file they came from are both missing")
+        raise SqlgptError(f"the validation tokens of {db_path} "
+                          f"({tokens_path(db_path, suffix, prefix)}) and the --val-file they "
+                          f"came from are both missing")
     if not sources:
         raise SqlgptError(f"{db_path} was trained before token files existed: name its corpus "
                           f"to resume")
-    state[key] = _write_token_file(db_path, which, sources, tokenizer, errors, on_progress,
-                                   info)  # recorded with the next checkpoint
+    state[key] = _write_token_file(db_path, prefix, which, sources, tokenizer, errors,
+                                   on_progress, info)  # recorded with the next checkpoint
     return open_tokens(db_path, state[key], verify=False)
 
 
@@ -206,7 +228,8 @@ class Trainer:
     # ---- construction ----
     @classmethod
     def create(cls, db_path, corpus, arch, cfg, overwrite=False, extensions=(),
-               encoding_errors="strict", on_progress=None, init_from=None, settings=None):
+               encoding_errors="strict", on_progress=None, init_from=None, settings=None,
+               prefix=""):
         """Build the tokenizer from the corpus (files, directories or "-"),
         tokenize the corpus once into the token file beside the database,
         and write a freshly initialized model of architecture arch (its
@@ -215,23 +238,15 @@ class Trainer:
         two passes over the corpus. init_from: a trained database whose
         architecture, tokenizer and weights the new model starts from (with a
         fresh optimizer state; the base file is only read); settings (as for
-        resume) must then not change its architecture."""
+        resume) must then not change its architecture. prefix: the model goes
+        into the (app's) database at db_path under prefixed table names."""
         db_path = Path(db_path)
-        if db_path.is_dir():
-            raise SqlgptError(f"{db_path} is a directory; --db names the database file")
-        if db_path.exists() and not overwrite:
-            raise SqlgptError(f"{db_path} already exists; use --resume to continue training it "
-                              f"or --overwrite to replace it")
-        if db_path.exists() and not db_path.is_file():
-            raise SqlgptError(f"{db_path} is not a file")
-        if db_path.exists() and not store.is_sqlgpt_file(db_path):
-            raise SqlgptError(f"refusing to overwrite {db_path}: it is not a sqlgpt database")
-        store.check_writable(db_path)
+        _check_new_location(db_path, overwrite, store.check_prefix(prefix))
         cfg.validate()
         arch.validate()
         sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
-        tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.tokens.tmp")
-        tmp_val = db_path.with_name(f".{db_path.name}.{os.getpid()}.val.tokens.tmp")
+        tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.{prefix}tokens.tmp")
+        tmp_val = db_path.with_name(f".{db_path.name}.{os.getpid()}.{prefix}val.tokens.tmp")
         try:
             if cfg.val_file:  # held out whole: the corpus is all training text
                 val_sources = _val_sources(cfg.val_file, db_path.parent)
@@ -260,14 +275,14 @@ class Trainer:
             counts = np.zeros(tokenizer.n_ids, dtype=np.int64)
             info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
                                 _progress(on_progress, "tokenizing", sources), counts)
-            info["file"] = tokens_path(db_path).name
+            info["file"] = tokens_path(db_path, prefix=prefix).name
             tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
             train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
             val_info = None
             if cfg.val_file:  # beside the corpus's: both move into place with the database
                 val_info = write_tokens(val_sources, tokenizer, tmp_val, encoding_errors,
                                         _progress(on_progress, "tokenizing", val_sources))
-                val_info["file"] = tokens_path(db_path, VAL_TOKENS_SUFFIX).name
+                val_info["file"] = tokens_path(db_path, VAL_TOKENS_SUFFIX, prefix).name
                 val = _val_split(np.memmap(tmp_val, dtype=np.dtype(val_info["dtype"]), mode="r"),
                                  arch.seq_len, cfg.val_file)
             model = GPT(arch, cfg.checkpoint_activations)
@@ -282,14 +297,17 @@ class Trainer:
                      "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
             if val_info:
                 state["val_tokens"] = val_info
-            old_lock = store.WriterLock(db_path) if db_path.exists() else None  # not in use
+            # an old file being replaced must not be in use (a prefixed model
+            # takes its lock on the app's file inside create_database)
+            old_lock = store.WriterLock(db_path) if db_path.exists() and not prefix else None
             try:
                 with store.sqlite_errors(f"cannot create {db_path}"):
                     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state,
-                                                       overwrite, counts)
-                os.replace(tmp_tokens, tokens_path(db_path))  # the memmap follows the file
+                                                       overwrite, counts, prefix)
+                # the memmap follows the file
+                os.replace(tmp_tokens, tokens_path(db_path, prefix=prefix))
                 if val_info:
-                    os.replace(tmp_val, tokens_path(db_path, VAL_TOKENS_SUFFIX))
+                    os.replace(tmp_val, tokens_path(db_path, VAL_TOKENS_SUFFIX, prefix))
             finally:
                 if old_lock:
                     old_lock.release()
@@ -301,7 +319,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, db_path, corpus=(), extensions=(), encoding_errors="strict",
-               on_progress=None, settings=None, run_options=None, max_iters=None):
+               on_progress=None, settings=None, run_options=None, max_iters=None, prefix=""):
         """Reopen a database to continue where training stopped, on the token
         file it recorded. A corpus, if given, must be the one it was trained
         on; it is needed only when the token file is gone (or the database
@@ -310,18 +328,19 @@ class Trainer:
         must equal the stored ones: a resumed run keeps its config.
         run_options ({field: value}): stored settings a resumed run may
         change because results do not depend on them (checkpoint_activations).
-        A model already at max_iters raises AlreadyTrained, the file untouched."""
+        A model already at max_iters raises AlreadyTrained, the file untouched.
+        prefix: the model under that prefix inside an app's database."""
         store.check_writable(db_path)
         sources = find_sources(corpus, extensions, Path(db_path).parent) if corpus else []
         try:
             digest = fingerprint(sources) if sources else None
-            store.open_database(db_path).close()  # is it a sqlgpt database at all?
+            store.open_database(db_path, prefix=prefix).close()  # is it a sqlgpt model at all?
             lock = store.WriterLock(db_path)
             conn = None
             try:
                 # every check reads through a read-only connection, so a refused
                 # resume leaves the file byte for byte as it was
-                reader = store.open_database(db_path)
+                reader = store.open_database(db_path, prefix=prefix)
                 try:
                     with store.sqlite_errors(f"cannot read {db_path}"):
                         reader.execute("BEGIN")
@@ -336,7 +355,8 @@ class Trainer:
                 finally:
                     reader.close()
                 with store.sqlite_errors(f"cannot open {db_path} for training"):
-                    conn = store.open_database(db_path, readonly=False)  # migrates an old file
+                    # migrates an old file
+                    conn = store.open_database(db_path, readonly=False, prefix=prefix)
                 return cls(conn, lock, *parts)
             except BaseException:
                 if conn is not None:
@@ -362,8 +382,8 @@ class Trainer:
         if digest and state.get("corpus_sha256") != digest:
             raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
                               f"{db_path} was trained on; resume needs the same files")
-        tokens = _resume_tokens(db_path, state, "corpus", tokenizer, sources, encoding_errors,
-                                on_progress)
+        tokens = _resume_tokens(db_path, conn.prefix, state, "corpus", tokenizer, sources,
+                                encoding_errors, on_progress)
         for name, value in (run_options or {}).items():  # memory or messages, not results
             setattr(cfg, name, value)
         model = GPT(arch, cfg.checkpoint_activations)
@@ -372,8 +392,8 @@ class Trainer:
         if cfg.val_file:
             val_sources = (_val_sources(cfg.val_file, Path(db_path).parent)
                            if Path(cfg.val_file).is_file() else [])
-            val = _val_split(_resume_tokens(db_path, state, "val", tokenizer, val_sources,
-                                            encoding_errors, on_progress),
+            val = _val_split(_resume_tokens(db_path, conn.prefix, state, "val", tokenizer,
+                                            val_sources, encoding_errors, on_progress),
                              arch.seq_len, cfg.val_file)
         return model, cfg, tokenizer, train, val, state
 
