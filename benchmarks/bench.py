@@ -64,6 +64,7 @@ LR = 3e-4
 WARMUP_STEPS = 2        # first-step costs: buffer allocation, torch.compile's compilation
 PROMPT_TOKENS = 16      # generation: prompt length and new tokens (capped to fit seq_len)
 NEW_TOKENS = 64
+BATCH = 8               # sequences generated together in the batched figures
 CHILD_TIMEOUT_S = 1800  # torch.compile of the larger configs takes minutes on 2 cores
 SWEEP = dict(seq_lens=(256, 1024, 2048), widths=(128, 256, 512, 768))
 TINY_SWEEP = dict(seq_lens=(16, 32, 64), widths=(32, 64))
@@ -81,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed training steps (after warm-up)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also train with torch.compile (default: yes, except with --tiny)")
+    p.add_argument("--generate-only", action="store_true",
+                   help="skip training (generation and checkpoint figures only)")
     p.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     p.add_argument("--out", type=Path, help="write every result as JSON here")
     p.add_argument("--child", choices=("sqlgpt", "torch", "torch_compile"),
@@ -286,25 +289,40 @@ def generation_lengths(arch):
     return prompt, min(NEW_TOKENS, arch["seq_len"] - prompt)
 
 
+def batch_greedy(decoder, prompts, n_new):
+    """Greedy ids of every prompt, all of them in each batched decode step."""
+    from sqlgpt.generate import Sampler, generate_batch
+    out = [[] for _ in prompts]
+    for i, token in generate_batch(decoder, prompts, n_new, Sampler(temperature=0)):
+        out[i].append(token)
+    return out
+
+
 def compare_generation(model, torch_model, arch, repeats):
     """Greedy tokens/s on one sequence for each side (sqlgpt in float32 and in
-    bfloat16 decoding), and whether their tokens agree."""
+    bfloat16 decoding), and on BATCH sequences at once; whether their tokens
+    agree."""
     from sqlgpt.generate import PRECISIONS, Decoder, generate_ids
     n_prompt, n_new = generation_lengths(arch)
-    prompt = np.random.default_rng(1).integers(1, arch["n_vocab"], n_prompt).tolist()
+    prompts = np.random.default_rng(1).integers(1, arch["n_vocab"], (BATCH, n_prompt)).tolist()
+    prompt = prompts[0]
     runs, setup_s = {}, {}
     for precision in PRECISIONS:
         start = time.perf_counter()
-        decoder = Decoder(model, precision)  # as sqlgpt.load()'s model keeps one: packed once
+        decoder = Decoder(model, precision, slots=BATCH)  # as a loaded model keeps one
         setup_s[precision] = time.perf_counter() - start
         name = "sqlgpt" if precision == "fp32" else f"sqlgpt_{precision}"
         runs[name] = functools.partial(lambda d: list(generate_ids(d, prompt, n_new, 0)), decoder)
+        runs[f"{name}_batch"] = functools.partial(batch_greedy, decoder, prompts, n_new)
     if torch_model is not None:
         runs["torch"] = lambda: torch_model.generate_greedy(prompt, n_new)
-    result = {"tokens_per_s": {name: n_new / median_time(fn, repeats)
-                               for name, fn in runs.items()},
-              "prompt_tokens": n_prompt, "new_tokens": n_new, "decoder_setup_s": setup_s}
+        runs["torch_batch"] = lambda: torch_model.generate_greedy(prompts, n_new)
+    result = {"tokens_per_s": {name: n_new * (BATCH if name.endswith("_batch") else 1)
+                               / median_time(fn, repeats) for name, fn in runs.items()},
+              "prompt_tokens": n_prompt, "new_tokens": n_new, "decoder_setup_s": setup_s,
+              "batch": BATCH}
     tokens = {name: fn() for name, fn in runs.items()}
+    result["batch_tokens_match"] = tokens["sqlgpt_batch"][0] == tokens["sqlgpt"]
     # how many greedy tokens bf16 decoding shares with float32 before they part
     result["bf16_same_tokens"] = next((i for i, (a, b) in enumerate(
         zip(tokens["sqlgpt"], tokens["sqlgpt_bf16"])) if a != b), n_new)
@@ -426,7 +444,7 @@ def bench_config(arch, args, peak_flops):
     del model, torch_model
     compile_too = args.compile if args.compile is not None else not args.tiny
     sides = ["sqlgpt", "torch"] + (["torch_compile"] if compile_too else [])
-    if arch["name"] in GENERATE_ONLY:
+    if arch["name"] in GENERATE_ONLY or args.generate_only:
         sides = []
     result["train"] = {side: train_in_child(side, arch, args) for side in sides}
     for run in result["train"].values():
@@ -465,6 +483,10 @@ def config_rows(r):
         ("MFU", *(train[s].get("mfu") for s in train), "{:.1%}"),
         ("generate tokens/s", gen["sqlgpt"], gen.get("torch"), "-", "{:,.0f}"),
         ("generate tokens/s, bf16", gen["sqlgpt_bf16"], gen.get("torch"), "-", "{:,.0f}"),
+        (f"generate tokens/s, batch {r['generate']['batch']}", gen["sqlgpt_batch"],
+         gen.get("torch_batch"), "-", "{:,.0f}"),
+        (f"generate tokens/s, batch {r['generate']['batch']}, bf16", gen["sqlgpt_bf16_batch"],
+         gen.get("torch_batch"), "-", "{:,.0f}"),
         ("peak RSS MB (training)", *(train[s].get("peak_rss_mb") for s in train), "{:,.0f}"),
         ("RSS MB before the model", *(train[s].get("start_rss_mb") for s in train), "{:,.0f}"),
     ]
@@ -503,6 +525,11 @@ def notes(name, r):
              f"{a['n_vocab']} tokens, {r['params']:,} parameters, "
              f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token"
              + (" (generation only)" if a["name"] in GENERATE_ONLY else "")]
+    speed = gen["tokens_per_s"]
+    lines.append(f"  batch of {gen['batch']}: {speed['sqlgpt_batch'] / speed['sqlgpt']:.1f}x the "
+                 f"single stream's tokens/s (bf16 "
+                 f"{speed['sqlgpt_bf16_batch'] / speed['sqlgpt_bf16']:.1f}x); its first sequence "
+                 f"gave the single stream's tokens: {'yes' if gen['batch_tokens_match'] else 'no'}")
     if "loss_check" in r:
         c = r["loss_check"]
         lines.append(f"  same weights, eval loss: sqlgpt {c['sqlgpt']:.6f}, "

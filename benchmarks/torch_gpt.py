@@ -86,22 +86,25 @@ class Peer(nn.Module):
 
     @torch.inference_mode()
     def generate_greedy(self, prompt_ids, max_tokens):
-        """max_tokens greedy ids after prompt_ids (a list), with a KV cache:
-        the prompt in one pass, then one token per forward."""
-        total = len(prompt_ids) + max_tokens
+        """max_tokens greedy ids after prompt_ids (a list, or a batch: a list
+        of equally long lists), with a KV cache: the prompt in one pass, then
+        one token per sequence per forward."""
+        batch = [prompt_ids] if not isinstance(prompt_ids[0], list) else prompt_ids
+        total = len(batch[0]) + max_tokens
         assert total <= self.arch.seq_len, "the KV cache covers one context window"
-        shape = (1, self.arch.n_kv_heads, total, self.arch.head_dim)
+        shape = (len(batch), self.arch.n_kv_heads, total, self.arch.head_dim)
         dtype = next(self.parameters()).dtype
         caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                   for _ in range(self.arch.num_layers)]
-        ids, pos, out = torch.tensor([prompt_ids]), 0, []
+        ids, pos, out = torch.tensor(batch), 0, []
         for _ in range(max_tokens):
             logits = self(ids, caches=caches, pos=pos)
             pos += ids.shape[1]
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]])
-        return out
+            tokens = logits[:, -1].argmax(-1)
+            out.append(tokens.tolist())
+            ids = tokens[:, None]
+        columns = [list(seq) for seq in zip(*out)]
+        return columns if batch is prompt_ids else columns[0]
 
     def init_normal(self, residual_suffixes):
         """GPT-2's init: N(0, 0.02) matrices and embeddings, zero biases, unit

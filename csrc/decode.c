@@ -1,16 +1,20 @@
-/* Generation: one token through every layer with a KV cache, in one call,
- * so a token costs no Python round trips and no allocation.
+/* Generation: tokens through every layer with a KV cache, in one call, so a
+ * step costs no Python round trips and no allocation.
  *
  * The same blocks as the training forward (model.c) in eval mode, for the
- * same ModelConfig, one row at a time with the same per-row helpers (norms,
- * rotary angles, activations): x (C) is the residual stream of the new token
- * at position pos; its keys (rotated once, for rope) and values are appended
- * to the cache and attention reads positions 0..pos. Grouped-query models
- * cache only their KVH key/value heads.
+ * same ModelConfig, with the same per-row helpers (norms, rotary angles,
+ * activations). A step takes n rows: row r is a token at its position in
+ * its sequence's cache slot, x (n, C) their residual streams; each row's
+ * key (rotated once, for rope) and value are stored in its slot, then
+ * attention reads positions 0..pos of that slot. The rows may be several
+ * sequences (a batch), or consecutive positions of one (a prompt, or a
+ * draft model's proposals to verify). Grouped-query models cache only their
+ * KVH key/value heads.
  *
- * A token reads every weight once, so decoding is bound by memory bandwidth:
- * both cores stream halves of each matrix, packed into contiguous panels, in
- * float32 or (on request) bfloat16, which halves the bytes. One parallel
+ * A step reads every weight once, so one sequence is bound by memory
+ * bandwidth: both cores stream halves of each matrix, packed into
+ * contiguous panels, in float32 or (on request) bfloat16, which halves the
+ * bytes; more rows share each panel while it is in cache. One parallel
  * region spans the whole step (a region per matvec would cost more than the
  * matvec), with a barrier wherever a result feeds the next op.
  */
@@ -74,24 +78,40 @@ panel_vector(const void *row, int i, const int bf16) {
     return (vfloat)(i % 2 ? word & 0xffff0000u : word << 16);
 }
 
-/* out (PANEL) = x (C) @ panel (C,PANEL). Two accumulator sets (even and odd
- * rows) so that the FMA latency does not bound a panel that sits in cache. */
+/* out (PANEL) = x (C) @ panel (C,PANEL), one accumulator per vector, each
+ * column summed over p in order: the order every kernel here keeps, so that
+ * a row's result does not depend on which rows share its step. */
 static inline __attribute__((always_inline)) void
 panel_matvec(float *out, const float *x, const void *panel, int C, const int bf16) {
     size_t row_bytes = (size_t)PANEL * (bf16 ? 2 : 4);
     const char *rows = panel;
-    vfloat even[NV] = {0}, odd[NV] = {0};
-    int p = 0;
-    for (; p + 1 < C; p += 2) {
-        const char *r0 = rows + p * row_bytes, *r1 = r0 + row_bytes;
-        for (int v = 0; v < NV; v++) {
-            even[v] += x[p] * panel_vector(r0, v, bf16);
-            odd[v] += x[p + 1] * panel_vector(r1, v, bf16);
+    vfloat acc[NV] = {0};
+    for (int p = 0; p < C; p++)
+        for (int v = 0; v < NV; v++) acc[v] += x[p] * panel_vector(rows + p * row_bytes, v, bf16);
+    for (int v = 0; v < NV; v++) *(vfloat *)(out + v * VLEN) = acc[v];
+}
+
+/* Vectors half, half + 1 of four rows' outputs, out + r * PANEL for rows
+ * x + r * C (r < 4): each panel vector loaded once for four rows, eight
+ * accumulators, and the half panel stays in L1 for the next four rows. */
+static inline __attribute__((always_inline)) void
+panel_matvec4(float *out, const float *x, const void *panel, int C, int half, const int bf16) {
+    size_t row_bytes = (size_t)PANEL * (bf16 ? 2 : 4);
+    const char *rows = panel;
+    vfloat acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = (vfloat){0};
+    for (int p = 0; p < C; p++) {
+        const char *row = rows + p * row_bytes;
+        if (half == 0) __builtin_prefetch(row + row_bytes / 2); /* the other half, next */
+        vfloat a = panel_vector(row, half, bf16), b = panel_vector(row, half + 1, bf16);
+        for (int r = 0; r < 4; r++) {
+            acc[r][0] += x[(size_t)r * C + p] * a;
+            acc[r][1] += x[(size_t)r * C + p] * b;
         }
     }
-    if (p < C)
-        for (int v = 0; v < NV; v++) even[v] += x[p] * panel_vector(rows + p * row_bytes, v, bf16);
-    for (int v = 0; v < NV; v++) *(vfloat *)(out + v * VLEN) = even[v] + odd[v];
+    for (int r = 0; r < 4; r++)
+        for (int v = 0; v < 2; v++)
+            *(vfloat *)(out + (size_t)r * PANEL + (half + v) * VLEN) = acc[r][v];
 }
 
 /* What a matvec does to each output before storing it. */
@@ -102,44 +122,62 @@ static inline float activate(float y, int act) {
     return act == ACT_GELU ? gelu(y) : y;
 }
 
-/* Panel block b of W (C,OC) times x, into out (PANEL). */
-static void panel_block(float *out, const float *x, const void *panels, int b, int C, int bf16) {
+/* Panel block b of W (C,OC) times the n rows of x (row stride C), into out
+ * (n, PANEL): the panel comes from memory once, and stays in cache for the
+ * rows after the first four. */
+static void panel_block(float *out, const float *x, int n, const void *panels, int b, int C,
+                        int bf16) {
     size_t panel_bytes = (size_t)C * PANEL * (bf16 ? 2 : 4);
     const void *panel = (const char *)panels + b * panel_bytes;
-    if (bf16) panel_matvec(out, x, panel, C, 1);
-    else panel_matvec(out, x, panel, C, 0);
-}
-
-/* y (OC) = act(x (C) @ W (C,OC) + bias) from W's panels, panels shared
- * among the team (each thread always gets the same ones, so they stay in
- * its cache); bias may be NULL. No barrier. */
-static void matvec(float *y, const float *x, const void *panels, const float *bias, int C,
-                   int OC, int bf16, int act) {
-    int blocks = (OC + PANEL - 1) / PANEL;
-    #pragma omp for schedule(static) nowait
-    for (int b = 0; b < blocks; b++) {
-        int j0 = b * PANEL, n = OC - j0 < PANEL ? OC - j0 : PANEL;
-        float out[PANEL] __attribute__((aligned(64)));
-        panel_block(out, x, panels, b, C, bf16);
-        for (int j = 0; j < n; j++)
-            y[j0 + j] = activate(out[j] + (bias ? bias[j0 + j] : 0.0f), act);
+    int quads = n / 4;
+    for (int half = 0; half < NV; half += 2)
+        for (int i = 0; i < quads; i++) {
+            if (bf16) panel_matvec4(out + (size_t)4 * i * PANEL, x + (size_t)4 * i * C, panel,
+                                    C, half, 1);
+            else panel_matvec4(out + (size_t)4 * i * PANEL, x + (size_t)4 * i * C, panel, C,
+                               half, 0);
+        }
+    for (int r = 4 * quads; r < n; r++) {
+        if (bf16) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, 1);
+        else panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, 0);
     }
 }
 
-/* SwiGLU's hidden row, h (F) = silu(x @ gate + gate_b) * (x @ up + up_b),
- * both matrices' panels of a block by the same thread, so no barrier. */
-static void matvec_swiglu(float *h, const float *x, const void *gate, const float *gate_b,
-                          const void *up, const float *up_b, int C, int F, int bf16) {
-    int blocks = (F + PANEL - 1) / PANEL;
+/* y (n, OC) = act(x (n, C) @ W (C,OC) + bias) from W's panels, panels
+ * shared among the team (each thread always gets the same ones, so they
+ * stay in its cache); bias may be NULL; out is this thread's (n, PANEL)
+ * scratch. No barrier. */
+static void matmat(float *y, const float *x, int n, const void *panels, const float *bias, int C,
+                   int OC, int bf16, int act, float *out) {
+    int blocks = (OC + PANEL - 1) / PANEL;
     #pragma omp for schedule(static) nowait
     for (int b = 0; b < blocks; b++) {
-        int j0 = b * PANEL, n = F - j0 < PANEL ? F - j0 : PANEL;
-        float g[PANEL] __attribute__((aligned(64))), u[PANEL] __attribute__((aligned(64)));
-        panel_block(g, x, gate, b, C, bf16);
-        panel_block(u, x, up, b, C, bf16);
-        for (int j = 0; j < n; j++)
-            h[j0 + j] = silu(g[j] + (gate_b ? gate_b[j0 + j] : 0.0f)) *
-                        (u[j] + (up_b ? up_b[j0 + j] : 0.0f));
+        int j0 = b * PANEL, m = OC - j0 < PANEL ? OC - j0 : PANEL;
+        panel_block(out, x, n, panels, b, C, bf16);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < m; j++)
+                y[(size_t)r * OC + j0 + j] = activate(out[(size_t)r * PANEL + j] +
+                                                      (bias ? bias[j0 + j] : 0.0f), act);
+    }
+}
+
+/* SwiGLU's hidden rows, h (n, F) = silu(x @ gate + gate_b) * (x @ up + up_b),
+ * both matrices' panels of a block by the same thread, so no barrier; out is
+ * this thread's (2n, PANEL) scratch. */
+static void matmat_swiglu(float *h, const float *x, int n, const void *gate, const float *gate_b,
+                          const void *up, const float *up_b, int C, int F, int bf16, float *out) {
+    int blocks = (F + PANEL - 1) / PANEL;
+    float *g = out, *u = out + (size_t)n * PANEL;
+    #pragma omp for schedule(static) nowait
+    for (int b = 0; b < blocks; b++) {
+        int j0 = b * PANEL, m = F - j0 < PANEL ? F - j0 : PANEL;
+        panel_block(g, x, n, gate, b, C, bf16);
+        panel_block(u, x, n, up, b, C, bf16);
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < m; j++)
+                h[(size_t)r * F + j0 + j] =
+                    silu(g[(size_t)r * PANEL + j] + (gate_b ? gate_b[j0 + j] : 0.0f)) *
+                    (u[(size_t)r * PANEL + j] + (up_b ? up_b[j0 + j] : 0.0f));
     }
 }
 
@@ -162,38 +200,63 @@ long key_cache_size(const ModelConfig *cfg) {
     return (long)cfg->num_layers * cfg->KVH * (cfg->C / cfg->NH) * key_stride(cfg->max_T);
 }
 
-/* One layer's view of the step: the config and this token's place. */
+/* One batched step as a layer sees it: n rows, row r the token at position
+ * pos[r] of the sequence whose caches are slot slots[r]. */
 typedef struct {
     const ModelConfig *cfg;
-    int pos, hs, Tk;
-    const float *cos, *sin;  /* this position's rotary angles (rope) */
+    int n, hs, Tk;
+    const int *pos, *slots;
+    const float *angles;      /* row r's rotary angles (rope): cos (hs/2), then sin (hs/2) */
+    float *kcache, *vcache;   /* every slot's caches */
 } Step;
 
-/* Store the new key krow (KVH*hs, rotated here for rope) at pos in kt
- * (KVH, hs, Tk), kv heads shared among the team; ends in a barrier. */
-static void store_key(const Step *s, float *krow, float *kt) {
+/* Row r's key cache (KVH, hs, Tk) and value cache (max_T, KVH*hs) of layer l. */
+static float *keys_of(const Step *s, int r, int l) {
+    const ModelConfig *cfg = s->cfg;
+    size_t layer = (size_t)cfg->KVH * s->hs * s->Tk;
+    return s->kcache + (size_t)s->slots[r] * cfg->num_layers * layer + l * layer;
+}
+
+static float *values_of(const Step *s, int r, int l) {
+    const ModelConfig *cfg = s->cfg;
+    size_t layer = (size_t)cfg->max_T * cfg->KVH * s->hs;
+    return s->vcache + (size_t)s->slots[r] * cfg->num_layers * layer + l * layer;
+}
+
+/* Store each row's new key k (n, KVH*hs, rotated here for rope) and value v
+ * at its position in its caches, (row, kv head) pairs shared among the
+ * team; ends in a barrier, so every row's attention sees the keys of the
+ * rows before it (a sequence's consecutive positions in one step). */
+static void store_kv(const Step *s, int l, float *k, const float *v) {
+    int KVH = s->cfg->KVH, hs = s->hs, KVC = KVH * hs;
     #pragma omp for schedule(static)
-    for (int g = 0; g < s->cfg->KVH; g++) {
-        float *kg = krow + g * s->hs, *kh = kt + (size_t)g * s->hs * s->Tk;
-        if (s->cfg->pos == POS_ROPE) rope_row(kg, s->cos, s->sin, 1, s->hs, 1.0f);
-        for (int d = 0; d < s->hs; d++) kh[(size_t)d * s->Tk + s->pos] = kg[d];
+    for (int rg = 0; rg < s->n * KVH; rg++) {
+        int r = rg / KVH, g = rg % KVH, pos = s->pos[r];
+        float *kg = k + (size_t)r * KVC + g * hs;
+        float *kh = keys_of(s, r, l) + (size_t)g * hs * s->Tk;
+        const float *cos = s->angles + (size_t)r * hs;
+        if (s->cfg->pos == POS_ROPE) rope_row(kg, cos, cos + hs / 2, 1, hs, 1.0f);
+        for (int d = 0; d < hs; d++) kh[(size_t)d * s->Tk + pos] = kg[d];
+        memcpy(values_of(s, r, l) + (size_t)pos * KVC + g * hs, v + (size_t)r * KVC + g * hs,
+               sizeof(float) * hs);
     }
 }
 
-/* att (C) = causal attention of query q (C, rotated here for rope) over
- * positions 0..pos of kt and vc (max_T, KVH*hs). Query heads are shared
- * among the team; scores (Tk) are the caller's. Scores past pos are
- * computed from stale keys and never used. Ends in a barrier. */
-static void attend(const Step *s, float *att, float *scores, float *q, const float *kt,
-                   const float *vc) {
-    int hs = s->hs, n = s->pos + 1, Tk = s->Tk, NH = s->cfg->NH, group = NH / s->cfg->KVH;
+/* att (n, C) = each row's causal attention of its query q (rotated here for
+ * rope) over positions 0..pos of its caches, (row, query head) pairs shared
+ * among the team; scores (Tk) are the caller's. Scores past pos are computed
+ * from stale keys and never used. Ends in a barrier. */
+static void attend(const Step *s, int l, float *att, float *scores, float *q) {
+    int hs = s->hs, Tk = s->Tk, NH = s->cfg->NH, group = NH / s->cfg->KVH, C = s->cfg->C;
     int KVC = s->cfg->KVH * hs;
     float scale = 1.0f / sqrtf((float)hs);
     #pragma omp for schedule(static)
-    for (int h = 0; h < NH; h++) {
-        const float *kh = kt + (size_t)(h / group) * hs * Tk;
-        float *qh = q + h * hs;
-        if (s->cfg->pos == POS_ROPE) rope_row(qh, s->cos, s->sin, 1, hs, 1.0f);
+    for (int rh = 0; rh < s->n * NH; rh++) {
+        int r = rh / NH, h = rh % NH, n = s->pos[r] + 1;
+        const float *kh = keys_of(s, r, l) + (size_t)(h / group) * hs * Tk;
+        float *qh = q + (size_t)r * C + h * hs;
+        const float *cos = s->angles + (size_t)r * hs;
+        if (s->cfg->pos == POS_ROPE) rope_row(qh, cos, cos + hs / 2, 1, hs, 1.0f);
         for (int s0 = 0; s0 < n; s0 += VLEN) {
             vfloat dots = {0};
             for (int d = 0; d < hs; d++)
@@ -208,8 +271,8 @@ static void attend(const Step *s, float *att, float *scores, float *q, const flo
             sum += scores[t];
         }
         /* att_h = sum_t p_t v_t, a vector of head dims at a time in a register */
-        const float *vh = vc + (h / group) * hs;
-        float *ah = att + h * hs, inv = 1.0f / sum;
+        const float *vh = values_of(s, r, l) + (h / group) * hs;
+        float *ah = att + (size_t)r * C + h * hs, inv = 1.0f / sum;
         int d = 0;
         for (; d + VLEN <= hs; d += VLEN) {
             vfloat acc = {0};
@@ -225,8 +288,12 @@ static void attend(const Step *s, float *att, float *scores, float *q, const flo
     }
 }
 
-/* Rows shared by the team: q, att, branch (C), k (KVC), h, gate (F). */
-typedef struct { float *q, *k, *att, *branch, *h; } SharedRows;
+/* Rows shared by the team, n of each: q, att, branch (C), k, v (KVC), h (F). */
+typedef struct { float *q, *k, *v, *att, *branch, *h; } SharedRows;
+
+/* This thread's rows: x and ln (n, C), its panel outputs (2n, PANEL) and
+ * attention scores (Tk). */
+typedef struct { float *x, *ln, *out, *scores; } OwnRows;
 
 /* The next norm's input gain and bias: the next block's norm1, or after the
  * last block the final norm (a parameter-free one reads NULL). */
@@ -237,69 +304,103 @@ static void next_norm(const ModelConfig *cfg, const ModelTensors *w, int l, cons
     *bias = last ? w->lnf_b : w->layers[l + 1].ln1_b;
 }
 
-/* One block for this thread: x and ln (its private copies) advance, the
- * cache gains this token's key and value; ln ends as the next norm's output. */
-static void decode_block(const Step *s, const ModelTensors *w, int l, int bf16, SharedRows r,
-                         float *x, float *ln, float *scores, float *kcache, float *vcache) {
-    const ModelConfig *cfg = s->cfg;
-    const LayerTensors *L = &w->layers[l];
-    int C = cfg->C, KVC = cfg->KVH * s->hs, F = cfg->F;
-    float *kt = kcache + (size_t)l * KVC * s->Tk, *vc = vcache + (size_t)l * cfg->max_T * KVC;
-    matvec(r.q, ln, L->q, L->q_b, C, C, bf16, ACT_NONE);
-    matvec(r.k, ln, L->k, L->k_b, C, KVC, bf16, ACT_NONE);
-    matvec(vc + (size_t)s->pos * KVC, ln, L->v, L->v_b, C, KVC, bf16, ACT_NONE);
-    #pragma omp barrier
-    store_key(s, r.k, kt);
-    attend(s, r.att, scores, r.q, kt, vc);
-    matvec(r.branch, r.att, L->proj, L->proj_b, C, C, bf16, ACT_NONE);
-    #pragma omp barrier
-    for (int c = 0; c < C; c++) x[c] += r.branch[c];
-    norm_row(cfg, ln, x, L->ln2_w, L->ln2_b);
-    if (cfg->mlp == MLP_SWIGLU)
-        matvec_swiglu(r.h, ln, L->gate, L->gate_b, L->fc1, L->fc1_b, C, F, bf16);
-    else
-        matvec(r.h, ln, L->fc1, L->fc1_b, C, F, bf16, cfg->mlp == MLP_RELU ? ACT_RELU : ACT_GELU);
-    #pragma omp barrier
-    matvec(r.branch, r.h, L->fc2, L->fc2_b, F, C, bf16, ACT_NONE);
-    #pragma omp barrier
-    for (int c = 0; c < C; c++) x[c] += r.branch[c];
-    const float *weight, *bias;
-    next_norm(cfg, w, l, &weight, &bias);
-    norm_row(cfg, ln, x, weight, bias);  /* unused after the last block without a final norm */
+/* x (n, C) += the shared branch rows, then ln = norm(x) with this gain and bias. */
+static void add_and_norm(const ModelConfig *cfg, int n, OwnRows o, const float *branch,
+                         const float *weight, const float *bias) {
+    int C = cfg->C;
+    for (int r = 0; r < n; r++) {
+        float *x = o.x + (size_t)r * C;
+        for (int c = 0; c < C; c++) x[c] += branch[(size_t)r * C + c];
+        norm_row(cfg, o.ln + (size_t)r * C, x, weight, bias);
+    }
 }
 
-/* Every thread keeps its own copy of the residual stream x and its norm,
- * computing both redundantly (C values), so no thread waits on another for
- * them: a barrier costs more than the work. Barriers remain only where a
- * matvec's output, split among threads, feeds the next op. */
-int decode_step(const ModelConfig *cfg, const ModelTensors *w, int bf16, float *kcache,
-                float *vcache, int token, int pos, float *logits) {
+/* One block for this thread: x and ln (its private copies) advance, the
+ * caches gain the rows' keys and values; ln ends as the next norm's output. */
+static void decode_block(const Step *s, const ModelTensors *w, int l, int bf16, SharedRows r,
+                         OwnRows o) {
+    const ModelConfig *cfg = s->cfg;
+    const LayerTensors *L = &w->layers[l];
+    int C = cfg->C, KVC = cfg->KVH * s->hs, F = cfg->F, n = s->n;
+    matmat(r.q, o.ln, n, L->q, L->q_b, C, C, bf16, ACT_NONE, o.out);
+    matmat(r.k, o.ln, n, L->k, L->k_b, C, KVC, bf16, ACT_NONE, o.out);
+    matmat(r.v, o.ln, n, L->v, L->v_b, C, KVC, bf16, ACT_NONE, o.out);
+    #pragma omp barrier
+    store_kv(s, l, r.k, r.v);
+    attend(s, l, r.att, o.scores, r.q);
+    matmat(r.branch, r.att, n, L->proj, L->proj_b, C, C, bf16, ACT_NONE, o.out);
+    #pragma omp barrier
+    add_and_norm(cfg, n, o, r.branch, L->ln2_w, L->ln2_b);
+    if (cfg->mlp == MLP_SWIGLU)
+        matmat_swiglu(r.h, o.ln, n, L->gate, L->gate_b, L->fc1, L->fc1_b, C, F, bf16, o.out);
+    else
+        matmat(r.h, o.ln, n, L->fc1, L->fc1_b, C, F, bf16,
+               cfg->mlp == MLP_RELU ? ACT_RELU : ACT_GELU, o.out);
+    #pragma omp barrier
+    matmat(r.branch, r.h, n, L->fc2, L->fc2_b, F, C, bf16, ACT_NONE, o.out);
+    #pragma omp barrier
+    const float *weight, *bias;
+    next_norm(cfg, w, l, &weight, &bias);
+    /* ln is unused after the last block without a final norm */
+    add_and_norm(cfg, n, o, r.branch, weight, bias);
+}
+
+/* Every thread keeps its own copy of the residual streams x and their norms,
+ * computing them redundantly (n x C values), so no thread waits on another
+ * for them: a barrier costs more than the work. Barriers remain only where a
+ * matmat's output, split among threads, feeds the next op. */
+int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int bf16, float *kcache,
+                 float *vcache, int n, const int *slots, const int *tokens, const int *pos,
+                 int n_out, const int *out_rows, float *logits) {
     int C = cfg->C, hs = C / cfg->NH, F = cfg->F, Tk = key_stride(cfg->max_T);
-    float *shared = scratch(1, (size_t)3 * C + (size_t)cfg->KVH * hs + F);
+    int KVC = cfg->KVH * hs;
+    float *shared = scratch(1, (size_t)n * (3 * C + 2 * KVC + F + hs));
     if (!shared) return take_status();
-    SharedRows r = {shared, shared + C, shared + C + cfg->KVH * hs, NULL, NULL};
-    r.branch = r.att + C;
-    r.h = r.branch + C;
+    SharedRows r;
+    r.q = shared;
+    r.k = r.q + (size_t)n * C;
+    r.v = r.k + (size_t)n * KVC;
+    r.att = r.v + (size_t)n * KVC;
+    r.branch = r.att + (size_t)n * C;
+    r.h = r.branch + (size_t)n * C;
+    float *angles = r.h + (size_t)n * F;
+    if (cfg->pos == POS_ROPE)
+        for (int i = 0; i < n; i++)
+            rope_angles(angles + (size_t)i * hs, angles + (size_t)i * hs + hs / 2, pos[i], hs,
+                        cfg->rope_theta);
+    Step s = {cfg, n, hs, Tk, pos, slots, angles, kcache, vcache};
     int failed = 0;
     /* one thread for models whose matrices fit in a core's cache anyway */
-    #pragma omp parallel if ((long)C * C >= 128 * 128)
+    #pragma omp parallel if ((long)C * C * n >= 128 * 128)
     {
-        /* this thread's x, ln (C each), scores (Tk) and rotary angles (hs) */
-        float *x = scratch(4, (size_t)2 * C + Tk + hs);
-        if (!x) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        float *own = scratch(4, (size_t)3 * n * C + 2 * (size_t)n * PANEL + Tk);
+        if (!own) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
         #pragma omp barrier
         if (!__atomic_load_n(&failed, __ATOMIC_RELAXED)) {
-            float *ln = x + C, *scores = ln + C, *cos_t = scores + Tk, *sin_t = cos_t + hs / 2;
-            Step s = {cfg, pos, hs, Tk, cos_t, sin_t};
-            if (cfg->pos == POS_ROPE) rope_angles(cos_t, sin_t, pos, hs, cfg->rope_theta);
-            const float *te = w->wte + (size_t)token * C;
-            const float *pe = w->wpe ? w->wpe + (size_t)pos * C : NULL;
-            for (int c = 0; c < C; c++) x[c] = te[c] + (pe ? pe[c] : 0.0f);
-            norm_row(cfg, ln, x, w->layers[0].ln1_w, w->layers[0].ln1_b);
-            for (int l = 0; l < cfg->num_layers; l++)
-                decode_block(&s, w, l, bf16, r, x, ln, scores, kcache, vcache);
-            matvec(logits, cfg->final_norm ? ln : x, w->head, NULL, C, cfg->V, bf16, ACT_NONE);
+            OwnRows o = {own, own + (size_t)n * C, own + 2 * (size_t)n * C, NULL};
+            o.scores = o.out + 2 * (size_t)n * PANEL;
+            for (int i = 0; i < n; i++) {
+                const float *te = w->wte + (size_t)tokens[i] * C;
+                const float *pe = w->wpe ? w->wpe + (size_t)pos[i] * C : NULL;
+                float *x = o.x + (size_t)i * C;
+                for (int c = 0; c < C; c++) x[c] = te[c] + (pe ? pe[c] : 0.0f);
+                norm_row(cfg, o.ln + (size_t)i * C, x, w->layers[0].ln1_w, w->layers[0].ln1_b);
+            }
+            for (int l = 0; l < cfg->num_layers; l++) decode_block(&s, w, l, bf16, r, o);
+            /* the head for the rows whose logits are wanted only: a prompt's
+             * other rows just fill the cache */
+            float *last = o.scores + Tk;
+            for (int i = 0; i < n_out; i++)
+                memcpy(last + (size_t)i * C, (cfg->final_norm ? o.ln : o.x) +
+                       (size_t)out_rows[i] * C, sizeof(float) * C);
+            matmat(logits, last, n_out, w->head, NULL, C, cfg->V, bf16, ACT_NONE, o.out);
         }
     }
     return take_status();
+}
+
+int decode_step(const ModelConfig *cfg, const ModelTensors *w, int bf16, float *kcache,
+                float *vcache, int token, int pos, float *logits) {
+    int slot = 0, row = 0;
+    return decode_batch(cfg, w, bf16, kcache, vcache, 1, &slot, &token, &pos, 1, &row, logits);
 }

@@ -123,6 +123,17 @@ void pack_panels(void *dst, const float *w, int C, int OC, int bf16);
 long key_cache_size(const ModelConfig *cfg);
 int decode_step(const ModelConfig *cfg, const ModelTensors *panels, int bf16, float *kcache,
                 float *vcache, int token, int pos, float *logits);
+/* n rows in one step, every weight read once for all of them: row r is the
+ * token tokens[r] at position pos[r] of the sequence whose caches are slot
+ * slots[r] (kcache holds key_cache_size floats per slot, vcache (num_layers,
+ * max_T, KVH*hs) per slot). Rows may share a slot at consecutive positions
+ * (a prompt, or a draft's tokens verified at once): every row's key and
+ * value is stored before any row attends. logits is (n_out, V): the rows
+ * out_rows[0..n_out-1]. A row's logits are bit for bit the ones it gets
+ * alone. decode_step is one row, slot 0. */
+int decode_batch(const ModelConfig *cfg, const ModelTensors *panels, int bf16, float *kcache,
+                 float *vcache, int n, const int *slots, const int *tokens, const int *pos,
+                 int n_out, const int *out_rows, float *logits);
 
 /* ---- ops, each a forward/backward pair ---- */
 

@@ -4,6 +4,8 @@
     m.generate("the king", max_tokens=30, temperature=0.8, top_k=40, seed=1)
 """
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,69 @@ from .corpus import find_sources
 from .dataset import write_tokens
 from .errors import SqlgptError
 from .evaluate import evaluate
-from .generate import Decoder, check_precision, generate_ids
+from .generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
+                       generate_batch, speculative_ids)
 from .model import GPT, PAD_ID
+
+
+@dataclass
+class Completion:
+    """One sequence of a batch: its prompt, the text (the prompt's, then the
+    generated), how many tokens were generated, and the batch's seconds."""
+    prompt: str
+    text: str
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self):
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class TextStream:
+    """Ids to text as they come: the prompt's text, then what each token
+    adds, holding back a token that ends inside a UTF-8 character and text
+    that may begin a stop string; ends before the first stop string."""
+
+    def __init__(self, tokenizer, prompt_ids, stop=()):
+        if isinstance(stop, str):
+            stop = (stop,)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SqlgptError("a stop string must be non-empty text")
+        self.tokenizer, self.stop, self.stopped = tokenizer, tuple(stop), False
+        self.ids = [int(i) for i in prompt_ids]
+        self.prompt_text = self.shown = tokenizer.decode(self.ids)
+
+    def push(self, token):
+        """The text token adds that is safe to show now ('' if none)."""
+        self.ids.append(int(token))
+        return self._advance(final=False)
+
+    def finish(self):
+        """What is left to show once generation ends."""
+        return self._advance(final=True)
+
+    def _advance(self, final):
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        start = len(self.prompt_text) if text.startswith(self.prompt_text) else len(text)
+        generated = text[start:]
+        cuts = [generated.find(s) for s in self.stop if s in generated]
+        if cuts:
+            text, self.stopped = text[:start + min(cuts)], True
+        elif not final:  # hold back a tail that may begin a stop string
+            text = text[:len(text) - self._held(generated)]
+        if not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def _held(self, generated):
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(generated)), 0, -1)
+                    if generated.endswith(s[:n])), default=0)
 
 
 class Model:
@@ -84,48 +147,112 @@ class Model:
         banned = {PAD_ID, tok.bos_id} | (set() if allow_unk else {tok.unk_id})
         return tuple(sorted(i for i in banned if i is not None))
 
+    def decoder(self, slots=1):
+        """The model's Decoder (weights packed once, on first use) with KV
+        caches for at least `slots` sequences."""
+        if self._decoder is None:
+            self._decoder = Decoder(self._gpt, self.precision, slots)
+        elif self._decoder.slots < slots:
+            self._decoder.grow(slots)
+        return self._decoder
+
+    def check_draft(self, draft):
+        """A draft model must share this model's tokenizer exactly."""
+        if not isinstance(draft, Model):
+            raise SqlgptError("the draft must be a sqlgpt Model (sqlgpt.load)")
+        mine, theirs = self.tokenizer, draft.tokenizer
+        if (mine.kind, mine.vocab_rows(), mine.state()) != \
+                (theirs.kind, theirs.vocab_rows(), theirs.state()):
+            raise SqlgptError(f"the draft model's tokenizer ({theirs.kind}, {theirs.n_ids} ids) "
+                              f"is not this model's ({mine.kind}, {mine.n_ids} ids): a draft "
+                              f"must be trained with the same tokenizer")
+
     def generate_ids(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0,
-                     seed=None, allow_unk=False):
+                     seed=None, allow_unk=False, min_p=0.0, repetition_penalty=1.0, draft=None,
+                     draft_tokens=DRAFT_TOKENS, stats=None):
         """Yield generated ids one at a time (for streaming), ending early at
         <eos> (which is not yielded). <pad> and <bos> are never sampled, and
-        <unk> only with allow_unk."""
-        if self._decoder is None:
-            self._decoder = Decoder(self._gpt, self.precision)
-        for token in generate_ids(self._decoder, self.prompt_ids(prompt), max_tokens, temperature,
-                                  top_k, top_p, seed, banned=self._banned(allow_unk)):
-            if token == self.tokenizer.eos_id:
-                return
+        <unk> only with allow_unk. With draft (a smaller Model with the same
+        tokenizer), speculative decoding: the same distribution (greedy: the
+        same tokens), fewer passes over this model's weights. stats: a
+        GenerationStats to count the tokens (and the draft's proposals) in."""
+        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
+        prompt_ids = self.prompt_ids(prompt)
+        eos, banned = self.tokenizer.eos_id, self._banned(allow_unk)
+        if draft is not None:
+            self.check_draft(draft)
+            yield from speculative_ids(self.decoder(), draft.decoder(), prompt_ids, max_tokens,
+                                       sampler, seed, banned, eos, draft_tokens, stats)
+            return
+        for _, token in generate_batch(self.decoder(), [prompt_ids], max_tokens, sampler, seed,
+                                       banned, eos):
+            if stats is not None:
+                stats.tokens += 1
             yield token
 
     def stream(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-               allow_unk=False):
+               allow_unk=False, stop=(), **options):
         """Yield the generated text in pieces as tokens come: the prompt's
         text first, then what each token adds. A token that ends inside a
         UTF-8 character (byte and BPE pieces can) is held back until the
-        character is whole."""
-        ids = [int(i) for i in self.prompt_ids(prompt)]
-        shown = ""
-        for token in [None, *self.generate_ids(prompt, max_tokens, temperature, top_k, top_p,
-                                               seed, allow_unk)]:
-            if token is not None:
-                ids.append(token)
-            text = self.decode(ids)
-            if text.endswith("\ufffd"):
-                continue
-            if text.startswith(shown):
-                yield text[len(shown):]
-                shown = text
-        text = self.decode(ids)
-        if text != shown and text.startswith(shown):
-            yield text[len(shown):]
+        character is whole, and text that may begin a stop string until it
+        is known not to. Generation ends before the first stop string.
+        options: min_p, repetition_penalty, draft, draft_tokens, stats (see
+        generate_ids)."""
+        text = TextStream(self.tokenizer, self.prompt_ids(prompt), stop)
+        yield text.shown
+        for token in self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed,
+                                       allow_unk, **options):
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+        piece = text.finish()
+        if piece:
+            yield piece
 
     def generate(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-                 allow_unk=False):
-        """The prompt followed by up to max_tokens generated tokens, as text."""
-        ids = list(self.prompt_ids(prompt))
-        ids += self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk)
-        return self.decode(ids)
+                 allow_unk=False, stop=(), **options):
+        """The prompt followed by up to max_tokens generated tokens, as text
+        (ending before a stop string). A list of prompts is one batch: a list
+        of texts, sequence i sampled with seed + i (what it gives alone with
+        that seed). options: min_p, repetition_penalty, and for one prompt
+        draft, draft_tokens, stats (speculative decoding)."""
+        if isinstance(prompt, (list, tuple)):
+            if set(options) & {"draft", "draft_tokens"}:
+                raise SqlgptError("speculative decoding (draft) takes one prompt at a time")
+            return [c.text for c in self.complete(prompt, max_tokens, temperature, top_k, top_p,
+                                                  seed, allow_unk, stop, **options)]
+        return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, seed,
+                                   allow_unk, stop, **options))
 
+    def complete(self, prompts, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+                 allow_unk=False, stop=(), min_p=0.0, repetition_penalty=1.0):
+        """Generate after every prompt at once, in batched decode steps (each
+        weight read once per step for all of them): a Completion for each,
+        sequence i sampled with seed + i."""
+        prompts = list(prompts)
+        if not prompts:
+            raise SqlgptError("no prompts to generate from")
+        if len(prompts) > MAX_BATCH:
+            raise SqlgptError(f"{len(prompts)} prompts: a batch holds at most {MAX_BATCH}")
+        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
+        ids = [self.prompt_ids(p) for p in prompts]
+        texts = [TextStream(self.tokenizer, i, stop) for i in ids]
+        finished, counts = set(), [0] * len(prompts)
+        start = time.perf_counter()
+        for i, token in generate_batch(self.decoder(len(prompts)), ids, max_tokens, sampler,
+                                       seed, self._banned(allow_unk), self.tokenizer.eos_id,
+                                       finished):
+            counts[i] += 1
+            texts[i].push(token)
+            if texts[i].stopped:
+                finished.add(i)
+        seconds = time.perf_counter() - start
+        for t in texts:
+            t.finish()
+        return [Completion(p, t.shown, n, seconds) for p, t, n in zip(prompts, texts, counts)]
 
     def evaluate(self, text=None, paths=(), stride=None, batch_size=8, extensions=(),
                  encoding_errors="strict"):

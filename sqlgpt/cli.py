@@ -3,6 +3,7 @@ import functools
 import json
 import math
 import sys
+import time
 
 import click
 
@@ -12,7 +13,7 @@ from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
 from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
 from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
-from .generate import PRECISIONS
+from .generate import DRAFT_TOKENS, MAX_BATCH, PRECISIONS, GenerationStats, Sampler
 from .profile import model_profile
 from .train import AlreadyTrained, Trainer
 
@@ -437,25 +438,164 @@ def fmt_loss(value):
               help="Sample among the k most likely tokens (0 = all).")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
               show_default=True, help="Nucleus sampling: smallest set with this probability.")
+@click.option("--min-p", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+              help="Keep tokens at least this fraction as likely as the most likely one.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True,
+              help="Above 1, tokens already in the context become less likely.")
+@click.option("--stop", multiple=True,
+              help="End the text before this string (repeatable); <eos> and --max-tokens "
+                   "end it too.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
-              help="Seed for reproducible samples.")
+              help="Seed for reproducible samples (sample i of a batch uses seed + i).")
 @click.option("--allow-unk", is_flag=True, help="Let the model emit <unk> (out-of-vocabulary).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Weights while generating: bf16 streams half the bytes per token "
                    "(faster; logits within about 1e-2 of fp32).")
+@click.option("--num-samples", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
+              help="Samples of each prompt, generated together as one batch.")
+@click.option("--prompts-file", type=click.Path(), default=None,
+              help="One prompt a line (UTF-8), all generated together as one batch.")
+@click.option("--stream/--no-stream", default=None,
+              help="Print tokens as they come. [default: on a terminal]")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON line per sample: prompt, text, tokens, tokens_per_s.")
+@click.option("--interactive", is_flag=True,
+              help="A prompt loop (line editing, history): Ctrl-C stops an answer, Ctrl-D quits.")
+@click.option("--draft-db", type=click.Path(), default=None,
+              help="Speculative decoding: a smaller model with the same tokenizer proposes "
+                   "tokens that this one checks in one step (the same output distribution).")
+@click.option("--draft-prefix", default="", callback=checked_prefix,
+              help="The draft model's table prefix in --draft-db.")
+@click.option("--draft-tokens", type=click.IntRange(1, 32), default=DRAFT_TOKENS,
+              show_default=True, help="Tokens the draft proposes per step.")
 @step_option
 @threads_option
 @fail_cleanly
-def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk,
-             precision, step):
-    """Generate text from the model in --db, streaming tokens as they come.
+def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min_p,
+             repetition_penalty, stop, seed, allow_unk, precision, num_samples, prompts_file,
+             stream, as_json, interactive, draft_db, draft_prefix, draft_tokens, step):
+    """Generate text from the model in --db, streaming tokens as they come
+    on a terminal.
 
     Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
     """
+    prompts = read_prompts(prompts_file) if prompts_file else None
+    if prompts is not None and prompt:
+        raise click.UsageError("--prompt and --prompts-file exclude each other")
+    batched = prompts is not None or num_samples > 1
+    if draft_db and batched:
+        raise click.UsageError("--draft-db generates one sequence at a time: drop "
+                               "--num-samples / --prompts-file")
+    if interactive and (batched or as_json):
+        raise click.UsageError("--interactive takes one prompt at a time, as text")
     model = load(db_path, precision, step, prefix)
-    for piece in model.stream(prompt, max_tokens, temperature, top_k, top_p, seed, allow_unk):
-        click.echo(piece, nl=False)
-    click.echo()
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, allow_unk=allow_unk, stop=stop, min_p=min_p,
+                   repetition_penalty=repetition_penalty)
+    if draft_db:
+        draft = load(draft_db, precision, prefix=draft_prefix)
+        model.check_draft(draft)
+        options.update(draft=draft, draft_tokens=draft_tokens)
+    Sampler(temperature, top_k, top_p, min_p, repetition_penalty)  # bad settings: one line
+    if interactive:
+        return interactive_loop(model, options)
+    for text in (prompts or [prompt]):
+        note_long_prompt(model, text)
+    if batched:
+        completions = model.complete([p for p in (prompts or [prompt]) for _ in
+                                      range(num_samples)], **options)
+        for c in completions:
+            if as_json:
+                emit_json({"prompt": c.prompt, "text": c.text, "tokens": c.tokens,
+                           "tokens_per_s": round(c.tokens_per_s, 1)})
+            else:
+                click.echo(c.text + "\n")
+        if not as_json:
+            total = sum(c.tokens for c in completions)
+            click.echo(f"{len(completions)} samples, {total:,} tokens, "
+                       f"{total / max(completions[0].seconds, 1e-9):,.0f} tokens/s", err=True)
+        return
+    shown = sys.stdout.isatty() if stream is None else stream
+    start, pieces, stats = time.perf_counter(), [], GenerationStats()
+    for piece in model.stream(prompt, stats=stats, **options):
+        pieces.append(piece)
+        if shown and not as_json:
+            click.echo(piece, nl=False)
+    seconds = time.perf_counter() - start
+    text = "".join(pieces)
+    if as_json:
+        emit_json({"prompt": prompt, "text": text, "tokens": stats.tokens,
+                   "tokens_per_s": round(stats.tokens / seconds, 1) if seconds else 0.0})
+    else:
+        click.echo("" if shown else text)
+    if draft_db:
+        click.echo(f"draft: {stats.accepted} of {stats.proposed} proposed tokens accepted "
+                   f"({stats.acceptance:.0%}), {stats.steps} target steps", err=True)
+
+
+def read_prompts(path):
+    """The lines of a prompts file, each a prompt; an empty line is an error."""
+    from pathlib import Path
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SqlgptError(f"cannot read the prompts file {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SqlgptError(f"the prompts file {path} is not UTF-8 text") from None
+    if "\x00" in text:
+        raise SqlgptError(f"the prompts file {path} is binary, not text")
+    lines = text.splitlines()
+    if not lines:
+        raise SqlgptError(f"the prompts file {path} is empty")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise SqlgptError(f"line {number} of {path} is empty: one prompt a line")
+    if len(lines) > MAX_BATCH:
+        raise SqlgptError(f"{path} has {len(lines)} prompts: a batch holds at most {MAX_BATCH}")
+    return lines
+
+
+def note_long_prompt(model, prompt):
+    n, T = len(model.encode(prompt)), model.arch.seq_len
+    if n > T:
+        click.echo(f"note: the prompt is {n} tokens, longer than the model's context of {T}: "
+                   f"only its last {T} are used", err=True)
+
+
+def interactive_loop(model, options):
+    """Read a prompt, stream its answer, again; Ctrl-C ends an answer (or
+    clears the line), Ctrl-D or EOF quits."""
+    import importlib
+    try:
+        importlib.import_module("readline")  # line editing and history for input()
+    except ImportError:
+        pass
+    click.echo("sqlgpt: type a prompt and press Enter; Ctrl-C stops an answer, Ctrl-D quits.",
+               err=True)
+    while True:
+        try:
+            prompt = input("> ")
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        except EOFError:
+            click.echo()
+            return
+        if not prompt.strip():
+            continue
+        note_long_prompt(model, prompt)
+        try:
+            for piece in model.stream(prompt, **options):
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        except SqlgptError as e:
+            click.echo(f"error: {e}", err=True)
+        click.echo()
 
 
 @main.command(name="eval")
