@@ -95,7 +95,8 @@ panel_matvec(float *out, const float *x, const void *panel, int C, const int bf1
  * x + r * C (r < 4): each panel vector loaded once for four rows, eight
  * accumulators, and the half panel stays in L1 for the next four rows. */
 static inline __attribute__((always_inline)) void
-panel_matvec4(float *out, const float *x, const void *panel, int C, int half, const int bf16) {
+panel_matvec4(float *out, const float *x, const void *panel, int C, int half, const char *ahead,
+              int ahead_lines, const int bf16) {
     size_t row_bytes = (size_t)PANEL * (bf16 ? 2 : 4);
     const char *rows = panel;
     vfloat acc[4][2];
@@ -103,6 +104,7 @@ panel_matvec4(float *out, const float *x, const void *panel, int C, int half, co
     for (int p = 0; p < C; p++) {
         const char *row = rows + p * row_bytes;
         if (half == 0) __builtin_prefetch(row + row_bytes / 2); /* the other half, next */
+        if (p < ahead_lines) __builtin_prefetch(ahead + (size_t)p * 64, 0, 2);
         vfloat a = panel_vector(row, half, bf16), b = panel_vector(row, half + 1, bf16);
         for (int r = 0; r < 4; r++) {
             acc[r][0] += x[(size_t)r * C + p] * a;
@@ -125,17 +127,27 @@ static inline float activate(float y, int act) {
 /* Panel block b of W (C,OC) times the n rows of x (row stride C), into out
  * (n, PANEL): the panel comes from memory once, and stays in cache for the
  * rows after the first four. */
-static void panel_block(float *out, const float *x, int n, const void *panels, int b, int C,
-                        int bf16) {
+static void panel_block(float *out, const float *x, int n, const void *panels, int b,
+                        int blocks, int C, int bf16) {
     size_t panel_bytes = (size_t)C * PANEL * (bf16 ? 2 : 4);
     const void *panel = (const char *)panels + b * panel_bytes;
-    int quads = n / 4;
-    for (int half = 0; half < NV; half += 2)
-        for (int i = 0; i < quads; i++) {
-            if (bf16) panel_matvec4(out + (size_t)4 * i * PANEL, x + (size_t)4 * i * C, panel,
-                                    C, half, 1);
-            else panel_matvec4(out + (size_t)4 * i * PANEL, x + (size_t)4 * i * C, panel, C,
-                               half, 0);
+    int quads = n / 4, passes = 2 * quads;
+    /* The first pass over the panel waits on memory; the others run from
+     * cache, and meanwhile fetch the next panel, a share of its lines each,
+     * so that memory and arithmetic overlap. */
+    const char *next = b + 1 < blocks ? (const char *)panel + panel_bytes : NULL;
+    int lines = (int)(panel_bytes / 64);
+    int share = passes > 1 ? (lines + passes - 2) / (passes - 1) : 0;
+    share = share < C ? share : C; /* a pass prefetches a line per panel row at most */
+    for (int half = 0, pass = 0; half < NV; half += 2)
+        for (int i = 0; i < quads; i++, pass++) {
+            float *o = out + (size_t)4 * i * PANEL;
+            const float *xr = x + (size_t)4 * i * C;
+            const char *ahead = next && pass ? next + (size_t)(pass - 1) * share * 64 : NULL;
+            int count = ahead ? share : 0;
+            if (ahead && (pass - 1) * share + count > lines) count = lines - (pass - 1) * share;
+            if (bf16) panel_matvec4(o, xr, panel, C, half, ahead, count, 1);
+            else panel_matvec4(o, xr, panel, C, half, ahead, count, 0);
         }
     for (int r = 4 * quads; r < n; r++) {
         if (bf16) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, 1);
@@ -153,7 +165,7 @@ static void matmat(float *y, const float *x, int n, const void *panels, const fl
     #pragma omp for schedule(static) nowait
     for (int b = 0; b < blocks; b++) {
         int j0 = b * PANEL, m = OC - j0 < PANEL ? OC - j0 : PANEL;
-        panel_block(out, x, n, panels, b, C, bf16);
+        panel_block(out, x, n, panels, b, blocks, C, bf16);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < m; j++)
                 y[(size_t)r * OC + j0 + j] = activate(out[(size_t)r * PANEL + j] +
@@ -171,8 +183,8 @@ static void matmat_swiglu(float *h, const float *x, int n, const void *gate, con
     #pragma omp for schedule(static) nowait
     for (int b = 0; b < blocks; b++) {
         int j0 = b * PANEL, m = F - j0 < PANEL ? F - j0 : PANEL;
-        panel_block(g, x, n, gate, b, C, bf16);
-        panel_block(u, x, n, up, b, C, bf16);
+        panel_block(g, x, n, gate, b, blocks, C, bf16);
+        panel_block(u, x, n, up, b, blocks, C, bf16);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < m; j++)
                 h[(size_t)r * F + j0 + j] =
