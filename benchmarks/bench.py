@@ -298,6 +298,21 @@ def batch_greedy(decoder, prompts, n_new):
     return out
 
 
+def decode_phase_rate(tokens, per_step, repeats):
+    """Median tokens/s after the first step (the prompt's, which yields
+    per_step tokens), over repeats runs of tokens() (a generator): the decode
+    phase alone, as llama.cpp's "eval" figure counts it, beside the whole
+    run's rate."""
+    rates = []
+    for _ in range(repeats + 1):  # the first run warms up
+        count, start = 0, None
+        for _ in tokens():
+            count += 1
+            start = start or time.perf_counter()
+        rates.append((count - per_step) / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
 def compare_generation(model, torch_model, arch, repeats):
     """Greedy tokens/s on one sequence for each side (sqlgpt in float32 and in
     bfloat16 decoding), and on BATCH sequences at once; whether their tokens
@@ -321,6 +336,15 @@ def compare_generation(model, torch_model, arch, repeats):
                                / median_time(fn, repeats) for name, fn in runs.items()},
               "prompt_tokens": n_prompt, "new_tokens": n_new, "decoder_setup_s": setup_s,
               "batch": BATCH}
+    # the decode phase alone: the steps after the prompt's (the first yields
+    # one token per sequence)
+    from sqlgpt.generate import Sampler, generate_batch
+    fp32 = Decoder(model, "fp32", slots=BATCH)
+    result["decode_tokens_per_s"] = {
+        "sqlgpt": decode_phase_rate(lambda: generate_ids(fp32, prompt, n_new, 0), 1, repeats),
+        "sqlgpt_batch": decode_phase_rate(
+            lambda: generate_batch(fp32, prompts, n_new, Sampler(temperature=0)), BATCH,
+            repeats)}
     tokens = {name: fn() for name, fn in runs.items()}
     result["batch_tokens_match"] = tokens["sqlgpt_batch"][0] == tokens["sqlgpt"]
     # how many greedy tokens bf16 decoding shares with float32 before they part
@@ -525,11 +549,13 @@ def notes(name, r):
              f"{a['n_vocab']} tokens, {r['params']:,} parameters, "
              f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token"
              + (" (generation only)" if a["name"] in GENERATE_ONLY else "")]
-    speed = gen["tokens_per_s"]
+    speed, decode = gen["tokens_per_s"], gen["decode_tokens_per_s"]
     lines.append(f"  batch of {gen['batch']}: {speed['sqlgpt_batch'] / speed['sqlgpt']:.1f}x the "
                  f"single stream's tokens/s (bf16 "
-                 f"{speed['sqlgpt_bf16_batch'] / speed['sqlgpt_bf16']:.1f}x); its first sequence "
-                 f"gave the single stream's tokens: {'yes' if gen['batch_tokens_match'] else 'no'}")
+                 f"{speed['sqlgpt_bf16_batch'] / speed['sqlgpt_bf16']:.1f}x); after the prompt, "
+                 f"{decode['sqlgpt_batch']:,.0f} against {decode['sqlgpt']:,.0f} tokens/s "
+                 f"({decode['sqlgpt_batch'] / decode['sqlgpt']:.1f}x); its first sequence gave "
+                 f"the single stream's tokens: {'yes' if gen['batch_tokens_match'] else 'no'}")
     if "loss_check" in r:
         c = r["loss_check"]
         lines.append(f"  same weights, eval loss: sqlgpt {c['sqlgpt']:.6f}, "
