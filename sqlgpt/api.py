@@ -148,13 +148,11 @@ class Model:
         return tuple(sorted(i for i in banned if i is not None))
 
     def decoder(self, slots=1):
-        """The model's Decoder (weights packed once, on first use) with KV
-        caches for at least `slots` sequences."""
+        """A Decoder with KV caches of its own for `slots` sequences, on the
+        model's weights as packed once (on first use)."""
         if self._decoder is None:
-            self._decoder = Decoder(self._gpt, self.precision, slots)
-        elif self._decoder.slots < slots:
-            self._decoder.grow(slots)
-        return self._decoder
+            self._decoder = Decoder(self._gpt, self.precision, 1)
+        return self._decoder.fork(slots)
 
     def check_draft(self, draft):
         """A draft model must share this model's tokenizer exactly."""
@@ -228,10 +226,11 @@ class Model:
                                    allow_unk, stop, **options))
 
     def complete(self, prompts, max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-                 allow_unk=False, stop=(), min_p=0.0, repetition_penalty=1.0):
+                 allow_unk=False, stop=(), min_p=0.0, repetition_penalty=1.0, stats=None):
         """Generate after every prompt at once, in batched decode steps (each
         weight read once per step for all of them): a Completion for each,
-        sequence i sampled with seed + i."""
+        sequence i sampled with seed + i. stats: a GenerationStats to count
+        the tokens in."""
         prompts = list(prompts)
         if not prompts:
             raise SqlgptError("no prompts to generate from")
@@ -246,6 +245,8 @@ class Model:
                                        seed, self._banned(allow_unk), self.tokenizer.eos_id,
                                        finished):
             counts[i] += 1
+            if stats is not None:
+                stats.tokens += 1
             texts[i].push(token)
             if texts[i].stopped:
                 finished.add(i)

@@ -767,7 +767,9 @@ def compact(db_path, prefix, out_path):
     import os
     store.compact(db_path, out_path, prefix)
     before, after = os.path.getsize(db_path), os.path.getsize(out_path)
-    click.echo(f"wrote {out_path}: {after:,} bytes ({after / before:.0%} of {before:,})")
+    whole = " the whole of" if prefix else ""  # an app's file holds the app's tables too
+    click.echo(f"wrote {out_path}: {after:,} bytes ({after / before:.0%} of{whole} "
+               f"{db_path}'s {before:,})")
 
 
 @main.command()

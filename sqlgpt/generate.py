@@ -6,6 +6,8 @@ call, and the sequences of a batch share every step, so each weight is read
 once for all of them. Speculative decoding lets a small draft model propose
 tokens that the target checks in one such step.
 """
+import copy
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +85,12 @@ class Decoder:
         n, V = len(tokens), self.arch.n_vocab
         if not n or not out_rows:
             raise SqlgptError("a decode step needs at least one token and one row of logits")
+        if len(slots) != n or len(positions) != n:
+            raise SqlgptError("a decode step needs a slot and a position for every token")
+        if not all(0 <= s < self.slots for s in slots):
+            raise SqlgptError(f"cache slots run from 0 to {self.slots - 1}")
+        if len(out_rows) > n or not all(0 <= r < n for r in out_rows):
+            raise SqlgptError(f"rows of logits must be among the step's {n} rows")
         for token in tokens:
             if not 0 <= token < V:
                 raise SqlgptError(f"token id {token} out of range")
@@ -97,6 +105,16 @@ class Decoder:
             ffi.new("int[]", list(positions)), len(out_rows), ffi.new("int[]", list(out_rows)),
             fptr(self.logits)))
         return self.logits[:len(out_rows)]
+
+    def fork(self, slots=1):
+        """A Decoder on the same packed weights with KV caches of its own for
+        `slots` sequences: generations that run side by side (two suspended
+        streams, a batch beside a stream) never share a cache."""
+        other = copy.copy(self)
+        other.grow(slots)
+        other.pos = 0
+        other.logits = aligned_zeros((1, self.arch.n_vocab))
+        return other
 
     def grow(self, slots):
         """KV caches for `slots` sequences (what the slots held is dropped)."""
@@ -147,13 +165,15 @@ class Sampler:
                   ("min_p", self.min_p, 0, 1), ("repetition_penalty", self.repetition_penalty,
                                                 1e-6, 1e6))
         for name, value, low, high in checks:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
                     not low <= value <= high:
                 low_text = "> 0" if low > 0 and low < 1e-3 else f">= {low}"
                 raise SqlgptError(f"{name} must be a number {low_text} and <= {high:g}, "
                                   f"got {value!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or \
+                self.top_k < 0:
             raise SqlgptError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        self.top_k = int(self.top_k)
 
     @property
     def greedy(self):
@@ -347,6 +367,9 @@ def speculative_ids(target, draft, prompt_ids, max_tokens, sampler, seed=None, b
     the same tokenizer; stats: a GenerationStats to fill."""
     check_lengths(max_tokens)
     check_seed(seed)
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
+            not 1 <= draft_tokens <= 32:
+        raise SqlgptError(f"draft_tokens must be an integer from 1 to 32, got {draft_tokens!r}")
     rng = np.random.default_rng(seed)
     stats = stats if stats is not None else GenerationStats()
     context = [int(t) for t in prompt_ids]

@@ -70,11 +70,12 @@ PREFIX_SCHEMA = "schema"  # {prefix}schema (key, value): application 'sqlgpt', v
 
 
 def check_prefix(prefix):
-    """A prefix is an identifier (letters, digits, _; up to 32; not sqlite_...)."""
+    """A prefix is an identifier (letters, digits, _; up to 32; not sqlite_...),
+    in lower case: SQLite's names ignore case, so GPT_ and gpt_ are one prefix."""
     if prefix and (not PREFIX_RE.fullmatch(prefix) or prefix.lower().startswith("sqlite")):
         raise SqlgptError(f"bad --prefix {prefix!r}: use letters, digits and _ (starting with "
                           f"a letter, not 'sqlite'), e.g. gpt_")
-    return prefix
+    return prefix.lower()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -167,9 +168,10 @@ def foreign_views(conn, version):
     names = {prefix + name for name in REQUIRED_TABLES + tuple(VIEWS_ADDED_IN)}
     found = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
                          "WHERE type IN ('view', 'trigger')").fetchall()
+    # SQLite's names ignore case: a trigger ON GPT_LAYERS fires on gpt_layers
     return sorted(name for kind, name, table, sql in found
-                  if (not prefix or name in names or table in names)
-                  and (kind == "trigger" or own.get(name) != _normal_sql(sql)))
+                  if (not prefix or name.lower() in names or table.lower() in names)
+                  and (kind == "trigger" or own.get(name.lower()) != _normal_sql(sql)))
 
 
 # ---- where each parameter's rows live ----
@@ -419,7 +421,8 @@ def open_database(path, readonly=True, prefix=""):
         version = schema_version(conn) if marked else 0
         # no plugins, no recursive_triggers pragma: the file may be hostile
         db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
-        tables = {name[len(prefix):] for name in db.table_names() if name.startswith(prefix)}
+        tables = {name.lower()[len(prefix):] for name in db.table_names()
+                  if name.lower().startswith(prefix)}
         extras = foreign_views(conn, version)
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
         raise SqlgptError(f"cannot read {path}: {e}") from None
@@ -444,8 +447,8 @@ def _is_marked(conn):
     if not conn.prefix:
         return conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
     table = f"{conn.prefix}{PREFIX_SCHEMA}"
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                        (table,)).fetchone():
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                        "AND name = ? COLLATE NOCASE", (table,)).fetchone():
         return False
     return conn.execute(f"SELECT value FROM {table} WHERE key = 'application'").fetchone() \
         == ("sqlgpt",)
@@ -708,17 +711,16 @@ def model_names(prefix):
 
 
 def has_model(path, prefix):
-    """Whether the SQLite file at path holds anything under a prefixed model's names."""
+    """Whether the SQLite file at path holds a sqlgpt model under prefix."""
     if not Path(path).is_file() or Path(path).stat().st_size == 0:
         return False
     _check_is_sqlite(path)
-    conn = _connect(path, readonly=True)
+    conn = _connect(path, readonly=True, prefix=prefix)
     try:
         with sqlite_errors(f"cannot read {path}"):
-            names = {n for n, in conn.execute("SELECT name FROM sqlite_master")}
+            return _is_marked(conn)
     finally:
         conn.close()
-    return bool(names & set(model_names(prefix)))
 
 
 def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts, prefix):
@@ -768,16 +770,21 @@ def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_co
 
 
 def _replace_prefixed(conn, path, prefix, overwrite):
-    """Refuse, or with overwrite drop, what a model under prefix has (inside
-    the creating transaction: nothing else is touched)."""
-    found = dict(conn.execute("SELECT name, type FROM sqlite_master "
-                              "WHERE type IN ('table', 'view')"))
-    present = [name for name in model_names(prefix) if name in found]
+    """Refuse, or with overwrite drop, a model under prefix (inside the
+    creating transaction). Tables of the model's names that are not a
+    sqlgpt model's are the app's: always refused, never dropped."""
+    found = {name.lower(): (name, kind) for name, kind in conn.execute(
+        "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view')")}
+    present = [found[name] for name in model_names(prefix) if name in found]
+    if present and not _is_marked(conn):
+        raise SqlgptError(f"{path} already has tables named like the model's "
+                          f"({', '.join(n for n, _ in present)}) that are not a sqlgpt model; "
+                          f"choose another --prefix")
     if present and not overwrite:
         raise SqlgptError(f"{path} already holds a model with the prefix {prefix!r}; use "
                           f"--resume to continue training it or --overwrite to replace it")
-    for name in present:
-        conn.execute(f'DROP {found[name].upper()} "{name}"')
+    for name, kind in present:
+        conn.execute(f'DROP {kind.upper()} "{name}"')
 
 
 # ---- writing ----

@@ -93,9 +93,11 @@ def test_batched_generation_is_what_each_sequence_gives_alone(rng):
 def test_the_api_batch_and_the_cli_agree(trained_db):
     m = sqlgpt.load(trained_db)
     prompts = ["the king", "my lord"]
-    batch = m.generate(prompts, max_tokens=12, seed=5, temperature=0.8)
+    stats = GenerationStats()
+    batch = m.generate(prompts, max_tokens=12, seed=5, temperature=0.8, stats=stats)
     assert batch == [m.generate(p, max_tokens=12, seed=5 + i, temperature=0.8)
                      for i, p in enumerate(prompts)]
+    assert 0 < stats.tokens <= 24
     lines = run("generate", "--db", trained_db, "--prompt", "the king", "--num-samples", 2,
                 "--max-tokens", 12, "--seed", 5, "--temperature", 0.8, "--json")
     assert lines.exit_code == 0, lines.output
@@ -355,3 +357,24 @@ def test_interactive_answers_stops_on_ctrl_c_and_quits_on_ctrl_d(trained_db):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_generations_side_by_side_do_not_share_a_cache(trained_db):
+    m = sqlgpt.load(trained_db)
+    alone = m.generate("the king", max_tokens=20, temperature=0)
+    stream = m.stream("the king", max_tokens=20, temperature=0)
+    pieces = [next(stream), next(stream)]
+    other = m.stream("my lord", max_tokens=5, temperature=0)
+    next(other), next(other)
+    m.complete(["the", "my lord", "the king"], max_tokens=4)
+    assert "".join(pieces + list(stream)) == alone
+
+
+def test_bad_decode_steps_are_refused_before_the_kernel(rng):
+    d = Decoder(initialized(arch_of("lua", seq_len=8), rng, 0.05), slots=2)
+    for slots, tokens, positions, rows in (([2], [1], [0], [0]), ([-1], [1], [0], [0]),
+                                           ([0], [1], [0], [0] * 4), ([0], [1], [0], [1]),
+                                           ([0, 1], [1], [0], [0]), ([0], [1], [8], [0])):
+        with pytest.raises(SqlgptError):
+            d.run(slots, tokens, positions, rows)
+

@@ -182,16 +182,19 @@ def test_refusals(tmp_path, small_corpus):
     assert junk.read_bytes() == b"\x00\x01binary" * 100
 
 
-def test_a_trigger_on_the_models_tables_is_refused(tmp_path, small_corpus):
+@pytest.mark.parametrize("table, prefix", [("gpt_layers", "gpt_"), ("GPT_LAYERS", "gpt_"),
+                                           ("gpt_head", "GPT_")])
+def test_a_trigger_on_the_models_tables_is_refused(tmp_path, small_corpus, table, prefix):
+    """In any letter case: SQLite's names ignore it."""
     app = tmp_path / "app.db"
     make_app(app)
     train(app, small_corpus)
     conn = sqlite3.connect(app)
-    conn.execute("CREATE TRIGGER sneaky AFTER UPDATE ON gpt_layers BEGIN "
+    conn.execute(f"CREATE TRIGGER sneaky AFTER UPDATE ON {table} BEGIN "
                  "DELETE FROM notes; END")
     conn.commit()
     conn.close()
-    result = run("train", "--db", app, "--prefix", "gpt_", "--resume", "--iters", 30)
+    result = run("train", "--db", app, "--prefix", prefix, "--resume", "--iters", 30)
     assert result.exit_code == 1 and "sneaky" in result.output
     assert sqlite3.connect(app).execute("SELECT count(*) FROM notes").fetchone() == (3,)
 
@@ -280,3 +283,16 @@ def test_prefixed_sql_rewrites_only_sqlgpt_names():
         "INSERT INTO gpt_vocab (id, token) SELECT id, word FROM notes JOIN gpt_layers USING (id) "
         "WHERE layer = 0 AND EXISTS (SELECT 1 FROM gpt_tensors) ORDER BY head")
     assert store.prefixed(sql, "") is sql
+
+
+def test_an_app_table_named_like_the_model_is_never_dropped(tmp_path, small_corpus):
+    app = tmp_path / "app.db"
+    make_app(app)
+    sqlite3.connect(app).executescript("CREATE TABLE GPT_metrics (x TEXT); "
+                                       "INSERT INTO GPT_metrics VALUES ('precious');")
+    before = app_dump(app, prefix="none_")
+    for extra in ([], ["--overwrite"]):
+        result = run("train", small_corpus, "--db", app, "--prefix", "gpt_", "--iters", 2,
+                     *TINY, *extra)
+        assert result.exit_code == 1 and "not a sqlgpt model" in result.output, result.output
+    assert app_dump(app, prefix="none_") == before
