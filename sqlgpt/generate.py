@@ -252,9 +252,10 @@ class Window:
     outgrows the model's seq_len, the window restarts from the context's last
     half (every position scheme: learned positions stop at seq_len)."""
 
-    def __init__(self, decoder, slot=0):
-        self.decoder, self.slot, self.base, self.pos = decoder, slot, 0, 0
+    def __init__(self, decoder, prompt, slot=0):
+        self.decoder, self.slot, self.pos = decoder, slot, 0
         self.T = decoder.arch.seq_len
+        self.base = max(0, len(prompt) - self.T)  # a prompt longer than the context keeps its end
 
     def room(self, context):
         """Tokens that fit after the context, sliding first if it does not fit."""
@@ -301,9 +302,7 @@ def generate_batch(decoder, prompts, max_tokens, sampler, seed=None, banned=(), 
     contexts = [[int(t) for t in p] for p in prompts]
     if any(not c for c in contexts):
         raise SqlgptError("the context is empty: generation needs at least one token")
-    windows = [Window(decoder, i) for i in range(len(prompts))]
-    for w, c in zip(windows, contexts):
-        w.base = max(0, len(c) - w.T)  # a prompt longer than the context keeps its end
+    windows = [Window(decoder, c, i) for i, c in enumerate(contexts)]
     rngs = [sequence_rng(seed, i) for i in range(len(prompts))]
     left = [max_tokens] * len(prompts)
     while True:
@@ -375,9 +374,7 @@ def speculative_ids(target, draft, prompt_ids, max_tokens, sampler, seed=None, b
     context = [int(t) for t in prompt_ids]
     if not context:
         raise SqlgptError("the context is empty: generation needs at least one token")
-    big, small = Window(target), Window(draft)
-    for w in (big, small):
-        w.base = max(0, len(context) - w.T)
+    big, small = Window(target, context), Window(draft, context)
     left = max_tokens
     while left > 0:
         k = max(0, min(draft_tokens, left - 1, big.room(context), small.room(context) + 1))
