@@ -201,9 +201,12 @@ static void norm_row(const ModelConfig *cfg, float *y, const float *x, const flo
     else layernorm_row(y, &mean, x, weight, bias, cfg->C, cfg->norm_eps);
 }
 
-/* Keys are cached transposed per kv head, (num_layers, KVH, hs, key_stride),
- * so that a query's scores against VLEN positions are one vector FMA per
- * head dimension, with no horizontal sums. */
+/* Keys are cached per kv head in blocks of VLEN positions, each block
+ * (hs, VLEN): a query's scores against VLEN positions are one vector FMA per
+ * head dimension, with no horizontal sums, and a head's keys up to pos are
+ * one contiguous run of memory (a layout transposed over all Tk positions
+ * puts each head dimension a whole row apart, and the prefetcher loses
+ * them). Layer l's keys: (KVH, Tk / VLEN, hs, VLEN). */
 static int key_stride(int max_T) {
     return (max_T + VLEN - 1) / VLEN * VLEN;
 }
@@ -222,7 +225,8 @@ typedef struct {
     float *kcache, *vcache;   /* every slot's caches */
 } Step;
 
-/* Row r's key cache (KVH, hs, Tk) and value cache (max_T, KVH*hs) of layer l. */
+/* Row r's key cache (KVH, Tk / VLEN, hs, VLEN) and value cache (max_T,
+ * KVH*hs) of layer l. */
 static float *keys_of(const Step *s, int r, int l) {
     const ModelConfig *cfg = s->cfg;
     size_t layer = (size_t)cfg->KVH * s->hs * s->Tk;
@@ -248,9 +252,61 @@ static void store_kv(const Step *s, int l, float *k, const float *v) {
         float *kh = keys_of(s, r, l) + (size_t)g * hs * s->Tk;
         const float *cos = s->angles + (size_t)r * hs;
         if (s->cfg->pos == POS_ROPE) rope_row(kg, cos, cos + hs / 2, 1, hs, 1.0f);
-        for (int d = 0; d < hs; d++) kh[(size_t)d * s->Tk + pos] = kg[d];
+        float *block = kh + (size_t)(pos / VLEN) * hs * VLEN + pos % VLEN;
+        for (int d = 0; d < hs; d++) block[(size_t)d * VLEN] = kg[d];
         memcpy(values_of(s, r, l) + (size_t)pos * KVC + g * hs, v + (size_t)r * KVC + g * hs,
                sizeof(float) * hs);
+    }
+}
+
+/* scores (n, rounded up to VLEN) = q (hs) . each cached key, scaled, from
+ * a head's key blocks (blocks, hs, VLEN); four blocks at a time, so that
+ * four sums are in flight and the FMAs do not wait on one another's
+ * latency. Each block's sum runs over d in order. */
+static void score_keys(float *scores, const float *q, const float *keys, int n, int hs,
+                       float scale) {
+    int blocks = (n + VLEN - 1) / VLEN, b = 0;
+    size_t block = (size_t)hs * VLEN;
+    for (; b + 4 <= blocks; b += 4) {
+        vfloat dots[4] = {0};
+        const float *k = keys + b * block;
+        for (int d = 0; d < hs; d++)
+            for (int j = 0; j < 4; j++)
+                dots[j] += q[d] * *(const vfloat *)(k + j * block + (size_t)d * VLEN);
+        for (int j = 0; j < 4; j++) *(vfloat *)(scores + (b + j) * VLEN) = dots[j] * scale;
+    }
+    for (; b < blocks; b++) {
+        vfloat dots = {0};
+        for (int d = 0; d < hs; d++)
+            dots += q[d] * *(const vfloat *)(keys + b * block + (size_t)d * VLEN);
+        *(vfloat *)(scores + b * VLEN) = dots * scale;
+    }
+}
+
+/* out (hs) = sum_t p_t v_t (t < n), values rows KVC apart: two vectors of
+ * head dimensions at a time, the positions split in four interleaved sums
+ * (eight independent FMA chains), added at the end. */
+static void weigh_values(float *out, const float *p, const float *values, int n, int hs,
+                         int KVC) {
+    int d = 0;
+    for (; d + 2 * VLEN <= hs; d += 2 * VLEN) {
+        vfloat acc[4][2] = {0};
+        int t = 0;
+        for (; t + 4 <= n; t += 4)
+            for (int j = 0; j < 4; j++)
+                for (int v = 0; v < 2; v++)
+                    acc[j][v] += p[t + j] *
+                                 *(const vfloat *)(values + (size_t)(t + j) * KVC + d + v * VLEN);
+        for (; t < n; t++)
+            for (int v = 0; v < 2; v++)
+                acc[0][v] += p[t] * *(const vfloat *)(values + (size_t)t * KVC + d + v * VLEN);
+        for (int v = 0; v < 2; v++)
+            *(vfloat *)(out + d + v * VLEN) = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    }
+    for (; d < hs; d++) {
+        float acc = 0.0f;
+        for (int t = 0; t < n; t++) acc += p[t] * values[(size_t)t * KVC + d];
+        out[d] = acc;
     }
 }
 
@@ -265,16 +321,10 @@ static void attend(const Step *s, int l, float *att, float *scores, float *q) {
     #pragma omp for schedule(static)
     for (int rh = 0; rh < s->n * NH; rh++) {
         int r = rh / NH, h = rh % NH, n = s->pos[r] + 1;
-        const float *kh = keys_of(s, r, l) + (size_t)(h / group) * hs * Tk;
         float *qh = q + (size_t)r * C + h * hs;
         const float *cos = s->angles + (size_t)r * hs;
         if (s->cfg->pos == POS_ROPE) rope_row(qh, cos, cos + hs / 2, 1, hs, 1.0f);
-        for (int s0 = 0; s0 < n; s0 += VLEN) {
-            vfloat dots = {0};
-            for (int d = 0; d < hs; d++)
-                dots += qh[d] * *(const vfloat *)(kh + (size_t)d * Tk + s0);
-            *(vfloat *)(scores + s0) = dots * scale;
-        }
+        score_keys(scores, qh, keys_of(s, r, l) + (size_t)(h / group) * hs * Tk, n, hs, scale);
         float maxv = -INFINITY, sum = 0.0f;
         for (int t = 0; t < n; t++) maxv = scores[t] > maxv ? scores[t] : maxv;
         #pragma omp simd reduction(+ : sum)
@@ -282,21 +332,9 @@ static void attend(const Step *s, int l, float *att, float *scores, float *q) {
             scores[t] = fast_expf(scores[t] - maxv);
             sum += scores[t];
         }
-        /* att_h = sum_t p_t v_t, a vector of head dims at a time in a register */
-        const float *vh = values_of(s, r, l) + (h / group) * hs;
         float *ah = att + (size_t)r * C + h * hs, inv = 1.0f / sum;
-        int d = 0;
-        for (; d + VLEN <= hs; d += VLEN) {
-            vfloat acc = {0};
-            for (int t = 0; t < n; t++)
-                acc += scores[t] * *(const vfloat *)(vh + (size_t)t * KVC + d);
-            *(vfloat *)(ah + d) = acc * inv;
-        }
-        for (; d < hs; d++) {
-            float acc = 0.0f;
-            for (int t = 0; t < n; t++) acc += scores[t] * vh[(size_t)t * KVC + d];
-            ah[d] = acc * inv;
-        }
+        weigh_values(ah, scores, values_of(s, r, l) + (h / group) * hs, n, hs, KVC);
+        for (int d = 0; d < hs; d++) ah[d] *= inv;
     }
 }
 
