@@ -25,6 +25,7 @@ void embedding_backward(float *dwte, float *dwpe, const float *dout,
                         const int *ids, int B, int T, int C) {
     /* Scatter-add into dwte: two rows may share an id, so threads split the
      * channels, never the tokens, and each adds tokens in order. */
+    if (!dwte) return; /* frozen (a LoRA fine-tune), and so is wpe */
     #pragma omp parallel for schedule(static) if ((long)B * T * C > 65536)
     for (int c0 = 0; c0 < C; c0 += 16)
         for (size_t i = 0; i < (size_t)B * T; i++) {

@@ -333,8 +333,8 @@ int matmul_t_backward(float *dinp, float *dwte, const float *dout, const float *
     /* dinp (N,C) = dout (N,V) @ wte (V,C) */
     Strided D = {dout, V, 1}, W = {wte, C, 1};
     gemm(dinp, D, W, N, C, V, GEMM_OVERWRITE);
-    /* dwte (V,C) += dout^T (V,N) @ inp (N,C) */
+    /* dwte (V,C) += dout^T (V,N) @ inp (N,C), unless wte is frozen */
     Strided Dt = {dout, 1, V}, X = {inp, C, 1};
-    gemm(dwte, Dt, X, V, C, N, 0);
+    if (dwte) gemm(dwte, Dt, X, V, C, N, 0);
     return take_status();
 }

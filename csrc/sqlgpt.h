@@ -92,19 +92,42 @@ typedef struct {
     float *branch, *dx, *dbranch, *datt, *dq, *dk, *dv, *dln, *dh, *dgate;
 } ModelActs;
 
+/* LoRA (Hu et al. 2021, as PEFT applies it): an adapted matrix W (in,out)
+ * of a block acts as y = x @ W + scale * (drop(x) @ A) @ B, with A
+ * (in,rank) and B (rank,out) trained and W frozen. a and b (num_layers)
+ * hold each adapted matrix's A and B in that matrix's field of
+ * LayerTensors (q, k, v, proj, gate, fc1, fc2: the LORA_SITES sites; NULL
+ * where a matrix has no adapter; the vector fields are unused); da and db
+ * their gradients (accumulated; NULL in evaluation); u (num_layers) each
+ * site's (N,rank) drop(x) @ A, kept for backward. xdrop (N, max(C,F)) and
+ * tmp (N,rank) are scratch. seeds (num_layers * LORA_SITES, site-major
+ * within a layer) seed the dropout of each site's input, or NULL for none
+ * (evaluation, or dropout 0). */
+enum { LORA_SITES = 7 };
+typedef struct {
+    int rank;
+    float scale, dropout;
+    LayerTensors *a, *b, *da, *db, *u;
+    float *xdrop, *tmp;
+    const unsigned long long *seeds;
+} Lora;
+
 /* model.c: the whole model. ids, targets (B,T); targets may be NULL (then
  * no loss). seeds (2 * num_layers) are the dropout sites' seeds (after each
  * attention and each MLP), or NULL for evaluation mode (no dropout). *loss
  * receives the mean cross-entropy over targets that are not ignore_index.
  * backward needs the forward's acts, ids, targets and seeds; it overwrites
  * the logits with their gradient. grads holds the gradient of each
- * parameter of w (NULL where w's is NULL or has no gradient). */
-int model_forward(const ModelConfig *cfg, const ModelTensors *w, const ModelActs *a,
-                  const int *ids, const int *targets, int B, int T, float dropout,
-                  const unsigned long long *seeds, int ignore_index, double *loss);
+ * parameter of w (NULL where w's is NULL or has no gradient: a frozen
+ * base). lora: the adapters, or NULL. */
+int model_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lora,
+                  const ModelActs *a, const int *ids, const int *targets, int B, int T,
+                  float dropout, const unsigned long long *seeds, int ignore_index,
+                  double *loss);
 int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTensors *grads,
-                   const ModelActs *a, const int *ids, const int *targets, int B, int T,
-                   float dropout, const unsigned long long *seeds, int ignore_index);
+                   const Lora *lora, const ModelActs *a, const int *ids, const int *targets,
+                   int B, int T, float dropout, const unsigned long long *seeds,
+                   int ignore_index);
 
 /* decode.c: generation, one token through the whole model with a KV cache,
  * in one call, on the same ModelConfig and per-row helpers as training.
@@ -199,7 +222,8 @@ void swiglu_backward(float *dgate, float *dup, const float *dh, const float *gat
                      const float *up, long n);
 
 /* embedding.c: out (B,T,C) = wte[ids] (V,C) + wpe[t] (T,C); ids (B,T);
- * wpe may be NULL (no added positions), and so may dwpe. */
+ * wpe may be NULL (no added positions), and so may dwpe; dwte NULL (a
+ * frozen base) skips the whole backward. */
 void embedding_forward(float *out, const int *ids, const float *wte,
                        const float *wpe, int B, int T, int C);
 void embedding_backward(float *dwte, float *dwpe, const float *dout,

@@ -11,6 +11,7 @@ from ._kernel import ffi, lib
 from .arch import stored_tensors, tensor_table
 from .config import OPTIMIZERS
 from .errors import SqlgptError
+from .lora import LoraStruct, lora_seeds, lora_tensors
 from .tensor import ParameterSet, aligned_zeros, fptr, iptr
 
 PAD_ID = 0  # <pad>: never a target (the loss's ignore index)
@@ -143,21 +144,30 @@ def dropout_seeds(base_seed, num_layers):
 
 
 class GPT:
-    """Parameters plus one kernel call for the forward and one for the backward."""
+    """Parameters plus one kernel call for the forward and one for the
+    backward. With lora (a LoraConfig), the tensor table's weights are a
+    frozen base (data only, no gradients) and params, what trains and what
+    checkpoints store, are the adapters."""
 
-    def __init__(self, arch, checkpoint_activations=False):
+    def __init__(self, arch, checkpoint_activations=False, lora=None):
         self.arch = arch.validate()
+        self.lora = lora.validate(arch) if lora else None
         # recompute each block's activations in backward instead of keeping them
         self.checkpoint_activations = checkpoint_activations
-        self.params = ParameterSet(stored_tensors(arch))
+        if lora:
+            self.base = ParameterSet(stored_tensors(arch), buffers=("data",))
+            self.params = ParameterSet(lora_tensors(arch, lora))
+        else:
+            self.base = self.params = ParameterSet(stored_tensors(arch))
         self.kernel_config = model_config(arch)
         # fixed (not learned) tensors the kernel reads as parameters
         self.weights_fixed = ({"wpe": sinusoids(arch.seq_len, arch.embed_dim)}
                               if arch.pos == "sinusoidal" else {})
         self.weights = TensorStruct(arch.num_layers, *tensor_fields(
-            arch, {t.name: t.data for t in self.params}, self.weights_fixed))
+            arch, {t.name: t.data for t in self.base}, self.weights_fixed))
         self.grads = TensorStruct(arch.num_layers, *tensor_fields(
-            arch, {t.name: t.grad for t in self.params}))
+            arch, {} if lora else {t.name: t.grad for t in self.params}))
+        self.adapters = LoraStruct(arch, lora, self.params) if lora else None
         self.acts = None
         self._last = None  # what backward needs of the last forward with targets
 
@@ -204,10 +214,11 @@ class GPT:
         seeds = (ffi.new("unsigned long long[]", dropout_seeds(dropout_seed, self.arch.num_layers))
                  if use_dropout else ffi.NULL)
         loss = ffi.new("double *")
+        lora = self._lora_struct(B * T, dropout_seed)
         check_status(lib.model_forward(
-            self.kernel_config, self.weights.struct, a.struct, iptr(ids),
+            self.kernel_config, self.weights.struct, lora, a.struct, iptr(ids),
             iptr(targets) if targets is not None else ffi.NULL, B, T, dropout, seeds, PAD_ID, loss))
-        self._last = None if targets is None else (ids, targets, dropout, seeds)
+        self._last = None if targets is None else (ids, targets, dropout, seeds, lora)
         return None if targets is None else loss[0]
 
     def backward(self):
@@ -215,12 +226,21 @@ class GPT:
         (accumulated; call params.zero_grad() first). Overwrites the logits."""
         if self._last is None:
             raise SqlgptError("backward() needs a forward() with targets first")
-        ids, targets, dropout, seeds = self._last
+        ids, targets, dropout, seeds, lora = self._last
         a = self.acts
         self._last = None  # the logits are gradients now: one backward per forward
         check_status(lib.model_backward(
-            self.kernel_config, self.weights.struct, self.grads.struct, a.struct, iptr(ids),
-            iptr(targets), a.B, a.T, dropout, seeds, PAD_ID))
+            self.kernel_config, self.weights.struct, self.grads.struct, lora, a.struct,
+            iptr(ids), iptr(targets), a.B, a.T, dropout, seeds, PAD_ID))
+
+    def _lora_struct(self, N, dropout_seed):
+        """The adapters' struct for N rows (NULL without adapters); their
+        dropout runs in training (a dropout_seed) only."""
+        if self.adapters is None:
+            return ffi.NULL
+        train = dropout_seed is not None and self.lora.dropout > 0
+        return self.adapters.for_rows(
+            N, lora_seeds(dropout_seed, self.arch.num_layers) if train else None)
 
     # ---- optimizer ----
     def grad_norm_squared(self):

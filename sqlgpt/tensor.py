@@ -59,7 +59,7 @@ class Tensor:
     def __init__(self, spec, arenas, offset):
         self.spec, self.name, self.shape = spec, spec.name, tuple(spec.shape)
         size = prod(self.shape)
-        for buf in BUFFERS:
+        for buf in arenas:
             setattr(self, buf, arenas[buf][offset:offset + size].reshape(self.shape))
 
     def __repr__(self):
@@ -70,11 +70,12 @@ class ParameterSet:
     """All parameters of a model in four flat arenas, each tensor starting on
     a 64-byte boundary; iteration is in the tensor table's order."""
 
-    def __init__(self, specs):
-        """specs: the tensor table's rows that own storage (arch.stored_tensors)."""
+    def __init__(self, specs, buffers=BUFFERS):
+        """specs: the tensor table's rows that own storage (arch.stored_tensors);
+        buffers: which of BUFFERS to allocate (("data",) for frozen weights)."""
         offsets, total, self.no_decay_start = _aligned_offsets(specs)
         # the gaps between tensors stay zero: Adam leaves zeros with zero gradients alone
-        self.arenas = {buf: aligned_zeros((total,)) for buf in BUFFERS}
+        self.arenas = {buf: aligned_zeros((total,)) for buf in buffers}
         self.tensors = {spec.name: Tensor(spec, self.arenas, offsets[spec.name])
                         for spec in specs}
         self.size = sum(prod(spec.shape) for spec in specs)  # parameters, gaps excluded

@@ -23,7 +23,7 @@ RELU_TIE = 1e-5  # |pre-activation| under this: float32 and float64 may disagree
 SINUSOID_BASE = 10000.0  # "Attention is all you need"'s fixed positions
 
 
-def reference_logits(weights, arch, ids, masks=None, relu_signs=None):
+def reference_logits(weights, arch, ids, masks=None, relu_signs=None, lora=None):
     """Logits (B, T, V) of arch for ids (B, T).
 
     masks: None, or 2 * num_layers tensors (B, T, C), already scaled by
@@ -31,11 +31,14 @@ def reference_logits(weights, arch, ids, masks=None, relu_signs=None):
     MLP's, per layer): dropout with the caller's masks.
     relu_signs: None, or per layer the ReLU outputs of the implementation
     under test (any shape holding B*T*F values); only read for mlp="relu",
-    see _relu."""
+    see _relu.
+    lora: None, or LoRA adapters as PEFT computes them, y = x @ W + b +
+    scale * (drop(x) @ A) @ B: {"scale": s, "adapters": {(layer, comp): (A,
+    B)}, "masks": {(layer, comp): mask (scaled) or None}}."""
     lookup = _lookup(weights, arch)
     x = _embed(lookup, arch, ids)
     for layer in range(arch.num_layers):
-        w = _in_layer(lookup, layer)
+        w = _Layer(lookup, layer, lora)
         y = _attention(_norm(x, w("ln1_w"), w("ln1_b"), arch), w, arch)
         x = x + _dropped(y, masks, 2 * layer)
         signs = relu_signs[layer] if relu_signs is not None else None
@@ -46,9 +49,9 @@ def reference_logits(weights, arch, ids, masks=None, relu_signs=None):
     return x @ lookup("head")
 
 
-def reference_loss(weights, arch, ids, targets, masks=None, relu_signs=None):
+def reference_loss(weights, arch, ids, targets, masks=None, relu_signs=None, lora=None):
     """Mean cross-entropy over the targets that are not <pad> (id 0)."""
-    logits = reference_logits(weights, arch, ids, masks, relu_signs)
+    logits = reference_logits(weights, arch, ids, masks, relu_signs, lora)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=PAD_ID)
 
@@ -85,9 +88,25 @@ def _lookup(weights, arch):
     return lookup
 
 
-def _in_layer(lookup, layer):
-    """comp -> that component's tensor in this layer (or None)."""
-    return lambda comp: lookup(f"layers.{layer}.{comp}")
+class _Layer:
+    """One layer's tensors: w(comp) is that component's tensor (or None);
+    w.linear(x, comp) applies the matrix comp with its bias and adapter."""
+
+    def __init__(self, lookup, layer, lora):
+        self.lookup, self.layer, self.lora = lookup, layer, lora
+
+    def __call__(self, comp):
+        return self.lookup(f"layers.{self.layer}.{comp}")
+
+    def linear(self, x, comp):
+        bias = self(f"{comp}_b")
+        y = x @ self(comp) + bias if bias is not None else x @ self(comp)
+        adapter = self.lora["adapters"].get((self.layer, comp)) if self.lora else None
+        if adapter is None:
+            return y
+        mask = self.lora["masks"].get((self.layer, comp))
+        return y + self.lora["scale"] * (((x * mask if mask is not None else x) @ adapter[0])
+                                         @ adapter[1])
 
 
 def _embed(lookup, arch, ids):
@@ -121,10 +140,6 @@ def _norm(x, weight, bias, arch):
     return x * weight if weight is not None else x
 
 
-def _linear(x, weight, bias):
-    return x @ weight + bias if bias is not None else x @ weight
-
-
 def _dropped(y, masks, site):
     return y * masks[site] if masks is not None else y
 
@@ -133,9 +148,9 @@ def _attention(x, w, arch):
     """Causal grouped-query attention of x (B, T, C) -> (B, T, C)."""
     B, T, C = x.shape
     NH, KVH, hs = arch.num_heads, arch.n_kv_heads, arch.head_dim
-    q = _linear(x, w("q"), w("q_b")).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
-    k = _linear(x, w("k"), w("k_b")).view(B, T, KVH, hs).transpose(1, 2)  # (B, KVH, T, hs)
-    v = _linear(x, w("v"), w("v_b")).view(B, T, KVH, hs).transpose(1, 2)
+    q = w.linear(x, "q").view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
+    k = w.linear(x, "k").view(B, T, KVH, hs).transpose(1, 2)  # (B, KVH, T, hs)
+    v = w.linear(x, "v").view(B, T, KVH, hs).transpose(1, 2)
     if arch.pos == "rope":
         q, k = _rotate(q, arch.rope_theta), _rotate(k, arch.rope_theta)
     # query head h reads kv head h // (NH / KVH): consecutive query heads share one
@@ -144,7 +159,7 @@ def _attention(x, w, arch):
     future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
     probs = scores.masked_fill(future, float("-inf")).softmax(-1)
     y = (probs @ v).transpose(1, 2).reshape(B, T, C)
-    return _linear(y, w("proj"), w("proj_b"))
+    return w.linear(y, "proj")
 
 
 def _rotate(x, theta):
@@ -160,14 +175,14 @@ def _rotate(x, theta):
 
 def _mlp(x, w, arch, relu_signs):
     """The feed-forward sublayer of x (B, T, C) -> (B, T, C)."""
-    h = _linear(x, w("fc1"), w("fc1_b"))  # (B, T, F)
+    h = w.linear(x, "fc1")  # (B, T, F)
     if arch.mlp == "relu":
         h = _relu(h, relu_signs)
     elif arch.mlp == "gelu":
         h = F.gelu(h, approximate="tanh")
     else:  # swiglu: fc1 is llama's up projection, gated by silu(gate)
-        h = F.silu(_linear(x, w("gate"), w("gate_b"))) * h
-    return _linear(h, w("fc2"), w("fc2_b"))
+        h = F.silu(w.linear(x, "gate")) * h
+    return w.linear(h, "fc2")
 
 
 def _relu(h, relu_signs):
