@@ -17,7 +17,8 @@ from .errors import SqlgptError
 from .evaluate import evaluate
 from .generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
                        generate_batch, speculative_ids)
-from .model import GPT, PAD_ID
+from .lora import merged, model_for
+from .model import PAD_ID
 
 
 @dataclass
@@ -102,17 +103,26 @@ class Model:
     def arch(self):
         return self._gpt.arch
 
+    @property
+    def lora(self):
+        """A fine-tune's LoraConfig (its adapters and base), or None."""
+        return self._gpt.lora
+
     def state_dict(self):
         """{name: float32 array} of every stored tensor, under the tensor
-        table's names (copies; a tied head is wte)."""
-        return {t.name: t.data.copy() for t in self._gpt.params}
+        table's names (copies; a tied head is wte; a fine-tune's adapters
+        folded into its base's matrices)."""
+        return {name: data.copy() for name, data in merged(self._gpt).items()}
 
     def state_dict_view(self):
-        """{name: the model's own float32 array} (no copies: do not modify)."""
-        return {t.name: t.data for t in self._gpt.params}
+        """{name: the model's own float32 array} (no copies: do not modify;
+        a fine-tune's merged matrices are new arrays)."""
+        return merged(self._gpt)
 
     def num_parameters(self):
-        return self._gpt.params.size
+        """The model's parameters (a fine-tune's base's: its adapters are
+        folded in)."""
+        return self._gpt.base.size
 
     def encode(self, text):
         return self.tokenizer.encode(text)
@@ -286,7 +296,7 @@ def load(path, precision="fp32", step=None, prefix=""):
             conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
             arch, cfg = store.read_config(conn)
             tokenizer = store.read_tokenizer(conn, arch, cfg)
-            gpt = GPT(arch)
+            gpt = model_for(conn, path, arch)
             state = store.read_train_state(conn)
             latest = state.get("step")
             if not isinstance(latest, int) or latest < 0:
@@ -304,6 +314,18 @@ def load(path, precision="fp32", step=None, prefix=""):
     finally:
         conn.close()
     return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state))
+
+
+def merge(path, out_path, prefix=""):
+    """Write out_path: the LoRA fine-tune at path as a plain model, every
+    adapter folded into its matrix, W + (alpha / rank) A @ B (float32), with
+    the fine-tune's config, tokenizer and history. Like a compacted file it
+    generates, evaluates and starts new training (--init-from), but has no
+    optimizer state to resume."""
+    model = load(path, prefix=prefix)
+    if model.lora is None:
+        raise SqlgptError(f"{path} is not a LoRA fine-tune: there is nothing to merge")
+    store.write_merged(path, out_path, model.arch, model.state_dict_view(), prefix)
 
 
 def corpus_of(state):

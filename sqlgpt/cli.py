@@ -1,4 +1,5 @@
 """The `sqlgpt` command: parses options, shows progress, calls the library."""
+import copy
 import functools
 import json
 import math
@@ -13,6 +14,7 @@ from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
 from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
 from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
+from .lora import LoraConfig
 from .generate import DRAFT_TOKENS, MAX_BATCH, PRECISIONS, GenerationStats, Sampler
 from .profile import model_profile
 from .train import AlreadyTrained, Trainer
@@ -22,7 +24,7 @@ PRESET_TOKENIZER = {"lua": "word", "gpt2": "bpe", "llama": "bpe"}
 # --vocab-size when not given: words kept; every character (0); bytes have
 # no size; BPE ids in all (specials and the 256 bytes included)
 DEFAULT_VOCAB = {"word": 426, "char": 0, "byte": 0, "bpe": 2048}
-DEFAULTS, ARCH_DEFAULTS = TrainConfig(), ArchConfig()
+DEFAULTS, ARCH_DEFAULTS, LORA_DEFAULTS = TrainConfig(), ArchConfig(), LoraConfig()
 
 # option name -> ArchConfig field, for the options that shape a new model's
 # architecture; those not given on the command line keep the preset's value
@@ -280,9 +282,19 @@ def load_run_file(ctx, param, path):
 @click.option("--max-bad-steps", type=int, default=10, show_default=True,
               help="Stop when more than this many steps had a NaN/Inf loss or gradient.")
 @click.option("--resume", is_flag=True, help="Continue training the model in --db.")
-@click.option("--init-from", type=click.Path(), default=None,
+@click.option("--init-from", "--base", "init_from", type=click.Path(), default=None,
               help="Start a new model in --db from a trained database's architecture, "
                    "tokenizer and weights (fresh optimizer state; the base is only read).")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=None,
+              help="Train LoRA adapters of this rank on the --base model instead of all of its "
+                   "weights (finetune: 8).")
+@click.option("--lora-alpha", type=float, default=LORA_DEFAULTS.alpha, show_default=True,
+              help="LoRA's scale numerator: the adapters' update is scaled by alpha / rank.")
+@click.option("--lora-targets", default=LORA_DEFAULTS.targets, show_default=True,
+              help="The matrices to adapt, comma-separated: q, k, v, proj, gate (swiglu), fc1, "
+                   "fc2.")
+@click.option("--lora-dropout", type=float, default=LORA_DEFAULTS.dropout, show_default=True,
+              help="Dropout on each adapter's input while training.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --db with a new model.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary as the last line of stdout.")
@@ -290,7 +302,8 @@ def load_run_file(ctx, param, path):
 @threads_option
 @fail_cleanly
 def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume, overwrite, as_json,
-          extensions, encoding_errors, init_from, stop_on_divergence, **options):
+          extensions, encoding_errors, init_from, stop_on_divergence, lora_rank, lora_alpha,
+          lora_targets, lora_dropout, **options):
     """Train a model on CORPUS (UTF-8 text files, directories, or - for
     standard input) into the database --db.
 
@@ -305,6 +318,17 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
              for name in explicit}
     if resume and init_from:
         raise SqlgptError("--resume and --init-from exclude each other")
+    lora_given = {f"lora_{name}": (f"--lora-{name}", value) for name, value in
+                  (("rank", lora_rank), ("alpha", lora_alpha), ("targets", lora_targets),
+                   ("dropout", lora_dropout))
+                  if ctx.get_parameter_source(f"lora_{name}") in given_sources}
+    if lora_given and lora_rank is None and not resume:
+        raise SqlgptError(f"{', '.join(o for o, _ in lora_given.values())} needs --lora-rank "
+                          f"(or the finetune command)")
+    if resume:
+        given.update(lora_given)
+    lora = LoraConfig(lora_rank, lora_alpha, lora_targets, lora_dropout) \
+        if lora_rank is not None and not resume else None
     if options["val_file"] is not None and "val_fraction" in explicit:
         raise click.UsageError("--val-file and --val-fraction exclude each other")
     run_options = {name: options[name] for name in RUN_OPTIONS
@@ -341,7 +365,8 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
                           else vocab_size)
         trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
-                                 encoding_errors, corpus_progress(), init_from, given, prefix)
+                                 encoding_errors, corpus_progress(), init_from, given, prefix,
+                                 lora)
     try:
         result = run_with_progress(trainer, iters, save_every, max_bad_steps,
                                    stop_on_divergence)
@@ -365,6 +390,29 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
                    f"{result.tokens_per_sec:,.0f} tokens/s, saved to {db_path}")
     if result.stopped_by:
         sys.exit(EXIT_ON_SIGNAL[result.stopped_by])
+
+
+def finetune_command():
+    """`finetune`: train's options, LoRA on by default (rank 8) over --base."""
+    params = []
+    for param in train.params:
+        if param.name == "lora_rank":
+            param = copy.copy(param)
+            param.default, param.show_default = LORA_DEFAULTS.rank, True
+            param.help = "The adapters' rank (0 is refused; train --base fine-tunes every weight)."
+        params.append(param)
+    return click.Command("finetune", params=params, callback=train.callback, help="""
+    Fine-tune the --base model on CORPUS with LoRA adapters, into --db: only
+    the adapters train (and carry optimizer state); the base is only read,
+    and --db names it by path and by a hash of its weights. --resume
+    continues a fine-tune; generate, eval, sql and sqlgpt.load() read --db
+    directly; merge writes a plain model.
+
+    Example: sqlgpt finetune --base base.db corpus.txt --db tuned.db --lora-rank 8
+    """)
+
+
+main.add_command(finetune_command())
 
 
 def corpus_progress():
@@ -770,6 +818,22 @@ def compact(db_path, prefix, out_path):
     whole = " the whole of" if prefix else ""  # an app's file holds the app's tables too
     click.echo(f"wrote {out_path}: {after:,} bytes ({after / before:.0%} of{whole} "
                f"{db_path}'s {before:,})")
+
+
+@main.command()
+@db_option
+@output_option("The plain model file to write.")
+@fail_cleanly
+def merge(db_path, prefix, out_path):
+    """Fold the LoRA adapters of the fine-tune --db into its base's weights
+    (W + alpha/rank A B) and write them as a plain model: it generates and
+    evaluates without the base, and --init-from trains on from it.
+
+    Example: sqlgpt merge --db tuned.db -o merged.db
+    """
+    from .api import merge as merge_model
+    merge_model(db_path, out_path, prefix)
+    click.echo(f"wrote {out_path}")
 
 
 @main.command()

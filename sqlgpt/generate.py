@@ -15,6 +15,7 @@ import numpy as np
 from ._kernel import ffi, lib
 from .arch import tensor_table
 from .errors import SqlgptError
+from .lora import merged
 from .model import TensorStruct, check_status, model_config, tensor_fields
 from .tensor import ALIGN_FLOATS, aligned_zeros, fptr
 
@@ -57,8 +58,9 @@ class Decoder:
         """{name: array} for the decode struct: matrices packed into panels
         (one aligned block), everything else copied as float32."""
         arrays, matrices = {}, {}
+        weights = merged(model)  # a fine-tune's adapters folded in once, here
         for spec in tensor_table(model.arch):
-            data = model.params[spec.tied_to or spec.name].data
+            data = weights[spec.tied_to or spec.name]
             if spec.tied_to:
                 data = np.ascontiguousarray(data.T)  # the head reads wte transposed
             if len(spec.shape) == 2 and spec.name not in ("wte", "wpe"):

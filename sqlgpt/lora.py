@@ -129,7 +129,7 @@ def base_reference(base_path, tuned_path):
 
 def base_path(lora, tuned_path):
     """The base database a fine-tune at tuned_path names."""
-    return Path(tuned_path).resolve().parent / lora.base
+    return (Path(tuned_path).resolve().parent / lora.base).resolve()
 
 
 def merged(model):
@@ -147,7 +147,7 @@ def merged(model):
     return arrays
 
 
-def merge_check(arch, lora, base_arch):
+def merge_check(arch, base_arch):
     """A one-line error if a base of another architecture is given."""
     if base_arch.to_dict() != arch.to_dict():
         raise SqlgptError(f"the base model's architecture ({base_arch.preset}, "
@@ -214,3 +214,55 @@ def lora_seeds(base_seed, num_layers):
     return [(base_seed + GOLDEN * (start + i + 1)) % 2**64
             for i in range(num_layers * len(SITES))]
 
+
+
+def read_lora(conn):
+    """The LoraConfig in a database's config table, or None (a plain model)."""
+    from . import store
+    with store.sqlite_errors("cannot read the config table"):
+        values = dict(conn.execute("SELECT key, value FROM config"))
+    try:
+        return LoraConfig.from_rows(values)
+    except SqlgptError as e:
+        raise SqlgptError(f"the stored LoRA settings are invalid: {e}") from None
+
+
+def fill_base(model, tuned_path):
+    """Read a fine-tune's base weights into model.base, refusing a base that
+    is missing, of another architecture, or not the weights it was tuned on."""
+    from . import store
+    from .config import from_rows
+    from .model import GPT
+    path = base_path(model.lora, tuned_path)
+    if not path.is_file():
+        raise SqlgptError(f"the base model of {tuned_path}, {path}, is missing (the fine-tune "
+                          f"names it relative to its own directory: keep the two together)")
+    conn = store.open_database(path, readonly=True)
+    try:
+        with store.sqlite_errors(f"cannot read the base model {path}"):
+            conn.execute("BEGIN")
+            if read_lora(conn) is not None:
+                raise SqlgptError(f"the base model {path} is itself a LoRA fine-tune")
+            base_arch, _ = from_rows(dict(conn.execute("SELECT key, value FROM config")))
+            merge_check(model.arch, base_arch)
+            plain = GPT(model.arch)
+            store.read_weights(conn, plain)
+    finally:
+        conn.close()
+    if base_digest(plain.params) != model.lora.base_sha256:
+        raise SqlgptError(f"the base model {path} has changed since {tuned_path} was tuned on "
+                          f"it (its weights differ): restore that base, or fine-tune again")
+    for t in model.base:
+        t.data[...] = plain.params[t.name].data
+
+
+def model_for(conn, db_path, arch, checkpoint_activations=False):
+    """An empty GPT for the database on conn: plain, or for a fine-tune its
+    adapters' GPT with the base's weights already read (the caller then
+    reads the database's own weights)."""
+    from .model import GPT
+    lora = read_lora(conn)
+    model = GPT(arch, checkpoint_activations, lora)
+    if lora is not None:
+        fill_base(model, db_path)
+    return model

@@ -823,8 +823,9 @@ def _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss):
     """Everything a checkpoint writes (inside its transaction)."""
     rowids = {table: table_rowids(conn, table) for table in WEIGHT_TABLES}
     rows = weight_rows(model.params, rowids)
+    lora = getattr(model, "lora", None)
     conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                     to_rows(model.arch, train_cfg))
+                     to_rows(model.arch, train_cfg) + (lora.rows() if lora else []))
     for table in WEIGHT_TABLES:
         expected = len(_row_columns(model.params)[table][0])
         if len(rowids[table]) != expected or \
@@ -889,6 +890,41 @@ def compact(path, out_path, prefix=""):
             dest.close()
         for leftover in (tmp, Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
+
+
+def write_merged(path, out_path, arch, weights, prefix=""):
+    """Write out_path: a compacted copy (see compact) of the LoRA fine-tune at
+    path whose weights are `weights` ({name: float32 array}, the base with
+    the adapters folded in, every stored tensor of arch) and whose config no
+    longer names adapters or a base: a plain model, with the fine-tune's
+    history. Built under a temporary name and moved into place."""
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise SqlgptError(f"{out_path} already exists; name a new file")
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.merge")
+    try:
+        compact(path, tmp, prefix)
+        with sqlite_errors(f"cannot write {out_path}"):
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("BEGIN")
+                conn.execute("DELETE FROM config WHERE key LIKE 'lora\\_%' ESCAPE '\\'")
+                for table in WEIGHT_TABLES:
+                    conn.execute(f"DELETE FROM {table}")
+                for spec in stored_tensors(arch):
+                    table, key = location(spec)
+                    rows = np.ascontiguousarray(weights[spec.name], dtype="<f4").reshape(
+                        spec.rows, spec.cols)
+                    conn.executemany(INSERT_SQL[table], [
+                        (row.tobytes(), b"", b"", zlib.crc32(row.tobytes()), *key, i)
+                        for i, row in enumerate(rows)])
+                conn.execute("COMMIT")
+                conn.execute("VACUUM")
+            finally:
+                conn.close()
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _copy_prefixed(source, path, prefix, dest):

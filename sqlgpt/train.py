@@ -21,6 +21,7 @@ from .dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_to
                       split_tokens, tokens_path, write_tokens)
 from .errors import SqlgptError
 from .evaluate import evaluate
+from .lora import base_digest, base_reference, model_for, read_lora
 from .model import GPT
 
 METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
@@ -81,8 +82,8 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
         if field in ("kv_heads", "ffn_dim"):
             other = replace(arch, **{field: value})
             return (other.n_kv_heads, other.hidden_dim) == (arch.n_kv_heads, arch.hidden_dim)
-        return stored[field] == value
-    changed = [f"{option} {value} (stored: {stored[field]})"
+        return stored.get(field) == value
+    changed = [f"{option} {value} (stored: {stored.get(field, 'none')})"
                for field, (option, value) in settings.items() if not same(field, value)]
     if changed:
         raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
@@ -229,7 +230,7 @@ class Trainer:
     @classmethod
     def create(cls, db_path, corpus, arch, cfg, overwrite=False, extensions=(),
                encoding_errors="strict", on_progress=None, init_from=None, settings=None,
-               prefix=""):
+               prefix="", lora=None):
         """Build the tokenizer from the corpus (files, directories or "-"),
         tokenize the corpus once into the token file beside the database,
         and write a freshly initialized model of architecture arch (its
@@ -239,9 +240,13 @@ class Trainer:
         architecture, tokenizer and weights the new model starts from (with a
         fresh optimizer state; the base file is only read); settings (as for
         resume) must then not change its architecture. prefix: the model goes
-        into the (app's) database at db_path under prefixed table names."""
+        into the (app's) database at db_path under prefixed table names.
+        lora (a LoraConfig, with init_from as its base): a LoRA fine-tune,
+        whose database holds only the adapters and names its base."""
         db_path = Path(db_path)
         _check_new_location(db_path, overwrite, store.check_prefix(prefix))
+        if lora is not None and not init_from:
+            raise SqlgptError("a LoRA fine-tune needs the model it adapts: --base BASE.db")
         cfg.validate()
         arch.validate()
         sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
@@ -256,6 +261,9 @@ class Trainer:
                     raise SqlgptError("--init-from and --db name the same file; the base model "
                                       "is only read: name a new --db")
                 base = load(init_from)
+                if lora is not None and base.lora is not None:
+                    raise SqlgptError(f"the base {init_from} is itself a LoRA fine-tune: "
+                                      f"sqlgpt merge it into a plain model first")
                 kept = {**base.arch.to_dict(), "tokenizer": base.train_config.tokenizer,
                         "vocab_size": base.train_config.vocab_size}
                 _check_unchanged({f: v for f, v in (settings or {}).items() if f in kept}, kept,
@@ -272,6 +280,9 @@ class Trainer:
                     cfg.vocab_size = tokenizer.vocab_size
                 arch.n_vocab = tokenizer.n_ids
             arch.validate()
+            if lora is not None:  # before the corpus is read: a bad setting costs nothing
+                lora.validate(arch)
+                lora.base = base_reference(init_from, db_path)
             counts = np.zeros(tokenizer.n_ids, dtype=np.int64)
             info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
                                 _progress(on_progress, "tokenizing", sources), counts)
@@ -285,12 +296,15 @@ class Trainer:
                 val_info["file"] = tokens_path(db_path, VAL_TOKENS_SUFFIX, prefix).name
                 val = _val_split(np.memmap(tmp_val, dtype=np.dtype(val_info["dtype"]), mode="r"),
                                  arch.seq_len, cfg.val_file)
-            model = GPT(arch, cfg.checkpoint_activations)
+            model = GPT(arch, cfg.checkpoint_activations, lora)
             rng = np.random.default_rng(cfg.seed)
-            model.init_weights(rng)
+            model.init_weights(rng)  # a fine-tune's: its adapters (B = 0: the base exactly)
             if init_from:  # the base's weights; Adam's moments start at zero
-                for t in model.params:
-                    t.data[...] = base.state_dict_view()[t.name]
+                weights = base.state_dict_view()
+                for t in model.base:
+                    t.data[...] = weights[t.name]
+                if lora is not None:
+                    lora.base_sha256 = base_digest(model.base)
             state = {"step": 0, "rng": rng.bit_generator.state,
                      "corpus_sha256": fingerprint(sources), "tokens": info,
                      "corpus": corpus_record(sources),
@@ -372,7 +386,9 @@ class Trainer:
         """(model, cfg, tokenizer, train, val, state) of a database to resume,
         every part checked."""
         arch, cfg = store.read_config(conn)
-        _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict()}, arch)
+        lora = read_lora(conn)
+        _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict(),
+                                          **dict(lora.rows() if lora else [])}, arch)
         tokenizer = store.read_tokenizer(conn, arch, cfg)
         state = store.read_train_state(conn)
         resumable_rng(state)  # a damaged state is refused before anything is written
@@ -386,7 +402,7 @@ class Trainer:
                                 encoding_errors, on_progress)
         for name, value in (run_options or {}).items():  # memory or messages, not results
             setattr(cfg, name, value)
-        model = GPT(arch, cfg.checkpoint_activations)
+        model = model_for(conn, db_path, arch, cfg.checkpoint_activations)
         store.read_weights(conn, model)
         train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
         if cfg.val_file:

@@ -7,7 +7,7 @@ import torch
 
 from sqlgpt._kernel import lib
 from sqlgpt.errors import SqlgptError
-from sqlgpt.lora import SITES, LoraConfig, adaptable, lora_seeds, merged
+from sqlgpt.lora import SITES, LoraConfig, adaptable, base_path, lora_seeds, merged
 from sqlgpt.model import GPT
 from sqlgpt.tensor import fptr
 
@@ -138,3 +138,171 @@ def test_merged_weights_give_the_adapters_logits(rng):
 def test_impossible_adapters_are_one_line_errors(settings, message):
     with pytest.raises(SqlgptError, match=message):
         GPT(arch_of("gpt2"), lora=LoraConfig(**settings))
+
+
+# ---- the finetune command, its database, resuming, merging ----
+import hashlib  # noqa: E402
+
+from click.testing import CliRunner  # noqa: E402
+
+import sqlgpt  # noqa: E402
+from sqlgpt.cli import main  # noqa: E402
+
+from conftest import CORPUS  # noqa: E402
+from helpers import weights_bytes  # noqa: E402
+
+BASE = ["--tokenizer", "char", "--embed-dim", "64", "--heads", "4", "--layers", "2",
+        "--seq-len", "32", "--batch-size", "8", "--lr", "3e-3"]
+TUNE = ["--batch-size", "8", "--lr", "1e-2", "--save-every", "5"]
+# a second corpus unlike the first, in characters the base's tokenizer has
+SECOND = "".join(f"the {w} is {c} and the {c} is {w}.\n" for w in
+                 ("cat", "dog", "bird", "fish", "horse") for c in ("red", "blue", "green"))
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def file_hash(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora")
+    (d / "first.txt").write_text(CORPUS.read_text()[:30000])
+    (d / "second.txt").write_text(SECOND * 40)
+    (d / "second_held_out.txt").write_text(SECOND * 4)
+    return d
+
+
+@pytest.fixture(scope="module", params=["lua", "gpt2", "llama"])
+def base(request, corpora):
+    db = corpora / f"base-{request.param}.db"
+    result = run("train", corpora / "first.txt", "--db", db, "--preset", request.param,
+                 "--iters", "150", "--save-every", "150", *BASE)
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def test_finetune_changes_only_adapter_rows_and_never_the_base(base, corpora, tmp_path):
+    before = file_hash(base)
+    tuned = tmp_path / "tuned.db"
+    result = run("finetune", "--base", base, corpora / "second.txt", "--db", tuned,
+                 "--iters", "10", "--lora-targets", "q,v,fc2", "--lora-rank", "4", *TUNE)
+    assert result.exit_code == 0, result.output
+    assert file_hash(base) == before
+    rows = weights_bytes(tuned)
+    assert {r[0] for r in rows} == {"layers"}  # no embeddings, head or norms of its own
+    assert {r[2] for r in rows} == {f"{s}.lora_{p}" for s in ("q", "v", "fc2") for p in "ab"}
+    assert any(r[4] != bytes(len(r[4])) for r in rows)  # Adam moments are stored
+    m = sqlgpt.load(tuned)
+    assert (m.lora.rank, m.lora.targets) == (4, "q,v,fc2")
+    assert base_path(m.lora, tuned) == base.resolve()
+    assert m.num_parameters() == sqlgpt.load(base).num_parameters()
+
+
+def test_a_finetune_lowers_the_second_corpus_loss_and_every_reader_takes_it(base, corpora,
+                                                                           tmp_path):
+    tuned = tmp_path / "tuned.db"
+    result = run("finetune", "--base", base, corpora / "second.txt", "--db", tuned,
+                 "--iters", "80", "--lora-targets", "q,k,v,proj,fc1,fc2", *TUNE)
+    assert result.exit_code == 0, result.output
+    held_out = corpora / "second_held_out.txt"
+    base_loss = sqlgpt.load(base).evaluate(held_out.read_text()).loss
+    tuned_loss = sqlgpt.load(tuned).evaluate(held_out.read_text()).loss
+    assert tuned_loss < 0.65 * base_loss, (base_loss, tuned_loss)
+    result = run("eval", held_out, "--db", tuned)
+    assert result.exit_code == 0 and f"loss {tuned_loss:.4f}" in result.output
+    result = run("generate", "--db", tuned, "--prompt", "the cat", "--max-tokens", "12",
+                 "--seed", "3", "--no-stream")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n") == sqlgpt.load(tuned).generate(
+        "the cat", max_tokens=12, seed=3)
+    conn = sqlgpt.connect(tuned)
+    assert "the cat" + conn.execute("SELECT sqlgpt_generate('the cat', 12, 1.0, 3)"
+                                    ).fetchone()[0] == result.stdout.rstrip("\n")
+
+
+def test_merge_writes_a_plain_model_with_the_adapters_logits(base, corpora, tmp_path):
+    tuned, merged_db = tmp_path / "tuned.db", tmp_path / "merged.db"
+    assert run("finetune", "--base", base, corpora / "second.txt", "--db", tuned,
+               "--iters", "10", "--lora-targets", "k,proj,fc1", *TUNE).exit_code == 0
+    result = run("merge", "--db", tuned, "-o", merged_db)
+    assert result.exit_code == 0, result.output
+    a, b = sqlgpt.load(tuned), sqlgpt.load(merged_db)
+    assert b.lora is None
+    ids = a.encode("the dog is blue")
+    assert np.abs(a.logits(ids) - b.logits(ids)).max() < 1e-5
+    assert a.generate("the", max_tokens=20, seed=1) == b.generate("the", max_tokens=20, seed=1)
+    base_weights = sqlgpt.load(base).state_dict()
+    changed = [n for n, w in b.state_dict().items() if not np.array_equal(w, base_weights[n])]
+    assert changed and all(n.rsplit(".", 1)[1] in ("k", "proj", "fc1") for n in changed)
+    assert run("merge", "--db", base, "-o", tmp_path / "x.db").exit_code == 1
+
+
+def test_a_finetune_resumes_exactly(corpora, tmp_path):
+    base = tmp_path / "base.db"
+    assert run("train", corpora / "first.txt", "--db", base, "--iters", "10",
+               *BASE).exit_code == 0
+    straight, resumed = tmp_path / "straight.db", tmp_path / "resumed.db"
+    common = ["--base", base, corpora / "second.txt", "--lora-dropout", "0.2", *TUNE]
+    assert run("finetune", *common, "--db", straight, "--iters", "10").exit_code == 0
+    assert run("finetune", *common, "--db", resumed, "--iters", "5").exit_code == 0
+    result = run("finetune", "--db", resumed, "--resume", "--iters", "10")
+    assert result.exit_code == 0, result.output
+    assert weights_bytes(straight) == weights_bytes(resumed)
+    result = run("finetune", "--db", resumed, "--resume", "--iters", "20", "--lora-rank", "3")
+    assert result.exit_code == 1 and "--lora-rank 3 (stored: 8)" in result.output
+
+
+def test_a_missing_changed_or_foreign_base_is_a_one_line_error(corpora, tmp_path):
+    base = tmp_path / "base.db"
+    assert run("train", corpora / "first.txt", "--db", base, "--iters", "10",
+               *BASE).exit_code == 0
+    tuned = tmp_path / "tuned.db"
+    assert run("finetune", "--base", base, corpora / "second.txt", "--db", tuned,
+               "--iters", "5", *TUNE).exit_code == 0
+    assert run("train", "--db", base, "--resume", "--iters", "12").exit_code == 0
+    result = run("generate", "--db", tuned, "--max-tokens", "3")
+    assert result.exit_code == 1 and "has changed since" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    base.unlink()
+    result = run("eval", corpora / "second.txt", "--db", tuned)
+    assert result.exit_code == 1 and "is missing" in result.output
+    assert run("train", corpora / "first.txt", "--db", base, "--iters", "2", *BASE,
+               "--embed-dim", "48").exit_code == 0
+    result = run("finetune", "--db", tuned, "--resume", "--iters", "8")
+    assert result.exit_code == 1 and "architecture" in result.output
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--lora-rank", "0"], "--lora-rank must be an integer from 1"),
+    (["--lora-rank", "65"], "width 64"),
+    (["--lora-targets", "q,attn"], "unknown --lora-targets attn"),
+    (["--lora-alpha", "-1"], "--lora-alpha must be a number above 0"),
+])
+def test_impossible_finetunes_write_nothing(corpora, tmp_path, options, message):
+    base = tmp_path / "base.db"
+    assert run("train", corpora / "first.txt", "--db", base, "--iters", "2",
+               *BASE).exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("finetune", "--base", base, corpora / "second.txt", "--db",
+                 tmp_path / "tuned.db", *options)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_finetune_needs_a_plain_base(corpora, tmp_path):
+    base, tuned = tmp_path / "base.db", tmp_path / "tuned.db"
+    assert run("train", corpora / "first.txt", "--db", base, "--iters", "2",
+               *BASE).exit_code == 0
+    result = run("finetune", corpora / "second.txt", "--db", tuned)
+    assert result.exit_code == 1 and "--base" in result.output
+    assert run("finetune", "--base", base, corpora / "second.txt", "--db", tuned,
+               "--iters", "2", *TUNE).exit_code == 0
+    result = run("finetune", "--base", tuned, corpora / "second.txt", "--db",
+                 tmp_path / "again.db")
+    assert result.exit_code == 1 and "itself a LoRA fine-tune" in result.output
+    result = run("train", corpora / "second.txt", "--db", tmp_path / "x.db", "--lora-alpha", "4")
+    assert result.exit_code == 1 and "needs --lora-rank" in result.output
