@@ -1,4 +1,4 @@
--- sqlgpt database layout, schema version 3 (PRAGMA user_version).
+-- sqlgpt database layout, schema version 4 (PRAGMA user_version).
 --
 -- One file holds a whole training state: config, vocabulary, every weight with
 -- its Adam moments, the RNG and data position, and the training history.
@@ -25,7 +25,8 @@
 -- `evaluations` tables and no `metrics.grad_norm`, its `vocab` was (word,
 -- id), and `config` had no architecture keys (it is the lua preset with the
 -- word tokenizer). Version 2 had no `tensor_stats` and `checkpoint_weights`
--- tables, no `tensors` view and no `vocab.count`.
+-- tables, no `tensors` view and no `vocab.count`. Version 3 had no
+-- `quantized` table.
 
 -- Settings, under the original script's key names (vocab_size, embed_dim,
 -- num_heads, num_layers, seq_len, lr, batch_size, max_iters, dropout, beta1,
@@ -197,4 +198,28 @@ CREATE TABLE IF NOT EXISTS checkpoint_weights (
     data BLOB NOT NULL,
     crc  INTEGER NOT NULL,
     PRIMARY KEY (step, name, i)
+);
+
+-- Integer copies of the model's matrices for decoding (since version 4),
+-- written by `sqlgpt quantize` and read by `--precision int8` / `int4`:
+-- every matrix of the tensor table but the embeddings (`tensor` is its name:
+-- layers.0.q, ..., head; a tied head is wte transposed), in symmetric groups
+-- of `group_size` values along its input dimension, as llama.cpp's Q8_0
+-- (bits 8) and Q4_0 (bits 4). One row per output unit `i` (a column of the
+-- (in x out) matrix): `q` its in values, a signed byte each (bits 8), or two
+-- per byte as value + 8 (bits 4: byte k of each run of 32 values holds its
+-- element k in the low nibble and element k + 16 in the high one); `scales` one
+-- little-endian float32 per group, value = scale * q; `crc` zlib's CRC-32 of
+-- q || scales. `step` is the checkpoint the copy was made from: a model
+-- trained further has stale copies, which are refused until quantized again.
+CREATE TABLE IF NOT EXISTS quantized (
+    tensor     TEXT NOT NULL,
+    bits       INTEGER NOT NULL CHECK (bits IN (4, 8)),
+    group_size INTEGER NOT NULL,
+    step       INTEGER NOT NULL,
+    i          INTEGER NOT NULL,
+    q          BLOB NOT NULL,
+    scales     BLOB NOT NULL,
+    crc        INTEGER NOT NULL,
+    PRIMARY KEY (tensor, bits, i)
 );

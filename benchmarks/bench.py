@@ -314,18 +314,26 @@ def decode_phase_rate(tokens, per_step, repeats):
 
 
 def compare_generation(model, torch_model, arch, repeats):
-    """Greedy tokens/s on one sequence for each side (sqlgpt in float32 and in
-    bfloat16 decoding), and on BATCH sequences at once; whether their tokens
-    agree."""
+    """Greedy tokens/s on one sequence for each side (sqlgpt decoding from
+    float32, bfloat16, int8 and int4 weights), and on BATCH sequences at
+    once; whether their tokens agree; the bytes of the matrices each
+    precision streams per token."""
     from sqlgpt.generate import PRECISIONS, Decoder, generate_ids
+    from sqlgpt.quant import BITS, DEFAULT_GROUP, quantized_copy
     n_prompt, n_new = generation_lengths(arch)
     prompts = np.random.default_rng(1).integers(1, arch["n_vocab"], (BATCH, n_prompt)).tolist()
     prompt = prompts[0]
-    runs, setup_s = {}, {}
+    runs, setup_s, matrix_bytes = {}, {}, {}
+    weights = {t.name: t.data for t in model.params}
     for precision in PRECISIONS:
         start = time.perf_counter()
-        decoder = Decoder(model, precision, slots=BATCH)  # as a loaded model keeps one
+        blocks = quantized_copy(model.arch, weights, BITS[precision], DEFAULT_GROUP) \
+            if precision in BITS else None  # what sqlgpt quantize stores
+        # as a loaded model keeps one
+        decoder = Decoder(model, precision, slots=BATCH, quantized=blocks, group=DEFAULT_GROUP)
         setup_s[precision] = time.perf_counter() - start
+        matrix_bytes[precision] = (sum(q.nbytes + sc.nbytes for q, sc in blocks.values())
+                                   if blocks else decoder.panels.nbytes)
         name = "sqlgpt" if precision == "fp32" else f"sqlgpt_{precision}"
         runs[name] = functools.partial(lambda d: list(generate_ids(d, prompt, n_new, 0)), decoder)
         runs[f"{name}_batch"] = functools.partial(batch_greedy, decoder, prompts, n_new)
@@ -335,7 +343,7 @@ def compare_generation(model, torch_model, arch, repeats):
     result = {"tokens_per_s": {name: n_new * (BATCH if name.endswith("_batch") else 1)
                                / median_time(fn, repeats) for name, fn in runs.items()},
               "prompt_tokens": n_prompt, "new_tokens": n_new, "decoder_setup_s": setup_s,
-              "batch": BATCH}
+              "batch": BATCH, "matrix_mb": {p: b / 1e6 for p, b in matrix_bytes.items()}}
     # the decode phase alone: the steps after the prompt's (the first yields
     # one token per sequence)
     from sqlgpt.generate import Sampler, generate_batch
@@ -348,8 +356,9 @@ def compare_generation(model, torch_model, arch, repeats):
     tokens = {name: fn() for name, fn in runs.items()}
     result["batch_tokens_match"] = tokens["sqlgpt_batch"][0] == tokens["sqlgpt"]
     # how many greedy tokens bf16 decoding shares with float32 before they part
-    result["bf16_same_tokens"] = next((i for i, (a, b) in enumerate(
-        zip(tokens["sqlgpt"], tokens["sqlgpt_bf16"])) if a != b), n_new)
+    result["same_tokens"] = {p: next((i for i, (a, b) in enumerate(
+        zip(tokens["sqlgpt"], tokens[f"sqlgpt_{p}"])) if a != b), n_new)
+        for p in PRECISIONS if p != "fp32"}
     if torch_model is not None:
         result["greedy_tokens_match"] = tokens["sqlgpt"] == tokens["torch"]
     return result
@@ -506,11 +515,14 @@ def config_rows(r):
         ("train tokens/s", *(train[s].get("tokens_per_s") for s in train), "{:,.0f}"),
         ("MFU", *(train[s].get("mfu") for s in train), "{:.1%}"),
         ("generate tokens/s", gen["sqlgpt"], gen.get("torch"), "-", "{:,.0f}"),
-        ("generate tokens/s, bf16", gen["sqlgpt_bf16"], gen.get("torch"), "-", "{:,.0f}"),
+        *((f"generate tokens/s, {p}", gen[f"sqlgpt_{p}"], gen.get("torch"), "-", "{:,.0f}")
+          for p in ("bf16", "int8", "int4")),
         (f"generate tokens/s, batch {r['generate']['batch']}", gen["sqlgpt_batch"],
          gen.get("torch_batch"), "-", "{:,.0f}"),
-        (f"generate tokens/s, batch {r['generate']['batch']}, bf16", gen["sqlgpt_bf16_batch"],
-         gen.get("torch_batch"), "-", "{:,.0f}"),
+        *((f"generate tokens/s, batch {r['generate']['batch']}, {p}", gen[f"sqlgpt_{p}_batch"],
+           gen.get("torch_batch"), "-", "{:,.0f}") for p in ("bf16", "int8", "int4")),
+        *((f"decode matrices MB, {p}", r["generate"]["matrix_mb"][p], None, "-", "{:.1f}")
+          for p in ("fp32", "bf16", "int8", "int4")),
         ("peak RSS MB (training)", *(train[s].get("peak_rss_mb") for s in train), "{:,.0f}"),
         ("RSS MB before the model", *(train[s].get("start_rss_mb") for s in train), "{:,.0f}"),
     ]
@@ -564,9 +576,10 @@ def notes(name, r):
                      f"{'yes' if gen.get('greedy_tokens_match') else 'no'}")
     lines.append(f"  generation: {gen['prompt_tokens']}-token prompt, {gen['new_tokens']} greedy "
                  f"tokens; sqlgpt via generate_ids (one C decode_step per token, KV cache; "
-                 f"weights packed once per model: {gen['decoder_setup_s']['fp32'] * 1e3:.1f} ms "
-                 f"fp32, {gen['decoder_setup_s']['bf16'] * 1e3:.1f} ms bf16); bf16 decoding "
-                 f"gave the fp32 greedy tokens for {gen['bf16_same_tokens']} of {gen['new_tokens']}"
+                 f"weights packed once per model: "
+                 + ", ".join(f"{s * 1e3:.1f} ms {p}" for p, s in gen["decoder_setup_s"].items())
+                 + " (int8, int4: quantizing included)); greedy tokens shared with fp32's: "
+                 + ", ".join(f"{p} {n} of {gen['new_tokens']}" for p, n in gen["same_tokens"].items())
                  + (", PyTorch with a KV cache" if "torch" in gen["tokens_per_s"] else ""))
     lines += [f"  {side}: {run['error']}" for side, run in r["train"].items() if "error" in run]
     return lines

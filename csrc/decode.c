@@ -19,6 +19,7 @@
  * matvec), with a barrier wherever a result feeds the next op.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 #include "kernel.h"
@@ -155,17 +156,61 @@ static void panel_block(float *out, const float *x, int n, const void *panels, i
     }
 }
 
-/* y (n, OC) = act(x (n, C) @ W (C,OC) + bias) from W's panels, panels
- * shared among the team (each thread always gets the same ones, so they
- * stay in its cache); bias may be NULL; out is this thread's (n, PANEL)
- * scratch. No barrier. */
-static void matmat(float *y, const float *x, int n, const void *panels, const float *bias, int C,
-                   int OC, int bf16, int act, float *out) {
+/* How a step's matrices are stored: column panels in float32 or bfloat16,
+ * or rows of int8 / int4 groups of `group` (quant.c; bits 0 for panels). */
+typedef struct { int bf16, bits, group; } Format;
+
+/* A matmat's input rows as the format reads them: float32, and for integer
+ * weights also quantized (int8 groups, this thread's copy). */
+typedef struct { const float *x; int8_t *q; float *scales; } Rows;
+
+/* x (n, C) as a matmat reads it: for integer weights, quantized into this
+ * thread's buffers (each thread its own copy, so no barrier). */
+static Rows rows_for(const Format *f, const float *x, int n, int C, int8_t *q, float *scales) {
+    Rows rows = {x, q, scales};
+    if (f->bits)
+        for (int r = 0; r < n; r++)
+            quantize_q8(q + 2 * (size_t)r * C, scales + (size_t)r * (C / f->group),
+                        x + (size_t)r * C, C, f->group);
+    return rows;
+}
+
+/* This thread's share of n outputs, [*j0, *j1): the same every call. */
+static void own_share(int n, int *j0, int *j1) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *j0 = (int)((long)n * t / nt);
+    *j1 = (int)((long)n * (t + 1) / nt);
+}
+
+/* Outputs j0..j1-1 of the integer W (C,OC) for row r of x, into y. */
+static void quant_row(float *y, const Format *f, const void *w, Rows x, int r, int j0, int j1,
+                      int C, int OC) {
+    quant_outputs(y, j0, j1, w, x.q + 2 * (size_t)r * C, x.scales + (size_t)r * (C / f->group),
+                  C, OC, f->bits, f->group);
+}
+
+/* y (n, OC) = act(x (n, C) @ W (C,OC) + bias), outputs shared among the team
+ * (each thread always gets the same ones, so they stay in its cache): from
+ * W's panels, a block of PANEL columns at a time (out is this thread's (n,
+ * PANEL) scratch), or from its integer rows; bias may be NULL. No barrier. */
+static void matmat(float *y, Rows x, int n, const void *w, const float *bias, int C, int OC,
+                   const Format *f, int act, float *out) {
+    if (f->bits) {
+        int j0, j1;
+        own_share(OC, &j0, &j1);
+        for (int r = 0; r < n; r++) {
+            float *out_r = y + (size_t)r * OC;
+            quant_row(out_r + j0, f, w, x, r, j0, j1, C, OC);
+            for (int j = j0; j < j1; j++) out_r[j] = activate(out_r[j] + (bias ? bias[j] : 0.0f),
+                                                              act);
+        }
+        return;
+    }
     int blocks = (OC + PANEL - 1) / PANEL;
     #pragma omp for schedule(static) nowait
     for (int b = 0; b < blocks; b++) {
         int j0 = b * PANEL, m = OC - j0 < PANEL ? OC - j0 : PANEL;
-        panel_block(out, x, n, panels, b, blocks, C, bf16);
+        panel_block(out, x.x, n, w, b, blocks, C, f->bf16);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < m; j++)
                 y[(size_t)r * OC + j0 + j] = activate(out[(size_t)r * PANEL + j] +
@@ -173,23 +218,42 @@ static void matmat(float *y, const float *x, int n, const void *panels, const fl
     }
 }
 
+static inline float swiglu_of(float g, float u, const float *gate_b, const float *up_b, int j) {
+    return silu(g + (gate_b ? gate_b[j] : 0.0f)) * (u + (up_b ? up_b[j] : 0.0f));
+}
+
 /* SwiGLU's hidden rows, h (n, F) = silu(x @ gate + gate_b) * (x @ up + up_b),
- * both matrices' panels of a block by the same thread, so no barrier; out is
- * this thread's (2n, PANEL) scratch. */
-static void matmat_swiglu(float *h, const float *x, int n, const void *gate, const float *gate_b,
-                          const void *up, const float *up_b, int C, int F, int bf16, float *out) {
+ * both matrices' outputs j by the same thread, so no barrier; out is this
+ * thread's (2n, PANEL) scratch. */
+static void matmat_swiglu(float *h, Rows x, int n, const void *gate, const float *gate_b,
+                          const void *up, const float *up_b, int C, int F, const Format *f,
+                          float *out) {
+    if (f->bits) { /* the gate's outputs in h, the up half's PANEL at a time in out */
+        int j0, j1;
+        own_share(F, &j0, &j1);
+        for (int r = 0; r < n; r++) {
+            float *h_r = h + (size_t)r * F;
+            quant_row(h_r + j0, f, gate, x, r, j0, j1, C, F);
+            for (int b = j0; b < j1; b += PANEL) {
+                int e = b + PANEL < j1 ? b + PANEL : j1;
+                quant_row(out, f, up, x, r, b, e, C, F);
+                for (int j = b; j < e; j++) h_r[j] = swiglu_of(h_r[j], out[j - b], gate_b, up_b, j);
+            }
+        }
+        return;
+    }
     int blocks = (F + PANEL - 1) / PANEL;
     float *g = out, *u = out + (size_t)n * PANEL;
     #pragma omp for schedule(static) nowait
     for (int b = 0; b < blocks; b++) {
         int j0 = b * PANEL, m = F - j0 < PANEL ? F - j0 : PANEL;
-        panel_block(g, x, n, gate, b, blocks, C, bf16);
-        panel_block(u, x, n, up, b, blocks, C, bf16);
+        panel_block(g, x.x, n, gate, b, blocks, C, f->bf16);
+        panel_block(u, x.x, n, up, b, blocks, C, f->bf16);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < m; j++)
-                h[(size_t)r * F + j0 + j] =
-                    silu(g[(size_t)r * PANEL + j] + (gate_b ? gate_b[j0 + j] : 0.0f)) *
-                    (u[(size_t)r * PANEL + j] + (up_b ? up_b[j0 + j] : 0.0f));
+                h[(size_t)r * F + j0 + j] = swiglu_of(g[(size_t)r * PANEL + j],
+                                                      u[(size_t)r * PANEL + j], gate_b, up_b,
+                                                      j0 + j);
     }
 }
 
@@ -341,9 +405,11 @@ static void attend(const Step *s, int l, float *att, float *scores, float *q) {
 /* Rows shared by the team, n of each: q, att, branch (C), k, v (KVC), h (F). */
 typedef struct { float *q, *k, *v, *att, *branch, *h; } SharedRows;
 
-/* This thread's rows: x and ln (n, C), its panel outputs (2n, PANEL) and
- * attention scores (Tk). */
-typedef struct { float *x, *ln, *out, *scores; } OwnRows;
+/* This thread's rows: x and ln (n, C), its panel outputs (2n, PANEL),
+ * attention scores (Tk), and a matmat input quantized (n, 2 max(C, F):
+ * quantize_q8's values and magnitudes) with its group scales, for integer
+ * weights. */
+typedef struct { float *x, *ln, *out, *scores, *qscales; int8_t *q; } OwnRows;
 
 /* The next norm's input gain and bias: the next block's norm1, or after the
  * last block the final norm (a parameter-free one reads NULL). */
@@ -365,29 +431,37 @@ static void add_and_norm(const ModelConfig *cfg, int n, OwnRows o, const float *
     }
 }
 
+/* x (n, width) as this thread's matmat input. */
+static Rows own_rows(const Format *f, OwnRows o, const float *x, int n, int width) {
+    return rows_for(f, x, n, width, o.q, o.qscales);
+}
+
 /* One block for this thread: x and ln (its private copies) advance, the
  * caches gain the rows' keys and values; ln ends as the next norm's output. */
-static void decode_block(const Step *s, const ModelTensors *w, int l, int bf16, SharedRows r,
-                         OwnRows o) {
+static void decode_block(const Step *s, const ModelTensors *w, int l, const Format *f,
+                         SharedRows r, OwnRows o) {
     const ModelConfig *cfg = s->cfg;
     const LayerTensors *L = &w->layers[l];
     int C = cfg->C, KVC = cfg->KVH * s->hs, F = cfg->F, n = s->n;
-    matmat(r.q, o.ln, n, L->q, L->q_b, C, C, bf16, ACT_NONE, o.out);
-    matmat(r.k, o.ln, n, L->k, L->k_b, C, KVC, bf16, ACT_NONE, o.out);
-    matmat(r.v, o.ln, n, L->v, L->v_b, C, KVC, bf16, ACT_NONE, o.out);
+    Rows ln = own_rows(f, o, o.ln, n, C);
+    matmat(r.q, ln, n, L->q, L->q_b, C, C, f, ACT_NONE, o.out);
+    matmat(r.k, ln, n, L->k, L->k_b, C, KVC, f, ACT_NONE, o.out);
+    matmat(r.v, ln, n, L->v, L->v_b, C, KVC, f, ACT_NONE, o.out);
     #pragma omp barrier
     store_kv(s, l, r.k, r.v);
     attend(s, l, r.att, o.scores, r.q);
-    matmat(r.branch, r.att, n, L->proj, L->proj_b, C, C, bf16, ACT_NONE, o.out);
+    matmat(r.branch, own_rows(f, o, r.att, n, C), n, L->proj, L->proj_b, C, C, f, ACT_NONE,
+           o.out);
     #pragma omp barrier
     add_and_norm(cfg, n, o, r.branch, L->ln2_w, L->ln2_b);
+    ln = own_rows(f, o, o.ln, n, C);
     if (cfg->mlp == MLP_SWIGLU)
-        matmat_swiglu(r.h, o.ln, n, L->gate, L->gate_b, L->fc1, L->fc1_b, C, F, bf16, o.out);
+        matmat_swiglu(r.h, ln, n, L->gate, L->gate_b, L->fc1, L->fc1_b, C, F, f, o.out);
     else
-        matmat(r.h, o.ln, n, L->fc1, L->fc1_b, C, F, bf16,
-               cfg->mlp == MLP_RELU ? ACT_RELU : ACT_GELU, o.out);
+        matmat(r.h, ln, n, L->fc1, L->fc1_b, C, F, f, cfg->mlp == MLP_RELU ? ACT_RELU : ACT_GELU,
+               o.out);
     #pragma omp barrier
-    matmat(r.branch, r.h, n, L->fc2, L->fc2_b, F, C, bf16, ACT_NONE, o.out);
+    matmat(r.branch, own_rows(f, o, r.h, n, F), n, L->fc2, L->fc2_b, F, C, f, ACT_NONE, o.out);
     #pragma omp barrier
     const float *weight, *bias;
     next_norm(cfg, w, l, &weight, &bias);
@@ -399,11 +473,16 @@ static void decode_block(const Step *s, const ModelTensors *w, int l, int bf16, 
  * computing them redundantly (n x C values), so no thread waits on another
  * for them: a barrier costs more than the work. Barriers remain only where a
  * matmat's output, split among threads, feeds the next op. */
-int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int bf16, float *kcache,
-                 float *vcache, int n, const int *slots, const int *tokens, const int *pos,
-                 int n_out, const int *out_rows, float *logits) {
+int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                 float *kcache, float *vcache, int n, const int *slots, const int *tokens,
+                 const int *pos, int n_out, const int *out_rows, float *logits) {
     int C = cfg->C, hs = C / cfg->NH, F = cfg->F, Tk = key_stride(cfg->max_T);
-    int KVC = cfg->KVH * hs;
+    int KVC = cfg->KVH * hs, wide = C > F ? C : F;
+    Format f = {precision == PRECISION_BF16,
+                precision == PRECISION_INT8 ? 8 : precision == PRECISION_INT4 ? 4 : 0, group};
+    /* quantized inputs: 2 n wide bytes (values, magnitudes) and n wide / group
+     * scales, in floats */
+    size_t quantized = f.bits ? (size_t)n * wide / 2 + 1 + (size_t)n * (wide / group) : 0;
     float *shared = scratch(1, (size_t)n * (3 * C + 2 * KVC + F + hs));
     if (!shared) return take_status();
     SharedRows r;
@@ -423,12 +502,14 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int bf16, float 
     /* one thread for models whose matrices fit in a core's cache anyway */
     #pragma omp parallel if ((long)C * C * n >= 128 * 128)
     {
-        float *own = scratch(4, (size_t)3 * n * C + 2 * (size_t)n * PANEL + Tk);
+        float *own = scratch(4, (size_t)3 * n * C + 2 * (size_t)n * PANEL + Tk + quantized);
         if (!own) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
         #pragma omp barrier
         if (!__atomic_load_n(&failed, __ATOMIC_RELAXED)) {
-            OwnRows o = {own, own + (size_t)n * C, own + 2 * (size_t)n * C, NULL};
+            OwnRows o = {own, own + (size_t)n * C, own + 2 * (size_t)n * C, NULL, NULL, NULL};
             o.scores = o.out + 2 * (size_t)n * PANEL;
+            o.qscales = o.scores + Tk + (size_t)n * C; /* after the head's rows (last) */
+            o.q = (int8_t *)(o.qscales + (size_t)n * (wide / (group > 0 ? group : 1)));
             for (int i = 0; i < n; i++) {
                 const float *te = w->wte + (size_t)tokens[i] * C;
                 const float *pe = w->wpe ? w->wpe + (size_t)pos[i] * C : NULL;
@@ -436,21 +517,23 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int bf16, float 
                 for (int c = 0; c < C; c++) x[c] = te[c] + (pe ? pe[c] : 0.0f);
                 norm_row(cfg, o.ln + (size_t)i * C, x, w->layers[0].ln1_w, w->layers[0].ln1_b);
             }
-            for (int l = 0; l < cfg->num_layers; l++) decode_block(&s, w, l, bf16, r, o);
+            for (int l = 0; l < cfg->num_layers; l++) decode_block(&s, w, l, &f, r, o);
             /* the head for the rows whose logits are wanted only: a prompt's
              * other rows just fill the cache */
             float *last = o.scores + Tk;
             for (int i = 0; i < n_out; i++)
                 memcpy(last + (size_t)i * C, (cfg->final_norm ? o.ln : o.x) +
                        (size_t)out_rows[i] * C, sizeof(float) * C);
-            matmat(logits, last, n_out, w->head, NULL, C, cfg->V, bf16, ACT_NONE, o.out);
+            matmat(logits, own_rows(&f, o, last, n_out, C), n_out, w->head, NULL, C, cfg->V, &f,
+                   ACT_NONE, o.out);
         }
     }
     return take_status();
 }
 
-int decode_step(const ModelConfig *cfg, const ModelTensors *w, int bf16, float *kcache,
-                float *vcache, int token, int pos, float *logits) {
+int decode_step(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                float *kcache, float *vcache, int token, int pos, float *logits) {
     int slot = 0, row = 0;
-    return decode_batch(cfg, w, bf16, kcache, vcache, 1, &slot, &token, &pos, 1, &row, logits);
+    return decode_batch(cfg, w, precision, group, kcache, vcache, 1, &slot, &token, &pos, 1,
+                        &row, logits);
 }

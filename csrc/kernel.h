@@ -79,6 +79,11 @@ static inline float gelu(float x) { return x * gelu_sigmoid(x); }
 static inline float sigmoid(float x) { return x < -80.0f ? 0.0f : 1.0f / (1.0f + fast_expf(-x)); }
 static inline float silu(float x) { return x * sigmoid(x); }
 
+/* Outputs j0..j1-1 of a quantized W (C,OC) at w (quant.c) for one row of
+ * activations as quantize_q8 made them (xq, scales xs), into y[j - j0]. */
+void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, const float *xs,
+                   int C, int OC, int bits, int G);
+
 /* Grows a per-thread scratch buffer; slot picks one of a few independent
  * buffers. NULL when it cannot grow (the failure is noted for take_status). */
 float *scratch(int slot, size_t nfloats);

@@ -10,8 +10,9 @@
 #include <stdlib.h>
 #include "kernel.h"
 
-#define SLOTS 7 /* 0: matmul packed B, 1: decode rows, 2: attention heads, 3: loss rows,
-                 * 4: decode scores, 5: split-K partial sums, 6: matmul packed A */
+#define SLOTS 8 /* 0: matmul packed B, 1: decode rows, 2: attention heads, 3: loss rows,
+                 * 4: decode scores, 5: split-K partial sums, 6: matmul packed A,
+                 * 7: quant_matmul's quantized rows */
 
 static __thread float *buffers[SLOTS];
 static __thread size_t sizes[SLOTS];

@@ -131,21 +131,24 @@ int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTen
 
 /* decode.c: generation, one token through the whole model with a KV cache,
  * in one call, on the same ModelConfig and per-row helpers as training.
- * Decode weights: W (C,OC) repacked as contiguous column panels of
- * panels_size elements, float32 or bfloat16 (bf16 = 1: float32 rounded to
- * nearest even, 8 significant bits, half the bytes to stream). */
+ * Decode weights, by precision: PRECISION_FP32 and PRECISION_BF16, W (C,OC)
+ * repacked as contiguous column panels of panels_size elements, float32 or
+ * bfloat16 (float32 rounded to nearest even, 8 significant bits, half the
+ * bytes to stream); PRECISION_INT8 and PRECISION_INT4, W's quant.c layout
+ * (quant_size bytes) in groups of `group`, the activations quantized per
+ * group on the fly (group is unused for the float formats). */
+enum { PRECISION_FP32 = 0, PRECISION_BF16 = 1, PRECISION_INT8 = 2, PRECISION_INT4 = 3 };
 long panels_size(int C, int OC);
 void pack_panels(void *dst, const float *w, int C, int OC, int bf16);
 
-/* panels: every matrix of w, the head included (wte transposed when tied),
- * as pack_panels made them with this bf16 setting; wte, wpe and the vectors
- * float32 as in training. kcache holds key_cache_size floats (keys
- * transposed per kv head), vcache (num_layers, max_T, KVH*hs); positions
- * 0..pos-1 must already hold the earlier tokens' keys and values. logits
- * is (V). */
+/* w: every matrix, the head included (wte transposed when tied), in the
+ * precision's layout; wte, wpe and the vectors float32 as in training.
+ * kcache holds key_cache_size floats (keys in blocks of positions per kv
+ * head), vcache (num_layers, max_T, KVH*hs); positions 0..pos-1 must
+ * already hold the earlier tokens' keys and values. logits is (V). */
 long key_cache_size(const ModelConfig *cfg);
-int decode_step(const ModelConfig *cfg, const ModelTensors *panels, int bf16, float *kcache,
-                float *vcache, int token, int pos, float *logits);
+int decode_step(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                float *kcache, float *vcache, int token, int pos, float *logits);
 /* n rows in one step, every weight read once for all of them: row r is the
  * token tokens[r] at position pos[r] of the sequence whose caches are slot
  * slots[r] (kcache holds key_cache_size floats per slot, vcache (num_layers,
@@ -154,9 +157,22 @@ int decode_step(const ModelConfig *cfg, const ModelTensors *panels, int bf16, fl
  * value is stored before any row attends. logits is (n_out, V): the rows
  * out_rows[0..n_out-1]. A row's logits are bit for bit the ones it gets
  * alone. decode_step is one row, slot 0. */
-int decode_batch(const ModelConfig *cfg, const ModelTensors *panels, int bf16, float *kcache,
-                 float *vcache, int n, const int *slots, const int *tokens, const int *pos,
-                 int n_out, const int *out_rows, float *logits);
+int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                 float *kcache, float *vcache, int n, const int *slots, const int *tokens,
+                 const int *pos, int n_out, const int *out_rows, float *logits);
+
+/* quant.c: integer weights (the layout is described there). A quantized W
+ * (C,OC) with bits 8 or 4 in groups of G (G a multiple of 32 dividing C)
+ * takes quant_size bytes, quant_row_bytes of values per output row. */
+long quant_row_bytes(int C, int bits);
+long quant_size(int C, int OC, int bits, int G);
+/* x (n) as int8 groups of G, q (2n: the values, then their magnitudes),
+ * scales (n / G): activations as decoding quantizes them. */
+void quantize_q8(int8_t *q, float *scales, const float *x, int n, int G);
+/* y (n,OC) = x (n,C), quantized as quantize_q8 does, times the quantized
+ * W: the products decoding computes. */
+int quant_matmul(float *y, const float *x, int n, const void *w, int C, int OC, int bits,
+                 int G);
 
 /* ---- ops, each a forward/backward pair ---- */
 

@@ -8,7 +8,7 @@ except ImportError:
     raise ImportError(f"sqlgpt's C kernel is not built in {_os.path.dirname(__file__)}: this is "
                       f"the source folder, not the installed package; run Python from another "
                       f"folder, or build the kernel in place with pip install -e .") from None
-from .api import Model, load, merge
+from .api import Model, load, merge, quantize
 from .errors import SqlgptError
 from .sql import connect, register
 
@@ -21,4 +21,4 @@ def set_threads(n):
     lib.set_threads(n)
 
 __version__ = "0.1.0"
-__all__ = ["load", "merge", "Model", "SqlgptError", "connect", "register", "set_threads", "__version__"]
+__all__ = ["load", "merge", "quantize", "Model", "SqlgptError", "connect", "register", "set_threads", "__version__"]

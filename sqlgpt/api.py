@@ -18,6 +18,8 @@ from .evaluate import evaluate
 from .generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
                        generate_batch, speculative_ids)
 from .lora import merged, model_for
+from .quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
+from .quant import matrices as quant_matrices
 from .model import PAD_ID
 
 
@@ -85,9 +87,12 @@ class Model:
     """A trained model: config, tokenizer and weights of the latest checkpoint.
     precision ("fp32" or "bf16") is the weights' format while generating."""
 
-    def __init__(self, gpt, train_cfg, tokenizer, step, precision="fp32", corpus=None):
+    def __init__(self, gpt, train_cfg, tokenizer, step, precision="fp32", corpus=None,
+                 quantized=None):
         check_precision(precision)
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
+        # int8 / int4: (group size, {matrix name: (q, scales)}) as stored
+        self._quantized = quantized or (0, None)
         # what the model was trained on: {files: [{path, bytes}], sha256, tokens}
         self.corpus = corpus or {}
         self.train_config = train_cfg
@@ -161,7 +166,8 @@ class Model:
         """A Decoder with KV caches of its own for `slots` sequences, on the
         model's weights as packed once (on first use)."""
         if self._decoder is None:
-            self._decoder = Decoder(self._gpt, self.precision, 1)
+            group, blocks = self._quantized
+            self._decoder = Decoder(self._gpt, self.precision, 1, blocks, group)
         return self._decoder.fork(slots)
 
     def check_draft(self, draft):
@@ -270,16 +276,19 @@ class Model:
         """Loss per token, perplexity, accuracy and tokens scored on a text,
         or on files and directories (each a document, separated by <eos>),
         tokenized by a stream into a temporary file (flat memory). stride:
-        see sqlgpt.evaluate (default: half the context)."""
+        see sqlgpt.evaluate (default: half the context). A model loaded
+        with precision bf16, int8 or int4 is scored through those weights,
+        as generation uses them."""
+        decoder = None if self.precision == "fp32" else self.decoder(batch_size)
         if text is not None:
-            return evaluate(self._gpt, self.encode(text), stride, batch_size)
+            return evaluate(self._gpt, self.encode(text), stride, batch_size, decoder=decoder)
         with tempfile.TemporaryDirectory() as tmp:
             sources = find_sources(paths, extensions, spool_dir=tmp)
             info = write_tokens(sources, self.tokenizer, Path(tmp) / "eval.tokens",
                                 encoding_errors)
             tokens = np.memmap(Path(tmp) / "eval.tokens", dtype=np.dtype(info["dtype"]),
                                mode="r")
-            return evaluate(self._gpt, tokens, stride, batch_size)
+            return evaluate(self._gpt, tokens, stride, batch_size, decoder=decoder)
 
 
 def load(path, precision="fp32", step=None, prefix=""):
@@ -311,9 +320,68 @@ def load(path, precision="fp32", step=None, prefix=""):
                                       f"{', '.join(map(str, kept)) or 'none'}; latest: {latest}"
                                       f"); train with --keep N to keep older ones")
                 store.read_kept_weights(conn, gpt, step)
+            quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
+                if precision in BITS else None
     finally:
         conn.close()
-    return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state))
+    return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized)
+
+
+def _read_quantized(conn, path, arch, precision, step):
+    """The stored int8 / int4 copy for precision, refused where it is
+    missing or was made from another checkpoint than step."""
+    bits = BITS[precision]
+    found = store.quantized_sets(conn).get(bits)
+    if found is None:
+        raise SqlgptError(f"{path} has no {precision} weights: make them with sqlgpt quantize "
+                          f"--db {path} --bits {bits}")
+    if found[1] != step:
+        raise SqlgptError(f"the {precision} weights of {path} are from step {found[1]}, the "
+                          f"model is at step {step}: quantize it again")
+    return store.read_quantized(conn, quantized_shapes(arch), bits)
+
+
+def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
+    """Store int8 (bits 8) or int4 (bits 4) copies of the latest checkpoint's
+    matrices in the database at path (a fine-tune's: its base with the
+    adapters folded in), for decoding with precision "int8" / "int4".
+    Returns {"bytes": the copy's size, "fp32_bytes": the float32 matrices'}.
+    Refuses a copy that already exists for this checkpoint, a group size
+    that does not divide every matrix's input width, and bits other than 8
+    and 4; nothing is written then."""
+    if bits not in BITS.values():
+        raise SqlgptError(f"--bits must be 8 or 4, got {bits!r}")
+    model = load(path, prefix=prefix)
+    check_group(model.arch, group)
+    with store.sqlite_errors(f"cannot read {path}"):
+        conn = store.open_database(path, prefix=prefix)
+        try:
+            found = store.quantized_sets(conn).get(bits)
+        finally:
+            conn.close()
+    if found and found[1] == model.step:
+        raise SqlgptError(f"{path} already has int{bits} weights of step {model.step} (group "
+                          f"size {found[0]}): nothing to do")
+    blocks = quantized_copy(model.arch, model.state_dict_view(), bits, group)
+    lock = store.WriterLock(path)
+    try:
+        with store.sqlite_errors(f"cannot write {path}"):
+            conn = store.open_database(path, readonly=False, prefix=prefix)
+            try:
+                if store.read_train_state(conn).get("step") != model.step:
+                    raise SqlgptError(f"{path} changed while it was being quantized; try again")
+                store.write_quantized(conn, bits, group, model.step, blocks)
+            finally:
+                store.close_writer(conn)
+    finally:
+        lock.release()
+    return {"bytes": sum(q.nbytes + s.nbytes for q, s in blocks.values()),
+            "fp32_bytes": 4 * sum(spec.rows * spec.cols for spec in quant_matrices(model.arch))}
+
+
+def quantized_shapes(arch):
+    """{name: (input width, outputs)} of the matrices a quantized copy holds."""
+    return {spec.name: spec.shape for spec in quant_matrices(arch)}
 
 
 def merge(path, out_path, prefix=""):

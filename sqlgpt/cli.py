@@ -14,9 +14,10 @@ from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
 from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
 from .corpus import ENCODING_ERRORS
 from .errors import SqlgptError
-from .lora import LoraConfig
 from .generate import DRAFT_TOKENS, MAX_BATCH, PRECISIONS, GenerationStats, Sampler
+from .lora import LoraConfig
 from .profile import model_profile
+from .quant import DEFAULT_GROUP
 from .train import AlreadyTrained, Trainer
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -115,6 +116,15 @@ def db_option(fn):
                            "its tables sit beside the app's, which are left untouched.")(fn)
     return click.option("--db", "db_path", required=True, type=click.Path(),
                         help="SQLite file that holds the model.")(fn)
+
+
+def precision_option(fn):
+    """--precision: the weights' format while decoding."""
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
+                        show_default=True,
+                        help="Weights while decoding: bf16 streams half the bytes of fp32 per "
+                             "token, int8 and int4 a quarter and an eighth (from sqlgpt "
+                             "quantize's copies; integer dot products).")(fn)
 
 
 def output_option(help_text):
@@ -497,9 +507,7 @@ def fmt_loss(value):
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Seed for reproducible samples (sample i of a batch uses seed + i).")
 @click.option("--allow-unk", is_flag=True, help="Let the model emit <unk> (out-of-vocabulary).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="Weights while generating: bf16 streams half the bytes per token "
-                   "(faster; logits within about 1e-2 of fp32).")
+@precision_option
 @click.option("--num-samples", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
               help="Samples of each prompt, generated together as one batch.")
 @click.option("--prompts-file", type=click.Path(), default=None,
@@ -542,7 +550,9 @@ def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min
                    seed=seed, allow_unk=allow_unk, stop=stop, min_p=min_p,
                    repetition_penalty=repetition_penalty)
     if draft_db:
-        draft = load(draft_db, precision, prefix=draft_prefix)
+        # a draft reads float weights (bf16 beside an integer model: it has no copies of its own)
+        draft = load(draft_db, precision if precision in ("fp32", "bf16") else "bf16",
+                     prefix=draft_prefix)
         model.check_draft(draft)
         options.update(draft=draft, draft_tokens=draft_tokens)
     Sampler(temperature, top_k, top_p, min_p, repetition_penalty)  # bad settings: one line
@@ -660,16 +670,19 @@ def interactive_loop(model, options):
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
               show_default=True, help="Bytes that are not UTF-8: an error, or U+FFFD.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@precision_option
 @step_option
 @threads_option
 @fail_cleanly
-def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, as_json, step):
+def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, as_json,
+          precision, step):
     """Score the model in --db on CORPUS (files, directories or -): mean
-    cross-entropy per token, perplexity and next-token accuracy.
+    cross-entropy per token, perplexity and next-token accuracy; with
+    --precision, of the weights in that format, as generation reads them.
 
     Example: sqlgpt eval --db model.db held_out.txt --json
     """
-    model = load(db_path, step=step, prefix=prefix)
+    model = load(db_path, precision, step, prefix)
     result = model.evaluate(paths=corpus, stride=stride, batch_size=batch_size,
                             extensions=extensions, encoding_errors=encoding_errors)
     if as_json:
@@ -715,13 +728,16 @@ def info(db_path, prefix, as_json):
         with store.sqlite_errors(f"cannot read {db_path}"):
             history = store.checkpoints(conn)
             kept = store.kept_steps(conn)
+            quantized = {f"int{bits}": {"group_size": group, "step": step}
+                         for bits, (group, step) in store.quantized_sets(conn).items()}
     finally:
         conn.close()
     profile = model_profile(model.arch, model.train_config.batch_size,
                             model.train_config.checkpoint_activations)
+    lora = model.lora.to_dict() if model.lora else None
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
               "step": model.step, "corpus": model.corpus, "profile": profile,
-              "checkpoints": history, "kept_steps": kept}
+              "checkpoints": history, "kept_steps": kept, "lora": lora, "quantized": quantized}
     if as_json:
         emit_json(report)
         return
@@ -732,6 +748,13 @@ def info(db_path, prefix, as_json):
             "(files not recorded)"
         tokens = f", {corpus['tokens']:,} tokens" if corpus.get("tokens") else ""
         click.echo(f"corpus: {files}{tokens}, sha256 {corpus['sha256']}")
+    if lora:
+        click.echo(f"LoRA fine-tune of {lora['base']} (weights sha256 {lora['base_sha256'][:16]}"
+                   f"...): rank {lora['rank']}, alpha {lora['alpha']:g}, targets "
+                   f"{lora['targets']}, dropout {lora['dropout']:g}")
+    for name, q in quantized.items():
+        click.echo(f"{name} copy: group size {q['group_size']}, from step {q['step']}"
+                   + ("" if q["step"] == model.step else " (stale: quantize again)"))
     for title, settings in (("architecture", model.arch), ("training", model.train_config)):
         click.echo(f"{title}:")
         for name, value in settings.to_dict().items():
@@ -818,6 +841,26 @@ def compact(db_path, prefix, out_path):
     whole = " the whole of" if prefix else ""  # an app's file holds the app's tables too
     click.echo(f"wrote {out_path}: {after:,} bytes ({after / before:.0%} of{whole} "
                f"{db_path}'s {before:,})")
+
+
+@main.command()
+@db_option
+@click.option("--bits", type=click.Choice(["8", "4"]), required=True,
+              help="8: int8 groups (Q8_0); 4: int4 groups (Q4_0).")
+@click.option("--group-size", type=int, default=DEFAULT_GROUP, show_default=True,
+              help="Values per scale, along each matrix's input (32 or 64).")
+@fail_cleanly
+def quantize(db_path, prefix, bits, group_size):
+    """Store int8 or int4 copies of the matrices of --db's latest checkpoint
+    beside its float32 weights, for generate, eval and sql with --precision
+    int8 / int4 (norms, biases and embeddings stay float32).
+
+    Example: sqlgpt quantize --db model.db --bits 8
+    """
+    from .api import quantize as quantize_model
+    sizes = quantize_model(db_path, int(bits), group_size, prefix)
+    click.echo(f"wrote int{bits} weights (group size {group_size}) to {db_path}: "
+               f"{sizes['bytes']:,} bytes for {sizes['fp32_bytes']:,} of float32")
 
 
 @main.command()

@@ -42,10 +42,31 @@ def windows(n_targets, T, stride):
     return spans
 
 
-def evaluate(model, tokens, stride=None, batch_size=8, limit=None):
+def scored_by_decoder(decoder, x, y):
+    """(mean loss over y's non-pad targets, logits (B*T, V)) of windows x
+    (B, T) as the decode step computes them (each window its own cache
+    slot, every position's logits): the loss of bf16 or quantized weights
+    as generation sees them."""
+    B, T = x.shape
+    if decoder.slots < B:
+        decoder.grow(B)
+    rows = list(range(B * T))
+    logits = decoder.run([b for b in range(B) for _ in range(T)], x.reshape(-1).tolist(),
+                         list(range(T)) * B, rows).astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    targets = y.reshape(-1)
+    losses = log_z - logits[np.arange(len(targets)), targets]
+    scored = targets != PAD_ID
+    return float(losses[scored].mean()), logits
+
+
+def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None):
     """Evaluation of model (a GPT) on a 1-D array of token ids; stride
     defaults to half the context (of the text, when it is shorter); limit,
-    if given, keeps that many windows spread evenly over the ids."""
+    if given, keeps that many windows spread evenly over the ids. decoder:
+    score through this Decoder's weights (bf16, int8, int4) instead of the
+    float32 forward."""
     T = model.arch.seq_len
     tokens = np.asarray(tokens)
     n_targets = len(tokens) - 1
@@ -66,11 +87,14 @@ def evaluate(model, tokens, stride=None, batch_size=8, limit=None):
         for row, (_, first) in enumerate(batch):
             y[row, :max(0, first)] = PAD_ID  # scored by an earlier window
         scored = y != PAD_ID
-        mean = model.forward(x, y)
+        if decoder is None:
+            mean, logits = model.forward(x, y), model.acts.logits
+        else:
+            mean, logits = scored_by_decoder(decoder, x, y)
         n = int(scored.sum())
         total += mean * n
         count += n
-        guesses = model.acts.logits.reshape(len(batch), T, -1).argmax(axis=-1)
+        guesses = logits.reshape(len(batch), T, -1).argmax(axis=-1)
         correct += int((guesses == y)[scored].sum())
     loss = total / count
     return Evaluation(loss, math.exp(min(loss, 700.0)), correct / count, count)

@@ -16,11 +16,14 @@ from ._kernel import ffi, lib
 from .arch import tensor_table
 from .errors import SqlgptError
 from .lora import merged
+from .quant import BITS, kernel_block
 from .model import TensorStruct, check_status, model_config, tensor_fields
 from .tensor import ALIGN_FLOATS, aligned_zeros, fptr
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+PRECISION_CODES = {"fp32": lib.PRECISION_FP32, "bf16": lib.PRECISION_BF16,
+                   "int8": lib.PRECISION_INT8, "int4": lib.PRECISION_INT4}
 MAX_BATCH = 256    # sequences generated together (each holds a KV cache)
 DRAFT_TOKENS = 4   # tokens a draft model proposes per verification step
 
@@ -40,26 +43,38 @@ class Decoder:
 
     precision "bf16" rounds the matrices to bfloat16 (8 significant bits) for
     decoding: half the memory to stream per token, logits within about 1e-2
-    of float32's; embeddings, norms, biases, activations and sums stay float32."""
+    of float32's; embeddings, norms, biases, activations and sums stay float32.
+    "int8" and "int4" decode from quantized copies of the matrices
+    (quantized: {name: (q, scales)} as sqlgpt.quant makes them, in groups
+    of `group`), with integer dot products against activations quantized
+    per group."""
 
-    def __init__(self, model, precision="fp32", slots=1):
+    def __init__(self, model, precision="fp32", slots=1, quantized=None, group=0):
         check_precision(precision)
         arch = model.arch
         self.arch, self.precision, self.pos, self.slots = arch, precision, 0, slots
         self.bf16 = precision == "bf16"
-        arrays = self._snapshot(model)
+        self.code, self.group = PRECISION_CODES[precision], group
+        if precision in BITS and not quantized:
+            raise SqlgptError(f"{precision} decoding needs the model's {precision} weights "
+                              f"(sqlgpt quantize)")
+        arrays = self._snapshot(model, quantized if precision in BITS else None)
         self.config = model_config(arch)
         self.tensors = TensorStruct(arch.num_layers,
                                     *tensor_fields(arch, arrays, model.weights_fixed))
         self.grow(slots)
         self.logits = aligned_zeros((1, arch.n_vocab))
 
-    def _snapshot(self, model):
+    def _snapshot(self, model, quantized):
         """{name: array} for the decode struct: matrices packed into panels
-        (one aligned block), everything else copied as float32."""
+        (one aligned block) or their quantized rows, everything else copied
+        as float32."""
         arrays, matrices = {}, {}
         weights = merged(model)  # a fine-tune's adapters folded in once, here
         for spec in tensor_table(model.arch):
+            if quantized and spec.name in quantized:
+                arrays[spec.name] = kernel_block(*quantized[spec.name])
+                continue
             data = weights[spec.tied_to or spec.name]
             if spec.tied_to:
                 data = np.ascontiguousarray(data.T)  # the head reads wte transposed
@@ -102,7 +117,7 @@ class Decoder:
         if len(out_rows) > self.logits.shape[0]:
             self.logits = aligned_zeros((len(out_rows), V))
         check_status(lib.decode_batch(
-            self.config, self.tensors.struct, self.bf16, self._k, self._v, n,
+            self.config, self.tensors.struct, self.code, self.group, self._k, self._v, n,
             ffi.new("int[]", list(slots)), ffi.new("int[]", list(tokens)),
             ffi.new("int[]", list(positions)), len(out_rows), ffi.new("int[]", list(out_rows)),
             fptr(self.logits)))

@@ -36,13 +36,14 @@ from .tensor import ParameterSet, fptr
 from .tokenizers import from_storage
 
 APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 WEIGHT_TABLES = ("embeddings", "layers", "head", "norms")
 REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
-                   "metrics", "evaluations", "tensor_stats", "checkpoint_weights") + WEIGHT_TABLES
+                   "metrics", "evaluations", "tensor_stats", "checkpoint_weights",
+                   "quantized") + WEIGHT_TABLES
 # the schema version that added a table (the others are in every version)
 ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3,
-            "checkpoint_weights": 3}
+            "checkpoint_weights": 3, "quantized": 4}
 # the views sqlgpt creates, and the version that added each
 VIEWS_ADDED_IN = {"tensors": 3}
 _NAME_RE = re.compile(r"\b(FROM|INTO|UPDATE|JOIN|TABLE|VIEW|EXISTS)(\s+)("
@@ -595,7 +596,13 @@ CREATE TABLE checkpoint_weights (
     conn.executemany(TENSOR_STATS_SQL, tensor_stats(model.params, step))
 
 
-MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(conn):
+    """Version 4 can keep integer copies of the matrices (the quantized
+    table, empty until sqlgpt quantize fills it)."""
+    conn.execute(next(sql for kind, name, sql in schema_objects() if name == "quantized"))
+
+
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def migrate(conn, path):
@@ -631,6 +638,19 @@ def _migrate_step(conn, path):
         except BaseException:
             _rollback(conn)
             raise
+
+
+@contextlib.contextmanager
+def _immediate(conn):
+    """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back if
+    anything in it fails."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
 def _rollback(conn):
@@ -810,13 +830,8 @@ def _durable(conn):
 
 
 def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _immediate(conn):
         _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss)
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
 
 
 def _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss):
@@ -1058,14 +1073,9 @@ def write_metrics(conn, rows):
 
 
 def _write_metrics(conn, rows):
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _immediate(conn):
         conn.executemany("INSERT OR REPLACE INTO metrics (step, loss, lr, tokens_per_sec, "
                          "grad_norm) VALUES (?, ?, ?, ?, ?)", rows)
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
 
 
 # ---- reading, validating everything ----
@@ -1191,6 +1201,74 @@ def _fill(t, rows, index_range):
                               f"float32 values")
     bad = next(i for i, (a, b) in enumerate(zip(row_crcs(t), crc)) if a != b)
     raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
+
+
+def write_quantized(conn, bits, group, step, blocks):
+    """Replace the quantized rows of this bits by blocks ({tensor name: (q
+    (OC, row bytes) uint8, scales (OC, C/group) float32)}) made from the
+    checkpoint at step, in one transaction."""
+    rows = []
+    for name, (q, scales) in blocks.items():
+        scales = np.ascontiguousarray(scales, dtype="<f4")
+        for i in range(q.shape[0]):
+            qb, sb = q[i].tobytes(), scales[i].tobytes()
+            rows.append((name, bits, group, step, i, qb, sb, zlib.crc32(sb, zlib.crc32(qb))))
+    with _immediate(conn):
+        conn.execute("DELETE FROM quantized WHERE bits = ?", (bits,))
+        conn.executemany("INSERT INTO quantized (tensor, bits, group_size, step, i, q, scales, "
+                         "crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def quantized_sets(conn):
+    """{bits: (group_size, step)} of the quantized copies a database holds
+    (none before version 4)."""
+    if schema_version(conn) < ADDED_IN["quantized"]:
+        return {}
+    with sqlite_errors("cannot read the quantized table"):
+        found = conn.execute("SELECT bits, min(group_size), max(group_size), min(step), "
+                             "max(step) FROM quantized GROUP BY bits").fetchall()
+    for bits, g0, g1, s0, s1 in found:
+        if g0 != g1 or s0 != s1:
+            raise SqlgptError(f"the int{bits} weights are damaged: their rows disagree on the "
+                              f"group size or step")
+    return {bits: (group, step) for bits, group, _, step, _ in found}
+
+
+def read_quantized(conn, shapes, bits):
+    """{name: (q, scales)} of the int`bits` copy, for shapes ({name: (C,
+    OC)}, every quantized matrix), each row checked: its length, its
+    checksum, finite scales, and no rows missing or extra."""
+    group, _ = quantized_sets(conn)[bits]
+    row_bytes = {8: 1.0, 4: 0.5}[bits]
+    with sqlite_errors("cannot read the quantized table"):
+        rows = conn.execute("SELECT tensor, i, q, scales, crc FROM quantized WHERE bits = ? "
+                            "ORDER BY tensor, i", (bits,)).fetchall()
+    by_name = {}
+    for name, i, q, scales, crc in rows:
+        by_name.setdefault(name, []).append((i, q, scales, crc))
+    unknown = sorted(set(by_name) - set(shapes))
+    if unknown:
+        raise SqlgptError(f"int{bits} weights for unknown tensor(s): {', '.join(unknown)}")
+    blocks = {}
+    for name, (C, OC) in shapes.items():
+        found = by_name.get(name, [])
+        if [r[0] for r in found] != list(range(OC)):
+            raise SqlgptError(f"the int{bits} weights of {name} are damaged: expected rows "
+                              f"0..{OC - 1}, found {len(found)}")
+        for i, q, scales, crc in found:
+            if not (isinstance(q, bytes) and isinstance(scales, bytes)
+                    and len(q) == int(C * row_bytes) and len(scales) == 4 * (C // group)):
+                raise SqlgptError(f"the int{bits} weights of {name} are damaged: row {i} has "
+                                  f"the wrong length")
+            if zlib.crc32(scales, zlib.crc32(q)) != crc:
+                raise SqlgptError(f"the int{bits} weights of {name} are damaged: row {i} fails "
+                                  f"its checksum")
+        q = np.frombuffer(b"".join(r[1] for r in found), dtype=np.uint8).reshape(OC, -1)
+        scales = np.frombuffer(b"".join(r[2] for r in found), dtype="<f4").reshape(OC, -1)
+        if not np.isfinite(scales).all():
+            raise SqlgptError(f"the int{bits} weights of {name} have NaN or Inf scales")
+        blocks[name] = (q, scales.astype(np.float32))
+    return group, blocks
 
 
 def read_train_state(conn):

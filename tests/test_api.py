@@ -50,6 +50,8 @@ def test_bf16_generation_is_reproducible_and_its_precision_is_checked(trained_db
     assert a == m.generate("the citizen", max_tokens=12, temperature=0.9, seed=3)
     assert len(a.split()) == 14
     with pytest.raises(SqlgptError, match="precision"):
+        sqlgpt.load(trained_db, precision="fp16")
+    with pytest.raises(SqlgptError, match="has no int4 weights: make them with sqlgpt quantize"):
         sqlgpt.load(trained_db, precision="int4")
 
 

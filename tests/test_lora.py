@@ -199,6 +199,9 @@ def test_finetune_changes_only_adapter_rows_and_never_the_base(base, corpora, tm
     m = sqlgpt.load(tuned)
     assert (m.lora.rank, m.lora.targets) == (4, "q,v,fc2")
     assert base_path(m.lora, tuned) == base.resolve()
+    result = run("info", "--db", tuned)
+    assert result.exit_code == 0 and "LoRA fine-tune of" in result.output
+    assert "rank 4, alpha 16, targets q,v,fc2" in result.output
     assert m.num_parameters() == sqlgpt.load(base).num_parameters()
 
 

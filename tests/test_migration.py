@@ -102,7 +102,7 @@ def test_opening_for_writing_migrates_to_the_current_version(v1_db, journal):
                        for i, w in words]
     others["metrics"] = [(*row, None) for row in others["metrics"]]  # no gradient norms then
     assert query(v1_db, "SELECT key, value FROM tokenizer") == [("kind", "word")]
-    assert version(v1_db) == store.SCHEMA_VERSION == 3
+    assert version(v1_db) == store.SCHEMA_VERSION == 4
     assert query(v1_db, "SELECT count(*) FROM norms") == [(0,)]
     migrated = config_of(v1_db)
     assert {k: migrated[k] for k in config} == config  # no key changed
@@ -185,10 +185,10 @@ def test_save_checkpoint_after_migration(v1_db):
 @pytest.mark.parametrize("readonly", [True, False])
 def test_a_newer_version_is_refused_and_untouched(v1_db, readonly):
     store.open_database(v1_db, readonly=False).close()
-    execute(v1_db, "PRAGMA user_version = 4")
+    execute(v1_db, "PRAGMA user_version = 5")
     before = v1_db.read_bytes()
-    with pytest.raises(SqlgptError, match=r"schema version 4, newer than this sqlgpt supports "
-                                          r"\(3\); upgrade sqlgpt"):
+    with pytest.raises(SqlgptError, match=r"schema version 5, newer than this sqlgpt supports "
+                                          r"\(4\); upgrade sqlgpt"):
         store.open_database(v1_db, readonly=readonly)
     assert v1_db.read_bytes() == before
 
@@ -263,7 +263,7 @@ def test_version_2_reads_as_it_is_and_migrates_to_3(v2_db):
               for t in ("config", "tokenizer", "train_state", "checkpoints", "metrics",
                         "evaluations")}
     store.open_database(v2_db, readonly=False).close()
-    assert version(v2_db) == 3
+    assert version(v2_db) == 4
     assert weights_bytes(v2_db) == weights
     assert query(v2_db, "SELECT * FROM vocab ORDER BY id") == [(*row, None) for row in vocab]
     assert {t: query(v2_db, f"SELECT * FROM {t} ORDER BY 1") for t in others} == others
@@ -327,3 +327,45 @@ def test_datasette_metadata_needs_version_3(v2_db):
     from sqlgpt.cli import main
     result = CliRunner().invoke(main, ["datasette-metadata", "--db", str(v2_db)])
     assert result.exit_code == 1 and "need version 3" in result.output
+
+
+# ---- version 3 -> 4 ----
+# tests/data/v3_model.db.gz is a schema-3 database made by a98bc2a (llama
+# preset, char tokenizer, embed 32, 2 heads, 1 kv head, 1 layer, seq 8, batch
+# 4, 20 steps, checkpoints at 10 and 20, on the first 20,000 characters of
+# examples/tinyshakespeare.txt); v3_model_logits.npz its logits for "the king".
+V3_ARCH = arch.preset("llama", n_vocab=62, embed_dim=32, num_heads=2, kv_heads=1, num_layers=1,
+                      seq_len=8)
+
+
+@pytest.fixture
+def v3_db(tmp_path):
+    return unpacked("v3_model.db.gz", tmp_path / "v3.db")
+
+
+def test_version_3_reads_as_it_is_and_migrates_to_4_keeping_every_row(v3_db):
+    import sqlgpt
+    before = v3_db.read_bytes()
+    assert version(v3_db) == 3
+    model = sqlgpt.load(v3_db)
+    assert model.arch == V3_ARCH and model.step == 20
+    expected = np.load(DATA / "v3_model_logits.npz")
+    assert rel_err(model.logits(expected["ids"]), expected["logits"]) < 1e-5
+    assert v3_db.read_bytes() == before
+    tables = [t for t in store.tables_at(3)]
+    rows = {t: query(v3_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
+    store.open_database(v3_db, readonly=False).close()
+    assert version(v3_db) == 4
+    assert {t: query(v3_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables} == rows
+    assert query(v3_db, "SELECT count(*) FROM quantized") == [(0,)]
+    assert rel_err(sqlgpt.load(v3_db).logits(expected["ids"]), expected["logits"]) < 1e-5
+
+
+def test_a_migrated_version_3_file_has_the_tables_of_a_new_one_and_quantizes(v3_db, tmp_path):
+    from sqlgpt.cli import main
+    store.open_database(v3_db, readonly=False).close()
+    new = tmp_path / "new.db"
+    write_db(new, V3_ARCH, TrainConfig(tokenizer="word", vocab_size=60), save_at=())
+    assert table_layout(v3_db) == table_layout(new)
+    result = CliRunner().invoke(main, ["quantize", "--db", str(v3_db), "--bits", "8"])
+    assert result.exit_code == 0, result.output

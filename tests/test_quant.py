@@ -1,0 +1,247 @@
+"""int8 / int4 weights: the groups' round trip within the format's bound, the
+kernel's integer products against float64 sums of the same quantized
+values, decoding from them (batched and alone alike), their loss on
+held-out text, and the quantize command's refusals."""
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import sqlgpt
+from sqlgpt._kernel import ffi, lib
+from sqlgpt.arch import preset
+from sqlgpt.cli import main
+from sqlgpt.generate import Decoder
+from sqlgpt.lora import merged
+from sqlgpt.model import GPT
+from sqlgpt.quant import dequantize, kernel_block, matrices, quantize, quantized_copy
+from sqlgpt.tensor import fptr
+
+from conftest import CORPUS
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_round_trip_error_is_within_half_a_step_per_group(rng, bits, group):
+    C, OC = 128, 40
+    w = (rng.standard_normal((C, OC)) * rng.uniform(0.01, 3, (1, OC))).astype(np.float32)
+    w[:group, 0] = 0.0  # an all-zero group: scale 0, values back exactly
+    q, scales = quantize(w, bits, group)
+    back = dequantize(q, scales, C, bits, group)
+    step = np.repeat(np.abs(scales), group, axis=1).T  # (C, OC): each value's group's step
+    err = np.abs(back - w)
+    if bits == 8:
+        assert (err <= step / 2 * (1 + 1e-6) + 1e-30).all()
+    else:  # the largest magnitude is exact (-8 steps); its opposite may clamp at +7
+        assert (err <= step * (1 + 1e-6) + 1e-30).all()
+        inside = np.abs(w) <= 7 * step
+        assert (err[inside] <= step[inside] / 2 * (1 + 1e-6) + 1e-30).all()
+    assert (back[:group, 0] == 0).all()
+    levels = q.view(np.int8) if bits == 8 else \
+        np.concatenate([q & 15, q >> 4], axis=1).astype(np.int64) - 8
+    assert np.abs(levels).max() <= (127 if bits == 8 else 8)
+
+
+def c_quantize_q8(x, group):
+    q = np.zeros(2 * x.size, np.int8)
+    scales = np.zeros(x.size // group, np.float32)
+    lib.quantize_q8(ffi.from_buffer("int8_t[]", q), fptr(scales), fptr(x), x.size, group)
+    return q, scales
+
+
+def test_activations_quantize_as_the_weights_do(rng):
+    x = (rng.standard_normal(256) * 2).astype(np.float32)
+    q, scales = c_quantize_q8(x, 32)
+    ref_q, ref_scales = quantize(x.reshape(-1, 1), 8, 32)  # a (256, 1) matrix: one row of x
+    assert np.array_equal(q[:256], ref_q.view(np.int8)[0])
+    assert np.array_equal(np.abs(q[:256]), q[256:])
+    np.testing.assert_allclose(scales, ref_scales[0], rtol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_integer_products_equal_float64_sums_of_the_same_values(rng, bits, group):
+    C, OC, n = 192, 70, 3
+    w = rng.standard_normal((C, OC)).astype(np.float32)
+    x = rng.standard_normal((n, C)).astype(np.float32)
+    q, scales = quantize(w, bits, group)
+    y = np.zeros((n, OC), np.float32)
+    assert lib.quant_matmul(fptr(y), fptr(x), n, fptr(kernel_block(q, scales)), C, OC, bits,
+                            group) == 0
+    packed = q.reshape(OC, -1, 16).astype(np.int64)  # int4: 16 bytes per 32 values
+    wq = (q.view(np.int8).astype(np.int64) if bits == 8 else
+          np.concatenate([packed & 15, packed >> 4], axis=2).reshape(OC, C) - 8)
+    for r in range(n):
+        xq, xs = c_quantize_q8(x[r].copy(), group)
+        sums = (wq.reshape(OC, -1, group) * xq[:C].astype(np.int64).reshape(1, -1, group)
+                ).sum(axis=2)  # exact integers per (output, group)
+        expected = (sums * scales.astype(np.float64) * xs.astype(np.float64)).sum(axis=1)
+        np.testing.assert_allclose(y[r], expected, rtol=2e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def quantized_of(model, bits, group=32):
+    return quantized_copy(model.arch, merged(model), bits, group)
+
+
+@pytest.mark.parametrize("name", ["lua", "gpt2", "llama"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decoding_from_integers_follows_the_dequantized_model(rng, name, bits):
+    arch = preset(name, n_vocab=70, embed_dim=64, num_heads=4, num_layers=2, seq_len=24,
+                  **({"kv_heads": 2} if name == "llama" else {}))
+    model = GPT(arch)
+    model.init_weights(rng)  # trained-like scales: N(0, 1) weights would explode activations
+    for t in model.params:
+        if t.spec.init[0] in ("ones", "zeros"):
+            t.data[...] += 0.1 * rng.standard_normal(t.shape)
+    blocks = quantized_of(model, bits)
+    dequantized = GPT(arch)
+    for t in dequantized.params:
+        t.data[...] = model.params[t.name].data
+    for spec in matrices(arch):
+        if not spec.tied_to:
+            dequantized.params[spec.name].data[...] = dequantize(*blocks[spec.name],
+                                                                 spec.shape[0], bits, 32)
+    ids = rng.integers(0, arch.n_vocab, 12).tolist()
+    ints = Decoder(model, f"int{bits}", slots=3, quantized=blocks, group=32)
+    floats = Decoder(dequantized, "fp32") if not arch.tie_weights else None
+    got = ints.run([0] * 12, ids, list(range(12)), list(range(12))).copy()
+    if floats is not None:  # (a tied head is quantized from wte; the float model keeps wte)
+        want = floats.run([0] * 12, ids, list(range(12)), list(range(12)))
+        assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    # each row as a batch's third sequence gives bit for bit the same logits
+    other = rng.integers(0, arch.n_vocab, 12).tolist()
+    batch = ints.fork(3)
+    rows = batch.run([1] * 12 + [2] * 12, other + ids, list(range(12)) * 2, list(range(24)))
+    assert np.array_equal(rows[12:], got)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small character model trained long enough for its weights to
+    matter, and the held-out end of the corpus."""
+    d = tmp_path_factory.mktemp("quant")
+    text = CORPUS.read_text()
+    (d / "train.txt").write_text(text[:200_000])
+    (d / "held_out.txt").write_text(text[-20_000:])
+    result = run("train", d / "train.txt", "--db", d / "model.db", "--preset", "gpt2",
+                 "--tokenizer", "char", "--embed-dim", "64", "--heads", "4", "--layers", "2",
+                 "--seq-len", "64", "--batch-size", "16", "--lr", "3e-3", "--iters", "150",
+                 "--save-every", "150")
+    assert result.exit_code == 0, result.output
+    return d
+
+
+def test_quantized_losses_stay_within_the_formats_bounds(trained, tmp_path):
+    db = tmp_path / "model.db"
+    db.write_bytes((trained / "model.db").read_bytes())
+    for bits in (8, 4):
+        result = run("quantize", "--db", db, "--bits", bits)
+        assert result.exit_code == 0, result.output
+        assert f"wrote int{bits} weights (group size 32)" in result.output
+    text = (trained / "held_out.txt").read_text()
+    loss = {p: sqlgpt.load(db, precision=p).evaluate(text).loss
+            for p in ("fp32", "int8", "int4")}
+    assert abs(loss["int8"] - loss["fp32"]) < 0.01, loss
+    assert abs(loss["int4"] - loss["fp32"]) < 0.05, loss
+    assert loss["int4"] != loss["fp32"]  # the integer path did run
+    result = run("eval", "--db", db, trained / "held_out.txt", "--precision", "int8", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["loss"] == pytest.approx(loss["int8"], rel=1e-9)
+    sizes = dict(sqlite3.connect(db).execute(
+        "SELECT bits, sum(length(q) + length(scales)) FROM quantized GROUP BY bits"))
+    assert sizes[4] < 0.6 * sizes[8]
+    # generation from the CLI, the API and SQL agree on the same seed
+    result = run("generate", "--db", db, "--precision", "int8", "--prompt", "ROMEO:",
+                 "--max-tokens", "20", "--seed", "5", "--no-stream")
+    model = sqlgpt.load(db, precision="int8")
+    assert result.stdout.rstrip("\n") == model.generate("ROMEO:", max_tokens=20, seed=5)
+    conn = sqlgpt.connect(db, precision="int8")
+    assert "ROMEO:" + conn.execute("SELECT sqlgpt_generate('ROMEO:', 20, 1.0, 5)").fetchone()[0] \
+        == result.stdout.rstrip("\n")
+
+
+def test_quantize_refuses_what_it_cannot_do_and_writes_nothing(trained, tmp_path):
+    db = tmp_path / "model.db"
+    db.write_bytes((trained / "model.db").read_bytes())
+    result = run("generate", "--db", db, "--precision", "int8", "--max-tokens", "3")
+    assert result.exit_code == 1 and "has no int8 weights: make them with sqlgpt quantize" \
+        in result.output
+    assert run("quantize", "--db", db, "--bits", "8").exit_code == 0
+    before = db.read_bytes()
+    for options, message in ((["--bits", "8"], "already has int8 weights of step 150"),
+                             (["--bits", "4", "--group-size", "48"], "--group-size must be one"),
+                             (["--bits", "4", "--group-size", "128"], "must be one of")):
+        result = run("quantize", "--db", db, *options)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert db.read_bytes() == before
+    assert run("quantize", "--db", db, "--bits", "3").exit_code == 2
+    # training further makes the copy stale: refused until quantized again
+    assert run("train", "--db", db, "--resume", "--iters", "155", trained / "train.txt"
+               ).exit_code == 0
+    result = run("generate", "--db", db, "--precision", "int8", "--max-tokens", "3")
+    assert result.exit_code == 1 and "are from step 150, the model is at step 155" in result.output
+    assert "int8 copy: group size 32, from step 150 (stale" in run("info", "--db", db).output
+    assert run("quantize", "--db", db, "--bits", "8").exit_code == 0
+    assert run("generate", "--db", db, "--precision", "int8", "--max-tokens", "3").exit_code == 0
+    # a damaged row is a one-line error
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE quantized SET q = zeroblob(length(q)) WHERE i = 3 AND "
+                 "tensor = 'layers.1.fc2'")
+    conn.commit()
+    conn.close()
+    result = run("eval", "--db", db, trained / "held_out.txt", "--precision", "int8")
+    assert result.exit_code == 1 and "layers.1.fc2 are damaged: row 3 fails its checksum" \
+        in result.output
+
+
+def test_a_group_size_that_does_not_divide_the_width_is_refused(tmp_path, small_corpus):
+    db = tmp_path / "m.db"
+    assert run("train", small_corpus, "--db", db, "--embed-dim", "48", "--heads", "4",
+               "--layers", "1", "--seq-len", "16", "--batch-size", "4", "--iters", "2",
+               "--vocab-size", "50").exit_code == 0
+    before = db.read_bytes()
+    result = run("quantize", "--db", db, "--bits", "8", "--group-size", "32")
+    assert result.exit_code == 1 and "does not divide layers.0.q's input width 48" in result.output
+    assert db.read_bytes() == before
+
+
+def test_the_portable_loop_gives_the_vector_paths_products(rng, tmp_path):
+    """quant.c built without any -march (no AVX2: the plain C loops) against
+    the installed kernel, on the same quantized values."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import cffi
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    if not csrc.is_dir():
+        pytest.skip("the kernel's sources are not beside the tests")
+    lib_path = tmp_path / "portable.so"
+    subprocess.run([compiler, "-O2", "-std=gnu11", "-fopenmp", "-fPIC", "-shared",
+                    str(csrc / "quant.c"), str(csrc / "scratch.c"), "-o", str(lib_path), "-lm"],
+                   check=True)
+    portable_ffi = cffi.FFI()
+    portable_ffi.cdef("int quant_matmul(float *y, const float *x, int n, const void *w, int C, "
+                      "int OC, int bits, int G);")
+    portable = portable_ffi.dlopen(str(lib_path))
+    C, OC, n = 128, 33, 2
+    x = rng.standard_normal((n, C)).astype(np.float32)
+    for bits in (8, 4):
+        for group in (32, 64):
+            block = kernel_block(*quantize(rng.standard_normal((C, OC)).astype(np.float32),
+                                           bits, group))
+            ours, theirs = np.zeros((n, OC), np.float32), np.zeros((n, OC), np.float32)
+            lib.quant_matmul(fptr(ours), fptr(x), n, fptr(block), C, OC, bits, group)
+            portable.quant_matmul(portable_ffi.from_buffer("float[]", theirs),
+                                  portable_ffi.from_buffer("float[]", x), n,
+                                  portable_ffi.from_buffer("float[]", block), C, OC, bits, group)
+            np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
