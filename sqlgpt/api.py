@@ -379,6 +379,43 @@ def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
             "fp32_bytes": 4 * sum(spec.rows * spec.cols for spec in quant_matrices(model.arch))}
 
 
+def export(path, out_dir, fmt="hf", prefix=""):
+    """Write the model at path (a fine-tune's with its adapters folded in) in
+    another format: "hf", a transformers directory (see sqlgpt.hf). Returns
+    the names of the files written."""
+    if fmt != "hf":
+        raise SqlgptError(f"export format must be hf, got {fmt!r}")
+    from . import hf
+    return hf.export(load(path, prefix=prefix), out_dir)
+
+
+def import_hf(directory, db_path, overwrite=False, prefix=""):
+    """A new sqlgpt database at db_path from a transformers GPT-2 or llama
+    directory (config.json, model.safetensors, tokenizer.json in sqlgpt's
+    layout): it generates, evaluates, fine-tunes (--base) and exports; it
+    has no training state to resume. Returns the new Model."""
+    from . import hf
+    from .config import TrainConfig
+    from .model import GPT
+    arch, weights, tokenizer = hf.read_hf(directory)
+    if tokenizer is None:
+        raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
+                          f"tokenizer (in sqlgpt's layout, as sqlgpt export writes it)")
+    if Path(db_path).exists() and not overwrite:
+        raise SqlgptError(f"{db_path} already exists; name a new --db (or --overwrite)")
+    model = GPT(arch)
+    for t in model.params:
+        t.data[...] = weights[t.name]
+    store._check_values(model.params)  # NaN or Inf weights are refused, as a load does
+    cfg = TrainConfig(tokenizer="bpe", vocab_size=arch.n_vocab)
+    state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(directory).resolve())}
+    conn, lock = store.create_database(db_path, model, cfg, tokenizer, state, overwrite,
+                                       prefix=prefix)
+    store.close_writer(conn)
+    lock.release()
+    return load(db_path, prefix=prefix)
+
+
 def quantized_shapes(arch):
     """{name: (input width, outputs)} of the matrices a quantized copy holds."""
     return {spec.name: spec.shape for spec in quant_matrices(arch)}

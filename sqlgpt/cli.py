@@ -863,6 +863,42 @@ def quantize(db_path, prefix, bits, group_size):
                f"{sizes['bytes']:,} bytes for {sizes['fp32_bytes']:,} of float32")
 
 
+@main.command(name="export")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="hf: a transformers directory (GPT2LMHeadModel or LlamaForCausalLM).")
+@output_option("The directory to write (new, or empty).")
+@fail_cleanly
+def export_(db_path, prefix, fmt, out_path):
+    """Write the model in --db for other tools: config.json, model.safetensors,
+    generation_config.json and (byte-level BPE) tokenizer.json, as
+    transformers' from_pretrained reads them.
+
+    Example: sqlgpt export --db model.db --format hf -o model-hf
+    """
+    from .api import export
+    files = export(db_path, out_path, fmt, prefix)
+    click.echo(f"wrote {out_path}: {', '.join(files)}")
+
+
+@main.command(name="import")
+@click.argument("directory", type=click.Path())
+@db_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing --db.")
+@fail_cleanly
+def import_(directory, db_path, prefix, overwrite):
+    """Make a sqlgpt database from a local transformers GPT-2 or llama
+    DIRECTORY (config.json, model.safetensors, tokenizer.json as sqlgpt
+    export writes it); nothing is downloaded.
+
+    Example: sqlgpt import model-hf --db model.db
+    """
+    from .api import import_hf
+    model = import_hf(directory, db_path, overwrite, prefix)
+    click.echo(f"wrote {db_path}: {model.arch.preset} preset, {model.num_parameters():,} "
+               f"parameters")
+
+
 @main.command()
 @db_option
 @output_option("The plain model file to write.")

@@ -391,6 +391,10 @@ class Trainer:
                                           **dict(lora.rows() if lora else [])}, arch)
         tokenizer = store.read_tokenizer(conn, arch, cfg)
         state = store.read_train_state(conn)
+        if state.get("imported_from"):
+            raise SqlgptError(f"{db_path} was imported from {state['imported_from']} and has no "
+                              f"training state of its own: fine-tune it with --base (or "
+                              f"--init-from) into a new --db")
         resumable_rng(state)  # a damaged state is refused before anything is written
         if state.get("compacted"):
             raise SqlgptError(f"{db_path} is compacted (sqlgpt compact: no optimizer state); "

@@ -240,3 +240,35 @@ def _check_library_json(tok, stored):
         same = False
     if not same:
         raise damaged("its tokenizer_json does not match its vocab and merges")
+
+
+def from_library_json(text):
+    """A BPETokenizer from a tokenizer.json in sqlgpt's layout (what export
+    writes): the four specials at ids 0..3, sqlgpt's pre-tokenization and
+    byte-level BPE. Another tokenizer (GPT-2's own, say, with its regex and
+    <|endoftext|>) is a one-line error: its ids would not be sqlgpt's."""
+    try:
+        data = json.loads(text)
+        model, pre = data["model"], data["pre_tokenizer"]
+        vocab, merges = model["vocab"], [tuple(_pair(m)) for m in model["merges"]]
+        added = [(t["id"], t["content"]) for t in data.get("added_tokens", [])]
+    except (ValueError, KeyError, TypeError):
+        raise SqlgptError("tokenizer.json is not a tokenizers library BPE definition") from None
+    reference = json.loads(_library().to_str())["pre_tokenizer"]
+    if model.get("type") != "BPE" or pre != reference or \
+            added[:N_SPECIALS] != list(enumerate(SPECIALS)):
+        raise SqlgptError("tokenizer.json is not in sqlgpt's layout (byte-level BPE with "
+                          "<pad> <unk> <bos> <eos> at ids 0-3 and sqlgpt's pre-tokenization); "
+                          "only such tokenizers import")
+    try:
+        keys = sorted(vocab, key=vocab.get)
+        if [vocab[k] for k in keys] != list(range(len(keys))) or keys[:N_SPECIALS] != \
+                list(SPECIALS):
+            raise ValueError
+        raws = [None] * N_SPECIALS + [bytes(_BYTE_OF[c] for c in k) for k in keys[N_SPECIALS:]]
+        merges = [(vocab[left], vocab[right]) for left, right in merges]
+    except (KeyError, ValueError, TypeError):
+        raise SqlgptError("tokenizer.json's vocab is not byte-level BPE ids 0..n-1") from None
+    tok = BPETokenizer(raws, _check_merges(raws, [list(m) for m in merges]))
+    _check_library_json(tok, data)
+    return tok

@@ -1,0 +1,210 @@
+"""Hugging Face directories: sqlgpt models exported and loaded by
+transformers itself (logits, greedy continuations, tokenizer ids), models
+made by transformers imported, exact round trips, and refusals."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from tokenizers import Tokenizer
+
+import sqlgpt
+from sqlgpt.cli import main
+from sqlgpt.hf import read_safetensors, write_safetensors
+
+from conftest import CORPUS
+
+TINY = ["--embed-dim", "32", "--heads", "4", "--layers", "2", "--seq-len", "32",
+        "--batch-size", "4", "--vocab-size", "300", "--iters", "8", "--lr", "3e-3"]
+TEXT = "KING RICHARD:\nWhat say you, my lord?"
+# name -> train options: the presets, and models GPT-2 holds by an exact equivalent
+MODELS = {
+    "gpt2": ["--preset", "gpt2"],
+    "gpt2-untied": ["--preset", "gpt2", "--no-tie-weights"],
+    "llama": ["--preset", "llama", "--kv-heads", "2"],
+    "llama-bias-tied": ["--preset", "llama", "--bias", "--tie-weights"],
+    "gpt2-equivalents": ["--preset", "gpt2", "--no-bias", "--no-norm-affine", "--pos",
+                         "sinusoidal", "--kv-heads", "2", "--mlp", "relu"],
+}
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "corpus.txt"
+    path.write_text(CORPUS.read_text()[:40000])
+    return path
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def trained(request, corpus):
+    db = corpus.parent / f"{request.param}.db"
+    result = run("train", corpus, "--db", db, *MODELS[request.param], *TINY)
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(np.array([ids], dtype=np.int64))).logits[0].numpy()
+
+
+def test_transformers_loads_the_export_and_agrees(trained, tmp_path):
+    out = tmp_path / "hf"
+    result = run("export", "--db", trained, "--format", "hf", "-o", out)
+    assert result.exit_code == 0, result.output
+    ours = sqlgpt.load(trained)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = ours.encode(TEXT)
+    assert np.abs(hf_logits(theirs, ids) - ours.logits(ids)).max() < 1e-4
+    n_new = ours.arch.seq_len - len(ids)
+    # sqlgpt never samples <pad> and <bos> (suppressed here too) and stops at <eos>
+    greedy = theirs.generate(torch.tensor(np.array([ids], dtype=np.int64)), do_sample=False,
+                             max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None,
+                             pad_token_id=0, suppress_tokens=[0, 2])[0, len(ids):].tolist()
+    mine = list(ours.generate_ids(TEXT, max_tokens=n_new, temperature=0, allow_unk=True))
+    assert greedy[:len(mine)] == mine and (len(mine) == n_new or greedy[len(mine)] == 3)
+    # the tokenizer, read by the tokenizers library and by transformers
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode(TEXT).ids == list(ids)
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    assert fast(TEXT, add_special_tokens=False)["input_ids"] == list(ids)
+    assert (fast.eos_token, fast.eos_token_id, fast.pad_token_id) == ("<eos>", 3, 0)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] == ours.arch.tie_weights
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 3
+
+
+def test_import_of_an_export_is_the_same_model_bit_for_bit(trained, tmp_path):
+    out, back = tmp_path / "hf", tmp_path / "back.db"
+    assert run("export", "--db", trained, "-o", out).exit_code == 0
+    result = run("import", out, "--db", back)
+    assert result.exit_code == 0, result.output
+    a, b = sqlgpt.load(trained), sqlgpt.load(back)
+    if trained.stem == "gpt2-equivalents":  # GPT-2 holds it as its exact equivalent
+        assert b.arch.n_kv_heads == b.arch.num_heads and b.arch.bias
+        ids = a.encode(TEXT)
+        assert np.abs(a.logits(ids) - b.logits(ids)).max() < 1e-4
+        return
+    assert b.arch == a.arch
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(np.array_equal(w, b.state_dict()[n]) for n, w in a.state_dict().items())
+    assert b.generate("KING", max_tokens=12, seed=2) == a.generate("KING", max_tokens=12, seed=2)
+    # it fine-tunes, and resuming it is refused with the way forward
+    result = run("train", "--db", back, "--resume", "--iters", "20")
+    assert result.exit_code == 1 and "fine-tune it with --base" in result.output
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, kind):
+    base = tmp_path / "base.db"  # for its tokenizer (sqlgpt's layout)
+    assert run("train", corpus, "--db", base, "--preset", kind, *TINY, "--iters", "1"
+               ).exit_code == 0
+    vocab = sqlgpt.load(base).arch.n_vocab
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=48, n_layer=2,
+                                         n_head=4, activation_function="gelu_new")
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=32,
+                                          rope_theta=5000.0)
+        model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():  # well away from init's exact ones and zeros
+            p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path / "made"
+    model.save_pretrained(out)
+    assert run("export", "--db", base, "-o", tmp_path / "tok").exit_code == 0
+    shutil.copy(tmp_path / "tok" / "tokenizer.json", out / "tokenizer.json")
+    result = run("import", out, "--db", tmp_path / "made.db")
+    assert result.exit_code == 0, result.output
+    ours = sqlgpt.load(tmp_path / "made.db")
+    ids = ours.encode(TEXT)
+    assert np.abs(hf_logits(model.eval(), ids) - ours.logits(ids)).max() < 1e-4
+
+
+def test_what_transformers_cannot_hold_is_refused(corpus, tmp_path):
+    db = tmp_path / "lua.db"
+    assert run("train", corpus, "--db", db, *TINY[:-4], "--vocab-size", "80", "--iters", "1"
+               ).exit_code == 0
+    result = run("export", "--db", db, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "no final norm" in result.output
+    assert not (tmp_path / "out").exists()
+    mixed = tmp_path / "mixed.db"
+    assert run("train", corpus, "--db", mixed, "--preset", "llama", "--norm", "layernorm",
+               *TINY).exit_code == 0
+    result = run("export", "--db", mixed, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "needs rmsnorm, rope and swiglu" in result.output
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    result = run("export", "--db", mixed, "-o", tmp_path / "full")
+    assert result.exit_code == 1
+
+
+@pytest.fixture
+def exported(trained, tmp_path):
+    out = tmp_path / "hf"
+    assert run("export", "--db", trained, "-o", out).exit_code == 0
+    return out
+
+
+def refused(directory, db, message):
+    result = run("import", directory, "--db", db)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not db.exists()
+
+
+def test_bad_directories_are_one_line_errors_and_write_nothing(exported, tmp_path):
+    db = tmp_path / "new.db"
+    refused(tmp_path / "nowhere", db, "is not a directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(empty, db, "has no config.json")
+    config = json.loads((exported / "config.json").read_text())
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(exported, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    refused(no_weights, db, "has no model.safetensors")
+    bert = tmp_path / "bert"
+    shutil.copytree(exported, bert)
+    (bert / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    refused(bert, db, "unsupported architecture 'bert'")
+    wide = tmp_path / "wide"
+    shutil.copytree(exported, wide)
+    key = "n_inner" if config["model_type"] == "gpt2" else "intermediate_size"
+    (wide / "config.json").write_text(json.dumps({**config, key: config[key] * 2}))
+    refused(wide, db, "has shape")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(exported, corrupt)
+    raw = bytearray((corrupt / "model.safetensors").read_bytes())
+    raw[8:20] = b"\xff" * 12
+    (corrupt / "model.safetensors").write_bytes(bytes(raw))
+    refused(corrupt, db, "corrupt safetensors header")
+    short = tmp_path / "short"
+    shutil.copytree(exported, short)
+    raw = (short / "model.safetensors").read_bytes()
+    (short / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    refused(short, db, "do not match its shape")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(exported, foreign)
+    spec = json.loads((foreign / "tokenizer.json").read_text())
+    spec["added_tokens"][3]["content"] = "<|endoftext|>"
+    (foreign / "tokenizer.json").write_text(json.dumps(spec))
+    refused(foreign, db, "not in sqlgpt's layout")
+    nan = tmp_path / "nan"
+    shutil.copytree(exported, nan)
+    tensors = read_safetensors(nan / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    write_safetensors(nan / "model.safetensors", tensors)
+    refused(nan, db, "NaN or Inf")
