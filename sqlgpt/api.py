@@ -3,6 +3,7 @@
     m = sqlgpt.load("model.db")
     m.generate("the king", max_tokens=30, temperature=0.8, top_k=40, seed=1)
 """
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -379,14 +380,27 @@ def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
             "fp32_bytes": 4 * sum(spec.rows * spec.cols for spec in quant_matrices(model.arch))}
 
 
-def export(path, out_dir, fmt="hf", prefix=""):
+def export(path, out, fmt="hf", prefix="", dtype="f32"):
     """Write the model at path (a fine-tune's with its adapters folded in) in
-    another format: "hf", a transformers directory (see sqlgpt.hf). Returns
-    the names of the files written."""
-    if fmt != "hf":
-        raise SqlgptError(f"export format must be hf, got {fmt!r}")
-    from . import hf
-    return hf.export(load(path, prefix=prefix), out_dir)
+    another format: "hf", a transformers directory at out (see sqlgpt.hf;
+    float32), or "gguf", a llama.cpp file at out whose matrices are dtype
+    (f32, f16 or q8_0; see sqlgpt.gguf_export). Returns what was written
+    (file names, or the tensor count)."""
+    if fmt not in ("hf", "gguf"):
+        raise SqlgptError(f"export format must be hf or gguf, got {fmt!r}")
+    if fmt == "hf":
+        from . import hf
+        return hf.export(load(path, prefix=prefix), out)
+    from . import gguf_export
+    if Path(out).exists():
+        raise SqlgptError(f"{out} already exists; name a new file")
+    tmp = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.tmp")
+    try:
+        count = gguf_export.export(load(path, prefix=prefix), tmp, dtype)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
 
 
 def import_hf(directory, db_path, overwrite=False, prefix=""):

@@ -865,20 +865,27 @@ def quantize(db_path, prefix, bits, group_size):
 
 @main.command(name="export")
 @db_option
-@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
-              help="hf: a transformers directory (GPT2LMHeadModel or LlamaForCausalLM).")
-@output_option("The directory to write (new, or empty).")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf",
+              show_default=True,
+              help="hf: a transformers directory (GPT2LMHeadModel or LlamaForCausalLM); gguf: "
+                   "a llama.cpp file (needs the gguf package).")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32",
+              show_default=True, help="GGUF only: the matrices' format (vectors stay f32).")
+@output_option("The directory (hf: new, or empty) or file (gguf) to write.")
 @fail_cleanly
-def export_(db_path, prefix, fmt, out_path):
-    """Write the model in --db for other tools: config.json, model.safetensors,
-    generation_config.json and (byte-level BPE) tokenizer.json, as
-    transformers' from_pretrained reads them.
+def export_(db_path, prefix, fmt, dtype, out_path):
+    """Write the model in --db for other tools: a transformers directory
+    (config.json, model.safetensors, generation_config.json, tokenizer.json
+    for byte-level BPE), or a GGUF file for llama.cpp.
 
     Example: sqlgpt export --db model.db --format hf -o model-hf
     """
     from .api import export
-    files = export(db_path, out_path, fmt, prefix)
-    click.echo(f"wrote {out_path}: {', '.join(files)}")
+    if fmt == "hf" and dtype != "f32":
+        raise SqlgptError("--dtype is for --format gguf (hf exports float32)")
+    written = export(db_path, out_path, fmt, prefix, dtype)
+    click.echo(f"wrote {out_path}: " + (", ".join(written) if fmt == "hf" else
+                                        f"{written} tensors, {dtype}"))
 
 
 @main.command(name="import")
