@@ -383,14 +383,15 @@ def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
 def export(path, out, fmt="hf", prefix="", dtype="f32"):
     """Write the model at path (a fine-tune's with its adapters folded in) in
     another format: "hf", a transformers directory at out (see sqlgpt.hf;
-    float32), or "gguf", a llama.cpp file at out whose matrices are dtype
+    float32); "peft", a LoRA fine-tune's adapters as a PEFT directory for
+    the hf export of its base; or "gguf", a llama.cpp file at out whose matrices are dtype
     (f32, f16 or q8_0; see sqlgpt.gguf_export). Returns what was written
     (file names, or the tensor count)."""
-    if fmt not in ("hf", "gguf"):
-        raise SqlgptError(f"export format must be hf or gguf, got {fmt!r}")
-    if fmt == "hf":
+    if fmt not in ("hf", "gguf", "peft"):
+        raise SqlgptError(f"export format must be hf, gguf or peft, got {fmt!r}")
+    if fmt in ("hf", "peft"):
         from . import hf
-        return hf.export(load(path, prefix=prefix), out)
+        return (hf.export if fmt == "hf" else hf.export_peft)(load(path, prefix=prefix), out)
     from . import gguf_export
     if Path(out).exists():
         raise SqlgptError(f"{out} already exists; name a new file")

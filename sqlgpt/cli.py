@@ -865,10 +865,11 @@ def quantize(db_path, prefix, bits, group_size):
 
 @main.command(name="export")
 @db_option
-@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf",
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf", "peft"]), default="hf",
               show_default=True,
               help="hf: a transformers directory (GPT2LMHeadModel or LlamaForCausalLM); gguf: "
-                   "a llama.cpp file (needs the gguf package).")
+                   "a llama.cpp file (needs the gguf package); peft: a LoRA fine-tune's "
+                   "adapters, for the hf export of its base.")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32",
               show_default=True, help="GGUF only: the matrices' format (vectors stay f32).")
 @output_option("The directory (hf: new, or empty) or file (gguf) to write.")
@@ -881,11 +882,11 @@ def export_(db_path, prefix, fmt, dtype, out_path):
     Example: sqlgpt export --db model.db --format hf -o model-hf
     """
     from .api import export
-    if fmt == "hf" and dtype != "f32":
+    if fmt != "gguf" and dtype != "f32":
         raise SqlgptError("--dtype is for --format gguf (hf exports float32)")
     written = export(db_path, out_path, fmt, prefix, dtype)
-    click.echo(f"wrote {out_path}: " + (", ".join(written) if fmt == "hf" else
-                                        f"{written} tensors, {dtype}"))
+    click.echo(f"wrote {out_path}: " + (f"{written} tensors, {dtype}" if fmt == "gguf" else
+                                        ", ".join(written)))
 
 
 @main.command(name="import")

@@ -208,3 +208,24 @@ def test_bad_directories_are_one_line_errors_and_write_nothing(exported, tmp_pat
     tensors[name].flat[0] = np.nan
     write_safetensors(nan / "model.safetensors", tensors)
     refused(nan, db, "NaN or Inf")
+
+
+def test_a_fine_tunes_peft_export_on_its_bases_export_gives_its_logits(trained, corpus,
+                                                                       tmp_path):
+    peft = pytest.importorskip("peft")
+    tuned = tmp_path / "tuned.db"
+    targets = "q,k,v,proj,fc1,fc2" if "llama" not in trained.stem else "q,v,gate,fc2"
+    assert run("finetune", "--base", trained, corpus, "--db", tuned, "--iters", "3",
+               "--batch-size", "4", "--lr", "3e-2", "--lora-rank", "4", "--lora-targets",
+               targets).exit_code == 0
+    assert run("export", "--db", trained, "-o", tmp_path / "base").exit_code == 0
+    result = run("export", "--db", tuned, "--format", "peft", "-o", tmp_path / "adapter")
+    assert result.exit_code == 0, result.output
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ours, plain = sqlgpt.load(tuned), sqlgpt.load(trained)
+    ids = ours.encode(TEXT)
+    assert np.abs(hf_logits(model, ids) - ours.logits(ids)).max() < 1e-4
+    assert np.abs(plain.logits(ids) - ours.logits(ids)).max() > 1e-2  # the adapters count
+    result = run("export", "--db", trained, "--format", "peft", "-o", tmp_path / "again")
+    assert result.exit_code == 1 and "only a LoRA fine-tune exports as peft" in result.output
