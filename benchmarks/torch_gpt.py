@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from sqlgpt.arch import ArchConfig, tensor_table
 
-PAD_ID = 0
+IGNORE = -1  # the target the loss skips, as sqlgpt's
 INIT_STD = 0.02  # GPT-2's (and llama2.c's) normal init, for training from scratch
 
 
@@ -50,7 +50,7 @@ class Peer(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1),
-                               ignore_index=PAD_ID)
+                               ignore_index=IGNORE)
 
     def load_sqlgpt_weights(self, weights):
         """Copy sqlgpt's {name: (in, out) array} into this model: nn.Linear

@@ -21,7 +21,6 @@ from .generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precisio
 from .lora import merged, model_for
 from .quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
 from .quant import matrices as quant_matrices
-from .model import PAD_ID
 
 
 @dataclass
@@ -160,7 +159,7 @@ class Model:
     def _banned(self, allow_unk):
         """Ids never sampled: <pad>, <bos>, and <unk> unless allowed."""
         tok = self.tokenizer
-        banned = {PAD_ID, tok.bos_id} | (set() if allow_unk else {tok.unk_id})
+        banned = {tok.pad_id, tok.bos_id} | (set() if allow_unk else {tok.unk_id})
         return tuple(sorted(i for i in banned if i is not None))
 
     def decoder(self, slots=1):
@@ -406,23 +405,24 @@ def export(path, out, fmt="hf", prefix="", dtype="f32"):
 
 def import_hf(directory, db_path, overwrite=False, prefix=""):
     """A new sqlgpt database at db_path from a transformers GPT-2 or llama
-    directory (config.json, model.safetensors, tokenizer.json in sqlgpt's
-    layout): it generates, evaluates, fine-tunes (--base) and exports; it
-    has no training state to resume. Returns the new Model."""
+    directory (config.json, model.safetensors, a byte-level BPE
+    tokenizer.json: sqlgpt's, or the model's own as it is): it generates,
+    evaluates, fine-tunes (--base) and exports; it has no training state to
+    resume. Returns the new Model."""
     from . import hf
     from .config import TrainConfig
     from .model import GPT
     arch, weights, tokenizer = hf.read_hf(directory)
     if tokenizer is None:
         raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
-                          f"tokenizer (in sqlgpt's layout, as sqlgpt export writes it)")
+                          f"tokenizer (byte-level BPE)")
     if Path(db_path).exists() and not overwrite:
         raise SqlgptError(f"{db_path} already exists; name a new --db (or --overwrite)")
     model = GPT(arch)
     for t in model.params:
         t.data[...] = weights[t.name]
     store._check_values(model.params)  # NaN or Inf weights are refused, as a load does
-    cfg = TrainConfig(tokenizer="bpe", vocab_size=arch.n_vocab)
+    cfg = TrainConfig(tokenizer=tokenizer.kind, vocab_size=arch.n_vocab)
     state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(directory).resolve())}
     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state, overwrite,
                                        prefix=prefix)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from .arch import ArchConfig, StoredFields
 from .errors import SqlgptError
 
-TOKENIZER_KINDS = ("word", "char", "byte", "bpe")
+TOKENIZER_KINDS = ("word", "char", "byte", "bpe")  # what train builds
+IMPORTED_KINDS = ("hf",)  # what only comes with an imported model
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 # keys every stored config must have (schema version 1 had these too)
@@ -94,7 +95,7 @@ class TrainConfig(StoredFields):
             raise SqlgptError(f"min_lr must be from 0 to lr ({self.lr}), got {self.min_lr}")
         if not isinstance(self.warmup_iters, int) or not 0 <= self.warmup_iters < 2**31:
             raise SqlgptError(f"warmup_iters must be >= 0, got {self.warmup_iters!r}")
-        if self.tokenizer not in TOKENIZER_KINDS:
+        if self.tokenizer not in TOKENIZER_KINDS + IMPORTED_KINDS:
             raise SqlgptError(f"unknown tokenizer {self.tokenizer!r} "
                               f"(known: {', '.join(TOKENIZER_KINDS)})")
         return self

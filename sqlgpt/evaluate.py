@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import SqlgptError
-from .model import PAD_ID
+from .model import IGNORE
 
 
 @dataclass
@@ -57,7 +57,7 @@ def scored_by_decoder(decoder, x, y):
     log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
     targets = y.reshape(-1)
     losses = log_z - logits[np.arange(len(targets)), targets]
-    scored = targets != PAD_ID
+    scored = targets != IGNORE
     return float(losses[scored].mean()), logits
 
 
@@ -85,8 +85,8 @@ def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None)
         index = np.array([start for start, _ in batch])[:, None] + np.arange(T)
         x, y = tokens[index].astype(np.int32), tokens[index + 1].astype(np.int32)
         for row, (_, first) in enumerate(batch):
-            y[row, :max(0, first)] = PAD_ID  # scored by an earlier window
-        scored = y != PAD_ID
+            y[row, :max(0, first)] = IGNORE  # scored by an earlier window
+        scored = y != IGNORE
         if decoder is None:
             mean, logits = model.forward(x, y), model.acts.logits
         else:

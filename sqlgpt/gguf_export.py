@@ -84,7 +84,7 @@ def export(model, path, fmt="f32"):
             from None
     if fmt not in FORMATS:
         raise SqlgptError(f"GGUF tensor format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if model.tokenizer.kind != "bpe":
+    if model.tokenizer.kind not in ("bpe", "hf"):
         raise SqlgptError(f"GGUF export needs a byte-level BPE tokenizer (llama.cpp has no "
                           f"{model.tokenizer.kind} tokenizer)")
     arch, kind = model.arch, family(model.arch)
@@ -132,10 +132,12 @@ def _tokenizer(writer, gguf, tokenizer):
     pattern of sqlgpt's), so text it splits itself may part from sqlgpt's
     ids at punctuation and digits; ids given directly are the same."""
     import json
-    spec = json.loads(tokenizer.state()["tokenizer_json"])
-    vocab = spec["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    specials = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id}
+
+    from tokenizers import Tokenizer as Library
+    definition = tokenizer.state()["tokenizer_json"]
+    spec, library = json.loads(definition), Library.from_str(definition)
+    tokens = [library.id_to_token(i) for i in range(tokenizer.n_ids)]
+    specials = {i for i, raw in enumerate(tokenizer._raws) if raw is None}
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -143,8 +145,8 @@ def _tokenizer(writer, gguf, tokenizer):
                             for i in range(len(tokens))])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m)
                              for m in spec["model"]["merges"]])
-    writer.add_bos_token_id(tokenizer.bos_id)
-    writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_unk_token_id(tokenizer.unk_id)
-    writer.add_pad_token_id(tokenizer.pad_id)
+    for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        if getattr(tokenizer, f"{role}_id") is not None:
+            add(getattr(tokenizer, f"{role}_id"))
     writer.add_add_bos_token(False)

@@ -222,7 +222,7 @@ def export(model, out_dir):
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         write_safetensors(tmp / SAFETENSORS, tensors)
         written = [*files, SAFETENSORS]
-        if model.tokenizer.kind == "bpe":
+        if model.tokenizer.kind in ("bpe", "hf"):
             written += _write_tokenizer(tmp, model.tokenizer, arch)
         if out_dir.exists():
             out_dir.rmdir()
@@ -236,8 +236,9 @@ def _write_tokenizer(directory, tokenizer, arch):
     """tokenizer.json (the library's own definition, sqlgpt's specials as its
     added tokens) and what transformers' AutoTokenizer reads beside it."""
     (directory / "tokenizer.json").write_text(tokenizer.state()["tokenizer_json"])
-    special = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>",
-               "eos_token": "<eos>"}
+    special = {f"{role}_token": tokenizer.pieces([getattr(tokenizer, f"{role}_id")])[0]
+               for role in ("pad", "unk", "bos", "eos")
+               if getattr(tokenizer, f"{role}_id") is not None}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": arch.seq_len,
@@ -322,7 +323,39 @@ def read_hf(directory):
         raise SqlgptError(f"{directory} has no {SAFETENSORS} (sharded or .bin weights are not "
                           f"read)")
     tensors = read_safetensors(weights_path)
-    return arch, _sqlgpt_weights(arch, tensors), _read_tokenizer(directory, arch)
+    return arch, _sqlgpt_weights(arch, tensors), _read_tokenizer(directory, arch, config)
+
+
+def _special_roles(directory, config):
+    """{role: id} of an imported tokenizer's specials: the ids config.json
+    and generation_config.json give (the latter wins), unk from
+    tokenizer_config.json's unk_token where the vocab has it."""
+    roles = {}
+    for source in (config, _json_or_empty(directory / "generation_config.json")):
+        for role in ("pad", "bos", "eos"):
+            value = source.get(f"{role}_token_id")
+            if isinstance(value, list):  # several eos ids: the first
+                value = value[0] if value else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                roles[role] = value
+    unk = _json_or_empty(directory / "tokenizer_config.json").get("unk_token")
+    if isinstance(unk, dict):
+        unk = unk.get("content")
+    if isinstance(unk, str):
+        added = _json_or_empty(directory / "tokenizer.json").get("added_tokens")
+        found = [t.get("id") for t in added if isinstance(t, dict) and t.get("content") == unk] \
+            if isinstance(added, list) else []
+        if found:
+            roles["unk"] = found[0]
+    return roles
+
+
+def _json_or_empty(path):
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _sqlgpt_weights(arch, tensors):
@@ -362,15 +395,21 @@ def _sqlgpt_weights(arch, tensors):
     return out
 
 
-def _read_tokenizer(directory, arch):
-    """The BPE tokenizer of tokenizer.json when it is in sqlgpt's layout (its
-    four specials first, sqlgpt's pre-tokenization), else a one-line error;
-    None without one."""
+def _read_tokenizer(directory, arch, config):
+    """The tokenizer of tokenizer.json: sqlgpt's BPE when it is in sqlgpt's
+    layout (its four specials first, sqlgpt's pre-tokenization, as export
+    writes it), else the library's own byte-level BPE as it is (the hf
+    kind), its special ids from the directory's configs; None without one."""
     path = directory / "tokenizer.json"
     if not path.is_file():
         return None
     from .tokenizers.bpe import from_library_json
-    tokenizer = from_library_json(path.read_text())
+    from .tokenizers.hf import HFTokenizer
+    text = path.read_text(errors="replace")
+    try:
+        tokenizer = from_library_json(text)
+    except SqlgptError:
+        tokenizer = HFTokenizer(text, _special_roles(directory, config))
     if tokenizer.n_ids != arch.n_vocab:
         raise SqlgptError(f"tokenizer.json has {tokenizer.n_ids} ids, the model "
                           f"{arch.n_vocab}")

@@ -14,7 +14,7 @@ from .errors import SqlgptError
 from .lora import LoraStruct, lora_seeds, lora_tensors
 from .tensor import ParameterSet, aligned_zeros, fptr, iptr
 
-PAD_ID = 0  # <pad>: never a target (the loss's ignore index)
+IGNORE = -1  # a target the loss skips: never a token id, so every id can be a target
 
 NORM = {"layernorm": lib.NORM_LAYERNORM, "rmsnorm": lib.NORM_RMSNORM}
 POS = {"learned": lib.POS_LEARNED, "sinusoidal": lib.POS_SINUSOIDAL, "rope": lib.POS_ROPE,
@@ -189,14 +189,17 @@ class GPT:
             self.acts = Activations(self.arch, *shape)
         return self.acts
 
-    def check_ids(self, ids):
+    def check_ids(self, ids, targets=False):
+        """ids as int32 (batch, time), each in [0, n_vocab) (targets may
+        also be IGNORE)."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise SqlgptError(f"token ids must be a non-empty (batch, time) array, got {ids.shape}")
         if ids.shape[1] > self.arch.seq_len:
             raise SqlgptError(f"sequence of {ids.shape[1]} tokens exceeds seq_len "
                               f"{self.arch.seq_len}")
-        if ids.min() < 0 or ids.max() >= self.arch.n_vocab:
+        low = IGNORE if targets else 0
+        if ids.min() < low or ids.max() >= self.arch.n_vocab:
             raise SqlgptError(f"token id out of range [0, {self.arch.n_vocab})")
         return ids
 
@@ -207,7 +210,7 @@ class GPT:
         ids = self.check_ids(ids)
         B, T = ids.shape
         a = self._activations(B, T)
-        targets = None if targets is None else self.check_ids(targets)
+        targets = None if targets is None else self.check_ids(targets, targets=True)
         if targets is not None and targets.shape != ids.shape:
             raise SqlgptError(f"targets {targets.shape} do not match ids {ids.shape}")
         use_dropout = dropout_seed is not None and dropout > 0
@@ -217,7 +220,7 @@ class GPT:
         lora = self._lora_struct(B * T, dropout_seed)
         check_status(lib.model_forward(
             self.kernel_config, self.weights.struct, lora, a.struct, iptr(ids),
-            iptr(targets) if targets is not None else ffi.NULL, B, T, dropout, seeds, PAD_ID, loss))
+            iptr(targets) if targets is not None else ffi.NULL, B, T, dropout, seeds, IGNORE, loss))
         self._last = None if targets is None else (ids, targets, dropout, seeds, lora)
         return None if targets is None else loss[0]
 
@@ -231,7 +234,7 @@ class GPT:
         self._last = None  # the logits are gradients now: one backward per forward
         check_status(lib.model_backward(
             self.kernel_config, self.weights.struct, self.grads.struct, lora, a.struct,
-            iptr(ids), iptr(targets), a.B, a.T, dropout, seeds, PAD_ID))
+            iptr(ids), iptr(targets), a.B, a.T, dropout, seeds, IGNORE))
 
     def _lora_struct(self, N, dropout_seed):
         """The adapters' struct for N rows (NULL without adapters); their

@@ -194,12 +194,17 @@ def test_bad_directories_are_one_line_errors_and_write_nothing(exported, tmp_pat
     raw = (short / "model.safetensors").read_bytes()
     (short / "model.safetensors").write_bytes(raw[:len(raw) // 2])
     refused(short, db, "do not match its shape")
-    foreign = tmp_path / "foreign"
+    foreign = tmp_path / "foreign"  # a tokenizer of another kind (word level)
     shutil.copytree(exported, foreign)
-    spec = json.loads((foreign / "tokenizer.json").read_text())
-    spec["added_tokens"][3]["content"] = "<|endoftext|>"
-    (foreign / "tokenizer.json").write_text(json.dumps(spec))
-    refused(foreign, db, "not in sqlgpt's layout")
+    from tokenizers import models
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config["vocab_size"])},
+                                       unk_token="w0"))
+    words.save(str(foreign / "tokenizer.json"))
+    refused(foreign, db, "only byte-level BPE tokenizers import")
+    garbled = tmp_path / "garbled"
+    shutil.copytree(exported, garbled)
+    (garbled / "tokenizer.json").write_text("{not json")
+    refused(garbled, db, "cannot be read by the tokenizers library")
     nan = tmp_path / "nan"
     shutil.copytree(exported, nan)
     tensors = read_safetensors(nan / "model.safetensors")
@@ -229,3 +234,56 @@ def test_a_fine_tunes_peft_export_on_its_bases_export_gives_its_logits(trained, 
     assert np.abs(plain.logits(ids) - ours.logits(ids)).max() > 1e-2  # the adapters count
     result = run("export", "--db", trained, "--format", "peft", "-o", tmp_path / "again")
     assert result.exit_code == 1 and "only a LoRA fine-tune exports as peft" in result.output
+
+
+def gpt2_style_tokenizer(text, path):
+    """A tokenizer laid out as GPT-2's own: byte-level BPE with GPT-2's
+    regex, the 256 bytes first and <|endoftext|> the last id."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path))
+    return tok
+
+
+def test_a_model_with_its_own_gpt2_tokenizer_imports_generates_and_fine_tunes(corpus,
+                                                                            tmp_path):
+    out = tmp_path / "gpt2-own"
+    out.mkdir()
+    text = corpus.read_text()
+    tok = gpt2_style_tokenizer(text, out / "tokenizer.json")
+    eot = tok.token_to_id("<|endoftext|>")
+    assert eot == tok.get_vocab_size() - 1 and tok.token_to_id("!") == 0
+    torch.manual_seed(1)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=eot, eos_token_id=eot))
+    model.save_pretrained(out)
+    db = tmp_path / "own.db"
+    result = run("import", out, "--db", db)
+    assert result.exit_code == 0, result.output
+    ours = sqlgpt.load(db)
+    assert ours.tokenizer.kind == "hf" and ours.tokenizer.eos_id == eot
+    assert ours.tokenizer.pad_id is None and ours.tokenizer.bos_id == eot
+    ids = ours.encode(TEXT)
+    assert list(ids) == tok.encode(TEXT).ids and ours.decode(ids) == TEXT
+    assert eot not in ours.encode("a <|endoftext|> b")  # text is text, never the special
+    assert np.abs(hf_logits(model.eval(), ids) - ours.logits(ids)).max() < 1e-4
+    # id 0 ("!") is a token like any other: scored by eval, and never banned
+    assert ours.evaluate("!!! what !!!").tokens == len(ours.encode("!!! what !!!")) - 1
+    ours.generate("KING", max_tokens=5, seed=1)
+    # the tokenizer survives the database, and the export back is the same tokenizer
+    assert run("export", "--db", db, "-o", tmp_path / "back").exit_code == 0
+    back = Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json"))
+    assert back.encode(TEXT).ids == tok.encode(TEXT).ids
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == eot
+    result = run("finetune", "--base", db, corpus, "--db", tmp_path / "tuned.db", "--iters",
+                 "2", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    # it comes with an imported model: train cannot build one
+    assert run("train", corpus, "--db", tmp_path / "x.db", "--tokenizer", "hf").exit_code == 2

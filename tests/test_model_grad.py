@@ -33,7 +33,7 @@ def compare(arch, rng, dropout=0.0, embed_scale=1.0, dtype=torch.float64):
     B, T = 3, arch.seq_len
     ids = rng.integers(0, arch.n_vocab, (B, T)).astype(np.int32)
     targets = rng.integers(0, arch.n_vocab, (B, T)).astype(np.int32)
-    targets[0, :5] = 0  # padding positions are ignored
+    targets[0, :5] = -1  # IGNORE: positions the loss skips
     seed = int(rng.integers(0, 2**63)) if dropout else None
     model.params.zero_grad()
     loss = model.forward(ids, targets, dropout=dropout, dropout_seed=seed)
@@ -169,6 +169,8 @@ def test_bad_token_ids_are_refused_before_the_kernel_runs(ids, message):
     good = np.ones((1, 4), np.int32)
     with pytest.raises(SqlgptError, match="out of range"):
         model.forward(good, targets=np.full((1, 4), 12))
+    with pytest.raises(SqlgptError, match="out of range"):  # IGNORE (-1) only
+        model.forward(good, targets=np.full((1, 4), -2))
     with pytest.raises(SqlgptError, match="do not match"):
         model.forward(good, targets=np.ones((1, 3), np.int32))
 

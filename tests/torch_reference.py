@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sqlgpt.arch import stored_tensors, tensor_table
 
-PAD_ID = 0
+IGNORE = -1  # the target the loss skips, as sqlgpt's
 RELU_TIE = 1e-5  # |pre-activation| under this: float32 and float64 may disagree on its sign
 SINUSOID_BASE = 10000.0  # "Attention is all you need"'s fixed positions
 
@@ -50,10 +50,10 @@ def reference_logits(weights, arch, ids, masks=None, relu_signs=None, lora=None)
 
 
 def reference_loss(weights, arch, ids, targets, masks=None, relu_signs=None, lora=None):
-    """Mean cross-entropy over the targets that are not <pad> (id 0)."""
+    """Mean cross-entropy over the targets that are not IGNORE (-1)."""
     logits = reference_logits(weights, arch, ids, masks, relu_signs, lora)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=PAD_ID)
+                           ignore_index=IGNORE)
 
 
 def random_weights(arch, rng, dtype=torch.float64):

@@ -1,7 +1,8 @@
 """Tokenizers: build a vocabulary from a corpus, encode text, decode ids, and
 store the whole tokenizer in the database. One module per kind, one protocol:
 
-    kind                      "word", "char", "byte" or "bpe"
+    kind                      "word", "char", "byte", "bpe", or "hf" (imported with a
+                              model: a byte-level BPE tokenizer.json as it is)
     n_ids                     token ids, specials included (the rows of wte)
     pad_id, unk_id, bos_id, eos_id   ints, or None where the kind has none
     build(texts, vocab_size)  classmethod; texts: an iterable of str chunks,
@@ -30,18 +31,20 @@ from .base import BOS, EOS, PAD, SPECIALS, UNK, readable
 from .bpe import BPETokenizer
 from .byte import ByteTokenizer
 from .char import CharTokenizer
+from .hf import HFTokenizer
 from .word import WordTokenizer, words_of
 
 TOKENIZERS = {"word": WordTokenizer, "char": CharTokenizer, "byte": ByteTokenizer,
-              "bpe": BPETokenizer}
+              "bpe": BPETokenizer}  # what train builds
+STORED = {**TOKENIZERS, "hf": HFTokenizer}  # what a database may hold
 
 __all__ = ["BOS", "EOS", "PAD", "SPECIALS", "UNK", "TOKENIZERS", "BPETokenizer", "ByteTokenizer",
-           "CharTokenizer", "WordTokenizer", "from_storage", "readable", "words_of"]
+           "CharTokenizer", "HFTokenizer", "WordTokenizer", "from_storage", "readable", "words_of"]
 
 
 def from_storage(kind, rows, state):
     """The tokenizer of this kind from its vocab rows (id, token, bytes) and
     state {key: text}, validated."""
-    if kind not in TOKENIZERS:
-        raise SqlgptError(f"unknown tokenizer kind {kind!r} (known: {', '.join(TOKENIZERS)})")
-    return TOKENIZERS[kind].from_storage(rows, state)
+    if kind not in STORED:
+        raise SqlgptError(f"unknown tokenizer kind {kind!r} (known: {', '.join(STORED)})")
+    return STORED[kind].from_storage(rows, state)

@@ -75,9 +75,12 @@ class Tokenizer:
     pad_id = unk_id = bos_id = eos_id = None
     unk_bytes = "\ufffd".encode()  # what <unk> decodes to (the word tokenizer writes "<unk>")
 
-    def _set_table(self, raws):
+    def _set_table(self, raws, names=None):
+        """raws: each id's bytes (None for a special); names: each special's
+        text (default: its role's, <pad> etc.)."""
         self._raws = [None if r is None else bytes(r) for r in raws]
-        names = special_names(self.pad_id, self.unk_id, self.bos_id, self.eos_id)
+        if names is None:
+            names = special_names(self.pad_id, self.unk_id, self.bos_id, self.eos_id)
         self._text = np.array([names[i] if r is None else readable(r)
                                for i, r in enumerate(self._raws)], dtype=object)
         out = [self.unk_bytes if i == self.unk_id else r or b"" for i, r in enumerate(self._raws)]
