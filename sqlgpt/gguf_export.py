@@ -70,6 +70,8 @@ def gguf_tensors(arch, weights):
         if kind == LLAMA and ".k_proj." in name:
             value = rope_interleaved(value, arch.n_kv_heads)
         out[gguf_name(kind, name)] = np.ascontiguousarray(value, dtype=np.float32)
+    if kind == GPT2 and "output.weight" not in out:  # llama.cpp's gpt2 needs its own copy
+        out["output.weight"] = out["token_embd.weight"]  # (its converter writes one too)
     return out
 
 

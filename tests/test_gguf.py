@@ -69,8 +69,9 @@ def expected_tensors(model):
                         b + "attn_output.weight": L("proj").T, b + "attn_output.bias": L("proj_b"),
                         b + "ffn_up.weight": L("fc1").T, b + "ffn_up.bias": L("fc1_b"),
                         b + "ffn_down.weight": L("fc2").T, b + "ffn_down.bias": L("fc2_b")})
-    if a.preset == "gpt2":
-        out.update({"position_embd.weight": w["wpe"], "output_norm.bias": w["lnf_b"]})
+    if a.preset == "gpt2":  # tied: llama.cpp's gpt2 reads its own copy of wte
+        out.update({"position_embd.weight": w["wpe"], "output_norm.bias": w["lnf_b"],
+                    "output.weight": w["wte"]})
     else:
         out["output.weight"] = w["head"].T  # llama's head is untied
     return out
