@@ -215,7 +215,7 @@ CREATE TABLE IF NOT EXISTS checkpoint_weights (
 CREATE TABLE IF NOT EXISTS quantized (
     tensor     TEXT NOT NULL,
     bits       INTEGER NOT NULL CHECK (bits IN (4, 8)),
-    group_size INTEGER NOT NULL,
+    group_size INTEGER NOT NULL CHECK (group_size IN (32, 64)),
     step       INTEGER NOT NULL,
     i          INTEGER NOT NULL,
     q          BLOB NOT NULL,

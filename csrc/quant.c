@@ -48,7 +48,8 @@ void quantize_q8(int8_t *q, float *scales, const float *x, int n, int G) {
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         scales[g] = d;
         for (int k = 0; k < G; k++) {
-            int8_t value = (int8_t)rintf(v[k] * inv);
+            float r = rintf(v[k] * inv); /* NaN (a NaN row) becomes 0: a defined cast */
+            int8_t value = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r == r ? r : 0.0f);
             q[(size_t)g * G + k] = value;
             q[(size_t)n + (size_t)g * G + k] = (int8_t)(value < 0 ? -value : value);
         }

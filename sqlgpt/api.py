@@ -160,7 +160,9 @@ class Model:
         """Ids never sampled: <pad>, <bos>, and <unk> unless allowed."""
         tok = self.tokenizer
         banned = {tok.pad_id, tok.bos_id} | (set() if allow_unk else {tok.unk_id})
-        return tuple(sorted(i for i in banned if i is not None))
+        # an imported tokenizer may give <eos>'s id to bos or pad too (GPT-2's
+        # <|endoftext|> is all three): the end stays reachable
+        return tuple(sorted(i for i in banned if i is not None and i != tok.eos_id))
 
     def decoder(self, slots=1):
         """A Decoder with KV caches of its own for `slots` sequences, on the
@@ -279,7 +281,7 @@ class Model:
         see sqlgpt.evaluate (default: half the context). A model loaded
         with precision bf16, int8 or int4 is scored through those weights,
         as generation uses them."""
-        decoder = None if self.precision == "fp32" else self.decoder(batch_size)
+        decoder = None if self.precision == "fp32" else self.decoder()
         if text is not None:
             return evaluate(self._gpt, self.encode(text), stride, batch_size, decoder=decoder)
         with tempfile.TemporaryDirectory() as tmp:
@@ -416,8 +418,8 @@ def import_hf(directory, db_path, overwrite=False, prefix=""):
     if tokenizer is None:
         raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
                           f"tokenizer (byte-level BPE)")
-    if Path(db_path).exists() and not overwrite:
-        raise SqlgptError(f"{db_path} already exists; name a new --db (or --overwrite)")
+    from .train import _check_new_location  # train's rules for a new model's file
+    _check_new_location(Path(db_path), overwrite, store.check_prefix(prefix))
     model = GPT(arch)
     for t in model.params:
         t.data[...] = weights[t.name]

@@ -43,22 +43,22 @@ def windows(n_targets, T, stride):
 
 
 def scored_by_decoder(decoder, x, y):
-    """(mean loss over y's non-pad targets, logits (B*T, V)) of windows x
-    (B, T) as the decode step computes them (each window its own cache
-    slot, every position's logits): the loss of bf16 or quantized weights
-    as generation sees them."""
+    """(mean loss over y's scored targets, each position's most likely id
+    (B, T)) of windows x (B, T) as the decode step computes them, one window
+    at a time in slot 0: the loss of bf16 or quantized weights as generation
+    sees them, in memory for one window's logits."""
     B, T = x.shape
-    if decoder.slots < B:
-        decoder.grow(B)
-    rows = list(range(B * T))
-    logits = decoder.run([b for b in range(B) for _ in range(T)], x.reshape(-1).tolist(),
-                         list(range(T)) * B, rows).astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    targets = y.reshape(-1)
-    losses = log_z - logits[np.arange(len(targets)), targets]
-    scored = targets != IGNORE
-    return float(losses[scored].mean()), logits
+    losses, guesses = np.zeros((B, T)), np.zeros((B, T), dtype=np.int64)
+    for b in range(B):
+        logits = decoder.run([0] * T, x[b].tolist(), list(range(T)), list(range(T)))
+        top = logits.max(axis=1, keepdims=True)
+        log_z = top[:, 0].astype(np.float64) + np.log(
+            np.exp(logits - top).sum(axis=1, dtype=np.float64))
+        targets = np.where(y[b] == IGNORE, 0, y[b])
+        losses[b] = log_z - logits[np.arange(T), targets]
+        guesses[b] = logits.argmax(axis=1)
+    scored = y != IGNORE
+    return float(losses[scored].mean()), guesses
 
 
 def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None):
@@ -88,13 +88,13 @@ def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None)
             y[row, :max(0, first)] = IGNORE  # scored by an earlier window
         scored = y != IGNORE
         if decoder is None:
-            mean, logits = model.forward(x, y), model.acts.logits
+            mean = model.forward(x, y)
+            guesses = model.acts.logits.reshape(len(batch), T, -1).argmax(axis=-1)
         else:
-            mean, logits = scored_by_decoder(decoder, x, y)
+            mean, guesses = scored_by_decoder(decoder, x, y)
         n = int(scored.sum())
         total += mean * n
         count += n
-        guesses = logits.reshape(len(batch), T, -1).argmax(axis=-1)
         correct += int((guesses == y)[scored].sum())
     loss = total / count
     return Evaluation(loss, math.exp(min(loss, 700.0)), correct / count, count)

@@ -16,7 +16,7 @@ from ._kernel import ffi, lib
 from .arch import tensor_table
 from .errors import SqlgptError
 from .lora import merged
-from .quant import BITS, kernel_block
+from .quant import BITS, check_group, kernel_block
 from .model import TensorStruct, check_status, model_config, tensor_fields
 from .tensor import ALIGN_FLOATS, aligned_zeros, fptr
 
@@ -58,6 +58,8 @@ class Decoder:
         if precision in BITS and not quantized:
             raise SqlgptError(f"{precision} decoding needs the model's {precision} weights "
                               f"(sqlgpt quantize)")
+        if precision in BITS:
+            check_group(arch, group)  # the kernel divides by it and reads groups of it
         arrays = self._snapshot(model, quantized if precision in BITS else None)
         self.config = model_config(arch)
         self.tensors = TensorStruct(arch.num_layers,

@@ -90,6 +90,9 @@ def export(model, path, fmt="f32"):
         raise SqlgptError(f"GGUF export needs a byte-level BPE tokenizer (llama.cpp has no "
                           f"{model.tokenizer.kind} tokenizer)")
     arch, kind = model.arch, family(model.arch)
+    if kind == GPT2 and arch.mlp != "gelu":
+        raise SqlgptError(f"llama.cpp's gpt2 always uses GELU; this model's MLP is {arch.mlp} "
+                          f"(export it with --format hf)")
     tensors = gguf_tensors(arch, model.state_dict_view())
     writer = gguf.GGUFWriter(str(path), kind)
     _metadata(writer, gguf, arch, kind, fmt)
@@ -141,7 +144,10 @@ def _tokenizer(writer, gguf, tokenizer):
     tokens = [library.id_to_token(i) for i in range(tokenizer.n_ids)]
     specials = {i for i, raw in enumerate(tokenizer._raws) if raw is None}
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    # GPT-2's own byte-level regex (an imported hf tokenizer's) is llama.cpp's "gpt-2"
+    gpt2_regex = tokenizer.kind == "hf" and (spec.get("pre_tokenizer") or {}).get(
+        "type") == "ByteLevel" and spec["pre_tokenizer"].get("use_regex", True)
+    writer.add_tokenizer_pre("gpt-2" if gpt2_regex else "default")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
                             for i in range(len(tokens))])

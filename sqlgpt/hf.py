@@ -195,7 +195,8 @@ def read_safetensors(path):
         except (KeyError, TypeError, ValueError):
             raise SqlgptError(f"{path}: tensor {name!r} has an unsupported dtype or a corrupt "
                               f"entry") from None
-        if not (0 <= start <= stop <= len(data)) or stop - start != width * math.prod(shape):
+        if min(shape, default=0) < 0 or not (0 <= start <= stop <= len(data)) or \
+                stop - start != width * math.prod(shape):
             raise SqlgptError(f"{path}: tensor {name!r}'s bytes do not match its shape")
         raw = np.frombuffer(data[start:stop], dtype=kind)
         if entry["dtype"] == "BF16":
@@ -278,6 +279,8 @@ def _described(config):
             if config.get("hidden_act", "silu") != "silu":
                 raise SqlgptError(f"llama activation {config['hidden_act']!r} is not silu")
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+            if not isinstance(rope, dict):
+                raise SqlgptError("config.json's rope settings are not an object")
             if rope.get("rope_type", rope.get("type", "default")) != "default":
                 raise SqlgptError("rope scaling is not supported (only default rope)")
             C, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -367,8 +370,10 @@ def _sqlgpt_weights(arch, tensors):
         if spec.tied_to:
             continue
         name, part = spec.hf
+        if name not in tensors and name.startswith("transformer."):
+            name = name[len("transformer."):]  # GPT-2's own checkpoints: wte.weight, h.0...
         if name not in tensors:
-            raise SqlgptError(f"the weights lack {name} (sqlgpt's {spec.name})")
+            raise SqlgptError(f"the weights lack {spec.hf[0]} (sqlgpt's {spec.name})")
         used.add(name)
         value = tensors[name]
         if part is not None:  # c_attn: q, k, v along out, in that order

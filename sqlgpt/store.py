@@ -926,6 +926,13 @@ def write_merged(path, out_path, arch, weights, prefix=""):
                 conn.execute("DELETE FROM config WHERE key LIKE 'lora\\_%' ESCAPE '\\'")
                 for table in WEIGHT_TABLES:
                     conn.execute(f"DELETE FROM {table}")
+                # the latest checkpoint's statistics are the merged matrices', not the adapters'
+                step = conn.execute("SELECT max(step) FROM checkpoints").fetchone()[0] or 0
+                conn.execute("DELETE FROM tensor_stats WHERE step = ?", (step,))
+                params = ParameterSet(stored_tensors(arch), buffers=("data",))
+                for t in params:
+                    t.data[...] = weights[t.name]
+                conn.executemany(TENSOR_STATS_SQL, tensor_stats(params, step))
                 for spec in stored_tensors(arch):
                     table, key = location(spec)
                     rows = np.ascontiguousarray(weights[spec.name], dtype="<f4").reshape(
@@ -1239,6 +1246,9 @@ def read_quantized(conn, shapes, bits):
     OC)}, every quantized matrix), each row checked: its length, its
     checksum, finite scales, and no rows missing or extra."""
     group, _ = quantized_sets(conn)[bits]
+    if group not in (32, 64) or any(C % group for C, _ in shapes.values()):
+        raise SqlgptError(f"the int{bits} weights are damaged: group size {group!r} does not "
+                          f"fit the model's matrices")
     row_bytes = {8: 1.0, 4: 0.5}[bits]
     with sqlite_errors("cannot read the quantized table"):
         rows = conn.execute("SELECT tensor, i, q, scales, crc FROM quantized WHERE bits = ? "

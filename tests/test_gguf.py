@@ -145,6 +145,11 @@ def test_what_gguf_cannot_hold_is_refused(corpus, tmp_path, trained):
     result = run("export", "--db", char, "--format", "gguf", "-o", tmp_path / "x.gguf")
     assert result.exit_code == 1 and "needs a byte-level BPE tokenizer" in result.output
     assert not (tmp_path / "x.gguf").exists()
+    relu = tmp_path / "relu.db"
+    assert run("train", corpus, "--db", relu, "--preset", "gpt2", "--mlp", "relu", *TINY[:-2],
+               "--iters", "1").exit_code == 0
+    result = run("export", "--db", relu, "--format", "gguf", "-o", tmp_path / "r.gguf")
+    assert result.exit_code == 1 and "always uses GELU" in result.output
     (tmp_path / "taken.gguf").write_text("x")
     result = run("export", "--db", trained, "--format", "gguf", "-o", tmp_path / "taken.gguf")
     assert result.exit_code == 1 and "already exists" in result.output

@@ -55,6 +55,19 @@ def hf_logits(model, ids):
         return model(torch.tensor(np.array([ids], dtype=np.int64))).logits[0].numpy()
 
 
+def assert_same_greedy(theirs, ours, ids):
+    """transformers' greedy continuation of ids is sqlgpt's, to the context's
+    end: sqlgpt never samples <pad> and <bos> (suppressed there too) and stops
+    at <eos>."""
+    n_new = ours.arch.seq_len - len(ids)
+    greedy = theirs.generate(torch.tensor(np.array([ids], dtype=np.int64)), do_sample=False,
+                             max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None,
+                             pad_token_id=0, suppress_tokens=[0, 2])[0, len(ids):].tolist()
+    mine = list(ours.generate_ids(ours.decode(ids), max_tokens=n_new, temperature=0,
+                                  allow_unk=True))
+    assert greedy[:len(mine)] == mine and (len(mine) == n_new or greedy[len(mine)] == 3)
+
+
 def test_transformers_loads_the_export_and_agrees(trained, tmp_path):
     out = tmp_path / "hf"
     result = run("export", "--db", trained, "--format", "hf", "-o", out)
@@ -63,13 +76,7 @@ def test_transformers_loads_the_export_and_agrees(trained, tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = ours.encode(TEXT)
     assert np.abs(hf_logits(theirs, ids) - ours.logits(ids)).max() < 1e-4
-    n_new = ours.arch.seq_len - len(ids)
-    # sqlgpt never samples <pad> and <bos> (suppressed here too) and stops at <eos>
-    greedy = theirs.generate(torch.tensor(np.array([ids], dtype=np.int64)), do_sample=False,
-                             max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None,
-                             pad_token_id=0, suppress_tokens=[0, 2])[0, len(ids):].tolist()
-    mine = list(ours.generate_ids(TEXT, max_tokens=n_new, temperature=0, allow_unk=True))
-    assert greedy[:len(mine)] == mine and (len(mine) == n_new or greedy[len(mine)] == 3)
+    assert_same_greedy(theirs, ours, ids)
     # the tokenizer, read by the tokenizers library and by transformers
     assert Tokenizer.from_file(str(out / "tokenizer.json")).encode(TEXT).ids == list(ids)
     fast = transformers.AutoTokenizer.from_pretrained(out)
@@ -122,6 +129,10 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
             p.add_(0.05 * torch.randn_like(p))
     out = tmp_path / "made"
     model.save_pretrained(out)
+    if kind == "gpt2":  # GPT-2's own checkpoints name its tensors without "transformer."
+        tensors = read_safetensors(out / "model.safetensors")
+        write_safetensors(out / "model.safetensors",
+                          {n.removeprefix("transformer."): t for n, t in tensors.items()})
     assert run("export", "--db", base, "-o", tmp_path / "tok").exit_code == 0
     shutil.copy(tmp_path / "tok" / "tokenizer.json", out / "tokenizer.json")
     result = run("import", out, "--db", tmp_path / "made.db")
@@ -129,6 +140,7 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
     ours = sqlgpt.load(tmp_path / "made.db")
     ids = ours.encode(TEXT)
     assert np.abs(hf_logits(model.eval(), ids) - ours.logits(ids)).max() < 1e-4
+    assert_same_greedy(model, ours, ids)
 
 
 def test_what_transformers_cannot_hold_is_refused(corpus, tmp_path):
@@ -165,6 +177,11 @@ def refused(directory, db, message):
 
 def test_bad_directories_are_one_line_errors_and_write_nothing(exported, tmp_path):
     db = tmp_path / "new.db"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("an app's file")
+    result = run("import", exported, "--db", notes, "--overwrite")
+    assert result.exit_code == 1 and "not a sqlgpt database" in result.output
+    assert notes.read_text() == "an app's file"
     refused(tmp_path / "nowhere", db, "is not a directory")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -270,6 +287,7 @@ def test_a_model_with_its_own_gpt2_tokenizer_imports_generates_and_fine_tunes(co
     ours = sqlgpt.load(db)
     assert ours.tokenizer.kind == "hf" and ours.tokenizer.eos_id == eot
     assert ours.tokenizer.pad_id is None and ours.tokenizer.bos_id == eot
+    assert eot not in ours._banned(allow_unk=False)  # bos is eos here: the end stays reachable
     ids = ours.encode(TEXT)
     assert list(ids) == tok.encode(TEXT).ids and ours.decode(ids) == TEXT
     assert eot not in ours.encode("a <|endoftext|> b")  # text is text, never the special

@@ -142,6 +142,7 @@ def test_impossible_adapters_are_one_line_errors(settings, message):
 
 # ---- the finetune command, its database, resuming, merging ----
 import hashlib  # noqa: E402
+import sqlite3  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -239,6 +240,8 @@ def test_merge_writes_a_plain_model_with_the_adapters_logits(base, corpora, tmp_
     assert np.abs(a.logits(ids) - b.logits(ids)).max() < 1e-5
     assert a.generate("the", max_tokens=20, seed=1) == b.generate("the", max_tokens=20, seed=1)
     base_weights = sqlgpt.load(base).state_dict()
+    names = {r[0] for r in sqlite3.connect(merged_db).execute("SELECT name FROM tensors")}
+    assert names == set(base_weights)  # the merged matrices, not the adapters
     changed = [n for n, w in b.state_dict().items() if not np.array_equal(w, base_weights[n])]
     assert changed and all(n.rsplit(".", 1)[1] in ("k", "proj", "fc1") for n in changed)
     assert run("merge", "--db", base, "-o", tmp_path / "x.db").exit_code == 1

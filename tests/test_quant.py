@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import sqlgpt
 from sqlgpt._kernel import ffi, lib
+from sqlgpt.errors import SqlgptError
 from sqlgpt.arch import preset
 from sqlgpt.cli import main
 from sqlgpt.generate import Decoder
@@ -114,6 +115,8 @@ def test_decoding_from_integers_follows_the_dequantized_model(rng, name, bits):
     if floats is not None:  # (a tied head is quantized from wte; the float model keeps wte)
         want = floats.run([0] * 12, ids, list(range(12)), list(range(12)))
         assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    with pytest.raises(SqlgptError, match="--group-size must be one of"):
+        Decoder(model, f"int{bits}", quantized=blocks, group=0)
     # each row as a batch's third sequence gives bit for bit the same logits
     other = rng.integers(0, arch.n_vocab, 12).tolist()
     batch = ints.fork(3)
@@ -198,6 +201,14 @@ def test_quantize_refuses_what_it_cannot_do_and_writes_nothing(trained, tmp_path
     result = run("eval", "--db", db, trained / "held_out.txt", "--precision", "int8")
     assert result.exit_code == 1 and "layers.1.fc2 are damaged: row 3 fails its checksum" \
         in result.output
+    conn = sqlite3.connect(db)
+    with pytest.raises(sqlite3.IntegrityError):  # the schema allows 32 and 64 only
+        conn.execute("UPDATE quantized SET group_size = 48")
+    conn.execute("UPDATE quantized SET group_size = 64")  # valid, but not what the rows hold
+    conn.commit()
+    conn.close()
+    result = run("generate", "--db", db, "--precision", "int8", "--max-tokens", "2")
+    assert result.exit_code == 1 and "wrong length" in result.output
 
 
 def test_a_group_size_that_does_not_divide_the_width_is_refused(tmp_path, small_corpus):
