@@ -125,6 +125,18 @@ static inline float activate(float y, int act) {
     return act == ACT_GELU ? gelu(y) : y;
 }
 
+/* y (m) = act(x + bias) (bias may be NULL), one loop per activation so that
+ * each vectorizes (GELU's exp is most of a batched step's scalar work). */
+static void epilogue(float *y, const float *x, const float *bias, int m, int act) {
+    if (act == ACT_GELU) {
+        #pragma omp simd
+        for (int j = 0; j < m; j++) y[j] = gelu(x[j] + (bias ? bias[j] : 0.0f));
+    } else {
+        #pragma omp simd
+        for (int j = 0; j < m; j++) y[j] = activate(x[j] + (bias ? bias[j] : 0.0f), act);
+    }
+}
+
 /* Panel block b of W (C,OC) times the n rows of x (row stride C), into out
  * (n, PANEL): the panel comes from memory once, and stays in cache for the
  * rows after the first four. */
@@ -199,10 +211,9 @@ static void matmat(float *y, Rows x, int n, const void *w, const float *bias, in
         int j0, j1;
         own_share(OC, &j0, &j1);
         for (int r = 0; r < n; r++) {
-            float *out_r = y + (size_t)r * OC;
-            quant_row(out_r + j0, f, w, x, r, j0, j1, C, OC);
-            for (int j = j0; j < j1; j++) out_r[j] = activate(out_r[j] + (bias ? bias[j] : 0.0f),
-                                                              act);
+            float *out_r = y + (size_t)r * OC + j0;
+            quant_row(out_r, f, w, x, r, j0, j1, C, OC);
+            epilogue(out_r, out_r, bias ? bias + j0 : NULL, j1 - j0, act);
         }
         return;
     }
@@ -212,9 +223,8 @@ static void matmat(float *y, Rows x, int n, const void *w, const float *bias, in
         int j0 = b * PANEL, m = OC - j0 < PANEL ? OC - j0 : PANEL;
         panel_block(out, x.x, n, w, b, blocks, C, f->bf16);
         for (int r = 0; r < n; r++)
-            for (int j = 0; j < m; j++)
-                y[(size_t)r * OC + j0 + j] = activate(out[(size_t)r * PANEL + j] +
-                                                      (bias ? bias[j0 + j] : 0.0f), act);
+            epilogue(y + (size_t)r * OC + j0, out + (size_t)r * PANEL, bias ? bias + j0 : NULL, m,
+                     act);
     }
 }
 

@@ -70,9 +70,11 @@ void rope_angles(float *cos, float *sin, int t, int hs, float theta);
 #define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
 #define GELU_TAIL 9.0f
 static inline float gelu_sigmoid(float x) {
-    if (x < -GELU_TAIL) return 0.0f;
-    if (x > GELU_TAIL) return 1.0f;
-    return 1.0f / (1.0f + fast_expf(-2.0f * GELU_K * (x + 0.044715f * x * x * x)));
+    /* selects, not early returns, so that loops over it vectorize; the
+     * clamped c keeps the cubic finite where the tails are selected */
+    float c = x < -GELU_TAIL ? -GELU_TAIL : x > GELU_TAIL ? GELU_TAIL : x;
+    float s = 1.0f / (1.0f + fast_expf(-2.0f * GELU_K * (c + 0.044715f * c * c * c)));
+    return x < -GELU_TAIL ? 0.0f : x > GELU_TAIL ? 1.0f : s;
 }
 static inline float gelu(float x) { return x * gelu_sigmoid(x); }
 /* sigmoid(x) < 2e-35 below -80, where fast_expf(-x) would soon saturate */
