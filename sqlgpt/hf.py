@@ -18,6 +18,7 @@ with grouped-query attention (each kv head repeated for its query heads);
 llama for parameter-free RMSNorm (gains 1). A model without a final norm
 (the lua preset) has no equivalent in either.
 """
+import contextlib
 import json
 import math
 import os
@@ -208,16 +209,11 @@ def read_safetensors(path):
 def export(model, out_dir):
     """Write model (an api.Model) as a transformers directory at out_dir
     (created; it must not exist or be empty). Returns the files written."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise SqlgptError(f"{out_dir} exists and is not an empty directory; name a new one")
+    check_new_directory(out_dir)
     arch = model.arch
     config = hf_config(arch, model.tokenizer)  # refuses what cannot be expressed, first
     tensors = hf_tensors(arch, model.state_dict_view())
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_directory(out_dir) as tmp:
         files = {"config.json": config, "generation_config.json": _special_ids(model.tokenizer)}
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
@@ -225,12 +221,32 @@ def export(model, out_dir):
         written = [*files, SAFETENSORS]
         if model.tokenizer.kind in ("bpe", "hf"):
             written += _write_tokenizer(tmp, model.tokenizer, arch)
+    return written
+
+
+def check_new_directory(out_dir):
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise SqlgptError(f"{out_dir} exists and is not an empty directory; name a new one")
+
+
+@contextlib.contextmanager
+def new_directory(out_dir):
+    """A temporary directory beside out_dir to write into; moved into place
+    as out_dir when the block ends, removed if it fails: out_dir is whole or
+    absent."""
+    out_dir = Path(out_dir)
+    check_new_directory(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return written
 
 
 def _write_tokenizer(directory, tokenizer, arch):
@@ -469,9 +485,7 @@ def export_peft(model, out_dir):
     if lora is None:
         raise SqlgptError("only a LoRA fine-tune exports as peft (sqlgpt finetune); export a "
                           "plain model with --format hf")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise SqlgptError(f"{out_dir} exists and is not an empty directory; name a new one")
+    check_new_directory(out_dir)
     arch, kind = model.arch, family(model.arch)
     adapters = {t.name: t.data for t in model._gpt.params}
     tensors, parts = peft_tensors(arch, lora, adapters)
@@ -483,15 +497,7 @@ def export_peft(model, out_dir):
               "alpha_pattern": {m: lora.alpha * n for m, n in parts.items()},
               "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
               "base_model_name_or_path": None}
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_directory(out_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(tmp / "adapter_model.safetensors", tensors)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ["adapter_config.json", "adapter_model.safetensors"]
