@@ -3,6 +3,7 @@
     python benchmarks/bench.py [--configs lua,baby,small,gpt2-baby,...] [--sweep] [--tiny]
                                [--threads 2] [--steps 5] [--no-compile] [--markdown]
                                [--out results.json]
+    python benchmarks/bench.py --mpi [--configs lua,small,gpt2-small] [--tiny] ...
 
 For each config (a preset at a size: the lua preset at the original's size
 and at nanoGPT's baby and small sizes, the gpt2 and llama presets at those
@@ -84,6 +85,8 @@ def parse_args(argv=None):
                    help="also train with torch.compile (default: yes, except with --tiny)")
     p.add_argument("--generate-only", action="store_true",
                    help="skip training (generation and checkpoint figures only)")
+    p.add_argument("--mpi", action="store_true",
+                   help="data-parallel training instead: benchmarks/mpi_bench.py")
     p.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     p.add_argument("--out", type=Path, help="write every result as JSON here")
     p.add_argument("--child", choices=("sqlgpt", "torch", "torch_compile"),
@@ -617,6 +620,13 @@ def report(results, markdown):
 def main(args):
     if args.child:
         return child_main(args.child, args.arch, args.threads, args.steps)
+    if args.mpi:
+        import mpi_bench
+        given = ["--steps", str(args.steps)] + (["--tiny"] if args.tiny else []) + \
+            (["--markdown"] if args.markdown else []) + \
+            (["--out", str(args.out)] if args.out else []) + \
+            (["--configs", args.configs] if "--configs" in sys.argv else [])
+        return mpi_bench.main(mpi_bench.parse_args(given))
     tiny = {"tiny": TINY, "tiny-llama": TINY_LLAMA}
     names = list(tiny) if args.tiny else args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS and n not in tiny]

@@ -1,18 +1,20 @@
 """The `sqlgpt` command: parses options, shows progress, calls the library."""
 import copy
 import functools
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 
 import click
 
-from . import set_threads, store
+from . import distributed, set_threads, store
 from .api import load
 from .arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
 from .config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
-from .corpus import ENCODING_ERRORS
+from .corpus import ENCODING_ERRORS, find_sources, fingerprint
 from .errors import SqlgptError
 from .generate import DRAFT_TOKENS, MAX_BATCH, PRECISIONS, GenerationStats, Sampler
 from .lora import LoraConfig
@@ -306,19 +308,72 @@ def load_run_file(ctx, param, path):
 @click.option("--lora-dropout", type=float, default=LORA_DEFAULTS.dropout, show_default=True,
               help="Dropout on each adapter's input while training.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --db with a new model.")
+@click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="Under mpirun: 1 keeps on each rank only its shard of the optimizer's "
+                   "moments (ZeRO-1); 0 keeps all of them on every rank.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary as the last line of stdout.")
 @click.pass_context
 @threads_option
 @fail_cleanly
-def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume, overwrite, as_json,
-          extensions, encoding_errors, init_from, stop_on_divergence, lora_rank, lora_alpha,
-          lora_targets, lora_dropout, **options):
+def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume, as_json,
+          stop_on_divergence, zero, **options):
     """Train a model on CORPUS (UTF-8 text files, directories, or - for
-    standard input) into the database --db.
+    standard input) into the database --db. Under mpirun, the processes
+    train one model together (data-parallel): see the README.
 
     Example: sqlgpt train examples/tinyshakespeare.txt --db model.db --iters 500
     """
+    world = distributed.world(zero)
+    try:
+        with distributed.collective(world):
+            if world.size > 1:
+                check_ranks(ctx, world, corpus, options["extensions"])
+            trainer = Trainer.spread(world, world.on_root(functools.partial(
+                open_trainer, ctx, corpus, db_path, prefix, iters, resume, **options)))
+            try:
+                result = run_with_progress(trainer, iters, save_every, max_bad_steps,
+                                           stop_on_divergence, quiet=not world.is_root)
+            finally:
+                trainer.close()
+    except AlreadyTrained as done:
+        if world.is_root:
+            click.echo(f"{db_path} is already trained to step {done.step} (train loss "
+                       f"{fmt_loss(done.train_loss)}); nothing to do: raise --iters", err=True)
+            if as_json:
+                emit_json({"step": done.step, "final_loss": done.train_loss,
+                           "tokens_per_sec": 0.0, "steps_run": 0, "db": db_path})
+        return
+    if world.is_root:
+        report_training(trainer, result, db_path, as_json)
+    if result.stopped_by:
+        sys.exit(EXIT_ON_SIGNAL[result.stopped_by])
+
+
+def check_ranks(ctx, world, corpus, extensions):
+    """Refuse, on every rank, a job whose ranks run other code, options or
+    corpus; set each rank's threads to its share of the host's cores."""
+    if "-" in corpus:
+        raise distributed.Agreed(SqlgptError(
+            "under mpirun standard input reaches rank 0 only: name the corpus files"))
+    # the corpus by its content (its path may differ from host to host)
+    options = sorted((name, value) for name, value in ctx.params.items() if name != "corpus")
+    identity = {"sqlgpt version": distributed.code_digest(),
+                "options": hashlib.sha256(repr(options).encode()).hexdigest()}
+    try:
+        identity["corpus"] = fingerprint(find_sources(corpus, extensions)) if corpus else ""
+    except SqlgptError as e:
+        identity["corpus"] = e
+    world.check_same(identity)
+    if (ctx.get_parameter_source("threads") == click.core.ParameterSource.DEFAULT
+            and "OMP_NUM_THREADS" not in os.environ):
+        set_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+
+
+def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensions,
+                 encoding_errors, init_from, lora_rank, lora_alpha, lora_targets, lora_dropout,
+                 **options):
+    """The Trainer of a new model or of --resume's, from train's options."""
     if resume and overwrite:
         raise SqlgptError("--resume and --overwrite exclude each other")
     given_sources = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.DEFAULT_MAP)
@@ -344,16 +399,8 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
     run_options = {name: options[name] for name in RUN_OPTIONS
                    if ctx.get_parameter_source(name) in given_sources}
     if resume:
-        try:
-            trainer = Trainer.resume(db_path, corpus, extensions, encoding_errors,
-                                     corpus_progress(), given, run_options, iters, prefix)
-        except AlreadyTrained as done:
-            click.echo(f"{db_path} is already trained to step {done.step} (train loss "
-                       f"{fmt_loss(done.train_loss)}); nothing to do: raise --iters", err=True)
-            if as_json:
-                emit_json({"step": done.step, "final_loss": done.train_loss,
-                           "tokens_per_sec": 0.0, "steps_run": 0, "db": db_path})
-            return
+        return Trainer.resume(db_path, corpus, extensions, encoding_errors, corpus_progress(),
+                              given, run_options, iters, prefix)
     else:
         if not corpus:
             raise SqlgptError("name the corpus: one or more files, a directory, or - for stdin")
@@ -374,14 +421,12 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
         cfg = TrainConfig(**settings, tokenizer=tokenizer, max_iters=iters,
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
                           else vocab_size)
-        trainer = Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
-                                 encoding_errors, corpus_progress(), init_from, given, prefix,
-                                 lora)
-    try:
-        result = run_with_progress(trainer, iters, save_every, max_bad_steps,
-                                   stop_on_divergence)
-    finally:
-        trainer.close()
+        return Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
+                              encoding_errors, corpus_progress(), init_from, given, prefix, lora)
+
+
+def report_training(trainer, result, db_path, as_json):
+    """The run's last lines: how it stopped, where it saved."""
     if result.stopped_by == "divergence":
         raise SqlgptError(f"stopped at step {result.diverged_at}: the loss diverged "
                           f"(--stop-on-divergence); the last checkpoint, step "
@@ -398,8 +443,6 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
     else:
         click.echo(f"step {result.step}: loss {result.final_loss:.4f}, "
                    f"{result.tokens_per_sec:,.0f} tokens/s, saved to {db_path}")
-    if result.stopped_by:
-        sys.exit(EXIT_ON_SIGNAL[result.stopped_by])
 
 
 def finetune_command():
@@ -444,9 +487,14 @@ def corpus_progress():
     return on_progress
 
 
-def run_with_progress(trainer, iters, save_every, max_bad_steps, stop_on_divergence=False):
-    """A progress bar on a terminal; elsewhere (logs) one line per checkpoint."""
+def run_with_progress(trainer, iters, save_every, max_bad_steps, stop_on_divergence=False,
+                      quiet=False):
+    """A progress bar on a terminal; elsewhere (logs) one line per checkpoint;
+    quiet: nothing (an MPI rank but the first)."""
     start = trainer.state["step"]
+    if quiet:
+        return trainer.run(iters, save_every, max_bad_steps,
+                           stop_on_divergence=stop_on_divergence)
 
     def on_diverge(step, recent, first):
         if stop_on_divergence:

@@ -208,10 +208,16 @@ class LoraStruct:
         return self.struct
 
 
-def lora_seeds(base_seed, num_layers):
-    """A dropout seed for each (layer, site), apart from the blocks' own."""
+def lora_seeds(base_seed, num_layers, arch=None, first_position=0):
+    """A dropout seed for each (layer, site), apart from the blocks' own.
+    first_position (with arch): the batch's positions before these rows
+    (an MPI rank's share), so their masks are those rows' in the whole
+    batch (see model.shifted_seed)."""
+    from .model import shifted_seed
     start = 2 * num_layers  # model.dropout_seeds takes the first 2 per layer
-    return [(base_seed + GOLDEN * (start + i + 1)) % 2**64
+    return [shifted_seed((base_seed + GOLDEN * (start + i + 1)) % 2**64,
+                         first_position * _site_shape(arch, SITES[i % len(SITES)])[0]
+                         if first_position else 0)
             for i in range(num_layers * len(SITES))]
 
 

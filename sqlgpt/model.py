@@ -12,7 +12,7 @@ from .arch import stored_tensors, tensor_table
 from .config import OPTIMIZERS
 from .errors import SqlgptError
 from .lora import LoraStruct, lora_seeds, lora_tensors
-from .tensor import ParameterSet, aligned_zeros, fptr, iptr
+from .tensor import BUFFERS, ParameterSet, aligned_zeros, fptr, iptr
 
 IGNORE = -1  # a target the loss skips: never a token id, so every id can be a target
 
@@ -138,9 +138,23 @@ class Activations:
         return ptr
 
 
-def dropout_seeds(base_seed, num_layers):
-    """Two dropout sites per layer, each with its own 64-bit seed."""
-    return [(base_seed + 0x9E3779B97F4A7C15 * (i + 1)) % 2**64 for i in range(2 * num_layers)]
+# the kernel's dropout mask hashes seed + DROPOUT_STRIDE * (element + 1)
+DROPOUT_STRIDE = 0x9E3779B97F4A7C15
+
+
+def shifted_seed(seed, elements):
+    """The seed whose mask over a tensor is seed's mask from element
+    `elements` on: an MPI rank's rows get the masks those rows have in the
+    whole batch."""
+    return (seed + DROPOUT_STRIDE * elements) % 2**64
+
+
+def dropout_seeds(base_seed, num_layers, first_element=0):
+    """Two dropout sites per layer, each with its own 64-bit seed (both
+    sites are (rows, embed_dim): first_element is the first row's times
+    embed_dim)."""
+    return [shifted_seed((base_seed + DROPOUT_STRIDE * (i + 1)) % 2**64, first_element)
+            for i in range(2 * num_layers)]
 
 
 class GPT:
@@ -149,16 +163,18 @@ class GPT:
     frozen base (data only, no gradients) and params, what trains and what
     checkpoints store, are the adapters."""
 
-    def __init__(self, arch, checkpoint_activations=False, lora=None):
+    def __init__(self, arch, checkpoint_activations=False, lora=None, moments=True):
         self.arch = arch.validate()
         self.lora = lora.validate(arch) if lora else None
         # recompute each block's activations in backward instead of keeping them
         self.checkpoint_activations = checkpoint_activations
+        # moments=False: no m and v arenas (an MPI rank keeping a shard of them)
+        buffers = BUFFERS if moments else ("data", "grad")
         if lora:
             self.base = ParameterSet(stored_tensors(arch), buffers=("data",))
-            self.params = ParameterSet(lora_tensors(arch, lora))
+            self.params = ParameterSet(lora_tensors(arch, lora), buffers)
         else:
-            self.base = self.params = ParameterSet(stored_tensors(arch))
+            self.base = self.params = ParameterSet(stored_tensors(arch), buffers)
         self.kernel_config = model_config(arch)
         # fixed (not learned) tensors the kernel reads as parameters
         self.weights_fixed = ({"wpe": sinusoids(arch.seq_len, arch.embed_dim)}
@@ -204,9 +220,11 @@ class GPT:
         return ids
 
     # ---- forward and backward, one kernel call each ----
-    def forward(self, ids, targets=None, dropout=0.0, dropout_seed=None):
+    def forward(self, ids, targets=None, dropout=0.0, dropout_seed=None, first_row=0):
         """ids (B,T) -> logits (B*T, V) in self.acts.logits; returns the mean
-        loss if targets (B,T) are given. dropout_seed=None is evaluation mode."""
+        loss if targets (B,T) are given. dropout_seed=None is evaluation mode.
+        first_row: where these rows begin in a larger batch (an MPI rank's
+        share), whose dropout masks they then get."""
         ids = self.check_ids(ids)
         B, T = ids.shape
         a = self._activations(B, T)
@@ -214,10 +232,12 @@ class GPT:
         if targets is not None and targets.shape != ids.shape:
             raise SqlgptError(f"targets {targets.shape} do not match ids {ids.shape}")
         use_dropout = dropout_seed is not None and dropout > 0
-        seeds = (ffi.new("unsigned long long[]", dropout_seeds(dropout_seed, self.arch.num_layers))
+        first = first_row * T  # the first row's first position in the batch
+        seeds = (ffi.new("unsigned long long[]", dropout_seeds(
+            dropout_seed, self.arch.num_layers, first * self.arch.embed_dim))
                  if use_dropout else ffi.NULL)
         loss = ffi.new("double *")
-        lora = self._lora_struct(B * T, dropout_seed)
+        lora = self._lora_struct(B * T, dropout_seed, first)
         check_status(lib.model_forward(
             self.kernel_config, self.weights.struct, lora, a.struct, iptr(ids),
             iptr(targets) if targets is not None else ffi.NULL, B, T, dropout, seeds, IGNORE, loss))
@@ -236,14 +256,16 @@ class GPT:
             self.kernel_config, self.weights.struct, self.grads.struct, lora, a.struct,
             iptr(ids), iptr(targets), a.B, a.T, dropout, seeds, IGNORE))
 
-    def _lora_struct(self, N, dropout_seed):
-        """The adapters' struct for N rows (NULL without adapters); their
-        dropout runs in training (a dropout_seed) only."""
+    def _lora_struct(self, N, dropout_seed, first=0):
+        """The adapters' struct for N rows (NULL without adapters), the first
+        `first` rows of the batch before them; their dropout runs in
+        training (a dropout_seed) only."""
         if self.adapters is None:
             return ffi.NULL
         train = dropout_seed is not None and self.lora.dropout > 0
         return self.adapters.for_rows(
-            N, lora_seeds(dropout_seed, self.arch.num_layers) if train else None)
+            N, lora_seeds(dropout_seed, self.arch.num_layers, self.arch, first)
+            if train else None)
 
     # ---- optimizer ----
     def grad_norm_squared(self):
@@ -251,19 +273,25 @@ class GPT:
         return lib.sum_squares(fptr(g), g.size)
 
     def optimizer_step(self, step, lr, optimizer="adamw", beta1=0.9, beta2=0.999, eps=1e-8,
-                       weight_decay=0.0, momentum=0.0):
+                       weight_decay=0.0, momentum=0.0, span=None, moments=None):
         """One update of every parameter (step is 1-based): AdamW (decoupled
         decay), Adam (decay as L2 in the gradient) or SGD with momentum (its
         buffer in the m arena). The decay applies to the tensor table's decay
-        group only, which the arenas hold first, so each group is one call."""
+        group only, which the arenas hold first, so each group is one call.
+        span (start, stop) of the arenas with moments (m, v) of that span:
+        update only that part (an MPI rank's ZeRO shard)."""
         if optimizer not in OPTIMIZERS:
             raise SqlgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
                               f"not {optimizer!r}")
         ar, split = self.params.arenas, self.params.no_decay_start
-        for start, stop, decay in ((0, split, weight_decay), (split, ar["data"].size, 0.0)):
+        low, high = span or (0, ar["data"].size)
+        m_all, v_all = moments or (ar["m"][low:high], ar["v"][low:high])
+        for start, stop, decay in ((low, min(split, high), weight_decay),
+                                   (max(split, low), high, 0.0)):
             if stop <= start:
                 continue
-            data, grad, m, v = (fptr(ar[b][start:stop]) for b in ("data", "grad", "m", "v"))
+            data, grad = fptr(ar["data"][start:stop]), fptr(ar["grad"][start:stop])
+            m, v = fptr(m_all[start - low:stop - low]), fptr(v_all[start - low:stop - low])
             if optimizer == "sgd":
                 lib.sgd_update(data, grad, m, stop - start, lr, momentum, decay)
             else:

@@ -92,7 +92,8 @@ class ParameterSet:
     def zero_grad(self):
         zero(self.arenas["grad"])
 
-    def scale_grad(self, factor):
-        """grad *= factor over every parameter (clipping, accumulation)."""
-        g = self.arenas["grad"]
+    def scale_grad(self, factor, span=None):
+        """grad *= factor over every parameter (clipping, accumulation), or
+        over the arena's span (start, stop)."""
+        g = self.arenas["grad"][slice(*span) if span else slice(None)]
         lib.scale_inplace(fptr(g), g.size, factor)

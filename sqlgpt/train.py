@@ -15,14 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from ._kernel import lib
 from .api import load
+from .arch import ArchConfig
+from .config import TrainConfig
 from .corpus import find_sources, fingerprint, remove_spools
+from .distributed import SIGNAL_CODES, Agreed, World
 from .dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_tokens,
                       split_tokens, tokens_path, write_tokens)
 from .errors import SqlgptError
 from .evaluate import evaluate
-from .lora import base_digest, base_reference, model_for, read_lora
+from .lora import LoraConfig, base_digest, base_reference, model_for, read_lora
 from .model import GPT
+from .tensor import aligned_zeros, fptr
 
 METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
 MICRO_SEED_STRIDE = 0xD1B54A32D192ED03  # an odd constant: micro-batch seeds far apart
@@ -225,6 +230,9 @@ class Trainer:
         self.saved_step = state["step"]
         self._stop = ""
         self._last_val = None  # the latest evaluation's loss, with --eval-every
+        self.world = World()  # the ranks training together (see spread)
+        self._signalled = ""  # a signal this rank received, for the ranks to agree on
+        self._shard = None    # ZeRO-1: this rank's span of the arenas, its m, v and gradient
 
     # ---- construction ----
     @classmethod
@@ -417,6 +425,57 @@ class Trainer:
                              arch.seq_len, cfg.val_file)
         return model, cfg, tokenizer, train, val, state
 
+    # ---- MPI: one model on every rank ----
+    @classmethod
+    def spread(cls, world, trainer):
+        """Rank 0's trainer (None on the other ranks) on every rank of
+        world: the others get its configuration, weights, training state
+        and token ids from it (the moments, with ZeRO-1, as shards); only
+        rank 0 has the database and the held-out split."""
+        if world.size == 1:
+            return trainer
+        header = world.bcast(trainer._header() if world.is_root else None)
+        if header["cfg"]["batch_size"] < world.size:
+            if trainer:
+                trainer.close()
+            raise Agreed(SqlgptError(
+                f"--batch-size {header['cfg']['batch_size']} is fewer sequences than the "
+                f"{world.size} ranks: each rank needs at least one of every batch"))
+        if not world.is_root:
+            arch, cfg = ArchConfig.from_dict(header["arch"]), TrainConfig.from_dict(header["cfg"])
+            lora = LoraConfig.from_rows(header["lora"]) if header["lora"] else None
+            model = GPT(arch, cfg.checkpoint_activations, lora, moments=not world.zero)
+            trainer = cls(None, None, model, cfg, None, None, np.zeros(0, np.uint16),
+                          header["state"])
+        trainer._join(world, header["tokens"])
+        return trainer
+
+    def _header(self):
+        lora = self.model.lora
+        return {"arch": self.model.arch.to_dict(), "cfg": self.cfg.to_dict(),
+                "lora": dict(lora.rows()) if lora else None, "state": self.state,
+                "tokens": (len(self.train_tokens), self.train_tokens.dtype.str)}
+
+    def _join(self, world, tokens):
+        self.world = world
+        model = self.model
+        if model.lora:
+            world.bcast_array(model.base.arenas["data"])
+        arenas = model.params.arenas
+        world.bcast_array(arenas["data"])
+        if world.zero:
+            span = world.shard(arenas["data"].size)
+            size = span[1] - span[0]
+            moments = ([arenas[b][:size] for b in ("m", "v")] if world.is_root
+                       else [aligned_zeros((size,)) for _ in "mv"])
+            for full, shard in zip(("m", "v"), moments):
+                world.from_root(arenas.get(full), shard)
+            self._shard = (span, moments, aligned_zeros((size,)))
+        else:
+            world.bcast_array(arenas["m"])
+            world.bcast_array(arenas["v"])
+        self.train_tokens = world.host_array(self.train_tokens, *tokens)
+
     # ---- running ----
     def run(self, max_iters, save_every=100, max_bad_steps=10, on_step=None, on_checkpoint=None,
             on_diverge=None, stop_on_divergence=False):
@@ -461,18 +520,18 @@ class Trainer:
                     evaluation = self.record_evaluation(step)
                     self._last_val = evaluation.loss if evaluation else None
                 if time.perf_counter() - last_flush > METRICS_FLUSH_S:
-                    store.write_metrics(self.conn, pending_metrics)
+                    self._write_metrics(pending_metrics)
                     pending_metrics, last_flush = [], time.perf_counter()
                 if self._stop == "divergence":
                     break
                 if step % save_every == 0 or step == max_iters or self._stop:
-                    store.write_metrics(self.conn, pending_metrics)
+                    self._write_metrics(pending_metrics)
                     pending_metrics = []
                     saved = self.checkpoint(window_losses)
                     window_losses = []
                     if on_checkpoint:
                         on_checkpoint(step, *saved)
-            store.write_metrics(self.conn, pending_metrics)
+            self._write_metrics(pending_metrics)
             if self._stop in EXIT_SIGNALS and self.saved_step != self.state["step"]:
                 self.checkpoint(window_losses)  # a signal that came after the loop's last test
         result.step = self.state["step"]
@@ -482,11 +541,16 @@ class Trainer:
         result.bad_steps = self.state["bad_steps"]
         return result
 
+    def _write_metrics(self, rows):
+        if self.conn is not None:  # rank 0's
+            store.write_metrics(self.conn, rows)
+
     def _step(self, step, max_bad_steps):
         """One optimizer step on grad_accum random micro-batches: (loss, lr,
         gradient norm, skipped). A step whose loss or gradient is NaN/Inf
-        changes no weight; it is counted."""
-        cfg, model = self.cfg, self.model
+        changes no weight; it is counted. Over MPI, every rank draws the
+        same windows and takes its rows of each micro-batch."""
+        cfg, model, world = self.cfg, self.model, self.world
         B, N = cfg.batch_size, cfg.grad_accum
         # all windows at once: N micro-batches are one batch N times larger, split
         x, y = random_batch(self.train_tokens, self.rng, B * N, model.arch.seq_len)
@@ -494,44 +558,86 @@ class Trainer:
         # depend on it; micro-batch i's dropout seed is spread from it
         seed = int(self.rng.integers(0, 2**63))
         seeds = [(seed + MICRO_SEED_STRIDE * i) % 2**64 for i in range(N)]
+        first, last = world.rows(B)
         model.params.zero_grad()
         losses = []
         for i, seed in enumerate(seeds):
-            losses.append(model.forward(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B],
-                                        dropout=cfg.dropout_at(step), dropout_seed=seed))
+            rows = slice(i * B + first, i * B + last)
+            losses.append(model.forward(x[rows], y[rows], dropout=cfg.dropout_at(step),
+                                        dropout_seed=seed, first_row=first))
             model.backward()
-        loss = losses[0] if N == 1 else float(np.mean(losses))
-        if N > 1:  # the mean over micro-batches, as one batch's mean
-            model.params.scale_grad(1.0 / N)
-        grad_sq = model.grad_norm_squared()
+        # the mean over micro-batches, as one batch's mean; a rank's part of it
+        share = (last - first) / B
+        loss = (losses[0] if N == 1 else float(np.mean(losses))) * share
+        if share / N != 1.0:
+            model.params.scale_grad(share / N)
+        loss, grad_sq = self._reduce(loss)
         lr = cfg.lr_at(step)
         if not (math.isfinite(loss) and math.isfinite(grad_sq)):
             self.state["bad_steps"] += 1
-            if self.state["bad_steps"] > max_bad_steps:
-                raise SqlgptError(f"training stopped at step {step}: more than {max_bad_steps} "
-                                  f"steps had a NaN/Inf loss or gradient; the last good "
-                                  f"checkpoint is kept (try a lower --lr)")
+            if self.state["bad_steps"] > max_bad_steps:  # on every rank alike
+                error = SqlgptError(f"training stopped at step {step}: more than "
+                                    f"{max_bad_steps} steps had a NaN/Inf loss or gradient; the "
+                                    f"last good checkpoint is kept (try a lower --lr)")
+                raise Agreed(error) if world.size > 1 else error
             return loss, lr, math.nan, True
+        span, moments, _ = self._shard or (None, None, None)
         if cfg.grad_clip > 0 and grad_sq > cfg.grad_clip ** 2:
-            model.params.scale_grad(cfg.grad_clip / math.sqrt(grad_sq))
+            model.params.scale_grad(cfg.grad_clip / math.sqrt(grad_sq), span)
         model.optimizer_step(step, lr, cfg.optimizer, cfg.beta1, cfg.beta2, cfg.eps,
-                             cfg.weight_decay, cfg.momentum)
+                             cfg.weight_decay, cfg.momentum, span, moments)
+        if span:
+            world.gather_shards(model.params.arenas["data"])
         return loss, lr, math.sqrt(grad_sq), False
 
+    def _reduce(self, loss):
+        """(loss, squared gradient norm) over every rank, their gradients
+        summed (with ZeRO-1: this rank's shard of the sum); the ranks agree
+        here on a signal any of them received."""
+        world, grad = self.world, self.model.params.arenas["grad"]
+        if world.size == 1:
+            return loss, self.model.grad_norm_squared()
+        if self._shard:
+            (start, stop), _, summed = self._shard
+            world.scatter_sum(grad, summed)
+            grad[start:stop] = summed
+        else:
+            world.sum_(grad)
+            start, stop = world.shard(grad.size)
+        partial = lib.sum_squares(fptr(grad[start:stop]), stop - start)
+        code = SIGNAL_CODES[self._signalled]
+        agreed = world.agree(np.array([loss, partial, code == 1, code == 2], np.float64))
+        if agreed[3] or agreed[2]:
+            self._stop = self._stop or ("SIGTERM" if agreed[3] else "SIGINT")
+        return float(agreed[0]), float(agreed[1])
+
     def checkpoint(self, window_losses):
-        arenas = self.model.params.arenas
-        if not all(np.isfinite(arenas[b]).all() for b in ("data", "m", "v")):
-            raise SqlgptError(f"the weights became NaN or Inf by step {self.state['step']} "
-                              f"(learning rate too high?); the last good checkpoint is kept")
+        """Save the step (rank 0 writes; with ZeRO-1 the moments' shards are
+        collected to it first): (train loss, val loss)."""
+        arenas, world = self.model.params.arenas, self.world
+        if self._shard:
+            _, moments, _ = self._shard
+            for name, shard in zip(("m", "v"), moments):
+                world.to_root(arenas.get(name), shard)
+        if not world.same_weights(arenas["data"]):  # cannot happen: say so if it does
+            raise Agreed(SqlgptError(f"the ranks' weights differ at step {self.state['step']}; "
+                                     f"the last checkpoint is kept"))
         train_loss = float(np.mean(window_losses)) if window_losses else None
         self.state["rng"] = self.rng.bit_generator.state
         if not self.cfg.eval_every:
             evaluation = self.record_evaluation(self.state["step"])
             self._last_val = evaluation.loss if evaluation else None
         val_loss = self._last_val
-        store.save_checkpoint(self.conn, self.model, self.cfg, self.state, train_loss, val_loss)
+        world.on_root(lambda: self._save(train_loss, val_loss))
         self.saved_step = self.state["step"]
         return train_loss, val_loss
+
+    def _save(self, train_loss, val_loss):
+        arenas = self.model.params.arenas
+        if not all(np.isfinite(arenas[b]).all() for b in ("data", "m", "v")):
+            raise SqlgptError(f"the weights became NaN or Inf by step {self.state['step']} "
+                              f"(learning rate too high?); the last good checkpoint is kept")
+        store.save_checkpoint(self.conn, self.model, self.cfg, self.state, train_loss, val_loss)
 
     def evaluate(self):
         """The held-out split scored in eval mode (no RNG used): eval_iters
@@ -551,7 +657,18 @@ class Trainer:
         return self._last_val
 
     def record_evaluation(self, step):
-        """Evaluate, store the result and keep the best step in the state."""
+        """Evaluate, store the result and keep the best step in the state
+        (over MPI: rank 0, which has the held-out split; the others get
+        its best step)."""
+        if self.world.size > 1:
+            result = self.world.on_root(lambda: self._record_evaluation(step))
+            best = self.world.bcast(self.state.get("best_val"))
+            if best is not None:
+                self.state["best_val"] = best
+            return result
+        return self._record_evaluation(step)
+
+    def _record_evaluation(self, step):
         result = self.evaluate()
         if result is None or not math.isfinite(result.loss):  # nothing held out, or diverged
             return None
@@ -562,8 +679,9 @@ class Trainer:
         return result
 
     def close(self):
-        store.close_writer(self.conn)
-        self.lock.release()
+        if self.conn is not None:  # rank 0's
+            store.close_writer(self.conn)
+            self.lock.release()
 
     # ---- signals: finish the step, save, then stop ----
     class _SignalGuard:
@@ -579,9 +697,13 @@ class Trainer:
 
         def _handler(self, name):
             def handle(signum, frame):
-                if self.trainer._stop:  # a second signal: stop now, the last checkpoint stands
-                    raise KeyboardInterrupt
-                self.trainer._stop = name
+                trainer = self.trainer
+                if trainer._stop or trainer._signalled:  # a second: stop now, the last
+                    raise KeyboardInterrupt                # checkpoint stands
+                if trainer.world.size > 1:  # the ranks stop together, at the next step's end
+                    trainer._signalled = name
+                else:
+                    trainer._stop = name
             return handle
 
         def __exit__(self, *exc):

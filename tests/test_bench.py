@@ -20,3 +20,21 @@ def test_bench_tiny_runs_and_prints_the_table(tmp_path):
     assert tiny["train"]["sqlgpt"]["tokens_per_s"] > 0
     if "loss_check" in tiny:  # PyTorch is installed: same weights must give the same loss
         assert tiny["loss_check"]["rel_diff"] < 1e-4
+
+
+def test_mpi_bench_tiny_runs_and_prints_both_tables(tmp_path):
+    import pytest
+    pytest.importorskip("mpi4py")
+    out = tmp_path / "mpi.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--mpi", "--tiny", "--steps", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    if "no mpiexec" in proc.stderr:
+        pytest.skip("no mpiexec")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 ranks x 1, --zero 1" in proc.stdout and "100M (modeled)" in proc.stdout
+    results = json.loads(out.read_text())
+    sides = results["configs"]["tiny"]["sides"]
+    assert all(side["tokens_per_s"] > 0 for side in sides.values())
+    assert results["configs"]["tiny"]["grad_bytes"] > 0
+    assert 0 < results["100M"]["scaling"]["64"]["1"][0] <= 1
