@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 
@@ -14,4 +15,21 @@ class BuildPyWithSchema(build_py):
         shutil.copy("schema.sql", Path(self.build_lib) / "sqlgpt" / "schema.sql")
 
 
-setup(cffi_modules=["build_ext.py:ffibuilder"], cmdclass={"build_py": BuildPyWithSchema})
+class BuildExtWithSqlite(build_ext):
+    """The CFFI kernel, then the loadable SQLite extension beside it."""
+
+    def run(self):
+        super().run()
+        import importlib.util  # build_ext.py by its path: the source folder may not be on sys.path
+        spec = importlib.util.spec_from_file_location("sqlgpt_builder",
+                                                      Path(__file__).parent / "build_ext.py")
+        builder = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(builder)
+        target = Path("sqlgpt") if self.inplace else Path(self.build_lib) / "sqlgpt"
+        target.mkdir(parents=True, exist_ok=True)
+        builder.build_sqlite_extension(target / builder.EXTENSION,
+                                       Path(self.build_temp) / "sqlite_ext")
+
+
+setup(cffi_modules=["build_ext.py:ffibuilder"],
+      cmdclass={"build_py": BuildPyWithSchema, "build_ext": BuildExtWithSqlite})

@@ -4,6 +4,7 @@
                                [--threads 2] [--steps 5] [--no-compile] [--markdown]
                                [--out results.json]
     python benchmarks/bench.py --mpi [--configs lua,small,gpt2-small] [--tiny] ...
+    python benchmarks/bench.py --extension [--configs baby,small,gpt2-small] [--tiny] ...
 
 For each config (a preset at a size: the lua preset at the original's size
 and at nanoGPT's baby and small sizes, the gpt2 and llama presets at those
@@ -87,6 +88,9 @@ def parse_args(argv=None):
                    help="skip training (generation and checkpoint figures only)")
     p.add_argument("--mpi", action="store_true",
                    help="data-parallel training instead: benchmarks/mpi_bench.py")
+    p.add_argument("--extension", action="store_true",
+                   help="the SQLite extension from the sqlite3 shell against the Python path "
+                        "instead: benchmarks/extension_bench.py")
     p.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     p.add_argument("--out", type=Path, help="write every result as JSON here")
     p.add_argument("--child", choices=("sqlgpt", "torch", "torch_compile"),
@@ -627,6 +631,12 @@ def main(args):
             (["--out", str(args.out)] if args.out else []) + \
             (["--configs", args.configs] if "--configs" in sys.argv else [])
         return mpi_bench.main(mpi_bench.parse_args(given))
+    if args.extension:
+        import extension_bench
+        given = (["--tiny"] if args.tiny else []) + (["--markdown"] if args.markdown else []) + \
+            (["--out", str(args.out)] if args.out else []) + \
+            (["--configs", args.configs] if "--configs" in sys.argv else [])
+        return extension_bench.main(extension_bench.parse_args(given))
     tiny = {"tiny": TINY, "tiny-llama": TINY_LLAMA}
     names = list(tiny) if args.tiny else args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS and n not in tiny]

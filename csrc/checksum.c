@@ -131,3 +131,14 @@ void crc32_rows(uint32_t *out, const float *data, const float *m, const float *v
     for (int g = 0; g < groups; g++) crc_rows(out, bufs, g * LANES, cols, LANES);
     for (int r = groups * LANES; r < rows; r++) crc_rows(out, bufs, r, cols, 1);
 }
+
+uint32_t crc32_bytes(uint32_t crc, const void *bytes, size_t n) {
+    pthread_once(&table_once, make_table);
+    uint32_t c = ~crc;
+    const unsigned char *p = bytes;
+#ifdef CRC_FOLD
+    if (n >= 64) return ~crc_fold(c, p, n);
+#endif
+    crc_lanes(&c, &p, n, 1);
+    return ~c;
+}

@@ -534,8 +534,12 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, i
             for (int i = 0; i < n_out; i++)
                 memcpy(last + (size_t)i * C, (cfg->final_norm ? o.ln : o.x) +
                        (size_t)out_rows[i] * C, sizeof(float) * C);
-            matmat(logits, own_rows(&f, o, last, n_out, C), n_out, w->head, NULL, C, cfg->V, &f,
-                   ACT_NONE, o.out);
+            if (!w->head) { /* the final hidden states themselves */
+                if (omp_get_thread_num() == 0)
+                    memcpy(logits, last, sizeof(float) * (size_t)n_out * C);
+            } else
+                matmat(logits, own_rows(&f, o, last, n_out, C), n_out, w->head, NULL, C, cfg->V,
+                       &f, ACT_NONE, o.out);
         }
     }
     return take_status();

@@ -156,7 +156,9 @@ int decode_step(const ModelConfig *cfg, const ModelTensors *w, int precision, in
  * (a prompt, or a draft's tokens verified at once): every row's key and
  * value is stored before any row attends. logits is (n_out, V): the rows
  * out_rows[0..n_out-1]. A row's logits are bit for bit the ones it gets
- * alone. decode_step is one row, slot 0. */
+ * alone. With w->head NULL, logits receives those rows' final hidden
+ * states instead, (n_out, C) (after the final norm, where the model has
+ * one). decode_step is one row, slot 0. */
 int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
                  float *kcache, float *vcache, int n, const int *slots, const int *tokens,
                  const int *pos, int n_out, const int *out_rows, float *logits);
@@ -286,3 +288,5 @@ void zero_floats(float *x, long n);
  * per-row checksum of the database's weight tables. */
 void crc32_rows(uint32_t *out, const float *data, const float *m, const float *v, int rows,
                 int cols);
+/* zlib's crc32(crc, bytes, n): crc continued over n more bytes (0 to start). */
+uint32_t crc32_bytes(uint32_t crc, const void *bytes, size_t n);

@@ -10,7 +10,7 @@ except ImportError:
                       f"folder, or build the kernel in place with pip install -e .") from None
 from .api import Model, load, merge, quantize
 from .errors import SqlgptError
-from .sql import connect, register
+from .sql import connect, extension_path, register
 
 
 def set_threads(n):
@@ -21,4 +21,5 @@ def set_threads(n):
     lib.set_threads(n)
 
 __version__ = "0.1.0"
-__all__ = ["load", "merge", "quantize", "Model", "SqlgptError", "connect", "register", "set_threads", "__version__"]
+__all__ = ["load", "merge", "quantize", "Model", "SqlgptError", "connect", "register",
+           "extension_path", "set_threads", "__version__"]

@@ -346,28 +346,34 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
         return
     if world.is_root:
         report_training(trainer, result, db_path, as_json)
-    if result.stopped_by:
-        sys.exit(EXIT_ON_SIGNAL[result.stopped_by])
+    if result.stopped_by:  # a diverged run is rank 0's error above; the other ranks exit 1
+        sys.exit(EXIT_ON_SIGNAL.get(result.stopped_by, 1))
 
 
 def check_ranks(ctx, world, corpus, extensions):
     """Refuse, on every rank, a job whose ranks run other code, options or
-    corpus; set each rank's threads to its share of the host's cores."""
-    if "-" in corpus:
-        raise distributed.Agreed(SqlgptError(
-            "under mpirun standard input reaches rank 0 only: name the corpus files"))
+    corpus, or a new model's batch too small to share; set each rank's
+    threads to its share of the host's cores (within the ones it may use)."""
     # the corpus by its content (its path may differ from host to host)
     options = sorted((name, value) for name, value in ctx.params.items() if name != "corpus")
     identity = {"sqlgpt version": distributed.code_digest(),
                 "options": hashlib.sha256(repr(options).encode()).hexdigest()}
     try:
+        if "-" in corpus:
+            raise SqlgptError("under mpirun standard input reaches rank 0 only: name the "
+                              "corpus files")
         identity["corpus"] = fingerprint(find_sources(corpus, extensions)) if corpus else ""
     except SqlgptError as e:
         identity["corpus"] = e
     world.check_same(identity)
+    if not ctx.params["resume"] and ctx.params["batch_size"] < world.size:
+        raise distributed.Agreed(SqlgptError(distributed.batch_too_small(
+            ctx.params["batch_size"], world.size)))
     if (ctx.get_parameter_source("threads") == click.core.ParameterSource.DEFAULT
             and "OMP_NUM_THREADS" not in os.environ):
-        set_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            os.cpu_count() or 1
+        set_threads(max(1, min(usable, (os.cpu_count() or 1) // world.local_size)))
 
 
 def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensions,
@@ -822,6 +828,18 @@ def info(db_path, prefix, as_json):
         click.echo(f"  step {c['step']:>6}  train loss {fmt_loss(c['train_loss']):>7}  "
                    f"val loss {fmt_loss(c['val_loss']):>7}  "
                    f"{c['created_at']}")
+
+
+@main.command("extension-path")
+@fail_cleanly
+def extension_path_command():
+    """Print where the loadable SQLite extension is, for `.load` in the
+    sqlite3 shell or load_extension() in any SQLite client.
+
+    Example: sqlite3 model.db ".load $(sqlgpt extension-path)" "SELECT sqlgpt_generate('the', 20)"
+    """
+    from .sql import extension_path
+    click.echo(extension_path())
 
 
 @main.command()

@@ -276,7 +276,16 @@ def world(zero=0):
         raise SqlgptError(f"the launcher started {size} processes but mpi4py is not installed, "
                           f"so they cannot train together: pip install 'sqlgpt[mpi]' (or run "
                           f"without mpirun)") from None
+    if MPI.COMM_WORLD.Get_size() != size:  # mpi4py on another MPI than the launcher's
+        raise SqlgptError(f"the launcher started {size} processes but MPI joins "
+                          f"{MPI.COMM_WORLD.Get_size()} of them: mpi4py is built for another "
+                          f"MPI than the one running mpirun")
     return MpiWorld(MPI.COMM_WORLD, zero)
+
+
+def batch_too_small(batch_size, ranks):
+    return (f"--batch-size {batch_size} is fewer sequences than the {ranks} ranks: each rank "
+            f"needs at least one of every batch")
 
 
 @contextmanager

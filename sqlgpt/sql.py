@@ -149,6 +149,21 @@ class ModelFunctions:
         return call
 
 
+EXTENSION = "sqlgpt0.so"
+
+
+def extension_path():
+    """Where the loadable SQLite extension (sqlgpt0.so, built with the
+    package) is: `.load` it in the sqlite3 shell, or load_extension() it in
+    any SQLite client, for sqlgpt's SQL functions without Python."""
+    path = Path(__file__).resolve().parent / EXTENSION
+    if not path.is_file():
+        raise SqlgptError(f"the loadable extension {EXTENSION} was not built with this "
+                          f"installation (SQLite's sqlite3ext.h was missing when it was "
+                          f"installed: apt-get install libsqlite3-dev, then reinstall)")
+    return str(path)
+
+
 def register(conn, path, precision="fp32", prefix=""):
     """Add sqlgpt_generate, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed and
     sqlgpt_error to a connection (the standard library's sqlite3 or apsw),

@@ -20,7 +20,7 @@ from .api import load
 from .arch import ArchConfig
 from .config import TrainConfig
 from .corpus import find_sources, fingerprint, remove_spools
-from .distributed import SIGNAL_CODES, Agreed, World
+from .distributed import SIGNAL_CODES, Agreed, World, batch_too_small
 from .dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_tokens,
                       split_tokens, tokens_path, write_tokens)
 from .errors import SqlgptError
@@ -438,9 +438,7 @@ class Trainer:
         if header["cfg"]["batch_size"] < world.size:
             if trainer:
                 trainer.close()
-            raise Agreed(SqlgptError(
-                f"--batch-size {header['cfg']['batch_size']} is fewer sequences than the "
-                f"{world.size} ranks: each rank needs at least one of every batch"))
+            raise Agreed(SqlgptError(batch_too_small(header["cfg"]["batch_size"], world.size)))
         if not world.is_root:
             arch, cfg = ArchConfig.from_dict(header["arch"]), TrainConfig.from_dict(header["cfg"])
             lora = LoraConfig.from_rows(header["lora"]) if header["lora"] else None
@@ -622,6 +620,7 @@ class Trainer:
         if not world.same_weights(arenas["data"]):  # cannot happen: say so if it does
             raise Agreed(SqlgptError(f"the ranks' weights differ at step {self.state['step']}; "
                                      f"the last checkpoint is kept"))
+        world.on_root(self._check_finite)  # before an evaluation is recorded for the step
         train_loss = float(np.mean(window_losses)) if window_losses else None
         self.state["rng"] = self.rng.bit_generator.state
         if not self.cfg.eval_every:
@@ -632,11 +631,13 @@ class Trainer:
         self.saved_step = self.state["step"]
         return train_loss, val_loss
 
-    def _save(self, train_loss, val_loss):
+    def _check_finite(self):
         arenas = self.model.params.arenas
         if not all(np.isfinite(arenas[b]).all() for b in ("data", "m", "v")):
             raise SqlgptError(f"the weights became NaN or Inf by step {self.state['step']} "
                               f"(learning rate too high?); the last good checkpoint is kept")
+
+    def _save(self, train_loss, val_loss):
         store.save_checkpoint(self.conn, self.model, self.cfg, self.state, train_loss, val_loss)
 
     def evaluate(self):

@@ -32,9 +32,28 @@ def test_mpi_bench_tiny_runs_and_prints_both_tables(tmp_path):
     if "no mpiexec" in proc.stderr:
         pytest.skip("no mpiexec")
     assert proc.returncode == 0, proc.stderr
-    assert "2 ranks x 1, --zero 1" in proc.stdout and "100M (modeled)" in proc.stdout
+    assert "ranks x 1, --zero 1" in proc.stdout and "100M (modeled)" in proc.stdout
     results = json.loads(out.read_text())
     sides = results["configs"]["tiny"]["sides"]
     assert all(side["tokens_per_s"] > 0 for side in sides.values())
     assert results["configs"]["tiny"]["grad_bytes"] > 0
     assert 0 < results["100M"]["scaling"]["64"]["1"][0] <= 1
+
+
+def test_extension_bench_tiny_runs(tmp_path):
+    import shutil
+    import pytest
+    import sqlgpt
+    try:
+        sqlgpt.extension_path()
+    except sqlgpt.SqlgptError:
+        pytest.skip("the extension is not built")
+    if not shutil.which("sqlite3"):
+        pytest.skip("no sqlite3 shell")
+    out = tmp_path / "ext.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--extension", "--tiny", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tiny = json.loads(out.read_text())["tiny"]
+    assert tiny["shell_tokens_per_s"] > 0 and tiny["python_tokens_per_s"] > 0
+    assert tiny["same_text"]

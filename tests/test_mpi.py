@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def sqlgpt(*args, ranks=1, script=CLI, timeout=240, check=True):
     if ranks > 1:
         command = [MPIEXEC, "-n", str(ranks), *command]
     done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
     return done
@@ -132,7 +133,7 @@ def test_one_rank_under_mpiexec_is_the_plain_process(corpus, single, tmp_path):
     db = tmp_path / "one_rank.db"
     done = subprocess.run([MPIEXEC, "-n", "1", sys.executable, *CLI, "train", str(corpus),
                            "--db", str(db), "--iters", "15", *MODEL], env=ENV,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=240, cwd=tempfile.gettempdir())
     assert done.returncode == 0, done.stderr
     assert_identical(single, db)
 
@@ -153,7 +154,8 @@ def mpmd(*commands):
     argv = [MPIEXEC]
     for i, args in enumerate(commands):
         argv += ([":"] if i else []) + ["-n", "1", sys.executable, *CLI, *map(str, args)]
-    return subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=240)
+    return subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=240,
+                          cwd=tempfile.gettempdir())
 
 
 @pytest.mark.parametrize("differs", ["corpus", "options", "missing"])
@@ -202,7 +204,7 @@ def test_a_launcher_without_mpi4py_is_refused(corpus, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, *CLI, "train", str(corpus), "--db",
                            str(tmp_path / "m.db"), *MODEL], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=120, cwd=tempfile.gettempdir())
     assert done.returncode != 0 and "mpi4py is not installed" in done.stderr
     assert not (tmp_path / "m.db").exists()
 
@@ -233,7 +235,7 @@ def test_a_killed_rank_stops_the_job_and_the_database_resumes(corpus, tmp_path, 
     job = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, str(HERE / "crash_driver.py"),
                             str(marker), "train", str(corpus), "--db", str(db), "--iters",
                             "100000", *crash_model], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=ENV)
+                           stderr=subprocess.PIPE, text=True, env=ENV, cwd=tempfile.gettempdir())
     try:
         wait_until(lambda: db.exists() and (committed_step(db) or 0) >= 3, timeout=120)
         if moment == "checkpoint":
@@ -263,7 +265,7 @@ def test_a_signal_to_mpiexec_stops_every_rank_after_the_same_step(corpus, tmp_pa
     job = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, *CLI, "train", str(corpus),
                             "--db", str(db), "--iters", "100000", *MODEL, "--save-every",
                             "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=ENV)
+                           text=True, env=ENV, cwd=tempfile.gettempdir())
     try:
         wait_until(lambda: db.exists() and committed_step(db) == 0, timeout=120)
         time.sleep(1.0)
