@@ -5,6 +5,7 @@ OpenMP, so both cores are used and the SIMD width fits the CPU. Set
 SQLGPT_PORTABLE=1 to build for a generic x86-64/ARM target instead, and
 SQLGPT_SANITIZE=1 for an AddressSanitizer/UBSan build.
 """
+import json
 import os
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def unicode_tables():
             + ",".join(f"{{{a:#x},{b:#x}}}" for a, b in lower) + "};\n")
 
 
+def schema_names():
+    """C strings of the names of schema.sql's tables and views and each
+    view's CREATE statement, as SQLite stores them: the extension refuses
+    views and triggers sqlgpt did not make, as the Python loader does."""
+    import sqlite3
+    conn = sqlite3.connect(":memory:")
+    conn.executescript((ROOT / "schema.sql").read_text())
+    rows = conn.execute("SELECT type, name, sql FROM sqlite_master WHERE type IN "
+                        "('table', 'view') ORDER BY rowid").fetchall()
+    conn.close()
+    names = ", ".join(f'"{name}"' for _, name, _ in rows)
+    views = ", ".join("{" + ", ".join(json.dumps(v) for v in (name, sql)) + "}"
+                      for kind, name, sql in rows if kind == "view")
+    return (f"static const char *const MODEL_NAMES[] = {{{names}}};\n"
+            f"static const char *const MODEL_VIEWS[][2] = {{{views}}};\n")
+
+
 def build_sqlite_extension(out_path, build_dir):
     """Compile sqlgpt0.so into out_path; False (with a note) where SQLite's
     extension header is missing, so the package still installs."""
@@ -93,6 +111,7 @@ def build_sqlite_extension(out_path, build_dir):
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     (build_dir / "unicode_tables.h").write_text(unicode_tables())
+    (build_dir / "schema_names.h").write_text(schema_names())
     command = [compiler, "-shared", "-fPIC", *compile_flags(), f"-I{CSRC}", f"-I{build_dir}",
                *(str(CSRC / name) for name in EXTENSION_SOURCES), "-o", str(out_path), "-lm",
                # never unloaded: a host that closes its connection would otherwise unmap

@@ -190,6 +190,7 @@ def test_another_model_by_file_attached_schema_or_prefix(models, corpus, tmp_pat
     conn = sqlite3.connect(app)
     conn.execute("CREATE TABLE notes (body TEXT)")
     conn.execute("INSERT INTO notes VALUES ('the king is dead'), ('long live the king')")
+    conn.execute("CREATE VIEW long_notes AS SELECT body FROM notes WHERE length(body) > 16")
     conn.commit()
     conn.close()
     result = CliRunner().invoke(main, ["train", str(corpus), "--db", str(app), "--prefix",
@@ -285,6 +286,12 @@ def damage_cases():
          "is 512 bytes, not 396"),
         ("wrong shape", "UPDATE config SET value = 16 WHERE key = 'embed_dim'",
          "not of the config's embed_dim 16"),
+        ("trigger", "CREATE TRIGGER t AFTER INSERT ON metrics BEGIN DELETE FROM layers; END",
+         "views or triggers sqlgpt did not create (t)"),
+        ("view", "CREATE VIEW extra AS SELECT 1", "did not create (extra)"),
+        ("tensors view replaced", "DROP VIEW tensors; CREATE VIEW tensors AS SELECT name, layer, "
+         "component, rows, cols, mean, std, min, max, l2 FROM tensor_stats",
+         "did not create (tensors)"),
         ("extra tensor", "INSERT INTO tensor_stats SELECT step, 'layers.0.extra', layer, "
                          "component, rows, cols, mean, std, min, max, l2 FROM tensor_stats "
                          "WHERE name = 'layers.0.q'", "layers.0.extra has 0 of its 32 rows"),
@@ -297,7 +304,7 @@ def test_damaged_databases_are_sql_errors(models, tmp_path):
         db = tmp_path / f"{name.replace(' ', '_')}.db"
         shutil.copy(models["byte"], db)  # untied: rows in every weight table
         conn = sqlite3.connect(db)
-        conn.execute(sql)
+        conn.executescript(sql)
         conn.commit()
         conn.close()
         runs.append({"db": str(db), "queries": ["SELECT sqlgpt_generate('a', 3, 0)",
@@ -343,6 +350,68 @@ def test_fuzzed_databases_never_crash_the_host(models, tmp_path):
     for result in client(runs):
         for value in result:
             assert value is None or isinstance(value, (str, float)) or "error" in value
+
+
+def test_the_loader_fuzz_corpus_through_the_extension(models, tmp_path):
+    """The loader fuzz tests' damage (test_fuzz_loader.SQL_DAMAGE), a few
+    statements at a time: the extension gives a result or a SQL error, and
+    refuses every file the Python loader refuses."""
+    from test_fuzz_loader import SQL_DAMAGE
+    statements = SQL_DAMAGE.elements
+    rng = np.random.default_rng(1)
+    values = ["0", "-1", "3", "1e12", "0.5", "'x'", "NULL", "''", "65537", "4", "2"]
+    keys = ["embed_dim", "num_heads", "num_layers", "seq_len", "n_vocab", "kv_heads", "norm",
+            "pos", "mlp", "tie_weights", "final_norm", "norm_eps", "tokenizer"]
+    runs, paths = [], []
+    for case in range(60):
+        path = tmp_path / f"damaged{case}.db"
+        shutil.copy(models["byte"], path)
+        conn = sqlite3.connect(path)
+        for _ in range(int(rng.integers(1, 4))):
+            template = statements[int(rng.integers(len(statements)))]
+            k = int(rng.integers(0, 2000))
+            sql = template.format(k=k, n=k % 600, v=values[int(rng.integers(len(values)))],
+                                  key=keys[int(rng.integers(len(keys)))],
+                                  wt=["layers", "head", "embeddings", "norms"][k % 4],
+                                  tbl=["config", "vocab", "head", "metrics", "norms"][k % 5])
+            try:
+                conn.execute(sql)
+            except sqlite3.Error:
+                pass
+        conn.commit()
+        conn.close()
+        paths.append(path)
+        runs.append({"db": str(path), "queries": ["SELECT sqlgpt_generate('the', 4, 0.8, 1)",
+                                                  "SELECT sqlgpt_embed('the king')"]})
+    for path, result in zip(paths, client(runs)):
+        for value in result:
+            assert value is None or isinstance(value, str) or "blob" in value or \
+                "error" in value, value
+        try:
+            sqlgpt.load(path)
+        except SqlgptError:
+            assert "error" in result[0], (path, result)  # what Python refuses, C refuses
+
+
+def test_fuzzed_arguments_are_results_or_sql_errors(models):
+    rng = np.random.default_rng(2)
+    pool = ["NULL", "0", "-1", "1", "4096", "4097", "9223372036854775807", "-9223372036854775808",
+            "1e308", "-0.0", "0.5", "'nan'", "x''", "x'00ff'", "''", "'the king'",
+            "CAST(x'c3' AS TEXT)", "CAST(x'eda080' AS TEXT)", "'\u0000'", "char(0)",
+            "printf('%.*c', 3000, 'z')", "'😀😀'", "zeroblob(10)", "100.0", "'12'"]
+    calls = []
+    for _ in range(150):
+        name, arity = [("sqlgpt_generate", 4), ("sqlgpt_tokens", 1), ("sqlgpt_logprob", 1),
+                       ("sqlgpt_embed", 1)][int(rng.integers(4))]
+        n = int(rng.integers(1, arity + 1))
+        args = ", ".join(pool[int(rng.integers(len(pool)))] for _ in range(n))
+        calls.append(f"SELECT {name}({args})")
+    calls.append("SELECT sqlgpt_generate('the', 5, 0)")
+    ours, = client([{"db": str(models["char"]), "queries": calls}])
+    for sql, value in zip(calls, ours):
+        assert value is None or isinstance(value, (str, float)) or "blob" in value or \
+            "error" in value, (sql, value)
+    assert isinstance(ours[-1], str)  # and the connection still works
 
 
 def test_threads_share_a_connection(models):
