@@ -5,7 +5,7 @@ OpenMP, so both cores are used and the SIMD width fits the CPU. Set
 SQLGPT_PORTABLE=1 to build for a generic x86-64/ARM target instead, and
 SQLGPT_SANITIZE=1 for an AddressSanitizer/UBSan build.
 """
-import json
+import ast
 import os
 from pathlib import Path
 
@@ -92,11 +92,24 @@ def schema_names():
     rows = conn.execute("SELECT type, name, sql FROM sqlite_master WHERE type IN "
                         "('table', 'view') ORDER BY rowid").fetchall()
     conn.close()
-    names = ", ".join(f'"{name}"' for _, name, _ in rows)
-    views = ", ".join("{" + ", ".join(json.dumps(v) for v in (name, sql)) + "}"
+    names = ", ".join(c_string(name) for _, name, _ in rows)
+    views = ", ".join(f"{{{c_string(name)}, {c_string(sql)}}}"
                       for kind, name, sql in rows if kind == "view")
+    # the BPE pre-tokenization rule's pattern, which a bpe model records
+    source = (ROOT / "sqlgpt" / "tokenizers" / "bpe.py").read_text()
+    pattern = next(node.value.value for node in ast.parse(source).body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") ==
+                   "PATTERN")
     return (f"static const char *const MODEL_NAMES[] = {{{names}}};\n"
-            f"static const char *const MODEL_VIEWS[][2] = {{{views}}};\n")
+            f"static const char *const MODEL_VIEWS[][2] = {{{views}}};\n"
+            f"static const char BPE_PATTERN[] = {c_string(pattern)};\n")
+
+
+def c_string(text):
+    """text as a C string literal (UTF-8; octal escapes for what is not
+    printable ASCII)."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and chr(b) not in '"\\?' else f"\\{b:03o}"
+                         for b in text.encode()) + '"'
 
 
 def build_sqlite_extension(out_path, build_dir):

@@ -24,7 +24,7 @@ typedef struct {
     Merge *merges; int n_merges;          /* bpe: in rank order */
     int *merge_slots; int merge_cap;      /* bpe: hash of (left, right) -> merge index */
     int byte_id[256];                     /* byte, bpe: the id of each single byte */
-    int *word_slots; int word_cap;        /* word: hash of a word's bytes -> id */
+    int *id_slots; int id_cap;            /* hash of a token's bytes -> id */
 } Tokenizer;
 
 /* A growable array of ids. */

@@ -36,6 +36,7 @@ typedef struct {
     double *probs;
     Tokenizer tok;
     sqlite3_int64 step;      /* the checkpoint loaded: a newer one reloads */
+    char *file;              /* and the file it came from (another one reloads) */
 } Model;
 
 typedef struct {
@@ -45,6 +46,8 @@ typedef struct {
     int precision;
     Model *model;
     sqlite3_mutex *mutex;    /* one call at a time per connection: one KV cache */
+    int busy;                /* a call is running (SQL it runs must not call back in) */
+    int refs;                /* the registered functions sharing this state */
 } Ext;
 
 /* ---- errors: a message in err (static-sized), returned as SQL errors ---- */
@@ -67,17 +70,21 @@ static void *own_alloc(Model *m, size_t bytes) {
         m->owned = grown;
         m->cap_owned = cap;
     }
-    void *p = NULL;
-    if (posix_memalign(&p, 64, bytes ? bytes : 64)) return NULL;
-    memset(p, 0, bytes ? bytes : 64);
+    /* calloc: large blocks come zeroed from the system, page by page as
+     * they are touched (a KV cache the size of the whole context costs
+     * only what generation fills) */
+    if (bytes > SIZE_MAX - 128) return NULL;
+    char *p = calloc(1, bytes + 64);
+    if (!p) return NULL;
     m->owned[m->n_owned++] = p;
-    return p;
+    return p + (64 - (uintptr_t)p % 64) % 64;
 }
 
 static void model_free(Model *m) {
     if (!m) return;
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
+    sqlite3_free(m->file);
     tok_free(&m->tok);
     free(m);
 }
@@ -216,7 +223,7 @@ static int check_views(const Ext *x, Err *e) {
 
 /* ---- the config table ---- */
 typedef struct {
-    int layers, embed, heads, kv_heads, seq_len, vocab, final_norm, tie;
+    int layers, embed, heads, kv_heads, seq_len, vocab, final_norm, tie, bias, norm_affine;
     int norm, pos, mlp, lora;
     double norm_eps, rope_theta;
     char tokenizer[16];
@@ -249,6 +256,8 @@ static int read_config(const Ext *x, Config *c, Err *e) {
         else if (!strcmp(key, "n_vocab")) c->vocab = value;
         else if (!strcmp(key, "final_norm")) c->final_norm = value;
         else if (!strcmp(key, "tie_weights")) c->tie = value;
+        else if (!strcmp(key, "bias")) c->bias = value;
+        else if (!strcmp(key, "norm_affine")) c->norm_affine = value;
         else if (!strcmp(key, "norm_eps")) c->norm_eps = sqlite3_column_double(s, 1);
         else if (!strcmp(key, "rope_theta")) c->rope_theta = sqlite3_column_double(s, 1);
         else if (!strcmp(key, "norm")) c->norm = choose(text, norms, 2);
@@ -263,11 +272,13 @@ static int read_config(const Ext *x, Config *c, Err *e) {
     if (c->lora)
         return fail(e, "the model is a LoRA fine-tune: `sqlgpt merge` it into a plain model for "
                        "the extension");
-    if (c->layers < 1 || c->layers > 1024 || c->embed < 1 || c->embed > 65536 || c->heads < 1 ||
-        c->embed % c->heads || c->kv_heads < 0 || (c->kv_heads && c->heads % c->kv_heads) ||
-        c->seq_len < 1 || c->seq_len > 1 << 20 || c->vocab < 1 || c->vocab > 1 << 24 ||
-        c->norm < 0 || c->pos < 0 || c->mlp < 0 || !(c->norm_eps > 0) ||
-        !(c->rope_theta > 0) || (c->pos == 2 && (c->embed / c->heads) % 2))
+    /* arch.validate's limits and rules */
+    if (c->layers < 1 || c->layers > 1024 || c->embed < 1 || c->embed > 16384 || c->heads < 1 ||
+        c->heads > 16384 || c->embed % c->heads || c->kv_heads < 0 || c->kv_heads > c->heads ||
+        (c->kv_heads && c->heads % c->kv_heads) || c->seq_len < 1 || c->seq_len > 65536 ||
+        c->vocab < 1 || c->vocab > 10000000 || c->norm < 0 || c->pos < 0 || c->mlp < 0 ||
+        !(c->norm_eps > 0 && c->norm_eps < 1) || !(c->rope_theta > 1 && isfinite(c->rope_theta)) ||
+        (c->pos == 2 && (c->embed / c->heads) % 2) || (c->pos == 1 && c->embed % 2))
         return fail(e, "the config table is damaged (an impossible architecture)");
     return 0;
 }
@@ -277,9 +288,21 @@ typedef struct {
     char name[64];
     int rows, cols, seen;
     float *data;
+    unsigned char *has_row;  /* which rows were read (each exactly once) */
 } Tensor;
 
 typedef struct { Tensor *t; int n; } Tensors;
+
+/* Every tensor's storage, once its shape is known to be the model's. */
+static int alloc_tensors(Model *m, Tensors *ts, Err *e) {
+    for (int i = 0; i < ts->n; i++) {
+        Tensor *t = &ts->t[i];
+        t->data = own_alloc(m, sizeof(float) * (size_t)t->rows * (size_t)t->cols);
+        t->has_row = own_alloc(m, (size_t)t->rows);
+        if (!t->data || !t->has_row) return fail(e, "out of memory");
+    }
+    return 0;
+}
 
 static Tensor *find_tensor(Tensors *ts, const char *name) {
     for (int i = 0; i < ts->n; i++)
@@ -287,14 +310,15 @@ static Tensor *find_tensor(Tensors *ts, const char *name) {
     return NULL;
 }
 
-static int read_shapes(const Ext *x, Model *m, Tensors *ts, Err *e) {
+static int read_shapes(const Ext *x, Tensors *ts, Err *e) {
     sqlite3_stmt *s = prepare(x, e, "SELECT name, rows, cols FROM \"%w\".\"%w%w\"", "tensors");
     if (!s) return -1;
     int cap = 0;
     while (sqlite3_step(s) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(s, 0);
         sqlite3_int64 rows = sqlite3_column_int64(s, 1), cols = sqlite3_column_int64(s, 2);
-        if (!name || strlen(name) >= 64 || rows < 1 || cols < 1 || rows * cols > (1LL << 31)) {
+        if (!name || strlen(name) >= 64 || rows < 1 || cols < 1 || rows > INT32_MAX ||
+            cols > INT32_MAX || rows > (1LL << 31) / cols) {
             sqlite3_finalize(s);
             return fail(e, "the tensors view is damaged");
         }
@@ -307,8 +331,7 @@ static int read_shapes(const Ext *x, Model *m, Tensors *ts, Err *e) {
         Tensor *t = &ts->t[ts->n++];
         snprintf(t->name, sizeof(t->name), "%s", name);
         t->rows = (int)rows, t->cols = (int)cols, t->seen = 0;
-        t->data = own_alloc(m, sizeof(float) * (size_t)(rows * cols));
-        if (!t->data) return sqlite3_finalize(s), fail(e, "out of memory");
+        t->data = NULL, t->has_row = NULL;
     }
     if (sqlite3_finalize(s) != SQLITE_OK || !ts->n)
         return fail(e, "cannot read the tensors view: %s", sqlite3_errmsg(conn_of(x)));
@@ -317,20 +340,22 @@ static int read_shapes(const Ext *x, Model *m, Tensors *ts, Err *e) {
 
 /* One weight row: its data, m and v BLOBs checked (length, CRC-32 of the
  * three, finite data) and the data copied into row i of t. */
-static int take_row(Tensor *t, int i, sqlite3_stmt *s, int first, Err *e) {
-    if (!t || i < 0 || i >= t->rows) return fail(e, "a weight row belongs to no tensor");
+static int take_row(Tensor *t, sqlite3_int64 i, sqlite3_stmt *s, int first, Err *e) {
+    if (!t || i < 0 || i >= t->rows || t->has_row[i])
+        return fail(e, "a weight row belongs to no tensor, or to one twice: the file is damaged");
+    t->has_row[i] = 1;
     int bytes = t->cols * 4;
     const void *blob[3];
     for (int b = 0; b < 3; b++) {
         blob[b] = sqlite3_column_blob(s, first + b);
         if (sqlite3_column_bytes(s, first + b) != bytes || !blob[b])
-            return fail(e, "row %d of %s is %d bytes, not %d: the file is damaged", i, t->name,
+            return fail(e, "row %d of %s is %d bytes, not %d: the file is damaged", (int)i, t->name,
                         sqlite3_column_bytes(s, first + b), bytes);
     }
     uint32_t crc;
     crc32_rows(&crc, blob[0], blob[1], blob[2], 1, t->cols);
     if ((sqlite3_int64)crc != sqlite3_column_int64(s, first + 3))
-        return fail(e, "row %d of %s fails its checksum: the file is damaged", i, t->name);
+        return fail(e, "row %d of %s fails its checksum: the file is damaged", (int)i, t->name);
     float *row = t->data + (size_t)i * t->cols;
     memcpy(row, blob[0], (size_t)bytes);
     for (int c = 0; c < t->cols; c++)
@@ -352,7 +377,7 @@ static int read_rows(const Ext *x, Tensors *ts, Err *e) {
         int rc;
         while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
             const char *name = (const char *)sqlite3_column_text(s, 0);
-            if (take_row(name ? find_tensor(ts, name) : NULL, sqlite3_column_int(s, 2), s, 3, e))
+            if (take_row(name ? find_tensor(ts, name) : NULL, sqlite3_column_int64(s, 2), s, 3, e))
                 return sqlite3_finalize(s), -1;
         }
         sqlite3_finalize(s);
@@ -495,6 +520,39 @@ static int check_shapes(const Tensors *ts, const ModelConfig *cfg, Err *e) {
     return 0;
 }
 
+/* The tensors the config's architecture has (arch.tensor_table): each
+ * present, and no other (check_shapes has refused unknown names). */
+static int expect(Tensors *ts, const char *name, int wanted, int *count, Err *e) {
+    int found = find_tensor(ts, name) != NULL;
+    if (found != wanted)
+        return fail(e, found ? "the model has %s, which its config gives it no place for"
+                             : "the model lacks %s", name);
+    *count += found;
+    return 0;
+}
+
+static int check_presence(Tensors *ts, const Config *c, Err *e) {
+    int affine = c->norm_affine, norm_bias = affine && c->norm == 0 && c->bias;
+    int swiglu = c->mlp == 2, count = 0;
+    static const char *const parts[] = {"ln1_w", "ln2_w", "ln1_b", "ln2_b", "q", "k", "v",
+                                        "proj", "fc1", "fc2", "gate", "q_b", "k_b", "v_b",
+                                        "proj_b", "fc1_b", "fc2_b", "gate_b"};
+    char name[96];
+    for (int l = 0; l < c->layers; l++)
+        for (int i = 0; i < 18; i++) {
+            int wanted = i < 2 ? affine : i < 4 ? norm_bias : i < 10 ? 1 : i == 10 ? swiglu
+                         : i < 17 ? c->bias : swiglu && c->bias;
+            snprintf(name, sizeof(name), "layers.%d.%s", l, parts[i]);
+            if (expect(ts, name, wanted, &count, e)) return -1;
+        }
+    if (expect(ts, "wte", 1, &count, e) || expect(ts, "wpe", c->pos == 0, &count, e) ||
+        expect(ts, "lnf_w", c->final_norm && affine, &count, e) ||
+        expect(ts, "lnf_b", c->final_norm && norm_bias, &count, e) ||
+        expect(ts, "head", !c->tie, &count, e))
+        return -1;
+    return count == ts->n ? 0 : fail(e, "the tensors view lists a tensor twice");
+}
+
 /* Each tensor into its field of the decode struct w, every matrix in
  * precision's layout (panels, or the stored int8/int4 copy). */
 static int place(const Ext *x, Model *m, Tensors *ts, const Config *c, int precision,
@@ -580,8 +638,7 @@ static int parse_merges(Tokenizer *t, const char *json, Err *e) {
         right = strtol(p, &end, 10);
         if (end == p || *end != ']') return fail(e, "the BPE merges are damaged");
         p = end + 1;
-        if (left < 0 || right < 0 || left >= t->n_ids || right >= t->n_ids ||
-            !t->raw[left] || !t->raw[right])
+        if (left < 4 || right < 4 || left >= t->n_ids || right >= t->n_ids)
             return fail(e, "a BPE merge names an id out of range");
         if (t->n_merges == cap) {
             cap = cap ? 2 * cap : 256;
@@ -591,19 +648,21 @@ static int parse_merges(Tokenizer *t, const char *json, Err *e) {
         }
         t->merges[t->n_merges++] = (Merge){(int)left, (int)right, -1};
     }
-    /* each merge's result: the token whose bytes are left's then right's */
-    for (int r = 0; r < t->n_merges; r++) {
-        Merge *mg = &t->merges[r];
-        int n = t->raw_len[mg->left] + t->raw_len[mg->right];
-        for (int id = 0; id < t->n_ids && mg->result < 0; id++)
-            if (t->raw[id] && t->raw_len[id] == n &&
-                !memcmp(t->raw[id], t->raw[mg->left], (size_t)t->raw_len[mg->left]) &&
-                !memcmp(t->raw[id] + t->raw_len[mg->left], t->raw[mg->right],
-                        (size_t)t->raw_len[mg->right]))
-                mg->result = id;
-        if (mg->result < 0) return fail(e, "a BPE merge makes no token of the vocabulary");
-    }
-    return 0;
+    return 0;  /* tok_prepare checks them and finds each one's result */
+}
+
+/* A tokenizer table value (NULL when the key is missing or not text). */
+static char *tokenizer_value(const Ext *x, const char *key, Err *e) {
+    sqlite3_stmt *s = prepare(x, e, "SELECT value FROM \"%w\".\"%w%w\" WHERE key = ?",
+                              "tokenizer");
+    if (!s) return NULL;
+    sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC);
+    char *value = NULL;
+    if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) == SQLITE_TEXT)
+        value = sqlite3_mprintf("%s", sqlite3_column_text(s, 0));
+    sqlite3_finalize(s);
+    if (!value) fail(e, "the tokenizer table has no %s", key);
+    return value;
 }
 
 static int read_tokenizer(const Ext *x, Model *m, const Config *c, Err *e) {
@@ -647,13 +706,18 @@ static int read_tokenizer(const Ext *x, Model *m, const Config *c, Err *e) {
     } else {
         t->pad_id = 0, t->unk_id = 1, t->bos_id = 2, t->eos_id = 3;
     }
-    if (t->kind == TOK_BPE) {
-        s = prepare(x, e, "SELECT value FROM \"%w\".\"%w%w\" WHERE key = 'merges'", "tokenizer");
-        if (!s) return -1;
-        int found = sqlite3_step(s) == SQLITE_ROW;
-        int status = found ? parse_merges(t, (const char *)sqlite3_column_text(s, 0), e)
-                           : fail(e, "the BPE tokenizer has no merges");
-        sqlite3_finalize(s);
+    char *kind = tokenizer_value(x, "kind", e);
+    int same = kind && !strcmp(kind, c->tokenizer);
+    sqlite3_free(kind);
+    if (!same) return fail(e, "the tokenizer table's kind is not the config's %s", c->tokenizer);
+    if (t->kind == TOK_BPE) {  /* the rule tokenize.c implements, and the merges */
+        char *pattern = tokenizer_value(x, "pattern", e), *merges = NULL;
+        int status = !pattern || strcmp(pattern, BPE_PATTERN)
+                         ? fail(e, "the BPE tokenizer's pre-tokenization pattern is not the one "
+                                   "this extension implements")
+                         : !(merges = tokenizer_value(x, "merges", e)) ? -1
+                                                                      : parse_merges(t, merges, e);
+        sqlite3_free(pattern), sqlite3_free(merges);
         if (status) return -1;
     }
     const char *problem = tok_prepare(t);
@@ -669,6 +733,20 @@ static sqlite3_int64 latest_step(const Ext *x, Err *e) {
     return step;
 }
 
+/* The file a schema reads ("" for a temporary or in-memory one). */
+static const char *file_of(const Ext *x) {
+    const char *file = sqlite3_db_filename(conn_of(x), x->own ? "main" : x->schema);
+    return file ? file : "";
+}
+
+static sqlite3_int64 data_version(const Ext *x) {
+    Err ignored;
+    sqlite3_stmt *s = prepare(x, &ignored, "PRAGMA \"%w\".data_version", "");
+    sqlite3_int64 version = s && sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+    sqlite3_finalize(s);
+    return version;
+}
+
 /* The model as the database holds it now, read in one transaction. */
 static Model *load(const Ext *x, Err *e) {
     Model *m = calloc(1, sizeof(Model));
@@ -680,7 +758,7 @@ static Model *load(const Ext *x, Err *e) {
      * snapshot; a file's own connection reads in a transaction of its own */
     if (x->own) sqlite3_exec(x->own, "BEGIN", NULL, NULL, NULL);
     int status = schema_version(x, e) < 0 || check_views(x, e) || read_config(x, &c, e) ||
-                 (m->step = latest_step(x, e)) < -1 || read_shapes(x, m, &ts, e);
+                 (m->step = latest_step(x, e)) < -1 || read_shapes(x, &ts, e);
     if (!status) {
         Tensor *k = NULL, *fc1 = NULL;
         char name[32];
@@ -701,7 +779,8 @@ static Model *load(const Ext *x, Err *e) {
         }
     }
     int integer = m->precision == PRECISION_INT8 || m->precision == PRECISION_INT4;
-    status = status || read_rows(x, &ts, e) || check_shapes(&ts, &m->cfg, e) ||
+    status = status || check_shapes(&ts, &m->cfg, e) || check_presence(&ts, &c, e) ||
+             alloc_tensors(m, &ts, e) || read_rows(x, &ts, e) ||
              (integer && quantized_set(x, m, m->precision == PRECISION_INT8 ? 8 : 4, e)) ||
              place(x, m, &ts, &c, PRECISION_FP32, &m->w32, e) ||
              (m->precision != PRECISION_FP32 && place(x, m, &ts, &c, m->precision, &m->w, e)) ||
@@ -717,6 +796,7 @@ static Model *load(const Ext *x, Err *e) {
         m->probs = own_alloc(m, sizeof(double) * (size_t)c.vocab);
         if (!m->kcache || !m->vcache || !m->logits || !m->probs) status = fail(e, "out of memory");
     }
+    if (!status && !(m->file = sqlite3_mprintf("%s", file_of(x)))) status = fail(e, "out of memory");
     if (status) {
         model_free(m);
         return NULL;
@@ -725,11 +805,29 @@ static Model *load(const Ext *x, Err *e) {
 }
 
 /* The connection's model, loaded on first use and again after a new checkpoint. */
+/* The model as the database holds it: the same one again when no new
+ * checkpoint (and no other file) is there, else read afresh. A trainer
+ * that commits while it is read makes it read again: the reads of one
+ * call are separate statements, each with its own snapshot. */
 static Model *model_of(Ext *x, Err *e) {
     sqlite3_int64 step = latest_step(x, e);
-    if (x->model && step == x->model->step) return x->model;
+    if (x->model && (step == x->model->step || step == -2) &&
+        !strcmp(file_of(x), x->model->file))
+        return x->model;  /* (a step that cannot be read now, busy say, keeps the model) */
     model_free(x->model);
-    x->model = load(x, e);
+    x->model = NULL;
+    for (int attempt = 0; attempt < 5 && !x->model; attempt++) {
+        sqlite3_int64 before = data_version(x);
+        Model *m = load(x, e);
+        if (m && before == data_version(x)) {
+            x->model = m;
+        } else if (m) {
+            model_free(m);  /* a checkpoint came in meanwhile: read it whole */
+        } else {
+            return NULL;
+        }
+    }
+    if (!x->model) fail(e, "the model kept changing while it was read (a trainer writing?)");
     return x->model;
 }
 
@@ -793,8 +891,16 @@ static void call(sqlite3_context *ctx, int argc, sqlite3_value **argv, const cha
     Ext *x = sqlite3_user_data(ctx);
     Err e = {{0}};
     sqlite3_mutex_enter(x->mutex);
-    Model *m = model_of(x, &e);
-    int status = m ? body(ctx, x, m, argc, argv, &e) : -1;
+    int status = -1;
+    if (x->busy) {
+        fail(&e, "called while another sqlgpt call on this connection runs (from a view or "
+                 "trigger?)");
+    } else {
+        x->busy = 1;
+        Model *m = model_of(x, &e);
+        status = m ? body(ctx, x, m, argc, argv, &e) : -1;
+        x->busy = 0;
+    }
     sqlite3_mutex_leave(x->mutex);
     if (status) {
         char message[600];
@@ -1026,6 +1132,12 @@ static void sqlgpt_model(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
         return;
     }
     sqlite3_mutex_enter(x->mutex);
+    if (x->busy) {
+        sqlite3_mutex_leave(x->mutex);
+        sqlite3_result_error(ctx, "sqlgpt_model: called while another sqlgpt call on this "
+                                  "connection runs", -1);
+        return;
+    }
     int is_schema = 0;
     sqlite3_stmt *s;
     if (sqlite3_prepare_v2(x->db, "SELECT 1 FROM pragma_database_list WHERE name = ?", -1, &s,
@@ -1068,8 +1180,10 @@ static void sqlgpt_model(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
     }
 }
 
+/* Each registered function's destructor: the last one frees the state. */
 static void ext_free(void *p) {
     Ext *x = p;
+    if (--x->refs > 0) return;
     model_free(x->model);
     if (x->own) sqlite3_close(x->own);
     sqlite3_mutex_free(x->mutex);
@@ -1084,7 +1198,9 @@ int sqlite3_sqlgpt_init(sqlite3 *db, char **error, const sqlite3_api_routines *a
     Ext *x = calloc(1, sizeof(Ext));
     /* a SQLite built without threads has no mutexes (NULL, whose enter and
      * leave do nothing), and no threads to keep apart */
-    if (x) x->mutex = sqlite3_mutex_alloc(SQLITE_MUTEX_FAST);
+    /* recursive: SQL a call runs may call sqlgpt again (a view), which must
+     * find the state busy, not wait on itself */
+    if (x) x->mutex = sqlite3_mutex_alloc(SQLITE_MUTEX_RECURSIVE);
     if (!x || (!x->mutex && sqlite3_threadsafe())) {
         free(x);
         *error = sqlite3_mprintf("sqlgpt: out of memory");
@@ -1101,14 +1217,19 @@ int sqlite3_sqlgpt_init(sqlite3 *db, char **error, const sqlite3_api_routines *a
         {"sqlgpt_embed", 1, sqlgpt_embed}, {"sqlgpt_model", 1, sqlgpt_model},
         {"sqlgpt_model", 2, sqlgpt_model}, {"sqlgpt_model", 3, sqlgpt_model}};
     int n = (int)(sizeof(fns) / sizeof(fns[0]));
+    x->refs = 1;  /* this function's, until every registration holds its own */
     for (int i = 0; i < n; i++) {
-        /* the last function registered owns x: freed when the connection closes */
+        /* each registration holds x; SQLite releases it when the function is
+         * replaced, when the connection closes, or when registering fails */
+        x->refs++;
         int rc = sqlite3_create_function_v2(db, fns[i].name, fns[i].nargs, SQLITE_UTF8, x,
-                                            fns[i].fn, NULL, NULL, i == n - 1 ? ext_free : NULL);
+                                            fns[i].fn, NULL, NULL, ext_free);
         if (rc != SQLITE_OK) {
             *error = sqlite3_mprintf("sqlgpt: cannot register %s", fns[i].name);
+            ext_free(x);
             return rc;
         }
     }
+    ext_free(x);  /* the registrations hold it now */
     return SQLITE_OK;
 }

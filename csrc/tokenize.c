@@ -191,9 +191,10 @@ static int *empty_slots(int n, int *cap) {
     return slots;
 }
 
-static int find_word(const Tokenizer *t, const unsigned char *w, size_t n) {
-    for (uint64_t h = hash_bytes(w, n) & (t->word_cap - 1);; h = (h + 1) & (t->word_cap - 1)) {
-        int id = t->word_slots[h];
+/* The id whose bytes are w (n bytes), or -1. */
+static int find_bytes(const Tokenizer *t, const unsigned char *w, size_t n) {
+    for (uint64_t h = hash_bytes(w, n) & (t->id_cap - 1);; h = (h + 1) & (t->id_cap - 1)) {
+        int id = t->id_slots[h];
         if (id < 0) return -1;
         if ((size_t)t->raw_len[id] == n && !memcmp(t->raw[id], w, n)) return id;
     }
@@ -208,49 +209,115 @@ static int find_merge(const Tokenizer *t, int left, int right) {
     }
 }
 
+static int words_of(const Tokenizer *t, const char *text, size_t len, Buffer *words, Ids *ends);
+
+/* The specials each kind has at its fixed ids, with no bytes; every other
+ * id with bytes, each id's distinct (check_specials). */
+static const char *check_table(Tokenizer *t) {
+    int specials = t->kind == TOK_WORD ? 2 : 4;
+    if (t->n_ids < specials + 1) return "too few ids for its kind";
+    for (int i = 0; i < t->n_ids; i++) {
+        int special = t->kind == TOK_WORD ? i == 0 || i == t->n_ids - 1 : i < 4;
+        if (special != !t->raw[i]) return "a special id has bytes, or a token has none";
+    }
+    if (!(t->id_slots = empty_slots(t->n_ids, &t->id_cap))) return "out of memory";
+    for (int i = 0; i < t->n_ids; i++) {
+        if (!t->raw[i]) continue;
+        if (find_bytes(t, t->raw[i], (size_t)t->raw_len[i]) >= 0) return "two tokens have the same bytes";
+        uint64_t h = hash_bytes(t->raw[i], (size_t)t->raw_len[i]) & (t->id_cap - 1);
+        while (t->id_slots[h] >= 0) h = (h + 1) & (t->id_cap - 1);
+        t->id_slots[h] = i;
+    }
+    return 0;
+}
+
+/* bpe: pairs of non-special ids in rank order, each of bytes or an
+ * earlier merge's token, making a token of the vocabulary; the
+ * vocabulary is the bytes and the merges' tokens (bpe._check_merges). */
+static const char *check_merges(Tokenizer *t) {
+    unsigned char *live = calloc((size_t)t->n_ids, 1);
+    Buffer joined = {0};
+    const char *problem = 0;
+    if (!live) return "out of memory";
+    for (int b = 0; b < 256; b++) live[t->byte_id[b]] = 1;
+    if (!(t->merge_slots = empty_slots(t->n_merges, &t->merge_cap))) problem = "out of memory";
+    for (int r = 0; r < t->n_merges && !problem; r++) {
+        Merge *m = &t->merges[r];
+        if (m->left < 4 || m->right < 4 || !live[m->left] || !live[m->right]) {
+            problem = "a merge uses a token no earlier merge makes";
+            break;
+        }
+        joined.n = 0;
+        if (buf_add(&joined, t->raw[m->left], (size_t)t->raw_len[m->left]) ||
+            buf_add(&joined, t->raw[m->right], (size_t)t->raw_len[m->right])) {
+            problem = "out of memory";
+            break;
+        }
+        m->result = find_bytes(t, (unsigned char *)joined.bytes, joined.n);
+        if (m->result < 0) problem = "a merge makes a token that is not in the vocabulary";
+        else if (find_merge(t, m->left, m->right) >= 0) problem = "a merge appears twice";
+        else {
+            uint64_t h = hash_pair(m->left, m->right) & (t->merge_cap - 1);
+            while (t->merge_slots[h] >= 0) h = (h + 1) & (t->merge_cap - 1);
+            t->merge_slots[h] = r;
+            live[m->result] = 1;
+        }
+    }
+    for (int i = 4; i < t->n_ids && !problem; i++)
+        if (!live[i]) problem = "a token is neither a byte nor made by a merge";
+    free(live);
+    buf_free(&joined);
+    return problem;
+}
+
 const char *tok_prepare(Tokenizer *t) {
+    const char *problem = check_table(t);
+    if (problem) return problem;
     for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
     for (int i = 0; i < t->n_ids; i++)
         if (t->raw[i] && t->raw_len[i] == 1 && t->kind != TOK_WORD) t->byte_id[t->raw[i][0]] = i;
-    if (t->kind == TOK_BYTE || t->kind == TOK_BPE)
+    if (t->kind == TOK_BYTE) {  /* exactly the specials, then byte b at 4 + b */
+        if (t->n_ids != 260) return "the byte tokenizer has other than 260 ids";
         for (int b = 0; b < 256; b++)
-            if (t->byte_id[b] < 0) return "the tokenizer lacks a token for a single byte";
-    if (t->kind == TOK_CHAR) {
-        t->n_chars = t->n_ids - 4;
-        t->char_cp = malloc(sizeof(uint32_t) * (size_t)(t->n_chars > 0 ? t->n_chars : 1));
-        if (!t->char_cp) return "out of memory";
-        for (int i = 0; i < t->n_chars; i++) {
-            size_t at = 0;
-            const unsigned char *raw = t->raw[4 + i];
-            if (!raw) return "a char token has no bytes";
-            t->char_cp[i] = next_cp(raw, &at);
-            if ((int)at != t->raw_len[4 + i] || (i && t->char_cp[i] <= t->char_cp[i - 1]))
-                return "the char tokens are not single characters in code-point order";
-        }
-    }
-    if (t->kind == TOK_WORD) {
-        if (!(t->word_slots = empty_slots(t->n_ids, &t->word_cap))) return "out of memory";
-        for (int i = 0; i < t->n_ids; i++) {
-            if (!t->raw[i]) continue;
-            uint64_t h = hash_bytes(t->raw[i], (size_t)t->raw_len[i]) & (t->word_cap - 1);
-            while (t->word_slots[h] >= 0) h = (h + 1) & (t->word_cap - 1);
-            t->word_slots[h] = i;
-        }
+            if (t->byte_id[b] != 4 + b) return "the byte tokenizer's ids are out of order";
     }
     if (t->kind == TOK_BPE) {
-        if (!(t->merge_slots = empty_slots(t->n_merges, &t->merge_cap))) return "out of memory";
-        for (int m = 0; m < t->n_merges; m++) {
-            uint64_t h = hash_pair(t->merges[m].left, t->merges[m].right) & (t->merge_cap - 1);
-            while (t->merge_slots[h] >= 0) {
-                if (t->merges[t->merge_slots[h]].left == t->merges[m].left &&
-                    t->merges[t->merge_slots[h]].right == t->merges[m].right)
-                    return "the BPE merges list a pair twice";
-                h = (h + 1) & (t->merge_cap - 1);
-            }
-            t->merge_slots[h] = m;
+        for (int b = 0; b < 256; b++)
+            if (t->byte_id[b] < 0) return "the tokenizer lacks a token for a single byte";
+        if ((problem = check_merges(t))) return problem;
+    }
+    if (t->kind == TOK_CHAR) {  /* single characters in code-point order */
+        t->n_chars = t->n_ids - 4;
+        t->char_cp = malloc(sizeof(uint32_t) * (size_t)t->n_chars);
+        if (!t->char_cp) return "out of memory";
+        for (int i = 0; i < t->n_chars; i++) {
+            const unsigned char *raw = t->raw[4 + i];
+            int valid, len = t->raw_len[4 + i];
+            size_t at = 0;
+            if (utf8_char(raw, (size_t)len, 0, &valid) != len)
+                return "a char token is not one character";
+            t->char_cp[i] = next_cp(raw, &at);
+            if (i && t->char_cp[i] <= t->char_cp[i - 1])
+                return "the char tokens are not in code-point order";
         }
     }
-    return 0;
+    if (t->kind == TOK_WORD) {  /* each a word as words_of writes it */
+        Buffer words = {0};
+        Ids ends = {0};
+        for (int i = 1; i < t->n_ids - 1 && !problem; i++) {
+            words.n = 0, ends.n = 0;
+            if (!utf8_valid((const char *)t->raw[i], (size_t)t->raw_len[i]))
+                problem = "a word is not UTF-8";
+            else if (words_of(t, (const char *)t->raw[i], (size_t)t->raw_len[i], &words, &ends))
+                problem = "out of memory";
+            else if (ends.n != 1 || words.n != (size_t)t->raw_len[i] ||
+                     memcmp(words.bytes, t->raw[i], words.n))
+                problem = "a word is not one as the word tokenizer writes them";
+        }
+        buf_free(&words);
+        ids_free(&ends);
+    }
+    return problem;
 }
 
 void tok_free(Tokenizer *t) {
@@ -261,7 +328,7 @@ void tok_free(Tokenizer *t) {
     free(t->char_cp);
     free(t->merges);
     free(t->merge_slots);
-    free(t->word_slots);
+    free(t->id_slots);
     memset(t, 0, sizeof(*t));
 }
 
@@ -291,27 +358,78 @@ static int encode_byte(const Tokenizer *t, const char *text, size_t len, Ids *ou
 }
 
 /* One BPE piece: its bytes' ids, then the lowest-rank merge (leftmost of
- * equals) applied while any adjacent pair has one. */
-static int encode_piece(const Tokenizer *t, const unsigned char *s, size_t n, Ids *out) {
-    int *tokens = malloc(sizeof(int) * (n ? n : 1));
-    if (!tokens) return -1;
-    size_t count = n;
-    for (size_t i = 0; i < n; i++) tokens[i] = t->byte_id[s[i]];
-    while (count > 1) {
-        int best = -1;
-        size_t at = 0;
-        for (size_t i = 0; i + 1 < count; i++) {
-            int m = find_merge(t, tokens[i], tokens[i + 1]);
-            if (m >= 0 && (best < 0 || m < best)) best = m, at = i;
-        }
-        if (best < 0) break;
-        tokens[at] = t->merges[best].result;
-        memmove(tokens + at + 1, tokens + at + 2, sizeof(int) * (count - at - 2));
-        count--;
+ * equals) applied while any adjacent pair has one. The candidates sit in a
+ * min-heap by (rank, position), the tokens in a linked list, so a piece of
+ * n bytes takes O(n log n), as in the tokenizers library. */
+typedef struct { int rank, at; } Candidate;
+
+static void heap_push(Candidate *heap, int *n, Candidate c) {
+    int i = (*n)++;
+    while (i && (heap[(i - 1) / 2].rank > c.rank ||
+                 (heap[(i - 1) / 2].rank == c.rank && heap[(i - 1) / 2].at > c.at))) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
     }
-    int status = 0;
-    for (size_t i = 0; i < count && !status; i++) status = ids_push(out, tokens[i]);
-    free(tokens);
+    heap[i] = c;
+}
+
+static Candidate heap_pop(Candidate *heap, int *n) {
+    Candidate top = heap[0], last = heap[--*n];
+    int i = 0;
+    for (;;) {
+        int child = 2 * i + 1;
+        if (child >= *n) break;
+        if (child + 1 < *n && (heap[child + 1].rank < heap[child].rank ||
+                               (heap[child + 1].rank == heap[child].rank &&
+                                heap[child + 1].at < heap[child].at)))
+            child++;
+        if (heap[child].rank > last.rank || (heap[child].rank == last.rank &&
+                                             heap[child].at > last.at))
+            break;
+        heap[i] = heap[child];
+        i = child;
+    }
+    heap[i] = last;
+    return top;
+}
+
+static int encode_piece(const Tokenizer *t, const unsigned char *s, size_t n, Ids *out) {
+    int *token = malloc(sizeof(int) * (n ? n : 1)), *next = malloc(sizeof(int) * (n ? n : 1));
+    int *prev = malloc(sizeof(int) * (n ? n : 1));
+    /* each merge adds at most two candidates to the n - 1 first ones */
+    Candidate *heap = malloc(sizeof(Candidate) * (3 * n + 1));
+    int status = -1, size = 0;
+    if (!token || !next || !prev || !heap) goto done;
+    for (size_t i = 0; i < n; i++) {
+        token[i] = t->byte_id[s[i]];
+        next[i] = i + 1 < n ? (int)i + 1 : -1;
+        prev[i] = (int)i - 1;
+    }
+    for (size_t i = 0; i + 1 < n; i++) {
+        int m = find_merge(t, token[i], token[i + 1]);
+        if (m >= 0) heap_push(heap, &size, (Candidate){m, (int)i});
+    }
+    while (size) {
+        Candidate c = heap_pop(heap, &size);
+        int a = c.at, b = next[a];
+        /* stale: a was merged away (token -1) or its pair changed */
+        if (token[a] < 0 || b < 0 || t->merges[c.rank].left != token[a] ||
+            t->merges[c.rank].right != token[b])
+            continue;
+        token[a] = t->merges[c.rank].result;
+        token[b] = -1;
+        next[a] = next[b];
+        if (next[b] >= 0) prev[next[b]] = a;
+        int m;
+        if (prev[a] >= 0 && (m = find_merge(t, token[prev[a]], token[a])) >= 0)
+            heap_push(heap, &size, (Candidate){m, prev[a]});
+        if (next[a] >= 0 && (m = find_merge(t, token[a], token[next[a]])) >= 0)
+            heap_push(heap, &size, (Candidate){m, a});
+    }
+    status = 0;
+    for (int i = n ? 0 : -1; i >= 0 && !status; i = next[i]) status = ids_push(out, token[i]);
+done:
+    free(token), free(next), free(prev), free(heap);
     return status;
 }
 
@@ -338,11 +456,13 @@ static int encode_bpe(const Tokenizer *t, const char *text, size_t len, Ids *out
     return 0;
 }
 
-/* The original's words: every character that is neither alphanumeric nor
- * whitespace deleted ("_" too), lower-cased, split on whitespace. */
-static int encode_word(const Tokenizer *t, const char *text, size_t len, Ids *out) {
+/* The original's words (word.words_of): every character that is neither
+ * alphanumeric nor whitespace deleted ("_" too), lower-cased, split on
+ * whitespace; their bytes one after another into words, where each ends
+ * into ends. */
+static int words_of(const Tokenizer *t, const char *text, size_t len, Buffer *words, Ids *ends) {
+    (void)t;
     uint32_t *kept = malloc(sizeof(uint32_t) * (len ? len : 1));
-    Buffer word = {0};
     if (!kept) return -1;
     long n = 0;
     for (size_t i = 0; i < len;) {
@@ -350,22 +470,32 @@ static int encode_word(const Tokenizer *t, const char *text, size_t len, Ids *ou
         if ((is_alnum(c) || is_space(c)) && c != '_') kept[n++] = c;
     }
     int status = 0;
+    size_t start = words->n;
     for (long i = 0; i <= n && !status; i++) {
         if (i == n || is_space(kept[i])) {
-            if (word.n) {
-                int id = find_word(t, (unsigned char *)word.bytes, word.n);
-                status = ids_push(out, id >= 0 ? id : t->unk_id);
-                word.n = 0;
-            }
+            if (words->n > start) status = ids_push(ends, (int)words->n);
+            start = words->n;
             continue;
         }
         uint32_t c = kept[i];
-        if (c == 0x3a3) status = put_cp(&word, lower_sigma(kept, n, i));
-        else if (c == 0x130) status = put_cp(&word, 'i') || put_cp(&word, 0x307);
-        else status = put_cp(&word, lower_of(c));
+        if (c == 0x3a3) status = put_cp(words, lower_sigma(kept, n, i));
+        else if (c == 0x130) status = put_cp(words, 'i') || put_cp(words, 0x307);
+        else status = put_cp(words, lower_of(c));
     }
     free(kept);
-    buf_free(&word);
+    return status;
+}
+
+static int encode_word(const Tokenizer *t, const char *text, size_t len, Ids *out) {
+    Buffer words = {0};
+    Ids ends = {0};
+    int status = words_of(t, text, len, &words, &ends);
+    for (int w = 0, start = 0; w < ends.n && !status; start = ends.ids[w++]) {
+        int id = find_bytes(t, (unsigned char *)words.bytes + start, (size_t)(ends.ids[w] - start));
+        status = ids_push(out, id >= 0 ? id : t->unk_id);
+    }
+    buf_free(&words);
+    ids_free(&ends);
     return status;
 }
 

@@ -115,7 +115,8 @@ def quote(text):
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_the_same_token_ids(models, corpus, kind):
-    texts = TEXTS + [corpus.read_text()[:20000]]
+    # and one 300,000-byte word: BPE merges a piece in O(n log n), as the library does
+    texts = TEXTS + [corpus.read_text()[:20000], "ab" * 100000 + "xyz" * 33333]
     queries = [f"SELECT sqlgpt_tokens({quote(t)})" for t in texts]
     ours, = client([{"db": str(models[kind]), "queries": queries}])
     model = sqlgpt.load(models[kind])
@@ -283,7 +284,7 @@ def damage_cases():
         ("bad config", "UPDATE config SET value = 5 WHERE key = 'num_heads'", "config"),
         ("vocab", "DELETE FROM vocab WHERE id = 10", "vocab"),
         ("short row", "UPDATE tensor_stats SET cols = 99 WHERE name = 'layers.0.fc1'",
-         "is 512 bytes, not 396"),
+         "layers.0.fc1_b is 1 x 128, not the 1 x 99 the config gives it"),
         ("wrong shape", "UPDATE config SET value = 16 WHERE key = 'embed_dim'",
          "not of the config's embed_dim 16"),
         ("trigger", "CREATE TRIGGER t AFTER INSERT ON metrics BEGIN DELETE FROM layers; END",
@@ -292,9 +293,11 @@ def damage_cases():
         ("tensors view replaced", "DROP VIEW tensors; CREATE VIEW tensors AS SELECT name, layer, "
          "component, rows, cols, mean, std, min, max, l2 FROM tensor_stats",
          "did not create (tensors)"),
+        ("re-entry", "DROP TABLE checkpoints; CREATE VIEW checkpoints AS SELECT "
+         "sqlgpt_tokens('a') AS step", "did not create (checkpoints)"),
         ("extra tensor", "INSERT INTO tensor_stats SELECT step, 'layers.0.extra', layer, "
                          "component, rows, cols, mean, std, min, max, l2 FROM tensor_stats "
-                         "WHERE name = 'layers.0.q'", "layers.0.extra has 0 of its 32 rows"),
+                         "WHERE name = 'layers.0.q'", "names layers.0.extra, which is no tensor of the model"),
     ]
 
 
@@ -326,6 +329,28 @@ def test_damaged_databases_are_sql_errors(models, tmp_path):
     expected.append("NaN")
     for (name, *_), result, message in zip(damage_cases() + [("nan",)], client(runs), expected):
         assert isinstance(result[0], dict) and message in result[0]["error"], (name, result)
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("UPDATE tokenizer SET value = (SELECT '[' || group_concat('[4,5]') || ']' FROM "
+     "(SELECT 1 UNION ALL SELECT 2)) WHERE key = 'merges'", "tokenizer is damaged"),
+    ("UPDATE tokenizer SET value = 'null' WHERE key = 'merges'", "merges are damaged"),
+    ("UPDATE tokenizer SET value = ' ?\\S+' WHERE key = 'pattern'", "pre-tokenization pattern"),
+    ("UPDATE tokenizer SET value = 'char' WHERE key = 'kind'", "kind is not the config's bpe"),
+    ("UPDATE vocab SET bytes = x'41' WHERE id = 299", "two tokens have the same bytes"),
+    ("UPDATE vocab SET bytes = x'41', token = 'A' WHERE id = 2", "special id has bytes"),
+])
+def test_a_damaged_bpe_tokenizer_is_refused(models, tmp_path, sql, message):
+    db = tmp_path / "model.db"
+    shutil.copy(models["bpe"], db)
+    conn = sqlite3.connect(db)
+    conn.execute(sql)
+    conn.commit()
+    conn.close()
+    result, = client([{"db": str(db), "queries": ["SELECT sqlgpt_tokens('the king')"]}])
+    assert message in result[0]["error"], result
+    with pytest.raises(SqlgptError):  # as the Python loader refuses it
+        sqlgpt.load(db)
 
 
 def test_fuzzed_databases_never_crash_the_host(models, tmp_path):
