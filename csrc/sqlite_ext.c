@@ -857,6 +857,17 @@ static int run(Model *m, const int *tokens, int n, int pos0, int n_out, int mode
     return status == SQLGPT_OK ? 0 : fail(e, "out of memory");
 }
 
+/* The host asked (sqlite3_interrupt) for the statement to stop: checked
+ * between a call's decode steps, with SQLite versions that can say so. */
+static int interrupted(const Ext *x, Err *e) {
+#ifdef sqlite3_is_interrupted
+    if (sqlite3_is_interrupted(x->db)) return fail(e, "interrupted");
+#else
+    (void)x, (void)e;
+#endif
+    return 0;
+}
+
 /* ---- argument checks ---- */
 static const char *text_arg(sqlite3_value *v, const char *fn, const char *what, int *len,
                             Err *e) {
@@ -987,7 +998,8 @@ static int generate_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlit
     int status = prompt_ids(m, prompt, len, &context, e);
     int n_prompt = context.n, T = m->cfg.max_T;
     int base = 0, pos = 0;  /* the KV cache holds context[base:base + pos] (generate.Window) */
-    for (sqlite3_int64 step = 0; step < max_tokens && !status; step++) {
+    for (sqlite3_int64 step = 0; step < max_tokens && !(status = status || interrupted(x, e));
+         step++) {
         if (context.n - base > T) base = context.n - (T / 2 > 1 ? T / 2 : 1), pos = 0;
         int rows = context.n - base - pos;
         status = run(m, context.ids + base + pos, rows, pos, 1, GENERATE, m->logits, e);
@@ -1048,7 +1060,8 @@ static int logprob_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite
     double total = 0.0;
     float *logits = malloc(sizeof(float) * (size_t)T * V);
     if (!logits) status = fail(e, "out of memory");
-    for (int window = 0; window <= last / stride + tail && !status; window++) {
+    for (int window = 0; window <= last / stride + tail && !(status = status || interrupted(x, e));
+         window++) {
         int start = window <= last / stride ? window * stride : n_targets - T;
         status = run(m, ids.ids + start, T, 0, T, SCORE, logits, e);
         int first = scored - start > 0 ? scored - start : 0;
