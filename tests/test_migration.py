@@ -236,6 +236,21 @@ def test_generate_from_a_version_1_file(v1_db):
     assert result.output.strip()
 
 
+def read_committed(db, schema, expected_arch):
+    """A committed file of an older schema, loaded as it is: its
+    architecture, step 20, its recorded logits, and not a byte changed.
+    (model, the recorded ids and logits)."""
+    import sqlgpt
+    before = db.read_bytes()
+    assert version(db) == schema
+    model = sqlgpt.load(db)
+    assert model.arch == expected_arch and model.step == 20
+    expected = np.load(DATA / f"v{schema}_model_logits.npz")
+    assert rel_err(model.logits(expected["ids"]), expected["logits"]) < 1e-5
+    assert db.read_bytes() == before  # read-only: untouched
+    return model, expected
+
+
 # ---- version 2 -> 3 ----
 # tests/data/v2_model.db.gz is a schema-2 database made by 7f64fd2 (gpt2
 # preset, char tokenizer, embed 16, 2 heads, 1 layer, seq 8, batch 4, 20
@@ -251,13 +266,7 @@ def v2_db(tmp_path):
 
 def test_version_2_reads_as_it_is_and_migrates_to_3(v2_db):
     import sqlgpt
-    before = v2_db.read_bytes()
-    assert version(v2_db) == 2
-    model = sqlgpt.load(v2_db)
-    assert model.arch == V2_ARCH and model.step == 20
-    expected = np.load(DATA / "v2_model_logits.npz")
-    assert rel_err(model.logits(expected["ids"]), expected["logits"]) < 1e-5
-    assert v2_db.read_bytes() == before  # read-only: untouched
+    model, expected = read_committed(v2_db, 2, V2_ARCH)
     weights, vocab = weights_bytes(v2_db), query(v2_db, "SELECT * FROM vocab ORDER BY id")
     others = {t: query(v2_db, f"SELECT * FROM {t} ORDER BY 1")
               for t in ("config", "tokenizer", "train_state", "checkpoints", "metrics",
@@ -345,13 +354,7 @@ def v3_db(tmp_path):
 
 def test_version_3_reads_as_it_is_and_migrates_to_4_keeping_every_row(v3_db):
     import sqlgpt
-    before = v3_db.read_bytes()
-    assert version(v3_db) == 3
-    model = sqlgpt.load(v3_db)
-    assert model.arch == V3_ARCH and model.step == 20
-    expected = np.load(DATA / "v3_model_logits.npz")
-    assert rel_err(model.logits(expected["ids"]), expected["logits"]) < 1e-5
-    assert v3_db.read_bytes() == before
+    model, expected = read_committed(v3_db, 3, V3_ARCH)
     tables = [t for t in store.tables_at(3)]
     rows = {t: query(v3_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
     store.open_database(v3_db, readonly=False).close()
