@@ -314,21 +314,31 @@ def test_bad_generation_input_is_one_line(tmp_path, trained_db, small_corpus):
 
 
 # ---- interactive, through a pseudo-terminal ----
-def read_until(fd, marker, timeout=60):
-    out = b""
-    end = time.time() + timeout
-    while marker not in out:
-        ready, _, _ = select.select([fd], [], [], max(0.0, end - time.time()))
-        if not ready:
-            raise AssertionError(f"no {marker!r} in {out!r}")
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
+class Terminal:
+    """What a pseudo-terminal's program writes, read up to markers; bytes
+    after a marker that came in the same read are kept for the next one."""
+
+    def __init__(self, fd):
+        self.fd, self.pending = fd, b""
+
+    def read_until(self, marker, timeout=60):
+        out, self.pending = self.pending, b""
+        end = time.time() + timeout
+        while marker not in out:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, end - time.time()))
+            if not ready:
+                raise AssertionError(f"no {marker!r} in {out!r}")
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        if marker in out:
+            cut = out.index(marker) + len(marker)
+            out, self.pending = out[:cut], out[cut:]
+        return out
 
 
 def test_interactive_answers_stops_on_ctrl_c_and_quits_on_ctrl_d(trained_db):
@@ -338,15 +348,16 @@ def test_interactive_answers_stops_on_ctrl_c_and_quits_on_ctrl_d(trained_db):
     if pid == 0:  # the child: the CLI on the terminal
         os.execv(command[0], command + ["generate", "--db", str(trained_db), "--interactive",
                                         "--max-tokens", "100000", "--seed", "1"])
+    terminal = Terminal(fd)
     try:
-        read_until(fd, b"> ")
+        terminal.read_until(b"> ")
         os.write(fd, b"the king\r")
-        answer = read_until(fd, b"the king")  # the echo, then the answer streams
-        answer += read_until(fd, b" ", timeout=30)
+        answer = terminal.read_until(b"the king")  # the echo, then the answer streams
+        answer += terminal.read_until(b" ", timeout=30)
         time.sleep(0.5)
         os.write(fd, b"\x03")  # Ctrl-C: ends this answer, not the program
-        answer += read_until(fd, b"[stopped]")
-        read_until(fd, b"> ")
+        answer += terminal.read_until(b"[stopped]")
+        terminal.read_until(b"> ")
         os.write(fd, b"\x04")  # Ctrl-D at the prompt quits
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
