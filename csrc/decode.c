@@ -71,6 +71,23 @@ void pack_panels(void *dst, const float *w, int C, int OC, int bf16) {
         }
 }
 
+/* A panel to fetch into cache meanwhile: `lines` cache lines from `at`. */
+typedef struct { const char *at; int lines; } Ahead;
+
+/* The lines of `ahead` a pass of C panel rows issues, spread evenly over the
+ * pass (a burst of prefetches queues up behind the memory bus, then leaves
+ * it idle while the pass computes). */
+typedef struct { const char *at; int count, spread; } Spread;
+
+static inline __attribute__((always_inline)) void fetch_spread(Spread *s, int C) {
+    s->spread += s->count;
+    if (s->spread >= C) {
+        s->spread -= C;
+        __builtin_prefetch(s->at, 0, 2);
+        s->at += 64;
+    }
+}
+
 /* Vector i of a panel row as float32 (bf16 is float32's top half). */
 static inline __attribute__((always_inline)) vfloat
 panel_vector(const void *row, int i, const int bf16) {
@@ -83,12 +100,14 @@ panel_vector(const void *row, int i, const int bf16) {
  * column summed over p in order: the order every kernel here keeps, so that
  * a row's result does not depend on which rows share its step. */
 static inline __attribute__((always_inline)) void
-panel_matvec(float *out, const float *x, const void *panel, int C, const int bf16) {
+panel_matvec(float *out, const float *x, const void *panel, int C, Spread ahead, const int bf16) {
     size_t row_bytes = (size_t)PANEL * (bf16 ? 2 : 4);
     const char *rows = panel;
     vfloat acc[NV] = {0};
-    for (int p = 0; p < C; p++)
+    for (int p = 0; p < C; p++) {
+        fetch_spread(&ahead, C);
         for (int v = 0; v < NV; v++) acc[v] += x[p] * panel_vector(rows + p * row_bytes, v, bf16);
+    }
     for (int v = 0; v < NV; v++) *(vfloat *)(out + v * VLEN) = acc[v];
 }
 
@@ -96,8 +115,8 @@ panel_matvec(float *out, const float *x, const void *panel, int C, const int bf1
  * x + r * C (r < 4): each panel vector loaded once for four rows, eight
  * accumulators, and the half panel stays in L1 for the next four rows. */
 static inline __attribute__((always_inline)) void
-panel_matvec4(float *out, const float *x, const void *panel, int C, int half, const char *ahead,
-              int ahead_lines, const int bf16) {
+panel_matvec4(float *out, const float *x, const void *panel, int C, int half, Spread ahead,
+              const int bf16) {
     size_t row_bytes = (size_t)PANEL * (bf16 ? 2 : 4);
     const char *rows = panel;
     vfloat acc[4][2];
@@ -105,7 +124,7 @@ panel_matvec4(float *out, const float *x, const void *panel, int C, int half, co
     for (int p = 0; p < C; p++) {
         const char *row = rows + p * row_bytes;
         if (half == 0) __builtin_prefetch(row + row_bytes / 2); /* the other half, next */
-        if (p < ahead_lines) __builtin_prefetch(ahead + (size_t)p * 64, 0, 2);
+        fetch_spread(&ahead, C);
         vfloat a = panel_vector(row, half, bf16), b = panel_vector(row, half + 1, bf16);
         for (int r = 0; r < 4; r++) {
             acc[r][0] += x[(size_t)r * C + p] * a;
@@ -137,34 +156,36 @@ static void epilogue(float *y, const float *x, const float *bias, int m, int act
     }
 }
 
-/* Panel block b of W (C,OC) times the n rows of x (row stride C), into out
+/* Pass `pass` of `passes` over a panel of C rows: its share of next's lines
+ * (a line per panel row at most). */
+static Spread pass_share(Ahead next, int pass, int passes, int C) {
+    int share = (next.lines + passes - 1) / passes;
+    share = share < C ? share : C;
+    int first = pass * share;
+    if (first >= next.lines) return (Spread){NULL, 0, 0};
+    return (Spread){next.at + (size_t)first * 64,
+                    next.lines - first < share ? next.lines - first : share, 0};
+}
+
+/* A panel (C, PANEL) of W times the n rows of x (row stride C), into out
  * (n, PANEL): the panel comes from memory once, and stays in cache for the
- * rows after the first four. */
-static void panel_block(float *out, const float *x, int n, const void *panels, int b,
-                        int blocks, int C, int bf16) {
-    size_t panel_bytes = (size_t)C * PANEL * (bf16 ? 2 : 4);
-    const void *panel = (const char *)panels + b * panel_bytes;
-    int quads = n / 4, passes = 2 * quads;
-    /* The first pass over the panel waits on memory; the others run from
-     * cache, and meanwhile fetch the next panel, a share of its lines each,
-     * so that memory and arithmetic overlap. */
-    const char *next = b + 1 < blocks ? (const char *)panel + panel_bytes : NULL;
-    int lines = (int)(panel_bytes / 64);
-    int share = passes > 1 ? (lines + passes - 2) / (passes - 1) : 0;
-    share = share < C ? share : C; /* a pass prefetches a line per panel row at most */
-    for (int half = 0, pass = 0; half < NV; half += 2)
+ * rows after the first four. Meanwhile every pass over it fetches a share
+ * of the next panel's lines, so that memory and arithmetic overlap. */
+static void panel_block(float *out, const float *x, int n, const void *panel, int C, int bf16,
+                        Ahead next) {
+    int quads = n / 4, passes = 2 * quads + n % 4, pass = 0;
+    for (int half = 0; half < NV; half += 2)
         for (int i = 0; i < quads; i++, pass++) {
             float *o = out + (size_t)4 * i * PANEL;
             const float *xr = x + (size_t)4 * i * C;
-            const char *ahead = next && pass ? next + (size_t)(pass - 1) * share * 64 : NULL;
-            int count = ahead ? share : 0;
-            if (ahead && (pass - 1) * share + count > lines) count = lines - (pass - 1) * share;
-            if (bf16) panel_matvec4(o, xr, panel, C, half, ahead, count, 1);
-            else panel_matvec4(o, xr, panel, C, half, ahead, count, 0);
+            Spread ahead = pass_share(next, pass, passes, C);
+            if (bf16) panel_matvec4(o, xr, panel, C, half, ahead, 1);
+            else panel_matvec4(o, xr, panel, C, half, ahead, 0);
         }
-    for (int r = 4 * quads; r < n; r++) {
-        if (bf16) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, 1);
-        else panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, 0);
+    for (int r = 4 * quads; r < n; r++, pass++) {
+        Spread ahead = pass_share(next, pass, passes, C);
+        if (bf16) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, ahead, 1);
+        else panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, ahead, 0);
     }
 }
 
@@ -187,11 +208,29 @@ static Rows rows_for(const Format *f, const float *x, int n, int C, int8_t *q, f
     return rows;
 }
 
+static size_t panel_bytes(int C, int bf16) {
+    return (size_t)C * PANEL * (bf16 ? 2 : 4);
+}
+
 /* This thread's share of n outputs, [*j0, *j1): the same every call. */
 static void own_share(int n, int *j0, int *j1) {
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
     *j0 = (int)((long)n * t / nt);
     *j1 = (int)((long)n * (t + 1) / nt);
+}
+
+/* This thread's blocks of PANEL columns of OC, [*b0, *b1). */
+static void own_blocks(int OC, int *b0, int *b1) {
+    own_share((OC + PANEL - 1) / PANEL, b0, b1);
+}
+
+/* This thread's first panel of W (C,OC) (none for integer weights). */
+static Ahead first_panel(const Format *f, const void *w, int C, int OC) {
+    int b0, b1;
+    own_blocks(OC, &b0, &b1);
+    if (f->bits || !w || b0 >= b1) return (Ahead){NULL, 0};
+    return (Ahead){(const char *)w + b0 * panel_bytes(C, f->bf16),
+                   (int)(panel_bytes(C, f->bf16) / 64)};
 }
 
 /* Outputs j0..j1-1 of the integer W (C,OC) for row r of x, into y. */
@@ -204,9 +243,11 @@ static void quant_row(float *y, const Format *f, const void *w, Rows x, int r, i
 /* y (n, OC) = act(x (n, C) @ W (C,OC) + bias), outputs shared among the team
  * (each thread always gets the same ones, so they stay in its cache): from
  * W's panels, a block of PANEL columns at a time (out is this thread's (n,
- * PANEL) scratch), or from its integer rows; bias may be NULL. No barrier. */
+ * PANEL) scratch), or from its integer rows; bias may be NULL. No barrier.
+ * During its last panel, a thread fetches `then`, its first panel of the
+ * next matmat. */
 static void matmat(float *y, Rows x, int n, const void *w, const float *bias, int C, int OC,
-                   const Format *f, int act, float *out) {
+                   const Format *f, int act, float *out, Ahead then) {
     if (f->bits) {
         int j0, j1;
         own_share(OC, &j0, &j1);
@@ -217,11 +258,13 @@ static void matmat(float *y, Rows x, int n, const void *w, const float *bias, in
         }
         return;
     }
-    int blocks = (OC + PANEL - 1) / PANEL;
-    #pragma omp for schedule(static) nowait
-    for (int b = 0; b < blocks; b++) {
+    int b0, b1, lines = (int)(panel_bytes(C, f->bf16) / 64);
+    own_blocks(OC, &b0, &b1);
+    for (int b = b0; b < b1; b++) {
         int j0 = b * PANEL, m = OC - j0 < PANEL ? OC - j0 : PANEL;
-        panel_block(out, x.x, n, w, b, blocks, C, f->bf16);
+        const char *panel = (const char *)w + b * panel_bytes(C, f->bf16);
+        Ahead next = b + 1 < b1 ? (Ahead){panel + panel_bytes(C, f->bf16), lines} : then;
+        panel_block(out, x.x, n, panel, C, f->bf16, next);
         for (int r = 0; r < n; r++)
             epilogue(y + (size_t)r * OC + j0, out + (size_t)r * PANEL, bias ? bias + j0 : NULL, m,
                      act);
@@ -237,7 +280,7 @@ static inline float swiglu_of(float g, float u, const float *gate_b, const float
  * thread's (2n, PANEL) scratch. */
 static void matmat_swiglu(float *h, Rows x, int n, const void *gate, const float *gate_b,
                           const void *up, const float *up_b, int C, int F, const Format *f,
-                          float *out) {
+                          float *out, Ahead then) {
     if (f->bits) { /* the gate's outputs in h, the up half's PANEL at a time in out */
         int j0, j1;
         own_share(F, &j0, &j1);
@@ -252,13 +295,16 @@ static void matmat_swiglu(float *h, Rows x, int n, const void *gate, const float
         }
         return;
     }
-    int blocks = (F + PANEL - 1) / PANEL;
+    int b0, b1, lines = (int)(panel_bytes(C, f->bf16) / 64);
     float *g = out, *u = out + (size_t)n * PANEL;
-    #pragma omp for schedule(static) nowait
-    for (int b = 0; b < blocks; b++) {
+    own_blocks(F, &b0, &b1);
+    for (int b = b0; b < b1; b++) { /* the gate's panel, then the up one's, then the next gate's */
         int j0 = b * PANEL, m = F - j0 < PANEL ? F - j0 : PANEL;
-        panel_block(g, x.x, n, gate, b, blocks, C, f->bf16);
-        panel_block(u, x.x, n, up, b, blocks, C, f->bf16);
+        size_t at = b * panel_bytes(C, f->bf16);
+        const char *gate_panel = (const char *)gate + at, *up_panel = (const char *)up + at;
+        panel_block(g, x.x, n, gate_panel, C, f->bf16, (Ahead){up_panel, lines});
+        panel_block(u, x.x, n, up_panel, C, f->bf16,
+                    b + 1 < b1 ? (Ahead){gate_panel + panel_bytes(C, f->bf16), lines} : then);
         for (int r = 0; r < n; r++)
             for (int j = 0; j < m; j++)
                 h[(size_t)r * F + j0 + j] = swiglu_of(g[(size_t)r * PANEL + j],
@@ -299,8 +345,10 @@ typedef struct {
     float *kcache, *vcache;   /* every slot's caches */
 } Step;
 
-/* Row r's key cache (KVH, Tk / VLEN, hs, VLEN) and value cache (max_T,
- * KVH*hs) of layer l. */
+/* Row r's key cache (KVH, Tk / VLEN, hs, VLEN) and value cache (KVH, max_T,
+ * hs) of layer l: a head's keys and values are each one run of memory,
+ * which the hardware prefetcher streams (a batch's attention reads its
+ * caches from memory: the weights stream through the caches in between). */
 static float *keys_of(const Step *s, int r, int l) {
     const ModelConfig *cfg = s->cfg;
     size_t layer = (size_t)cfg->KVH * s->hs * s->Tk;
@@ -328,8 +376,8 @@ static void store_kv(const Step *s, int l, float *k, const float *v) {
         if (s->cfg->pos == POS_ROPE) rope_row(kg, cos, cos + hs / 2, 1, hs, 1.0f);
         float *block = kh + (size_t)(pos / VLEN) * hs * VLEN + pos % VLEN;
         for (int d = 0; d < hs; d++) block[(size_t)d * VLEN] = kg[d];
-        memcpy(values_of(s, r, l) + (size_t)pos * KVC + g * hs, v + (size_t)r * KVC + g * hs,
-               sizeof(float) * hs);
+        memcpy(values_of(s, r, l) + ((size_t)g * s->cfg->max_T + pos) * hs,
+               v + (size_t)r * KVC + g * hs, sizeof(float) * hs);
     }
 }
 
@@ -357,11 +405,10 @@ static void score_keys(float *scores, const float *q, const float *keys, int n, 
     }
 }
 
-/* out (hs) = sum_t p_t v_t (t < n), values rows KVC apart: two vectors of
+/* out (hs) = sum_t p_t v_t (t < n), values (n, hs): two vectors of
  * head dimensions at a time, the positions split in four interleaved sums
  * (eight independent FMA chains), added at the end. */
-static void weigh_values(float *out, const float *p, const float *values, int n, int hs,
-                         int KVC) {
+static void weigh_values(float *out, const float *p, const float *values, int n, int hs) {
     int d = 0;
     for (; d + 2 * VLEN <= hs; d += 2 * VLEN) {
         vfloat acc[4][2] = {0};
@@ -370,16 +417,16 @@ static void weigh_values(float *out, const float *p, const float *values, int n,
             for (int j = 0; j < 4; j++)
                 for (int v = 0; v < 2; v++)
                     acc[j][v] += p[t + j] *
-                                 *(const vfloat *)(values + (size_t)(t + j) * KVC + d + v * VLEN);
+                                 *(const vfloat *)(values + (size_t)(t + j) * hs + d + v * VLEN);
         for (; t < n; t++)
             for (int v = 0; v < 2; v++)
-                acc[0][v] += p[t] * *(const vfloat *)(values + (size_t)t * KVC + d + v * VLEN);
+                acc[0][v] += p[t] * *(const vfloat *)(values + (size_t)t * hs + d + v * VLEN);
         for (int v = 0; v < 2; v++)
             *(vfloat *)(out + d + v * VLEN) = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
     }
     for (; d < hs; d++) {
         float acc = 0.0f;
-        for (int t = 0; t < n; t++) acc += p[t] * values[(size_t)t * KVC + d];
+        for (int t = 0; t < n; t++) acc += p[t] * values[(size_t)t * hs + d];
         out[d] = acc;
     }
 }
@@ -390,7 +437,6 @@ static void weigh_values(float *out, const float *p, const float *values, int n,
  * from stale keys and never used. Ends in a barrier. */
 static void attend(const Step *s, int l, float *att, float *scores, float *q) {
     int hs = s->hs, Tk = s->Tk, NH = s->cfg->NH, group = NH / s->cfg->KVH, C = s->cfg->C;
-    int KVC = s->cfg->KVH * hs;
     float scale = 1.0f / sqrtf((float)hs);
     #pragma omp for schedule(static)
     for (int rh = 0; rh < s->n * NH; rh++) {
@@ -407,7 +453,8 @@ static void attend(const Step *s, int l, float *att, float *scores, float *q) {
             sum += scores[t];
         }
         float *ah = att + (size_t)r * C + h * hs, inv = 1.0f / sum;
-        weigh_values(ah, scores, values_of(s, r, l) + (h / group) * hs, n, hs, KVC);
+        weigh_values(ah, scores, values_of(s, r, l) + (size_t)(h / group) * s->cfg->max_T * hs,
+                     n, hs);
         for (int d = 0; d < hs; d++) ah[d] *= inv;
     }
 }
@@ -453,25 +500,34 @@ static void decode_block(const Step *s, const ModelTensors *w, int l, const Form
     const ModelConfig *cfg = s->cfg;
     const LayerTensors *L = &w->layers[l];
     int C = cfg->C, KVC = cfg->KVH * s->hs, F = cfg->F, n = s->n;
+    int swiglu = cfg->mlp == MLP_SWIGLU;
+    /* each matmat fetches the start of the one after it */
+    Ahead k = first_panel(f, L->k, C, KVC), v = first_panel(f, L->v, C, KVC);
+    Ahead proj = first_panel(f, L->proj, C, C);
+    Ahead fc1 = first_panel(f, swiglu ? L->gate : L->fc1, C, F);
+    Ahead fc2 = first_panel(f, L->fc2, F, C);
+    Ahead after = l + 1 < cfg->num_layers ? first_panel(f, w->layers[l + 1].q, C, C)
+                                          : first_panel(f, w->head, C, cfg->V);
     Rows ln = own_rows(f, o, o.ln, n, C);
-    matmat(r.q, ln, n, L->q, L->q_b, C, C, f, ACT_NONE, o.out);
-    matmat(r.k, ln, n, L->k, L->k_b, C, KVC, f, ACT_NONE, o.out);
-    matmat(r.v, ln, n, L->v, L->v_b, C, KVC, f, ACT_NONE, o.out);
+    matmat(r.q, ln, n, L->q, L->q_b, C, C, f, ACT_NONE, o.out, k);
+    matmat(r.k, ln, n, L->k, L->k_b, C, KVC, f, ACT_NONE, o.out, v);
+    matmat(r.v, ln, n, L->v, L->v_b, C, KVC, f, ACT_NONE, o.out, proj);
     #pragma omp barrier
     store_kv(s, l, r.k, r.v);
     attend(s, l, r.att, o.scores, r.q);
     matmat(r.branch, own_rows(f, o, r.att, n, C), n, L->proj, L->proj_b, C, C, f, ACT_NONE,
-           o.out);
+           o.out, fc1);
     #pragma omp barrier
     add_and_norm(cfg, n, o, r.branch, L->ln2_w, L->ln2_b);
     ln = own_rows(f, o, o.ln, n, C);
-    if (cfg->mlp == MLP_SWIGLU)
-        matmat_swiglu(r.h, ln, n, L->gate, L->gate_b, L->fc1, L->fc1_b, C, F, f, o.out);
+    if (swiglu)
+        matmat_swiglu(r.h, ln, n, L->gate, L->gate_b, L->fc1, L->fc1_b, C, F, f, o.out, fc2);
     else
         matmat(r.h, ln, n, L->fc1, L->fc1_b, C, F, f, cfg->mlp == MLP_RELU ? ACT_RELU : ACT_GELU,
-               o.out);
+               o.out, fc2);
     #pragma omp barrier
-    matmat(r.branch, own_rows(f, o, r.h, n, F), n, L->fc2, L->fc2_b, F, C, f, ACT_NONE, o.out);
+    matmat(r.branch, own_rows(f, o, r.h, n, F), n, L->fc2, L->fc2_b, F, C, f, ACT_NONE, o.out,
+           after);
     #pragma omp barrier
     const float *weight, *bias;
     next_norm(cfg, w, l, &weight, &bias);
@@ -539,7 +595,7 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, i
                     memcpy(logits, last, sizeof(float) * (size_t)n_out * C);
             } else
                 matmat(logits, own_rows(&f, o, last, n_out, C), n_out, w->head, NULL, C, cfg->V,
-                       &f, ACT_NONE, o.out);
+                       &f, ACT_NONE, o.out, (Ahead){NULL, 0});
         }
     }
     return take_status();

@@ -346,6 +346,9 @@ def test_interactive_answers_stops_on_ctrl_c_and_quits_on_ctrl_d(trained_db):
     command = [sqlgpt_cli] if sqlgpt_cli else [sys.executable, "-m", "sqlgpt.cli"]
     pid, fd = pty.fork()
     if pid == 0:  # the child: the CLI on the terminal
+        # Ctrl-C as a user's shell delivers it, also where pytest runs as a
+        # background job (which inherits SIGINT ignored, as exec keeps it)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(command[0], command + ["generate", "--db", str(trained_db), "--interactive",
                                         "--max-tokens", "100000", "--seed", "1"])
     terminal = Terminal(fd)
