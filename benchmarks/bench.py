@@ -145,6 +145,32 @@ def median_time(fn, repeats):
     return statistics.median(timings(fn, repeats))
 
 
+def elapsed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(measures, repeats, warmup=1):
+    """{name: median of measure()} over repeats rounds, each round running
+    every measure once in turn (after warmup untimed rounds): a drift of the
+    machine's speed then falls on all of them alike, not on whichever ran
+    last, so their ratios hold. Between PyTorch's measures ("torch...") and
+    sqlgpt's, the pool that ran last is given time to stop spinning."""
+    values = {name: [] for name in measures}
+    last_side = None
+    for round_ in range(warmup + repeats):
+        for name, measure in measures.items():
+            side = name.startswith("torch")
+            if last_side is not None and side != last_side:
+                time.sleep(POOL_IDLE_S)
+            last_side = side
+            value = measure()
+            if round_ >= warmup:
+                values[name].append(value)
+    return {name: statistics.median(v) for name, v in values.items()}
+
+
 def peak_rss_mb():
     """This process's peak resident set so far. Linux: VmHWM, because
     ru_maxrss survives exec and a child would report its parent's peak at
@@ -305,19 +331,15 @@ def batch_greedy(decoder, prompts, n_new):
     return out
 
 
-def decode_phase_rate(tokens, per_step, repeats):
-    """Median tokens/s after the first step (the prompt's, which yields
-    per_step tokens), over repeats runs of tokens() (a generator): the decode
-    phase alone, as llama.cpp's "eval" figure counts it, beside the whole
-    run's rate."""
-    rates = []
-    for _ in range(repeats + 1):  # the first run warms up
-        count, start = 0, None
-        for _ in tokens():
-            count += 1
-            start = start or time.perf_counter()
-        rates.append((count - per_step) / (time.perf_counter() - start))
-    return statistics.median(rates[1:])
+def decode_phase_rate(tokens, per_step):
+    """Tokens/s after the first step (the prompt's, which yields per_step
+    tokens) of a run of tokens() (a generator): the decode phase alone, as
+    llama.cpp's "eval" figure counts it, beside the whole run's rate."""
+    count, start = 0, None
+    for _ in tokens():
+        count += 1
+        start = start or time.perf_counter()
+    return (count - per_step) / (time.perf_counter() - start)
 
 
 def compare_generation(model, torch_model, arch, repeats):
@@ -347,19 +369,22 @@ def compare_generation(model, torch_model, arch, repeats):
     if torch_model is not None:
         runs["torch"] = lambda: torch_model.generate_greedy(prompt, n_new)
         runs["torch_batch"] = lambda: torch_model.generate_greedy(prompts, n_new)
-    result = {"tokens_per_s": {name: n_new * (BATCH if name.endswith("_batch") else 1)
-                               / median_time(fn, repeats) for name, fn in runs.items()},
-              "prompt_tokens": n_prompt, "new_tokens": n_new, "decoder_setup_s": setup_s,
-              "batch": BATCH, "matrix_mb": {p: b / 1e6 for p, b in matrix_bytes.items()}}
     # the decode phase alone: the steps after the prompt's (the first yields
     # one token per sequence)
     from sqlgpt.generate import Sampler, generate_batch
     fp32 = Decoder(model, "fp32", slots=BATCH)
-    result["decode_tokens_per_s"] = {
-        "sqlgpt": decode_phase_rate(lambda: generate_ids(fp32, prompt, n_new, 0), 1, repeats),
-        "sqlgpt_batch": decode_phase_rate(
-            lambda: generate_batch(fp32, prompts, n_new, Sampler(temperature=0)), BATCH,
-            repeats)}
+    phases = {
+        "sqlgpt": lambda: decode_phase_rate(lambda: generate_ids(fp32, prompt, n_new, 0), 1),
+        "sqlgpt_batch": lambda: decode_phase_rate(
+            lambda: generate_batch(fp32, prompts, n_new, Sampler(temperature=0)), BATCH)}
+    # one sequence and the batch in turn, round after round, as their ratio is the figure
+    measured = interleaved({**{name: functools.partial(elapsed, fn) for name, fn in runs.items()},
+                            **{f"phase_{name}": fn for name, fn in phases.items()}}, repeats)
+    result = {"tokens_per_s": {name: n_new * (BATCH if name.endswith("_batch") else 1)
+                               / measured[name] for name in runs},
+              "decode_tokens_per_s": {name: measured[f"phase_{name}"] for name in phases},
+              "prompt_tokens": n_prompt, "new_tokens": n_new, "decoder_setup_s": setup_s,
+              "batch": BATCH, "matrix_mb": {p: b / 1e6 for p, b in matrix_bytes.items()}}
     tokens = {name: fn() for name, fn in runs.items()}
     result["batch_tokens_match"] = tokens["sqlgpt_batch"][0] == tokens["sqlgpt"]
     # how many greedy tokens bf16 decoding shares with float32 before they part
