@@ -37,8 +37,8 @@ class Decoder:
     """A snapshot of a model's weights in the layout the C decode step reads
     (every matrix as column panels, packed once here; a tied head is wte
     transposed), plus a KV cache for each of `slots` sequences: values
-    (num_layers, seq_len, kv_dim) per slot, keys in the kernel's transposed
-    layout. Later changes to the model's weights are not seen: make a new
+    (num_layers, kv_heads, seq_len, head_dim) per slot, keys in the kernel's
+    blocked layout. Later changes to the model's weights are not seen: make a new
     Decoder after training further.
 
     precision "bf16" rounds the matrices to bfloat16 (8 significant bits) for
@@ -139,7 +139,8 @@ class Decoder:
         """KV caches for `slots` sequences (what the slots held is dropped)."""
         arch = self.arch
         self.slots = slots
-        self.vcache = aligned_zeros((slots, arch.num_layers, arch.seq_len, arch.kv_dim))
+        self.vcache = aligned_zeros((slots, arch.num_layers, arch.n_kv_heads, arch.seq_len,
+                                     arch.head_dim))
         self.kcache = aligned_zeros((slots * lib.key_cache_size(self.config),))
         self._k, self._v = fptr(self.kcache), fptr(self.vcache)
 

@@ -57,3 +57,16 @@ def test_extension_bench_tiny_runs(tmp_path):
     tiny = json.loads(out.read_text())["tiny"]
     assert tiny["shell_tokens_per_s"] > 0 and tiny["python_tokens_per_s"] > 0
     assert tiny["same_text"]
+
+
+def test_decode_steps_reports_every_row_count(tmp_path):
+    script = BENCH.parent / "decode_steps.py"
+    proc = subprocess.run([sys.executable, str(script), "--configs", "baby", "--rounds", "1",
+                           "--markdown"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| baby |")]
+    assert [int(r[1]) for r in rows] == [1, 2, 4, 8, 16]
+    assert rows[0][4].strip() == "1.00x"
+    assert all(float(r[2]) > 0 and float(r[6]) > 0 for r in rows)  # ms/step, GFLOP/s
