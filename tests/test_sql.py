@@ -130,11 +130,11 @@ def test_a_view_sqlgpt_did_not_create_is_refused(gpt2_db, tmp_path, sql):
         sqlgpt.load(db)
 
 
-# ---- the README's queries, replayed ----
+# ---- the README's queries, replayed (docs/sql.md holds them) ----
 def readme_queries():
-    """(training command, [(query, printed output)]) of the README's ten."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Ten questions in plain SQL"):]
+    """(training command, [(query, printed output)]) of the ten in docs/sql.md."""
+    text = (ROOT / "docs" / "sql.md").read_text()
+    section = text[text.index("## Ten questions in plain SQL"):]
     command = re.search(r"```sh\n(sqlgpt train [^\n]+)\n```", section).group(1)
     block = re.search(r"```\n(\$ sqlite3 .*?)\n```", section, re.S).group(1)
     queries = []
