@@ -9,14 +9,11 @@ stored as one row.
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from . import contract
+from .contract import INITS, MLPS, NORMS, POSITIONS, SWIGLU_MULTIPLE
 from .errors import SqlgptError
 
-NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
-MLPS = ("relu", "gelu", "swiglu")
-INITS = ("lua", "normal")
 INIT_STD = 0.02       # GPT-2's and llama's normal init
-SWIGLU_MULTIPLE = 32  # llama's hidden-size rule rounds up to this (llama2.c's small models)
 
 
 class StoredFields:
@@ -51,6 +48,7 @@ class ArchConfig(StoredFields):
     mlp: str = "relu"         # relu, gelu (tanh form, GPT-2), swiglu (llama)
     ffn_dim: int = 0          # MLP hidden size (0: 4 x embed_dim, or llama's rule for swiglu)
     bias: bool = False        # biases on every linear (and layernorm)
+    qkv_bias: bool = False    # biases on q, k and v alone (Qwen2); implied by bias
     tie_weights: bool = False  # the head is wte transposed
     final_norm: bool = False  # a norm before the head (the original has none)
     init: str = "lua"         # lua (the original's uniform ranges) or normal (GPT-2's)
@@ -80,20 +78,24 @@ class ArchConfig(StoredFields):
 
     def validate(self):
         """Raise SqlgptError for an architecture that cannot be built."""
-        limits = {"n_vocab": 10**7, "embed_dim": 16384, "num_heads": 16384,
-                  "num_layers": 1024, "seq_len": 65536}
-        for name, limit in limits.items():
-            _check_int(name, getattr(self, name), 1, limit)
+        for name, (kind, *bounds) in contract.ARCH_FIELDS.items():
+            if kind == "int":
+                _check_int(name, getattr(self, name), *bounds)
+            elif kind == "float":  # an open interval
+                value, (low, high) = getattr(self, name), bounds
+                if not (math.isfinite(value) and low < value < high):
+                    raise SqlgptError(f"{name} must be a number in ({low:g}, {high:g}), "
+                                      f"got {value}")
         _check_int("kv_heads", self.kv_heads, 0, self.num_heads)
-        _check_int("ffn_dim", self.ffn_dim, 0, 2**20)
         if self.embed_dim % self.num_heads:
             raise SqlgptError(f"num_heads ({self.num_heads}) must divide embed_dim "
                               f"({self.embed_dim})")
         if self.num_heads % self.n_kv_heads:
             raise SqlgptError(f"kv_heads ({self.n_kv_heads}) must divide num_heads "
                               f"({self.num_heads})")
-        for name, allowed in (("norm", NORMS), ("pos", POSITIONS), ("mlp", MLPS),
-                              ("init", INITS), ("preset", PRESETS)):
+        choices = {name: bounds[0] for name, (kind, *bounds) in contract.ARCH_FIELDS.items()
+                   if kind == "choice"}
+        for name, allowed in (*choices.items(), ("init", INITS), ("preset", PRESETS)):
             if getattr(self, name) not in allowed:
                 raise SqlgptError(f"{name} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
@@ -102,10 +104,6 @@ class ArchConfig(StoredFields):
                               f"(embed_dim / num_heads)")
         if self.pos == "sinusoidal" and self.embed_dim % 2:
             raise SqlgptError("sinusoidal positions need an even embed_dim")
-        if not (math.isfinite(self.norm_eps) and 0 < self.norm_eps < 1):
-            raise SqlgptError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
-        if not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
-            raise SqlgptError(f"rope_theta must be a number above 1, got {self.rope_theta}")
         return self
 
 
@@ -183,39 +181,9 @@ class TensorSpec:
         return self.shape[-1]
 
 
-# component -> (hf name for gpt2, hf name for llama, gguf name, part); a part
-# indexes the fused tensor of GPT-2's checkpoints (c_attn = [q | k | v])
-LAYER_NAMES = {
-    "ln1_w": ("ln_1.weight", "input_layernorm.weight", "attn_norm.weight", None),
-    "ln1_b": ("ln_1.bias", None, "attn_norm.bias", None),
-    "q": ("attn.c_attn.weight", "self_attn.q_proj.weight", "attn_q.weight", 0),
-    "q_b": ("attn.c_attn.bias", "self_attn.q_proj.bias", "attn_q.bias", 0),
-    "k": ("attn.c_attn.weight", "self_attn.k_proj.weight", "attn_k.weight", 1),
-    "k_b": ("attn.c_attn.bias", "self_attn.k_proj.bias", "attn_k.bias", 1),
-    "v": ("attn.c_attn.weight", "self_attn.v_proj.weight", "attn_v.weight", 2),
-    "v_b": ("attn.c_attn.bias", "self_attn.v_proj.bias", "attn_v.bias", 2),
-    "proj": ("attn.c_proj.weight", "self_attn.o_proj.weight", "attn_output.weight", None),
-    "proj_b": ("attn.c_proj.bias", "self_attn.o_proj.bias", "attn_output.bias", None),
-    "ln2_w": ("ln_2.weight", "post_attention_layernorm.weight", "ffn_norm.weight", None),
-    "ln2_b": ("ln_2.bias", None, "ffn_norm.bias", None),
-    "gate": (None, "mlp.gate_proj.weight", "ffn_gate.weight", None),
-    "gate_b": (None, "mlp.gate_proj.bias", "ffn_gate.bias", None),
-    "fc1": ("mlp.c_fc.weight", "mlp.up_proj.weight", "ffn_up.weight", None),
-    "fc1_b": ("mlp.c_fc.bias", "mlp.up_proj.bias", "ffn_up.bias", None),
-    "fc2": ("mlp.c_proj.weight", "mlp.down_proj.weight", "ffn_down.weight", None),
-    "fc2_b": ("mlp.c_proj.bias", "mlp.down_proj.bias", "ffn_down.bias", None),
-}
-GLOBAL_NAMES = {
-    "wte": ("transformer.wte.weight", "model.embed_tokens.weight", "token_embd.weight"),
-    "wpe": ("transformer.wpe.weight", None, "position_embd.weight"),
-    "lnf_w": ("transformer.ln_f.weight", "model.norm.weight", "output_norm.weight"),
-    "lnf_b": ("transformer.ln_f.bias", None, "output_norm.bias"),
-    "head": ("lm_head.weight", "lm_head.weight", "output.weight"),
-}
-
-
 def _family(arch):
-    """Which of transformers' models an architecture's names follow."""
+    """Which of transformers' models an architecture's names follow (0:
+    GPT-2's, 1: llama's), the index into a component's Hugging Face names."""
     return 1 if arch.mlp == "swiglu" or arch.norm == "rmsnorm" else 0
 
 
@@ -229,72 +197,86 @@ def _lua_init(arch, component):
     return 0.5 * math.sqrt(1.0 / C)                # q, k, v, proj
 
 
-def _layer_specs(arch, layer):
-    C, F, KV = arch.embed_dim, arch.hidden_dim, arch.kv_dim
-    matrices = {"q": (C, C), "k": (C, KV), "v": (C, KV), "proj": (C, C),
-                "gate": (C, F), "fc1": (C, F), "fc2": (F, C)}
-    order = ["ln1_w", "ln1_b", "q", "q_b", "k", "k_b", "v", "v_b", "proj", "proj_b",
-             "ln2_w", "ln2_b", "gate", "gate_b", "fc1", "fc1_b", "fc2", "fc2_b"]
-    residual_std = INIT_STD / math.sqrt(2 * arch.num_layers)  # GPT-2's scaled projections
+def _init(arch, component, shape):
+    """(init, decay) of a tensor: norm gains ones and biases zeros, without
+    weight decay; matrices and embeddings the preset's init, with it."""
+    if len(shape) == 1:
+        return ("ones" if component.endswith("_w") else "zeros", 0), False
+    if arch.init == "normal":
+        residual_std = INIT_STD / math.sqrt(2 * arch.num_layers)  # GPT-2's scaled projections
+        return ("normal", residual_std if component in ("proj", "fc2") else INIT_STD), True
+    if component == "wpe":
+        return ("uniform", 0.005), True
+    if component in ("wte", "head"):
+        return ("uniform", 0.5 / math.sqrt(arch.embed_dim)), True
+    return ("uniform", _lua_init(arch, component)), True
+
+
+def _spec(arch, declared, layer=None):
+    """The TensorSpec of one of contract's components, or None where the
+    architecture has no such tensor."""
+    name, symbols, when, hf_gpt2, hf_llama, gguf, part = declared
+    tied = contract.TIES.get(name)
+    if not contract.holds(when, arch):
+        return None
+    shape = tuple(dimension(arch, symbol) for symbol in symbols)
     family = _family(arch)
-    specs = []
-    for comp in order:
-        base = comp[:-2] if comp.endswith(("_w", "_b")) else comp
-        if base.startswith("ln"):
-            if not arch.norm_affine or (comp.endswith("_b") and
-                                        (arch.norm == "rmsnorm" or not arch.bias)):
-                continue
-            shape, init, decay = (C,), ("ones" if comp.endswith("_w") else "zeros", 0), False
-        else:
-            if base == "gate" and arch.mlp != "swiglu":
-                continue
-            if comp.endswith("_b"):
-                if not arch.bias:
-                    continue
-                shape, init, decay = (matrices[base][1],), ("zeros", 0), False
-            else:
-                shape, decay = matrices[comp], True
-                if arch.init == "lua":
-                    init = ("uniform", _lua_init(arch, comp))
-                else:
-                    init = ("normal", residual_std if comp in ("proj", "fc2") else INIT_STD)
-        hf_gpt2, hf_llama, gguf, part = LAYER_NAMES[comp]
-        hf = (f"transformer.h.{layer}.{hf_gpt2}" if family == 0 and hf_gpt2 else
-              f"model.layers.{layer}.{hf_llama}" if family == 1 and hf_llama else None)
-        specs.append(TensorSpec(f"layers.{layer}.{comp}", shape, init, decay, layer, comp,
-                                hf=(hf, part if family == 0 else None) if hf else None,
-                                gguf=(f"blk.{layer}.{gguf}", None)))
-    return specs
+    hf = (hf_gpt2, hf_llama)[family]
+    if layer is None:
+        full, gguf_name = name, gguf
+        hf_name = hf
+    else:
+        full, gguf_name = f"layers.{layer}.{name}", f"blk.{layer}.{gguf}"
+        hf_name = hf and (f"transformer.h.{layer}.{hf}" if family == 0 else
+                          f"model.layers.{layer}.{hf}")
+    hf = (hf_name, part if family == 0 else None) if hf_name else None
+    if tied and getattr(arch, tied[0]):
+        return TensorSpec(full, shape, None, False, layer, name, tied[1], hf=hf,
+                          gguf=(gguf_name, None))
+    init, decay = _init(arch, name, shape)
+    return TensorSpec(full, shape, init, decay, layer, name, hf=hf, gguf=(gguf_name, None))
 
 
-def _global_spec(arch, name, shape, init, decay, tied_to=None):
-    hf = GLOBAL_NAMES[name][_family(arch)]
-    return TensorSpec(name, shape, init, decay, None, name, tied_to,
-                      hf=(hf, None) if hf else None, gguf=(GLOBAL_NAMES[name][2], None))
+def dimension(arch, symbol):
+    """The size a contract dimension symbol stands for."""
+    return {"C": arch.embed_dim, "F": arch.hidden_dim, "KV": arch.kv_dim, "V": arch.n_vocab,
+            "T": arch.seq_len}[symbol]
 
 
 def tensor_table(arch):
     """Every parameter tensor of arch, in storage (and initialization) order."""
-    C, V = arch.embed_dim, arch.n_vocab
-    lua = arch.init == "lua"
-    specs = [_global_spec(arch, "wte", (V, C),
-                          ("uniform", 0.5 / math.sqrt(C)) if lua else ("normal", INIT_STD), True)]
-    if arch.pos == "learned":
-        specs.append(_global_spec(arch, "wpe", (arch.seq_len, C),
-                                  ("uniform", 0.005) if lua else ("normal", INIT_STD), True))
+    first = [c for c in contract.MODEL_COMPONENTS if c[0] in contract.MODEL_BEFORE_LAYERS]
+    last = [c for c in contract.MODEL_COMPONENTS if c[0] not in contract.MODEL_BEFORE_LAYERS]
+    specs = [_spec(arch, c) for c in first]
     for layer in range(arch.num_layers):
-        specs += _layer_specs(arch, layer)
-    if arch.final_norm and arch.norm_affine:
-        specs.append(_global_spec(arch, "lnf_w", (C,), ("ones", 0), False))
-        if arch.norm == "layernorm" and arch.bias:
-            specs.append(_global_spec(arch, "lnf_b", (C,), ("zeros", 0), False))
-    if arch.tie_weights:
-        specs.append(_global_spec(arch, "head", (C, V), None, False, tied_to="wte"))
-    else:
-        specs.append(_global_spec(arch, "head", (C, V),
-                                  ("uniform", 0.5 / math.sqrt(C)) if lua else ("normal", INIT_STD),
-                                  True))
-    return specs
+        specs += [_spec(arch, c, layer) for c in contract.LAYER_COMPONENTS]
+    specs += [_spec(arch, c) for c in last]
+    return [s for s in specs if s is not None]
+
+
+def hf_to_gguf(arch, layer=None):
+    """{Hugging Face name: llama.cpp name} of every tensor arch's family of
+    checkpoints can hold (the exact equivalents an export adds included),
+    from the contract's table; a fused tensor (GPT-2's c_attn) gets the
+    fused GGUF name."""
+    family = _family(arch)
+    names = {}
+    for declared, layers in ((contract.MODEL_COMPONENTS, [None]),
+                             (contract.LAYER_COMPONENTS, range(arch.num_layers))):
+        for name, _, _, hf_gpt2, hf_llama, gguf, part in declared:
+            hf = (hf_gpt2, hf_llama)[family]
+            if not hf:
+                continue
+            if part is not None and family == 0:
+                gguf = f"{contract.GGUF_FUSED_QKV}.{gguf.rsplit('.', 1)[1]}"
+            for layer in layers:
+                if layer is None:
+                    names[hf] = gguf
+                else:
+                    prefix = f"transformer.h.{layer}." if family == 0 else \
+                        f"model.layers.{layer}."
+                    names[prefix + hf] = f"blk.{layer}.{gguf}"
+    return names
 
 
 def stored_tensors(arch):

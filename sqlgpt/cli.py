@@ -36,7 +36,7 @@ ARCH_OPTIONS = {
     "seq_len": "seq_len", "kv_heads": "kv_heads", "norm": "norm",
     "norm_affine": "norm_affine", "norm_eps": "norm_eps", "pos": "pos",
     "rope_theta": "rope_theta", "mlp": "mlp", "ffn_dim": "ffn_dim", "bias": "bias",
-    "tie_weights": "tie_weights", "final_norm": "final_norm",
+    "qkv_bias": "qkv_bias", "tie_weights": "tie_weights", "final_norm": "final_norm",
 }
 # option name -> TrainConfig field (vocab_size and tokenizer have defaults per tokenizer)
 TRAIN_OPTIONS = {
@@ -206,6 +206,8 @@ def load_run_file(ctx, param, path):
                    "rounded up to a multiple of 32]")
 @click.option("--bias/--no-bias", default=None,
               help="Biases on every linear and layernorm. [default: the preset's]")
+@click.option("--qkv-bias/--no-qkv-bias", default=None,
+              help="Biases on the q, k and v projections alone, as Qwen2 has. [default: no]")
 @click.option("--tie-weights/--no-tie-weights", default=None,
               help="Head shares wte's weights. [default: the preset's]")
 @click.option("--final-norm/--no-final-norm", default=None,

@@ -4,14 +4,12 @@ import math
 from dataclasses import dataclass
 
 from .arch import ArchConfig, StoredFields
+from .contract import REQUIRED_CONFIG_KEYS, TOKENIZER_KINDS
 from .errors import SqlgptError
 
-TOKENIZER_KINDS = ("word", "char", "byte", "bpe")  # what train builds
 IMPORTED_KINDS = ("hf",)  # what only comes with an imported model
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
-# keys every stored config must have (schema version 1 had these too)
-REQUIRED_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "seq_len")
 
 
 @dataclass
@@ -132,7 +130,7 @@ def from_rows(values):
     """(ArchConfig, TrainConfig) from the config table's key/values, both
     validated. A schema-1 database has no architecture keys: it is the lua
     preset, whose ids are the words plus <pad> and <unk>."""
-    missing = [k for k in REQUIRED_KEYS if k not in values]
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in values]
     if missing:
         raise SqlgptError(f"the config table is missing {', '.join(missing)}")
     values = dict(values)

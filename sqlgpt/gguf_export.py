@@ -10,47 +10,14 @@ permuted from rotate_half's pairs (i, i + head/2) to the interleaved pairs
 arrays (ggml's ne = [in, out]); vectors stay float32, as the converters
 keep them.
 """
-import re
-
 import numpy as np
 
+from .arch import hf_to_gguf
 from .errors import SqlgptError
-from .hf import GPT2, LLAMA, family, hf_tensors
+from .hf import GPT2, LLAMA, QWEN2, hf_config, hf_tensors
 
 FORMATS = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32
-# transformers' name -> llama.cpp's, by family (the layer number carried over)
-RENAMES = {
-    GPT2: [(r"transformer\.wte\.", "token_embd."), (r"transformer\.wpe\.", "position_embd."),
-           (r"transformer\.ln_f\.", "output_norm."), (r"lm_head\.", "output."),
-           (r"transformer\.h\.(\d+)\.ln_1\.", r"blk.\1.attn_norm."),
-           (r"transformer\.h\.(\d+)\.attn\.c_attn\.", r"blk.\1.attn_qkv."),
-           (r"transformer\.h\.(\d+)\.attn\.c_proj\.", r"blk.\1.attn_output."),
-           (r"transformer\.h\.(\d+)\.ln_2\.", r"blk.\1.ffn_norm."),
-           (r"transformer\.h\.(\d+)\.mlp\.c_fc\.", r"blk.\1.ffn_up."),
-           (r"transformer\.h\.(\d+)\.mlp\.c_proj\.", r"blk.\1.ffn_down.")],
-    LLAMA: [(r"model\.embed_tokens\.", "token_embd."), (r"model\.norm\.", "output_norm."),
-            (r"lm_head\.", "output."),
-            (r"model\.layers\.(\d+)\.input_layernorm\.", r"blk.\1.attn_norm."),
-            (r"model\.layers\.(\d+)\.self_attn\.q_proj\.", r"blk.\1.attn_q."),
-            (r"model\.layers\.(\d+)\.self_attn\.k_proj\.", r"blk.\1.attn_k."),
-            (r"model\.layers\.(\d+)\.self_attn\.v_proj\.", r"blk.\1.attn_v."),
-            (r"model\.layers\.(\d+)\.self_attn\.o_proj\.", r"blk.\1.attn_output."),
-            (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"blk.\1.ffn_norm."),
-            (r"model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blk.\1.ffn_gate."),
-            (r"model\.layers\.(\d+)\.mlp\.up_proj\.", r"blk.\1.ffn_up."),
-            (r"model\.layers\.(\d+)\.mlp\.down_proj\.", r"blk.\1.ffn_down.")],
-}
-
-
-def gguf_name(kind, hf_name):
-    for pattern, replacement in RENAMES[kind]:
-        new, count = re.subn("^" + pattern, replacement, hf_name)
-        if count:
-            return new
-    raise SqlgptError(f"no GGUF name for {hf_name}")
-
-
 def rope_interleaved(w, heads):
     """q or k (out = heads * hs rows, or a bias) from rotate_half's layout
     to llama.cpp's interleaved one (convert_hf_to_gguf's permute)."""
@@ -60,19 +27,25 @@ def rope_interleaved(w, heads):
 
 def gguf_tensors(arch, weights):
     """{llama.cpp name: float32 array} of a model."""
-    kind = family(arch)
+    kind, names = gguf_arch(arch), hf_to_gguf(arch)
     out = {}
     for name, value in hf_tensors(arch, weights).items():
         if kind == GPT2 and value.ndim == 2 and not name.startswith(("transformer.w", "lm_")):
             value = value.T  # Conv1D (in, out) -> (out, in)
+        # llama.cpp's llama turns interleaved pairs; its qwen2 turns rotate_half's, as is
         if kind == LLAMA and ".q_proj." in name:
             value = rope_interleaved(value, arch.num_heads)
         if kind == LLAMA and ".k_proj." in name:
             value = rope_interleaved(value, arch.n_kv_heads)
-        out[gguf_name(kind, name)] = np.ascontiguousarray(value, dtype=np.float32)
+        out[names[name]] = np.ascontiguousarray(value, dtype=np.float32)
     if kind == GPT2 and "output.weight" not in out:  # llama.cpp's gpt2 needs its own copy
         out["output.weight"] = out["token_embd.weight"]  # (its converter writes one too)
     return out
+
+
+def gguf_arch(arch):
+    """llama.cpp's architecture name for arch: the transformers model's."""
+    return hf_config(arch, None)["model_type"]
 
 
 def export(model, path, fmt="f32"):
@@ -89,7 +62,7 @@ def export(model, path, fmt="f32"):
     if model.tokenizer.kind not in ("bpe", "hf"):
         raise SqlgptError(f"GGUF export needs a byte-level BPE tokenizer (llama.cpp has no "
                           f"{model.tokenizer.kind} tokenizer)")
-    arch, kind = model.arch, family(model.arch)
+    arch, kind = model.arch, gguf_arch(model.arch)
     if kind == GPT2 and arch.mlp != "gelu":
         raise SqlgptError(f"llama.cpp's gpt2 always uses GELU; this model's MLP is {arch.mlp} "
                           f"(export it with --format hf)")
@@ -121,7 +94,7 @@ def _metadata(writer, gguf, arch, kind, fmt):
     writer.add_head_count(arch.num_heads)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[fmt])
-    if kind == LLAMA:
+    if kind in (LLAMA, QWEN2):
         writer.add_head_count_kv(arch.n_kv_heads)
         writer.add_rope_freq_base(arch.rope_theta)
         writer.add_rope_dimension_count(arch.head_dim)

@@ -33,6 +33,7 @@ from .arch import preset, tensor_table
 from .errors import SqlgptError
 
 GPT2, LLAMA = "gpt2", "llama"
+QWEN2 = "qwen2"  # llama's names and layout, with biases on q, k and v alone
 SAFETENSORS = "model.safetensors"
 MAX_HEADER = 100 << 20  # a safetensors header above 100 MB is not one
 DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
@@ -68,6 +69,15 @@ def hf_config(arch, tokenizer):
                 "activation_function": "gelu_new" if arch.mlp == "gelu" else "relu",
                 "tie_word_embeddings": arch.tie_weights, "resid_pdrop": 0.0,
                 "embd_pdrop": 0.0, "attn_pdrop": 0.0, "torch_dtype": "float32", **specials}
+    if arch.qkv_bias and not arch.bias:  # biases on q, k and v alone: Qwen2's layout
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": QWEN2,
+                "vocab_size": arch.n_vocab, "hidden_size": arch.embed_dim,
+                "intermediate_size": arch.hidden_dim, "num_hidden_layers": arch.num_layers,
+                "num_attention_heads": arch.num_heads, "num_key_value_heads": arch.n_kv_heads,
+                "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
+                "rope_theta": arch.rope_theta, "max_position_embeddings": arch.seq_len,
+                "tie_word_embeddings": arch.tie_weights, "use_sliding_window": False,
+                "torch_dtype": "float32", **specials}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": arch.n_vocab, "hidden_size": arch.embed_dim,
             "intermediate_size": arch.hidden_dim, "num_hidden_layers": arch.num_layers,
@@ -291,7 +301,7 @@ def _described(config):
                           norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
                           mlp="gelu" if act in GELUS else "relu",
                           tie_weights=bool(config.get("tie_word_embeddings", True))).validate()
-        if kind == LLAMA:
+        if kind in (LLAMA, QWEN2):
             if config.get("hidden_act", "silu") != "silu":
                 raise SqlgptError(f"llama activation {config['hidden_act']!r} is not silu")
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -305,6 +315,11 @@ def _described(config):
             if bool(config.get("attention_bias", False)) != bool(config.get("mlp_bias", False)):
                 raise SqlgptError("attention_bias and mlp_bias must agree (sqlgpt has one bias "
                                   "setting)")
+            window = config.get("sliding_window") if config.get("use_sliding_window") else None
+            if window is not None and int(window) < int(config.get("max_position_embeddings",
+                                                                   2048)):
+                raise SqlgptError(f"a sliding window of {window} tokens, narrower than the "
+                                  f"context, is not supported")
             return preset("llama", n_vocab=int(config["vocab_size"]), embed_dim=C,
                           num_heads=heads,
                           kv_heads=int(config.get("num_key_value_heads") or heads),
@@ -315,10 +330,11 @@ def _described(config):
                           rope_theta=float(rope.get("rope_theta",
                                                     config.get("rope_theta", 10000.0))),
                           bias=bool(config.get("attention_bias", False)),
+                          qkv_bias=kind == QWEN2,
                           tie_weights=bool(config.get("tie_word_embeddings", False))).validate()
     except (KeyError, TypeError, ValueError) as e:
         raise SqlgptError(f"config.json lacks or garbles a field: {e}") from None
-    raise SqlgptError(f"unsupported architecture {kind!r} (sqlgpt imports gpt2 and llama)")
+    raise SqlgptError(f"unsupported architecture {kind!r} (sqlgpt imports gpt2, llama and qwen2)")
 
 
 def read_hf(directory):

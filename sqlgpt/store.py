@@ -30,14 +30,15 @@ import sqlite_utils
 
 from ._kernel import ffi, lib
 from .arch import stored_tensors
+from .contract import (APPLICATION_ID, MODEL_TENSOR_TABLES, PREFIX_KEYWORDS, PREFIX_MAX,
+                       SCHEMA_VERSION)
+from .contract import WEIGHT_TABLES as KEY_COLUMNS
 from .config import from_rows, to_rows
 from .errors import SqlgptError
 from .tensor import ParameterSet, fptr
 from .tokenizers import from_storage
 
-APPLICATION_ID = 0x53514C47  # "SQLG": marks a file as sqlgpt's
-SCHEMA_VERSION = 4
-WEIGHT_TABLES = ("embeddings", "layers", "head", "norms")
+WEIGHT_TABLES = tuple(KEY_COLUMNS)
 REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
                    "metrics", "evaluations", "tensor_stats", "checkpoint_weights",
                    "quantized") + WEIGHT_TABLES
@@ -46,7 +47,7 @@ ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3,
             "checkpoint_weights": 3, "quantized": 4}
 # the views sqlgpt creates, and the version that added each
 VIEWS_ADDED_IN = {"tensors": 3}
-_NAME_RE = re.compile(r"\b(FROM|INTO|UPDATE|JOIN|TABLE|VIEW|EXISTS)(\s+)("
+_NAME_RE = re.compile(r"\b(" + "|".join(PREFIX_KEYWORDS) + r")(\s+)("
                       + "|".join(sorted(REQUIRED_TABLES + tuple(VIEWS_ADDED_IN),
                                         key=len, reverse=True)) + r")\b", re.IGNORECASE)
 BUSY_TIMEOUT_MS = 10_000
@@ -66,7 +67,7 @@ READER_CACHE_KB = 2 * 1024
 # file's PRAGMAs (application_id, user_version, journal_mode) are the app's:
 # a prefixed model keeps its marker and version in {prefix}schema instead,
 # and never changes the journal mode.
-PREFIX_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+PREFIX_RE = re.compile(rf"[A-Za-z][A-Za-z0-9_]{{0,{PREFIX_MAX - 1}}}")
 PREFIX_SCHEMA = "schema"  # {prefix}schema (key, value): application 'sqlgpt', version N
 
 
@@ -113,7 +114,7 @@ def schema_version(conn):
 
 
 def _set_schema_version(conn, version):
-    if conn.prefix:
+    if getattr(conn, "prefix", ""):  # compact migrates a plain connection's copy
         conn.execute(f"INSERT OR REPLACE INTO {conn.prefix}{PREFIX_SCHEMA} (key, value) "
                      f"VALUES ('version', ?)", (version,))
     else:
@@ -175,15 +176,7 @@ def foreign_views(conn, version):
                   and (kind == "trigger" or own.get(name.lower()) != _normal_sql(sql)))
 
 
-# ---- where each parameter's rows live ----
-# the table of each model-level tensor (layer None), by its component; every
-# tensor of a layer lives in `layers`. A new model-level tensor gets a place
-# here (and, for a new table, a migration) before it can be stored.
-MODEL_TENSOR_TABLES = {"wte": "embeddings", "wpe": "embeddings", "head": "head",
-                       "lnf_w": "norms", "lnf_b": "norms"}
-# each table's key columns; the last is the row index
-KEY_COLUMNS = {"embeddings": ("type", "position"), "layers": ("layer", "component", "i"),
-               "head": ("i",), "norms": ("name", "i")}
+# ---- where each parameter's rows live (contract.WEIGHT_TABLES) ----
 
 
 def location(spec):

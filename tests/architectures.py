@@ -22,6 +22,9 @@ ARCHITECTURES = {
     "plain-final-norm-sinusoidal": ("lua", dict(final_norm=True, pos="sinusoidal", mlp="gelu",
                                                 tie_weights=True)),
     "odd-sizes": ("llama", dict(embed_dim=24, num_heads=4, kv_heads=2, seq_len=13)),
+    # biases on q, k and v alone: Qwen2's layout, and on a GPT-2-like block
+    "qwen2": ("llama", dict(kv_heads=2, qkv_bias=True)),
+    "layernorm-qkv-bias": ("gpt2", dict(bias=False, qkv_bias=True, tie_weights=False)),
 }
 
 

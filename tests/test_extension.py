@@ -283,10 +283,14 @@ def damage_cases():
         ("foreign", "PRAGMA application_id = 7", "no sqlgpt model"),
         ("bad config", "UPDATE config SET value = 5 WHERE key = 'num_heads'", "config"),
         ("vocab", "DELETE FROM vocab WHERE id = 10", "vocab"),
-        ("short row", "UPDATE tensor_stats SET cols = 99 WHERE name = 'layers.0.fc1'",
-         "layers.0.fc1_b is 1 x 128, not the 1 x 99 the config gives it"),
         ("wrong shape", "UPDATE config SET value = 16 WHERE key = 'embed_dim'",
-         "not of the config's embed_dim 16"),
+         "bytes, not 64"),
+        ("huge config", "UPDATE config SET value = 16384 WHERE key = 'embed_dim'",
+         "more than the"),
+        ("wide integer", "UPDATE config SET value = 4294967297 WHERE key = 'num_layers'",
+         "config num_layers has a bad value 4294967297"),
+        ("text integer", "UPDATE config SET value = '6' WHERE key = 'num_layers'",
+         "config num_layers has a bad value"),
         ("trigger", "CREATE TRIGGER t AFTER INSERT ON metrics BEGIN DELETE FROM layers; END",
          "views or triggers sqlgpt did not create (t)"),
         ("view", "CREATE VIEW extra AS SELECT 1", "did not create (extra)"),
@@ -295,9 +299,11 @@ def damage_cases():
          "did not create (tensors)"),
         ("re-entry", "DROP TABLE checkpoints; CREATE VIEW checkpoints AS SELECT "
          "sqlgpt_tokens('a') AS step", "did not create (checkpoints)"),
-        ("extra tensor", "INSERT INTO tensor_stats SELECT step, 'layers.0.extra', layer, "
-                         "component, rows, cols, mean, std, min, max, l2 FROM tensor_stats "
-                         "WHERE name = 'layers.0.q'", "names layers.0.extra, which is no tensor of the model"),
+        ("extra tensor", "INSERT INTO layers (layer, component, i, data, m, v, crc) SELECT layer, "
+                         "'extra', i, data, m, v, crc FROM layers WHERE component = 'q'",
+         "belongs to no tensor"),
+        ("row of a tensor the config has not", "UPDATE config SET value = 0 WHERE key = 'bias'",
+         "belongs to no tensor"),
     ]
 
 

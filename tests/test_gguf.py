@@ -27,12 +27,15 @@ def corpus(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# GGUF architecture -> sqlgpt's train options
+ARCHS = {"gpt2": ["--preset", "gpt2"], "llama": ["--preset", "llama", "--kv-heads", "2"],
+         "qwen2": ["--preset", "llama", "--kv-heads", "2", "--qkv-bias"]}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
 def trained(request, corpus):
     db = corpus.parent / f"{request.param}.db"
-    extra = ["--kv-heads", "2"] if request.param == "llama" else []
-    assert run("train", corpus, "--db", db, "--preset", request.param, *extra, *TINY
-               ).exit_code == 0
+    assert run("train", corpus, "--db", db, *ARCHS[request.param], *TINY).exit_code == 0
     return db
 
 
@@ -54,13 +57,17 @@ def expected_tensors(model):
     for n in range(a.num_layers):
         L = lambda c: w[f"layers.{n}.{c}"]  # noqa: E731
         b = f"blk.{n}."
-        if a.preset == "llama":
+        if a.preset == "llama":  # llama.cpp's qwen2 turns rotate_half's pairs, as they are
+            turn = (lambda w, heads: w) if a.qkv_bias else interleaved
             out.update({b + "attn_norm.weight": L("ln1_w"), b + "ffn_norm.weight": L("ln2_w"),
-                        b + "attn_q.weight": interleaved(L("q").T, a.num_heads),
-                        b + "attn_k.weight": interleaved(L("k").T, a.n_kv_heads),
+                        b + "attn_q.weight": turn(L("q").T, a.num_heads),
+                        b + "attn_k.weight": turn(L("k").T, a.n_kv_heads),
                         b + "attn_v.weight": L("v").T, b + "attn_output.weight": L("proj").T,
                         b + "ffn_gate.weight": L("gate").T, b + "ffn_up.weight": L("fc1").T,
                         b + "ffn_down.weight": L("fc2").T})
+            if a.qkv_bias:
+                out.update({b + "attn_q.bias": L("q_b"), b + "attn_k.bias": L("k_b"),
+                            b + "attn_v.bias": L("v_b")})
         else:
             out.update({b + "attn_norm.weight": L("ln1_w"), b + "attn_norm.bias": L("ln1_b"),
                         b + "ffn_norm.weight": L("ln2_w"), b + "ffn_norm.bias": L("ln2_b"),
@@ -88,18 +95,18 @@ def test_the_gguf_file_holds_llama_cpps_keys_and_tensors(trained, tmp_path, dtyp
     result = run("export", "--db", trained, "--format", "gguf", "--dtype", dtype, "-o", path)
     assert result.exit_code == 0, result.output
     model = sqlgpt.load(trained)
-    a, kind = model.arch, model.arch.preset
+    a, kind = model.arch, trained.stem
     reader = gguf.GGUFReader(path)
     assert field(reader, "general.architecture") == (kind, ["STRING"])
     for key, value in (("context_length", a.seq_len), ("embedding_length", a.embed_dim),
                        ("block_count", a.num_layers), ("feed_forward_length", a.hidden_dim),
                        ("attention.head_count", a.num_heads)):
         assert field(reader, f"{kind}.{key}") == (value, ["UINT32"])
-    if kind == "llama":
-        assert field(reader, "llama.attention.head_count_kv") == (2, ["UINT32"])
-        assert field(reader, "llama.rope.dimension_count") == (a.head_dim, ["UINT32"])
-        assert field(reader, "llama.rope.freq_base") == (a.rope_theta, ["FLOAT32"])
-        eps, types = field(reader, "llama.attention.layer_norm_rms_epsilon")
+    if kind != "gpt2":
+        assert field(reader, f"{kind}.attention.head_count_kv") == (2, ["UINT32"])
+        assert field(reader, f"{kind}.rope.dimension_count") == (a.head_dim, ["UINT32"])
+        assert field(reader, f"{kind}.rope.freq_base") == (a.rope_theta, ["FLOAT32"])
+        eps, types = field(reader, f"{kind}.attention.layer_norm_rms_epsilon")
         assert types == ["FLOAT32"] and eps == pytest.approx(a.norm_eps)
     else:
         assert field(reader, "gpt2.attention.layer_norm_epsilon")[0] == pytest.approx(a.norm_eps)

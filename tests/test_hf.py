@@ -26,6 +26,7 @@ MODELS = {
     "gpt2-untied": ["--preset", "gpt2", "--no-tie-weights"],
     "llama": ["--preset", "llama", "--kv-heads", "2"],
     "llama-bias-tied": ["--preset", "llama", "--bias", "--tie-weights"],
+    "qwen2": ["--preset", "llama", "--qkv-bias", "--kv-heads", "2"],
     "gpt2-equivalents": ["--preset", "gpt2", "--no-bias", "--no-norm-affine", "--pos",
                          "sinusoidal", "--kv-heads", "2", "--mlp", "relu"],
 }
@@ -107,17 +108,23 @@ def test_import_of_an_export_is_the_same_model_bit_for_bit(trained, tmp_path):
     assert result.exit_code == 1 and "fine-tune it with --base" in result.output
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
 def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, kind):
     base = tmp_path / "base.db"  # for its tokenizer (sqlgpt's layout)
-    assert run("train", corpus, "--db", base, "--preset", kind, *TINY, "--iters", "1"
-               ).exit_code == 0
+    assert run("train", corpus, "--db", base, "--preset", "gpt2" if kind == "gpt2" else "llama",
+               *TINY, "--iters", "1").exit_code == 0
     vocab = sqlgpt.load(base).arch.n_vocab
     torch.manual_seed(0)
     if kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=48, n_layer=2,
                                          n_head=4, activation_function="gelu_new")
         model = transformers.GPT2LMHeadModel(config)
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=48, intermediate_size=96,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=32,
+                                          rope_theta=5000.0, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
                                           num_hidden_layers=2, num_attention_heads=4,

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..contract import SPECIALS  # ids 0..3 for char, byte and bpe
 from ..errors import SqlgptError
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3 for char, byte and bpe
+PAD, UNK, BOS, EOS = SPECIALS
 N_SPECIALS = len(SPECIALS)
 
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
