@@ -96,7 +96,7 @@ def schema_names():
     views = ", ".join(f"{{{c_string(name)}, {c_string(sql)}}}"
                       for kind, name, sql in rows if kind == "view")
     # the BPE pre-tokenization rule's pattern, which a bpe model records
-    source = (ROOT / "sqlgpt" / "tokenizers" / "bpe.py").read_text()
+    source = (ROOT / "sqlgpt" / "data" / "tokenizers" / "bpe.py").read_text()
     pattern = next(node.value.value for node in ast.parse(source).body
                    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") ==
                    "PATTERN")

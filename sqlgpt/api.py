@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-from .corpus import find_sources
-from .dataset import write_tokens
+from .store import checkpoints as store
+from .data.corpus import find_sources
+from .data.dataset import write_tokens
 from .errors import SqlgptError
-from .evaluate import evaluate
-from .generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
+from .train.evaluate import evaluate
+from .inference.generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
                        generate_batch, speculative_ids)
-from .lora import merged, model_for
-from .quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
-from .quant import matrices as quant_matrices
+from .model.lora import merged, model_for
+from .model.quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
+from .model.quant import matrices as quant_matrices
 
 
 @dataclass
@@ -391,9 +391,9 @@ def export(path, out, fmt="hf", prefix="", dtype="f32"):
     if fmt not in ("hf", "gguf", "peft"):
         raise SqlgptError(f"export format must be hf, gguf or peft, got {fmt!r}")
     if fmt in ("hf", "peft"):
-        from . import hf
+        from .interop import hf
         return (hf.export if fmt == "hf" else hf.export_peft)(load(path, prefix=prefix), out)
-    from . import gguf_export
+    from .interop import gguf_export
     if Path(out).exists():
         raise SqlgptError(f"{out} already exists; name a new file")
     tmp = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.tmp")
@@ -411,14 +411,14 @@ def import_hf(directory, db_path, overwrite=False, prefix=""):
     tokenizer.json: sqlgpt's, or the model's own as it is): it generates,
     evaluates, fine-tunes (--base) and exports; it has no training state to
     resume. Returns the new Model."""
-    from . import hf
-    from .config import TrainConfig
-    from .model import GPT
+    from .interop import hf
+    from .model.config import TrainConfig
+    from .model.model import GPT
     arch, weights, tokenizer = hf.read_hf(directory)
     if tokenizer is None:
         raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
                           f"tokenizer (byte-level BPE)")
-    from .train import _check_new_location  # train's rules for a new model's file
+    from .train.trainer import _check_new_location  # train's rules for a new model's file
     _check_new_location(Path(db_path), overwrite, store.check_prefix(prefix))
     model = GPT(arch)
     for t in model.params:

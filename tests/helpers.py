@@ -15,7 +15,7 @@ def rel_err(ours, ref):
 def weights_bytes(db):
     """Every weight row of a database (table, keys, data, m, v, crc), for
     exact comparisons; a table the file's schema version lacks has no rows."""
-    from sqlgpt import store
+    from sqlgpt.store import checkpoints as store
     conn = store.open_database(db)
     rows = [(table, *row) for table in store.weight_tables(conn)
             for row in conn.execute(store.SELECT_SQL[table])]
@@ -37,8 +37,8 @@ def query(db, sql):
 def standin(arch):
     """What store.py takes as a model: .arch and .params, a ParameterSet of
     the architecture's stored tensors."""
-    from sqlgpt.arch import stored_tensors
-    from sqlgpt.tensor import ParameterSet
+    from sqlgpt.model.arch import stored_tensors
+    from sqlgpt.model.tensor import ParameterSet
     return types.SimpleNamespace(arch=arch, params=ParameterSet(stored_tensors(arch)))
 
 
@@ -52,7 +52,7 @@ def randomize(model, rng):
 
 
 def word_tokenizer(vocab_size):
-    from sqlgpt.tokenizers import WordTokenizer
+    from sqlgpt.data.tokenizers import WordTokenizer
     return WordTokenizer(f"w{i}" for i in range(vocab_size))
 
 
@@ -60,7 +60,7 @@ def write_db(path, arch, train_cfg, seed=0, save_at=(10, 20, 30)):
     """A database as training leaves one, through store.py alone: random
     weights, the step-0 checkpoint, one checkpoint (new weights) per step in
     save_at and a metrics row per step. Returns the model last saved."""
-    from sqlgpt import store
+    from sqlgpt.store import checkpoints as store
     rng = np.random.default_rng(seed)
     model = randomize(standin(arch), rng)
     state = {"step": 0, "elapsed_s": 0.0, "rng": {"seed": seed}}
@@ -82,7 +82,7 @@ def write_db(path, arch, train_cfg, seed=0, save_at=(10, 20, 30)):
 def load_db(path):
     """Read a whole database as loading a model does (one snapshot, read-only):
     a namespace with arch, train_cfg, tokenizer, params, state and step."""
-    from sqlgpt import store
+    from sqlgpt.store import checkpoints as store
     conn = store.open_database(path)
     try:
         with store.sqlite_errors(f"cannot read {path}"):

@@ -70,7 +70,7 @@ def test_prompt_of_unknown_words_is_an_error(trained_db):
 
 
 def test_top_p_and_top_k_restrict_the_choice():
-    from sqlgpt.generate import sample
+    from sqlgpt.inference.generate import sample
     rng = np.random.default_rng(0)
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     assert {sample(logits, rng, top_k=1) for _ in range(50)} == {0}
@@ -91,7 +91,7 @@ def test_edge_cases_are_clean_errors_or_work(trained_db):
 
 def test_generation_with_a_one_token_context(tmp_path, small_corpus):
     from click.testing import CliRunner
-    from sqlgpt.cli import main
+    from sqlgpt.cli.commands import main
     db = tmp_path / "m.db"
     result = CliRunner().invoke(main, ["train", str(small_corpus), "--db", str(db), "--iters", "2",
                                        "--seq-len", "1", "--embed-dim", "8", "--heads", "2",

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sqlgpt
-from sqlgpt.cli import main
-from sqlgpt.evaluate import windows
+from sqlgpt.cli.commands import main
+from sqlgpt.train.evaluate import windows
 
 from conftest import TINY
 

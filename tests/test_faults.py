@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import sqlgpt
-from sqlgpt import store
+from sqlgpt.store import checkpoints as store
 from sqlgpt.errors import SqlgptError
-from sqlgpt.train import Trainer
+from sqlgpt.train.trainer import Trainer
 
 from helpers import weights_bytes
 from conftest import TINY

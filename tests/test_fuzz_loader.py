@@ -17,8 +17,8 @@ from helpers import load_db, write_db
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sqlgpt import arch
-from sqlgpt.config import TrainConfig
+from sqlgpt.model import arch
+from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError
 
 CASES = 400  # per strategy below: 1,200 cases in all
@@ -148,7 +148,7 @@ def test_damaged_contents(pristine, statements):
 def test_random_blob_contents(pristine, rows):
     """Arbitrary bytes in weight BLOBs, with a checksum that matches them:
     wrong lengths and NaN/Inf values must still be refused."""
-    from sqlgpt.store import row_crc
+    from sqlgpt.store.checkpoints import row_crc
     path = fresh_copy(pristine)
     try:
         conn = sqlite3.connect(path)

@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.cli import main
+from sqlgpt.cli.commands import main
 from sqlgpt.errors import SqlgptError
-from sqlgpt.generate import (Decoder, GenerationStats, Sampler, generate_batch, generate_ids,
+from sqlgpt.inference.generate import (Decoder, GenerationStats, Sampler, generate_batch, generate_ids,
                              speculative_ids)
-from sqlgpt.model import GPT
+from sqlgpt.model.model import GPT
 
 from architectures import ARCHITECTURES, arch_of
 from conftest import TINY

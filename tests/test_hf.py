@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer
 
 import sqlgpt
-from sqlgpt.cli import main
-from sqlgpt.hf import read_safetensors, write_safetensors
+from sqlgpt.cli.commands import main
+from sqlgpt.interop.hf import read_safetensors, write_safetensors
 
 from conftest import CORPUS
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sqlgpt._kernel import lib
-from sqlgpt.arch import preset
+from sqlgpt.model.arch import preset
 from sqlgpt.errors import SqlgptError
-from sqlgpt.model import GPT, dropout_seeds
-from sqlgpt.tensor import fptr
+from sqlgpt.model.model import GPT, dropout_seeds
+from sqlgpt.model.tensor import fptr
 
 from helpers import rel_err
 from architectures import ARCHITECTURES, SMALL, arch_of

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from sqlgpt import load as sqlgpt_load
-from sqlgpt import store
-from sqlgpt.model import GPT
+from sqlgpt.store import checkpoints as store
+from sqlgpt.model.model import GPT
 
 from test_faults import committed_step, wait_until
 

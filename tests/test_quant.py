@@ -12,13 +12,13 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt._kernel import ffi, lib
 from sqlgpt.errors import SqlgptError
-from sqlgpt.arch import preset
-from sqlgpt.cli import main
-from sqlgpt.generate import Decoder
-from sqlgpt.lora import merged
-from sqlgpt.model import GPT
-from sqlgpt.quant import dequantize, kernel_block, matrices, quantize, quantized_copy
-from sqlgpt.tensor import fptr
+from sqlgpt.model.arch import preset
+from sqlgpt.cli.commands import main
+from sqlgpt.inference.generate import Decoder
+from sqlgpt.model.lora import merged
+from sqlgpt.model.model import GPT
+from sqlgpt.model.quant import dequantize, kernel_block, matrices, quantize, quantized_copy
+from sqlgpt.model.tensor import fptr
 
 from conftest import CORPUS
 
