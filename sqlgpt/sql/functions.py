@@ -156,7 +156,7 @@ def extension_path():
     """Where the loadable SQLite extension (sqlgpt0.so, built with the
     package) is: `.load` it in the sqlite3 shell, or load_extension() it in
     any SQLite client, for sqlgpt's SQL functions without Python."""
-    path = Path(__file__).resolve().parent / EXTENSION
+    path = Path(__file__).resolve().parents[1] / EXTENSION  # beside the package's _kernel
     if not path.is_file():
         raise SqlgptError(f"the loadable extension {EXTENSION} was not built with this "
                           f"installation (SQLite's sqlite3ext.h was missing when it was "

@@ -122,7 +122,7 @@ def _set_schema_version(conn, version):
 
 def schema_sql():
     """schema.sql: shipped inside the package, or at the repository root."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the sqlgpt package folder
     for path in (here / "schema.sql", here.parent / "schema.sql"):
         if path.is_file():
             return path.read_text()

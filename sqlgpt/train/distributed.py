@@ -311,7 +311,7 @@ def collective(world):
 
 def code_digest():
     """SHA-256 of the installed package: its Python modules and C kernel."""
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]  # the sqlgpt package folder
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*")):
         if path.suffix in (".py", ".so", ".pyd", ".sql") and "__pycache__" not in path.parts:
