@@ -427,7 +427,7 @@ def read_npz(path):
 def sqlgpt_checkpoint_io(model, directory, repeats):
     """Save: one checkpoint transaction on the open database, as training does.
     Load: open the file and read every weight, as resuming does."""
-    from sqlgpt.store import checkpoints as store
+    from sqlgpt import store
     from sqlgpt.data.tokenizers import WordTokenizer
     path = directory / "model.db"
     state = {"step": 1, "elapsed_s": 0.0}

@@ -29,7 +29,7 @@ PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY:\nMy lords,"]
 
 def train(db, settings, iters):
     from click.testing import CliRunner
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     result = CliRunner().invoke(main, ["train", str(CORPUS), "--db", str(db), "--iters",
                                        str(iters), "--save-every", str(iters), *settings])
     if result.exit_code:

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import checkpoints as store
+from . import store
+from .store.database import _check_values
 from .data.corpus import find_sources
 from .data.dataset import write_tokens
 from .errors import SqlgptError
 from .train.evaluate import evaluate
 from .inference.generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
                        generate_batch, speculative_ids)
-from .model.lora import merged, model_for
+from .model.lora import merged
 from .model.quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
 from .model.quant import matrices as quant_matrices
 
@@ -301,31 +302,10 @@ def load(path, precision="fp32", step=None, prefix=""):
     check_precision(precision)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise SqlgptError(f"step must be an integer >= 0, got {step!r}")
-    conn = store.open_database(path, readonly=True, prefix=prefix)
-    try:
-        with store.sqlite_errors(f"cannot read {path}"):
-            conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
-            arch, cfg = store.read_config(conn)
-            tokenizer = store.read_tokenizer(conn, arch, cfg)
-            gpt = model_for(conn, path, arch)
-            state = store.read_train_state(conn)
-            latest = state.get("step")
-            if not isinstance(latest, int) or latest < 0:
-                raise SqlgptError(f"{path} is damaged: no valid training step")
-            if step is None or step == latest:
-                store.read_weights(conn, gpt)
-                step = latest
-            else:
-                kept = store.kept_steps(conn)
-                if step not in kept:
-                    raise SqlgptError(f"{path} keeps no checkpoint at step {step} (kept: "
-                                      f"{', '.join(map(str, kept)) or 'none'}; latest: {latest}"
-                                      f"); train with --keep N to keep older ones")
-                store.read_kept_weights(conn, gpt, step)
-            quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
-                if precision in BITS else None
-    finally:
-        conn.close()
+    with store.snapshot(path, prefix) as conn:  # a trainer may commit while we read
+        gpt, cfg, tokenizer, step, state = store.read_checkpoint(conn, path, step)
+        quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
+            if precision in BITS else None
     return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized)
 
 
@@ -418,12 +398,11 @@ def import_hf(directory, db_path, overwrite=False, prefix=""):
     if tokenizer is None:
         raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
                           f"tokenizer (byte-level BPE)")
-    from .train.trainer import _check_new_location  # train's rules for a new model's file
-    _check_new_location(Path(db_path), overwrite, store.check_prefix(prefix))
+    store.check_new_location(Path(db_path), overwrite, store.check_prefix(prefix))
     model = GPT(arch)
     for t in model.params:
         t.data[...] = weights[t.name]
-    store._check_values(model.params)  # NaN or Inf weights are refused, as a load does
+    _check_values(model.params)  # NaN or Inf weights are refused, as a load does
     cfg = TrainConfig(tokenizer=tokenizer.kind, vocab_size=arch.n_vocab)
     state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(directory).resolve())}
     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state, overwrite,

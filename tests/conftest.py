@@ -32,7 +32,7 @@ def small_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_db(tmp_path_factory, small_corpus):
     """A tiny model trained for 30 steps (shared, read-only: copy before writing)."""
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     db = tmp_path_factory.mktemp("db") / "model.db"
     result = CliRunner().invoke(main, ["train", str(small_corpus), "--db", str(db),
                                        "--iters", "30", "--save-every", "10", *TINY])

@@ -6,8 +6,8 @@ usage: python crash_driver.py MARKER sqlgpt-train-arguments...
 import sys
 from pathlib import Path
 
-from sqlgpt.store import checkpoints as store
-from sqlgpt.cli.commands import main
+from sqlgpt.store import database as store
+from sqlgpt.cli import main
 
 marker = Path(sys.argv.pop(1))
 write_checkpoint = store._write_checkpoint

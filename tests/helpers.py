@@ -15,7 +15,7 @@ def rel_err(ours, ref):
 def weights_bytes(db):
     """Every weight row of a database (table, keys, data, m, v, crc), for
     exact comparisons; a table the file's schema version lacks has no rows."""
-    from sqlgpt.store import checkpoints as store
+    from sqlgpt import store
     conn = store.open_database(db)
     rows = [(table, *row) for table in store.weight_tables(conn)
             for row in conn.execute(store.SELECT_SQL[table])]
@@ -60,7 +60,7 @@ def write_db(path, arch, train_cfg, seed=0, save_at=(10, 20, 30)):
     """A database as training leaves one, through store.py alone: random
     weights, the step-0 checkpoint, one checkpoint (new weights) per step in
     save_at and a metrics row per step. Returns the model last saved."""
-    from sqlgpt.store import checkpoints as store
+    from sqlgpt import store
     rng = np.random.default_rng(seed)
     model = randomize(standin(arch), rng)
     state = {"step": 0, "elapsed_s": 0.0, "rng": {"seed": seed}}
@@ -82,7 +82,7 @@ def write_db(path, arch, train_cfg, seed=0, save_at=(10, 20, 30)):
 def load_db(path):
     """Read a whole database as loading a model does (one snapshot, read-only):
     a namespace with arch, train_cfg, tokenizer, params, state and step."""
-    from sqlgpt.store import checkpoints as store
+    from sqlgpt import store
     conn = store.open_database(path)
     try:
         with store.sqlite_errors(f"cannot read {path}"):

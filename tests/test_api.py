@@ -91,7 +91,7 @@ def test_edge_cases_are_clean_errors_or_work(trained_db):
 
 def test_generation_with_a_one_token_context(tmp_path, small_corpus):
     from click.testing import CliRunner
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     db = tmp_path / "m.db"
     result = CliRunner().invoke(main, ["train", str(small_corpus), "--db", str(db), "--iters", "2",
                                        "--seq-len", "1", "--embed-dim", "8", "--heads", "2",

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 
 from conftest import ROOT, TINY
 

@@ -7,8 +7,8 @@ import numpy as np
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.store import checkpoints as store
-from sqlgpt.cli.commands import main
+from sqlgpt import store
+from sqlgpt.cli import main
 
 from conftest import TINY
 

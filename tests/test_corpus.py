@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import sqlgpt
 from sqlgpt.data import corpus as corpus_module
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.data.corpus import WHITESPACE, find_sources, last_boundary, read_chunks
 from sqlgpt.data.dataset import tokens_path
 from sqlgpt.errors import SqlgptError

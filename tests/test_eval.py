@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sqlgpt
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.train.evaluate import windows
 
 from conftest import TINY

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.errors import SqlgptError
 
 from conftest import CORPUS
@@ -314,7 +314,7 @@ def test_damaged_databases_are_sql_errors(models, tmp_path):
                                                 "SELECT sqlgpt_tokens('a')"]})
         expected.append(message)
     # NaN with a matching checksum
-    from sqlgpt.store.checkpoints import row_crc
+    from sqlgpt.store import row_crc
     db = tmp_path / "nan.db"
     shutil.copy(models["byte"], db)
     conn = sqlite3.connect(db)

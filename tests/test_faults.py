@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import sqlgpt
-from sqlgpt.store import checkpoints as store
+from sqlgpt import store
+from sqlgpt.store import database as store_database
 from sqlgpt.errors import SqlgptError
 from sqlgpt.train.trainer import Trainer
 
@@ -188,7 +189,7 @@ def test_read_only_database_or_directory(tmp_path, trained_db, small_corpus):
 def test_a_writer_lock_held_by_another_process(tmp_path, trained_db, small_corpus, monkeypatch):
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(store_database, "BUSY_TIMEOUT_MS", 300)  # where _connect reads it
     trainer = Trainer.resume(db, [small_corpus])
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another app holds the write lock

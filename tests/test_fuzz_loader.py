@@ -148,7 +148,7 @@ def test_damaged_contents(pristine, statements):
 def test_random_blob_contents(pristine, rows):
     """Arbitrary bytes in weight BLOBs, with a checksum that matches them:
     wrong lengths and NaN/Inf values must still be refused."""
-    from sqlgpt.store.checkpoints import row_crc
+    from sqlgpt.store import row_crc
     path = fresh_copy(pristine)
     try:
         conn = sqlite3.connect(path)

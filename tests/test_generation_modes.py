@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.errors import SqlgptError
 from sqlgpt.inference.generate import (Decoder, GenerationStats, Sampler, generate_batch, generate_ids,
                              speculative_ids)

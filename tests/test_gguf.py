@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 
 from conftest import CORPUS
 

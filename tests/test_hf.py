@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer
 
 import sqlgpt
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.interop.hf import read_safetensors, write_safetensors
 
 from conftest import CORPUS

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.store import checkpoints as store
+from sqlgpt import store
 from sqlgpt.model.arch import preset
 from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 
 from conftest import TINY
 from helpers import randomize, standin, word_tokenizer

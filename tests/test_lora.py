@@ -147,7 +147,7 @@ import sqlite3  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 import sqlgpt  # noqa: E402
-from sqlgpt.cli.commands import main  # noqa: E402
+from sqlgpt.cli import main  # noqa: E402
 
 from conftest import CORPUS  # noqa: E402
 from helpers import weights_bytes  # noqa: E402

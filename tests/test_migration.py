@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from helpers import load_db, query, rel_err, standin, weights_bytes, write_db
 
 from sqlgpt.model import arch
-from sqlgpt.store import checkpoints as store
+from sqlgpt import store
 from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError
 
@@ -209,7 +209,7 @@ def test_a_version_1_model_gives_the_logits_it_gave(v1_db):
 
 
 def test_check_passes_on_a_version_1_file(v1_db):
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     result = CliRunner().invoke(main, ["check", "--db", str(v1_db)])
     assert result.exit_code == 0, result.output
     assert "ok" in result.output
@@ -217,7 +217,7 @@ def test_check_passes_on_a_version_1_file(v1_db):
 
 
 def test_training_resumes_a_version_1_file(v1_db, small_corpus):
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     result = CliRunner().invoke(main, ["train", str(small_corpus), "--db", str(v1_db),
                                        "--iters", "30", "--resume"])
     assert result.exit_code == 0, result.output
@@ -230,7 +230,7 @@ def test_training_resumes_a_version_1_file(v1_db, small_corpus):
 
 
 def test_generate_from_a_version_1_file(v1_db):
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     result = CliRunner().invoke(main, ["generate", "--db", str(v1_db), "--prompt", "the king",
                                        "--max-tokens", "5"])
     assert result.exit_code == 0, result.output
@@ -312,7 +312,7 @@ def test_a_damaged_version_2_file_is_not_migrated(v2_db):
 
 
 def test_training_resumes_a_version_2_file(v2_db, tmp_path):
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     (tmp_path / "v2.db.tokens").unlink(missing_ok=True)
     corpus = tmp_path / "c.txt"
     corpus.write_text((Path(__file__).resolve().parent.parent / "examples" /
@@ -324,7 +324,7 @@ def test_training_resumes_a_version_2_file(v2_db, tmp_path):
 
 
 def test_a_refused_resume_of_version_2_leaves_it_as_it_was(v2_db, small_corpus):
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     execute(v2_db, "UPDATE train_state SET value = '{\"bit_generator\": \"nope\"}' "
                    "WHERE key = 'rng'")
     before = v2_db.read_bytes()
@@ -334,7 +334,7 @@ def test_a_refused_resume_of_version_2_leaves_it_as_it_was(v2_db, small_corpus):
 
 
 def test_datasette_metadata_needs_version_3(v2_db):
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     result = CliRunner().invoke(main, ["datasette-metadata", "--db", str(v2_db)])
     assert result.exit_code == 1 and "need version 3" in result.output
 
@@ -366,7 +366,7 @@ def test_version_3_reads_as_it_is_and_migrates_to_4_keeping_every_row(v3_db):
 
 
 def test_a_migrated_version_3_file_has_the_tables_of_a_new_one_and_quantizes(v3_db, tmp_path):
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     store.open_database(v3_db, readonly=False).close()
     new = tmp_path / "new.db"
     write_db(new, V3_ARCH, TrainConfig(tokenizer="word", vocab_size=60), save_at=())

@@ -9,7 +9,8 @@ import torch
 from sqlgpt._kernel import lib
 from sqlgpt.model.arch import preset
 from sqlgpt.errors import SqlgptError
-from sqlgpt.model.model import GPT, dropout_seeds
+from sqlgpt.model.dropout import dropout_seeds
+from sqlgpt.model.model import GPT
 from sqlgpt.model.tensor import fptr
 
 from helpers import rel_err

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sqlgpt import load as sqlgpt_load
-from sqlgpt.store import checkpoints as store
+from sqlgpt import store
 from sqlgpt.model.model import GPT
 
 from test_faults import committed_step, wait_until

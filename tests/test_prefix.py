@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.store import checkpoints as store
-from sqlgpt.cli.commands import main
+from sqlgpt import store
+from sqlgpt.cli import main
 from sqlgpt.errors import SqlgptError
 
 from conftest import TINY

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import sqlgpt
 from sqlgpt.model.arch import preset
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.model.profile import model_profile
 
 RUN_AND_MEASURE = """

@@ -13,7 +13,7 @@ import sqlgpt
 from sqlgpt._kernel import ffi, lib
 from sqlgpt.errors import SqlgptError
 from sqlgpt.model.arch import preset
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.inference.generate import Decoder
 from sqlgpt.model.lora import merged
 from sqlgpt.model.model import GPT

@@ -23,7 +23,7 @@ def run(*args):
 
 
 def main_cli():
-    from sqlgpt.cli.commands import main
+    from sqlgpt.cli import main
     return main
 
 

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.cli.commands import main
+from sqlgpt.cli import main
 from sqlgpt.sql.functions import MAX_TOKENS, can_load_extensions
 
 from conftest import ROOT, TINY

@@ -10,7 +10,7 @@ import pytest
 from helpers import load_db, randomize, standin, word_tokenizer, write_db
 
 from sqlgpt.model import arch
-from sqlgpt.store import checkpoints as store
+from sqlgpt import store
 from sqlgpt.model.arch import TensorSpec
 from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError

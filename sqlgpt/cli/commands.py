@@ -12,17 +12,17 @@ import click
 
 from .. import set_threads
 from ..train import distributed
-from ..store import checkpoints as store
+from .. import store
 from ..api import load
 from ..model.arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
 from ..model.config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
 from ..data.corpus import ENCODING_ERRORS, find_sources, fingerprint
-from ..errors import SqlgptError
+from ..errors import AlreadyTrained, SqlgptError
 from ..inference.generate import DRAFT_TOKENS, MAX_BATCH, PRECISIONS, GenerationStats, Sampler
 from ..model.lora import LoraConfig
 from ..model.profile import model_profile
 from ..model.quant import DEFAULT_GROUP
-from ..train.trainer import AlreadyTrained, Trainer
+from ..train.trainer import Trainer
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 PRESET_TOKENIZER = {"lua": "word", "gpt2": "bpe", "llama": "bpe"}

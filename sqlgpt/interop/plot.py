@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ..store import checkpoints as store
+from .. import store
 from ..errors import SqlgptError
 
 
@@ -32,15 +32,7 @@ def _pyplot():
 def curves(db_path, prefix=""):
     """{name: (steps, values)} of training loss, validation loss, learning
     rate and gradient norm, read from the database."""
-    conn = store.open_database(db_path, prefix=prefix)
-    try:
-        with store.sqlite_errors(f"cannot read {db_path}"):
-            metrics = conn.execute("SELECT step, loss, lr, grad_norm FROM metrics "
-                                   "ORDER BY step").fetchall()
-            evals = conn.execute("SELECT step, loss FROM evaluations ORDER BY step").fetchall() \
-                if "evaluations" in store.tables_at(store.schema_version(conn)) else []
-    finally:
-        conn.close()
+    metrics, evals = store.read_curves(db_path, prefix)
     if not metrics:
         raise SqlgptError(f"{db_path} has no training steps to plot")
     out = {}

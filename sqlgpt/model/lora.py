@@ -18,6 +18,7 @@ import numpy as np
 
 from .._kernel import ffi
 from .arch import StoredFields, TensorSpec
+from .dropout import shifted_seed
 from ..errors import SqlgptError
 from .tensor import aligned_zeros
 
@@ -212,63 +213,9 @@ def lora_seeds(base_seed, num_layers, arch=None, first_position=0):
     """A dropout seed for each (layer, site), apart from the blocks' own.
     first_position (with arch): the batch's positions before these rows
     (an MPI rank's share), so their masks are those rows' in the whole
-    batch (see model.shifted_seed)."""
-    from .model import shifted_seed
+    batch (see dropout.shifted_seed)."""
     start = 2 * num_layers  # model.dropout_seeds takes the first 2 per layer
     return [shifted_seed((base_seed + GOLDEN * (start + i + 1)) % 2**64,
                          first_position * _site_shape(arch, SITES[i % len(SITES)])[0]
                          if first_position else 0)
             for i in range(num_layers * len(SITES))]
-
-
-
-def read_lora(conn):
-    """The LoraConfig in a database's config table, or None (a plain model)."""
-    from ..store import checkpoints as store
-    with store.sqlite_errors("cannot read the config table"):
-        values = dict(conn.execute("SELECT key, value FROM config"))
-    try:
-        return LoraConfig.from_rows(values)
-    except SqlgptError as e:
-        raise SqlgptError(f"the stored LoRA settings are invalid: {e}") from None
-
-
-def fill_base(model, tuned_path):
-    """Read a fine-tune's base weights into model.base, refusing a base that
-    is missing, of another architecture, or not the weights it was tuned on."""
-    from ..store import checkpoints as store
-    from .config import from_rows
-    from .model import GPT
-    path = base_path(model.lora, tuned_path)
-    if not path.is_file():
-        raise SqlgptError(f"the base model of {tuned_path}, {path}, is missing (the fine-tune "
-                          f"names it relative to its own directory: keep the two together)")
-    conn = store.open_database(path, readonly=True)
-    try:
-        with store.sqlite_errors(f"cannot read the base model {path}"):
-            conn.execute("BEGIN")
-            if read_lora(conn) is not None:
-                raise SqlgptError(f"the base model {path} is itself a LoRA fine-tune")
-            base_arch, _ = from_rows(dict(conn.execute("SELECT key, value FROM config")))
-            merge_check(model.arch, base_arch)
-            plain = GPT(model.arch)
-            store.read_weights(conn, plain)
-    finally:
-        conn.close()
-    if base_digest(plain.params) != model.lora.base_sha256:
-        raise SqlgptError(f"the base model {path} has changed since {tuned_path} was tuned on "
-                          f"it (its weights differ): restore that base, or fine-tune again")
-    for t in model.base:
-        t.data[...] = plain.params[t.name].data
-
-
-def model_for(conn, db_path, arch, checkpoint_activations=False):
-    """An empty GPT for the database on conn: plain, or for a fine-tune its
-    adapters' GPT with the base's weights already read (the caller then
-    reads the database's own weights)."""
-    from .model import GPT
-    lora = read_lora(conn)
-    model = GPT(arch, checkpoint_activations, lora)
-    if lora is not None:
-        fill_base(model, db_path)
-    return model

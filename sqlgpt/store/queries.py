@@ -2,7 +2,7 @@
 Datasette's canned queries (sqlgpt datasette-metadata), from this one list."""
 import json
 
-from .checkpoints import prefixed
+from .database import open_database, prefixed, schema_version, sqlite_errors, tables_at
 
 # name -> (title, SQL); every query reads only sqlgpt's own tables and views
 QUERIES = {
@@ -89,3 +89,19 @@ def datasette_metadata(db_name, prefix=""):
 
 def metadata_json(db_name, prefix=""):
     return json.dumps(datasette_metadata(db_name, prefix), indent=2)
+
+
+def read_curves(db_path, prefix=""):
+    """(metrics, evaluations) of the database at db_path, in step order:
+    rows (step, loss, lr, grad_norm) and (step, loss) (none before the
+    schema had an evaluations table)."""
+    conn = open_database(db_path, prefix=prefix)
+    try:
+        with sqlite_errors(f"cannot read {db_path}"):
+            metrics = conn.execute("SELECT step, loss, lr, grad_norm FROM metrics "
+                                   "ORDER BY step").fetchall()
+            evals = conn.execute("SELECT step, loss FROM evaluations ORDER BY step").fetchall() \
+                if "evaluations" in tables_at(schema_version(conn)) else []
+    finally:
+        conn.close()
+    return metrics, evals

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SqlgptError
+from ..errors import AlreadyTrained, SqlgptError
 
 # the variables a launcher sets for the size of the job: Open MPI's, and
 # the PMI ones of MPICH, Intel MPI and Slurm
@@ -151,7 +151,6 @@ class MpiWorld(World):
         """work() on rank 0: its result there (None elsewhere); if it raised,
         Agreed on every rank, with rank 0's error (elsewhere a SqlgptError,
         or an AlreadyTrained, of the same message)."""
-        from .trainer import AlreadyTrained
         error, result = None, None
         if self.is_root:
             try:
@@ -296,7 +295,6 @@ def collective(world):
     if world.size == 1:
         yield
         return
-    from .trainer import AlreadyTrained
     try:
         yield
     except Agreed as e:

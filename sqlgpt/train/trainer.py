@@ -14,18 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import checkpoints as store
+from .. import store
 from .._kernel import lib
-from ..api import load
 from ..model.arch import ArchConfig
 from ..model.config import TrainConfig
 from ..data.corpus import find_sources, fingerprint, remove_spools
 from .distributed import SIGNAL_CODES, Agreed, World, batch_too_small
 from ..data.dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_tokens,
                       split_tokens, tokens_path, write_tokens)
-from ..errors import SqlgptError
+from ..errors import AlreadyTrained, SqlgptError
 from .evaluate import evaluate
-from ..model.lora import LoraConfig, base_digest, base_reference, model_for, read_lora
+from ..model.lora import LoraConfig, base_digest, base_reference, merged
 from ..model.model import GPT
 from ..model.tensor import aligned_zeros, fptr
 
@@ -92,27 +91,6 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
                for field, (option, value) in settings.items() if not same(field, value)]
     if changed:
         raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
-
-
-def _check_new_location(db_path, overwrite, prefix):
-    """Where a new model goes: a new file (or, with overwrite, a sqlgpt
-    file), or with a prefix an app's database without a model of that prefix
-    (or, with overwrite, with one)."""
-    if db_path.is_dir():
-        raise SqlgptError(f"{db_path} is a directory; --db names the database file")
-    if db_path.exists() and not db_path.is_file():
-        raise SqlgptError(f"{db_path} is not a file")
-    if prefix:
-        if store.has_model(db_path, prefix) and not overwrite:
-            raise SqlgptError(f"{db_path} already holds a model with the prefix {prefix!r}; use "
-                              f"--resume to continue training it or --overwrite to replace it")
-    elif db_path.exists() and not overwrite:
-        raise SqlgptError(f"{db_path} already exists; use --resume to continue training it "
-                          f"or --overwrite to replace it (or --prefix to add a model to an "
-                          f"app's database)")
-    elif db_path.exists() and not store.is_sqlgpt_file(db_path):
-        raise SqlgptError(f"refusing to overwrite {db_path}: it is not a sqlgpt database")
-    store.check_writable(db_path)
 
 
 # train_state key and file suffix of each token file: the corpus, --val-file's text
@@ -209,14 +187,6 @@ def resumable_rng(state):
     return rng
 
 
-class AlreadyTrained(Exception):
-    """Resume found the model at the requested step already."""
-
-    def __init__(self, step, train_loss):
-        super().__init__(f"already trained to step {step}")
-        self.step, self.train_loss = step, train_loss
-
-
 class Trainer:
     """Owns the model, its training settings, its database connection and
     the training state."""
@@ -252,7 +222,7 @@ class Trainer:
         lora (a LoraConfig, with init_from as its base): a LoRA fine-tune,
         whose database holds only the adapters and names its base."""
         db_path = Path(db_path)
-        _check_new_location(db_path, overwrite, store.check_prefix(prefix))
+        store.check_new_location(db_path, overwrite, store.check_prefix(prefix))
         if lora is not None and not init_from:
             raise SqlgptError("a LoRA fine-tune needs the model it adapts: --base BASE.db")
         cfg.validate()
@@ -268,18 +238,19 @@ class Trainer:
                 if Path(init_from).resolve() == db_path.resolve():
                     raise SqlgptError("--init-from and --db name the same file; the base model "
                                       "is only read: name a new --db")
-                base = load(init_from)
+                with store.snapshot(init_from) as conn:
+                    base, base_cfg, base_tokenizer, _, _ = store.read_checkpoint(conn, init_from)
                 if lora is not None and base.lora is not None:
                     raise SqlgptError(f"the base {init_from} is itself a LoRA fine-tune: "
                                       f"sqlgpt merge it into a plain model first")
-                kept = {**base.arch.to_dict(), "tokenizer": base.train_config.tokenizer,
-                        "vocab_size": base.train_config.vocab_size}
+                kept = {**base.arch.to_dict(), "tokenizer": base_cfg.tokenizer,
+                        "vocab_size": base_cfg.vocab_size}
                 _check_unchanged({f: v for f, v in (settings or {}).items() if f in kept}, kept,
                                  base.arch, "--init-from keeps the base model's architecture and "
                                  "tokenizer")
-                arch, tokenizer = replace(base.arch), base.tokenizer
-                cfg.tokenizer = base.train_config.tokenizer
-                cfg.vocab_size = base.train_config.vocab_size
+                arch, tokenizer = replace(base.arch), base_tokenizer
+                cfg.tokenizer = base_cfg.tokenizer
+                cfg.vocab_size = base_cfg.vocab_size
             else:
                 tokenizer = build_tokenizer(cfg.tokenizer, sources, cfg.vocab_size,
                                             encoding_errors,
@@ -308,7 +279,7 @@ class Trainer:
             rng = np.random.default_rng(cfg.seed)
             model.init_weights(rng)  # a fine-tune's: its adapters (B = 0: the base exactly)
             if init_from:  # the base's weights; Adam's moments start at zero
-                weights = base.state_dict_view()
+                weights = merged(base)
                 for t in model.base:
                     t.data[...] = weights[t.name]
                 if lora is not None:
@@ -362,20 +333,15 @@ class Trainer:
             try:
                 # every check reads through a read-only connection, so a refused
                 # resume leaves the file byte for byte as it was
-                reader = store.open_database(db_path, prefix=prefix)
-                try:
-                    with store.sqlite_errors(f"cannot read {db_path}"):
-                        reader.execute("BEGIN")
-                        parts = cls._read_for_resume(db_path, reader, sources, digest, corpus,
-                                                     encoding_errors, on_progress, settings,
-                                                     run_options)
-                        step = parts[-1]["step"]
-                        if max_iters is not None and step >= max_iters:
-                            history = store.checkpoints(reader)
-                            raise AlreadyTrained(step, history[-1]["train_loss"]
-                                                 if history else None)
-                finally:
-                    reader.close()
+                with store.snapshot(db_path, prefix) as reader:
+                    parts = cls._read_for_resume(db_path, reader, sources, digest, corpus,
+                                                 encoding_errors, on_progress, settings,
+                                                 run_options)
+                    step = parts[-1]["step"]
+                    if max_iters is not None and step >= max_iters:
+                        history = store.checkpoints(reader)
+                        raise AlreadyTrained(step, history[-1]["train_loss"]
+                                             if history else None)
                 with store.sqlite_errors(f"cannot open {db_path} for training"):
                     # migrates an old file
                     conn = store.open_database(db_path, readonly=False, prefix=prefix)
@@ -394,7 +360,7 @@ class Trainer:
         """(model, cfg, tokenizer, train, val, state) of a database to resume,
         every part checked."""
         arch, cfg = store.read_config(conn)
-        lora = read_lora(conn)
+        lora = store.read_lora(conn)
         _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict(),
                                           **dict(lora.rows() if lora else [])}, arch)
         tokenizer = store.read_tokenizer(conn, arch, cfg)
@@ -414,7 +380,7 @@ class Trainer:
                                 encoding_errors, on_progress)
         for name, value in (run_options or {}).items():  # memory or messages, not results
             setattr(cfg, name, value)
-        model = model_for(conn, db_path, arch, cfg.checkpoint_activations)
+        model = store.model_for(conn, db_path, arch, cfg.checkpoint_activations)
         store.read_weights(conn, model)
         train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
         if cfg.val_file:
