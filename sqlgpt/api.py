@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .store.database import _check_values
+from .store.rows import _check_values
 from .data.corpus import find_sources
 from .data.dataset import write_tokens
 from .errors import SqlgptError

@@ -15,7 +15,7 @@ import pytest
 
 import sqlgpt
 from sqlgpt import store
-from sqlgpt.store import database as store_database
+from sqlgpt.store import connection as store_connection
 from sqlgpt.errors import SqlgptError
 from sqlgpt.train.trainer import Trainer
 
@@ -189,7 +189,7 @@ def test_read_only_database_or_directory(tmp_path, trained_db, small_corpus):
 def test_a_writer_lock_held_by_another_process(tmp_path, trained_db, small_corpus, monkeypatch):
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
-    monkeypatch.setattr(store_database, "BUSY_TIMEOUT_MS", 300)  # where _connect reads it
+    monkeypatch.setattr(store_connection, "BUSY_TIMEOUT_MS", 300)  # where _connect reads it
     trainer = Trainer.resume(db, [small_corpus])
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another app holds the write lock

@@ -7,9 +7,10 @@ from ..errors import SqlgptError
 from ..model.config import from_rows
 from ..model.lora import LoraConfig, base_digest, base_path, merge_check
 from ..model.model import GPT
-from .database import (check_writable, has_model, is_sqlgpt_file, kept_steps, open_database,
-                       read_config, read_kept_weights, read_tokenizer, read_train_state,
-                       read_weights, sqlite_errors)
+from .connection import check_writable, is_sqlgpt_file, sqlite_errors
+from .database import has_model, kept_steps, read_kept_weights
+from .migrations import open_database
+from .rows import read_config, read_tokenizer, read_train_state, read_weights
 
 
 @contextlib.contextmanager

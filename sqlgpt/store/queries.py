@@ -2,7 +2,8 @@
 Datasette's canned queries (sqlgpt datasette-metadata), from this one list."""
 import json
 
-from .database import open_database, prefixed, schema_version, sqlite_errors, tables_at
+from .connection import prefixed, schema_version, sqlite_errors, tables_at
+from .migrations import open_database
 
 # name -> (title, SQL); every query reads only sqlgpt's own tables and views
 QUERIES = {
