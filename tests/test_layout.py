@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sqlgpt"
 SQL_OUTSIDE_STORE = {
     ("sqlgpt.sql.functions", "<module>"):
         "the module docstring's example of the SQL functions it registers",
-    ("sqlgpt.cli.commands", "extension_path_command"):
+    ("sqlgpt.cli.explore", "extension_path_command"):
         "help text: an example of the loadable extension in the sqlite3 shell",
-    ("sqlgpt.cli.commands", "sql"):
+    ("sqlgpt.cli.explore", "sql"):
         "help text: an example query for `sqlgpt sql`",
 }
 SQL_KEYWORD = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|BEGIN)\b")
