@@ -5,7 +5,6 @@ OpenMP, so both cores are used and the SIMD width fits the CPU. Set
 SQLGPT_PORTABLE=1 to build for a generic x86-64/ARM target instead, and
 SQLGPT_SANITIZE=1 for an AddressSanitizer/UBSan build.
 """
-import ast
 import os
 from pathlib import Path
 
@@ -96,35 +95,36 @@ def schema_names():
     views = ", ".join(f"{{{c_string(name)}, {c_string(sql)}}}"
                       for kind, name, sql in rows if kind == "view")
     # the BPE pre-tokenization rule's pattern, which a bpe model records
-    source = (ROOT / "sqlgpt" / "tokenizers" / "bpe.py").read_text()
-    pattern = next(node.value.value for node in ast.parse(source).body
-                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") ==
-                   "PATTERN")
+    pattern = _source_modules()[0].PRETOKENIZER_PATTERNS["sqlgpt"]
     return (f"static const char *const MODEL_NAMES[] = {{{names}}};\n"
             f"static const char *const MODEL_VIEWS[][2] = {{{views}}};\n"
             f"static const char BPE_PATTERN[] = {c_string(pattern)};\n")
 
 
 def _source_modules():
-    """sqlgpt's contract and arch modules, loaded by path without the
-    package (whose kernel is what is being built): both import only each
-    other and errors.py, under a stand-in package name."""
+    """sqlgpt's contract and architecture modules, loaded by path without
+    the package (whose kernel is what is being built): they import only
+    each other and errors.py, here under a stand-in package name whose
+    __init__ files are not run."""
     import importlib.util
     import sys
     import types
-    package = types.ModuleType("_sqlgpt_source")
-    package.__path__ = [str(ROOT / "sqlgpt")]
-    sys.modules.setdefault("_sqlgpt_source", package)
-    loaded = {}
-    for name in ("errors", "contract", "arch"):
+    for package, folder in (("_sqlgpt_source", "sqlgpt"), ("_sqlgpt_source.model", "sqlgpt/model")):
+        if package not in sys.modules:
+            module = types.ModuleType(package)
+            module.__path__ = [str(ROOT / folder)]
+            sys.modules[package] = module
+    loaded = []
+    for name in ("errors", "contract", "model.arch"):
         full = f"_sqlgpt_source.{name}"
         if full not in sys.modules:
-            spec = importlib.util.spec_from_file_location(full, ROOT / "sqlgpt" / f"{name}.py")
+            path = ROOT / "sqlgpt" / (name.replace(".", "/") + ".py")
+            spec = importlib.util.spec_from_file_location(full, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[full] = module
             spec.loader.exec_module(module)
-        loaded[name] = sys.modules[full]
-    return loaded["contract"], loaded["arch"]
+        loaded.append(sys.modules[full])
+    return loaded[1], loaded[2]
 
 
 def contract_header():

@@ -185,7 +185,7 @@ def peak_rss_mb():
 
 def architecture(arch):
     """The ArchConfig of a config dict (its other keys ignored)."""
-    from sqlgpt.arch import ArchConfig, preset
+    from sqlgpt.model.arch import ArchConfig, preset
     fields = {k: v for k, v in arch.items() if k in ArchConfig.__dataclass_fields__}
     return preset(fields.pop("preset"), **fields)
 
@@ -205,7 +205,7 @@ def flops_per_token(arch):
     the head, tied or not); wte and wpe are row lookups. The attention term
     is QK^T and AV (2 * 2TC forward per token per layer) x 3 for backward,
     halved for the causal mask."""
-    from sqlgpt.arch import tensor_table
+    from sqlgpt.model.arch import tensor_table
     a = architecture(arch)
     matmul_params = sum(s.rows * s.cols for s in tensor_table(a)
                         if len(s.shape) == 2 and s.name not in ("wte", "wpe"))
@@ -255,7 +255,7 @@ def random_batch(arch):
 
 def sqlgpt_train_step(arch, x, y):
     """One sqlgpt training step as sqlgpt.train runs it: zero, forward, backward, Adam."""
-    from sqlgpt.model import GPT
+    from sqlgpt.model.model import GPT
     model = GPT(architecture(arch))
     model.init_weights(np.random.default_rng(0))
 
@@ -324,7 +324,7 @@ def generation_lengths(arch):
 
 def batch_greedy(decoder, prompts, n_new):
     """Greedy ids of every prompt, all of them in each batched decode step."""
-    from sqlgpt.generate import Sampler, generate_batch
+    from sqlgpt.inference.generate import Sampler, generate_batch
     out = [[] for _ in prompts]
     for i, token in generate_batch(decoder, prompts, n_new, Sampler(temperature=0)):
         out[i].append(token)
@@ -347,8 +347,8 @@ def compare_generation(model, torch_model, arch, repeats):
     float32, bfloat16, int8 and int4 weights), and on BATCH sequences at
     once; whether their tokens agree; the bytes of the matrices each
     precision streams per token."""
-    from sqlgpt.generate import PRECISIONS, Decoder, generate_ids
-    from sqlgpt.quant import BITS, DEFAULT_GROUP, quantized_copy
+    from sqlgpt.inference.generate import PRECISIONS, Decoder, generate_ids
+    from sqlgpt.model.quant import BITS, DEFAULT_GROUP, quantized_copy
     n_prompt, n_new = generation_lengths(arch)
     prompts = np.random.default_rng(1).integers(1, arch["n_vocab"], (BATCH, n_prompt)).tolist()
     prompt = prompts[0]
@@ -371,7 +371,7 @@ def compare_generation(model, torch_model, arch, repeats):
         runs["torch_batch"] = lambda: torch_model.generate_greedy(prompts, n_new)
     # the decode phase alone: the steps after the prompt's (the first yields
     # one token per sequence)
-    from sqlgpt.generate import Sampler, generate_batch
+    from sqlgpt.inference.generate import Sampler, generate_batch
     fp32 = Decoder(model, "fp32", slots=BATCH)
     phases = {
         "sqlgpt": lambda: decode_phase_rate(lambda: generate_ids(fp32, prompt, n_new, 0), 1),
@@ -428,10 +428,10 @@ def sqlgpt_checkpoint_io(model, directory, repeats):
     """Save: one checkpoint transaction on the open database, as training does.
     Load: open the file and read every weight, as resuming does."""
     from sqlgpt import store
-    from sqlgpt.tokenizers import WordTokenizer
+    from sqlgpt.data.tokenizers import WordTokenizer
     path = directory / "model.db"
     state = {"step": 1, "elapsed_s": 0.0}
-    from sqlgpt.config import TrainConfig
+    from sqlgpt.model.config import TrainConfig
     train_cfg = TrainConfig(vocab_size=model.arch.n_vocab - 2)
     tokenizer = WordTokenizer(f"w{i}" for i in range(train_cfg.vocab_size))
     conn, lock = store.create_database(path, model, train_cfg, tokenizer, state)
@@ -491,7 +491,7 @@ def compare_checkpoints(model, repeats):
 
 # ---- one config ----
 def bench_config(arch, args, peak_flops):
-    from sqlgpt.model import GPT
+    from sqlgpt.model.model import GPT
     repeats = 3 if args.tiny else 5
     model = GPT(architecture(arch))
     model.init_weights(np.random.default_rng(0))

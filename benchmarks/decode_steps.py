@@ -42,8 +42,8 @@ def step_time(decoder, n):
 
 
 def measure(name, rounds):
-    from sqlgpt.generate import Decoder
-    from sqlgpt.model import GPT
+    from sqlgpt.inference.generate import Decoder
+    from sqlgpt.model.model import GPT
     model = GPT(architecture(CONFIGS[name]))
     model.init_weights(np.random.default_rng(0))
     decoder = Decoder(model, "fp32", slots=max(ROWS))

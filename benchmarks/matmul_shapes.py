@@ -11,8 +11,8 @@ import numpy as np
 
 from bench import CONFIGS, architecture
 from sqlgpt._kernel import ffi, lib
-from sqlgpt.arch import tensor_table
-from sqlgpt.tensor import fptr
+from sqlgpt.model.arch import tensor_table
+from sqlgpt.model.tensor import fptr
 
 REPEATS = 15
 POOL_IDLE_S = 0.5

@@ -60,11 +60,11 @@ def parse_args(argv=None):
 def child_main(spec):
     """Train spec's model for warm-up + spec["steps"] steps on this World;
     rank 0 prints {step_s, mpi_s, grad_bytes} as one JSON line."""
-    from sqlgpt import distributed
-    from sqlgpt.arch import ArchConfig
-    from sqlgpt.config import TrainConfig
-    from sqlgpt.model import GPT
-    from sqlgpt.train import Trainer
+    from sqlgpt.train import distributed
+    from sqlgpt.model.arch import ArchConfig
+    from sqlgpt.model.config import TrainConfig
+    from sqlgpt.model.model import GPT
+    from sqlgpt.train.trainer import Trainer
     world = distributed.world(spec["zero"])
     arch = ArchConfig.from_dict(spec["arch"])
     cfg = TrainConfig(batch_size=spec["batch_size"], dropout=0.1, grad_clip=1.0)
@@ -165,7 +165,7 @@ def bench(name, config, args, bench_module):
 
 def modeled_100m(results, bench_module):
     """The 100M config at the FLOP rate of the largest config measured."""
-    from sqlgpt.arch import stored_tensors
+    from sqlgpt.model.arch import stored_tensors
     largest = max(results.values(), key=lambda r: r["flops_per_step"])
     arch = bench_module.architecture(MODEL_100M)
     params = sum(int(np.prod(s.shape)) for s in stored_tensors(arch))

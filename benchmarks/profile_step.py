@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from bench import CONFIGS, DROPOUT, LR, architecture
-from sqlgpt.model import GPT
+from sqlgpt.model.model import GPT
 
 STEPS = 3
 

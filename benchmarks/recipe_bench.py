@@ -45,9 +45,9 @@ def parse_args():
 def sqlgpt_run(corpus, db, args):
     """Train with sqlgpt's library; returns (seconds, model, [(step, val)])."""
     import sqlgpt
-    from sqlgpt.arch import preset
-    from sqlgpt.config import TrainConfig
-    from sqlgpt.train import Trainer
+    from sqlgpt.model.arch import preset
+    from sqlgpt.model.config import TrainConfig
+    from sqlgpt.train.trainer import Trainer
     r = RECIPE
     arch = preset("gpt2", embed_dim=r["embed_dim"], num_heads=r["heads"], num_layers=r["layers"],
                   seq_len=r["seq_len"])
@@ -116,7 +116,7 @@ def torch_val_loss(model, val_ids):
     """The held-out split in non-overlapping windows of the context, as
     sqlgpt's evaluation with stride = context scores it."""
     import torch
-    from sqlgpt.evaluate import windows
+    from sqlgpt.train.evaluate import windows
     T = RECIPE["seq_len"]
     ids = torch.from_numpy(val_ids.astype(np.int64))
     total, count = 0.0, 0

@@ -68,7 +68,7 @@ def main(argv=None):
     p.add_argument("--draft-tokens", type=int, default=4)
     args = p.parse_args(argv)
     import sqlgpt
-    from sqlgpt.generate import GenerationStats
+    from sqlgpt.inference.generate import GenerationStats
     with tempfile.TemporaryDirectory() as tmp:
         target_db = args.target_db or Path(tmp) / "target.db"
         draft_db = args.draft_db or Path(tmp) / "draft.db"

@@ -97,7 +97,7 @@ def peak_rss_mb():
 def child(kind, corpus, train_mb, encode_mb, vocab_size):
     """One measurement, in its own process: build, then stream-encode."""
     sys.path.insert(0, str(ROOT))
-    from sqlgpt.tokenizers import TOKENIZERS
+    from sqlgpt.data.tokenizers import TOKENIZERS
     base = peak_rss_mb()
     t = time.perf_counter()
     tok = TOKENIZERS[kind].build(read_chunks(corpus, train_mb * MB), vocab_size)

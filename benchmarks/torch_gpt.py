@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sqlgpt.arch import ArchConfig, tensor_table
+from sqlgpt.model.arch import ArchConfig, tensor_table
 
 IGNORE = -1  # the target the loss skips, as sqlgpt's
 INIT_STD = 0.02  # GPT-2's (and llama2.c's) normal init, for training from scratch

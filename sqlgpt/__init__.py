@@ -10,7 +10,7 @@ except ImportError:
                       f"folder, or build the kernel in place with pip install -e .") from None
 from .api import Model, load, merge, quantize
 from .errors import SqlgptError
-from .sql import connect, extension_path, register
+from .sql.functions import connect, extension_path, register
 
 
 def set_threads(n):

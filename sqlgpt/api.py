@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .corpus import find_sources
-from .dataset import write_tokens
+from .store.rows import _check_values
+from .data.corpus import find_sources
+from .data.dataset import write_tokens
 from .errors import SqlgptError
-from .evaluate import evaluate
-from .generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
+from .train.evaluate import evaluate
+from .inference.generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
                        generate_batch, speculative_ids)
-from .lora import merged, model_for
-from .quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
-from .quant import matrices as quant_matrices
+from .model.lora import merged
+from .model.quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
+from .model.quant import matrices as quant_matrices
 
 
 @dataclass
@@ -278,7 +279,7 @@ class Model:
         """Loss per token, perplexity, accuracy and tokens scored on a text,
         or on files and directories (each a document, separated by <eos>),
         tokenized by a stream into a temporary file (flat memory). stride:
-        see sqlgpt.evaluate (default: half the context). A model loaded
+        see sqlgpt.train.evaluate (default: half the context). A model loaded
         with precision bf16, int8 or int4 is scored through those weights,
         as generation uses them."""
         decoder = None if self.precision == "fp32" else self.decoder()
@@ -301,31 +302,10 @@ def load(path, precision="fp32", step=None, prefix=""):
     check_precision(precision)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise SqlgptError(f"step must be an integer >= 0, got {step!r}")
-    conn = store.open_database(path, readonly=True, prefix=prefix)
-    try:
-        with store.sqlite_errors(f"cannot read {path}"):
-            conn.execute("BEGIN")  # one snapshot: a trainer may commit while we read
-            arch, cfg = store.read_config(conn)
-            tokenizer = store.read_tokenizer(conn, arch, cfg)
-            gpt = model_for(conn, path, arch)
-            state = store.read_train_state(conn)
-            latest = state.get("step")
-            if not isinstance(latest, int) or latest < 0:
-                raise SqlgptError(f"{path} is damaged: no valid training step")
-            if step is None or step == latest:
-                store.read_weights(conn, gpt)
-                step = latest
-            else:
-                kept = store.kept_steps(conn)
-                if step not in kept:
-                    raise SqlgptError(f"{path} keeps no checkpoint at step {step} (kept: "
-                                      f"{', '.join(map(str, kept)) or 'none'}; latest: {latest}"
-                                      f"); train with --keep N to keep older ones")
-                store.read_kept_weights(conn, gpt, step)
-            quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
-                if precision in BITS else None
-    finally:
-        conn.close()
+    with store.snapshot(path, prefix) as conn:  # a trainer may commit while we read
+        gpt, cfg, tokenizer, step, state = store.read_checkpoint(conn, path, step)
+        quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
+            if precision in BITS else None
     return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized)
 
 
@@ -347,8 +327,9 @@ def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
     """Store int8 (bits 8) or int4 (bits 4) copies of the latest checkpoint's
     matrices in the database at path (a fine-tune's: its base with the
     adapters folded in), for decoding with precision "int8" / "int4".
-    Returns {"bytes": the copy's size, "fp32_bytes": the float32 matrices'}.
-    Refuses a copy that already exists for this checkpoint, a group size
+    Returns {"bytes": the copy's size, "fp32_bytes": the float32 matrices'},
+    or None when that copy is there already. Refuses another group size for
+    a checkpoint that has a copy, a group size
     that does not divide every matrix's input width, and bits other than 8
     and 4; nothing is written then."""
     if bits not in BITS.values():
@@ -361,9 +342,11 @@ def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
             found = store.quantized_sets(conn).get(bits)
         finally:
             conn.close()
+    if found == (group, model.step):
+        return None  # the copy is there already: nothing to do, and that is success
     if found and found[1] == model.step:
-        raise SqlgptError(f"{path} already has int{bits} weights of step {model.step} (group "
-                          f"size {found[0]}): nothing to do")
+        raise SqlgptError(f"{path} already has int{bits} weights of step {model.step} with "
+                          f"group size {found[0]}, not {group}")
     blocks = quantized_copy(model.arch, model.state_dict_view(), bits, group)
     lock = store.WriterLock(path)
     try:
@@ -383,17 +366,17 @@ def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
 
 def export(path, out, fmt="hf", prefix="", dtype="f32"):
     """Write the model at path (a fine-tune's with its adapters folded in) in
-    another format: "hf", a transformers directory at out (see sqlgpt.hf;
+    another format: "hf", a transformers directory at out (see sqlgpt.interop.hf;
     float32); "peft", a LoRA fine-tune's adapters as a PEFT directory for
     the hf export of its base; or "gguf", a llama.cpp file at out whose matrices are dtype
-    (f32, f16 or q8_0; see sqlgpt.gguf_export). Returns what was written
+    (f32, f16 or q8_0; see sqlgpt.interop.gguf_export). Returns what was written
     (file names, or the tensor count)."""
     if fmt not in ("hf", "gguf", "peft"):
         raise SqlgptError(f"export format must be hf, gguf or peft, got {fmt!r}")
     if fmt in ("hf", "peft"):
-        from . import hf
+        from .interop import hf
         return (hf.export if fmt == "hf" else hf.export_peft)(load(path, prefix=prefix), out)
-    from . import gguf_export
+    from .interop import gguf_export
     if Path(out).exists():
         raise SqlgptError(f"{out} already exists; name a new file")
     tmp = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.tmp")
@@ -411,19 +394,19 @@ def import_hf(directory, db_path, overwrite=False, prefix=""):
     tokenizer.json: sqlgpt's, or the model's own as it is): it generates,
     evaluates, fine-tunes (--base) and exports; it has no training state to
     resume. Returns the new Model."""
-    from . import hf
-    from .config import TrainConfig
-    from .model import GPT
+    from .interop import hf
+    from .model.config import TrainConfig
+    from .model.model import GPT
     arch, weights, tokenizer = hf.read_hf(directory)
     if tokenizer is None:
         raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
                           f"tokenizer (byte-level BPE)")
-    from .train import _check_new_location  # train's rules for a new model's file
-    _check_new_location(Path(db_path), overwrite, store.check_prefix(prefix))
+    store.check_new_location(Path(db_path), overwrite, store.check_prefix(prefix),
+                             resumable=False)
     model = GPT(arch)
     for t in model.params:
         t.data[...] = weights[t.name]
-    store._check_values(model.params)  # NaN or Inf weights are refused, as a load does
+    _check_values(model.params)  # NaN or Inf weights are refused, as a load does
     cfg = TrainConfig(tokenizer=tokenizer.kind, vocab_size=arch.n_vocab)
     state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(directory).resolve())}
     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state, overwrite,

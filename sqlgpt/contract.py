@@ -155,6 +155,18 @@ LOOKUP_TABLES = ("wte", "wpe")
 # ---- tokenizers ----
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0..3 for char, byte and bpe
 TOKENIZER_KINDS = ("word", "char", "byte", "bpe")  # what sqlgpt builds
+# The pre-tokenizer patterns an imported (hf) tokenizer may split by before
+# its byte-level step: the real models' own, each linear in the text. Any
+# other pattern is refused at import and at load, since a pattern is code:
+# one like `.(?=.*Q)|.` makes encoding quadratic.
+PRETOKENIZER_PATTERNS = {
+    "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    "llama-3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+             r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "sqlgpt": r" ?[^ \t\n\x0b\x0c\r]+| +(?![^ \t\n\x0b\x0c\r])|[\t\n\x0b\x0c\r]",
+}
 
 
 def holds(when, config):

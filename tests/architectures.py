@@ -1,6 +1,6 @@
 """Architectures the model tests run over: the presets, then parts mixed as
 no preset does, so that every option value meets several others."""
-from sqlgpt.arch import preset
+from sqlgpt.model.arch import preset
 
 SMALL = dict(n_vocab=40, embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
 

@@ -6,7 +6,7 @@ usage: python crash_driver.py MARKER sqlgpt-train-arguments...
 import sys
 from pathlib import Path
 
-from sqlgpt import store
+from sqlgpt.store import database as store
 from sqlgpt.cli import main
 
 marker = Path(sys.argv.pop(1))

@@ -37,8 +37,8 @@ def query(db, sql):
 def standin(arch):
     """What store.py takes as a model: .arch and .params, a ParameterSet of
     the architecture's stored tensors."""
-    from sqlgpt.arch import stored_tensors
-    from sqlgpt.tensor import ParameterSet
+    from sqlgpt.model.arch import stored_tensors
+    from sqlgpt.model.tensor import ParameterSet
     return types.SimpleNamespace(arch=arch, params=ParameterSet(stored_tensors(arch)))
 
 
@@ -52,7 +52,7 @@ def randomize(model, rng):
 
 
 def word_tokenizer(vocab_size):
-    from sqlgpt.tokenizers import WordTokenizer
+    from sqlgpt.data.tokenizers import WordTokenizer
     return WordTokenizer(f"w{i}" for i in range(vocab_size))
 
 

@@ -13,7 +13,7 @@ import types
 import torch
 import transformers
 
-from sqlgpt.arch import tensor_table
+from sqlgpt.model.arch import tensor_table
 
 # what each of transformers' models hard-codes; anything else cannot be built
 GPT2_ARCH = dict(norm="layernorm", norm_affine=True, bias=True, mlp="gelu", pos="learned",

@@ -176,7 +176,7 @@ def test_usage_errors_are_one_line(tmp_path):
 
 
 def test_json_is_strict_even_when_the_loss_diverged(capsys):
-    from sqlgpt.cli import emit_json
+    from sqlgpt.cli.common import emit_json
     emit_json({"final_loss": float("nan"), "nested": [float("inf"), 1.5]})
     line = capsys.readouterr().out.strip()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == \

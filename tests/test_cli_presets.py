@@ -56,7 +56,7 @@ def test_train_resume_generate_info_check(tmp_path, small_corpus, options, expec
 
 
 def test_state_dict_names_follow_the_tensor_table(tmp_path, small_corpus):
-    from sqlgpt.arch import stored_tensors
+    from sqlgpt.model.arch import stored_tensors
     db = tmp_path / "m.db"
     result = run("train", small_corpus, "--db", db, "--iters", 1, *TINY, "--preset", "llama",
                  "--kv-heads", "2", *BPE_SIZE)

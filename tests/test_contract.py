@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 
 from sqlgpt import contract
-from sqlgpt.arch import ArchConfig, hf_to_gguf, preset, tensor_table
+from sqlgpt.model.arch import ArchConfig, hf_to_gguf, preset, tensor_table
 
 from architectures import ARCHITECTURES, arch_of
 from conftest import ROOT

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sqlgpt
-from sqlgpt import corpus as corpus_module
+from sqlgpt.data import corpus as corpus_module
 from sqlgpt.cli import main
-from sqlgpt.corpus import WHITESPACE, find_sources, last_boundary, read_chunks
-from sqlgpt.dataset import tokens_path
+from sqlgpt.data.corpus import WHITESPACE, find_sources, last_boundary, read_chunks
+from sqlgpt.data.dataset import tokens_path
 from sqlgpt.errors import SqlgptError
 
 from conftest import TINY

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import sqlgpt
 from sqlgpt.cli import main
-from sqlgpt.evaluate import windows
+from sqlgpt.train.evaluate import windows
 
 from conftest import TINY
 

@@ -15,8 +15,9 @@ import pytest
 
 import sqlgpt
 from sqlgpt import store
+from sqlgpt.store import connection as store_connection
 from sqlgpt.errors import SqlgptError
-from sqlgpt.train import Trainer
+from sqlgpt.train.trainer import Trainer
 
 from helpers import weights_bytes
 from conftest import TINY
@@ -188,7 +189,7 @@ def test_read_only_database_or_directory(tmp_path, trained_db, small_corpus):
 def test_a_writer_lock_held_by_another_process(tmp_path, trained_db, small_corpus, monkeypatch):
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(store_connection, "BUSY_TIMEOUT_MS", 300)  # where _connect reads it
     trainer = Trainer.resume(db, [small_corpus])
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another app holds the write lock

@@ -17,8 +17,8 @@ from helpers import load_db, write_db
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sqlgpt import arch
-from sqlgpt.config import TrainConfig
+from sqlgpt.model import arch
+from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError
 
 CASES = 400  # per strategy below: 1,200 cases in all

@@ -3,10 +3,10 @@ for every preset and a grid of part combinations."""
 import numpy as np
 import pytest
 
-from sqlgpt.arch import preset
+from sqlgpt.model.arch import preset
 from sqlgpt.errors import SqlgptError
-from sqlgpt.generate import Decoder, generate_ids
-from sqlgpt.model import GPT
+from sqlgpt.inference.generate import Decoder, generate_ids
+from sqlgpt.model.model import GPT
 
 from architectures import ARCHITECTURES, arch_of
 from helpers import rel_err

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt.cli import main
 from sqlgpt.errors import SqlgptError
-from sqlgpt.generate import (Decoder, GenerationStats, Sampler, generate_batch, generate_ids,
+from sqlgpt.inference.generate import (Decoder, GenerationStats, Sampler, generate_batch, generate_ids,
                              speculative_ids)
-from sqlgpt.model import GPT
+from sqlgpt.model.model import GPT
 
 from architectures import ARCHITECTURES, arch_of
 from conftest import TINY

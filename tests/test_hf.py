@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 import sqlgpt
 from sqlgpt.cli import main
-from sqlgpt.hf import read_safetensors, write_safetensors
+from sqlgpt.interop.hf import read_safetensors, write_safetensors
 
 from conftest import CORPUS
 
@@ -150,6 +150,17 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
     assert_same_greedy(model, ours, ids)
 
 
+def test_import_onto_an_existing_file_says_how_to_replace_it(trained, tmp_path):
+    out, taken = tmp_path / "hf", tmp_path / "taken.db"
+    assert run("export", "--db", trained, "-o", out).exit_code == 0
+    shutil.copy(trained, taken)
+    before = taken.read_bytes()
+    result = run("import", out, "--db", taken)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert "--resume" not in result.output  # import has none
+    assert taken.read_bytes() == before
+
+
 def test_what_transformers_cannot_hold_is_refused(corpus, tmp_path):
     db = tmp_path / "lua.db"
     assert run("train", corpus, "--db", db, *TINY[:-4], "--vocab-size", "80", "--iters", "1"
@@ -228,7 +239,7 @@ def test_bad_directories_are_one_line_errors_and_write_nothing(exported, tmp_pat
     garbled = tmp_path / "garbled"
     shutil.copytree(exported, garbled)
     (garbled / "tokenizer.json").write_text("{not json")
-    refused(garbled, db, "cannot be read by the tokenizers library")
+    refused(garbled, db, "tokenizer.json is not valid JSON")
     nan = tmp_path / "nan"
     shutil.copytree(exported, nan)
     tensors = read_safetensors(nan / "model.safetensors")

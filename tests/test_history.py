@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 import sqlgpt
 from sqlgpt import store
-from sqlgpt.arch import preset
-from sqlgpt.config import TrainConfig
+from sqlgpt.model.arch import preset
+from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError
 from sqlgpt.cli import main
 

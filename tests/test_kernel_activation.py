@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sqlgpt._kernel import lib
-from sqlgpt.tensor import fptr
+from sqlgpt.model.tensor import fptr
 
 from helpers import rel_err
 from kernel_helpers import TOL, f32, t64

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sqlgpt._kernel import lib
-from sqlgpt.tensor import fptr
+from sqlgpt.model.tensor import fptr
 
 from helpers import rel_err
 from kernel_helpers import TOL, f32, t64
@@ -70,7 +70,7 @@ def test_scratch_that_cannot_grow_is_a_status_not_an_abort():
     SQLGPT_NOMEM having touched nothing (the buffers here are far too small
     for T; they are never read), the status is cleared, and Python raises
     MemoryError, which the CLI turns into one line."""
-    from sqlgpt.model import check_status
+    from sqlgpt.model.model import check_status
     q = np.zeros(64, np.float32)
     status = lib.attention_forward(fptr(q), fptr(q), fptr(q), fptr(q), fptr(q), 1, 2**28, 1, 1,
                                    64)

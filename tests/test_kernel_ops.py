@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sqlgpt._kernel import ffi, lib
-from sqlgpt.tensor import fptr, iptr
+from sqlgpt.model.tensor import fptr, iptr
 
 from helpers import rel_err
 from kernel_helpers import NULL, TOL, f32, t64, zeros_like

@@ -7,9 +7,9 @@ import torch
 
 from sqlgpt._kernel import lib
 from sqlgpt.errors import SqlgptError
-from sqlgpt.lora import SITES, LoraConfig, adaptable, base_path, lora_seeds, merged
-from sqlgpt.model import GPT
-from sqlgpt.tensor import fptr
+from sqlgpt.model.lora import SITES, LoraConfig, adaptable, base_path, lora_seeds, merged
+from sqlgpt.model.model import GPT
+from sqlgpt.model.tensor import fptr
 
 from architectures import ARCHITECTURES, arch_of
 from torch_reference import random_weights, reference_loss

@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 from helpers import load_db, query, rel_err, standin, weights_bytes, write_db
 
-from sqlgpt import arch, store
-from sqlgpt.config import TrainConfig
+from sqlgpt.model import arch
+from sqlgpt import store
+from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from sqlgpt._kernel import lib
-from sqlgpt.arch import preset
+from sqlgpt.model.arch import preset
 from sqlgpt.errors import SqlgptError
-from sqlgpt.model import GPT, dropout_seeds
-from sqlgpt.tensor import fptr
+from sqlgpt.model.dropout import dropout_seeds
+from sqlgpt.model.model import GPT
+from sqlgpt.model.tensor import fptr
 
 from helpers import rel_err
 from architectures import ARCHITECTURES, SMALL, arch_of

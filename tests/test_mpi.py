@@ -17,7 +17,7 @@ import pytest
 
 from sqlgpt import load as sqlgpt_load
 from sqlgpt import store
-from sqlgpt.model import GPT
+from sqlgpt.model.model import GPT
 
 from test_faults import committed_step, wait_until
 

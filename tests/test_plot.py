@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import sqlgpt
 from sqlgpt.cli import main
-from sqlgpt.plot import attention_maps, curves
+from sqlgpt.interop.plot import attention_maps, curves
 
 from conftest import TINY
 

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.arch import preset
+from sqlgpt.model.arch import preset
 from sqlgpt.cli import main
-from sqlgpt.profile import model_profile
+from sqlgpt.model.profile import model_profile
 
 RUN_AND_MEASURE = """
 import re, sys
@@ -29,7 +29,7 @@ print(int(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group
 def test_parameters_and_flops():
     arch = preset("gpt2", n_vocab=65, embed_dim=128, num_heads=4, num_layers=4, seq_len=64)
     profile = model_profile(arch, 12)
-    assert profile["parameters"]["total"] == sqlgpt.model.GPT(arch).params.size
+    assert profile["parameters"]["total"] == sqlgpt.model.model.GPT(arch).params.size
     C, L = 128, 4
     assert profile["parameters"]["attention"] == L * (4 * C * C + 4 * C)
     matmul = L * 12 * C * C + C * 65  # the tied head still multiplies

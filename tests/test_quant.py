@@ -12,13 +12,13 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt._kernel import ffi, lib
 from sqlgpt.errors import SqlgptError
-from sqlgpt.arch import preset
+from sqlgpt.model.arch import preset
 from sqlgpt.cli import main
-from sqlgpt.generate import Decoder
-from sqlgpt.lora import merged
-from sqlgpt.model import GPT
-from sqlgpt.quant import dequantize, kernel_block, matrices, quantize, quantized_copy
-from sqlgpt.tensor import fptr
+from sqlgpt.inference.generate import Decoder
+from sqlgpt.model.lora import merged
+from sqlgpt.model.model import GPT
+from sqlgpt.model.quant import dequantize, kernel_block, matrices, quantize, quantized_copy
+from sqlgpt.model.tensor import fptr
 
 from conftest import CORPUS
 
@@ -177,7 +177,11 @@ def test_quantize_refuses_what_it_cannot_do_and_writes_nothing(trained, tmp_path
         in result.output
     assert run("quantize", "--db", db, "--bits", "8").exit_code == 0
     before = db.read_bytes()
-    for options, message in ((["--bits", "8"], "already has int8 weights of step 150"),
+    again = run("quantize", "--db", db, "--bits", "8")  # nothing to do is success
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    assert db.read_bytes() == before
+    for options, message in ((["--bits", "8", "--group-size", "64"],
+                              "already has int8 weights of step 150 with group size 32"),
                              (["--bits", "4", "--group-size", "48"], "--group-size must be one"),
                              (["--bits", "4", "--group-size", "128"], "must be one of")):
         result = run("quantize", "--db", db, *options)

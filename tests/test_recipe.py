@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import sqlgpt
-from sqlgpt.arch import preset
-from sqlgpt.config import TrainConfig
-from sqlgpt.model import GPT
+from sqlgpt.model.arch import preset
+from sqlgpt.model.config import TrainConfig
+from sqlgpt.model.model import GPT
 
 from conftest import TINY
 from helpers import rel_err

@@ -4,7 +4,7 @@ reference's rules and the name map, without sqlgpt's kernel."""
 import pytest
 import torch
 
-from sqlgpt.arch import preset
+from sqlgpt.model.arch import preset
 
 from torch_reference import reference_logits, random_weights
 

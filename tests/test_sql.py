@@ -95,7 +95,7 @@ def test_a_reader_during_training_keeps_working(tmp_path, small_corpus):
     """A reader inside a transaction while the trainer commits and closes:
     it keeps its snapshot, the file stays in WAL mode (whole) until a writer
     closes it alone, and then it is one file again."""
-    from sqlgpt.train import Trainer
+    from sqlgpt.train.trainer import Trainer
     db = tmp_path / "m.db"
     assert run("train", small_corpus, "--db", db, "--iters", 2, *TINY).exit_code == 0
     trainer = Trainer.resume(db)
@@ -180,7 +180,7 @@ def test_the_readme_queries_print_what_the_readme_shows(tmp_path):
 
 
 def test_the_readme_queries_are_the_shipped_ones():
-    from sqlgpt.queries import QUERIES
+    from sqlgpt.store.queries import QUERIES
     _, queries = readme_queries()
     assert [argv[-1] for argv, _ in queries] == [sql for _, sql in QUERIES.values()]
 

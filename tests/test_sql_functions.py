@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import sqlgpt
 from sqlgpt.cli import main
-from sqlgpt.sql import MAX_TOKENS, can_load_extensions
+from sqlgpt.sql.functions import MAX_TOKENS, can_load_extensions
 
 from conftest import ROOT, TINY
 
@@ -243,7 +243,7 @@ def test_connect_with_a_python_that_loads_extensions(char_db):
 
 
 def test_connect_says_what_to_do_without_extensions_or_apsw(char_db, monkeypatch):
-    import sqlgpt.sql as sql
+    import sqlgpt.sql.functions as sql
     monkeypatch.setattr(sql, "can_load_extensions", lambda: False)
     monkeypatch.setitem(sys.modules, "apsw", None)
     with pytest.raises(sqlgpt.SqlgptError, match="cannot load extensions and apsw is not"):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from helpers import load_db, randomize, standin, word_tokenizer, write_db
 
-from sqlgpt import arch, store
-from sqlgpt.arch import TensorSpec
-from sqlgpt.config import TrainConfig
+from sqlgpt.model import arch
+from sqlgpt import store
+from sqlgpt.model.arch import TensorSpec
+from sqlgpt.model.config import TrainConfig
 from sqlgpt.errors import SqlgptError
-from sqlgpt.tensor import ParameterSet
+from sqlgpt.model.tensor import ParameterSet
 
 # the shape of conftest's TINY model: embed 32, 4 heads, 2 layers, seq 16, 100 words
 SIZES = dict(embed_dim=32, num_heads=4, num_layers=2, seq_len=16, n_vocab=102)

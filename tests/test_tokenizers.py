@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqlgpt.errors import SqlgptError
-from sqlgpt.tokenizers import (BOS, EOS, PAD, TOKENIZERS, UNK, BPETokenizer, ByteTokenizer,
+from sqlgpt.data.tokenizers import (BOS, EOS, PAD, TOKENIZERS, UNK, BPETokenizer, ByteTokenizer,
                                CharTokenizer, WordTokenizer, from_storage, readable, words_of)
-from sqlgpt.tokenizers import bpe as bpe_module
-from sqlgpt.tokenizers.bpe import BYTE_CHARS
+from sqlgpt.data.tokenizers import bpe as bpe_module
+from sqlgpt.data.tokenizers.bpe import BYTE_CHARS
 
 SHAKESPEARE = (Path(__file__).parent.parent / "examples" / "tinyshakespeare.txt").read_text()
 CORPUS = SHAKESPEARE[:50_000]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt import store
 from sqlgpt.cli import main
-from sqlgpt.train import split_tokens
+from sqlgpt.train.trainer import split_tokens
 
 from helpers import weights_bytes
 from conftest import CORPUS, TINY
@@ -73,6 +73,18 @@ def test_existing_database_needs_resume_or_overwrite(tmp_path, trained_db, small
     assert sqlgpt.load(db).step == 5
 
 
+def test_resume_without_its_token_file_says_to_name_the_corpus_again(tmp_path, trained_db,
+                                                                    small_corpus):
+    db = tmp_path / "m.db"
+    shutil.copy(trained_db, db)
+    result = run("train", "--db", db, "--iters", 34, "--resume")
+    assert result.exit_code == 1 and "name the corpus again" in result.output, result.output
+    assert "--overwrite" not in result.output
+    result = run("train", small_corpus, "--db", db, "--iters", 34, "--resume")
+    assert result.exit_code == 0, result.output
+    assert sqlgpt.load(db).step == 34
+
+
 def test_resume_refuses_changed_model_options_and_another_corpus(tmp_path, trained_db, small_corpus):
     db = tmp_path / "m.db"
     shutil.copy(trained_db, db)
@@ -90,9 +102,9 @@ def test_nan_loss_never_reaches_a_checkpoint(tmp_path, small_corpus):
     """Steps with a NaN loss are skipped and counted (no update), then
     training stops; the weights on disk stay the last good ones."""
     from sqlgpt.errors import SqlgptError
-    from sqlgpt.arch import preset
-    from sqlgpt.config import TrainConfig
-    from sqlgpt.train import Trainer
+    from sqlgpt.model.arch import preset
+    from sqlgpt.model.config import TrainConfig
+    from sqlgpt.train.trainer import Trainer
     db = tmp_path / "m.db"
     arch = preset("lua", embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
     cfg = TrainConfig(vocab_size=100, batch_size=4, max_iters=10)
@@ -112,9 +124,9 @@ def test_nan_loss_never_reaches_a_checkpoint(tmp_path, small_corpus):
 
 def test_inf_weights_are_never_saved(tmp_path, small_corpus):
     from sqlgpt.errors import SqlgptError
-    from sqlgpt.arch import preset
-    from sqlgpt.config import TrainConfig
-    from sqlgpt.train import Trainer
+    from sqlgpt.model.arch import preset
+    from sqlgpt.model.config import TrainConfig
+    from sqlgpt.train.trainer import Trainer
     db = tmp_path / "m.db"
     arch = preset("lua", embed_dim=32, num_heads=4, num_layers=2, seq_len=16)
     cfg = TrainConfig(vocab_size=100, batch_size=4)
@@ -149,7 +161,7 @@ def test_small_corpus_with_fewer_words_than_vocab_size(tmp_path):
 
 
 def test_grad_clip_is_stored_and_limits_the_update(tmp_path, small_corpus):
-    from sqlgpt.model import GPT
+    from sqlgpt.model.model import GPT
     clipped, free = tmp_path / "clipped.db", tmp_path / "free.db"
     for db, extra in ((clipped, ["--grad-clip", "1e-6"]), (free, [])):
         assert run("train", small_corpus, "--db", db, "--iters", 1, *TINY, "--dropout", 0,

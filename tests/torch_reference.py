@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sqlgpt.arch import stored_tensors, tensor_table
+from sqlgpt.model.arch import stored_tensors, tensor_table
 
 IGNORE = -1  # the target the loss skips, as sqlgpt's
 RELU_TIE = 1e-5  # |pre-activation| under this: float32 and float64 may disagree on its sign

@@ -1,0 +1,4 @@
+"""python -m sqlgpt.cli: the sqlgpt command."""
+from . import main
+
+main()

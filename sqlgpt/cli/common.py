@@ -1,0 +1,113 @@
+"""What every command shares: one-line errors, JSON output, the --db /
+--prefix, --precision, --step, --threads and -o options, how a token and a
+loss are shown."""
+import functools
+import json
+import math
+import sys
+
+import click
+
+from .. import set_threads, store
+from ..errors import SqlgptError
+from ..inference.generate import PRECISIONS
+
+
+def fail_cleanly(fn):
+    """Turn library errors into one-line messages with a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SqlgptError as e:
+            raise click.ClickException(str(e)) from None
+        except MemoryError:
+            raise click.ClickException("out of memory: try a smaller --batch-size, "
+                                       "--seq-len or --embed-dim") from None
+    return wrapper
+
+
+def emit_json(obj):
+    """One line of strict JSON: NaN/Inf (a diverged loss) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    click.echo(json.dumps(clean(obj), allow_nan=False, default=str))
+
+
+class OneLineErrors(click.Group):
+    """Usage mistakes (a bad option value, a missing argument) are one line
+    on stderr and exit 2, like every other error, instead of click's usage block."""
+
+    def main(self, args=None, **kwargs):
+        try:
+            code = super().main(args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def apply_threads(ctx, param, value):
+    if value is not None:
+        set_threads(value)
+    return value
+
+
+def checked_prefix(ctx, param, value):
+    try:
+        return store.check_prefix(value)
+    except SqlgptError as e:
+        raise click.BadParameter(str(e).removeprefix("bad --prefix ")) from None
+
+
+def db_option(fn):
+    """--db and --prefix: where the model is."""
+    fn = click.option("--prefix", default="", callback=checked_prefix, metavar="PREFIX",
+                      help="The model's table prefix inside an app's own database (e.g. gpt_): "
+                           "its tables sit beside the app's, which are left untouched.")(fn)
+    return click.option("--db", "db_path", required=True, type=click.Path(),
+                        help="SQLite file that holds the model.")(fn)
+
+
+def precision_option(fn):
+    """--precision: the weights' format while decoding."""
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
+                        show_default=True,
+                        help="Weights while decoding: bf16 streams half the bytes of fp32 per "
+                             "token, int8 and int4 a quarter and an eighth (from sqlgpt "
+                             "quantize's copies; integer dot products).")(fn)
+
+
+def output_option(help_text):
+    return click.option("-o", "--output", "out_path", required=True, type=click.Path(),
+                        help=help_text)
+
+
+step_option = click.option(
+    "--step", type=click.IntRange(min=0), default=None,
+    help="Use the checkpoint of this step (one train --keep kept). [default: the latest]")
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(1, 4096), default=None, expose_value=False,
+    callback=apply_threads, help="Threads for the kernel. [default: every core]")
+
+
+
+def shown_piece(piece):
+    """A token's piece on one line: line breaks and tabs as escapes (a piece
+    that is not UTF-8 already reads \\xNN)."""
+    return piece.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def fmt_loss(value):
+    return "-" if value is None else f"{value:.4f}"
+

@@ -1,0 +1,245 @@
+"""generate, eval and tokenize: text from a model (batches, streams, a
+draft model, an interactive loop), its loss on a corpus, its tokens."""
+import sys
+import time
+
+import click
+
+from ..api import load
+from ..data.corpus import ENCODING_ERRORS
+from ..errors import SqlgptError
+from ..inference.generate import DRAFT_TOKENS, MAX_BATCH, GenerationStats, Sampler
+from .common import (checked_prefix, db_option, emit_json, fail_cleanly, precision_option,
+                     shown_piece, step_option, threads_option)
+
+
+@click.command()
+@db_option
+@click.option("--prompt", default="", help="Text to continue (empty: a new document, after <eos>; with the word "
+                   "tokenizer, from the commonest word).")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Sampling temperature (0 = greedy).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample among the k most likely tokens (0 = all).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+              show_default=True, help="Nucleus sampling: smallest set with this probability.")
+@click.option("--min-p", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+              help="Keep tokens at least this fraction as likely as the most likely one.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True,
+              help="Above 1, tokens already in the context become less likely.")
+@click.option("--stop", multiple=True,
+              help="End the text before this string (repeatable); <eos> and --max-tokens "
+                   "end it too.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Seed for reproducible samples (sample i of a batch uses seed + i).")
+@click.option("--allow-unk", is_flag=True, help="Let the model emit <unk> (out-of-vocabulary).")
+@precision_option
+@click.option("--num-samples", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
+              help="Samples of each prompt, generated together as one batch.")
+@click.option("--prompts-file", type=click.Path(), default=None,
+              help="One prompt a line (UTF-8), all generated together as one batch.")
+@click.option("--stream/--no-stream", default=None,
+              help="Print tokens as they come. [default: on a terminal]")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON line per sample: prompt, text, tokens, tokens_per_s.")
+@click.option("--interactive", is_flag=True,
+              help="A prompt loop (line editing, history): Ctrl-C stops an answer, Ctrl-D quits.")
+@click.option("--draft-db", type=click.Path(), default=None,
+              help="Speculative decoding: a smaller model with the same tokenizer proposes "
+                   "tokens that this one checks in one step (the same output distribution).")
+@click.option("--draft-prefix", default="", callback=checked_prefix,
+              help="The draft model's table prefix in --draft-db.")
+@click.option("--draft-tokens", type=click.IntRange(1, 32), default=DRAFT_TOKENS,
+              show_default=True, help="Tokens the draft proposes per step.")
+@step_option
+@threads_option
+@fail_cleanly
+def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min_p,
+             repetition_penalty, stop, seed, allow_unk, precision, num_samples, prompts_file,
+             stream, as_json, interactive, draft_db, draft_prefix, draft_tokens, step):
+    """Generate text from the model in --db, streaming tokens as they come
+    on a terminal.
+
+    Example: sqlgpt generate --db model.db --prompt "the king" --max-tokens 30
+    """
+    prompts = read_prompts(prompts_file) if prompts_file else None
+    if prompts is not None and prompt:
+        raise click.UsageError("--prompt and --prompts-file exclude each other")
+    batched = prompts is not None or num_samples > 1
+    if draft_db and batched:
+        raise click.UsageError("--draft-db generates one sequence at a time: drop "
+                               "--num-samples / --prompts-file")
+    if interactive and (batched or as_json):
+        raise click.UsageError("--interactive takes one prompt at a time, as text")
+    model = load(db_path, precision, step, prefix)
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, allow_unk=allow_unk, stop=stop, min_p=min_p,
+                   repetition_penalty=repetition_penalty)
+    if draft_db:
+        # a draft reads float weights (bf16 beside an integer model: it has no copies of its own)
+        draft = load(draft_db, precision if precision in ("fp32", "bf16") else "bf16",
+                     prefix=draft_prefix)
+        model.check_draft(draft)
+        options.update(draft=draft, draft_tokens=draft_tokens)
+    Sampler(temperature, top_k, top_p, min_p, repetition_penalty)  # bad settings: one line
+    if interactive:
+        return interactive_loop(model, options)
+    for text in (prompts or [prompt]):
+        note_long_prompt(model, text)
+    if batched:
+        completions = model.complete([p for p in (prompts or [prompt]) for _ in
+                                      range(num_samples)], **options)
+        for c in completions:
+            if as_json:
+                emit_json({"prompt": c.prompt, "text": c.text, "tokens": c.tokens,
+                           "tokens_per_s": round(c.tokens_per_s, 1)})
+            else:
+                click.echo(c.text + "\n")
+        if not as_json:
+            total = sum(c.tokens for c in completions)
+            click.echo(f"{len(completions)} samples, {total:,} tokens, "
+                       f"{total / max(completions[0].seconds, 1e-9):,.0f} tokens/s", err=True)
+        return
+    shown = sys.stdout.isatty() if stream is None else stream
+    start, pieces, stats = time.perf_counter(), [], GenerationStats()
+    for piece in model.stream(prompt, stats=stats, **options):
+        pieces.append(piece)
+        if shown and not as_json:
+            click.echo(piece, nl=False)
+    seconds = time.perf_counter() - start
+    text = "".join(pieces)
+    if as_json:
+        emit_json({"prompt": prompt, "text": text, "tokens": stats.tokens,
+                   "tokens_per_s": round(stats.tokens / seconds, 1) if seconds else 0.0})
+    else:
+        click.echo("" if shown else text)
+    if draft_db:
+        click.echo(f"draft: {stats.accepted} of {stats.proposed} proposed tokens accepted "
+                   f"({stats.acceptance:.0%}), {stats.steps} target steps", err=True)
+
+
+def read_prompts(path):
+    """The lines of a prompts file, each a prompt; an empty line is an error."""
+    from pathlib import Path
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SqlgptError(f"cannot read the prompts file {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SqlgptError(f"the prompts file {path} is not UTF-8 text") from None
+    if "\x00" in text:
+        raise SqlgptError(f"the prompts file {path} is binary, not text")
+    lines = text.splitlines()
+    if not lines:
+        raise SqlgptError(f"the prompts file {path} is empty")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise SqlgptError(f"line {number} of {path} is empty: one prompt a line")
+    if len(lines) > MAX_BATCH:
+        raise SqlgptError(f"{path} has {len(lines)} prompts: a batch holds at most {MAX_BATCH}")
+    return lines
+
+
+def note_long_prompt(model, prompt):
+    n, T = len(model.encode(prompt)), model.arch.seq_len
+    if n > T:
+        click.echo(f"note: the prompt is {n} tokens, longer than the model's context of {T}: "
+                   f"only its last {T} are used", err=True)
+
+
+def interactive_loop(model, options):
+    """Read a prompt, stream its answer, again; Ctrl-C ends an answer (or
+    clears the line), Ctrl-D or EOF quits."""
+    import importlib
+    try:
+        importlib.import_module("readline")  # line editing and history for input()
+    except ImportError:
+        pass
+    click.echo("sqlgpt: type a prompt and press Enter; Ctrl-C stops an answer, Ctrl-D quits.",
+               err=True)
+    while True:
+        try:
+            prompt = input("> ")
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        except EOFError:
+            click.echo()
+            return
+        if not prompt.strip():
+            continue
+        note_long_prompt(model, prompt)
+        try:
+            for piece in model.stream(prompt, **options):
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        except SqlgptError as e:
+            click.echo(f"error: {e}", err=True)
+        click.echo()
+
+
+@click.command(name="eval")
+@click.argument("corpus", nargs=-1, required=True, type=click.Path())
+@db_option
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Windows of seq-len tokens this far apart; each token after the first "
+                   "window has at least seq-len - stride tokens of context (1: all of it, "
+                   "slowest). [default: seq-len / 2]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows scored at once.")
+@click.option("--ext", "extensions", multiple=True,
+              help="With a directory: only files with this suffix (repeatable).")
+@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
+              show_default=True, help="Bytes that are not UTF-8: an error, or U+FFFD.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@precision_option
+@step_option
+@threads_option
+@fail_cleanly
+def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, as_json,
+          precision, step):
+    """Score the model in --db on CORPUS (files, directories or -): mean
+    cross-entropy per token, perplexity and next-token accuracy; with
+    --precision, of the weights in that format, as generation reads them.
+
+    Example: sqlgpt eval --db model.db held_out.txt --json
+    """
+    model = load(db_path, precision, step, prefix)
+    result = model.evaluate(paths=corpus, stride=stride, batch_size=batch_size,
+                            extensions=extensions, encoding_errors=encoding_errors)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(f"loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+               f"accuracy {result.accuracy:.1%}, {result.tokens:,} tokens")
+
+
+@click.command()
+@db_option
+@click.argument("text")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@fail_cleanly
+def tokenize(db_path, prefix, text, as_json):
+    """Show how the model in --db splits TEXT: each token's id and piece.
+
+    Example: sqlgpt tokenize --db model.db "The king's crown"
+    """
+    model = load(db_path, prefix=prefix)
+    ids = [int(i) for i in model.encode(text)]
+    pieces = model.tokenizer.pieces(ids)
+    if as_json:
+        emit_json({"ids": ids, "pieces": pieces, "tokens": len(ids)})
+        return
+    for token, piece in zip(ids, pieces):
+        click.echo(f"{token:>7}  '{shown_piece(piece)}'")
+    click.echo(f"{len(ids)} tokens")
+
+
+COMMANDS = (generate, eval_, tokenize)

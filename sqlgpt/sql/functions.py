@@ -1,0 +1,240 @@
+"""The model from SQL: sqlgpt's functions on an app's own connection, and
+connections with sqlite-vec loaded.
+
+    import sqlite3, sqlgpt
+    conn = sqlite3.connect("app.db")
+    sqlgpt.register(conn, "model.db")
+    conn.execute("SELECT sqlgpt_generate('the king', 20, 0.8, 1)").fetchone()
+
+Each register() loads the model once; its functions may be called from any
+thread (one call at a time per registration: generation keeps a KV cache).
+Errors are SQL errors. The standard library's sqlite3 replaces a function's
+message with "user-defined function raised exception"; `sqlgpt_error()`
+returns the message of the last failure on that registration, and apsw
+connections (which sqlgpt.connect falls back to) show it directly.
+"""
+import json
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from ..api import load
+from ..errors import SqlgptError
+from ..train.evaluate import evaluate
+
+MAX_TOKENS = 4096          # sqlgpt_generate's cap: a query must not run for hours
+MAX_TEXT_CHARS = 10**7     # longer arguments are refused before tokenizing
+DEFAULT_MAX_TOKENS = 50
+
+
+class SqlFunctionError(Exception):
+    """A refused call of a SQL function (its message names the function)."""
+
+
+def _text(name, value, what="text"):
+    if value is None:
+        raise SqlFunctionError(f"{name}: {what} is NULL")
+    if not isinstance(value, str):
+        raise SqlFunctionError(f"{name}: {what} must be TEXT, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise SqlFunctionError(f"{name}: {what} is longer than {MAX_TEXT_CHARS:,} characters")
+    return value
+
+
+def _integer(name, value, what, low, high):
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise SqlFunctionError(f"{name}: {what} must be an integer from {low} to {high:,}, "
+                               f"got {value!r}")
+    return value
+
+
+class ModelFunctions:
+    """One loaded model and the SQL functions over it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lock = threading.Lock()
+        self.last_error = None
+
+    # ---- the functions, each (name, argument counts, implementation) ----
+    def generate(self, prompt, max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0, seed=None):
+        """The continuation of prompt (the generated text only)."""
+        name = "sqlgpt_generate"
+        prompt = _text(name, prompt, "prompt")
+        max_tokens = _integer(name, max_tokens, "max_tokens", 0, MAX_TOKENS)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or \
+                not 0 <= temperature <= 100:
+            raise SqlFunctionError(f"{name}: temperature must be a number from 0 to 100, "
+                                   f"got {temperature!r}")
+        if seed is not None:
+            _integer(name, seed, "seed", 0, 2**63 - 1)
+        model = self.model
+        prompt_ids = [int(i) for i in model.prompt_ids(prompt)]
+        new = list(model.generate_ids(prompt, max_tokens, float(temperature), seed=seed))
+        # the text the new tokens add (decoding them together with the prompt
+        # keeps a character split across the boundary whole)
+        prompt_text = model.decode(prompt_ids)
+        text = model.decode(prompt_ids + new)
+        return text[len(prompt_text):] if text.startswith(prompt_text) else model.decode(new)
+
+    def tokens(self, text):
+        """The token ids of text, as a JSON array."""
+        text = _text("sqlgpt_tokens", text)
+        return json.dumps([int(i) for i in self.model.encode(text)])
+
+    def _scored_ids(self, name, text):
+        """text's ids, after <eos> (a document's start) where the tokenizer has one."""
+        ids = [int(i) for i in self.model.encode(_text(name, text))]
+        eos = self.model.tokenizer.eos_id
+        return np.asarray(([eos] if eos is not None else []) + ids, dtype=np.int64)
+
+    def logprob(self, text):
+        """The natural-log probability of text: the sum over its tokens of
+        log p(token | the tokens before it, up to the context), the first
+        token after <eos> (with the word tokenizer, which has none, the
+        first token is context only). NULL when nothing is scored."""
+        ids = self._scored_ids("sqlgpt_logprob", text)
+        if len(ids) < 2:
+            return None
+        result = evaluate(self.model._gpt, ids, batch_size=4)  # half-context stride
+        return -result.loss * result.tokens
+
+    def embed(self, text):
+        """The mean of the final hidden states (after the final norm, where
+        the model has one) over text's tokens, in windows of the context:
+        a float32 BLOB of embed_dim values, the layout sqlite-vec reads."""
+        ids = [int(i) for i in self.model.encode(_text("sqlgpt_embed", text))]
+        if not ids:
+            raise SqlFunctionError("sqlgpt_embed: the text has no tokens")
+        gpt, T = self.model._gpt, self.model.arch.seq_len
+        total = np.zeros(self.model.arch.embed_dim, dtype=np.float64)
+        for start in range(0, len(ids), T):
+            window = np.asarray(ids[start:start + T], dtype=np.int32)[None]
+            gpt.forward(window)
+            hidden = gpt.acts.buffers["lnf" if gpt.arch.final_norm else "x_final"]
+            total += hidden[:window.shape[1]].sum(axis=0, dtype=np.float64)
+        return (total / len(ids)).astype("<f4").tobytes()
+
+    def error(self):
+        """The message of the last failed call, or NULL."""
+        return self.last_error
+
+    FUNCTIONS = {"sqlgpt_generate": ("generate", (1, 2, 3, 4)), "sqlgpt_tokens": ("tokens", (1,)),
+                 "sqlgpt_logprob": ("logprob", (1,)), "sqlgpt_embed": ("embed", (1,)),
+                 "sqlgpt_error": ("error", (0,))}
+
+    def sql_function(self, name):
+        """The callable SQLite calls: one call at a time, every failure a
+        SqlFunctionError whose message is kept for sqlgpt_error()."""
+        method = getattr(self, self.FUNCTIONS[name][0])
+        if name == "sqlgpt_error":
+            return method
+
+        def call(*args):
+            with self.lock:
+                try:
+                    return method(*args)
+                except SqlFunctionError as e:
+                    message = str(e)
+                except SqlgptError as e:
+                    message = f"{name}: {e}"
+                except MemoryError:
+                    message = f"{name}: out of memory"
+                except Exception as e:  # a host must see an SQL error, never a crash
+                    message = f"{name}: {type(e).__name__}: {e}"
+                self.last_error = message
+            raise SqlFunctionError(message)
+        return call
+
+
+EXTENSION = "sqlgpt0.so"
+
+
+def extension_path():
+    """Where the loadable SQLite extension (sqlgpt0.so, built with the
+    package) is: `.load` it in the sqlite3 shell, or load_extension() it in
+    any SQLite client, for sqlgpt's SQL functions without Python."""
+    path = Path(__file__).resolve().parents[1] / EXTENSION  # beside the package's _kernel
+    if not path.is_file():
+        raise SqlgptError(f"the loadable extension {EXTENSION} was not built with this "
+                          f"installation (SQLite's sqlite3ext.h was missing when it was "
+                          f"installed: apt-get install libsqlite3-dev, then reinstall)")
+    return str(path)
+
+
+def register(conn, path, precision="fp32", prefix=""):
+    """Add sqlgpt_generate, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed and
+    sqlgpt_error to a connection (the standard library's sqlite3 or apsw),
+    backed by the model in path (loaded now, read-only; prefix: the one kept
+    under that table prefix, e.g. in the app's own database). Returns the
+    ModelFunctions object (its .model is the loaded sqlgpt.Model)."""
+    functions = ModelFunctions(load(path, precision, prefix=prefix))
+    for name, (_, counts) in ModelFunctions.FUNCTIONS.items():
+        fn = functions.sql_function(name)
+        for nargs in counts:
+            _create_function(conn, name, nargs, fn, deterministic=name == "sqlgpt_tokens")
+    return functions
+
+
+def _create_function(conn, name, nargs, fn, deterministic):
+    if hasattr(conn, "create_function"):  # the standard library
+        conn.create_function(name, nargs, fn, deterministic=deterministic)
+    else:  # apsw
+        conn.create_scalar_function(name, fn, nargs, deterministic=deterministic)
+
+
+# ---- connections with sqlite-vec ----
+def can_load_extensions():
+    """Whether this Python's sqlite3 can load SQLite extensions (pyenv's
+    builds, for one, are made without)."""
+    import sqlite3
+    conn = sqlite3.connect(":memory:")
+    try:
+        return hasattr(conn, "enable_load_extension")
+    finally:
+        conn.close()
+
+
+def connect(path, readonly=True, functions=True, precision="fp32", prefix=""):
+    """A connection to the database at path with sqlite-vec loaded and, with
+    functions, sqlgpt's SQL functions for the model it holds: the standard
+    library's sqlite3 where it can load extensions, else an apsw connection
+    (both have .execute(sql, params).fetchall()). Each statement commits by
+    itself (autocommit), on both; one thread at a time may use it. prefix:
+    the functions' model is the one under that table prefix."""
+    import sqlite_vec
+    path = Path(path)
+    if not path.is_file():
+        raise SqlgptError(f"database {path} does not exist")
+    conn = _open(path, readonly)
+    try:
+        conn.enable_load_extension(True)
+        if hasattr(conn, "create_function"):
+            sqlite_vec.load(conn)
+        else:
+            conn.load_extension(sqlite_vec.loadable_path())
+        conn.enable_load_extension(False)
+        if functions:
+            register(conn, path, precision, prefix)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open(path, readonly):
+    """An autocommit connection: the standard library's, or apsw's."""
+    if can_load_extensions():
+        import sqlite3
+        uri = f"file:{quote(path.resolve().as_posix())}?mode={'ro' if readonly else 'rw'}"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        import apsw
+    except ImportError:
+        raise SqlgptError("this Python's sqlite3 cannot load extensions and apsw is not "
+                          "installed: pip install apsw, or use a Python built with "
+                          "loadable SQLite extensions") from None
+    flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    return apsw.Connection(str(path), flags=flags)

@@ -1,0 +1,518 @@
+"""Writing a model's database: creating it whole, checkpoints (one
+transaction each), kept history, metrics and evaluations, quantized
+copies, compacted and merged copies, and the checks of a whole file."""
+import json
+import os
+import sqlite3
+import zlib
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from ..model.arch import stored_tensors
+from ..model.config import to_rows
+from ..errors import SqlgptError
+from ..model.tensor import ParameterSet
+from .connection import (ADDED_IN, APPLICATION_ID, ModelConnection, PAGE_SIZE, PREFIX_SCHEMA,
+                         REQUIRED_TABLES, SCHEMA_VERSION, VIEWS_ADDED_IN, WEIGHT_TABLES,
+                         WriterLock, _check_is_sqlite, _connect, _durable, _immediate, _is_marked,
+                         _rollback, check_prefix, is_sqlgpt_file, schema_objects, schema_sql,
+                         schema_version, sqlite_errors, tables_at)
+from .rows import (INSERT_SQL, TENSOR_STATS_SQL, UPDATE_SQL, _check_values, _row_columns, _stored,
+                   location, table_rowids, tensor_stats, weight_rows)
+from .migrations import migrate, open_database
+
+
+def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
+                    token_counts=None, prefix=""):
+    """Write a new database with the step-0 checkpoint, atomically: built
+    under a temporary name, locked, then moved to `path` (replacing a file
+    there only with overwrite); with prefix, the model's tables added to
+    the (app's) database at path in one transaction. model: .arch (an
+    ArchConfig) and .params (its ParameterSet); token_counts: each id's
+    occurrences in the corpus (n_ids integers) or None. Returns (connection,
+    writer lock)."""
+    if prefix:
+        return _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts,
+                              check_prefix(prefix))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        leftover.unlink(missing_ok=True)
+    lock = None
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None, factory=ModelConnection)
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(schema_sql())
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("BEGIN")
+        _new_model_rows(conn, model, tokenizer, token_counts)
+        conn.execute("COMMIT")
+        save_checkpoint(conn, model, train_cfg, state, train_loss=None, val_loss=None)
+        conn.close()  # folds the WAL into the file, so the move takes everything
+        lock = WriterLock(tmp)  # the lock is on the file itself: it moves with it
+        if overwrite:
+            for stale in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+                stale.unlink(missing_ok=True)
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if another process created path meanwhile
+                tmp.unlink()
+            except FileExistsError:
+                raise SqlgptError(f"{path} appeared while the model was being created "
+                                  f"(another sqlgpt train?); nothing was written") from None
+            except OSError:  # no hard links on this filesystem
+                if path.exists():
+                    raise SqlgptError(f"{path} appeared while the model was being created; "
+                                      f"nothing was written") from None
+                os.replace(tmp, path)
+    except BaseException:
+        if lock:
+            lock.release()
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+        raise
+    return open_database(path, readonly=False), lock
+
+
+def _new_model_rows(conn, model, tokenizer, token_counts):
+    """A new model's vocabulary, tokenizer and weight rows (inside a transaction)."""
+    counts = [None] * tokenizer.n_ids if token_counts is None else [int(c) for c in token_counts]
+    conn.executemany("INSERT INTO vocab (id, token, bytes, count) VALUES (?, ?, ?, ?)",
+                     [(*row, counts[row[0]]) for row in tokenizer.vocab_rows()])
+    conn.executemany("INSERT INTO tokenizer (key, value) VALUES (?, ?)",
+                     [("kind", tokenizer.kind), *tokenizer.state().items()])
+    for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
+        conn.executemany(INSERT_SQL[table], rows)
+
+
+def model_names(prefix):
+    """Every table and view name a model with this prefix has (or may have)."""
+    return [prefix + name for name in (*VIEWS_ADDED_IN, *REQUIRED_TABLES, PREFIX_SCHEMA)]
+
+
+def has_model(path, prefix):
+    """Whether the SQLite file at path holds a sqlgpt model under prefix."""
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return False
+    _check_is_sqlite(path)
+    conn = _connect(path, readonly=True, prefix=prefix)
+    try:
+        with sqlite_errors(f"cannot read {path}"):
+            return _is_marked(conn)
+    finally:
+        conn.close()
+
+
+def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts, prefix):
+    """The model's prefixed tables, rows and step-0 checkpoint added to the
+    database at path (created if missing) in one transaction: the app's
+    tables, its PRAGMAs and its journal mode are left as they are; with
+    overwrite, a model under the same prefix is replaced (its names only)."""
+    path = Path(path)
+    created = not path.exists()
+    if not created and path.stat().st_size:
+        _check_is_sqlite(path)
+        if is_sqlgpt_file(path):
+            raise SqlgptError(f"{path} is a sqlgpt model file; --prefix puts a model inside "
+                              f"an app's own database")
+    conn = lock = None
+    try:
+        with sqlite_errors(f"cannot add the model to {path}"):
+            conn = _connect(path, readonly=False, prefix=prefix, create=True)
+            lock = WriterLock(path)
+            with _durable(conn):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    _replace_prefixed(conn, path, prefix, overwrite)
+                    for _, _, sql in schema_objects():
+                        conn.execute(sql)  # under the prefixed names
+                    conn.execute(f"CREATE TABLE {prefix}{PREFIX_SCHEMA} (key TEXT PRIMARY KEY, "
+                                 f"value)")
+                    conn.executemany(f"INSERT INTO {prefix}{PREFIX_SCHEMA} (key, value) "
+                                     f"VALUES (?, ?)",
+                                     [("application", "sqlgpt"), ("version", SCHEMA_VERSION)])
+                    _new_model_rows(conn, model, tokenizer, token_counts)
+                    _checkpoint_rows(conn, model, train_cfg, state, None, None)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        if lock:
+            lock.release()
+        if created:
+            for leftover in (path, Path(f"{path}-journal")):
+                leftover.unlink(missing_ok=True)
+        raise
+    return conn, lock
+
+
+def _replace_prefixed(conn, path, prefix, overwrite):
+    """Refuse, or with overwrite drop, a model under prefix (inside the
+    creating transaction). Tables of the model's names that are not a
+    sqlgpt model's are the app's: always refused, never dropped."""
+    found = {name.lower(): (name, kind) for name, kind in conn.execute(
+        "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view')")}
+    present = [found[name] for name in model_names(prefix) if name in found]
+    if present and not _is_marked(conn):
+        raise SqlgptError(f"{path} already has tables named like the model's "
+                          f"({', '.join(n for n, _ in present)}) that are not a sqlgpt model; "
+                          f"choose another --prefix")
+    if present and not overwrite:
+        raise SqlgptError(f"{path} already holds a model with the prefix {prefix!r}; use "
+                          f"--resume to continue training it or --overwrite to replace it")
+    for name, kind in present:
+        conn.execute(f'DROP {kind.upper()} "{name}"')
+
+
+# ---- writing ----
+def save_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
+    """One transaction: config (the architecture and train_cfg), every weight
+    row with its moments, the training state and a checkpoints row. All of it
+    commits, or none of it."""
+    with sqlite_errors("cannot save the checkpoint (the previous one is intact)"), \
+            _durable(conn):
+        _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss)
+
+
+def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
+    with _immediate(conn):
+        _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss)
+
+
+def _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss):
+    """Everything a checkpoint writes (inside its transaction)."""
+    rowids = {table: table_rowids(conn, table) for table in WEIGHT_TABLES}
+    rows = weight_rows(model.params, rowids)
+    lora = getattr(model, "lora", None)
+    conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                     to_rows(model.arch, train_cfg) + (lora.rows() if lora else []))
+    for table in WEIGHT_TABLES:
+        expected = len(_row_columns(model.params)[table][0])
+        if len(rowids[table]) != expected or \
+                conn.executemany(UPDATE_SQL[table], rows[table]).rowcount != expected:
+            raise SqlgptError(f"the {table} table does not have the model's rows")
+    conn.executemany("INSERT OR REPLACE INTO train_state (key, value) VALUES (?, ?)",
+                     [(k, json.dumps(v)) for k, v in state.items()])
+    conn.execute("INSERT OR REPLACE INTO checkpoints (step, train_loss, val_loss, elapsed_s) "
+                 "VALUES (?, ?, ?, ?)",
+                 (state["step"], train_loss, val_loss, state["elapsed_s"]))
+    conn.executemany(TENSOR_STATS_SQL, tensor_stats(model.params, state["step"]))
+    keep_checkpoints(conn, model.params, state["step"], train_cfg.keep)
+
+
+def compact(path, out_path, prefix=""):
+    """Write out_path: a copy of the database at path with only what using
+    the model needs, the latest weights without Adam's moments (and no kept
+    checkpoints), so about a third of the size; config, tokenizer, metrics,
+    evaluations, checkpoints and tensor_stats rows stay. train_state says compacted: it
+    generates, evaluates and fine-tunes (--init-from) but cannot resume.
+    With prefix, the copy is a model file of its own: the model's tables
+    under their plain names, none of the app's. Built under a temporary name
+    and moved into place."""
+    path, out_path = Path(path), Path(out_path)
+    if out_path.exists():
+        raise SqlgptError(f"{out_path} already exists; name a new file")
+    if not out_path.parent.is_dir():
+        raise SqlgptError(f"cannot write {out_path}: {out_path.parent} is not a directory")
+    source = open_database(path, prefix=prefix)  # a sqlgpt database this version reads
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    dest = None
+    try:
+        with sqlite_errors(f"cannot compact {path} into {out_path}"):
+            dest = sqlite3.connect(f"file:{quote(str(tmp.resolve()))}", uri=True,
+                                   isolation_level=None)
+            if prefix:
+                _copy_prefixed(source, path, prefix, dest)
+            else:
+                source.backup(dest)
+            source.close()
+            dest.execute("PRAGMA journal_mode = DELETE")
+            migrate(dest, out_path)  # an older source: the copy at this version
+            dest.execute("BEGIN")
+            for table in WEIGHT_TABLES:
+                rows = dest.execute(f"SELECT rowid, data FROM {table}").fetchall()
+                dest.executemany(f"UPDATE {table} SET m = x'', v = x'', crc = ? WHERE rowid = ?",
+                                 [(zlib.crc32(data), rowid) for rowid, data in rows])
+            dest.execute("DELETE FROM checkpoint_weights")
+            dest.execute("INSERT OR REPLACE INTO train_state (key, value) VALUES ('compacted', "
+                         "'true')")
+            dest.execute("COMMIT")
+            dest.execute("VACUUM")
+            dest.close()
+            dest = None
+        try:
+            os.replace(tmp, out_path)
+        except OSError as e:
+            raise SqlgptError(f"cannot write {out_path}: {e.strerror}") from None
+    finally:
+        source.close()
+        if dest is not None:
+            dest.close()
+        for leftover in (tmp, Path(f"{tmp}-journal")):
+            leftover.unlink(missing_ok=True)
+
+
+def write_merged(path, out_path, arch, weights, prefix=""):
+    """Write out_path: a compacted copy (see compact) of the LoRA fine-tune at
+    path whose weights are `weights` ({name: float32 array}, the base with
+    the adapters folded in, every stored tensor of arch) and whose config no
+    longer names adapters or a base: a plain model, with the fine-tune's
+    history. Built under a temporary name and moved into place."""
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise SqlgptError(f"{out_path} already exists; name a new file")
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.merge")
+    try:
+        compact(path, tmp, prefix)
+        with sqlite_errors(f"cannot write {out_path}"):
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("BEGIN")
+                conn.execute("DELETE FROM config WHERE key LIKE 'lora\\_%' ESCAPE '\\'")
+                for table in WEIGHT_TABLES:
+                    conn.execute(f"DELETE FROM {table}")
+                # the latest checkpoint's statistics are the merged matrices', not the adapters'
+                step = conn.execute("SELECT max(step) FROM checkpoints").fetchone()[0] or 0
+                conn.execute("DELETE FROM tensor_stats WHERE step = ?", (step,))
+                params = ParameterSet(stored_tensors(arch), buffers=("data",))
+                for t in params:
+                    t.data[...] = weights[t.name]
+                conn.executemany(TENSOR_STATS_SQL, tensor_stats(params, step))
+                for spec in stored_tensors(arch):
+                    table, key = location(spec)
+                    rows = np.ascontiguousarray(weights[spec.name], dtype="<f4").reshape(
+                        spec.rows, spec.cols)
+                    conn.executemany(INSERT_SQL[table], [
+                        (row.tobytes(), b"", b"", zlib.crc32(row.tobytes()), *key, i)
+                        for i, row in enumerate(rows)])
+                conn.execute("COMMIT")
+                conn.execute("VACUUM")
+            finally:
+                conn.close()
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_prefixed(source, path, prefix, dest):
+    """A prefixed model's tables, in one snapshot, into the empty model file
+    dest under their plain names."""
+    version = schema_version(source)
+    if version != SCHEMA_VERSION:
+        raise SqlgptError(f"the model in {path} has schema version {version}: train it once "
+                          f"(--resume) with this sqlgpt to migrate it, then compact it")
+    dest.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    dest.executescript(schema_sql())
+    dest.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    dest.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    dest.execute("ATTACH DATABASE ? AS source",
+                 (f"file:{quote(str(Path(path).resolve()))}?mode=ro",))
+    try:
+        dest.execute("BEGIN")
+        for table in tables_at(SCHEMA_VERSION):
+            columns = ", ".join(row[1] for row in dest.execute(f"PRAGMA main.table_info({table})"))
+            dest.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} '
+                         f'FROM source."{prefix}{table}"')
+        dest.execute("COMMIT")
+    except BaseException:
+        _rollback(dest)
+        raise
+    finally:
+        dest.execute("DETACH DATABASE source")
+
+
+def keep_checkpoints(conn, params, step, keep):
+    """With keep > 0: this checkpoint's weights into checkpoint_weights, and
+    only the last keep checkpoints there, plus the best by validation loss,
+    kept (keep 0 keeps none). Inside the checkpoint's transaction."""
+    if keep > 0:
+        conn.executemany("INSERT OR REPLACE INTO checkpoint_weights (step, name, i, data, crc) "
+                         "VALUES (?, ?, ?, ?, ?)", _history_rows(params, step))
+    conn.execute("""
+        DELETE FROM checkpoint_weights WHERE step NOT IN (
+            SELECT step FROM (SELECT DISTINCT step FROM checkpoint_weights
+                              ORDER BY step DESC LIMIT ?)
+            UNION
+            SELECT step FROM (SELECT step FROM checkpoints
+                              WHERE val_loss IS NOT NULL AND step IN
+                                  (SELECT DISTINCT step FROM checkpoint_weights)
+                              ORDER BY val_loss, step LIMIT 1)
+            WHERE ? > 0)""", (keep, keep))
+
+
+def _history_rows(params, step):
+    for t in params:
+        rows = _stored(t.data).reshape(t.spec.rows, t.spec.cols)
+        for i, row in enumerate(rows):
+            data = row.tobytes()
+            yield step, t.name, i, data, zlib.crc32(data)
+
+
+def kept_steps(conn):
+    """The steps whose weights checkpoint_weights holds, in order."""
+    version = schema_version(conn)
+    if "checkpoint_weights" not in tables_at(version):
+        return []
+    return [s for s, in conn.execute("SELECT DISTINCT step FROM checkpoint_weights "
+                                     "ORDER BY step")]
+
+
+def read_kept_weights(conn, model, step):
+    """Fill model.params' data with a kept checkpoint's weights (moments
+    zero), checking every row's presence, length and checksum."""
+    rows = {}
+    for name, i, data, crc in conn.execute("SELECT name, i, data, crc FROM checkpoint_weights "
+                                           "WHERE step = ? ORDER BY name, i", (step,)):
+        rows.setdefault(name, []).append((i, data, crc))
+    unknown = sorted(set(rows) - set(model.params.tensors))
+    if unknown:
+        raise SqlgptError(f"checkpoint {step} has weights for unknown tensor(s): "
+                          f"{', '.join(unknown)}")
+    for t in model.params:
+        found = rows.get(t.name, [])
+        if [i for i, _, _ in found] != list(range(t.spec.rows)):
+            raise SqlgptError(f"checkpoint {step}: weights of {t.name} are damaged: expected "
+                              f"rows 0..{t.spec.rows - 1}, found {len(found)}")
+        for i, data, crc in found:
+            if not isinstance(data, bytes) or len(data) != 4 * t.spec.cols:
+                raise SqlgptError(f"checkpoint {step}: weights of {t.name} are damaged: row {i} "
+                                  f"is not {t.spec.cols} float32 values")
+            if zlib.crc32(data) != crc:
+                raise SqlgptError(f"checkpoint {step}: weights of {t.name} are damaged: row {i} "
+                                  f"fails its checksum")
+        t.data[...] = np.frombuffer(b"".join(d for _, d, _ in found), "<f4").reshape(t.shape)
+        t.m[...], t.v[...] = 0.0, 0.0
+    _check_values(model.params)
+
+
+def write_evaluation(conn, step, evaluation):
+    """One evaluation's row, in its own small transaction."""
+    with sqlite_errors("cannot write the evaluation"):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO evaluations (step, loss, perplexity, accuracy, "
+                         "tokens) VALUES (?, ?, ?, ?, ?)",
+                         (step, evaluation.loss, evaluation.perplexity, evaluation.accuracy,
+                          evaluation.tokens))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+
+def write_metrics(conn, rows):
+    """rows: (step, loss, lr, tokens_per_sec, grad_norm) tuples, in one small transaction."""
+    if not rows:
+        return
+    with sqlite_errors("cannot write training metrics"):
+        _write_metrics(conn, rows)
+
+
+def _write_metrics(conn, rows):
+    with _immediate(conn):
+        conn.executemany("INSERT OR REPLACE INTO metrics (step, loss, lr, tokens_per_sec, "
+                         "grad_norm) VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def write_quantized(conn, bits, group, step, blocks):
+    """Replace the quantized rows of this bits by blocks ({tensor name: (q
+    (OC, row bytes) uint8, scales (OC, C/group) float32)}) made from the
+    checkpoint at step, in one transaction."""
+    rows = []
+    for name, (q, scales) in blocks.items():
+        scales = np.ascontiguousarray(scales, dtype="<f4")
+        for i in range(q.shape[0]):
+            qb, sb = q[i].tobytes(), scales[i].tobytes()
+            rows.append((name, bits, group, step, i, qb, sb, zlib.crc32(sb, zlib.crc32(qb))))
+    with _immediate(conn):
+        conn.execute("DELETE FROM quantized WHERE bits = ?", (bits,))
+        conn.executemany("INSERT INTO quantized (tensor, bits, group_size, step, i, q, scales, "
+                         "crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def quantized_sets(conn):
+    """{bits: (group_size, step)} of the quantized copies a database holds
+    (none before version 4)."""
+    if schema_version(conn) < ADDED_IN["quantized"]:
+        return {}
+    with sqlite_errors("cannot read the quantized table"):
+        found = conn.execute("SELECT bits, min(group_size), max(group_size), min(step), "
+                             "max(step) FROM quantized GROUP BY bits").fetchall()
+    for bits, g0, g1, s0, s1 in found:
+        if g0 != g1 or s0 != s1:
+            raise SqlgptError(f"the int{bits} weights are damaged: their rows disagree on the "
+                              f"group size or step")
+    return {bits: (group, step) for bits, group, _, step, _ in found}
+
+
+def read_quantized(conn, shapes, bits):
+    """{name: (q, scales)} of the int`bits` copy, for shapes ({name: (C,
+    OC)}, every quantized matrix), each row checked: its length, its
+    checksum, finite scales, and no rows missing or extra."""
+    group, _ = quantized_sets(conn)[bits]
+    if group not in (32, 64) or any(C % group for C, _ in shapes.values()):
+        raise SqlgptError(f"the int{bits} weights are damaged: group size {group!r} does not "
+                          f"fit the model's matrices")
+    row_bytes = {8: 1.0, 4: 0.5}[bits]
+    with sqlite_errors("cannot read the quantized table"):
+        rows = conn.execute("SELECT tensor, i, q, scales, crc FROM quantized WHERE bits = ? "
+                            "ORDER BY tensor, i", (bits,)).fetchall()
+    by_name = {}
+    for name, i, q, scales, crc in rows:
+        by_name.setdefault(name, []).append((i, q, scales, crc))
+    unknown = sorted(set(by_name) - set(shapes))
+    if unknown:
+        raise SqlgptError(f"int{bits} weights for unknown tensor(s): {', '.join(unknown)}")
+    blocks = {}
+    for name, (C, OC) in shapes.items():
+        found = by_name.get(name, [])
+        if [r[0] for r in found] != list(range(OC)):
+            raise SqlgptError(f"the int{bits} weights of {name} are damaged: expected rows "
+                              f"0..{OC - 1}, found {len(found)}")
+        for i, q, scales, crc in found:
+            if not (isinstance(q, bytes) and isinstance(scales, bytes)
+                    and len(q) == int(C * row_bytes) and len(scales) == 4 * (C // group)):
+                raise SqlgptError(f"the int{bits} weights of {name} are damaged: row {i} has "
+                                  f"the wrong length")
+            if zlib.crc32(scales, zlib.crc32(q)) != crc:
+                raise SqlgptError(f"the int{bits} weights of {name} are damaged: row {i} fails "
+                                  f"its checksum")
+        q = np.frombuffer(b"".join(r[1] for r in found), dtype=np.uint8).reshape(OC, -1)
+        scales = np.frombuffer(b"".join(r[2] for r in found), dtype="<f4").reshape(OC, -1)
+        if not np.isfinite(scales).all():
+            raise SqlgptError(f"the int{bits} weights of {name} have NaN or Inf scales")
+        blocks[name] = (q, scales.astype(np.float32))
+    return group, blocks
+
+
+def integrity_check(path, prefix=""):
+    """SQLite's own check of the file's structure: a list of problems, empty if none."""
+    conn = open_database(path, prefix=prefix)
+    try:
+        with sqlite_errors(f"cannot check {path}"):
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    finally:
+        conn.close()
+    return [] if rows == ["ok"] else rows
+
+
+def checkpoints(conn):
+    rows = [dict(zip(("step", "train_loss", "val_loss", "elapsed_s", "created_at"), row))
+            for row in conn.execute("SELECT step, train_loss, val_loss, elapsed_s, created_at "
+                                    "FROM checkpoints ORDER BY step")]
+    for row in rows:
+        losses_ok = all(row[k] is None or isinstance(row[k], (int, float))
+                        for k in ("train_loss", "val_loss", "elapsed_s"))
+        if not (isinstance(row["step"], int) and losses_ok):
+            raise SqlgptError("the checkpoints table is damaged (wrong value types)")
+    return rows
+

@@ -1,0 +1,123 @@
+"""A model's database as a whole: where a new one may go, and reading one
+back (config, tokenizer, a fine-tune's base, the weights of a checkpoint)
+in one snapshot."""
+import contextlib
+
+from ..errors import SqlgptError
+from ..model.config import from_rows
+from ..model.lora import LoraConfig, base_digest, base_path, merge_check
+from ..model.model import GPT
+from .connection import check_writable, is_sqlgpt_file, sqlite_errors
+from .database import has_model, kept_steps, read_kept_weights
+from .migrations import open_database
+from .rows import check_fits, read_config, read_tokenizer, read_train_state, read_weights
+
+
+@contextlib.contextmanager
+def snapshot(path, prefix=""):
+    """A read-only connection to the database at path inside one read
+    transaction (a trainer may commit while we read), SQLite's errors as
+    SqlgptError; closed on leaving."""
+    conn = open_database(path, readonly=True, prefix=prefix)
+    try:
+        with sqlite_errors(f"cannot read {path}"):
+            conn.execute("BEGIN")
+            yield conn
+    finally:
+        conn.close()
+
+
+def check_new_location(db_path, overwrite, prefix, resumable=True):
+    """Where a new model goes: a new file (or, with overwrite, a sqlgpt
+    file), or with a prefix an app's database without a model of that prefix
+    (or, with overwrite, with one). resumable: whether the command that
+    writes it can --resume (train can, import cannot), for the advice."""
+    resume = "--resume to continue training it or " if resumable else ""
+    if db_path.is_dir():
+        raise SqlgptError(f"{db_path} is a directory; --db names the database file")
+    if db_path.exists() and not db_path.is_file():
+        raise SqlgptError(f"{db_path} is not a file")
+    if prefix:
+        if has_model(db_path, prefix) and not overwrite:
+            raise SqlgptError(f"{db_path} already holds a model with the prefix {prefix!r}; use "
+                              f"{resume}--overwrite to replace it")
+    elif db_path.exists() and not overwrite:
+        raise SqlgptError(f"{db_path} already exists; use {resume}--overwrite to replace it "
+                          f"(or --prefix to add a model to an app's database)")
+    elif db_path.exists() and not is_sqlgpt_file(db_path):
+        raise SqlgptError(f"refusing to overwrite {db_path}: it is not a sqlgpt database")
+    check_writable(db_path)
+
+
+def read_checkpoint(conn, path, step=None):
+    """(gpt, train config, tokenizer, step, training state) of the database
+    on conn (inside a snapshot): the latest checkpoint, or with step an older
+    one that `train --keep` kept; a fine-tune's GPT with its base's weights."""
+    arch, cfg = read_config(conn)
+    tokenizer = read_tokenizer(conn, arch, cfg)
+    gpt = model_for(conn, path, arch)
+    state = read_train_state(conn)
+    latest = state.get("step")
+    if not isinstance(latest, int) or latest < 0:
+        raise SqlgptError(f"{path} is damaged: no valid training step")
+    if step is None or step == latest:
+        read_weights(conn, gpt)
+        step = latest
+    else:
+        kept = kept_steps(conn)
+        if step not in kept:
+            raise SqlgptError(f"{path} keeps no checkpoint at step {step} (kept: "
+                              f"{', '.join(map(str, kept)) or 'none'}; latest: {latest}"
+                              f"); train with --keep N to keep older ones")
+        read_kept_weights(conn, gpt, step)
+    return gpt, cfg, tokenizer, step, state
+
+
+def read_lora(conn):
+    """The LoraConfig in a database's config table, or None (a plain model)."""
+    with sqlite_errors("cannot read the config table"):
+        values = dict(conn.execute("SELECT key, value FROM config"))
+    try:
+        return LoraConfig.from_rows(values)
+    except SqlgptError as e:
+        raise SqlgptError(f"the stored LoRA settings are invalid: {e}") from None
+
+
+def fill_base(model, tuned_path):
+    """Read a fine-tune's base weights into model.base, refusing a base that
+    is missing, of another architecture, or not the weights it was tuned on."""
+    path = base_path(model.lora, tuned_path)
+    if not path.is_file():
+        raise SqlgptError(f"the base model of {tuned_path}, {path}, is missing (the fine-tune "
+                          f"names it relative to its own directory: keep the two together)")
+    conn = open_database(path, readonly=True)
+    try:
+        with sqlite_errors(f"cannot read the base model {path}"):
+            conn.execute("BEGIN")
+            if read_lora(conn) is not None:
+                raise SqlgptError(f"the base model {path} is itself a LoRA fine-tune")
+            base_arch, _ = from_rows(dict(conn.execute("SELECT key, value FROM config")))
+            merge_check(model.arch, base_arch)
+            check_fits(conn, model.arch)
+            plain = GPT(model.arch)
+            read_weights(conn, plain)
+    finally:
+        conn.close()
+    if base_digest(plain.params) != model.lora.base_sha256:
+        raise SqlgptError(f"the base model {path} has changed since {tuned_path} was tuned on "
+                          f"it (its weights differ): restore that base, or fine-tune again")
+    for t in model.base:
+        t.data[...] = plain.params[t.name].data
+
+
+def model_for(conn, db_path, arch, checkpoint_activations=False):
+    """An empty GPT for the database on conn: plain, or for a fine-tune its
+    adapters' GPT with the base's weights already read (the caller then
+    reads the database's own weights)."""
+    lora = read_lora(conn)
+    if lora is None:  # a fine-tune's file holds its adapters, its base file the rest
+        check_fits(conn, arch)
+    model = GPT(arch, checkpoint_activations, lora)
+    if lora is not None:
+        fill_base(model, db_path)
+    return model

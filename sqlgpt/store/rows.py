@@ -1,0 +1,305 @@
+"""Where each parameter's rows live and how a row is coded (float32 BLOBs
+with a CRC), and reading everything back, validated: config, tokenizer,
+weights, training state."""
+import json
+import math
+import sqlite3
+import weakref
+import zlib
+
+import numpy as np
+
+from .._kernel import ffi, lib
+from ..contract import MODEL_TENSOR_TABLES
+from ..contract import WEIGHT_TABLES as KEY_COLUMNS
+from ..model.arch import stored_tensors
+from ..model.config import from_rows
+from ..errors import SqlgptError
+from ..model.tensor import fptr
+from ..data.tokenizers import from_storage
+from .connection import WEIGHT_TABLES, schema_version, tables_at
+
+
+# ---- where each parameter's rows live (contract.WEIGHT_TABLES) ----
+
+
+def location(spec):
+    """(table, key values before the row index) of a TensorSpec's rows."""
+    if spec.layer is not None:
+        return "layers", (spec.layer, spec.component)
+    table = MODEL_TENSOR_TABLES.get(spec.component)
+    if table is None:
+        raise SqlgptError(f"no table stores the tensor {spec.name}")
+    return table, () if table == "head" else (spec.component,)
+
+
+def describe(table, key):
+    """A stored location in words, for errors: `layers (layer=7, component='q')`."""
+    if not key:
+        return table
+    return f"{table} ({', '.join(f'{c}={k!r}' for c, k in zip(KEY_COLUMNS[table], key))})"
+
+
+INSERT_SQL = {table: f"INSERT INTO {table} (data, m, v, crc, {', '.join(keys)}) "
+                     f"VALUES ({', '.join('?' * (len(keys) + 4))})"
+              for table, keys in KEY_COLUMNS.items()}
+# later checkpoints rewrite the rows in place: no pages freed and reallocated.
+# Each row is found by its rowid (read in the same transaction), which skips
+# the key index; the key must still match, so a row never lands elsewhere.
+UPDATE_SQL = {table: f"UPDATE {table} SET data = ?, m = ?, v = ?, crc = ? WHERE rowid = ? AND "
+                     + " AND ".join(f"{k} = ?" for k in keys)
+              for table, keys in KEY_COLUMNS.items()}
+SELECT_SQL = {table: f"SELECT {', '.join(keys)}, data, m, v, crc FROM {table} "
+                     f"ORDER BY {', '.join(keys)}"
+              for table, keys in KEY_COLUMNS.items()}
+# Loading reads each table twice in one snapshot: how many rows each parameter
+# has and the range of their indices, then the rows without any key, so that
+# no per-row key objects are built (the load is bound by the work per row,
+# not by bytes).
+GROUPS_SQL = {table: f"SELECT {', '.join(keys[:-1])}{', ' if len(keys) > 1 else ''}"
+                     f"count(*), count(DISTINCT {keys[-1]}), min({keys[-1]}), max({keys[-1]}), "
+                     f"total(typeof({keys[-1]}) != 'integer') FROM {table}"
+                     + (f" GROUP BY {', '.join(keys[:-1])} ORDER BY {', '.join(keys[:-1])}"
+                        if len(keys) > 1 else "")
+              for table, keys in KEY_COLUMNS.items()}
+# the row index is not fetched: a group of n distinct integer indices from 0
+# to n - 1 is exactly 0..n-1 (distinct is checked, not assumed from the
+# primary key: a damaged index or a table made elsewhere may repeat one), and
+# rows come in index order
+ROWS_SQL = {table: f"SELECT data, m, v, crc FROM {table} ORDER BY {', '.join(keys)}"
+            for table, keys in KEY_COLUMNS.items()}
+
+
+def row_crc(data, m, v):
+    """The checksum of one stored row (zlib's CRC-32 of data || m || v)."""
+    return zlib.crc32(v, zlib.crc32(m, zlib.crc32(data)))
+
+
+def _stored(buf):
+    """A buffer as the database holds it: little-endian float32 (no copy on
+    little-endian hosts)."""
+    return np.ascontiguousarray(buf, dtype="<f4")
+
+
+def row_crcs(t):
+    """row_crc of every stored row of parameter t (a vector is one row),
+    computed by the kernel in one call."""
+    out = np.empty(t.spec.rows, dtype=np.uint32)
+    data, m, v = (fptr(_stored(buf)) for buf in (t.data, t.m, t.v))
+    lib.crc32_rows(ffi.from_buffer("uint32_t[]", out), data, m, v, t.spec.rows, t.spec.cols)
+    return out.tolist()
+
+
+# A parameter set's rows as memoryviews, made once per set: its arenas never
+# move, so the same views serve every checkpoint, and sqlite3 reads a
+# memoryview through the buffer protocol with none of the per-call work a
+# numpy view's buffer costs.
+_ROW_COLUMNS = weakref.WeakKeyDictionary()
+
+
+def _in_key_order(params):
+    return sorted(params, key=lambda t: location(t.spec))
+
+
+def _row_columns(params):
+    """{table: [data, m, v, *key columns]}: per-table column lists, rows in
+    the tables' key order (the order of SELECT ... ORDER BY the key)."""
+    columns = _ROW_COLUMNS.get(params)
+    if columns is not None:
+        return columns
+    columns = {table: [[] for _ in range(3 + len(keys))] for table, keys in KEY_COLUMNS.items()}
+    in_place = True
+    for t in _in_key_order(params):
+        table, key = location(t.spec)
+        stored = [_stored(buf) for buf in (t.data, t.m, t.v)]
+        in_place &= all(s is buf for s, buf in zip(stored, (t.data, t.m, t.v)))
+        n = t.spec.rows
+        values = [list(map(memoryview, s.reshape(n, t.spec.cols))) for s in stored] + \
+            [[k] * n for k in key] + [range(n)]
+        for column, part in zip(columns[table], values):
+            column.extend(part)
+    if in_place:  # a big-endian host stores copies: those must be made afresh each time
+        _ROW_COLUMNS[params] = columns
+    return columns
+
+
+def weight_rows(params, rowids=None):
+    """{table: [(data, m, v, crc, *key, i)]}: every matrix row of every
+    parameter, in key order; with rowids ({table: [rowid]} in key order),
+    (data, m, v, crc, rowid, *key, i), as UPDATE_SQL takes them."""
+    crcs = {table: [] for table in WEIGHT_TABLES}
+    for t in _in_key_order(params):
+        crcs[location(t.spec)[0]].extend(row_crcs(t))
+    rows = {}
+    for table, (data, m, v, *keys) in _row_columns(params).items():
+        extra = [rowids[table]] if rowids else []
+        rows[table] = list(zip(data, m, v, crcs[table], *extra, *keys))
+    return rows
+
+
+def table_rowids(conn, table):
+    """The rowids of a weight table in key order."""
+    return [r[0] for r in conn.execute(f"SELECT rowid FROM {table} "
+                                       f"ORDER BY {', '.join(KEY_COLUMNS[table])}")]
+
+
+TENSOR_STATS_SQL = ("INSERT OR REPLACE INTO tensor_stats (step, name, layer, component, rows, "
+                    "cols, mean, std, min, max, l2) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def tensor_stats(params, step):
+    """tensor_stats rows of every parameter (values in float64 sums)."""
+    rows = []
+    for t in params:
+        values = t.data.reshape(-1).astype(np.float64)
+        mean = float(values.mean())
+        rows.append((step, t.name, t.spec.layer, t.spec.component, t.spec.rows, t.spec.cols,
+                     mean, float(np.sqrt(np.mean((values - mean) ** 2))), float(values.min()),
+                     float(values.max()), float(np.sqrt(np.dot(values, values)))))
+    return rows
+
+
+# ---- reading, validating everything ----
+def read_config(conn):
+    """(ArchConfig, TrainConfig) from the config table, validated (a version-1
+    table has no architecture keys: from_rows reads it as the lua preset)."""
+    try:
+        return from_rows(dict(conn.execute("SELECT key, value FROM config")))
+    except (sqlite3.DatabaseError, TypeError) as e:
+        raise SqlgptError(f"the config table is damaged: {e}") from None
+
+
+def check_fits(conn, arch):
+    """Validate before allocating: the weights arch claims (float32 data
+    alone, as a compacted file holds them) must fit in the database file
+    that is said to hold them, so a damaged or hostile config cannot make
+    the loader take gigabytes before a single row is read."""
+    claimed = 4 * sum(spec.rows * spec.cols for spec in stored_tensors(arch))
+    pages, page_size = (conn.execute(f"PRAGMA {name}").fetchone()[0]
+                        for name in ("page_count", "page_size"))
+    if claimed > pages * page_size:
+        raise SqlgptError(f"the config claims {claimed / 1e6:,.0f} MB of weights, more than "
+                          f"the {pages * page_size / 1e6:,.1f} MB file holds: the file is damaged")
+
+
+def read_tokenizer(conn, arch, train_cfg):
+    """The tokenizer from the vocab and tokenizer tables (a version-1 file,
+    read without migrating it: the word tokenizer's (word, id) rows), validated, with exactly as many
+    ids as the model has embedding rows (each id indexes wte in C)."""
+    version = schema_version(conn)
+    try:
+        if version < 2:
+            rows = conn.execute("SELECT id, word, NULL FROM vocab").fetchall()
+            state, kind = {}, "word"
+        else:
+            rows = conn.execute("SELECT id, token, bytes FROM vocab").fetchall()
+            state = dict(conn.execute("SELECT key, value FROM tokenizer"))
+            kind = state.pop("kind", None)
+    except sqlite3.DatabaseError as e:
+        raise SqlgptError(f"the vocab table is damaged: {e}") from None
+    if kind != train_cfg.tokenizer:
+        raise SqlgptError(f"the tokenizer table says {kind!r} but config says "
+                          f"{train_cfg.tokenizer!r}")
+    tokenizer = from_storage(kind, rows, state)
+    if tokenizer.n_ids != arch.n_vocab:
+        raise SqlgptError(f"the tokenizer has {tokenizer.n_ids} token ids but the model has "
+                          f"n_vocab {arch.n_vocab}")
+    if kind == "word" and tokenizer.vocab_size != train_cfg.vocab_size:
+        raise SqlgptError(f"the vocab table has {tokenizer.vocab_size} words but config says "
+                          f"vocab_size {train_cfg.vocab_size}")
+    return tokenizer
+
+
+def weight_tables(conn):
+    """The weight tables this database's schema version has (a version-1
+    file, read as it is, has no norms table: it has no such tensors)."""
+    version = schema_version(conn)
+    return [t for t in WEIGHT_TABLES if t in tables_at(version)]
+
+
+def read_weights(conn, model):
+    """Fill every parameter of model.params with data, m and v from the
+    weight tables, checking that each one has exactly its rows and every BLOB
+    exactly its length, and that no rows belong to no parameter. Call inside
+    a transaction: the reads of a table must see one snapshot."""
+    found = {}
+    try:
+        for table in weight_tables(conn):
+            groups = conn.execute(GROUPS_SQL[table]).fetchall()
+            rows = conn.execute(ROWS_SQL[table]).fetchall()
+            start = 0
+            for *key, count, distinct, first, last, non_integers in groups:
+                if count:  # an empty head table still gives its one aggregate row
+                    index_range = (first, last) if distinct == count and not non_integers \
+                        else None
+                    found[table, tuple(key)] = (rows[start:start + count], index_range)
+                start += count
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
+        raise SqlgptError(f"cannot read weights: {e}") from None
+    params = {location(t.spec): t for t in model.params}
+    unknown = [describe(*loc) for loc in found if loc not in params]
+    if unknown:
+        raise SqlgptError(f"weights for unknown parameter(s): {', '.join(sorted(unknown))}")
+    for loc, t in params.items():
+        _fill(t, *found.get(loc, ([], None)))
+    _check_values(model.params)
+
+
+def _check_values(params):
+    """Every weight and moment finite, every second moment >= 0. The fast
+    test is one dot product per arena (finite whenever every value is, short
+    of float32 overflow); only when it fails are the parameters searched."""
+    arenas = params.arenas
+    with np.errstate(over="ignore"):
+        quick = all(math.isfinite(np.dot(arenas[b], arenas[b])) for b in ("data", "m", "v"))
+    if quick and arenas["v"].min() >= 0:
+        return
+    for t in params:
+        if not (np.isfinite(t.data).all() and np.isfinite(t.m).all() and np.isfinite(t.v).all()):
+            raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
+        if (t.v < 0).any():
+            raise SqlgptError(f"weights of {t.name} are damaged: negative Adam second moment")
+
+
+def _fill(t, rows, index_range):
+    """Copy one parameter's rows (data, m, v, crc), whose distinct integer
+    indices span index_range (first, last; None if they are not such), into
+    its buffers. This is the hot path of every load: the whole copy and its
+    checksums come first, and only when they fail are the rows examined one
+    by one, to say what is wrong."""
+    nrows, ncols = t.spec.rows, t.spec.cols
+    if len(rows) != nrows or (nrows and index_range != (0, nrows - 1)):
+        raise SqlgptError(f"weights of {t.name} are damaged: expected rows 0..{nrows - 1}, "
+                          f"found {len(rows)}")
+    data, m, v, crc = zip(*rows) if rows else ((),) * 4
+    try:
+        columns = [b"".join(column) for column in (data, m, v)]  # refuses what is not bytes
+    except TypeError:
+        columns = None
+    if columns and len(columns[0]) == 4 * t.data.size and columns[1] == columns[2] == b"":
+        # a compacted file (sqlgpt compact): no moments, each crc over data alone
+        t.data[...] = np.frombuffer(columns[0], dtype="<f4").reshape(t.shape)
+        t.m[...], t.v[...] = 0.0, 0.0
+        bad = [i for i, (row, c) in enumerate(zip(data, crc)) if zlib.crc32(row) != c]
+        if not bad:
+            return
+        raise SqlgptError(f"weights of {t.name} are damaged: row {bad[0]} fails its checksum")
+    if columns and all(len(c) == 4 * t.data.size for c in columns):
+        for column, buf in zip(columns, (t.data, t.m, t.v)):
+            buf[...] = np.frombuffer(column, dtype="<f4").reshape(t.shape)
+        if row_crcs(t) == list(crc):  # over the copied rows: the same bytes, in one call
+            return
+    for column in (data, m, v):
+        if set(map(type, column)) != {bytes} or set(map(len, column)) != {4 * ncols}:
+            raise SqlgptError(f"weights of {t.name} are damaged: a row is not {ncols} "
+                              f"float32 values")
+    bad = next(i for i, (a, b) in enumerate(zip(row_crcs(t), crc)) if a != b)
+    raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
+
+
+def read_train_state(conn):
+    try:
+        return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM train_state")}
+    except (sqlite3.DatabaseError, TypeError, ValueError, RecursionError) as e:
+        raise SqlgptError(f"the train_state table is damaged: {type(e).__name__}") from None
+
