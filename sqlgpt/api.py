@@ -41,43 +41,59 @@ class Completion:
 class TextStream:
     """Ids to text as they come: the prompt's text, then what each token
     adds, holding back a token that ends inside a UTF-8 character and text
-    that may begin a stop string; ends before the first stop string."""
+    that may begin a stop string; ends before the first stop string. Each
+    token costs O(1) (the tokenizer's stream decoder; stop strings are
+    looked for only where the new text can complete one)."""
 
     def __init__(self, tokenizer, prompt_ids, stop=()):
         if isinstance(stop, str):
             stop = (stop,)
         if any(not isinstance(s, str) or not s for s in stop):
             raise SqlgptError("a stop string must be non-empty text")
-        self.tokenizer, self.stop, self.stopped = tokenizer, tuple(stop), False
-        self.ids = [int(i) for i in prompt_ids]
-        self.prompt_text = self.shown = tokenizer.decode(self.ids)
+        self.stop, self.stopped = tuple(stop), False
+        self._longest = max(map(len, self.stop), default=0)
+        self.prompt_text = tokenizer.decode(prompt_ids)
+        self._decoder = tokenizer.stream(prompt_ids)
+        self._generated = []   # pieces decoded after the prompt
+        self._decoded = 0      # their total length
+        self._shown = 0        # how much of it is shown
+        self._tail = ""        # the generated text not shown, and what may precede a stop
+
+    @property
+    def shown(self):
+        """The text shown so far, the prompt's included."""
+        return self.prompt_text + "".join(self._generated)[:self._shown]
 
     def push(self, token):
         """The text token adds that is safe to show now ('' if none)."""
-        self.ids.append(int(token))
-        return self._advance(final=False)
+        return self._advance(self._decoder.push(int(token)), final=False)
 
     def finish(self):
         """What is left to show once generation ends."""
-        return self._advance(final=True)
+        return self._advance(self._decoder.finish(), final=True)
 
-    def _advance(self, final):
+    def _advance(self, piece, final):
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        start = len(self.prompt_text) if text.startswith(self.prompt_text) else len(text)
-        generated = text[start:]
-        cuts = [generated.find(s) for s in self.stop if s in generated]
+        self._generated.append(piece)
+        self._decoded += len(piece)
+        # the unshown text, after as much shown text as a stop string could
+        # begin in (one that ends before it would have stopped already)
+        unshown = self._decoded - self._shown
+        window = unshown + max(self._longest - 1, 0)
+        tail = (self._tail + piece)[-window:] if window else ""
+        self._tail = tail
+        before = len(tail) - unshown  # tail[before:] is the unshown text
+        cuts = [tail.find(s) for s in self.stop if s in tail]
         if cuts:
-            text, self.stopped = text[:start + min(cuts)], True
-        elif not final:  # hold back a tail that may begin a stop string
-            text = text[:len(text) - self._held(generated)]
-        if not text.startswith(self.shown):
-            return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
+            show, self.stopped = max(0, min(cuts) - before), True
+        elif final:
+            show = unshown
+        else:
+            show = max(0, unshown - self._held(tail))
+        text = tail[before:before + show]
+        self._shown += show
+        return text
 
     def _held(self, generated):
         return max((n for s in self.stop for n in range(min(len(s) - 1, len(generated)), 0, -1)

@@ -9,6 +9,7 @@ UTF-8 as \\xNN (two lower-case hex digits). So distinct tokens always read
 differently, a NUL never reaches a TEXT column, and a BPE token that holds
 half a character shows its bytes (\\xe4\\xbd) instead of U+FFFD.
 """
+import codecs
 import json
 from collections.abc import Mapping
 
@@ -54,6 +55,23 @@ def _surrogate(e):
                        f"character {e.start}, which is not valid Unicode text")
 
 
+class ByteStream:
+    """Ids to text one at a time by their bytes (see Tokenizer.stream): a
+    character cut between tokens waits for its last byte, a byte that
+    cannot begin or continue one is U+FFFD, as decode's "replace" gives."""
+
+    def __init__(self, bytes_of, ids):
+        self._bytes_of = bytes_of
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._utf8.decode(b"".join(bytes_of[i] for i in ids.tolist()))
+
+    def push(self, token):
+        return self._utf8.decode(self._bytes_of[token])
+
+    def finish(self):
+        return self._utf8.decode(b"", final=True)
+
+
 def special_names(pad_id, unk_id, bos_id, eos_id):
     """{id: name} of the special tokens a kind has (an id of None: it has none)."""
     return {i: name for i, name in zip((pad_id, unk_id, bos_id, eos_id), SPECIALS)
@@ -84,6 +102,7 @@ class Tokenizer:
         self._text = np.array([names[i] if r is None else readable(r)
                                for i, r in enumerate(self._raws)], dtype=object)
         out = [self.unk_bytes if i == self.unk_id else r or b"" for i, r in enumerate(self._raws)]
+        self._bytes_of = out  # each id's decoded bytes, for streams
         # decode gathers from one flat buffer: id i's bytes are blob[start[i]:start[i]+size[i]]
         self._size = np.array([len(o) for o in out], dtype=np.int64)
         self._start = np.cumsum(self._size) - self._size
@@ -111,6 +130,13 @@ class Tokenizer:
         total = int(ends[-1]) if len(ids) else 0
         at = np.repeat(self._start[ids] - (ends - size), size) + np.arange(total)
         return self._blob[at].tobytes().decode("utf-8", "replace")
+
+    def stream(self, ids=()):
+        """A decoder of ids that come one at a time, after ids: its push(id)
+        gives the text that id adds (in O(1)), finish() what is left; the
+        pieces joined are decode(ids + pushed)[len(decode(ids)):] wherever
+        decode(ids) ends on a whole character."""
+        return ByteStream(self._bytes_of, self._ids(ids))
 
     def pieces(self, ids):
         """A readable piece per id (specials as "<eos>" etc.)."""

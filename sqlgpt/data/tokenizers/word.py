@@ -74,9 +74,32 @@ class WordTokenizer(Tokenizer):
         unk = self.unk_id
         return np.array([self.id_of.get(w, unk) for w in words_of(text)], dtype=np.int32)
 
+    def stream(self, ids=()):
+        return WordStream(self, self.decode(ids) != "")
+
     def decode(self, ids):
         """Words joined with single spaces; <pad> is dropped, <unk> is "<unk>"."""
         ids = self._ids(ids)
         special = {0: "", self.unk_id: UNK}
         out = (special[i] if i in special else self.words[i - 1] for i in ids.tolist())
         return " ".join(w for w in out if w)
+
+
+class WordStream:
+    """Word ids to text one at a time (see Tokenizer.stream): each word
+    after the first with one space before it; <pad> adds nothing."""
+
+    def __init__(self, tokenizer, started):
+        self._tokenizer, self._started = tokenizer, started
+
+    def push(self, token):
+        tok = self._tokenizer
+        word = "" if token == 0 else UNK if token == tok.unk_id else tok.words[token - 1]
+        if not word:
+            return ""
+        piece = f" {word}" if self._started else word
+        self._started = True
+        return piece
+
+    def finish(self):
+        return ""
