@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 SOURCES = ["scratch.c", "matmul.c", "attention.c", "norm.c", "rope.c", "activation.c",
            "embedding.c", "loss.c", "dropout.c", "optim.c", "checksum.c", "model.c", "decode.c",
-           "quant.c"]
+           "quant.c", "sample.c"]
 
 
 def compile_flags():
@@ -45,7 +45,7 @@ ffibuilder.set_source(
 # The loadable SQLite extension: the kernel again, with the SQL functions,
 # tokenizers and sampling in C, and no Python
 EXTENSION = "sqlgpt0.so"
-EXTENSION_SOURCES = SOURCES + ["sqlite_ext.c", "tokenize.c", "sample.c"]
+EXTENSION_SOURCES = SOURCES + ["sqlite_ext.c", "tokenize.c"]
 
 
 def unicode_tables():

@@ -49,12 +49,4 @@ int utf8_valid(const char *text, size_t n);
  * by U+FFFD as Python's "replace" does); 0 or -1 (out of memory). */
 int tok_decode(const Tokenizer *t, const int *ids, int n, Buffer *out);
 
-/* ---- sample.c: numpy's default_rng(seed) and Generator.choice ---- */
-typedef struct { unsigned __int128 state, inc; } Pcg64;
-void pcg64_seed(Pcg64 *rng, uint64_t seed);            /* as np.random.default_rng(seed) */
-double pcg64_random(Pcg64 *rng);                        /* Generator.random() */
-/* The next token from logits (V float32), as sqlgpt's Sampler with a
- * temperature (0: greedy) and these ids banned; probs: V doubles of scratch. */
-int sample_token(const float *logits, int V, double temperature, const int *banned,
-                 int n_banned, Pcg64 *rng, double *probs);
 #endif

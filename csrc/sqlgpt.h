@@ -290,3 +290,39 @@ void crc32_rows(uint32_t *out, const float *data, const float *m, const float *v
                 int cols);
 /* zlib's crc32(crc, bytes, n): crc continued over n more bytes (0 to start). */
 uint32_t crc32_bytes(uint32_t crc, const void *bytes, size_t n);
+
+/* sample.c: sqlgpt's Sampler, for Python and the extension alike (the same
+ * token for the same seed). Pcg64 is numpy's PCG64 bit generator, each
+ * 128-bit word as two halves, low first; pcg64_seed(seed) is
+ * np.random.default_rng(seed)'s, pcg64_random Generator.random(), and
+ * pcg64_choice Generator.choice(n, p=probs) (probs overwritten). */
+typedef struct { uint64_t state[2], inc[2]; } Pcg64;
+void pcg64_seed(Pcg64 *rng, uint64_t seed);
+double pcg64_random(Pcg64 *rng);
+int pcg64_choice(double *probs, int n, Pcg64 *rng);
+
+/* How the next token is drawn: repetition_penalty (> 1 makes ids in the
+ * context less likely), temperature (0: greedy), top_k (0: all), top_p,
+ * min_p, in that order (sqlgpt.inference.generate.Sampler). */
+typedef struct {
+    double temperature, top_p, min_p, repetition_penalty;
+    int top_k;
+} SamplerConfig;
+/* The next token from logits (V): context (n_context ids) for the penalty,
+ * banned ids never drawn; probs and scratch V doubles and order V ints of
+ * scratch. -1 when the logits hold NaN (or ban every id). */
+int sample_token(const float *logits, int V, const SamplerConfig *s, const int *context,
+                 int n_context, const int *banned, int n_banned, Pcg64 *rng, double *probs,
+                 double *scratch, int *order);
+/* The distribution sample_token draws from, in probs (greedy: all on the
+ * most likely id); 0, or -1 as above. */
+int sampler_probs(const float *logits, int V, const SamplerConfig *s, const int *context,
+                  int n_context, const int *banned, int n_banned, double *probs,
+                  double *scratch, int *order);
+/* decode_batch's single row (token at pos in slot's caches, logits (V))
+ * and sample_token on its logits in one call: the next id, -1 (NaN logits
+ * or every id banned), or -1 - a status (SQLGPT_NOMEM). */
+int decode_sample(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                  float *kcache, float *vcache, int slot, int token, int pos, float *logits,
+                  const SamplerConfig *s, const int *context, int n_context, const int *banned,
+                  int n_banned, Pcg64 *rng, double *probs, double *scratch, int *order);

@@ -31,7 +31,8 @@ typedef struct {
     int n_owned, cap_owned;
     int precision;
     float *kcache, *vcache, *logits;
-    double *probs;
+    double *probs, *scratch;  /* the sampler's scratch (V each) */
+    int *order;
     Tokenizer tok;
     sqlite3_int64 step;      /* the checkpoint loaded: a newer one reloads */
     char *file;              /* and the file it came from (another one reloads) */
@@ -830,7 +831,10 @@ static Model *load(const Ext *x, Err *e) {
         m->vcache = own_alloc(m, sizeof(float) * (size_t)cfg->num_layers * cfg->max_T * KVC);
         m->logits = own_alloc(m, sizeof(float) * (size_t)(cfg->V > cfg->C ? cfg->V : cfg->C));
         m->probs = own_alloc(m, sizeof(double) * (size_t)cfg->V);
-        if (!m->kcache || !m->vcache || !m->logits || !m->probs) status = fail(e, "out of memory");
+        m->scratch = own_alloc(m, sizeof(double) * (size_t)cfg->V);
+        m->order = own_alloc(m, sizeof(int) * (size_t)cfg->V);
+        if (!m->kcache || !m->vcache || !m->logits || !m->probs || !m->scratch || !m->order)
+            status = fail(e, "out of memory");
     }
     if (!status && !(m->file = sqlite3_mprintf("%s", file_of(x)))) status = fail(e, "out of memory");
     if (status) {
@@ -1022,6 +1026,7 @@ static int generate_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlit
         int_arg(argv[3], fn, "seed", 0, INT64_MAX, &seed, e))
         return -1;
     Pcg64 rng;
+    SamplerConfig sampler = {temperature, 1.0, 0.0, 1.0, 0};
     if (seed < 0) sqlite3_randomness(sizeof(seed), &seed), seed &= INT64_MAX;
     pcg64_seed(&rng, (uint64_t)seed);
     const Tokenizer *t = &m->tok;
@@ -1041,8 +1046,8 @@ static int generate_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlit
         status = run(m, context.ids + base + pos, rows, pos, 1, GENERATE, m->logits, e);
         pos += rows;
         if (status) break;
-        int token = sample_token(m->logits, m->cfg.V, temperature, banned, n_banned, &rng,
-                                 m->probs);
+        int token = sample_token(m->logits, m->cfg.V, &sampler, NULL, 0, banned, n_banned, &rng,
+                                 m->probs, m->scratch, m->order);
         if (token < 0) status = fail(e, "the model's logits are not finite");
         else if (token == t->eos_id) break;
         else if (ids_push(&context, token)) status = fail(e, "out of memory");

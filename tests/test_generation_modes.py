@@ -17,8 +17,8 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt.cli import main
 from sqlgpt.errors import SqlgptError
-from sqlgpt.inference.generate import (Decoder, GenerationStats, Sampler, generate_batch, generate_ids,
-                             speculative_ids)
+from sqlgpt.inference.generate import (Decoder, GenerationStats, Rng, Sampler, generate_batch,
+                                       generate_ids, speculative_ids)
 from sqlgpt.model.model import GPT
 
 from architectures import ARCHITECTURES, arch_of
@@ -165,11 +165,67 @@ def test_sampled_frequencies_follow_the_filtered_distribution(rng, settings):
     sampler = Sampler(**full)
     assert np.allclose(sampler.probs(logits, context), probs)
     draws = 20000
-    counts = np.bincount([sampler.sample(logits, rng, context) for _ in range(draws)],
+    draw_rng = Rng(int(rng.integers(2**63)))
+    counts = np.bincount([sampler.sample(logits, draw_rng, context) for _ in range(draws)],
                          minlength=12)
     assert counts[probs == 0].sum() == 0  # nothing filtered out is ever drawn
     ok, detail = chi_square_ok(counts, probs, draws)
     assert ok, detail
+
+
+def numpy_sample(settings, logits, rng, context, banned):
+    """The sampler as sqlgpt first wrote it, in numpy (the definition the C
+    sampler must keep: the same token for the same seed)."""
+    t, top_k, top_p, min_p, penalty = (settings[k] for k in (
+        "temperature", "top_k", "top_p", "min_p", "repetition_penalty"))
+    z = np.asarray(logits, dtype=np.float64).copy()
+    if penalty != 1.0 and len(context):
+        seen = np.unique(np.asarray(context, dtype=np.int64))
+        z[seen] = np.where(z[seen] > 0, z[seen] / penalty, z[seen] * penalty)
+    if len(banned):
+        z[list(banned)] = -np.inf
+    if t == 0:
+        return int(np.argmax(z))
+    z = (z - z.max()) / t
+    if 0 < top_k < z.size:
+        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = np.cumsum(p[order]) - p[order] < top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    if min_p > 0:
+        p = np.where(p >= min_p * p.max(), p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def test_the_c_sampler_draws_what_the_numpy_definition_draws(rng):
+    for case in range(400):
+        V = int(rng.choice([2, 7, 50, 300, 5000]))
+        logits = (rng.normal(0, rng.uniform(0.1, 6), V)).astype(np.float32)
+        if case % 7 == 0:
+            logits[rng.integers(0, V, 3)] = logits.max()  # ties
+        settings = dict(temperature=float(rng.choice([0, 0.3, 0.8, 1.0, 2.5])),
+                        top_k=int(rng.choice([0, 0, 1, 5, V])),
+                        top_p=float(rng.choice([1.0, 1.0, 0.5, 0.9, 0.999])),
+                        min_p=float(rng.choice([0.0, 0.0, 0.05, 0.3])),
+                        repetition_penalty=float(rng.choice([1.0, 1.0, 1.3, 0.7])))
+        context = rng.integers(0, V, int(rng.integers(0, 30))).tolist()
+        banned = [int(b) for b in rng.integers(0, V, int(rng.integers(0, 3)))]
+        if len(set(banned)) >= V:
+            banned = []
+        seed = int(rng.integers(2**63))
+        ours, theirs = Rng(seed), np.random.default_rng(seed)
+        sampler = Sampler(**settings)
+        for _ in range(3):  # the streams stay in step
+            assert sampler.sample(logits, ours, context, banned) == \
+                numpy_sample(settings, logits, theirs, context, banned), (case, settings)
+        assert ours.random() == theirs.random()
 
 
 def test_greedy_with_a_repetition_penalty_avoids_the_repeat():

@@ -8,6 +8,7 @@ tokens that the target checks in one such step.
 """
 import copy
 import numbers
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..errors import SqlgptError
 from ..model.lora import merged
 from ..model.quant import BITS, check_group, kernel_block
 from ..model.model import TensorStruct, check_status, model_config, tensor_fields
-from ..model.tensor import ALIGN_FLOATS, aligned_zeros, fptr
+from ..model.tensor import ALIGN_FLOATS, aligned_zeros, fptr, iptr
 
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -199,52 +200,79 @@ class Sampler:
     def greedy(self):
         return self.temperature == 0
 
-    def _penalized(self, logits, context, banned):
-        logits = np.asarray(logits, dtype=np.float64).copy()
-        if self.repetition_penalty != 1.0 and len(context):
-            seen = np.unique(np.asarray(context, dtype=np.int64))
-            values = logits[seen]
-            logits[seen] = np.where(values > 0, values / self.repetition_penalty,
-                                    values * self.repetition_penalty)
-        if len(banned):
-            logits[list(banned)] = -np.inf
-        return logits
+    def _c(self, V):
+        """The C sampler's settings and scratch for V ids (made once)."""
+        if getattr(self, "_scratch_for", None) != V:
+            self._config = ffi.new("SamplerConfig *", (float(self.temperature), float(self.top_p),
+                                                       float(self.min_p),
+                                                       float(self.repetition_penalty),
+                                                       self.top_k))
+            self._probs, self._scratch = np.empty(V), np.empty(V)
+            self._order = np.empty(V, dtype=np.int32)
+            self._scratch_for = V
+        return self._config
+
+    def _run(self, kernel_call, logits, context, banned, *rng):
+        """kernel_call (sample_token or sampler_probs) on one logits row."""
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        V = logits.size
+        config = self._c(V)
+        context = np.ascontiguousarray(context if self.repetition_penalty != 1.0 else (),
+                                       dtype=np.int32)
+        banned = np.ascontiguousarray(list(banned), dtype=np.int32)
+        result = kernel_call(fptr(logits), V, config, iptr(context), context.size, iptr(banned),
+                             banned.size, *rng, ffi.cast("double *", self._probs.ctypes.data),
+                             ffi.cast("double *", self._scratch.ctypes.data), iptr(self._order))
+        if result < 0:
+            raise SqlgptError("the model's next-token scores are NaN or all banned: nothing "
+                              "to sample from")
+        return result
 
     def probs(self, logits, context=(), banned=()):
         """The distribution the next token is drawn from (float64, V); for
         greedy, all of it on the most likely token."""
-        logits = self._penalized(logits, context, banned)
-        if self.greedy:
-            probs = np.zeros_like(logits)
-            probs[int(np.argmax(logits))] = 1.0
-            return probs
-        # max first: a tiny temperature gives -inf, not nan
-        logits = (logits - logits.max()) / self.temperature
-        if 0 < self.top_k < logits.size:
-            kth = np.partition(logits, -self.top_k)[-self.top_k]
-            logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        if self.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            keep = np.cumsum(probs[order]) - probs[order] < self.top_p
-            mask = np.zeros_like(probs, dtype=bool)
-            mask[order[keep]] = True
-            probs = np.where(mask, probs, 0.0)
-            probs /= probs.sum()
-        if self.min_p > 0:
-            probs = np.where(probs >= self.min_p * probs.max(), probs, 0.0)
-            probs /= probs.sum()
-        return probs
+        self._run(lib.sampler_probs, logits, context, banned)
+        return self._probs.copy()
 
     def sample(self, logits, rng, context=(), banned=()):
-        """One token id from a logits row (V,)."""
-        if self.greedy:  # the common fast path: no softmax
-            if self.repetition_penalty == 1.0 and not len(banned):
-                return int(np.argmax(logits))
-            return int(np.argmax(self._penalized(logits, context, banned)))
-        probs = self.probs(logits, context, banned)
-        return int(rng.choice(probs.size, p=probs))
+        """One token id from a logits row (V,), drawing from rng (an Rng)."""
+        if self.greedy and self.repetition_penalty == 1.0 and not len(banned):
+            return int(np.argmax(logits))  # the common fast path: no copies
+        return self._run(lib.sample_token, logits, context, banned,
+                         rng.state if rng is not None else ffi.NULL)
+
+    def bind(self, decoder, rng, banned=()):
+        """step(token, pos, context) -> the next id: decode token at pos in
+        slot 0 of decoder and draw from its logits, in one C call with
+        every buffer made here once (decode_sample: the same id as
+        decoder.run then sample). context: the ids the repetition penalty
+        reads (None without one)."""
+        V = decoder.arch.n_vocab
+        config = self._c(V)
+        banned = np.array(list(banned), dtype=np.int32)
+        logits = aligned_zeros((V,))
+        fixed = (decoder.config, decoder.tensors.struct, decoder.code, decoder.group, decoder._k,
+                 decoder._v, 0)
+        scratch = (ffi.cast("double *", self._probs.ctypes.data),
+                   ffi.cast("double *", self._scratch.ctypes.data), iptr(self._order))
+        keep = (banned, logits, self._probs, self._scratch, self._order)  # alive with step
+        rng_state = rng.state if rng is not None else ffi.NULL
+        logits_ptr, banned_ptr = fptr(logits), iptr(banned)
+        seq_len = decoder.arch.seq_len
+
+        def step(token, pos, context=None):
+            if not (0 <= token < V and 0 <= pos < seq_len):
+                raise SqlgptError(f"token {token} at position {pos} is outside the model")
+            ids = np.asarray(context if context is not None else (), dtype=np.int32)
+            result = lib.decode_sample(*fixed, token, pos, logits_ptr, config, iptr(ids),
+                                       ids.size, banned_ptr, banned.size, rng_state, *scratch)
+            if result < 0:
+                check_status(-1 - result if result < -1 else 0)
+                raise SqlgptError("the model's next-token scores are NaN or all banned: "
+                                  "nothing to sample from")
+            return result
+        step.buffers = keep
+        return step
 
     def sample_rows(self, logits, rngs, contexts, banned=()):
         """One token id for each logits row (n, V), row r drawing from
@@ -258,6 +286,26 @@ class Sampler:
             return np.argmax(logits, axis=1).tolist()
         return [self.sample(row, rng, context, banned)
                 for row, rng, context in zip(logits, rngs, contexts)]
+
+
+class Rng:
+    """numpy's np.random.default_rng(seed) stream (PCG64), held for the C
+    sampler (csrc/sample.c), which draws from it as numpy's Generator does:
+    the same seed gives the same tokens in Python and in the extension. No
+    seed: fresh entropy."""
+
+    def __init__(self, seed=None):
+        self.state = ffi.new("Pcg64 *")
+        lib.pcg64_seed(self.state, secrets.randbits(63) if seed is None else seed)
+
+    def random(self):
+        """Generator.random(): a float in [0, 1)."""
+        return lib.pcg64_random(self.state)
+
+    def choice(self, n, p):
+        """Generator.choice(n, p=p): an index drawn by the probabilities p."""
+        cumulative = np.array(p, dtype=np.float64)  # the C call sums it in place
+        return lib.pcg64_choice(ffi.cast("double *", cumulative.ctypes.data), n, self.state)
 
 
 def sample(logits, rng, temperature=1.0, top_k=0, top_p=1.0, banned=(), min_p=0.0,
@@ -276,7 +324,7 @@ def check_seed(seed):
 def sequence_rng(seed, index):
     """Sequence index's generator: seed + index, so that a batch's sequence i
     draws what it draws alone with seed + i (no seed: fresh entropy)."""
-    return np.random.default_rng(None if seed is None else (seed + index) % 2**63)
+    return Rng(None if seed is None else (seed + index) % 2**63)
 
 
 class Window:
@@ -337,6 +385,10 @@ def generate_batch(decoder, prompts, max_tokens, sampler, seed=None, banned=(), 
         raise SqlgptError("the context is empty: generation needs at least one token")
     windows = [Window(decoder, c, i) for i, c in enumerate(contexts)]
     rngs = [sequence_rng(seed, i) for i in range(len(prompts))]
+    if len(prompts) == 1:
+        yield from _one_sequence(decoder, contexts[0], windows[0], rngs[0], max_tokens, sampler,
+                                 banned, eos_id, finished)
+        return
     left = [max_tokens] * len(prompts)
     while True:
         active = [i for i in range(len(prompts)) if left[i] > 0 and i not in finished]
@@ -363,6 +415,29 @@ def generate_batch(decoder, prompts, max_tokens, sampler, seed=None, banned=(), 
                 continue
             context.append(token)
             yield i, token
+
+
+def _one_sequence(decoder, context, window, rng, max_tokens, sampler, banned, eos_id, finished):
+    """generate_batch for one sequence in slot 0: the prompt (or what the
+    cache lacks after the window slides) in one step, then one C call a
+    token, the decode step and the draw together: the same ids."""
+    step = sampler.bind(decoder, rng, banned)
+    penalized = sampler.repetition_penalty != 1.0
+    for _ in range(max_tokens):
+        if 0 in finished:
+            return
+        feed, positions = window.rows(context)
+        recent = context[window.base:] if penalized else None
+        if len(feed) == 1:
+            token = step(feed[0], positions[0], recent)
+        else:
+            logits = decoder.run([0] * len(feed), feed, positions, [len(feed) - 1])
+            token = sampler.sample(logits[0], rng, recent or (), banned)
+        window.pos += len(feed)
+        if token == eos_id:
+            return
+        context.append(token)
+        yield 0, token
 
 
 def generate_ids(decoder, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=1.0,
@@ -403,7 +478,7 @@ def speculative_ids(target, draft, prompt_ids, max_tokens, sampler, seed=None, b
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
             not 1 <= draft_tokens <= 32:
         raise SqlgptError(f"draft_tokens must be an integer from 1 to 32, got {draft_tokens!r}")
-    rng = np.random.default_rng(seed)
+    rng = Rng(seed)
     stats = stats if stats is not None else GenerationStats()
     context = [int(t) for t in prompt_ids]
     if not context:
