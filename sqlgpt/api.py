@@ -279,7 +279,7 @@ class Model:
         """Loss per token, perplexity, accuracy and tokens scored on a text,
         or on files and directories (each a document, separated by <eos>),
         tokenized by a stream into a temporary file (flat memory). stride:
-        see sqlgpt.evaluate (default: half the context). A model loaded
+        see sqlgpt.train.evaluate (default: half the context). A model loaded
         with precision bf16, int8 or int4 is scored through those weights,
         as generation uses them."""
         decoder = None if self.precision == "fp32" else self.decoder()
@@ -363,16 +363,16 @@ def quantize(path, bits, group=DEFAULT_GROUP, prefix=""):
 
 def export(path, out, fmt="hf", prefix="", dtype="f32"):
     """Write the model at path (a fine-tune's with its adapters folded in) in
-    another format: "hf", a transformers directory at out (see sqlgpt.hf;
+    another format: "hf", a transformers directory at out (see sqlgpt.interop.hf;
     float32); "peft", a LoRA fine-tune's adapters as a PEFT directory for
     the hf export of its base; or "gguf", a llama.cpp file at out whose matrices are dtype
-    (f32, f16 or q8_0; see sqlgpt.gguf_export). Returns what was written
+    (f32, f16 or q8_0; see sqlgpt.interop.gguf_export). Returns what was written
     (file names, or the tensor count)."""
     if fmt not in ("hf", "gguf", "peft"):
         raise SqlgptError(f"export format must be hf, gguf or peft, got {fmt!r}")
     if fmt in ("hf", "peft"):
-        from .interop import hf
-        return (hf.export if fmt == "hf" else hf.export_peft)(load(path, prefix=prefix), out)
+        from .interop import hf, peft
+        return (hf.export if fmt == "hf" else peft.export_peft)(load(path, prefix=prefix), out)
     from .interop import gguf_export
     if Path(out).exists():
         raise SqlgptError(f"{out} already exists; name a new file")

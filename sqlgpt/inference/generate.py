@@ -45,7 +45,7 @@ class Decoder:
     decoding: half the memory to stream per token, logits within about 1e-2
     of float32's; embeddings, norms, biases, activations and sums stay float32.
     "int8" and "int4" decode from quantized copies of the matrices
-    (quantized: {name: (q, scales)} as sqlgpt.quant makes them, in groups
+    (quantized: {name: (q, scales)} as sqlgpt.model.quant makes them, in groups
     of `group`), with integer dot products against activations quantized
     per group."""
 

@@ -3,7 +3,7 @@ extra): the architecture's metadata keys, the byte-level BPE tokenizer
 (tokens, merges, special ids), and the tensors under llama.cpp's names and
 layouts, as its own converter (convert_hf_to_gguf.py) writes them.
 
-The tensors start from the Hugging Face export's (sqlgpt.hf: the same
+The tensors start from the Hugging Face export's (sqlgpt.interop.hf: the same
 names, orientations and exact equivalents), renamed; llama's q and k are
 permuted from rotate_half's pairs (i, i + head/2) to the interleaved pairs
 (2i, 2i + 1) llama.cpp's rope turns. Matrices are (out, in) as numpy
