@@ -43,7 +43,7 @@ def test_matmul(rng, N, C, OC, with_bias):
 SPLIT_K_MANY_THREADS = """
 import numpy as np
 from sqlgpt._kernel import ffi, lib
-from sqlgpt.tensor import fptr
+from sqlgpt.model.tensor import fptr
 rng = np.random.default_rng(0)
 C = OC = 33
 w = np.zeros((C, OC), np.float32)
@@ -73,7 +73,7 @@ SCRATCH_OF_EXITED_THREADS = """
 import os, threading
 import numpy as np
 from sqlgpt._kernel import lib
-from sqlgpt.tensor import fptr
+from sqlgpt.model.tensor import fptr
 B, T, C, NH = 2, 2048, 256, 4   # attention scratch: about 2.7 MB per thread
 q = np.random.default_rng(0).standard_normal((B, T, C), np.float32)
 out, lse = np.empty_like(q), np.empty((B, NH, T), np.float32)
