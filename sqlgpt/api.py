@@ -390,8 +390,8 @@ def export(path, out, fmt="hf", prefix="", dtype="f32"):
     if fmt not in ("hf", "gguf", "peft"):
         raise SqlgptError(f"export format must be hf, gguf or peft, got {fmt!r}")
     if fmt in ("hf", "peft"):
-        from .interop import hf
-        return (hf.export if fmt == "hf" else hf.export_peft)(load(path, prefix=prefix), out)
+        from .interop import hf, peft
+        return (hf.export if fmt == "hf" else peft.export_peft)(load(path, prefix=prefix), out)
     from .interop import gguf_export
     if Path(out).exists():
         raise SqlgptError(f"{out} already exists; name a new file")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt import store
 from sqlgpt.cli import main
-from sqlgpt.train.trainer import split_tokens
+from sqlgpt.data.dataset import split_tokens
 
 from helpers import weights_bytes
 from conftest import CORPUS, TINY

@@ -1,0 +1,322 @@
+"""How a Trainer comes to be: a new model (its tokenizer built, the corpus
+tokenized once into a file beside the database, the step-0 checkpoint
+written) or a resumed one, every stored setting and token file checked.
+Trainer (trainer.py) inherits these constructors."""
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import store
+from ..data.corpus import find_sources, fingerprint, remove_spools
+from ..data.dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_tokens,
+                            split_tokens, tokens_path, write_tokens)
+from ..errors import AlreadyTrained, SqlgptError
+from ..model.lora import base_digest, base_reference, merged
+from ..model.model import GPT
+
+
+def _progress(on_progress, stage, sources):
+    """on_bytes(n) for one pass over the sources, reporting to on_progress."""
+    if not on_progress:
+        return None
+    total, done = sum(source.size for source in sources), [0]
+
+    def on_bytes(n):
+        done[0] += n
+        on_progress(stage, done[0], total)
+    on_progress(stage, 0, total)
+    return on_bytes
+
+
+def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored config"):
+    """Refuse, naming them, the settings a run asks to change from stored ones.
+    kv_heads and ffn_dim compare by what they mean (0: the default) in arch."""
+    def same(field, value):
+        if field == "val_file":
+            return Path(value).resolve() == Path(stored[field]).resolve()
+        if field in ("kv_heads", "ffn_dim"):
+            other = replace(arch, **{field: value})
+            return (other.n_kv_heads, other.hidden_dim) == (arch.n_kv_heads, arch.hidden_dim)
+        return stored.get(field) == value
+    changed = [f"{option} {value} (stored: {stored.get(field, 'none')})"
+               for field, (option, value) in settings.items() if not same(field, value)]
+    if changed:
+        raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
+
+
+# train_state key and file suffix of each token file: the corpus, --val-file's text
+TOKEN_FILES = {"corpus": ("tokens", TOKENS_SUFFIX), "val": ("val_tokens", VAL_TOKENS_SUFFIX)}
+
+
+def _write_token_file(db_path, prefix, which, sources, tokenizer, errors, on_progress,
+                      recorded=None):
+    """Tokenize sources into the token file `which` beside the database
+    (through a temporary file, so a failure leaves none); its description.
+    recorded: the description the database holds, which the ids must match."""
+    key, suffix = TOKEN_FILES[which]
+    path = tokens_path(db_path, suffix, prefix)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        written = write_tokens(sources, tokenizer, tmp, errors,
+                               _progress(on_progress, "tokenizing", sources))
+        written["file"] = path.name
+        if recorded and written["sha256"] != recorded["sha256"]:
+            raise SqlgptError(f"the {'corpus' if which == 'corpus' else 'validation text'} "
+                              f"tokenizes to other ids than {db_path} recorded; refusing to "
+                              f"resume on other data")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return written
+
+
+def _resume_tokens(db_path, prefix, state, which, tokenizer, sources, errors, on_progress):
+    """The recorded token file; or, when it is gone or the database predates
+    token files, the given text tokenized again into it (to the recorded
+    ids). Without the text a missing file is a one-line error."""
+    key, suffix = TOKEN_FILES[which]
+    info = state.get(key)
+    if info and (tokens_path(db_path, suffix, prefix).is_file() or not sources):
+        return open_tokens(db_path, info)
+    if not sources and which == "val":
+        raise SqlgptError(f"the validation tokens of {db_path} "
+                          f"({tokens_path(db_path, suffix, prefix)}) and the --val-file they "
+                          f"came from are both missing")
+    if not sources:
+        raise SqlgptError(f"{db_path} was trained before token files existed: name its corpus "
+                          f"to resume")
+    state[key] = _write_token_file(db_path, prefix, which, sources, tokenizer, errors,
+                                   on_progress, info)  # recorded with the next checkpoint
+    return open_tokens(db_path, state[key], verify=False)
+
+
+def _val_sources(val_file, spool_dir):
+    """--val-file's one text (a file, not a directory or stdin)."""
+    path = Path(val_file)
+    if str(val_file) == "-" or path.is_dir():
+        raise SqlgptError("--val-file names one text file")
+    return find_sources([path], spool_dir=spool_dir)
+
+
+def _val_split(val_tokens, seq_len, val_file):
+    if len(val_tokens) < seq_len + 1:
+        raise SqlgptError(f"--val-file {val_file} has {len(val_tokens)} tokens, too few for "
+                          f"seq_len {seq_len} (need at least {seq_len + 1})")
+    return val_tokens
+
+
+def corpus_record(sources):
+    """What train_state keeps of the corpus besides its SHA-256: each file's
+    absolute path ("-" for standard input) and size in bytes."""
+    return [{"path": source.name if source.name == "-" else str(Path(source.path).resolve()),
+             "bytes": source.size} for source in sources]
+
+
+def resumable_rng(state):
+    """The generator a training state saved, after checking the state's
+    counters; a one-line error for a damaged one."""
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = state["rng"]
+        ok = all(isinstance(state[k], int) and not isinstance(state[k], bool) and state[k] >= 0
+                 for k in ("step", "bad_steps", "tokens_seen"))
+        ok = ok and isinstance(state["elapsed_s"], (int, float))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SqlgptError("the train_state table is damaged; cannot resume")
+    return rng
+
+
+class TrainerSetup:
+    """Trainer's constructors: create (a new model) and resume."""
+
+    # ---- construction ----
+    @classmethod
+    def create(cls, db_path, corpus, arch, cfg, overwrite=False, extensions=(),
+               encoding_errors="strict", on_progress=None, init_from=None, settings=None,
+               prefix="", lora=None):
+        """Build the tokenizer from the corpus (files, directories or "-"),
+        tokenize the corpus once into the token file beside the database,
+        and write a freshly initialized model of architecture arch (its
+        n_vocab set from the tokenizer) as the step-0 checkpoint of a new
+        database. on_progress(stage, bytes_done, bytes_total) reports the
+        two passes over the corpus. init_from: a trained database whose
+        architecture, tokenizer and weights the new model starts from (with a
+        fresh optimizer state; the base file is only read); settings (as for
+        resume) must then not change its architecture. prefix: the model goes
+        into the (app's) database at db_path under prefixed table names.
+        lora (a LoraConfig, with init_from as its base): a LoRA fine-tune,
+        whose database holds only the adapters and names its base."""
+        db_path = Path(db_path)
+        store.check_new_location(db_path, overwrite, store.check_prefix(prefix))
+        if lora is not None and not init_from:
+            raise SqlgptError("a LoRA fine-tune needs the model it adapts: --base BASE.db")
+        cfg.validate()
+        arch.validate()
+        sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
+        tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.{prefix}tokens.tmp")
+        tmp_val = db_path.with_name(f".{db_path.name}.{os.getpid()}.{prefix}val.tokens.tmp")
+        try:
+            if cfg.val_file:  # held out whole: the corpus is all training text
+                val_sources = _val_sources(cfg.val_file, db_path.parent)
+                cfg.val_file, cfg.val_fraction = str(val_sources[0].path.resolve()), 0.0
+            if init_from:
+                if Path(init_from).resolve() == db_path.resolve():
+                    raise SqlgptError("--init-from and --db name the same file; the base model "
+                                      "is only read: name a new --db")
+                with store.snapshot(init_from) as conn:
+                    base, base_cfg, base_tokenizer, _, _ = store.read_checkpoint(conn, init_from)
+                if lora is not None and base.lora is not None:
+                    raise SqlgptError(f"the base {init_from} is itself a LoRA fine-tune: "
+                                      f"sqlgpt merge it into a plain model first")
+                kept = {**base.arch.to_dict(), "tokenizer": base_cfg.tokenizer,
+                        "vocab_size": base_cfg.vocab_size}
+                _check_unchanged({f: v for f, v in (settings or {}).items() if f in kept}, kept,
+                                 base.arch, "--init-from keeps the base model's architecture and "
+                                 "tokenizer")
+                arch, tokenizer = replace(base.arch), base_tokenizer
+                cfg.tokenizer = base_cfg.tokenizer
+                cfg.vocab_size = base_cfg.vocab_size
+            else:
+                tokenizer = build_tokenizer(cfg.tokenizer, sources, cfg.vocab_size,
+                                            encoding_errors,
+                                            _progress(on_progress, "reading", sources))
+                if cfg.tokenizer == "word":  # a small corpus may have fewer words
+                    cfg.vocab_size = tokenizer.vocab_size
+                arch.n_vocab = tokenizer.n_ids
+            arch.validate()
+            if lora is not None:  # before the corpus is read: a bad setting costs nothing
+                lora.validate(arch)
+                lora.base = base_reference(init_from, db_path)
+            counts = np.zeros(tokenizer.n_ids, dtype=np.int64)
+            info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
+                                _progress(on_progress, "tokenizing", sources), counts)
+            info["file"] = tokens_path(db_path, prefix=prefix).name
+            tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
+            train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
+            val_info = None
+            if cfg.val_file:  # beside the corpus's: both move into place with the database
+                val_info = write_tokens(val_sources, tokenizer, tmp_val, encoding_errors,
+                                        _progress(on_progress, "tokenizing", val_sources))
+                val_info["file"] = tokens_path(db_path, VAL_TOKENS_SUFFIX, prefix).name
+                val = _val_split(np.memmap(tmp_val, dtype=np.dtype(val_info["dtype"]), mode="r"),
+                                 arch.seq_len, cfg.val_file)
+            model = GPT(arch, cfg.checkpoint_activations, lora)
+            rng = np.random.default_rng(cfg.seed)
+            model.init_weights(rng)  # a fine-tune's: its adapters (B = 0: the base exactly)
+            if init_from:  # the base's weights; Adam's moments start at zero
+                weights = merged(base)
+                for t in model.base:
+                    t.data[...] = weights[t.name]
+                if lora is not None:
+                    lora.base_sha256 = base_digest(model.base)
+            state = {"step": 0, "rng": rng.bit_generator.state,
+                     "corpus_sha256": fingerprint(sources), "tokens": info,
+                     "corpus": corpus_record(sources),
+                     "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
+            if val_info:
+                state["val_tokens"] = val_info
+            # an old file being replaced must not be in use (a prefixed model
+            # takes its lock on the app's file inside create_database)
+            old_lock = store.WriterLock(db_path) if db_path.exists() and not prefix else None
+            try:
+                with store.sqlite_errors(f"cannot create {db_path}"):
+                    conn, lock = store.create_database(db_path, model, cfg, tokenizer, state,
+                                                       overwrite, counts, prefix)
+                # the memmap follows the file
+                os.replace(tmp_tokens, tokens_path(db_path, prefix=prefix))
+                if val_info:
+                    os.replace(tmp_val, tokens_path(db_path, VAL_TOKENS_SUFFIX, prefix))
+            finally:
+                if old_lock:
+                    old_lock.release()
+        finally:
+            remove_spools(sources)
+            for tmp in (tmp_tokens, tmp_val):
+                tmp.unlink(missing_ok=True)
+        return cls(conn, lock, model, cfg, tokenizer, train, val, state)
+
+    @classmethod
+    def resume(cls, db_path, corpus=(), extensions=(), encoding_errors="strict",
+               on_progress=None, settings=None, run_options=None, max_iters=None, prefix=""):
+        """Reopen a database to continue where training stopped, on the token
+        file it recorded. A corpus, if given, must be the one it was trained
+        on; it is needed only when the token file is gone (or the database
+        predates token files): then it is tokenized again, to the same ids.
+        settings ({field: (option name, value)}, what the user asked for)
+        must equal the stored ones: a resumed run keeps its config.
+        run_options ({field: value}): stored settings a resumed run may
+        change because results do not depend on them (checkpoint_activations).
+        A model already at max_iters raises AlreadyTrained, the file untouched.
+        prefix: the model under that prefix inside an app's database."""
+        store.check_writable(db_path)
+        sources = find_sources(corpus, extensions, Path(db_path).parent) if corpus else []
+        try:
+            digest = fingerprint(sources) if sources else None
+            store.open_database(db_path, prefix=prefix).close()  # is it a sqlgpt model at all?
+            lock = store.WriterLock(db_path)
+            conn = None
+            try:
+                # every check reads through a read-only connection, so a refused
+                # resume leaves the file byte for byte as it was
+                with store.snapshot(db_path, prefix) as reader:
+                    parts = cls._read_for_resume(db_path, reader, sources, digest, corpus,
+                                                 encoding_errors, on_progress, settings,
+                                                 run_options)
+                    step = parts[-1]["step"]
+                    if max_iters is not None and step >= max_iters:
+                        history = store.checkpoints(reader)
+                        raise AlreadyTrained(step, history[-1]["train_loss"]
+                                             if history else None)
+                with store.sqlite_errors(f"cannot open {db_path} for training"):
+                    # migrates an old file
+                    conn = store.open_database(db_path, readonly=False, prefix=prefix)
+                return cls(conn, lock, *parts)
+            except BaseException:
+                if conn is not None:
+                    store.close_writer(conn)
+                lock.release()
+                raise
+        finally:
+            remove_spools(sources)
+
+    @staticmethod
+    def _read_for_resume(db_path, conn, sources, digest, corpus, encoding_errors, on_progress,
+                         settings, run_options):
+        """(model, cfg, tokenizer, train, val, state) of a database to resume,
+        every part checked."""
+        arch, cfg = store.read_config(conn)
+        lora = store.read_lora(conn)
+        _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict(),
+                                          **dict(lora.rows() if lora else [])}, arch)
+        tokenizer = store.read_tokenizer(conn, arch, cfg)
+        state = store.read_train_state(conn)
+        if state.get("imported_from"):
+            raise SqlgptError(f"{db_path} was imported from {state['imported_from']} and has no "
+                              f"training state of its own: fine-tune it with --base (or "
+                              f"--init-from) into a new --db")
+        resumable_rng(state)  # a damaged state is refused before anything is written
+        if state.get("compacted"):
+            raise SqlgptError(f"{db_path} is compacted (sqlgpt compact: no optimizer state); "
+                              f"it cannot resume: start a new model from it with --init-from")
+        if digest and state.get("corpus_sha256") != digest:
+            raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
+                              f"{db_path} was trained on; resume needs the same files")
+        tokens = _resume_tokens(db_path, conn.prefix, state, "corpus", tokenizer, sources,
+                                encoding_errors, on_progress)
+        for name, value in (run_options or {}).items():  # memory or messages, not results
+            setattr(cfg, name, value)
+        model = store.model_for(conn, db_path, arch, cfg.checkpoint_activations)
+        store.read_weights(conn, model)
+        train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
+        if cfg.val_file:
+            val_sources = (_val_sources(cfg.val_file, Path(db_path).parent)
+                           if Path(cfg.val_file).is_file() else [])
+            val = _val_split(_resume_tokens(db_path, conn.prefix, state, "val", tokenizer,
+                                            val_sources, encoding_errors, on_progress),
+                             arch.seq_len, cfg.val_file)
+        return model, cfg, tokenizer, train, val, state
