@@ -2,7 +2,7 @@
  * functions (gelu, silu) are kernel.h's, shared with decoding. */
 #include "kernel.h"
 
-#define PAR_IF if (n > 65536)
+#define PAR_IF if (n > PARALLEL_MIN)
 
 void relu_forward(float *out, const float *inp, long n) {
     #pragma omp parallel for simd schedule(static) PAR_IF

@@ -22,7 +22,7 @@ static void apply_mask(float *out, const float *inp, const float *residual, long
     uint32_t threshold = (uint32_t)((double)p * 4294967296.0 > 4294967295.0
                                         ? 4294967295.0 : (double)p * 4294967296.0);
     float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
-    #pragma omp parallel for schedule(static) if (n > 65536)
+    #pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         out[i] = (residual ? residual[i] : 0.0f) + inp[i] * keep_scale(seed, i, threshold, scale);
     }
@@ -46,6 +46,6 @@ void residual_dropout_forward(float *out, const float *x, const float *branch, l
         apply_mask(out, branch, x, n, p, seed);
         return;
     }
-    #pragma omp parallel for simd schedule(static) if (n > 65536)
+    #pragma omp parallel for simd schedule(static) if (n > PARALLEL_MIN)
     for (long i = 0; i < n; i++) out[i] = x[i] + branch[i];
 }

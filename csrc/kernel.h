@@ -6,6 +6,10 @@
 #include <stdint.h>
 #include "sqlgpt.h"
 
+/* Elements below which an elementwise loop runs on one thread: waking the
+ * team and the barrier at its end cost more than such a loop's work. */
+#define PARALLEL_MIN 65536L
+
 /* One SIMD register of floats, as a GCC vector type: the compiler maps it to
  * a zmm register when built with AVX-512, a ymm with AVX2, and to pairs of
  * narrower registers elsewhere, so the same source is fast where the package

@@ -33,7 +33,7 @@ int crossentropy_forward(double *loss, float *losses, const float *logits,
                          const int *targets, int N, int V, int ignore_index) {
     double *row = (double *)scratch(3, 2 * (size_t)N); /* per-row losses in double */
     if (!row) return take_status();
-    #pragma omp parallel for schedule(static) if ((long)N * V > 65536)
+    #pragma omp parallel for schedule(static) if ((long)N * V > PARALLEL_MIN)
     for (int i = 0; i < N; i++) {
         row[i] = targets[i] == ignore_index ? 0.0
                                             : row_loss(logits + (size_t)i * V, V, targets[i]);
@@ -52,7 +52,7 @@ void crossentropy_backward(float *dlogits, const float *logits,
                            float dloss) {
     int count = count_valid(targets, N, ignore_index);
     float scale = count ? dloss / count : 0.0f;
-    #pragma omp parallel for schedule(static) if ((long)N * V > 65536)
+    #pragma omp parallel for schedule(static) if ((long)N * V > PARALLEL_MIN)
     for (int i = 0; i < N; i++) {
         const float *x = logits + (size_t)i * V;
         float *dx = dlogits + (size_t)i * V;

@@ -273,7 +273,7 @@ void gemm(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
 
 /* c (N,OC) = bias broadcast over rows (c is then summed into). */
 static void fill_bias(float *c, const float *bias, int N, int OC) {
-    #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
+    #pragma omp parallel for schedule(static) if ((long)N * OC > PARALLEL_MIN)
     for (int i = 0; i < N; i++) memcpy(c + (size_t)i * OC, bias, sizeof(float) * OC);
 }
 
@@ -306,7 +306,7 @@ int matmul_t_forward(float *out, const float *inp, const float *wte, int N, int 
 /* dbias (OC) += column sums of dout (N,OC): each thread owns a slice of
  * columns and sums rows in order. */
 static void bias_backward(float *dbias, const float *dout, int N, int OC) {
-    #pragma omp parallel for schedule(static) if ((long)N * OC > 65536)
+    #pragma omp parallel for schedule(static) if ((long)N * OC > PARALLEL_MIN)
     for (int j0 = 0; j0 < OC; j0 += 64)
         for (int i = 0; i < N; i++)
             for (int j = j0; j < OC && j < j0 + 64; j++)

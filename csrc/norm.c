@@ -8,7 +8,7 @@
 #include <math.h>
 #include "kernel.h"
 
-#define PAR_IF(N, C) if ((long)(N) * (C) > 65536)
+#define PAR_IF(N, C) if ((long)(N) * (C) > PARALLEL_MIN)
 
 /* One row: y = normalized x (with gain and bias if given); returns rstd and
  * stores the mean. Decoding calls it directly, inside its own parallel region. */

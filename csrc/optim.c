@@ -12,7 +12,7 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
           wd = (float)weight_decay;
     float c1 = (float)(1.0 - pow(beta1, step)), c2 = (float)(1.0 - pow(beta2, step));
     if (!decoupled) { /* Adam with L2: the decay joins the gradient (torch.optim.Adam) */
-        #pragma omp parallel for simd schedule(static) if (n > 65536)
+        #pragma omp parallel for simd schedule(static) if (n > PARALLEL_MIN)
         for (long i = 0; i < n; i++) {
             float g = grad[i] + wd * data[i];
             m[i] = b1 * m[i] + one_b1 * g;
@@ -21,7 +21,7 @@ void adamw_update(float *data, const float *grad, float *m, float *v, long n,
         }
         return;
     }
-    #pragma omp parallel for simd schedule(static) if (n > 65536)
+    #pragma omp parallel for simd schedule(static) if (n > PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         float g = grad[i];
         m[i] = b1 * m[i] + one_b1 * g;
@@ -36,7 +36,7 @@ void sgd_update(float *data, const float *grad, float *momentum_buf, long n, dou
     float flr = (float)lr, mu = (float)momentum, wd = (float)weight_decay;
     /* torch.optim.SGD: d = g + wd p; buf = mu buf + d (buf starts at 0, so
      * the first step's buf is d, as torch's clone); p -= lr buf */
-    #pragma omp parallel for simd schedule(static) if (n > 65536)
+    #pragma omp parallel for simd schedule(static) if (n > PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         float d = grad[i] + wd * data[i];
         float step = mu > 0.0f ? (momentum_buf[i] = mu * momentum_buf[i] + d) : d;
@@ -49,7 +49,7 @@ double sum_squares(const float *x, long n) {
     enum { BLOCK = 4096 };
     long nblocks = (n + BLOCK - 1) / BLOCK;
     double total = 0.0;
-    #pragma omp parallel for ordered schedule(static) if (n > 65536)
+    #pragma omp parallel for ordered schedule(static) if (n > PARALLEL_MIN)
     for (long b = 0; b < nblocks; b++) {
         double s = 0.0;
         long end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
@@ -65,12 +65,12 @@ double sum_squares(const float *x, long n) {
  * core idle. */
 void zero_floats(float *x, long n) {
     enum { CHUNK = 16384 };
-    #pragma omp parallel for schedule(static) if (n > 65536)
+    #pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
     for (long i = 0; i < n; i += CHUNK)
         memset(x + i, 0, sizeof(float) * (n - i < CHUNK ? n - i : CHUNK));
 }
 
 void scale_inplace(float *x, long n, float factor) {
-    #pragma omp parallel for simd schedule(static) if (n > 65536)
+    #pragma omp parallel for simd schedule(static) if (n > PARALLEL_MIN)
     for (long i = 0; i < n; i++) x[i] *= factor;
 }

@@ -41,7 +41,7 @@ void rope_row(float *x, const float *cos_t, const float *sin_t, int heads, int h
 static void rotate(float *x, const float *cos_t, const float *sin_t, int B, int T, int heads,
                    int hs, float sign) {
     size_t row = (size_t)heads * hs, half = hs / 2;
-    #pragma omp parallel for collapse(2) schedule(static) if ((long)B * T * row > 65536)
+    #pragma omp parallel for collapse(2) schedule(static) if ((long)B * T * row > PARALLEL_MIN)
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
             rope_row(x + ((size_t)b * T + t) * row, cos_t + t * half, sin_t + t * half, heads,

@@ -291,23 +291,26 @@ class Model:
         return [Completion(p, t.shown, n, seconds) for p, t, n in zip(prompts, texts, counts)]
 
     def evaluate(self, text=None, paths=(), stride=None, batch_size=8, extensions=(),
-                 encoding_errors="strict"):
+                 encoding_errors="strict", on_progress=None):
         """Loss per token, perplexity, accuracy and tokens scored on a text,
         or on files and directories (each a document, separated by <eos>),
         tokenized by a stream into a temporary file (flat memory). stride:
         see sqlgpt.train.evaluate (default: half the context). A model loaded
         with precision bf16, int8 or int4 is scored through those weights,
-        as generation uses them."""
+        as generation uses them. on_progress(windows done, windows) follows
+        the scoring."""
         decoder = None if self.precision == "fp32" else self.decoder()
         if text is not None:
-            return evaluate(self._gpt, self.encode(text), stride, batch_size, decoder=decoder)
+            return evaluate(self._gpt, self.encode(text), stride, batch_size, decoder=decoder,
+                            on_progress=on_progress)
         with tempfile.TemporaryDirectory() as tmp:
             sources = find_sources(paths, extensions, spool_dir=tmp)
             info = write_tokens(sources, self.tokenizer, Path(tmp) / "eval.tokens",
                                 encoding_errors)
             tokens = np.memmap(Path(tmp) / "eval.tokens", dtype=np.dtype(info["dtype"]),
                                mode="r")
-            return evaluate(self._gpt, tokens, stride, batch_size, decoder=decoder)
+            return evaluate(self._gpt, tokens, stride, batch_size, decoder=decoder,
+                            on_progress=on_progress)
 
 
 def load(path, precision="fp32", step=None, prefix=""):

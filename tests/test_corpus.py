@@ -225,3 +225,15 @@ def test_a_progress_bar_on_a_terminal(tmp_path, small_corpus):
     os.close(leader)
     assert proc.returncode == 0, output
     assert b"reading" in output and b"tokenizing" in output
+
+
+def test_a_binary_file_in_a_corpus_folder_gets_the_ext_hint(tmp_path, small_corpus):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text(small_corpus.read_text())
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" * 50)
+    result = run("train", folder, "--db", tmp_path / "m.db", "--iters", 1, *TINY)
+    assert result.exit_code == 1 and "logo.png looks binary" in result.output
+    assert "--ext" in result.output and len(result.output.strip().splitlines()) == 1
+    result = run("train", folder, "--db", tmp_path / "m.db", "--iters", 1, *TINY, "--ext", ".txt")
+    assert result.exit_code == 0, result.output

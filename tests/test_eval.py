@@ -78,12 +78,13 @@ def test_sqlgpt_eval_prints_loss_perplexity_accuracy_tokens(char_db, tmp_path, s
     held_out.write_text(small_corpus.read_text()[-3000:])
     out = run("eval", "--db", char_db, held_out, "--json")
     assert out.exit_code == 0, out.output
-    report = json.loads(out.output)
+    report = json.loads(out.stdout)  # progress goes to stderr
     assert set(report) == {"loss", "perplexity", "accuracy", "tokens"}
     assert report["tokens"] == 2999 and 0 < report["accuracy"] < 1
     assert report == sqlgpt.load(char_db).evaluate(paths=[held_out]).to_dict()
-    plain = run("eval", "--db", char_db, held_out).output
-    assert plain.startswith("loss ") and "2,999 tokens" in plain
+    plain = run("eval", "--db", char_db, held_out)
+    assert plain.stdout.startswith("loss ") and "2,999 tokens" in plain.stdout
+    assert "scoring: 1 of 1 windows" in plain.stderr or "windows (100%)" in plain.stderr
 
 
 @pytest.mark.parametrize("content,args,message", [

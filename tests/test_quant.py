@@ -155,7 +155,7 @@ def test_quantized_losses_stay_within_the_formats_bounds(trained, tmp_path):
     assert loss["int4"] != loss["fp32"]  # the integer path did run
     result = run("eval", "--db", db, trained / "held_out.txt", "--precision", "int8", "--json")
     assert result.exit_code == 0
-    assert json.loads(result.output)["loss"] == pytest.approx(loss["int8"], rel=1e-9)
+    assert json.loads(result.stdout)["loss"] == pytest.approx(loss["int8"], rel=1e-9)
     sizes = dict(sqlite3.connect(db).execute(
         "SELECT bits, sum(length(q) + length(scales)) FROM quantized GROUP BY bits"))
     assert sizes[4] < 0.6 * sizes[8]

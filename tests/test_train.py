@@ -179,3 +179,40 @@ def test_grad_clip_is_stored_and_limits_the_update(tmp_path, small_corpus):
     conn.close()
     norm = lambda m: float(np.linalg.norm(m.params.arenas["m"]))  # noqa: E731
     assert norm(m_clipped) < 1e-6 * 0.11 and norm(m_free) > 1e-3
+
+
+def test_the_end_of_training_says_which_loss_is_which(tmp_path, small_corpus):
+    from sqlgpt.cli.training import overfitting
+    result = run("train", small_corpus, "--db", tmp_path / "m.db", "--iters", 20,
+                 "--save-every", 10, *TINY)
+    assert result.exit_code == 0, result.output
+    assert "train loss" in result.output and "(mean since the last checkpoint)" in result.output
+    assert "step 20: last step's loss" in result.output
+    # memorizing: validation far above training (and never on unknown losses)
+    assert overfitting(1.78, 6.23) and not overfitting(3.9, 4.1)
+    assert not overfitting(None, 6.0) and not overfitting(float("nan"), 6.0)
+
+
+def test_resume_may_change_how_it_learns_and_records_it(tmp_path, trained_db, small_corpus):
+    db = tmp_path / "m.db"
+    shutil.copy(trained_db, db)
+    was = sqlgpt.load(db).train_config
+    result = run("train", small_corpus, "--db", db, "--iters", 40, "--resume", "--lr", 0.002,
+                 "--batch-size", 8, "--dropout", 0.1)
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 30 with" in result.output and "--lr 0.002 (was" in result.output
+    assert "--batch-size 8 (was 4)" in result.output
+    model = sqlgpt.load(db)
+    assert model.step == 40 and model.train_config.lr == 0.002
+    assert model.train_config.batch_size == 8
+    conn = store.open_database(db)
+    changes = store.read_train_state(conn)["setting_changes"]
+    conn.close()
+    assert changes == [{"step": 31, "lr": {"was": was.lr, "now": 0.002},
+                        "batch_size": {"was": 4, "now": 8},
+                        "dropout": {"was": was.dropout, "now": 0.1}}]
+    # the model itself, its tokenizer and its data stay: a new model takes --init-from
+    before = db.read_bytes()
+    result = run("train", "--db", db, "--iters", 50, "--resume", "--embed-dim", 64)
+    assert result.exit_code == 1 and "--init-from" in result.output
+    assert db.read_bytes() == before

@@ -11,6 +11,8 @@ from ..model.profile import model_profile
 from ..model.quant import DEFAULT_GROUP
 from .common import db_option, emit_json, fail_cleanly, fmt_loss, output_option
 
+SHOWN_FILES = 10  # corpus files info lists one a line (--json: all)
+
 
 @click.command()
 @db_option
@@ -43,10 +45,16 @@ def info(db_path, prefix, as_json):
     click.echo(f"{db_path}: step {model.step}, {model.num_parameters():,} parameters")
     corpus = model.corpus
     if corpus.get("sha256"):
-        files = ", ".join(f"{f['path']} ({f['bytes']:,} bytes)" for f in corpus["files"]) or \
-            "(files not recorded)"
+        files = corpus.get("files") or []
         tokens = f", {corpus['tokens']:,} tokens" if corpus.get("tokens") else ""
-        click.echo(f"corpus: {files}{tokens}, sha256 {corpus['sha256']}")
+        click.echo(f"corpus: {len(files) or 'files not recorded'}"
+                   f"{' file' if len(files) == 1 else ' files' if files else ''}{tokens}, "
+                   f"sha256 {corpus['sha256']}")
+        for f in files[:SHOWN_FILES]:
+            click.echo(f"  {f['path']} ({f['bytes']:,} bytes)")
+        if len(files) > SHOWN_FILES:
+            click.echo(f"  ... and {len(files) - SHOWN_FILES:,} more (sqlgpt info --json lists "
+                       f"them all)")
     if lora:
         click.echo(f"LoRA fine-tune of {lora['base']} (weights sha256 {lora['base_sha256'][:16]}"
                    f"...): rank {lora['rank']}, alpha {lora['alpha']:g}, targets "
@@ -54,10 +62,14 @@ def info(db_path, prefix, as_json):
     for name, q in quantized.items():
         click.echo(f"{name} copy: group size {q['group_size']}, from step {q['step']}"
                    + ("" if q["step"] == model.step else " (stale: quantize again)"))
+    # sizes stored as 0 mean "the default": show what that default is
+    derived = {"ffn_dim": f"MLP hidden size {model.arch.hidden_dim}",
+               "kv_heads": f"{model.arch.n_kv_heads} key/value heads"}
     for title, settings in (("architecture", model.arch), ("training", model.train_config)):
         click.echo(f"{title}:")
         for name, value in settings.to_dict().items():
-            click.echo(f"  {name:<14} {value}")
+            note = f" ({derived[name]})" if title == "architecture" and name in derived else ""
+            click.echo(f"  {name:<14} {value}{note}")
     click.echo("parameters: " + ", ".join(f"{group} {count:,}" for group, count
                                           in profile["parameters"].items()))
     flops = profile["flops_per_token"]

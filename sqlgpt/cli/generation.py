@@ -185,6 +185,22 @@ def interactive_loop(model, options):
         click.echo()
 
 
+def eval_progress():
+    """eval's progress on stderr: a line that redraws itself on a terminal,
+    else a line at every tenth of the windows (a log, a CI job)."""
+    shown = [-1]
+
+    def report(done, total):
+        tenth = done * 10 // total
+        if sys.stderr.isatty():
+            click.echo(f"\rscoring: {done:,} of {total:,} windows", err=True,
+                       nl=done == total)
+        elif tenth > shown[0] and total > 1:
+            shown[0] = tenth
+            click.echo(f"scoring: {done:,} of {total:,} windows ({done / total:.0%})", err=True)
+    return report
+
+
 @click.command(name="eval")
 @click.argument("corpus", nargs=-1, required=True, type=click.Path())
 @db_option
@@ -213,7 +229,8 @@ def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_erro
     """
     model = load(db_path, precision, step, prefix)
     result = model.evaluate(paths=corpus, stride=stride, batch_size=batch_size,
-                            extensions=extensions, encoding_errors=encoding_errors)
+                            extensions=extensions, encoding_errors=encoding_errors,
+                            on_progress=eval_progress())
     if as_json:
         emit_json(result.to_dict())
         return

@@ -3,6 +3,7 @@ progress on a terminal and one line per checkpoint elsewhere."""
 import copy
 import functools
 import hashlib
+import math
 import os
 import sys
 
@@ -237,6 +238,10 @@ def train(ctx, corpus, db_path, prefix, iters, save_every, max_bad_steps, resume
                 check_ranks(ctx, world, corpus, options["extensions"])
             trainer = Trainer.spread(world, world.on_root(functools.partial(
                 open_trainer, ctx, corpus, db_path, prefix, iters, resume, **options)))
+            changed = getattr(trainer, "changed_settings", None)
+            if world.is_root and changed:
+                click.echo(f"resuming at step {trainer.state['step']} with "
+                           f"{', '.join(changed)}", err=True)
             try:
                 result = run_with_progress(trainer, iters, save_every, max_bad_steps,
                                            stop_on_divergence, quiet=not world.is_root)
@@ -353,8 +358,19 @@ def report_training(trainer, result, db_path, as_json):
     if as_json:
         emit_json(summary)
     else:
-        click.echo(f"step {result.step}: loss {result.final_loss:.4f}, "
+        click.echo(f"step {result.step}: last step's loss {result.final_loss:.4f}, "
                    f"{result.tokens_per_sec:,.0f} tokens/s, saved to {db_path}")
+
+
+OVERFIT_RATIO = 1.5  # validation loss this many times the training loss: memorizing
+
+
+def overfitting(train_loss, val_loss):
+    """Whether a checkpoint's losses say the model is memorizing its training
+    text (both known and finite, validation far above training)."""
+    known = train_loss is not None and val_loss is not None and \
+        math.isfinite(train_loss) and math.isfinite(val_loss)
+    return known and val_loss > OVERFIT_RATIO * train_loss and val_loss - train_loss > 0.5
 
 
 def finetune_command():
@@ -415,10 +431,21 @@ def run_with_progress(trainer, iters, save_every, max_bad_steps, stop_on_diverge
                    err=True)
     run = functools.partial(trainer.run, iters, save_every, max_bad_steps,
                             on_diverge=on_diverge, stop_on_divergence=stop_on_divergence)
+    warned = []
+
+    def warn_overfitting(train_loss, val_loss):
+        if not warned and overfitting(train_loss, val_loss):
+            warned.append(True)
+            click.echo(f"{chr(10) if sys.stderr.isatty() else ''}warning: the validation loss "
+                       f"{val_loss:.4f} is far above the training loss {train_loss:.4f}: the "
+                       f"model is memorizing its training text (more text, fewer steps or more "
+                       f"--dropout help)", err=True)
+
     if not sys.stderr.isatty():
         def on_checkpoint(step, train_loss, val_loss):
-            click.echo(f"step {step}: train loss {fmt_loss(train_loss)}, "
-                       f"val loss {fmt_loss(val_loss)}", err=True)
+            click.echo(f"step {step}: train loss {fmt_loss(train_loss)} (mean since the last "
+                       f"checkpoint), val loss {fmt_loss(val_loss)}", err=True)
+            warn_overfitting(train_loss, val_loss)
         return run(on_checkpoint=on_checkpoint)
     shown = {"text": "", "val": None}
     with click.progressbar(length=max(0, iters - start), label="training", file=sys.stderr,
@@ -429,7 +456,8 @@ def run_with_progress(trainer, iters, save_every, max_bad_steps, stop_on_diverge
             shown["text"] = (f"step {report.step} loss {report.loss:.4f}{val} "
                              f"{report.tokens_per_sec:,.0f} tok/s")
             bar.update(1)
-        return run(on_step=on_step)
+        return run(on_step=on_step, on_checkpoint=lambda step, train, val:
+                   warn_overfitting(train, val))
 
 
 

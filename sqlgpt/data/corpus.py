@@ -29,6 +29,12 @@ class Source:
     path: Path
     name: str       # as the user named it ("-" for standard input)
     size: int       # bytes
+    folder: str = ""  # the directory it was found in, when one was named
+
+    def skip_hint(self):
+        """For a file that is not text: how to leave it out."""
+        return (f"; to read only {self.folder}'s text files, name their suffix with --ext "
+                f"(e.g. --ext .txt)" if self.folder else "")
 
 
 def find_sources(paths, extensions=(), spool_dir=None):
@@ -53,7 +59,7 @@ def find_sources(paths, extensions=(), spool_dir=None):
             if not found:
                 wanted = f" with suffix {', '.join(sorted(extensions))}" if extensions else ""
                 raise SqlgptError(f"corpus directory {path} has no files{wanted}")
-            sources += [Source(p, str(p), p.stat().st_size) for p in found]
+            sources += [Source(p, str(p), p.stat().st_size, str(path)) for p in found]
         elif path.is_file():
             sources.append(Source(path, str(path), path.stat().st_size))
         elif path.exists():
@@ -89,7 +95,8 @@ def read_chunks(source, errors="strict"):
                 nul = block.find(b"\x00")
                 if nul >= 0:
                     raise SqlgptError(f"corpus {source.name} looks binary (a NUL byte at offset "
-                                      f"{offset + nul}); give UTF-8 text files")
+                                      f"{offset + nul}); give UTF-8 text files"
+                                      f"{source.skip_hint()}")
                 # the decoder sees the bytes it buffered (a character cut by
                 # the last block) and then this block
                 start = offset - len(decoder.getstate()[0])
@@ -98,7 +105,7 @@ def read_chunks(source, errors="strict"):
                 except UnicodeDecodeError as e:
                     raise SqlgptError(f"corpus {source.name} is not UTF-8 text (bad byte at "
                                       f"offset {start + e.start}); use --encoding-errors "
-                                      f"replace to read it anyway") from None
+                                      f"replace to read it anyway{source.skip_hint()}") from None
                 offset += len(block)
                 if not block:
                     rest = "".join(held) + text

@@ -12,6 +12,13 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
+# training settings a resumed run may change: how it learns from here on, not
+# what the model or its data is (those need a new model: --init-from)
+RESUMABLE = ("lr", "lr_schedule", "warmup_iters", "lr_decay_iters", "min_lr", "batch_size",
+             "grad_accum", "grad_clip", "dropout", "dropout_final", "weight_decay",
+             "eval_every", "eval_iters")
+
+
 @dataclass
 class TrainConfig(StoredFields):
     """How a model is trained; names match the original's `cfg` keys."""

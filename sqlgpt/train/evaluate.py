@@ -61,12 +61,14 @@ def scored_by_decoder(decoder, x, y):
     return float(losses[scored].mean()), guesses
 
 
-def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None):
+def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None,
+             on_progress=None):
     """Evaluation of model (a GPT) on a 1-D array of token ids; stride
     defaults to half the context (of the text, when it is shorter); limit,
     if given, keeps that many windows spread evenly over the ids. decoder:
     score through this Decoder's weights (bf16, int8, int4) instead of the
-    float32 forward."""
+    float32 forward. on_progress(windows done, windows): called after each
+    batch."""
     T = model.arch.seq_len
     tokens = np.asarray(tokens)
     n_targets = len(tokens) - 1
@@ -96,5 +98,7 @@ def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None)
         total += mean * n
         count += n
         correct += int((guesses == y)[scored].sum())
+        if on_progress is not None:
+            on_progress(i + len(batch), len(spans))
     loss = total / count
     return Evaluation(loss, math.exp(min(loss, 700.0)), correct / count, count)

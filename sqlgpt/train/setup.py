@@ -13,6 +13,7 @@ from ..data.corpus import find_sources, fingerprint, remove_spools
 from ..data.dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_tokens,
                             split_tokens, tokens_path, write_tokens)
 from ..errors import AlreadyTrained, SqlgptError
+from ..model.config import RESUMABLE
 from ..model.lora import base_digest, base_reference, merged
 from ..model.model import GPT
 
@@ -44,6 +45,23 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
                for field, (option, value) in settings.items() if not same(field, value)]
     if changed:
         raise SqlgptError(f"{keeper}; these differ from it: " + ", ".join(changed))
+
+
+def _apply_changes(cfg, state, changes):
+    """A resumed run's new training settings ({field: (option, old, new)})
+    into cfg, and into train_state's setting_changes with the step they take
+    effect from (saved with the next checkpoint, as the config is)."""
+    if not changes:
+        return
+    for field, (_, _, value) in changes.items():
+        setattr(cfg, field, value)
+    cfg.validate()
+    history = state.get("setting_changes")
+    state["setting_changes"] = (history if isinstance(history, list) else []) + [
+        {"step": state["step"] + 1,
+         **{field: {"was": old, "now": new} for field, (_, old, new) in changes.items()}}]
+    state["changed_now"] = [f"{option} {new} (was {old})"
+                            for option, old, new in changes.values()]
 
 
 # train_state key and file suffix of each token file: the corpus, --val-file's text
@@ -267,6 +285,7 @@ class TrainerSetup:
                     parts = cls._read_for_resume(db_path, reader, sources, digest, corpus,
                                                  encoding_errors, on_progress, settings,
                                                  run_options)
+                    changed = parts[-1].pop("changed_now", [])
                     step = parts[-1]["step"]
                     if max_iters is not None and step >= max_iters:
                         history = store.checkpoints(reader)
@@ -275,7 +294,9 @@ class TrainerSetup:
                 with store.sqlite_errors(f"cannot open {db_path} for training"):
                     # migrates an old file
                     conn = store.open_database(db_path, readonly=False, prefix=prefix)
-                return cls(conn, lock, *parts)
+                trainer = cls(conn, lock, *parts)
+                trainer.changed_settings = changed  # "--lr 0.002 (was 0.001)", for the user
+                return trainer
             except BaseException:
                 if conn is not None:
                     store.close_writer(conn)
@@ -291,8 +312,14 @@ class TrainerSetup:
         every part checked."""
         arch, cfg = store.read_config(conn)
         lora = store.read_lora(conn)
-        _check_unchanged(settings or {}, {**cfg.to_dict(), **arch.to_dict(),
-                                          **dict(lora.rows() if lora else [])}, arch)
+        stored = {**cfg.to_dict(), **arch.to_dict(), **dict(lora.rows() if lora else [])}
+        settings = settings or {}
+        changes = {field: (option, stored[field], value)
+                   for field, (option, value) in settings.items()
+                   if field in RESUMABLE and stored.get(field) != value}
+        _check_unchanged({f: v for f, v in settings.items() if f not in changes}, stored, arch,
+                         "--resume keeps the model, its tokenizer and its data (to change "
+                         "them, start a new model from this one with --init-from)")
         tokenizer = store.read_tokenizer(conn, arch, cfg)
         state = store.read_train_state(conn)
         if state.get("imported_from"):
@@ -310,6 +337,7 @@ class TrainerSetup:
                                 encoding_errors, on_progress)
         for name, value in (run_options or {}).items():  # memory or messages, not results
             setattr(cfg, name, value)
+        _apply_changes(cfg, state, changes)
         model = store.model_for(conn, db_path, arch, cfg.checkpoint_activations)
         store.read_weights(conn, model)
         train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
