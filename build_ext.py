@@ -45,7 +45,7 @@ ffibuilder.set_source(
 # The loadable SQLite extension: the kernel again, with the SQL functions,
 # tokenizers and sampling in C, and no Python
 EXTENSION = "sqlgpt0.so"
-EXTENSION_SOURCES = SOURCES + ["sqlite_ext.c", "tokenize.c"]
+EXTENSION_SOURCES = SOURCES + ["sqlite_ext.c", "ext_db.c", "ext_load.c", "ext_run.c", "tokenize.c"]
 
 
 def unicode_tables():
