@@ -279,3 +279,30 @@ int decode_sample(const ModelConfig *cfg, const ModelTensors *w, int precision, 
     return sample_token(logits, cfg->V, s, context, n_context, banned, n_banned, rng, probs,
                         scratch, order);
 }
+
+/* Up to n tokens of one sequence in one call: token goes in at position
+ * pos of cache slot `slot`, each id drawn goes in at the next position,
+ * and so on (decode_sample each time). Every id drawn is written to out
+ * and appended to context (capacity n_context + n: the repetition penalty
+ * reads it). Ends after n ids, after eos_id (written, not fed), or when
+ * the next position would pass the context (max_T). The ids written, or
+ * as decode_sample a negative value. Python then makes one call for many
+ * tokens: its loop costs nothing per token but reading them. */
+int decode_sample_run(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                      float *kcache, float *vcache, int slot, int token, int pos, float *logits,
+                      const SamplerConfig *s, int *context, int n_context, const int *banned,
+                      int n_banned, int eos_id, Pcg64 *rng, double *probs, double *scratch,
+                      int *order, int n, int *out) {
+    int made = 0;
+    while (made < n && pos < cfg->max_T) {
+        int next = decode_sample(cfg, w, precision, group, kcache, vcache, slot, token, pos,
+                                 logits, s, context, n_context, banned, n_banned, rng, probs,
+                                 scratch, order);
+        if (next < 0) return next;
+        out[made++] = next;
+        context[n_context++] = next;
+        if (next == eos_id) break;
+        token = next, pos++;
+    }
+    return made;
+}

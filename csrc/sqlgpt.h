@@ -326,3 +326,13 @@ int decode_sample(const ModelConfig *cfg, const ModelTensors *w, int precision, 
                   float *kcache, float *vcache, int slot, int token, int pos, float *logits,
                   const SamplerConfig *s, const int *context, int n_context, const int *banned,
                   int n_banned, Pcg64 *rng, double *probs, double *scratch, int *order);
+/* Up to n ids of one sequence in one call: token at pos, then each id drawn
+ * at the next position, each written to out and appended to context
+ * (capacity n_context + n). Ends after n ids, after eos_id, or at the
+ * context's end (max_T). The number of ids written, or a negative value as
+ * decode_sample gives. */
+int decode_sample_run(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                      float *kcache, float *vcache, int slot, int token, int pos, float *logits,
+                      const SamplerConfig *s, int *context, int n_context, const int *banned,
+                      int n_banned, int eos_id, Pcg64 *rng, double *probs, double *scratch,
+                      int *order, int n, int *out);

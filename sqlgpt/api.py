@@ -66,7 +66,13 @@ class TextStream:
 
     def push(self, token):
         """The text token adds that is safe to show now ('' if none)."""
-        return self._advance(self._decoder.push(int(token)), final=False)
+        piece = self._decoder.push(token)
+        if not self.stop:  # nothing to hold back: all of it shows now
+            self._generated.append(piece)
+            self._decoded += len(piece)
+            self._shown = self._decoded
+            return piece
+        return self._advance(piece, final=False)
 
     def finish(self):
         """What is left to show once generation ends."""

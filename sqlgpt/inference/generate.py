@@ -27,6 +27,9 @@ PRECISION_CODES = {"fp32": lib.PRECISION_FP32, "bf16": lib.PRECISION_BF16,
                    "int8": lib.PRECISION_INT8, "int4": lib.PRECISION_INT4}
 MAX_BATCH = 256    # sequences generated together (each holds a KV cache)
 DRAFT_TOKENS = 4   # tokens a draft model proposes per verification step
+# tokens one sequence draws a C call: a stop string found, or a stream closed,
+# costs at most this many steps more
+CHUNK = 16
 
 
 def check_precision(precision):
@@ -241,38 +244,46 @@ class Sampler:
         return self._run(lib.sample_token, logits, context, banned,
                          rng.state if rng is not None else ffi.NULL)
 
-    def bind(self, decoder, rng, banned=()):
-        """step(token, pos, context) -> the next id: decode token at pos in
-        slot 0 of decoder and draw from its logits, in one C call with
-        every buffer made here once (decode_sample: the same id as
-        decoder.run then sample). context: the ids the repetition penalty
-        reads (None without one)."""
+    def bind(self, decoder, rng, banned=(), eos_id=None):
+        """run(token, pos, n, context) -> ids: token in at pos of slot 0 of
+        decoder, then each id drawn in at the next position, up to n ids
+        (at most CHUNK), in one C call (decode_sample_run: the ids that
+        decoder.run then sample give, draw by draw); it ends after eos_id
+        and at the context's end. context: the ids the repetition penalty
+        reads. Every buffer is made here once."""
         V = decoder.arch.n_vocab
         config = self._c(V)
         banned = np.array(list(banned), dtype=np.int32)
-        logits = aligned_zeros((V,))
+        logits, out = aligned_zeros((V,)), np.empty(CHUNK, dtype=np.int32)
+        appended = np.empty(CHUNK, dtype=np.int32)  # the drawn ids, without a penalty
         fixed = (decoder.config, decoder.tensors.struct, decoder.code, decoder.group, decoder._k,
                  decoder._v, 0)
         scratch = (ffi.cast("double *", self._probs.ctypes.data),
                    ffi.cast("double *", self._scratch.ctypes.data), iptr(self._order))
-        keep = (banned, logits, self._probs, self._scratch, self._order)  # alive with step
         rng_state = rng.state if rng is not None else ffi.NULL
-        logits_ptr, banned_ptr = fptr(logits), iptr(banned)
+        pointers = (fptr(logits), config)
+        after = (iptr(banned), banned.size, -1 if eos_id is None else eos_id, rng_state, *scratch)
+        out_ptr, appended_ptr = iptr(out), iptr(appended)
         seq_len = decoder.arch.seq_len
 
-        def step(token, pos, context=None):
-            if not (0 <= token < V and 0 <= pos < seq_len):
+        def run(token, pos, n, context=()):
+            if not (0 <= token < V and 0 <= pos < seq_len and 1 <= n <= CHUNK):
                 raise SqlgptError(f"token {token} at position {pos} is outside the model")
-            ids = np.asarray(context if context is not None else (), dtype=np.int32)
-            result = lib.decode_sample(*fixed, token, pos, logits_ptr, config, iptr(ids),
-                                       ids.size, banned_ptr, banned.size, rng_state, *scratch)
-            if result < 0:
-                check_status(-1 - result if result < -1 else 0)
+            if len(context):
+                ids = np.empty(len(context) + n, dtype=np.int32)
+                ids[:len(context)] = context
+                ids_ptr = iptr(ids)
+            else:
+                ids_ptr = appended_ptr
+            made = lib.decode_sample_run(*fixed, token, pos, *pointers, ids_ptr, len(context),
+                                         *after, n, out_ptr)
+            if made < 0:
+                check_status(-1 - made if made < -1 else 0)
                 raise SqlgptError("the model's next-token scores are NaN or all banned: "
                                   "nothing to sample from")
-            return result
-        step.buffers = keep
-        return step
+            return out[:made].tolist()
+        run.buffers = (banned, logits, out, appended, self._probs, self._scratch, self._order)
+        return run
 
     def sample_rows(self, logits, rngs, contexts, banned=()):
         """One token id for each logits row (n, V), row r drawing from
@@ -419,25 +430,28 @@ def generate_batch(decoder, prompts, max_tokens, sampler, seed=None, banned=(), 
 
 def _one_sequence(decoder, context, window, rng, max_tokens, sampler, banned, eos_id, finished):
     """generate_batch for one sequence in slot 0: the prompt (or what the
-    cache lacks after the window slides) in one step, then one C call a
-    token, the decode step and the draw together: the same ids."""
-    step = sampler.bind(decoder, rng, banned)
+    cache lacks after the window slides) in one step, then up to CHUNK
+    tokens a C call, the decode steps and the draws together: the same
+    ids, with nothing per token in Python but handing each on."""
+    run = sampler.bind(decoder, rng, banned, eos_id)
     penalized = sampler.repetition_penalty != 1.0
-    for _ in range(max_tokens):
-        if 0 in finished:
-            return
+    left = max_tokens
+    while left > 0 and 0 not in finished:
         feed, positions = window.rows(context)
-        recent = context[window.base:] if penalized else None
+        recent = context[window.base:] if penalized else ()
         if len(feed) == 1:
-            token = step(feed[0], positions[0], recent)
+            drawn = run(feed[0], positions[0], min(left, CHUNK), recent)
+            window.pos += len(drawn)  # the token fed and every id drawn but the last
         else:
             logits = decoder.run([0] * len(feed), feed, positions, [len(feed) - 1])
-            token = sampler.sample(logits[0], rng, recent or (), banned)
-        window.pos += len(feed)
-        if token == eos_id:
-            return
-        context.append(token)
-        yield 0, token
+            drawn = [sampler.sample(logits[0], rng, recent, banned)]
+            window.pos += len(feed)
+        for token in drawn:
+            left -= 1
+            if token == eos_id:
+                return
+            context.append(token)
+            yield 0, token
 
 
 def generate_ids(decoder, prompt_ids, max_tokens, temperature=1.0, top_k=0, top_p=1.0,
