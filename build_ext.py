@@ -177,7 +177,7 @@ def contract_header():
                         f"{float(low)!r}, {float(high)!r}, NULL, 0, {float(default)!r}}}")
     out.append("static const struct { const char *name; int kind; size_t offset; double low, "
                "high; const char *const *choices; int n_choices; double absent; } "
-               f"ARCH_FIELDS[] = {{\n    " + ",\n    ".join(rows) + "};")
+               "ARCH_FIELDS[] = {\n    " + ",\n    ".join(rows) + "};")
     # the tensors: shapes, presence, placement, storage
     dims = ("1", "C", "F", "KV", "V", "T")
     out.append("enum { " + ", ".join(f"DIM_{d if d != '1' else 'ONE'}" for d in dims) + " };")

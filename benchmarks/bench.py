@@ -324,7 +324,8 @@ def generation_lengths(arch):
 
 def batch_greedy(decoder, prompts, n_new):
     """Greedy ids of every prompt, all of them in each batched decode step."""
-    from sqlgpt.inference.generate import Sampler, generate_batch
+    from sqlgpt.inference.sampling import Sampler
+    from sqlgpt.inference.generate import generate_batch
     out = [[] for _ in prompts]
     for i, token in generate_batch(decoder, prompts, n_new, Sampler(temperature=0)):
         out[i].append(token)
@@ -347,7 +348,8 @@ def compare_generation(model, torch_model, arch, repeats):
     float32, bfloat16, int8 and int4 weights), and on BATCH sequences at
     once; whether their tokens agree; the bytes of the matrices each
     precision streams per token."""
-    from sqlgpt.inference.generate import PRECISIONS, Decoder, generate_ids
+    from sqlgpt.inference.decoder import Decoder, PRECISIONS
+    from sqlgpt.inference.generate import generate_ids
     from sqlgpt.model.quant import BITS, DEFAULT_GROUP, quantized_copy
     n_prompt, n_new = generation_lengths(arch)
     prompts = np.random.default_rng(1).integers(1, arch["n_vocab"], (BATCH, n_prompt)).tolist()
@@ -371,7 +373,8 @@ def compare_generation(model, torch_model, arch, repeats):
         runs["torch_batch"] = lambda: torch_model.generate_greedy(prompts, n_new)
     # the decode phase alone: the steps after the prompt's (the first yields
     # one token per sequence)
-    from sqlgpt.inference.generate import Sampler, generate_batch
+    from sqlgpt.inference.sampling import Sampler
+    from sqlgpt.inference.generate import generate_batch
     fp32 = Decoder(model, "fp32", slots=BATCH)
     phases = {
         "sqlgpt": lambda: decode_phase_rate(lambda: generate_ids(fp32, prompt, n_new, 0), 1),

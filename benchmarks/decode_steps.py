@@ -42,7 +42,7 @@ def step_time(decoder, n):
 
 
 def measure(name, rounds):
-    from sqlgpt.inference.generate import Decoder
+    from sqlgpt.inference.decoder import Decoder
     from sqlgpt.model.model import GPT
     model = GPT(architecture(CONFIGS[name]))
     model.init_weights(np.random.default_rng(0))

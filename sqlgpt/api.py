@@ -17,8 +17,9 @@ from .data.corpus import find_sources
 from .data.dataset import write_tokens
 from .errors import SqlgptError
 from .train.evaluate import evaluate
-from .inference.generate import (DRAFT_TOKENS, MAX_BATCH, Decoder, Sampler, check_precision,
-                       generate_batch, speculative_ids)
+from .inference.decoder import Decoder, check_precision
+from .inference.sampling import Sampler
+from .inference.generate import DRAFT_TOKENS, MAX_BATCH, generate_batch, speculative_ids
 from .model.lora import merged
 from .model.quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
 from .model.quant import matrices as quant_matrices

@@ -70,7 +70,7 @@ def test_prompt_of_unknown_words_is_an_error(trained_db):
 
 
 def test_top_p_and_top_k_restrict_the_choice():
-    from sqlgpt.inference.generate import Rng, sample
+    from sqlgpt.inference.sampling import Rng, sample
     rng = Rng(0)
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     assert {sample(logits, rng, top_k=1) for _ in range(50)} == {0}

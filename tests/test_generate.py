@@ -5,7 +5,8 @@ import pytest
 
 from sqlgpt.model.arch import preset
 from sqlgpt.errors import SqlgptError
-from sqlgpt.inference.generate import Decoder, generate_ids
+from sqlgpt.inference.decoder import Decoder
+from sqlgpt.inference.generate import generate_ids
 from sqlgpt.model.model import GPT
 
 from architectures import ARCHITECTURES, arch_of

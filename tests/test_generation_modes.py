@@ -17,8 +17,10 @@ from click.testing import CliRunner
 import sqlgpt
 from sqlgpt.cli import main
 from sqlgpt.errors import SqlgptError
-from sqlgpt.inference.generate import (Decoder, GenerationStats, Rng, Sampler, generate_batch,
-                                       generate_ids, speculative_ids)
+from sqlgpt.inference.decoder import Decoder
+from sqlgpt.inference.sampling import Rng, Sampler
+from sqlgpt.inference.generate import (GenerationStats, generate_batch, generate_ids,
+                                       speculative_ids)
 from sqlgpt.model.model import GPT
 
 from architectures import ARCHITECTURES, arch_of

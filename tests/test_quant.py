@@ -14,7 +14,7 @@ from sqlgpt._kernel import ffi, lib
 from sqlgpt.errors import SqlgptError
 from sqlgpt.model.arch import preset
 from sqlgpt.cli import main
-from sqlgpt.inference.generate import Decoder
+from sqlgpt.inference.decoder import Decoder
 from sqlgpt.model.lora import merged
 from sqlgpt.model.model import GPT
 from sqlgpt.model.quant import dequantize, kernel_block, matrices, quantize, quantized_copy

@@ -10,7 +10,7 @@ import click
 
 from .. import set_threads, store
 from ..errors import SqlgptError
-from ..inference.generate import PRECISIONS
+from ..inference.decoder import PRECISIONS
 
 
 def fail_cleanly(fn):

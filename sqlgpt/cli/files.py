@@ -117,7 +117,6 @@ def compact(db_path, prefix, out_path):
 
     Example: sqlgpt compact --db model.db -o small.db
     """
-    import os
     store.compact(db_path, out_path, prefix)
     before, after = os.path.getsize(db_path), os.path.getsize(out_path)
     whole = " the whole of" if prefix else ""  # an app's file holds the app's tables too

@@ -8,7 +8,8 @@ import click
 from ..api import load
 from ..data.corpus import ENCODING_ERRORS
 from ..errors import SqlgptError
-from ..inference.generate import DRAFT_TOKENS, MAX_BATCH, GenerationStats, Sampler
+from ..inference.sampling import Sampler
+from ..inference.generate import DRAFT_TOKENS, GenerationStats, MAX_BATCH
 from .common import (checked_prefix, db_option, emit_json, fail_cleanly, precision_option,
                      shown_piece, step_option, threads_option)
 

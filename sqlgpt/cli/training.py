@@ -11,7 +11,8 @@ import click
 
 from .. import set_threads
 from ..train import distributed
-from ..model.arch import MLPS, NORMS, POSITIONS, PRESETS, ArchConfig, preset
+from ..contract import MLPS, NORMS, POSITIONS
+from ..model.arch import PRESETS, ArchConfig, preset
 from ..model.config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
 from ..data.corpus import ENCODING_ERRORS, find_sources, fingerprint
 from ..errors import AlreadyTrained, SqlgptError

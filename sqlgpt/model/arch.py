@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .. import contract
-from ..contract import INITS, MLPS, NORMS, POSITIONS, SWIGLU_MULTIPLE
+from ..contract import INITS, SWIGLU_MULTIPLE
 from ..errors import SqlgptError
 
 INIT_STD = 0.02       # GPT-2's and llama's normal init

@@ -298,9 +298,9 @@ def close_writer(conn):
 
 
 @contextlib.contextmanager
-def _immediate(conn):
+def atomic(conn):
     """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back if
-    anything in it fails."""
+    anything in it fails: every write sqlgpt makes goes through here."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         yield

@@ -16,8 +16,8 @@ from ..errors import SqlgptError
 from ..model.tensor import ParameterSet
 from .connection import (ADDED_IN, APPLICATION_ID, ModelConnection, PAGE_SIZE, PREFIX_SCHEMA,
                          REQUIRED_TABLES, SCHEMA_VERSION, VIEWS_ADDED_IN, WEIGHT_TABLES,
-                         WriterLock, _check_is_sqlite, _connect, _durable, _immediate, _is_marked,
-                         _rollback, check_prefix, is_sqlgpt_file, schema_objects, schema_sql,
+                         WriterLock, _check_is_sqlite, _connect, _durable, _is_marked, atomic,
+                         check_prefix, is_sqlgpt_file, schema_objects, schema_sql,
                          schema_version, sqlite_errors, tables_at)
 from .rows import (INSERT_SQL, TENSOR_STATS_SQL, UPDATE_SQL, _check_values, _row_columns, _stored,
                    location, table_rowids, tensor_stats, weight_rows)
@@ -49,9 +49,8 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
         conn.executescript(schema_sql())
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("BEGIN")
-        _new_model_rows(conn, model, tokenizer, token_counts)
-        conn.execute("COMMIT")
+        with atomic(conn):
+            _new_model_rows(conn, model, tokenizer, token_counts)
         save_checkpoint(conn, model, train_cfg, state, train_loss=None, val_loss=None)
         conn.close()  # folds the WAL into the file, so the move takes everything
         lock = WriterLock(tmp)  # the lock is on the file itself: it moves with it
@@ -126,23 +125,17 @@ def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_co
         with sqlite_errors(f"cannot add the model to {path}"):
             conn = _connect(path, readonly=False, prefix=prefix, create=True)
             lock = WriterLock(path)
-            with _durable(conn):
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    _replace_prefixed(conn, path, prefix, overwrite)
-                    for _, _, sql in schema_objects():
-                        conn.execute(sql)  # under the prefixed names
-                    conn.execute(f"CREATE TABLE {prefix}{PREFIX_SCHEMA} (key TEXT PRIMARY KEY, "
-                                 f"value)")
-                    conn.executemany(f"INSERT INTO {prefix}{PREFIX_SCHEMA} (key, value) "
-                                     f"VALUES (?, ?)",
-                                     [("application", "sqlgpt"), ("version", SCHEMA_VERSION)])
-                    _new_model_rows(conn, model, tokenizer, token_counts)
-                    _checkpoint_rows(conn, model, train_cfg, state, None, None)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    _rollback(conn)
-                    raise
+            with _durable(conn), atomic(conn):
+                _replace_prefixed(conn, path, prefix, overwrite)
+                for _, _, sql in schema_objects():
+                    conn.execute(sql)  # under the prefixed names
+                conn.execute(f"CREATE TABLE {prefix}{PREFIX_SCHEMA} (key TEXT PRIMARY KEY, "
+                             f"value)")
+                conn.executemany(f"INSERT INTO {prefix}{PREFIX_SCHEMA} (key, value) "
+                                 f"VALUES (?, ?)",
+                                 [("application", "sqlgpt"), ("version", SCHEMA_VERSION)])
+                _new_model_rows(conn, model, tokenizer, token_counts)
+                _checkpoint_rows(conn, model, train_cfg, state, None, None)
     except BaseException:
         if conn is not None:
             conn.close()
@@ -184,7 +177,7 @@ def save_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
 
 
 def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
-    with _immediate(conn):
+    with atomic(conn):
         _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss)
 
 
@@ -237,15 +230,15 @@ def compact(path, out_path, prefix=""):
             source.close()
             dest.execute("PRAGMA journal_mode = DELETE")
             migrate(dest, out_path)  # an older source: the copy at this version
-            dest.execute("BEGIN")
-            for table in WEIGHT_TABLES:
-                rows = dest.execute(f"SELECT rowid, data FROM {table}").fetchall()
-                dest.executemany(f"UPDATE {table} SET m = x'', v = x'', crc = ? WHERE rowid = ?",
-                                 [(zlib.crc32(data), rowid) for rowid, data in rows])
-            dest.execute("DELETE FROM checkpoint_weights")
-            dest.execute("INSERT OR REPLACE INTO train_state (key, value) VALUES ('compacted', "
-                         "'true')")
-            dest.execute("COMMIT")
+            with atomic(dest):
+                for table in WEIGHT_TABLES:
+                    rows = dest.execute(f"SELECT rowid, data FROM {table}").fetchall()
+                    dest.executemany(f"UPDATE {table} SET m = x'', v = x'', crc = ? WHERE "
+                                     f"rowid = ?", [(zlib.crc32(data), rowid)
+                                                    for rowid, data in rows])
+                dest.execute("DELETE FROM checkpoint_weights")
+                dest.execute("INSERT OR REPLACE INTO train_state (key, value) VALUES "
+                             "('compacted', 'true')")
             dest.execute("VACUUM")
             dest.close()
             dest = None
@@ -276,31 +269,36 @@ def write_merged(path, out_path, arch, weights, prefix=""):
         with sqlite_errors(f"cannot write {out_path}"):
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:
-                conn.execute("BEGIN")
-                conn.execute("DELETE FROM config WHERE key LIKE 'lora\\_%' ESCAPE '\\'")
-                for table in WEIGHT_TABLES:
-                    conn.execute(f"DELETE FROM {table}")
-                # the latest checkpoint's statistics are the merged matrices', not the adapters'
-                step = conn.execute("SELECT max(step) FROM checkpoints").fetchone()[0] or 0
-                conn.execute("DELETE FROM tensor_stats WHERE step = ?", (step,))
-                params = ParameterSet(stored_tensors(arch), buffers=("data",))
-                for t in params:
-                    t.data[...] = weights[t.name]
-                conn.executemany(TENSOR_STATS_SQL, tensor_stats(params, step))
-                for spec in stored_tensors(arch):
-                    table, key = location(spec)
-                    rows = np.ascontiguousarray(weights[spec.name], dtype="<f4").reshape(
-                        spec.rows, spec.cols)
-                    conn.executemany(INSERT_SQL[table], [
-                        (row.tobytes(), b"", b"", zlib.crc32(row.tobytes()), *key, i)
-                        for i, row in enumerate(rows)])
-                conn.execute("COMMIT")
+                with atomic(conn):
+                    _merged_rows(conn, arch, weights)
                 conn.execute("VACUUM")
             finally:
                 conn.close()
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _merged_rows(conn, arch, weights):
+    """A compacted fine-tune's copy made a plain model (inside a transaction):
+    the merged weights instead of the adapters, and their statistics."""
+    conn.execute("DELETE FROM config WHERE key LIKE 'lora\\_%' ESCAPE '\\'")
+    for table in WEIGHT_TABLES:
+        conn.execute(f"DELETE FROM {table}")
+    # the latest checkpoint's statistics are the merged matrices', not the adapters'
+    step = conn.execute("SELECT max(step) FROM checkpoints").fetchone()[0] or 0
+    conn.execute("DELETE FROM tensor_stats WHERE step = ?", (step,))
+    params = ParameterSet(stored_tensors(arch), buffers=("data",))
+    for t in params:
+        t.data[...] = weights[t.name]
+    conn.executemany(TENSOR_STATS_SQL, tensor_stats(params, step))
+    for spec in stored_tensors(arch):
+        table, key = location(spec)
+        rows = np.ascontiguousarray(weights[spec.name], dtype="<f4").reshape(
+            spec.rows, spec.cols)
+        conn.executemany(INSERT_SQL[table], [
+            (row.tobytes(), b"", b"", zlib.crc32(row.tobytes()), *key, i)
+            for i, row in enumerate(rows)])
 
 
 def _copy_prefixed(source, path, prefix, dest):
@@ -317,15 +315,12 @@ def _copy_prefixed(source, path, prefix, dest):
     dest.execute("ATTACH DATABASE ? AS source",
                  (f"file:{quote(str(Path(path).resolve()))}?mode=ro",))
     try:
-        dest.execute("BEGIN")
-        for table in tables_at(SCHEMA_VERSION):
-            columns = ", ".join(row[1] for row in dest.execute(f"PRAGMA main.table_info({table})"))
-            dest.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} '
-                         f'FROM source."{prefix}{table}"')
-        dest.execute("COMMIT")
-    except BaseException:
-        _rollback(dest)
-        raise
+        with atomic(dest):
+            for table in tables_at(SCHEMA_VERSION):
+                columns = ", ".join(row[1] for row in dest.execute(
+                    f"PRAGMA main.table_info({table})"))
+                dest.execute(f'INSERT INTO main.{table} ({columns}) SELECT {columns} '
+                             f'FROM source."{prefix}{table}"')
     finally:
         dest.execute("DETACH DATABASE source")
 
@@ -396,17 +391,11 @@ def read_kept_weights(conn, model, step):
 
 def write_evaluation(conn, step, evaluation):
     """One evaluation's row, in its own small transaction."""
-    with sqlite_errors("cannot write the evaluation"):
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT OR REPLACE INTO evaluations (step, loss, perplexity, accuracy, "
-                         "tokens) VALUES (?, ?, ?, ?, ?)",
-                         (step, evaluation.loss, evaluation.perplexity, evaluation.accuracy,
-                          evaluation.tokens))
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
+    with sqlite_errors("cannot write the evaluation"), atomic(conn):
+        conn.execute("INSERT OR REPLACE INTO evaluations (step, loss, perplexity, accuracy, "
+                     "tokens) VALUES (?, ?, ?, ?, ?)",
+                     (step, evaluation.loss, evaluation.perplexity, evaluation.accuracy,
+                      evaluation.tokens))
 
 
 def write_metrics(conn, rows):
@@ -418,7 +407,7 @@ def write_metrics(conn, rows):
 
 
 def _write_metrics(conn, rows):
-    with _immediate(conn):
+    with atomic(conn):
         conn.executemany("INSERT OR REPLACE INTO metrics (step, loss, lr, tokens_per_sec, "
                          "grad_norm) VALUES (?, ?, ?, ?, ?)", rows)
 
@@ -433,7 +422,7 @@ def write_quantized(conn, bits, group, step, blocks):
         for i in range(q.shape[0]):
             qb, sb = q[i].tobytes(), scales[i].tobytes()
             rows.append((name, bits, group, step, i, qb, sb, zlib.crc32(sb, zlib.crc32(qb))))
-    with _immediate(conn):
+    with atomic(conn):
         conn.execute("DELETE FROM quantized WHERE bits = ?", (bits,))
         conn.executemany("INSERT INTO quantized (tensor, bits, group_size, step, i, q, scales, "
                          "crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)

@@ -11,7 +11,7 @@ from ..model.config import from_rows, to_rows
 from ..errors import SqlgptError
 from ..model.tensor import ParameterSet
 from .connection import (SCHEMA_VERSION, _check_is_sqlite, _connect, _durable, _is_marked,
-                         _on_read_only_media, _refusal, _rollback, _set_schema_version,
+                         _on_read_only_media, _refusal, _set_schema_version, atomic,
                          check_prefix, foreign_views, schema_objects, schema_version)
 from .rows import TENSOR_STATS_SQL, read_config, read_weights, tensor_stats
 
@@ -184,24 +184,18 @@ def _migrate_step(conn, path):
     with _durable(conn):
         version = None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            version = schema_version(conn)
-            if version >= SCHEMA_VERSION:
-                conn.execute("COMMIT")
-                return False
-            if version not in MIGRATIONS:
-                raise SqlgptError(f"no migration from schema version {version}")
-            MIGRATIONS[version](conn)
-            _set_schema_version(conn, version + 1)
-            conn.execute("COMMIT")
+            with atomic(conn):
+                version = schema_version(conn)
+                if version >= SCHEMA_VERSION:
+                    return False
+                if version not in MIGRATIONS:
+                    raise SqlgptError(f"no migration from schema version {version}")
+                MIGRATIONS[version](conn)
+                _set_schema_version(conn, version + 1)
             return True
         except (sqlite3.Error, SqlgptError, UnicodeDecodeError) as e:
-            _rollback(conn)
             step = f" from schema version {version} to {version + 1}" if version is not None \
                 else ""
             raise SqlgptError(f"cannot migrate {path}{step} (the file is unchanged): "
                               f"{e}") from None
-        except BaseException:
-            _rollback(conn)
-            raise
 

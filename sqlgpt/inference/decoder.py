@@ -1,0 +1,156 @@
+"""The decode step's side of generation: a snapshot of a model's weights
+in the layout the C decode step reads, with a KV cache per sequence, and
+one batched step over them."""
+import copy
+
+import numpy as np
+
+from .._kernel import ffi, lib
+from ..errors import SqlgptError
+from ..model.arch import tensor_table
+from ..model.lora import merged
+from ..model.model import TensorStruct, check_status, model_config, tensor_fields
+from ..model.quant import BITS, check_group, kernel_block
+from ..model.tensor import ALIGN_FLOATS, aligned_zeros, fptr
+
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+PRECISION_CODES = {"fp32": lib.PRECISION_FP32, "bf16": lib.PRECISION_BF16,
+                   "int8": lib.PRECISION_INT8, "int4": lib.PRECISION_INT4}
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise SqlgptError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
+class Decoder:
+    """A snapshot of a model's weights in the layout the C decode step reads
+    (every matrix as column panels, packed once here; a tied head is wte
+    transposed), plus a KV cache for each of `slots` sequences: values
+    (num_layers, kv_heads, seq_len, head_dim) per slot, keys in the kernel's
+    blocked layout. Later changes to the model's weights are not seen: make a new
+    Decoder after training further.
+
+    precision "bf16" rounds the matrices to bfloat16 (8 significant bits) for
+    decoding: half the memory to stream per token, logits within about 1e-2
+    of float32's; embeddings, norms, biases, activations and sums stay float32.
+    "int8" and "int4" decode from quantized copies of the matrices
+    (quantized: {name: (q, scales)} as sqlgpt.model.quant makes them, in groups
+    of `group`), with integer dot products against activations quantized
+    per group."""
+
+    def __init__(self, model, precision="fp32", slots=1, quantized=None, group=0):
+        check_precision(precision)
+        arch = model.arch
+        self.arch, self.precision, self.pos, self.slots = arch, precision, 0, slots
+        self.bf16 = precision == "bf16"
+        self.code, self.group = PRECISION_CODES[precision], group
+        if precision in BITS and not quantized:
+            raise SqlgptError(f"{precision} decoding needs the model's {precision} weights "
+                              f"(sqlgpt quantize)")
+        if precision in BITS:
+            check_group(arch, group)  # the kernel divides by it and reads groups of it
+        arrays = self._snapshot(model, quantized if precision in BITS else None)
+        self.config = model_config(arch)
+        self.tensors = TensorStruct(arch.num_layers,
+                                    *tensor_fields(arch, arrays, model.weights_fixed))
+        self.grow(slots)
+        self.logits = aligned_zeros((1, arch.n_vocab))
+
+    def _snapshot(self, model, quantized):
+        """{name: array} for the decode struct: matrices packed into panels
+        (one aligned block) or their quantized rows, everything else copied
+        as float32."""
+        arrays, matrices = {}, {}
+        weights = merged(model)  # a fine-tune's adapters folded in once, here
+        for spec in tensor_table(model.arch):
+            if quantized and spec.name in quantized:
+                arrays[spec.name] = kernel_block(*quantized[spec.name])
+                continue
+            data = weights[spec.tied_to or spec.name]
+            if spec.tied_to:
+                data = np.ascontiguousarray(data.T)  # the head reads wte transposed
+            if len(spec.shape) == 2 and spec.name not in ("wte", "wpe"):
+                matrices[spec.name] = data
+            else:
+                arrays[spec.name] = data.copy()
+        # panel sizes in float32 slots, each rounded up to keep panels 64-byte aligned
+        slots = [-(-lib.panels_size(*m.shape) // (2 if self.bf16 else 1) // ALIGN_FLOATS)
+                 * ALIGN_FLOATS for m in matrices.values()]
+        self.panels = aligned_zeros((sum(slots),))
+        offset = 0
+        for (name, matrix), size in zip(matrices.items(), slots):
+            arrays[name] = self.panels[offset:offset + size]
+            lib.pack_panels(fptr(arrays[name]), fptr(matrix), *matrix.shape, self.bf16)
+            offset += size
+        return arrays
+
+    def run(self, slots, tokens, positions, out_rows):
+        """One batched step: row r is token tokens[r] at position positions[r]
+        of the sequence in cache slot slots[r] (a slot's rows at consecutive
+        positions, after the positions it already holds). Returns the logits
+        (len(out_rows), V) of the rows out_rows (a view, valid until the next
+        call)."""
+        n, V = len(tokens), self.arch.n_vocab
+        if not n or not out_rows:
+            raise SqlgptError("a decode step needs at least one token and one row of logits")
+        if len(slots) != n or len(positions) != n:
+            raise SqlgptError("a decode step needs a slot and a position for every token")
+        if not all(0 <= s < self.slots for s in slots):
+            raise SqlgptError(f"cache slots run from 0 to {self.slots - 1}")
+        if len(out_rows) > n or not all(0 <= r < n for r in out_rows):
+            raise SqlgptError(f"rows of logits must be among the step's {n} rows")
+        for token in tokens:
+            if not 0 <= token < V:
+                raise SqlgptError(f"token id {token} out of range")
+        for pos in positions:
+            if not 0 <= pos < self.arch.seq_len:
+                raise SqlgptError("the KV cache is full")
+        if len(out_rows) > self.logits.shape[0]:
+            self.logits = aligned_zeros((len(out_rows), V))
+        check_status(lib.decode_batch(
+            self.config, self.tensors.struct, self.code, self.group, self._k, self._v, n,
+            ffi.new("int[]", list(slots)), ffi.new("int[]", list(tokens)),
+            ffi.new("int[]", list(positions)), len(out_rows), ffi.new("int[]", list(out_rows)),
+            fptr(self.logits)))
+        return self.logits[:len(out_rows)]
+
+    def fork(self, slots=1):
+        """A Decoder on the same packed weights with KV caches of its own for
+        `slots` sequences: generations that run side by side (two suspended
+        streams, a batch beside a stream) never share a cache."""
+        other = copy.copy(self)
+        other.grow(slots)
+        other.pos = 0
+        other.logits = aligned_zeros((1, self.arch.n_vocab))
+        return other
+
+    def grow(self, slots):
+        """KV caches for `slots` sequences (what the slots held is dropped)."""
+        arch = self.arch
+        self.slots = slots
+        self.vcache = aligned_zeros((slots, arch.num_layers, arch.n_kv_heads, arch.seq_len,
+                                     arch.head_dim))
+        self.kcache = aligned_zeros((slots * lib.key_cache_size(self.config),))
+        self._k, self._v = fptr(self.kcache), fptr(self.vcache)
+
+    def reset(self):
+        self.pos = 0
+
+    def step(self, token):
+        """Logits (V,) for the next token after `token` at the next position (slot 0)."""
+        if not 0 <= token < self.arch.n_vocab:
+            raise SqlgptError(f"token id {token} out of range")
+        logits = self.run([0], [token], [self.pos], [0])[0]
+        self.pos += 1
+        return logits
+
+    def prefill(self, ids):
+        """Run a context through slot 0's cache from position 0, in one step;
+        the logits after its last token."""
+        if len(ids) == 0:
+            raise SqlgptError("the context is empty: generation needs at least one token")
+        ids = [int(i) for i in ids]
+        logits = self.run([0] * len(ids), ids, range(len(ids)), [len(ids) - 1])[0]
+        self.pos = len(ids)
+        return logits

@@ -1,0 +1,130 @@
+"""Hostile files: a tokenizer.json that would pad every encoding to a
+trillion ids or split by a pattern that makes encoding quadratic, and a
+config that claims gigabytes of weights in a small file. Each is a one-line
+error (or made harmless) before any of it can take the host down, in the
+Python loader and in the extension alike."""
+import json
+import shutil
+import sqlite3
+import time
+
+import pytest
+from click.testing import CliRunner
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import sqlgpt
+from sqlgpt.cli import main
+from sqlgpt.data.tokenizers.hf import HFTokenizer, known_shape
+from sqlgpt.errors import SqlgptError
+
+from conftest import CORPUS
+from test_extension import EXT, client
+
+TEXT = CORPUS.read_text()[:20000]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def definition():
+    """A byte-level BPE tokenizer.json (GPT-2's kind) as a dict."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return json.loads(tok.to_str())
+
+
+def with_split(definition, pattern):
+    return {**definition, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]}}
+
+
+def test_padding_and_truncation_are_dropped(definition):
+    padded = {**definition, "padding": {"strategy": {"Fixed": 10**12}, "direction": "Right",
+                                        "pad_to_multiple_of": None, "pad_id": 0,
+                                        "pad_type_id": 0, "pad_token": "!"},
+              "truncation": {"direction": "Right", "max_length": 1, "strategy": "LongestFirst",
+                             "stride": 0}}
+    tok = HFTokenizer(json.dumps(padded), {})
+    assert len(tok.encode("hi there")) == len(HFTokenizer(json.dumps(definition),
+                                                          {}).encode("hi there")) > 1
+    assert json.loads(tok.state()["tokenizer_json"])["padding"] is None
+
+
+def test_a_pattern_sqlgpt_does_not_know_is_refused(definition):
+    for pattern in (r".(?=.*QQQ)|.", r"(a+)+$| ?[^ ]+"):
+        with pytest.raises(SqlgptError, match="splits by a pattern sqlgpt does not know"):
+            HFTokenizer(json.dumps(with_split(definition, pattern)), {})
+
+
+def test_the_real_models_patterns_run_in_linear_time(definition):
+    from sqlgpt.contract import PRETOKENIZER_PATTERNS
+    tok = HFTokenizer(json.dumps(with_split(definition, PRETOKENIZER_PATTERNS["llama-3"])), {})
+    text = ("word " * 40000)[:200000]
+    start = time.perf_counter()
+    assert len(tok.encode(text)) > 1000
+    assert time.perf_counter() - start < 10  # a quadratic pattern takes minutes here
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"normalizer": {"type": "Replace", "pattern": {"Regex": "(a+)+"}, "content": ""}},
+     "normalizer Replace"),
+    ({"decoder": {"type": "WordPiece"}}, "decoder WordPiece"),
+    ({"pre_tokenizer": {"type": "Whitespace"}}, "does not end in ByteLevel"),
+    ({"model": {"type": "WordLevel", "vocab": {"a": 0}}}, "only byte-level BPE"),
+])
+def test_other_shapes_are_one_line_errors(definition, change, message):
+    with pytest.raises(SqlgptError, match=message):
+        known_shape(json.dumps({**definition, **change}))
+
+
+def test_a_deeply_nested_tokenizer_json_is_an_error():
+    nested = "[" * 100000 + "]" * 100000
+    with pytest.raises(SqlgptError, match="not valid JSON|not a tokenizer"):
+        known_shape(nested)
+    deep = 1
+    for _ in range(100):  # JSON a parser reads, nested past any tokenizer's depth
+        deep = [deep]
+    with pytest.raises(SqlgptError, match="not a tokenizer"):
+        known_shape(json.dumps({"model": {"type": "BPE", "x": deep}}))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    db = tmp_path_factory.mktemp("hostile") / "m.db"
+    corpus = db.parent / "c.txt"
+    corpus.write_text(TEXT)
+    result = run("train", corpus, "--db", db, "--iters", 2, "--embed-dim", 32, "--heads", 4,
+                 "--layers", 2, "--seq-len", 16, "--batch-size", 4, "--tokenizer", "char")
+    assert result.exit_code == 0, result.output
+    return db
+
+
+@pytest.mark.parametrize("key,value", [("embed_dim", 1024), ("seq_len", 65536),
+                                       ("num_layers", 1024)])
+def test_a_config_claiming_more_than_the_file_holds_is_refused_before_allocating(
+        small_model, tmp_path, key, value):
+    db = tmp_path / "claims.db"
+    shutil.copy(small_model, db)
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE config SET value = ? WHERE key = ?", (value, key))
+    if key == "seq_len":
+        conn.execute("UPDATE config SET value = 'sinusoidal' WHERE key = 'pos'")
+        conn.execute("UPDATE config SET value = 1024 WHERE key = 'embed_dim'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SqlgptError, match="more than the .* file holds"):
+        sqlgpt.load(db)
+    result = run("generate", "--db", db, "--max-tokens", 3)
+    assert result.exit_code == 1 and "file holds" in result.output
+    if EXT is not None:
+        ours, = client([{"db": str(db), "queries": ["SELECT sqlgpt_generate('a', 3, 0)"]}])
+        assert "file holds" in ours[0]["error"]
