@@ -96,3 +96,18 @@ def load_db(path):
         conn.close()
     return types.SimpleNamespace(arch=arch, train_cfg=train_cfg, tokenizer=tokenizer,
                                  params=model.params, state=state, step=state.get("step"))
+
+
+def byte_level_bpe(text, vocab_size, specials=()):
+    """A byte-level BPE tokenizer as GPT-2 lays its own out (the tokenizers
+    library's, trained on text): the 256 bytes first, specials last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if specials:
+        tok.add_special_tokens(list(specials))
+    return tok

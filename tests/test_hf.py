@@ -274,14 +274,8 @@ def test_a_fine_tunes_peft_export_on_its_bases_export_gives_its_logits(trained, 
 def gpt2_style_tokenizer(text, path):
     """A tokenizer laid out as GPT-2's own: byte-level BPE with GPT-2's
     regex, the 256 bytes first and <|endoftext|> the last id."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.add_special_tokens(["<|endoftext|>"])
+    from helpers import byte_level_bpe
+    tok = byte_level_bpe(text, 400, ["<|endoftext|>"])
     tok.save(str(path))
     return tok
 

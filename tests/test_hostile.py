@@ -10,7 +10,6 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import sqlgpt
 from sqlgpt.cli import main
@@ -18,6 +17,7 @@ from sqlgpt.data.tokenizers.hf import HFTokenizer, known_shape
 from sqlgpt.errors import SqlgptError
 
 from conftest import CORPUS
+from helpers import byte_level_bpe
 from test_extension import EXT, client
 
 TEXT = CORPUS.read_text()[:20000]
@@ -30,13 +30,7 @@ def run(*args):
 @pytest.fixture(scope="module")
 def definition():
     """A byte-level BPE tokenizer.json (GPT-2's kind) as a dict."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    return json.loads(tok.to_str())
+    return json.loads(byte_level_bpe(TEXT, 300).to_str())
 
 
 def with_split(definition, pattern):
