@@ -74,7 +74,8 @@ def test_the_corpus_is_recorded_and_shown(gpt2_db, small_corpus):
     import hashlib
     assert model.corpus["sha256"] == hashlib.sha256(small_corpus.read_bytes()).hexdigest()
     out = run("info", "--db", gpt2_db).output
-    assert f"corpus: {small_corpus.resolve()} ({small_corpus.stat().st_size:,} bytes)" in out
+    assert "corpus: 1 file, " in out
+    assert f"  {small_corpus.resolve()} ({small_corpus.stat().st_size:,} bytes)" in out
 
 
 def test_the_model_is_one_file_at_rest(tmp_path, small_corpus):
