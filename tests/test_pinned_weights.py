@@ -42,4 +42,10 @@ def test_each_preset_trains_to_the_previous_release_weights(tmp_path, small_corp
     weights = sqlgpt.load(db).state_dict()
     assert sorted(weights) == sorted(expected.files)
     for name, array in weights.items():
+        if name.endswith(".k_b"):
+            # a key bias adds the same score to every key a query sees, which
+            # softmax ignores: its gradient is zero but for rounding, and its
+            # values are that rounding's noise (~1e-7), of no effect
+            assert np.abs(array).max() < 1e-4 and np.abs(expected[name]).max() < 1e-4, name
+            continue
         assert rel_err(array, expected[name]) < 1e-5, name
