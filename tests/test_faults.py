@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import sqlgpt
 from sqlgpt import store
+from sqlgpt.cli import main
 from sqlgpt.store import connection as store_connection
 from sqlgpt.errors import SqlgptError
 from sqlgpt.train.trainer import Trainer
@@ -233,3 +235,31 @@ def test_readers_and_generate_work_while_training_writes(tmp_path, trained_db, s
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
+
+
+def test_a_full_filesystem_while_a_model_is_created_leaves_nothing(tmp_path, small_corpus):
+    """Whatever point of creation the disk fills at (the rows, the first
+    checkpoint, folding the write-ahead log in), the path holds no model and
+    no temporary file is left; with room, the same command makes it whole."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small filesystem here")
+    try:
+        args = ["train", str(small_corpus), "--db", str(mnt / "w.db"), "--iters", "1",
+                "--embed-dim", "32", "--heads", "4", "--layers", "2"]
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        for room_kb in (3584, 4096, 4608, 5632, 6656):
+            filler = mnt / "filler"
+            filler.write_bytes(b"\0" * (free - room_kb * 1024))
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 1 and "full" in result.output, (room_kb, result.output)
+            assert "Traceback" not in result.output
+            assert sorted(p.name for p in mnt.iterdir()) == ["filler"], room_kb
+            filler.unlink()
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert store.integrity_check(mnt / "w.db") == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -52,31 +52,73 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
         with atomic(conn):
             _new_model_rows(conn, model, tokenizer, token_counts)
         save_checkpoint(conn, model, train_cfg, state, train_loss=None, val_loss=None)
-        conn.close()  # folds the WAL into the file, so the move takes everything
+        _fold_wal(conn, path)
+        conn.close()
+        _check_whole(tmp, path)
         lock = WriterLock(tmp)  # the lock is on the file itself: it moves with it
-        if overwrite:
-            for stale in (Path(f"{path}-wal"), Path(f"{path}-shm")):
-                stale.unlink(missing_ok=True)
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if another process created path meanwhile
-                tmp.unlink()
-            except FileExistsError:
-                raise SqlgptError(f"{path} appeared while the model was being created "
-                                  f"(another sqlgpt train?); nothing was written") from None
-            except OSError:  # no hard links on this filesystem
-                if path.exists():
-                    raise SqlgptError(f"{path} appeared while the model was being created; "
-                                      f"nothing was written") from None
-                os.replace(tmp, path)
+        placed = _place_new(tmp, path, overwrite)
+        try:
+            return open_database(path, readonly=False), lock
+        except BaseException:
+            if placed:  # the model made here and no one else's: gone whole, as it came
+                for made in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                    made.unlink(missing_ok=True)
+            raise
     except BaseException:
         if lock:
             lock.release()
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             leftover.unlink(missing_ok=True)
         raise
-    return open_database(path, readonly=False), lock
+
+
+def _fold_wal(conn, path):  # path: the name the user gave, for errors
+    """Every page of the WAL written into the file and the WAL gone, or an
+    error: closing a connection folds the WAL in too, but reports no
+    failure (a full disk then leaves a file whose header counts pages it
+    does not hold)."""
+    with sqlite_errors(f"cannot create {path}"):
+        mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+    if mode != "delete":
+        raise SqlgptError(f"cannot create {path}: its write-ahead log could not be folded in "
+                          f"(is the disk full?)")
+
+
+def _check_whole(tmp, path):
+    """The new file tmp holds every page its header counts (what a write cut
+    short by a full disk would not)."""
+    with sqlite_errors(f"cannot create {path}"):
+        conn = sqlite3.connect(f"file:{quote(str(Path(tmp).resolve()))}?mode=ro", uri=True)
+        try:
+            pages, size = (conn.execute(f"PRAGMA {name}").fetchone()[0]
+                           for name in ("page_count", "page_size"))
+        finally:
+            conn.close()
+    if pages * size != os.path.getsize(tmp) or Path(f"{tmp}-wal").exists():
+        raise SqlgptError(f"cannot create {path}: the file was not written whole (is the disk "
+                          f"full?)")
+
+
+def _place_new(tmp, path, overwrite):
+    """Move the whole new file tmp to path; True once it is there. Without
+    overwrite, a file that appears at path meanwhile is never replaced."""
+    if overwrite:
+        for stale in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+            stale.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        return True
+    try:
+        os.link(tmp, path)  # fails if another process created path meanwhile
+        tmp.unlink()
+    except FileExistsError:
+        raise SqlgptError(f"{path} appeared while the model was being created "
+                          f"(another sqlgpt train?); nothing was written") from None
+    except OSError:  # no hard links on this filesystem
+        if path.exists():
+            raise SqlgptError(f"{path} appeared while the model was being created; "
+                              f"nothing was written") from None
+        os.replace(tmp, path)
+    return True
 
 
 def _new_model_rows(conn, model, tokenizer, token_counts):
