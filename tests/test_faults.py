@@ -1,5 +1,6 @@
 """Nothing lost, nothing crashes: kills mid-checkpoint, signals, numerical
 faults, storage faults, concurrent use."""
+import contextlib
 import os
 import random
 import signal
@@ -138,13 +139,22 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, trained_db, small_cor
     assert sqlgpt.load(db).step == committed_step(db)
 
 
-def test_a_real_full_filesystem(tmp_path, trained_db, small_corpus):
+@contextlib.contextmanager
+def small_filesystem(tmp_path, size):
+    """A tmpfs of size (e.g. "4m") mounted under tmp_path, unmounted after."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small filesystem here")
     try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_filesystem(tmp_path, trained_db, small_corpus):
+    with small_filesystem(tmp_path, "4m") as mnt:
         db = mnt / "m.db"
         shutil.copy(trained_db, db)
         filler = mnt / "filler"
@@ -158,8 +168,6 @@ def test_a_real_full_filesystem(tmp_path, trained_db, small_corpus):
         filler.unlink()
         assert store.integrity_check(db) == []
         assert sqlgpt.load(db).step >= 30
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_read_only_database_or_directory(tmp_path, trained_db, small_corpus):
@@ -241,12 +249,7 @@ def test_a_full_filesystem_while_a_model_is_created_leaves_nothing(tmp_path, sma
     """Whatever point of creation the disk fills at (the rows, the first
     checkpoint, folding the write-ahead log in), the path holds no model and
     no temporary file is left; with room, the same command makes it whole."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small filesystem here")
-    try:
+    with small_filesystem(tmp_path, "24m") as mnt:
         args = ["train", str(small_corpus), "--db", str(mnt / "w.db"), "--iters", "1",
                 "--embed-dim", "32", "--heads", "4", "--layers", "2"]
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
@@ -261,5 +264,3 @@ def test_a_full_filesystem_while_a_model_is_created_leaves_nothing(tmp_path, sma
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         assert store.integrity_check(mnt / "w.db") == []
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
