@@ -75,21 +75,21 @@ int schema_version(const Ext *x, Err *e) {
     int version = 0;
     if (x->prefix[0]) {
         s = prepare(x, e, "SELECT value FROM \"%w\".\"%w%w\" WHERE key = 'version'", "schema");
-        if (!s) return fail(e, "no sqlgpt model with the prefix %s here", x->prefix);
+        if (!s) return fail(e, "no sqlgpt model with the prefix %s here", x->prefix), NO_MODEL;
         if (sqlite3_step(s) == SQLITE_ROW) version = sqlite3_column_int(s, 0);
     } else {
         int app = 0;
-        if (!(s = prepare(x, e, "PRAGMA \"%w\".application_id", ""))) return -1;
+        if (!(s = prepare(x, e, "PRAGMA \"%w\".application_id", ""))) return NO_MODEL;
         if (sqlite3_step(s) == SQLITE_ROW) app = sqlite3_column_int(s, 0);
         sqlite3_finalize(s);
-        if (!(s = prepare(x, e, "PRAGMA \"%w\".user_version", ""))) return -1;
+        if (!(s = prepare(x, e, "PRAGMA \"%w\".user_version", ""))) return NO_MODEL;
         if (sqlite3_step(s) == SQLITE_ROW) version = sqlite3_column_int(s, 0);
         if (app != SQLGPT_APPLICATION_ID) version = -1;
     }
     sqlite3_finalize(s);
     if (version < 0 || version == 0)
         return fail(e, "the database holds no sqlgpt model (train one with sqlgpt, or select "
-                       "one with sqlgpt_model)");
+                       "one with sqlgpt_model)"), NO_MODEL;
     if (version > SQLGPT_SCHEMA_VERSION)
         return fail(e, "the model's schema version %d is newer than this extension reads (%d): "
                        "upgrade sqlgpt", version, SQLGPT_SCHEMA_VERSION);

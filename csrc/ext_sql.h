@@ -53,6 +53,10 @@ sqlite3 *conn_of(const Ext *x);
 /* A statement over the model's table `table`: the schema and prefix
  * filled in for each %s of sql (schema, then prefix + table). */
 sqlite3_stmt *prepare(const Ext *x, Err *e, const char *sql, const char *table);
+/* The model's schema version (a readable one), or -1 with e set: NO_MODEL
+ * when what x names holds no sqlgpt model at all (or cannot be read as a
+ * database), as opposed to a model of a version this cannot read. */
+enum { NO_MODEL = -2 };
 int schema_version(const Ext *x, Err *e);
 int check_views(const Ext *x, Err *e);
 int check_prefix(const char *prefix, char *out);

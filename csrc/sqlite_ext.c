@@ -13,6 +13,12 @@
 SQLITE_EXTENSION_INIT1
 #include "ext_sql.h"
 
+#ifdef SQLITE_DIRECTONLY
+#define DIRECT_ONLY SQLITE_DIRECTONLY
+#else  /* SQLite before 3.30, which cannot keep a function out of schemas */
+#define DIRECT_ONLY 0
+#endif
+
 /* sqlgpt_model(name [, precision [, prefix]]): the model the functions use
  * from now on: an attached schema's ('main' is the connection's own file)
  * or a database file's; precision fp32 or bf16. Returns name, after
@@ -55,18 +61,26 @@ static void sqlgpt_model(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
         sqlite3_finalize(s);
     }
     sqlite3 *own = NULL;
-    if (!is_schema && sqlite3_open_v2(name, &own, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK) {
-        snprintf(e.text, sizeof(e.text), "sqlgpt_model: cannot open %s: %s", name,
-                 own ? sqlite3_errmsg(own) : "out of memory");
-        sqlite3_close(own);
-        own = NULL;
+    Ext chosen = *x;
+    snprintf(chosen.schema, sizeof(chosen.schema), "%s", is_schema ? name : "main");
+    snprintf(chosen.prefix, sizeof(chosen.prefix), "%s", lower);
+    chosen.precision = code;
+    if (!is_schema) {
+        /* one text for every file that is no model it can read: missing,
+         * unreadable, not a database or another app's, so that a call
+         * cannot probe which paths exist */
+        int opened = sqlite3_open_v2(name, &own, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK;
+        chosen.own = own;
+        if (!opened || schema_version(&chosen, &e) == NO_MODEL) {
+            snprintf(e.text, sizeof(e.text), "sqlgpt_model: %s is no sqlgpt model this can read",
+                     name);
+            sqlite3_close(own);
+            own = chosen.own = NULL;
+        } else {
+            e.text[0] = 0;
+        }
     }
     if (!e.text[0]) {
-        Ext chosen = *x;
-        chosen.own = own;
-        snprintf(chosen.schema, sizeof(chosen.schema), "%s", is_schema ? name : "main");
-        snprintf(chosen.prefix, sizeof(chosen.prefix), "%s", lower);
-        chosen.precision = code;
         Model *m = load(&chosen, &e);
         if (m) {
             model_free(x->model);
@@ -130,7 +144,10 @@ int sqlite3_sqlgpt_init(sqlite3 *db, char **error, const sqlite3_api_routines *a
         /* each registration holds x; SQLite releases it when the function is
          * replaced, when the connection closes, or when registering fails */
         x->refs++;
-        int rc = sqlite3_create_function_v2(db, fns[i].name, fns[i].nargs, SQLITE_UTF8, x,
+        /* sqlgpt_model opens files: only SQL the host runs itself may call it,
+         * never a view or trigger in a database it opens */
+        int flags = SQLITE_UTF8 | (fns[i].fn == sqlgpt_model ? DIRECT_ONLY : 0);
+        int rc = sqlite3_create_function_v2(db, fns[i].name, fns[i].nargs, flags, x,
                                             fns[i].fn, NULL, NULL, ext_free);
         if (rc != SQLITE_OK) {
             *error = sqlite3_mprintf("sqlgpt: cannot register %s", fns[i].name);

@@ -261,7 +261,7 @@ def test_hostile_arguments_are_sql_errors(models):
         "SELECT sqlgpt_embed('')": "has no tokens",
         "SELECT sqlgpt_model(NULL)": "name a schema",
         "SELECT sqlgpt_model('main', 'int3')": "precision is fp32, bf16, int8 or int4",
-        "SELECT sqlgpt_model('/nonexistent/dir/x.db')": "cannot open",
+        "SELECT sqlgpt_model('/nonexistent/dir/x.db')": "is no sqlgpt model this can read",
     }
     ours, = client([{"db": str(models["char"]), "queries": list(bad)}])
     for (sql, message), got in zip(bad.items(), ours):
@@ -467,3 +467,24 @@ def test_the_sqlite3_shell(models):
     done = subprocess.run([SHELL, str(db), f".load {EXT}", "SELECT sqlgpt_generate(NULL);"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "prompt is NULL" in done.stderr
+
+
+def test_sqlgpt_model_keeps_out_of_schemas_and_says_one_thing_for_any_unusable_path(
+        models, tmp_path):
+    app = tmp_path / "app.db"
+    conn = sqlite3.connect(app)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.execute(f"CREATE VIEW switch AS SELECT sqlgpt_model('{models['char']}') AS m")
+    conn.commit()
+    conn.close()
+    other = tmp_path / "other.db"  # an app's database, no model in it
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database")
+    queries = ["SELECT m FROM switch"] + [f"SELECT sqlgpt_model('{p}')" for p in (
+        tmp_path / "missing.db", tmp_path / "no" / "dir.db", other, text)]
+    ours, = client([{"db": str(app), "queries": queries}])
+    assert "error" in ours[0] and "sqlgpt_model" in ours[0]["error"]  # not from a view
+    messages = {r["error"].replace(str(p), "PATH") for r, p in zip(ours[1:], (
+        tmp_path / "missing.db", tmp_path / "no" / "dir.db", other, text))}
+    assert messages == {"sqlgpt_model: PATH is no sqlgpt model this can read"}

@@ -122,3 +122,46 @@ def test_a_config_claiming_more_than_the_file_holds_is_refused_before_allocating
     if EXT is not None:
         ours, = client([{"db": str(db), "queries": ["SELECT sqlgpt_generate('a', 3, 0)"]}])
         assert "file holds" in ours[0]["error"]
+
+
+@pytest.mark.parametrize("record", [
+    [1], "x", {"file": "../../etc/passwd", "dtype": "<u2", "count": 1, "bytes": 2,
+                "sha256": "0" * 64},
+    {"file": "/etc/hosts", "dtype": "<u2", "count": 1, "bytes": 2, "sha256": "0" * 64},
+    {"file": "m.db.tokens", "dtype": "object", "count": 1, "bytes": 2, "sha256": "0" * 64},
+    {"file": "m.db.tokens", "dtype": "<u2", "count": True, "bytes": 2, "sha256": "0" * 64},
+])
+def test_a_token_file_record_outside_the_database_or_garbled_is_refused(small_model, tmp_path,
+                                                                         record):
+    db = tmp_path / "m.db"
+    shutil.copy(small_model, db)
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE train_state SET value = ? WHERE key = 'tokens'", (json.dumps(record),))
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    result = run("train", "--db", db, "--iters", 5, "--resume")
+    assert result.exit_code == 1 and "token file's record" in result.output, result.output
+    assert "Traceback" not in result.output and db.read_bytes() == before
+
+
+def test_sqlgpt_error_is_each_threads_own(small_model):
+    import threading
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    sqlgpt.register(conn, small_model)
+    seen = {}
+
+    def fail_then_read(name, sql):
+        with pytest.raises(sqlite3.Error):
+            conn.execute(sql).fetchone()
+        barrier.wait()  # both have failed before either reads
+        seen[name] = conn.execute("SELECT sqlgpt_error()").fetchone()[0]
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=fail_then_read, args=(name, sql)) for name, sql in (
+        ("generate", "SELECT sqlgpt_generate('a', -5)"), ("embed", "SELECT sqlgpt_embed('')"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["generate"].startswith("sqlgpt_generate") and \
+        seen["embed"].startswith("sqlgpt_embed")

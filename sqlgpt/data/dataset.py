@@ -23,8 +23,11 @@ def tokens_path(db_path, suffix=TOKENS_SUFFIX, prefix=""):
     return Path(f"{db_path}.{prefix}{suffix[1:]}")
 
 
+TOKEN_DTYPES = ("<u2", "<u4")  # what a token file's ids are stored as
+
+
 def token_dtype(n_ids):
-    return "<u2" if n_ids <= 2**16 else "<u4"
+    return TOKEN_DTYPES[0] if n_ids <= 2**16 else TOKEN_DTYPES[1]
 
 
 def build_tokenizer(kind, sources, vocab_size, errors, on_bytes=None):
@@ -81,7 +84,11 @@ def write_tokens(sources, tokenizer, path, errors, on_bytes=None, counts=None):
 def open_tokens(db_path, info, verify=True):
     """The token ids of a database's corpus, memory-mapped, after checking
     the file is the one the database recorded."""
-    path = Path(db_path).parent / info["file"]
+    if not _sound_record(info):
+        raise SqlgptError(f"{db_path} is damaged: its token file's record is not a file name "
+                          f"beside it with its size, count, type and checksum "
+                          f"({str(info)[:80]})")
+    path = Path(db_path).parent / info["file"]  # beside the database, never anywhere else
     if not path.is_file():
         raise SqlgptError(f"the tokenized corpus {path} is missing; it was written beside "
                           f"{db_path} when training began: name the corpus again to rebuild it "
@@ -90,6 +97,20 @@ def open_tokens(db_path, info, verify=True):
         raise SqlgptError(f"the tokenized corpus {path} has changed since {db_path} was "
                           f"trained on it; refusing to resume on other data")
     return np.memmap(path, dtype=np.dtype(info["dtype"]), mode="r", shape=(info["count"],))
+
+
+def _sound_record(info):
+    """Whether a token file's record (write_tokens's) is whole: a plain file
+    name (no directory: it is always beside its database), and the size,
+    count, id type and SHA-256 it had."""
+    if not isinstance(info, dict):
+        return False
+    name = info.get("file")
+    return (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+            and info.get("dtype") in TOKEN_DTYPES and isinstance(info.get("sha256"), str)
+            and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
+                    and info[k] >= 0 for k in ("count", "bytes"))
+            and info["bytes"] == info["count"] * np.dtype(info["dtype"]).itemsize)
 
 
 def split_tokens(tokens, seq_len, val_fraction=VAL_FRACTION):

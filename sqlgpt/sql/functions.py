@@ -56,7 +56,7 @@ class ModelFunctions:
     def __init__(self, model):
         self.model = model
         self.lock = threading.Lock()
-        self.last_error = None
+        self._errors = threading.local()  # each thread's last error: its own, never another's
 
     # ---- the functions, each (name, argument counts, implementation) ----
     def generate(self, prompt, max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0, seed=None):
@@ -119,7 +119,7 @@ class ModelFunctions:
 
     def error(self):
         """The message of the last failed call, or NULL."""
-        return self.last_error
+        return getattr(self._errors, "message", None)
 
     FUNCTIONS = {"sqlgpt_generate": ("generate", (1, 2, 3, 4)), "sqlgpt_tokens": ("tokens", (1,)),
                  "sqlgpt_logprob": ("logprob", (1,)), "sqlgpt_embed": ("embed", (1,)),
@@ -144,7 +144,7 @@ class ModelFunctions:
                     message = f"{name}: out of memory"
                 except Exception as e:  # a host must see an SQL error, never a crash
                     message = f"{name}: {type(e).__name__}: {e}"
-                self.last_error = message
+                self._errors.message = message
             raise SqlFunctionError(message)
         return call
 
