@@ -87,7 +87,7 @@ def test_a_deeply_nested_tokenizer_json_is_an_error():
     deep = 1
     for _ in range(100):  # JSON a parser reads, nested past any tokenizer's depth
         deep = [deep]
-    with pytest.raises(SqlgptError, match="not a tokenizer"):
+    with pytest.raises(SqlgptError, match="nested deeper than 64"):
         known_shape(json.dumps({"model": {"type": "BPE", "x": deep}}))
 
 
@@ -165,3 +165,74 @@ def test_sqlgpt_error_is_each_threads_own(small_model):
         t.join()
     assert seen["generate"].startswith("sqlgpt_generate") and \
         seen["embed"].startswith("sqlgpt_embed")
+
+
+@pytest.fixture(scope="module")
+def exported(small_model, tmp_path_factory):
+    """A transformers directory (gpt2 preset, BPE) to damage."""
+    corpus = small_model.parent / "c.txt"
+    db = tmp_path_factory.mktemp("hf") / "gpt2.db"
+    assert run("train", corpus, "--db", db, "--preset", "gpt2", "--iters", 1, "--embed-dim", 32,
+               "--heads", 4, "--layers", 1, "--seq-len", 16, "--batch-size", 2,
+               "--vocab-size", 300).exit_code == 0
+    out = db.parent / "hf"
+    assert run("export", "--db", db, "-o", out).exit_code == 0
+    return out
+
+
+def damaged_copy(exported, tmp_path, name, text):
+    out = tmp_path / "hf"
+    shutil.copytree(exported, out)
+    (out / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return out
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("config.json", '{"model_type": "gpt2", "n_embd": Infinity}', "not valid JSON"),
+    ("config.json", '{"model_type": "gpt2", "n_embd": 1e999}', "not valid JSON"),
+    ("config.json", '{"a": ' * 5000 + "1" + "}" * 5000, "not valid JSON"),
+    ("config.json", '{"model_type": "gpt2", "n_embd": 1e300, "n_head": 4, "n_layer": 1, '
+                    '"n_positions": 16, "vocab_size": 300}', "embed_dim must be"),
+])
+def test_hostile_hugging_face_configs_are_one_line_errors(exported, tmp_path, name, text,
+                                                          message):
+    out = damaged_copy(exported, tmp_path, name, text)
+    result = run("import", out, "--db", tmp_path / "x.db")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.db").exists()
+
+
+def safetensors_with(header, data=b""):
+    raw = header.encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("header,data,message", [
+    ('{"w": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}', b"\0" * 4, "0 dimensions"),
+    ('{"w": {"dtype": "F32", "shape": [1099511627776, 1099511627776, 0], '
+     '"data_offsets": [0, 0]}}', b"", "3 dimensions"),
+    ('{"w": ' * 3000 + "1" + "}" * 3000, b"", "corrupt safetensors header"),
+])
+def test_hostile_safetensors_headers_are_one_line_errors(exported, tmp_path, header, data,
+                                                         message):
+    out = damaged_copy(exported, tmp_path, "model.safetensors", safetensors_with(header, data))
+    result = run("import", out, "--db", tmp_path / "x.db")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_bpe_merges_nested_deep_in_a_database_are_a_one_line_error(tmp_path, small_model):
+    db = tmp_path / "bpe.db"
+    corpus = small_model.parent / "c.txt"
+    assert run("train", corpus, "--db", db, "--iters", 1, "--embed-dim", 32, "--heads", 4,
+               "--layers", 1, "--seq-len", 16, "--batch-size", 2, "--tokenizer", "bpe",
+               "--vocab-size", 300).exit_code == 0
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE tokenizer SET value = ? WHERE key = 'merges'",
+                 ("[" * 200000 + "]" * 200000,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(SqlgptError, match="damaged"):
+        sqlgpt.load(db)
+    result = run("generate", "--db", db, "--max-tokens", 2)
+    assert result.exit_code == 1 and "Traceback" not in result.output

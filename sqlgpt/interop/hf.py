@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.arch import preset, tensor_table
+from ..data import safe_json
 from ..errors import SqlgptError
 
 GPT2, LLAMA = "gpt2", "llama"
@@ -189,9 +190,9 @@ def read_safetensors(path):
         if length > min(MAX_HEADER, size - 8):
             raise SqlgptError(f"{path} has a corrupt safetensors header (length {length})")
         try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, ValueError):
-            raise SqlgptError(f"{path} has a corrupt safetensors header (not JSON)") from None
+            header = safe_json.loads(f.read(length), "it")
+        except SqlgptError as e:
+            raise SqlgptError(f"{path} has a corrupt safetensors header ({e})") from None
         data = f.read()
     if not isinstance(header, dict):
         raise SqlgptError(f"{path} has a corrupt safetensors header (not an object)")
@@ -206,6 +207,9 @@ def read_safetensors(path):
         except (KeyError, TypeError, ValueError):
             raise SqlgptError(f"{path}: tensor {name!r} has an unsupported dtype or a corrupt "
                               f"entry") from None
+        if not 1 <= len(shape) <= 2:
+            raise SqlgptError(f"{path}: tensor {name!r} has {len(shape)} dimensions (a model's "
+                              f"tensors have 1 or 2)")
         if min(shape, default=0) < 0 or not (0 <= start <= stop <= len(data)) or \
                 stop - start != width * math.prod(shape):
             raise SqlgptError(f"{path}: tensor {name!r}'s bytes do not match its shape")
@@ -332,7 +336,7 @@ def _described(config):
                           bias=bool(config.get("attention_bias", False)),
                           qkv_bias=kind == QWEN2,
                           tie_weights=bool(config.get("tie_word_embeddings", False))).validate()
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise SqlgptError(f"config.json lacks or garbles a field: {e}") from None
     raise SqlgptError(f"unsupported architecture {kind!r} (sqlgpt imports gpt2, llama and qwen2)")
 
@@ -347,9 +351,9 @@ def read_hf(directory):
     if not config_path.is_file():
         raise SqlgptError(f"{directory} has no config.json")
     try:
-        config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, ValueError):
-        raise SqlgptError(f"{config_path} is not JSON") from None
+        config = safe_json.loads(config_path.read_bytes(), str(config_path))
+    except OSError as e:
+        raise SqlgptError(f"cannot read {config_path}: {e.strerror}") from None
     if not isinstance(config, dict):
         raise SqlgptError(f"{config_path} is not a JSON object")
     arch = _hf_arch(config)
@@ -387,8 +391,8 @@ def _special_roles(directory, config):
 
 def _json_or_empty(path):
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        value = safe_json.loads(path.read_bytes(), str(path))
+    except (OSError, SqlgptError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -10,11 +10,11 @@ differently, a NUL never reaches a TEXT column, and a BPE token that holds
 half a character shows its bytes (\\xe4\\xbd) instead of U+FFFD.
 """
 import codecs
-import json
 from collections.abc import Mapping
 
 import numpy as np
 
+from .. import safe_json
 from ...contract import SPECIALS  # ids 0..3 for char, byte and bpe
 from ...errors import SqlgptError
 
@@ -224,6 +224,6 @@ def check_state(state, keys):
 
 def load_json(state, key):
     try:
-        return json.loads(state[key])
-    except ValueError as e:
-        raise damaged(f"its state {key!r} is not valid JSON ({e})") from None
+        return safe_json.loads(state[key], f"its state {key!r}")
+    except SqlgptError as e:
+        raise damaged(str(e)) from None

@@ -48,6 +48,7 @@ import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Library
 
+from .. import safe_json
 from ...contract import PRETOKENIZER_PATTERNS
 from ...errors import SqlgptError
 from .base import (N_SPECIALS, SPECIALS, Tokenizer, check_specials, check_state, chunks_of, damaged,
@@ -248,8 +249,8 @@ def from_library_json(text):
     writes): the four specials at ids 0..3, sqlgpt's pre-tokenization and
     byte-level BPE. Another tokenizer (GPT-2's own, say, with its regex and
     <|endoftext|>) is a one-line error: its ids would not be sqlgpt's."""
+    data = safe_json.loads(text, "tokenizer.json")
     try:
-        data = json.loads(text)
         model, pre = data["model"], data["pre_tokenizer"]
         vocab, merges = model["vocab"], [tuple(_pair(m)) for m in model["merges"]]
         added = [(t["id"], t["content"]) for t in data.get("added_tokens", [])]

@@ -18,12 +18,12 @@ import numpy as np
 from tokenizers import Tokenizer as Library
 
 from ...contract import PRETOKENIZER_PATTERNS
+from .. import safe_json
 from ...errors import SqlgptError
 from .base import Tokenizer, check_state, damaged, load_json, read_rows
 from .bpe import _BYTE_OF
 
 SPECIAL_ROLES = ("pad", "unk", "bos", "eos")
-MAX_DEPTH = 64  # tokenizer.json nests a few levels; far deeper is not a tokenizer
 
 
 @contextlib.contextmanager
@@ -47,11 +47,8 @@ def known_shape(definition):
     step; a ByteLevel decoder), with its padding and truncation dropped
     (an encoding is the text's own ids, never padded to a length the file
     chooses). Anything else is a one-line error naming what it is."""
-    try:
-        spec = json.loads(definition)
-    except (ValueError, RecursionError):
-        raise SqlgptError("tokenizer.json is not valid JSON") from None
-    if not isinstance(spec, dict) or _depth(spec) > MAX_DEPTH:
+    spec = safe_json.loads(definition, "tokenizer.json")
+    if not isinstance(spec, dict):
         raise SqlgptError("tokenizer.json is not a tokenizer definition")
     model = spec.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
@@ -66,14 +63,6 @@ def known_shape(definition):
         raise SqlgptError(f"tokenizer.json's decoder {_kind(spec.get('decoder'))} is not "
                           f"ByteLevel")
     return {**spec, "padding": None, "truncation": None}
-
-
-def _depth(value, level=0):
-    if level > MAX_DEPTH:
-        return level
-    children = value.values() if isinstance(value, dict) else value if isinstance(
-        value, list) else ()
-    return max((_depth(child, level + 1) for child in children), default=level)
 
 
 def _kind(part):
