@@ -35,7 +35,7 @@ typedef struct {
 /* .q is NULL when the scratch cannot grow (noted for the status). */
 static HeadScratch head_scratch(int T, int hs) {
     size_t th = (size_t)T * hs, tq = (size_t)T * QB;
-    float *base = scratch(2, 5 * th + 2 * tq + (size_t)hs * QB + QB);
+    float *base = scratch(SCRATCH_HEADS, 5 * th + 2 * tq + (size_t)hs * QB + QB);
     if (!base) return (HeadScratch){0};
     HeadScratch s = {base, base + th, base + 2 * th, base + 3 * th, base + 4 * th,
                      base + 5 * th, base + 5 * th + tq, base + 5 * th + 2 * tq,

@@ -554,7 +554,7 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, i
     /* quantized inputs: 2 n wide bytes (values, magnitudes) and n wide / group
      * scales, in floats */
     size_t quantized = f.bits ? (size_t)n * wide / 2 + 1 + (size_t)n * (wide / group) : 0;
-    float *shared = scratch(1, (size_t)n * (3 * C + 2 * KVC + F + hs));
+    float *shared = scratch(SCRATCH_DECODE_ROWS, (size_t)n * (3 * C + 2 * KVC + F + hs));
     if (!shared) return take_status();
     SharedRows r;
     r.q = shared;
@@ -573,7 +573,8 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, i
     /* one thread for models whose matrices fit in a core's cache anyway */
     #pragma omp parallel if ((long)C * C * n >= 128 * 128)
     {
-        float *own = scratch(4, (size_t)3 * n * C + 2 * (size_t)n * PANEL + Tk + quantized);
+        float *own = scratch(SCRATCH_DECODE_OWN,
+                             (size_t)3 * n * C + 2 * (size_t)n * PANEL + Tk + quantized);
         if (!own) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
         #pragma omp barrier
         if (!__atomic_load_n(&failed, __ATOMIC_RELAXED)) {

@@ -91,7 +91,19 @@ void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, co
                    int C, int OC, int bits, int G);
 
 /* Grows a per-thread scratch buffer; slot picks one of a few independent
- * buffers. NULL when it cannot grow (the failure is noted for take_status). */
+ * buffers (one per use that may be live while another is). NULL when it
+ * cannot grow (the failure is noted for take_status). */
+enum {
+    SCRATCH_PACKED_B,     /* matmul's packed B panels (shared by the team) */
+    SCRATCH_DECODE_ROWS,  /* the decode step's rows (shared) */
+    SCRATCH_HEADS,        /* attention's per-head work */
+    SCRATCH_LOSS_ROWS,    /* the loss's per-row sums, in double */
+    SCRATCH_DECODE_OWN,   /* the decode step's per-thread scores and rows */
+    SCRATCH_SPLIT_K,      /* split-K partial sums */
+    SCRATCH_PACKED_A,     /* matmul's packed A rows */
+    SCRATCH_QUANT_ROWS,   /* quant_matmul's quantized activations */
+    SCRATCH_SLOTS
+};
 float *scratch(int slot, size_t nfloats);
 /* Note an allocation failure; the entry point's status, clearing the note. */
 void note_nomem(void);

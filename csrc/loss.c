@@ -31,7 +31,7 @@ static int count_valid(const int *targets, int N, int ignore_index) {
 
 int crossentropy_forward(double *loss, float *losses, const float *logits,
                          const int *targets, int N, int V, int ignore_index) {
-    double *row = (double *)scratch(3, 2 * (size_t)N); /* per-row losses in double */
+    double *row = (double *)scratch(SCRATCH_LOSS_ROWS, 2 * (size_t)N); /* per-row losses in double */
     if (!row) return take_status();
     #pragma omp parallel for schedule(static) if ((long)N * V > PARALLEL_MIN)
     for (int i = 0; i < N; i++) {

@@ -168,8 +168,8 @@ static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int
             c[i] = flags & GEMM_OVERWRITE || (flags & GEMM_RELU && !(c[i] > 0.0f)) ? 0.0f : c[i];
         return;
     }
-    float *packed = scratch(0, (size_t)nt * NR * kmax);
-    float *rows = pack_a ? scratch(6, (size_t)mt * MR * kmax) : NULL;
+    float *packed = scratch(SCRATCH_PACKED_B, (size_t)nt * NR * kmax);
+    float *rows = pack_a ? scratch(SCRATCH_PACKED_A, (size_t)mt * MR * kmax) : NULL;
     if (!packed || (pack_a && !rows)) return; /* noted for the caller's status */
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
@@ -203,7 +203,8 @@ static void gemm_serial(float *c, Strided A, Strided B, int M, int N, int K, int
 static void gemm_rows(float *c, Strided A, Strided B, int M, int N, int K, int flags) {
     int mt = (M + MR - 1) / MR, nt = (N + NR - 1) / NR, mb = (mt + RB - 1) / RB;
     int in_place = N == NR && B.rs == NR && B.cs == 1;
-    float *packed = in_place ? NULL : scratch(0, (size_t)nt * NR * K); /* shared by the team */
+    /* shared by the team */
+    float *packed = in_place ? NULL : scratch(SCRATCH_PACKED_B, (size_t)nt * NR * K);
     const float *panels = in_place ? B.a : packed;
     if (!panels) return;
     #pragma omp parallel
@@ -236,7 +237,7 @@ static void gemm_split_k(float *c, Strided A, Strided B, int M, int N, int K, in
         int k0 = (int)((long)K * t / n), k1 = (int)((long)K * (t + 1) / n);
         Strided At = from(A, 0, k0), Bt = {B.a + (size_t)k0 * B.rs, B.rs, B.cs};
         /* thread 0 sums into c itself; the others into their own buffers */
-        parts[t] = t == 0 ? c : scratch(5, (size_t)M * N);
+        parts[t] = t == 0 ? c : scratch(SCRATCH_SPLIT_K, (size_t)M * N);
         if (parts[t])
             gemm_serial(parts[t], At, Bt, M, N, k1 - k0,
                         t == 0 ? flags & GEMM_OVERWRITE : GEMM_OVERWRITE, A.cs != 1);

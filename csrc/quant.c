@@ -170,7 +170,7 @@ void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, co
 
 int quant_matmul(float *y, const float *x, int n, const void *w, int C, int OC, int bits,
                  int G) {
-    int8_t *xq = (int8_t *)scratch(7, (size_t)n * C / 2 + (size_t)n * (C / G) + 1);
+    int8_t *xq = (int8_t *)scratch(SCRATCH_QUANT_ROWS, (size_t)n * C / 2 + (size_t)n * (C / G) + 1);
     if (!xq) return take_status();
     float *xs = (float *)(xq + 2 * (size_t)n * C + (-(size_t)n * C & 1) * 2);
     for (int r = 0; r < n; r++)

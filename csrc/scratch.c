@@ -10,9 +10,7 @@
 #include <stdlib.h>
 #include "kernel.h"
 
-#define SLOTS 8 /* 0: matmul packed B, 1: decode rows, 2: attention heads, 3: loss rows,
-                 * 4: decode scores, 5: split-K partial sums, 6: matmul packed A,
-                 * 7: quant_matmul's quantized rows */
+#define SLOTS SCRATCH_SLOTS /* kernel.h names each */
 
 static __thread float *buffers[SLOTS];
 static __thread size_t sizes[SLOTS];
