@@ -236,3 +236,30 @@ def test_bpe_merges_nested_deep_in_a_database_are_a_one_line_error(tmp_path, sma
         sqlgpt.load(db)
     result = run("generate", "--db", db, "--max-tokens", 2)
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def wide_model(small_model):
+    """A model wide enough that 4,096 tokens take seconds to generate."""
+    db = small_model.parent / "wide.db"
+    assert run("train", small_model.parent / "c.txt", "--db", db, "--iters", 1, "--embed-dim",
+               512, "--heads", 8, "--layers", 6, "--seq-len", 256, "--batch-size", 1,
+               "--tokenizer", "char").exit_code == 0
+    return db
+
+
+@pytest.mark.parametrize("query", ["SELECT sqlgpt_logprob(?)", "SELECT sqlgpt_embed(?)",
+                                   "SELECT sqlgpt_generate('a', 4096, 1.0, 1)"])
+def test_long_python_sql_calls_stop_when_the_host_interrupts(wide_model, query):
+    import threading
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    sqlgpt.register(conn, wide_model)
+    text = (TEXT * 50)[:1_000_000]
+    threading.Timer(0.3, conn.interrupt).start()
+    start = time.perf_counter()
+    with pytest.raises(sqlite3.Error):
+        conn.execute(query, (text,) if "?" in query else ()).fetchone()
+    elapsed = time.perf_counter() - start
+    assert conn.execute("SELECT sqlgpt_error()").fetchone()[0].endswith("interrupted")
+    assert elapsed < 3, elapsed  # uninterrupted, each takes far longer
+    assert conn.execute("SELECT sqlgpt_tokens('ab')").fetchone()[0]  # and the host goes on

@@ -15,6 +15,8 @@ SQL_OUTSIDE_STORE = {
         "help text: an example of the loadable extension in the sqlite3 shell",
     ("sqlgpt.cli.explore", "sql"):
         "help text: an example query for `sqlgpt sql`",
+    ("sqlgpt.sql.functions", "probe"):
+        "a one-row statement that asks the host's connection whether it was interrupted",
     ("sqlgpt.contract", "<module>"):
         "the keywords after which sqlgpt's SQL names its tables, declared for both loaders",
 }

@@ -14,7 +14,9 @@ returns the message of the last failure on that registration, and apsw
 connections (which sqlgpt.connect falls back to) show it directly.
 """
 import json
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -27,6 +29,7 @@ from ..train.evaluate import evaluate
 MAX_TOKENS = 4096          # sqlgpt_generate's cap: a query must not run for hours
 MAX_TEXT_CHARS = 10**7     # longer arguments are refused before tokenizing
 DEFAULT_MAX_TOKENS = 50
+PROBE_EVERY_S = 0.005      # how often a long call asks whether the host interrupted it
 
 
 class SqlFunctionError(Exception):
@@ -53,10 +56,24 @@ def _integer(name, value, what, low, high):
 class ModelFunctions:
     """One loaded model and the SQL functions over it."""
 
-    def __init__(self, model):
+    def __init__(self, model, interrupted=None):
+        """interrupted: a callable saying whether the host interrupted the
+        statement a call runs in (its connection's interrupt()), asked now
+        and then during long calls, which then stop with an error."""
         self.model = model
         self.lock = threading.Lock()
         self._errors = threading.local()  # each thread's last error: its own, never another's
+        self._interrupted = interrupted or (lambda: False)
+        self._asked = 0.0
+
+    def _check(self, name):
+        """Stop the call if the host interrupted it (asked at most every
+        PROBE_EVERY_S, so a probe costs nothing next to the work)."""
+        now = time.monotonic()
+        if now - self._asked >= PROBE_EVERY_S:
+            self._asked = now
+            if self._interrupted():
+                raise SqlFunctionError(f"{name}: interrupted")
 
     # ---- the functions, each (name, argument counts, implementation) ----
     def generate(self, prompt, max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0, seed=None):
@@ -72,7 +89,10 @@ class ModelFunctions:
             _integer(name, seed, "seed", 0, 2**63 - 1)
         model = self.model
         prompt_ids = [int(i) for i in model.prompt_ids(prompt)]
-        new = list(model.generate_ids(prompt, max_tokens, float(temperature), seed=seed))
+        new = []
+        for token in model.generate_ids(prompt, max_tokens, float(temperature), seed=seed):
+            new.append(token)
+            self._check(name)
         # the text the new tokens add (decoding them together with the prompt
         # keeps a character split across the boundary whole)
         prompt_text = model.decode(prompt_ids)
@@ -98,7 +118,8 @@ class ModelFunctions:
         ids = self._scored_ids("sqlgpt_logprob", text)
         if len(ids) < 2:
             return None
-        result = evaluate(self.model._gpt, ids, batch_size=4)  # half-context stride
+        result = evaluate(self.model._gpt, ids, batch_size=4,  # half-context stride
+                          on_progress=lambda done, total: self._check("sqlgpt_logprob"))
         return -result.loss * result.tokens
 
     def embed(self, text):
@@ -111,6 +132,7 @@ class ModelFunctions:
         gpt, T = self.model._gpt, self.model.arch.seq_len
         total = np.zeros(self.model.arch.embed_dim, dtype=np.float64)
         for start in range(0, len(ids), T):
+            self._check("sqlgpt_embed")
             window = np.asarray(ids[start:start + T], dtype=np.int32)[None]
             gpt.forward(window)
             hidden = gpt.acts.buffers["lnf" if gpt.arch.final_norm else "x_final"]
@@ -170,12 +192,29 @@ def register(conn, path, precision="fp32", prefix=""):
     backed by the model in path (loaded now, read-only; prefix: the one kept
     under that table prefix, e.g. in the app's own database). Returns the
     ModelFunctions object (its .model is the loaded sqlgpt.Model)."""
-    functions = ModelFunctions(load(path, precision, prefix=prefix))
+    functions = ModelFunctions(load(path, precision, prefix=prefix), _interrupt_probe(conn))
     for name, (_, counts) in ModelFunctions.FUNCTIONS.items():
         fn = functions.sql_function(name)
         for nargs in counts:
             _create_function(conn, name, nargs, fn, deterministic=name == "sqlgpt_tokens")
     return functions
+
+
+def _interrupt_probe(conn):
+    """Whether the statement running on conn was interrupted: apsw says so
+    (Connection.is_interrupted); the standard library's sqlite3 cannot, so
+    a one-row statement is run inside the call, which SQLite refuses with
+    "interrupted" while the connection is."""
+    if not hasattr(conn, "create_function"):  # apsw: no re-entry into the connection
+        return lambda: bool(getattr(conn, "is_interrupted", False))
+
+    def probe():
+        try:
+            conn.execute("SELECT 1").fetchone()
+        except sqlite3.OperationalError as e:
+            return "interrupt" in str(e)
+        return False
+    return probe
 
 
 def _create_function(conn, name, nargs, fn, deterministic):
