@@ -4,10 +4,12 @@ driver: sqlgpt itself need not be importable here).
 
 usage: python extension_client.py JOB.json
 JOB: {"ext": path, "runs": [{"db": path, "setup": [sql, ...], "queries": [sql, ...],
-                             "threads": 0}]}
+                             "threads": 0, "interrupt_after": seconds}]}
 prints one JSON list per run: each query's first column, or {"error": message};
 with threads N > 0, N threads run every query of the run at once on one
-connection, and each thread's list is returned.
+connection, and each thread's list is returned; with interrupt_after, the
+connection is interrupted that many seconds after the queries start, and
+the run's list ends with how many seconds the queries took.
 """
 import json
 import sqlite3
@@ -56,7 +58,11 @@ def run(ext, spec):
         except sqlite3.Error as e:
             return [{"error": str(e)}] * len(spec["queries"])
     threads = spec.get("threads", 0)
-    if not threads:
+    if "interrupt_after" in spec:
+        threading.Timer(spec["interrupt_after"], conn.interrupt).start()
+        start = time.perf_counter()
+        result = run_queries(conn, spec["queries"]) + [time.perf_counter() - start]
+    elif not threads:
         result = run_queries(conn, spec["queries"])
     else:
         result = [None] * threads

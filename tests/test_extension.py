@@ -488,3 +488,20 @@ def test_sqlgpt_model_keeps_out_of_schemas_and_says_one_thing_for_any_unusable_p
     messages = {r["error"].replace(str(p), "PATH") for r, p in zip(ours[1:], (
         tmp_path / "missing.db", tmp_path / "no" / "dir.db", other, text))}
     assert messages == {"sqlgpt_model: PATH is no sqlgpt model this can read"}
+
+
+def test_a_long_call_stops_when_the_host_interrupts(corpus, tmp_path):
+    """On every SQLite the extension runs on: 3.41 and later say so
+    directly; before (Debian's 3.40), a one-row statement asks."""
+    db = tmp_path / "wide.db"
+    result = CliRunner().invoke(main, ["train", str(corpus), "--db", str(db), "--iters", "1",
+                                       "--embed-dim", "512", "--heads", "8", "--layers", "6",
+                                       "--seq-len", "256", "--batch-size", "1",
+                                       "--tokenizer", "char"])
+    assert result.exit_code == 0, result.output
+    text = (corpus.read_text() * 20)[:1_000_000]
+    queries = [f"SELECT sqlgpt_logprob({quote(text)})", "SELECT sqlgpt_generate('a', 4096, 1, 1)"]
+    runs = [{"db": str(db), "queries": [q], "interrupt_after": 0.5} for q in queries]
+    for (answer, seconds) in client(runs):
+        assert answer == {"error": "interrupted"} or "interrupted" in answer["error"], answer
+        assert seconds < 4, seconds  # uninterrupted, each runs far longer
