@@ -260,7 +260,8 @@ def build_sqlite_extension(out_path, build_dir):
     (build_dir / "unicode_tables.h").write_text(unicode_tables())
     (build_dir / "schema_names.h").write_text(schema_names())
     (build_dir / "contract.h").write_text(contract_header())
-    command = [compiler, "-shared", "-fPIC", *compile_flags(), f"-I{CSRC}", f"-I{build_dir}",
+    command = [compiler, "-shared", "-fPIC", "-fvisibility=hidden", *compile_flags(),
+               f"-I{CSRC}", f"-I{build_dir}",
                *(str(CSRC / name) for name in EXTENSION_SOURCES), "-o", str(out_path), "-lm",
                # never unloaded: a host that closes its connection would otherwise unmap
                # OpenMP's library under its idle worker threads

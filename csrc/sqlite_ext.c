@@ -112,8 +112,13 @@ static void ext_free(void *p) {
     free(x);
 }
 
+/* the one symbol the library exports (it is built -fvisibility=hidden): a
+ * process that also holds sqlgpt's Python kernel, or another build of this
+ * extension, never binds one's functions to the other's */
 #ifdef _WIN32
 __declspec(dllexport)
+#else
+__attribute__((visibility("default")))
 #endif
 int sqlite3_sqlgpt_init(sqlite3 *db, char **error, const sqlite3_api_routines *api) {
     SQLITE_EXTENSION_INIT2(api);
