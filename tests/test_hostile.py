@@ -263,3 +263,21 @@ def test_long_python_sql_calls_stop_when_the_host_interrupts(wide_model, query):
     assert conn.execute("SELECT sqlgpt_error()").fetchone()[0].endswith("interrupted")
     assert elapsed < 3, elapsed  # uninterrupted, each takes far longer
     assert conn.execute("SELECT sqlgpt_tokens('ab')").fetchone()[0]  # and the host goes on
+
+
+@pytest.mark.parametrize("files,expected", [
+    ({"cpu.max": "max 100000\n"}, None), ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "150000 100000\n"}, 2), ({"cpu/cpu.cfs_quota_us": "-1",
+                                           "cpu/cpu.cfs_period_us": "100000"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}, 1),
+    ({"cpu.max": "garbage"}, None), ({}, None),
+])
+def test_the_default_threads_keep_within_affinity_and_the_cgroup_quota(tmp_path, files,
+                                                                      expected):
+    import os
+    from sqlgpt.model.cpus import usable_cpus
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    allowed = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (allowed if expected is None else min(allowed, expected))
