@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "ext_sql.h"
 
 /* ---- decoding ---- */
@@ -37,15 +38,19 @@ static int run(Model *m, const int *tokens, int n, int pos0, int n_out, int mode
 /* The host asked (sqlite3_interrupt) for the statement to stop: checked
  * between a call's decode steps. SQLite 3.41 and later say so directly;
  * before, a one-row statement on the host's connection is refused with
- * SQLITE_INTERRUPT while it is interrupted (asked every PROBE_EVERY checks,
+ * SQLITE_INTERRUPT while it is interrupted (asked at most every PROBE_NS,
  * so that it costs nothing next to the decode steps between). */
-#define PROBE_EVERY 8
+#define PROBE_NS 5000000LL
 static int interrupted(const Ext *x, Err *e) {
 #ifdef sqlite3_is_interrupted
     if (sqlite3_is_interrupted(x->db)) return fail(e, "interrupted");
 #else
-    static __thread unsigned checks;
-    if (++checks % PROBE_EVERY) return 0;
+    static __thread long long last;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long long ns = (long long)now.tv_sec * 1000000000LL + now.tv_nsec;
+    if (ns - last < PROBE_NS) return 0;
+    last = ns;
     sqlite3_stmt *s = NULL;
     int rc = sqlite3_prepare_v2(x->db, "SELECT 1", -1, &s, NULL);
     if (rc == SQLITE_OK) rc = sqlite3_step(s);
