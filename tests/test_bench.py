@@ -59,27 +59,25 @@ def test_extension_bench_tiny_runs(tmp_path):
     assert tiny["same_text"]
 
 
-def test_decode_steps_reports_every_row_count(tmp_path):
-    script = BENCH.parent / "decode_steps.py"
-    proc = subprocess.run([sys.executable, str(script), "--configs", "baby", "--rounds", "1",
-                           "--markdown"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+def baby_rows(script, tmp_path):
+    """The Markdown rows of the baby config a benchmark script prints (one round)."""
+    proc = subprocess.run([sys.executable, str(BENCH.parent / script), "--configs", "baby",
+                           "--rounds", "1", "--markdown"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+    return [line.split("|")[1:-1] for line in proc.stdout.splitlines()
             if line.startswith("| baby |")]
+
+
+def test_decode_steps_reports_every_row_count(tmp_path):
+    rows = baby_rows("decode_steps.py", tmp_path)
     assert [int(r[1]) for r in rows] == [1, 2, 4, 8, 16]
     assert rows[0][4].strip() == "1.00x"
     assert all(float(r[2]) > 0 and float(r[6]) > 0 for r in rows)  # ms/step, GFLOP/s
 
 
 def test_generate_overhead_reports_each_path(tmp_path):
-    script = BENCH.parent / "generate_overhead.py"
-    proc = subprocess.run([sys.executable, str(script), "--configs", "baby", "--rounds", "1",
-                           "--markdown"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
-            if line.startswith("| baby |")]
+    rows = baby_rows("generate_overhead.py", tmp_path)
     assert [r[1].strip() for r in rows] == ["C step alone", "generate(), greedy",
                                             "generate(), sampled", "generate_ids(), sampled"]
     assert all(float(r[3].strip().rstrip("%")) > 0 for r in rows)
