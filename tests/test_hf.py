@@ -108,7 +108,7 @@ def test_import_of_an_export_is_the_same_model_bit_for_bit(trained, tmp_path):
     assert result.exit_code == 1 and "fine-tune it with --base" in result.output
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral", "llama-sharded"])
 def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, kind):
     base = tmp_path / "base.db"  # for its tokenizer (sqlgpt's layout)
     assert run("train", corpus, "--db", base, "--preset", "gpt2" if kind == "gpt2" else "llama",
@@ -125,6 +125,12 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
                                           num_key_value_heads=2, max_position_embeddings=32,
                                           rope_theta=5000.0, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(config)
+    elif kind == "mistral":  # a window as wide as the context: exactly llama's attention
+        config = transformers.MistralConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, max_position_embeddings=32,
+                                            sliding_window=32, rope_theta=5000.0)
+        model = transformers.MistralForCausalLM(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
                                           num_hidden_layers=2, num_attention_heads=4,
@@ -135,7 +141,8 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
         for p in model.parameters():  # well away from init's exact ones and zeros
             p.add_(0.05 * torch.randn_like(p))
     out = tmp_path / "made"
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": "40KB"} if kind.endswith("sharded") else {}))
+    assert (out / "model.safetensors.index.json").is_file() == kind.endswith("sharded")
     if kind == "gpt2":  # GPT-2's own checkpoints name its tensors without "transformer."
         tensors = read_safetensors(out / "model.safetensors")
         write_safetensors(out / "model.safetensors",
@@ -148,6 +155,34 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
     ids = ours.encode(TEXT)
     assert np.abs(hf_logits(model.eval(), ids) - ours.logits(ids)).max() < 1e-4
     assert_same_greedy(model, ours, ids)
+
+
+def test_a_sliding_window_narrower_than_the_context_is_refused(tmp_path):
+    config = transformers.MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=16)
+    out = tmp_path / "mistral"
+    transformers.MistralForCausalLM(config).save_pretrained(out)
+    result = run("import", out, "--db", tmp_path / "m.db")
+    assert result.exit_code == 1 and "sliding window of 16 tokens" in result.output
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_a_shard_index_pointing_elsewhere_or_at_missing_shards_is_refused(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      max_position_embeddings=32)
+    out = tmp_path / "sharded"
+    transformers.LlamaForCausalLM(config).save_pretrained(out, max_shard_size="40KB")
+    index = out / "model.safetensors.index.json"
+    listing = json.loads(index.read_text())
+    for bad, message in (("../../etc/passwd", "no weight_map"), ("gone.safetensors", "lacks")):
+        changed = {**listing, "weight_map": {**listing["weight_map"],
+                                             "model.norm.weight": bad}}
+        index.write_text(json.dumps(changed))
+        result = run("import", out, "--db", tmp_path / "m.db")
+        assert result.exit_code == 1 and message in result.output, result.output
 
 
 def test_import_onto_an_existing_file_says_how_to_replace_it(trained, tmp_path):

@@ -35,6 +35,8 @@ from ..errors import SqlgptError
 
 GPT2, LLAMA = "gpt2", "llama"
 QWEN2 = "qwen2"  # llama's names and layout, with biases on q, k and v alone
+MISTRAL = "mistral"  # llama's, with sliding-window attention (exact when it covers the context)
+SHARD_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
 MAX_HEADER = 100 << 20  # a safetensors header above 100 MB is not one
 DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
@@ -305,7 +307,7 @@ def _described(config):
                           norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
                           mlp="gelu" if act in GELUS else "relu",
                           tie_weights=bool(config.get("tie_word_embeddings", True))).validate()
-        if kind in (LLAMA, QWEN2):
+        if kind in (LLAMA, QWEN2, MISTRAL):
             if config.get("hidden_act", "silu") != "silu":
                 raise SqlgptError(f"llama activation {config['hidden_act']!r} is not silu")
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -319,7 +321,9 @@ def _described(config):
             if bool(config.get("attention_bias", False)) != bool(config.get("mlp_bias", False)):
                 raise SqlgptError("attention_bias and mlp_bias must agree (sqlgpt has one bias "
                                   "setting)")
-            window = config.get("sliding_window") if config.get("use_sliding_window") else None
+            # Mistral applies its window whenever it names one, Qwen2 when use_sliding_window
+            window = config.get("sliding_window") if kind == MISTRAL or \
+                config.get("use_sliding_window") else None
             if window is not None and int(window) < int(config.get("max_position_embeddings",
                                                                    2048)):
                 raise SqlgptError(f"a sliding window of {window} tokens, narrower than the "
@@ -338,7 +342,8 @@ def _described(config):
                           tie_weights=bool(config.get("tie_word_embeddings", False))).validate()
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise SqlgptError(f"config.json lacks or garbles a field: {e}") from None
-    raise SqlgptError(f"unsupported architecture {kind!r} (sqlgpt imports gpt2, llama and qwen2)")
+    raise SqlgptError(f"unsupported architecture {kind!r} (sqlgpt imports gpt2, llama, qwen2 "
+                      f"and mistral)")
 
 
 def read_hf(directory):
@@ -357,12 +362,38 @@ def read_hf(directory):
     if not isinstance(config, dict):
         raise SqlgptError(f"{config_path} is not a JSON object")
     arch = _hf_arch(config)
-    weights_path = directory / SAFETENSORS
-    if not weights_path.is_file():
-        raise SqlgptError(f"{directory} has no {SAFETENSORS} (sharded or .bin weights are not "
-                          f"read)")
-    tensors = read_safetensors(weights_path)
-    return arch, _sqlgpt_weights(arch, tensors), _read_tokenizer(directory, arch, config)
+    return arch, _sqlgpt_weights(arch, _read_weights(directory)), \
+        _read_tokenizer(directory, arch, config)
+
+
+def _read_weights(directory):
+    """{name: float32 array} of a directory's model.safetensors, or of the
+    shards its model.safetensors.index.json lists (each a file in the
+    directory, each tensor found in the shard the index names)."""
+    single, index = directory / SAFETENSORS, directory / SHARD_INDEX
+    if single.is_file():
+        return read_safetensors(single)
+    if not index.is_file():
+        raise SqlgptError(f"{directory} has no {SAFETENSORS} or {SHARD_INDEX} (.bin weights "
+                          f"are not read: save the model with safetensors)")
+    listing = safe_json.loads(index.read_bytes(), str(index))
+    weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) and Path(v).name == v and v not in (".", "..")
+            for v in weight_map.values()):
+        raise SqlgptError(f"{index} has no weight_map of tensor names to shard files beside it")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        path = directory / shard
+        if not path.is_file():
+            raise SqlgptError(f"{index} names the shard {shard}, which {directory} lacks")
+        found = read_safetensors(path)
+        wanted = {name for name, where in weight_map.items() if where == shard}
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise SqlgptError(f"{path} lacks {missing[0]}, which {SHARD_INDEX} puts there")
+        tensors.update({name: found[name] for name in wanted})
+    return tensors
 
 
 def _special_roles(directory, config):
