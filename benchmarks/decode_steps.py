@@ -12,7 +12,6 @@ Reported per row count: ms per step, tokens/s, the rate against one row's,
 the weight matrices' bytes streamed per second, and the matrix arithmetic
 done per second (2 x rows x matrix weights a step; attention not counted).
 """
-import argparse
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import CONFIGS, architecture  # noqa: E402
-from tables import render  # noqa: E402
+from tables import per_config_main  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
 PROMPT, STEPS = 16, 64
@@ -67,14 +66,9 @@ def measure(name, rounds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="small,gpt2-small,llama-small,stories15M")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--markdown", action="store_true")
-    args = p.parse_args(argv)
-    rows = [row for name in args.configs.split(",") for row in measure(name, args.rounds)]
-    print(render(["config", "rows", "ms/step", "tokens/s", "against 1 row", "matrix GB/s",
-                  "matrix GFLOP/s"], rows, args.markdown))
+    per_config_main(argv, __doc__, measure, ["config", "rows", "ms/step", "tokens/s",
+                                             "against 1 row", "matrix GB/s", "matrix GFLOP/s"],
+                    "small,gpt2-small,llama-small,stories15M", 5)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ sampled (temperature 0.8, top-k 40) generation, and generate_ids (the ids
 without text), run once a round each, in turn; each figure is the median
 over the rounds.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import CONFIGS, architecture  # noqa: E402
-from tables import render  # noqa: E402
+from tables import per_config_main  # noqa: E402
 
 PROMPT = 4
 REPEATS = 4  # generations a round, so that short contexts time enough steps
@@ -95,13 +94,8 @@ def measure(name, rounds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="lua,baby")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--markdown", action="store_true")
-    args = p.parse_args(argv)
-    rows = [row for name in args.configs.split(",") for row in measure(name, args.rounds)]
-    print(render(["config", "path", "tokens/s", "of the C step's"], rows, args.markdown))
+    per_config_main(argv, __doc__, measure, ["config", "path", "tokens/s", "of the C step's"],
+                    "lua,baby", 7)
 
 
 if __name__ == "__main__":

@@ -50,9 +50,10 @@ def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored c
 def _apply_changes(cfg, state, changes):
     """A resumed run's new training settings ({field: (option, old, new)})
     into cfg, and into train_state's setting_changes with the step they take
-    effect from (saved with the next checkpoint, as the config is)."""
+    effect from (saved with the next checkpoint, as the config is). Returns
+    them in words, for the user ("--lr 0.002 (was 0.001)")."""
     if not changes:
-        return
+        return []
     for field, (_, _, value) in changes.items():
         setattr(cfg, field, value)
     cfg.validate()
@@ -60,8 +61,7 @@ def _apply_changes(cfg, state, changes):
     state["setting_changes"] = (history if isinstance(history, list) else []) + [
         {"step": state["step"] + 1,
          **{field: {"was": old, "now": new} for field, (_, old, new) in changes.items()}}]
-    state["changed_now"] = [f"{option} {new} (was {old})"
-                            for option, old, new in changes.values()]
+    return [f"{option} {new} (was {old})" for option, old, new in changes.values()]
 
 
 # train_state key and file suffix of each token file: the corpus, --val-file's text
@@ -285,7 +285,7 @@ class TrainerSetup:
                     parts = cls._read_for_resume(db_path, reader, sources, digest, corpus,
                                                  encoding_errors, on_progress, settings,
                                                  run_options)
-                    changed = parts[-1].pop("changed_now", [])
+                    *parts, changed = parts
                     step = parts[-1]["step"]
                     if max_iters is not None and step >= max_iters:
                         history = store.checkpoints(reader)
@@ -308,8 +308,8 @@ class TrainerSetup:
     @staticmethod
     def _read_for_resume(db_path, conn, sources, digest, corpus, encoding_errors, on_progress,
                          settings, run_options):
-        """(model, cfg, tokenizer, train, val, state) of a database to resume,
-        every part checked."""
+        """(model, cfg, tokenizer, train, val, state, the settings it changes
+        in words) of a database to resume, every part checked."""
         arch, cfg = store.read_config(conn)
         lora = store.read_lora(conn)
         stored = {**cfg.to_dict(), **arch.to_dict(), **dict(lora.rows() if lora else [])}
@@ -337,7 +337,7 @@ class TrainerSetup:
                                 encoding_errors, on_progress)
         for name, value in (run_options or {}).items():  # memory or messages, not results
             setattr(cfg, name, value)
-        _apply_changes(cfg, state, changes)
+        changed = _apply_changes(cfg, state, changes)
         model = store.model_for(conn, db_path, arch, cfg.checkpoint_activations)
         store.read_weights(conn, model)
         train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
@@ -347,4 +347,4 @@ class TrainerSetup:
             val = _val_split(_resume_tokens(db_path, conn.prefix, state, "val", tokenizer,
                                             val_sources, encoding_errors, on_progress),
                              arch.seq_len, cfg.val_file)
-        return model, cfg, tokenizer, train, val, state
+        return model, cfg, tokenizer, train, val, state, changed
