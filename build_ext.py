@@ -12,7 +12,7 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-SOURCES = ["scratch.c", "matmul.c", "attention.c", "norm.c", "rope.c", "activation.c",
+SOURCES = ["scratch.c", "governor.c", "matmul.c", "attention.c", "norm.c", "rope.c", "activation.c",
            "embedding.c", "loss.c", "dropout.c", "optim.c", "checksum.c", "model.c", "decode.c",
            "quant.c", "sample.c"]
 

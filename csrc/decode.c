@@ -544,9 +544,9 @@ static void decode_block(const Step *s, const ModelTensors *w, int l, const Form
  * computing them redundantly (n x C values), so no thread waits on another
  * for them: a barrier costs more than the work. Barriers remain only where a
  * matmat's output, split among threads, feeds the next op. */
-int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
-                 float *kcache, float *vcache, int n, const int *slots, const int *tokens,
-                 const int *pos, int n_out, const int *out_rows, float *logits) {
+static int decode_rows(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                       float *kcache, float *vcache, int n, const int *slots, const int *tokens,
+                       const int *pos, int n_out, const int *out_rows, float *logits) {
     int C = cfg->C, hs = C / cfg->NH, F = cfg->F, Tk = key_stride(cfg->max_T);
     int KVC = cfg->KVH * hs, wide = C > F ? C : F;
     Format f = {precision == PRECISION_BF16,
@@ -605,6 +605,18 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, i
         }
     }
     return take_status();
+}
+
+/* One governed unit (governor.c), keyed by the model's weights and sized by
+ * its rows. */
+int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
+                 float *kcache, float *vcache, int n, const int *slots, const int *tokens,
+                 const int *pos, int n_out, const int *out_rows, float *logits) {
+    threads_unit_begin(w->wte, n);
+    int status = decode_rows(cfg, w, precision, group, kcache, vcache, n, slots, tokens, pos,
+                             n_out, out_rows, logits);
+    threads_unit_end();
+    return status;
 }
 
 int decode_step(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,

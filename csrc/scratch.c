@@ -62,10 +62,3 @@ float *scratch(int slot, size_t nfloats) {
     return buffers[slot];
 }
 
-void set_threads(int n) {
-    omp_set_num_threads(n);
-}
-
-int max_threads(void) {
-    return omp_get_max_threads();
-}

@@ -27,10 +27,19 @@
 
 enum { SQLGPT_OK = 0, SQLGPT_NOMEM = 1 };
 
-/* scratch.c: the threads every parallel region uses (OpenMP's team size;
- * set it before the first kernel call: a new size restarts the pool). */
+/* governor.c: the threads parallel regions use. set_threads fixes the
+ * count; set_thread_ceiling lets the governor choose, unit by unit, up to n
+ * (the default, up to OpenMP's count). A unit of work (a decode step, a
+ * training step) runs between threads_unit_begin and _end on the calling
+ * thread, keyed by its model (any stable pointer) and sized by its work
+ * (tokens): units of one key and size are timed together. */
 void set_threads(int n);
+void set_thread_ceiling(int n);
 int max_threads(void);
+void threads_unit_begin(const void *key, double work);
+void threads_unit_end(void);
+int governed_threads(const void *key); /* the count the key's units run on now */
+int threads_unit_depth(void);          /* units open on the calling thread */
 
 /* ---- the model, described once ---- */
 enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 };

@@ -11,21 +11,27 @@ except ImportError:
                       f"folder, or build the kernel in place with pip install -e .") from None
 from .model.cpus import usable_cpus as _usable_cpus
 
-if "OMP_NUM_THREADS" not in _environ:  # else the user chose
-    from ._kernel import lib as _lib
-    if _usable_cpus() < _lib.max_threads():
-        _lib.set_threads(_usable_cpus())
+from ._kernel import lib as _lib
+if _environ.get("OMP_NUM_THREADS"):  # the user chose: a fixed count
+    _lib.set_threads(_lib.max_threads())
+else:  # the governor chooses, up to the CPUs this process may use
+    _lib.set_thread_ceiling(min(_usable_cpus(), _lib.max_threads()))
 from .api import Model, load, merge, quantize
 from .errors import SqlgptError
 from .sql.functions import connect, extension_path, register
 
 
 def set_threads(n):
-    """Threads for every kernel call from now on (default: every CPU the
-    process may use: its affinity, within its cgroup's CPU quota)."""
+    """Threads for every kernel call from now on: a fixed count, or "auto"
+    (the default): up to every CPU the process may use (its affinity, within
+    its cgroup's CPU quota), fewer while measured steps run faster on fewer,
+    as they do when other processes share the cores."""
     from ._kernel import lib
-    if not isinstance(n, int) or not 1 <= n <= 4096:
-        raise SqlgptError(f"threads must be an integer from 1 to 4096, got {n!r}")
+    if n == "auto":
+        lib.set_thread_ceiling(_usable_cpus())
+        return
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4096:
+        raise SqlgptError(f"threads must be \"auto\" or an integer from 1 to 4096, got {n!r}")
     lib.set_threads(n)
 
 __version__ = "0.1.0"

@@ -249,14 +249,13 @@ def test_init_from_a_trained_model(tmp_path, small_corpus):
 
 def test_threads_option(tmp_path, small_corpus):
     from sqlgpt._kernel import lib
-    before = lib.max_threads()
     try:
         result = run("train", small_corpus, "--db", tmp_path / "m.db", "--iters", 1, *TINY,
                      "--threads", 1)
         assert result.exit_code == 0, result.output
         assert lib.max_threads() == 1
     finally:
-        sqlgpt.set_threads(before)  # CliRunner runs in this process: the other tests keep theirs
+        sqlgpt.set_threads("auto")  # CliRunner runs in this process: the other tests keep theirs
     assert run("train", small_corpus, "--db", tmp_path / "n.db", "--threads", 0).exit_code == 2
 
 

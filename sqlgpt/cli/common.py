@@ -96,9 +96,24 @@ step_option = click.option(
     "--step", type=click.IntRange(min=0), default=None,
     help="Use the checkpoint of this step (one train --keep kept). [default: the latest]")
 
+class ThreadCount(click.ParamType):
+    """An integer from 1 to 4096, or auto."""
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return click.IntRange(1, 4096).convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not auto or an integer from 1 to 4096", param, ctx)
+
+
 threads_option = click.option(
-    "--threads", type=click.IntRange(1, 4096), default=None, expose_value=False,
-    callback=apply_threads, help="Threads for the kernel. [default: every core]")
+    "--threads", type=ThreadCount(), default=None, expose_value=False,
+    callback=apply_threads,
+    help="Threads for the kernel: a fixed count, or auto: every core the process may use, "
+         "fewer while steps measure faster on fewer (a busy machine). [default: auto]")
 
 
 
