@@ -415,18 +415,34 @@ def export(path, out, fmt="hf", prefix="", dtype="f32"):
 
 
 def import_hf(directory, db_path, overwrite=False, prefix=""):
-    """A new sqlgpt database at db_path from a transformers GPT-2 or llama
-    directory (config.json, model.safetensors, a byte-level BPE
-    tokenizer.json: sqlgpt's, or the model's own as it is): it generates,
-    evaluates, fine-tunes (--base) and exports; it has no training state to
-    resume. Returns the new Model."""
+    """A new sqlgpt database at db_path from a transformers directory (gpt2,
+    llama, qwen2 or mistral: config.json, safetensors weights, the model's
+    tokenizer.json): it generates, evaluates, fine-tunes (--base) and
+    exports; it has no training state to resume. Returns the new Model."""
     from .interop import hf
-    from .model.config import TrainConfig
-    from .model.model import GPT
     arch, weights, tokenizer = hf.read_hf(directory)
     if tokenizer is None:
         raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
-                          f"tokenizer (byte-level BPE)")
+                          f"tokenizer")
+    return _create_imported(db_path, directory, arch, weights, tokenizer, overwrite, prefix)
+
+
+def import_gguf(path, db_path, overwrite=False, prefix=""):
+    """A new sqlgpt database at db_path from a llama.cpp GGUF file (llama,
+    qwen2 or gpt2; F32, F16, BF16, Q8_0 or Q4_0; see sqlgpt.interop.gguf_import):
+    a Q8_0/Q4_0 file's blocks are kept as the model's int8/int4 copy, and
+    its chat template is kept with the model. Returns the new Model."""
+    from .interop import gguf_import
+    arch, weights, tokenizer, quantized, extras = gguf_import.read_gguf(path)
+    return _create_imported(db_path, path, arch, weights, tokenizer, overwrite, prefix,
+                            quantized, extras)
+
+
+def _create_imported(db_path, source, arch, weights, tokenizer, overwrite, prefix,
+                     quantized=None, extras=None):
+    from .model.config import TrainConfig
+    from .model.model import GPT
+    from .model.quant import GROUP_SIZES
     store.check_new_location(Path(db_path), overwrite, store.check_prefix(prefix),
                              resumable=False)
     model = GPT(arch)
@@ -434,11 +450,17 @@ def import_hf(directory, db_path, overwrite=False, prefix=""):
         t.data[...] = weights[t.name]
     _check_values(model.params)  # NaN or Inf weights are refused, as a load does
     cfg = TrainConfig(tokenizer=tokenizer.kind, vocab_size=arch.n_vocab)
-    state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(directory).resolve())}
+    state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(source).resolve()),
+             **{k: v for k, v in (extras or {}).items() if v is not None}}
     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state, overwrite,
                                        prefix=prefix)
-    store.close_writer(conn)
-    lock.release()
+    try:
+        if quantized is not None:
+            bits, blocks = quantized
+            store.write_quantized(conn, bits, GROUP_SIZES[0], 0, blocks)
+    finally:
+        store.close_writer(conn)
+        lock.release()
     return load(db_path, prefix=prefix)
 
 

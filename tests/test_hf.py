@@ -270,7 +270,7 @@ def test_bad_directories_are_one_line_errors_and_write_nothing(exported, tmp_pat
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config["vocab_size"])},
                                        unk_token="w0"))
     words.save(str(foreign / "tokenizer.json"))
-    refused(foreign, db, "only byte-level BPE tokenizers import")
+    refused(foreign, db, "only BPE tokenizers import")
     garbled = tmp_path / "garbled"
     shutil.copytree(exported, garbled)
     (garbled / "tokenizer.json").write_text("{not json")

@@ -73,7 +73,7 @@ def test_the_real_models_patterns_run_in_linear_time(definition):
      "normalizer Replace"),
     ({"decoder": {"type": "WordPiece"}}, "decoder WordPiece"),
     ({"pre_tokenizer": {"type": "Whitespace"}}, "does not end in ByteLevel"),
-    ({"model": {"type": "WordLevel", "vocab": {"a": 0}}}, "only byte-level BPE"),
+    ({"model": {"type": "WordLevel", "vocab": {"a": 0}}}, "only BPE tokenizers import"),
 ])
 def test_other_shapes_are_one_line_errors(definition, change, message):
     with pytest.raises(SqlgptError, match=message):

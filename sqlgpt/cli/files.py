@@ -175,19 +175,26 @@ def export_(db_path, prefix, fmt, dtype, out_path):
 
 
 @click.command(name="import")
-@click.argument("directory", type=click.Path())
+@click.argument("source", type=click.Path())
 @db_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing --db.")
 @fail_cleanly
-def import_(directory, db_path, prefix, overwrite):
-    """Make a sqlgpt database from a local transformers GPT-2 or llama
-    DIRECTORY (config.json, model.safetensors, tokenizer.json as sqlgpt
-    export writes it); nothing is downloaded.
+def import_(source, db_path, prefix, overwrite):
+    """Make a sqlgpt database from a local model: a transformers directory
+    (gpt2, llama, qwen2 or mistral: config.json, safetensors weights,
+    tokenizer.json) or a llama.cpp GGUF file (llama, qwen2 or gpt2; F32,
+    F16, BF16, Q8_0 or Q4_0). Nothing is downloaded.
 
-    Example: sqlgpt import model-hf --db model.db
+    Examples: sqlgpt import model-hf --db model.db;
+    sqlgpt import model.Q8_0.gguf --db model.db
     """
-    from ..api import import_hf
-    model = import_hf(directory, db_path, overwrite, prefix)
+    from ..api import import_gguf, import_hf
+    if os.path.isdir(source):
+        model = import_hf(source, db_path, overwrite, prefix)
+    elif os.path.isfile(source):
+        model = import_gguf(source, db_path, overwrite, prefix)
+    else:
+        raise SqlgptError(f"{source} is not a directory (a transformers model) or a GGUF file")
     click.echo(f"wrote {db_path}: {model.arch.preset} preset, {model.num_parameters():,} "
                f"parameters")
 

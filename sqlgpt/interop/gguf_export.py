@@ -1,6 +1,6 @@
-"""GGUF files for llama.cpp (written with the `gguf` package, an optional
-extra): the architecture's metadata keys, the byte-level BPE tokenizer
-(tokens, merges, special ids), and the tensors under llama.cpp's names and
+"""GGUF files for llama.cpp (written with the `gguf` package): the
+architecture's metadata keys, the byte-level BPE tokenizer (tokens,
+merges, special ids), and the tensors under llama.cpp's names and
 layouts, as its own converter (convert_hf_to_gguf.py) writes them.
 
 The tensors start from the Hugging Face export's (sqlgpt.interop.hf: the same
@@ -55,7 +55,7 @@ def export(model, path, fmt="f32"):
     try:
         import gguf
     except ImportError:
-        raise SqlgptError("GGUF export needs the gguf package: pip install 'sqlgpt[export]'") \
+        raise SqlgptError("GGUF export needs the gguf package (Python 3.10 or later): pip install gguf") \
             from None
     if fmt not in FORMATS:
         raise SqlgptError(f"GGUF tensor format must be one of {', '.join(FORMATS)}, got {fmt!r}")
