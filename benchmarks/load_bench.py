@@ -6,8 +6,9 @@ other processes keep the cores busy, in one run.
 A load of L puts L spinning processes per usable core beside the measured
 one (Python busy loops, as a build or another service would be). At each
 load, each side runs in a fresh child process:
-- sqlgpt at its default threads (the kernel's governor picks the count
-  step by step), and fixed at 1 thread and at every core (`--threads`);
+- sqlgpt at its default threads (for generation the kernel's governor
+  picks the count step by step; training keeps every core, its sums
+  depending on the count), and fixed at 1 thread and at every core;
 - PyTorch (the same model written as PyTorch, benchmarks/torch_gpt.py) at
   its default threads and at 1 thread.
 Generation is greedy decoding of NEW_TOKENS after a PROMPT_TOKENS prompt
