@@ -442,7 +442,6 @@ def _create_imported(db_path, source, arch, weights, tokenizer, overwrite, prefi
                      quantized=None, extras=None):
     from .model.config import TrainConfig
     from .model.model import GPT
-    from .model.quant import GROUP_SIZES
     store.check_new_location(Path(db_path), overwrite, store.check_prefix(prefix),
                              resumable=False)
     model = GPT(arch)
@@ -456,8 +455,8 @@ def _create_imported(db_path, source, arch, weights, tokenizer, overwrite, prefi
                                        prefix=prefix)
     try:
         if quantized is not None:
-            bits, blocks = quantized
-            store.write_quantized(conn, bits, GROUP_SIZES[0], 0, blocks)
+            bits, group, blocks = quantized
+            store.write_quantized(conn, bits, group, 0, blocks)
     finally:
         store.close_writer(conn)
         lock.release()

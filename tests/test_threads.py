@@ -47,13 +47,13 @@ CROWDED = textwrap.dedent("""
 
 
 @needs_two
-def test_the_governor_decodes_on_one_thread_beside_a_busy_core():
+def test_the_governor_decodes_on_one_thread_beside_a_busy_core(tmp_path):
     first, second = sorted(os.sched_getaffinity(0))[:2]
     spinner = subprocess.Popen([sys.executable, "-c", f"import os\n"
                                 f"os.sched_setaffinity(0, {{{second}}})\nwhile True: pass"])
     try:
         out = subprocess.run([sys.executable, "-c", CROWDED], capture_output=True,
-                             text=True, timeout=600,
+                             text=True, timeout=600, cwd=tmp_path,
                              env={**os.environ, "OMP_NUM_THREADS": "",
                                   "GOMP_CPU_AFFINITY": f"{first} {second}"})
     finally:

@@ -41,8 +41,8 @@ ADDED = (UNKNOWN, CONTROL, USER_DEFINED)  # the tokens that are the library's ad
 
 def read_gguf(path):
     """(arch, {name: float32 array}, tokenizer, quantized, extras) of a GGUF
-    file: quantized is (bits, {matrix name: (q, scales)}) for a Q8_0/Q4_0
-    file, else None; extras holds the chat template, if any."""
+    file: quantized is (bits, group, {matrix name: (q, scales)}) for a
+    Q8_0/Q4_0 file, else None; extras holds the chat template, if any."""
     reader = _open(path)
     meta = Metadata(reader, path)
     kind = meta.text("general.architecture")
@@ -195,7 +195,7 @@ def _row_order(arch, kind, name, rows):
 
 
 def _quantized(arch, kind, tensors, weights):
-    """(bits, {name: (q, scales)}) kept from the file's Q8_0/Q4_0 blocks
+    """(bits, group, {name: (q, scales)}) kept from the file's Q8_0/Q4_0 blocks
     (matrices of other types quantized here), or None for a float file."""
     to_gguf = hf_to_gguf(arch)
     types = [t.tensor_type.name for t in tensors.values() if len(t.shape) == 2]
@@ -215,7 +215,7 @@ def _quantized(arch, kind, tensors, weights):
         else:
             w = weights[spec.tied_to].T if spec.tied_to else weights[spec.name]
             blocks[spec.name] = quantize(w, bits, GROUP)
-    return bits, blocks
+    return bits, GROUP, blocks
 
 
 def _block_source(arch, spec, to_gguf, tensors):
