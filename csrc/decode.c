@@ -566,8 +566,7 @@ static int decode_rows(const ModelConfig *cfg, const ModelTensors *w, int precis
     float *angles = r.h + (size_t)n * F;
     if (cfg->pos == POS_ROPE)
         for (int i = 0; i < n; i++)
-            rope_angles(angles + (size_t)i * hs, angles + (size_t)i * hs + hs / 2, pos[i], hs,
-                        cfg->rope_theta);
+            rope_angles(angles + (size_t)i * hs, angles + (size_t)i * hs + hs / 2, pos[i], hs, cfg);
     Step s = {cfg, n, hs, Tk, pos, slots, angles, kcache, vcache};
     int failed = 0;
     /* one thread for models whose matrices fit in a core's cache anyway */

@@ -99,7 +99,9 @@ static int read_config(const Ext *x, Config *c, Err *e) {
     long long kvh = a->kv_heads ? a->kv_heads : a->num_heads;
     if (a->embed_dim % a->num_heads || a->kv_heads > a->num_heads || a->num_heads % kvh ||
         (a->pos == POS_ROPE && (a->embed_dim / a->num_heads) % 2) ||
-        (a->pos == POS_SINUSOIDAL && a->embed_dim % 2))
+        (a->pos == POS_SINUSOIDAL && a->embed_dim % 2) ||
+        (a->rope_scaling == ROPE_SCALING_LLAMA3 &&
+         !(a->rope_original_context && a->rope_high_freq > a->rope_low_freq)))
         return fail(e, "the config table is damaged (an impossible architecture)");
     return 0;
 }
@@ -111,10 +113,16 @@ static ModelConfig model_config(const ArchFields *a) {
     if (!F && a->mlp != MLP_SWIGLU) F = 4 * C;
     if (!F) F = (8 * C / 3 + SQLGPT_SWIGLU_MULTIPLE - 1) / SQLGPT_SWIGLU_MULTIPLE *
                 SQLGPT_SWIGLU_MULTIPLE;
-    return (ModelConfig){(int)a->num_layers, C, (int)a->num_heads,
-                         (int)(a->kv_heads ? a->kv_heads : a->num_heads), F, (int)a->n_vocab,
-                         (int)a->seq_len, a->norm, a->pos, a->mlp, a->final_norm,
-                         (float)a->norm_eps, (float)a->rope_theta};
+    return (ModelConfig){.num_layers = (int)a->num_layers, .C = C, .NH = (int)a->num_heads,
+                         .KVH = (int)(a->kv_heads ? a->kv_heads : a->num_heads), .F = F,
+                         .V = (int)a->n_vocab, .max_T = (int)a->seq_len, .norm = a->norm,
+                         .pos = a->pos, .mlp = a->mlp, .final_norm = a->final_norm,
+                         .norm_eps = (float)a->norm_eps, .rope_theta = (float)a->rope_theta,
+                         .rope_scaling = a->rope_scaling,
+                         .rope_original_T = (int)a->rope_original_context,
+                         .rope_factor = (float)a->rope_factor,
+                         .rope_low_freq = (float)a->rope_low_freq,
+                         .rope_high_freq = (float)a->rope_high_freq};
 }
 
 static long long dimension(const ModelConfig *cfg, int dim) {

@@ -65,7 +65,7 @@ float rmsnorm_row(float *y, const float *x, const float *weight, int C, float ep
  * whose cos and sin (hs/2) are given; sign -1 rotates back (rope.c). */
 void rope_row(float *x, const float *cos, const float *sin, int heads, int hs, float sign);
 /* cos and sin (hs/2) of position t's angles. */
-void rope_angles(float *cos, float *sin, int t, int hs, float theta);
+void rope_angles(float *cos, float *sin, int t, int hs, const ModelConfig *cfg);
 
 /* GELU, tanh form (GPT-2's): 0.5 x (1 + tanh(u)) written as x * sigmoid(2u),
  * which has no cancellation where tanh(u) is near -1. Past |x| = GELU_TAIL

@@ -244,8 +244,7 @@ int model_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lor
                   float dropout, const unsigned long long *seeds, int ignore_index,
                   double *loss) {
     int N = B * T, C = cfg->C, st = 0;
-    if (cfg->pos == POS_ROPE) rope_table(a->rope_cos, a->rope_sin, T, head_size(cfg),
-                                         cfg->rope_theta);
+    if (cfg->pos == POS_ROPE) rope_table(a->rope_cos, a->rope_sin, T, head_size(cfg), cfg);
     embedding_forward(a->layers[0].x, ids, w->wte, w->wpe, B, T, C);
     for (int l = 0; l < cfg->num_layers; l++) {
         float *out = l + 1 < cfg->num_layers ? a->layers[l + 1].x : a->x_final;

@@ -2,7 +2,8 @@
  *
  * Each head's hs values are hs/2 pairs (i, i + hs/2), the layout of
  * transformers' llama (rotate_half), so its checkpoints need no permutation.
- * Pair i of position t turns by the angle t * theta^(-2i/hs):
+ * Pair i of position t turns by the angle t * theta^(-2i/hs) (a scaled
+ * rope stretches these frequencies):
  *   (a, b) -> (a cos - b sin, a sin + b cos).
  * Backward turns the gradient back by the same angle (a rotation's
  * transpose is its inverse). x is (B,T,heads*hs); cos and sin (T, hs/2).
@@ -10,19 +11,36 @@
 #include <math.h>
 #include "kernel.h"
 
+/* Pair i's frequency, theta^(-2i/hs), stretched as cfg->rope_scaling says
+ * (transformers' linear and llama3 rope types): llama 3.1 divides the
+ * frequencies of wavelengths longer than its original context by
+ * low_freq by rope_factor, keeps those shorter than original / high_freq,
+ * and blends linearly between them. */
+static double frequency(const ModelConfig *cfg, int i, int hs) {
+    double freq = pow((double)cfg->rope_theta, -2.0 * i / hs);
+    if (cfg->rope_scaling == ROPE_SCALING_LINEAR) return freq / cfg->rope_factor;
+    if (cfg->rope_scaling != ROPE_SCALING_LLAMA3) return freq;
+    double wavelength = 2 * 3.14159265358979323846 / freq, original = cfg->rope_original_T;
+    if (wavelength < original / cfg->rope_high_freq) return freq;
+    if (wavelength > original / cfg->rope_low_freq) return freq / cfg->rope_factor;
+    double smooth = (original / wavelength - cfg->rope_low_freq) /
+                    (cfg->rope_high_freq - cfg->rope_low_freq);
+    return (1 - smooth) * freq / cfg->rope_factor + smooth * freq;
+}
+
 /* The angles in double: t * freq reaches thousands of radians at long
  * contexts, where a float32 product would already be off by 1e-4. */
-void rope_angles(float *cos_t, float *sin_t, int t, int hs, float theta) {
+void rope_angles(float *cos_t, float *sin_t, int t, int hs, const ModelConfig *cfg) {
     for (int i = 0; i < hs / 2; i++) {
-        double angle = t * pow((double)theta, -2.0 * i / hs);
+        double angle = t * frequency(cfg, i, hs);
         cos_t[i] = (float)cos(angle);
         sin_t[i] = (float)sin(angle);
     }
 }
 
-void rope_table(float *cos_t, float *sin_t, int T, int hs, float theta) {
+void rope_table(float *cos_t, float *sin_t, int T, int hs, const ModelConfig *cfg) {
     for (int t = 0; t < T; t++)
-        rope_angles(cos_t + (size_t)t * (hs / 2), sin_t + (size_t)t * (hs / 2), t, hs, theta);
+        rope_angles(cos_t + (size_t)t * (hs / 2), sin_t + (size_t)t * (hs / 2), t, hs, cfg);
 }
 
 void rope_row(float *x, const float *cos_t, const float *sin_t, int heads, int hs, float sign) {

@@ -45,6 +45,7 @@ int threads_unit_depth(void);          /* units open on the calling thread */
 enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 };
 enum { POS_LEARNED = 0, POS_SINUSOIDAL = 1, POS_ROPE = 2, POS_NONE = 3 };
 enum { MLP_RELU = 0, MLP_GELU = 1, MLP_SWIGLU = 2 };
+enum { ROPE_SCALING_NONE = 0, ROPE_SCALING_LINEAR = 1, ROPE_SCALING_LLAMA3 = 2 };
 
 /* The architecture: which parts a block has and its sizes. Optional
  * parameters (norm gains and biases, linear biases, a learned wpe, the
@@ -54,6 +55,11 @@ typedef struct {
     int num_layers, C, NH, KVH, F, V, max_T;
     int norm, pos, mlp, final_norm;
     float norm_eps, rope_theta;
+    /* rope's frequencies stretched (contract.ROPE_SCALINGS): by rope_factor,
+     * llama3 between wavelengths rope_original_T / rope_high_freq and
+     * rope_original_T / rope_low_freq */
+    int rope_scaling, rope_original_T;
+    float rope_factor, rope_low_freq, rope_high_freq;
 } ModelConfig;
 
 /* One block's parameters (in, out): q (C,C), k and v (C,KVH*hs), proj
@@ -232,7 +238,7 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dskip, const flo
  * (i, i + hs/2) of each head rotated by angle t * theta^(-2i/hs), the
  * layout of transformers' llama (rotate_half). cos, sin (T, hs/2) from
  * rope_table; backward rotates the gradient back (also in place). */
-void rope_table(float *cos, float *sin, int T, int hs, float theta);
+void rope_table(float *cos, float *sin, int T, int hs, const ModelConfig *cfg);
 void rope_forward(float *x, const float *cos, const float *sin, int B, int T, int heads, int hs);
 void rope_backward(float *dx, const float *cos, const float *sin, int B, int T, int heads,
                    int hs);

@@ -61,6 +61,11 @@ REQUIRED_CONFIG_KEYS = ("vocab_size", "embed_dim", "num_heads", "num_layers", "s
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 MLPS = ("relu", "gelu", "swiglu")
+# how rope's frequencies are stretched for a longer context: none; linear
+# (each divided by rope_factor); llama3 (llama 3.1's rule: wavelengths
+# longer than rope_original_context / rope_low_freq divided by rope_factor,
+# shorter than rope_original_context / rope_high_freq kept, a blend between)
+ROPE_SCALINGS = ("none", "linear", "llama3")
 INITS = ("lua", "normal")
 SWIGLU_MULTIPLE = 32  # llama's hidden-size rule rounds up to this
 ARCH_FIELDS = {
@@ -76,6 +81,11 @@ ARCH_FIELDS = {
     "norm_eps": ("float", 0.0, 1.0),     # open interval
     "pos": ("choice", POSITIONS),
     "rope_theta": ("float", 1.0, 1e30),  # open below
+    "rope_scaling": ("choice", ROPE_SCALINGS),
+    "rope_factor": ("float", 0.0, 1e6),
+    "rope_low_freq": ("float", 0.0, 1e6),
+    "rope_high_freq": ("float", 0.0, 1e6),
+    "rope_original_context": ("int", 0, 2**24),
     "mlp": ("choice", MLPS),
     "bias": ("bool",),
     "qkv_bias": ("bool",),

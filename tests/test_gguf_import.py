@@ -86,11 +86,12 @@ def library_tokenizer(corpus, pattern):
     return tok
 
 
-def hf_family(kind, vocab, tied):
+def hf_family(kind, vocab, tied, rope=None):
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  tie_word_embeddings=tied, rms_norm_eps=1e-6)
+                  tie_word_embeddings=tied, rms_norm_eps=1e-6,
+                  **({"rope_parameters": rope} if rope else {}))
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:
@@ -133,6 +134,14 @@ def write_like_llama_cpp(path, kind, model, tok, qtype=None):
                               if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_divisors(cfg))
+        if rope["original_max_position_embeddings"] != 8192:  # the converter's assumption
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
     writer.add_tokenizer_model("gpt2")
@@ -165,6 +174,69 @@ def write_like_llama_cpp(path, kind, model, tok, qtype=None):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def llama3_divisors(cfg):
+    """rope_freqs.weight as llama.cpp's converter computes it from a llama
+    3.1 config: each pair's frequency divisor."""
+    import math
+    rope, hs = cfg.rope_parameters, cfg.hidden_size // cfg.num_attention_heads
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old, factor = rope["original_max_position_embeddings"], rope["factor"]
+    out = []
+    for i in range(0, hs, 2):
+        wavelen = 2 * math.pi * rope["rope_theta"] ** (i / hs)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+# llama 3.2's rope (theta 1e6 puts hs 16's pairs 4 in the blend, 5-7 past it)
+LLAMA32_ROPE = {"rope_type": "llama3", "rope_theta": 1e6, "factor": 32.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("rope", [
+    LLAMA32_ROPE,  # (its rope moves these logits by 5e-5: the 1e-5 below tells)
+    {**LLAMA32_ROPE, "rope_theta": 1e4, "original_max_position_embeddings": 128},
+    {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}])
+def test_llama_3s_and_linear_rope_scaling_import_from_gguf_and_export_back(corpus, tmp_path,
+                                                                           rope):
+    tok = library_tokenizer(corpus, LLAMA3)
+    model = hf_family("llama", tok.get_vocab_size(), True, rope)
+    path, db = tmp_path / "m.gguf", tmp_path / "m.db"
+    write_like_llama_cpp(path, "llama", model, tok)
+    result = run("import", path, "--db", db)
+    assert result.exit_code == 0, result.output
+    ours = sqlgpt.load(db)
+    assert ours.arch.rope_scaling == rope["rope_type"]
+    row = np.random.default_rng(1).integers(0, tok.get_vocab_size(), 48)
+    with torch.no_grad():
+        want = model(torch.from_numpy(row[None])).logits.numpy()[0]
+    assert np.abs(ours.logits(row) - want).max() < 1e-5
+    again = tmp_path / "again.gguf"
+    assert run("export", "--db", db, "--format", "gguf", "-o", again).exit_code == 0
+    assert run("import", again, "--db", tmp_path / "again.db").exit_code == 0
+    back = sqlgpt.load(tmp_path / "again.db")
+    assert back.arch.to_dict() == ours.arch.to_dict()
+    assert np.array_equal(back.logits(row), ours.logits(row))
+
+
+def test_rope_freqs_of_another_rule_are_refused(corpus, tmp_path):
+    tok = library_tokenizer(corpus, LLAMA3)
+    model = hf_family("llama", tok.get_vocab_size(), True, {**LLAMA32_ROPE,
+                                                             "high_freq_factor": 2.0})
+    path, db = tmp_path / "m.gguf", tmp_path / "m.db"
+    write_like_llama_cpp(path, "llama", model, tok)
+    result = run("import", path, "--db", db)
+    one_line_error(result, db)
+    assert "is not llama 3.1's rope scaling" in result.output
 
 
 @pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("qwen2", False)])

@@ -108,7 +108,16 @@ def test_import_of_an_export_is_the_same_model_bit_for_bit(trained, tmp_path):
     assert result.exit_code == 1 and "fine-tune it with --base" in result.output
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral", "llama-sharded"])
+# llama 3.1's rope over hs 12 at theta 5000 and an original context of 64:
+# pair 0 kept, pair 1 blended, the rest stretched 8 times
+ROPES = {"llama3-rope": {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+         "linear-rope": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 3.0}}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral", "llama-sharded",
+                                  *ROPES])
 def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, kind):
     base = tmp_path / "base.db"  # for its tokenizer (sqlgpt's layout)
     assert run("train", corpus, "--db", base, "--preset", "gpt2" if kind == "gpt2" else "llama",
@@ -132,10 +141,11 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
                                             sliding_window=32, rope_theta=5000.0)
         model = transformers.MistralForCausalLM(config)
     else:
+        rope = ROPES.get(kind, {"rope_type": "default", "rope_theta": 5000.0})
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
                                           num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, max_position_embeddings=32,
-                                          rope_theta=5000.0)
+                                          rope_parameters=rope)
         model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():  # well away from init's exact ones and zeros
@@ -155,6 +165,11 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
     ids = ours.encode(TEXT)
     assert np.abs(hf_logits(model.eval(), ids) - ours.logits(ids)).max() < 1e-4
     assert_same_greedy(model, ours, ids)
+    if kind in ROPES:  # and the export carries the scaling back
+        assert ours.arch.rope_scaling == ROPES[kind]["rope_type"]
+        assert run("export", "--db", tmp_path / "made.db", "-o", tmp_path / "back").exit_code == 0
+        again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+        assert np.abs(hf_logits(again, ids) - ours.logits(ids)).max() < 1e-4
 
 
 def test_a_sliding_window_narrower_than_the_context_is_refused(tmp_path):

@@ -10,11 +10,16 @@ permuted from rotate_half's pairs (i, i + head/2) to the interleaved pairs
 arrays (ggml's ne = [in, out]); vectors stay float32, as the converters
 keep them.
 """
+from dataclasses import replace
+
 import numpy as np
 
 from ..errors import SqlgptError
 from ..model.arch import hf_to_gguf
+from ..model.model import rope_frequencies
 from .hf import GPT2, LLAMA, QWEN2, hf_config, hf_tensors
+
+ROPE_FREQS = "rope_freqs.weight"  # llama 3's rope scaling: each pair's frequency divisor
 
 FORMATS = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32
@@ -67,6 +72,9 @@ def export(model, path, fmt="f32"):
         raise SqlgptError(f"llama.cpp's gpt2 always uses GELU; this model's MLP is {arch.mlp} "
                           f"(export it with --format hf)")
     tensors = gguf_tensors(arch, model.state_dict_view())
+    if arch.rope_scaling == "llama3":  # as llama.cpp's converter writes it: each pair's divisor
+        plain = replace(arch, rope_scaling="none")
+        tensors[ROPE_FREQS] = (rope_frequencies(plain) / rope_frequencies(arch)).astype(np.float32)
     writer = gguf.GGUFWriter(str(path), kind)
     _metadata(writer, gguf, arch, kind, fmt)
     _tokenizer(writer, gguf, model.tokenizer)
@@ -98,6 +106,11 @@ def _metadata(writer, gguf, arch, kind, fmt):
         writer.add_head_count_kv(arch.n_kv_heads)
         writer.add_rope_freq_base(arch.rope_theta)
         writer.add_rope_dimension_count(arch.head_dim)
+        if arch.rope_scaling == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(arch.rope_factor)
+        if arch.rope_scaling == "llama3":  # the divisors are rope_freqs.weight
+            writer.add_rope_scaling_orig_ctx_len(arch.rope_original_context)
         writer.add_layer_norm_rms_eps(arch.norm_eps)
         writer.add_vocab_size(arch.n_vocab)
     else:

@@ -18,6 +18,7 @@ are the blocks' exact values. A matrix of another type in a quantized file
 (llama.cpp keeps some in Q8_0 or F16) is quantized by sqlgpt for the copy.
 """
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,10 @@ import numpy as np
 from ..contract import PRETOKENIZER_PATTERNS
 from ..errors import SqlgptError
 from ..model.arch import hf_to_gguf, tensor_table
+from ..model.model import rope_frequencies
 from ..model.quant import matrices, quantize
 from . import hf
+from .gguf_export import ROPE_FREQS
 
 ARCHS = {"llama": hf.LLAMA, "qwen2": hf.QWEN2, "gpt2": hf.GPT2}
 FLOATS = ("F32", "F16", "BF16")
@@ -55,13 +58,11 @@ def read_gguf(path):
             raise SqlgptError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which sqlgpt "
                               f"does not read (F32, F16, BF16, Q8_0 or Q4_0: convert the model "
                               f"with llama.cpp's convert_hf_to_gguf.py --outtype q8_0)")
-    if "rope_freqs.weight" in tensors:
-        raise SqlgptError(f"{path}: llama 3 rope scaling (rope_freqs.weight) is not supported")
     config = _config(meta, kind, tensors)
-    arch = hf._hf_arch(config)
+    arch = _with_rope_freqs(hf._hf_arch(config), tensors, meta)
     names = {g: h for h, g in hf_to_gguf(arch).items()}
     weights = hf._sqlgpt_weights(arch, {names.get(n, n): _to_hf(arch, kind, n, _floats(t))
-                                        for n, t in tensors.items()})
+                                        for n, t in tensors.items() if n != ROPE_FREQS})
     tokenizer = _tokenizer(meta, arch)
     extras = {"chat_template": meta.get("tokenizer.chat_template")}
     return arch, weights, tokenizer, _quantized(arch, kind, tensors, weights), extras
@@ -128,10 +129,14 @@ def _config(meta, kind, tensors):
                 "n_positions": meta.number(key("context_length")),
                 "n_inner": meta.number(key("feed_forward_length")),
                 "layer_norm_epsilon": meta.number(key("attention.layer_norm_epsilon"), 1e-5)}
-    scaling = meta.get(key("rope.scaling.type"), "none")
-    if scaling not in ("none", None) and meta.get(key("rope.scaling.factor"), 1.0) != 1.0:
-        raise SqlgptError(f"{meta.path}: rope scaling {scaling!r} is not supported (only "
-                          f"default rope)")
+    rope = {"rope_type": "default", "rope_theta": meta.number(key("rope.freq_base"), 10000.0)}
+    scaling, factor = meta.get(key("rope.scaling.type"), "none"), \
+        meta.number(key("rope.scaling.factor"), 1.0)
+    if scaling == "linear" and factor != 1.0:
+        rope.update(rope_type="linear", factor=factor)
+    elif scaling not in ("none", "linear", None) and factor != 1.0:
+        raise SqlgptError(f"{meta.path}: rope scaling {scaling!r} is not supported (linear "
+                          f"and llama 3's rope_freqs are)")
     return {**common, "model_type": kind, "hidden_size": embed, "num_attention_heads": heads,
             "num_key_value_heads": meta.number(key("attention.head_count_kv"), heads),
             "head_dim": meta.number(key("attention.key_length"), embed // heads),
@@ -139,8 +144,39 @@ def _config(meta, kind, tensors):
             "max_position_embeddings": meta.number(key("context_length")),
             "intermediate_size": meta.number(key("feed_forward_length")),
             "rms_norm_eps": meta.number(key("attention.layer_norm_rms_epsilon"), 1e-6),
-            "rope_theta": meta.number(key("rope.freq_base"), 10000.0),
-            "attention_bias": False}
+            "rope_parameters": rope, "attention_bias": False}
+
+
+# llama 3.1's rope settings, which its converter writes as rope_freqs.weight
+# (each pair's frequency divisor) and not as metadata
+LLAMA3_ROPE = dict(rope_low_freq=1.0, rope_high_freq=4.0, rope_original_context=8192)
+
+
+def _with_rope_freqs(arch, tensors, meta):
+    """arch with the llama 3 rope scaling a rope_freqs.weight tensor holds:
+    divisors that llama 3.1's rule with its settings gives for their
+    largest as the factor, or a one-line refusal."""
+    t = tensors.get(ROPE_FREQS)
+    if t is None:
+        return arch
+    divisors = _floats(t).reshape(-1).astype(np.float64)
+    if divisors.shape != (arch.head_dim // 2,) or not np.all(np.isfinite(divisors)) or \
+            divisors.min() <= 0:
+        raise SqlgptError(f"{meta.path}: rope_freqs.weight is not {arch.head_dim // 2} positive "
+                          f"numbers")
+    if np.all(divisors == 1.0):
+        return arch
+    original = meta.number(f"{meta.text('general.architecture')}.rope.scaling."
+                           f"original_context_length", LLAMA3_ROPE["rope_original_context"])
+    scaled = replace(arch, rope_scaling="llama3", rope_factor=float(divisors.max()),
+                     **{**LLAMA3_ROPE, "rope_original_context": int(original)}).validate()
+    plain = replace(arch, rope_scaling="none")
+    if not np.allclose(rope_frequencies(plain) / rope_frequencies(scaled), divisors,
+                       rtol=1e-4):
+        raise SqlgptError(f"{meta.path}: rope_freqs.weight is not llama 3.1's rope scaling "
+                          f"(low 1, high 4, original context {original}): sqlgpt cannot turn "
+                          f"by it")
+    return scaled
 
 
 def _same(a, b):

@@ -79,6 +79,7 @@ def hf_config(arch, tokenizer):
                 "num_attention_heads": arch.num_heads, "num_key_value_heads": arch.n_kv_heads,
                 "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
                 "rope_theta": arch.rope_theta, "max_position_embeddings": arch.seq_len,
+                **rope_settings(arch),
                 "tie_word_embeddings": arch.tie_weights, "use_sliding_window": False,
                 "torch_dtype": "float32", **specials}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -87,6 +88,7 @@ def hf_config(arch, tokenizer):
             "num_attention_heads": arch.num_heads, "num_key_value_heads": arch.n_kv_heads,
             "head_dim": arch.head_dim, "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
             "rope_theta": arch.rope_theta, "max_position_embeddings": arch.seq_len,
+            **rope_settings(arch),
             "tie_word_embeddings": arch.tie_weights, "attention_bias": arch.bias,
             "mlp_bias": arch.bias, "torch_dtype": "float32", **specials}
 
@@ -310,11 +312,6 @@ def _described(config):
         if kind in (LLAMA, QWEN2, MISTRAL):
             if config.get("hidden_act", "silu") != "silu":
                 raise SqlgptError(f"llama activation {config['hidden_act']!r} is not silu")
-            rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-            if not isinstance(rope, dict):
-                raise SqlgptError("config.json's rope settings are not an object")
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise SqlgptError("rope scaling is not supported (only default rope)")
             C, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
             if int(config.get("head_dim") or C // heads) * heads != C:
                 raise SqlgptError("a head_dim other than hidden_size / heads is not supported")
@@ -335,8 +332,7 @@ def _described(config):
                           seq_len=int(config.get("max_position_embeddings", 2048)),
                           ffn_dim=int(config["intermediate_size"]),
                           norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                          rope_theta=float(rope.get("rope_theta",
-                                                    config.get("rope_theta", 10000.0))),
+                          **_rope_fields(config),
                           bias=bool(config.get("attention_bias", False)),
                           qkv_bias=kind == QWEN2,
                           tie_weights=bool(config.get("tie_word_embeddings", False))).validate()
@@ -344,6 +340,47 @@ def _described(config):
         raise SqlgptError(f"config.json lacks or garbles a field: {e}") from None
     raise SqlgptError(f"unsupported architecture {kind!r} (sqlgpt imports gpt2, llama, qwen2 "
                       f"and mistral)")
+
+
+# config.json's rope settings (rope_parameters, or rope_scaling before
+# transformers 5) -> ArchConfig's
+ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq",
+             "high_freq_factor": "rope_high_freq",
+             "original_max_position_embeddings": "rope_original_context"}
+ROPE_NEEDS = {"linear": ("factor",), "llama3": tuple(ROPE_KEYS)}
+
+
+def _rope_fields(config):
+    """ArchConfig's rope fields of a llama-family config.json: theta and the
+    linear or llama3 scaling, the only kinds the kernel turns by."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise SqlgptError("config.json's rope settings are not an object")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    fields = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return fields
+    if kind not in ROPE_NEEDS:
+        raise SqlgptError(f"rope scaling {kind!r} is not supported (default, linear and llama3 "
+                          f"are)")
+    missing = [key for key in ROPE_NEEDS[kind] if key not in rope]
+    if missing:
+        raise SqlgptError(f"config.json's {kind} rope scaling lacks {missing[0]}")
+    fields["rope_scaling"] = kind
+    for key in ROPE_NEEDS[kind]:
+        fields[ROPE_KEYS[key]] = (int if key.startswith("original") else float)(rope[key])
+    return fields
+
+
+def rope_settings(arch):
+    """config.json's rope keys of an architecture: transformers 5's
+    rope_parameters, and a scaled rope also as transformers 4's rope_scaling."""
+    if arch.rope_scaling == "none":
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": arch.rope_theta}}
+    scaling = {"rope_type": arch.rope_scaling,
+               **{key: getattr(arch, ROPE_KEYS[key]) for key in ROPE_NEEDS[arch.rope_scaling]}}
+    return {"rope_parameters": {**scaling, "rope_theta": arch.rope_theta},
+            "rope_scaling": scaling}
 
 
 def read_hf(directory):

@@ -45,6 +45,11 @@ class ArchConfig(StoredFields):
     norm_eps: float = 1e-5
     pos: str = "learned"      # learned, sinusoidal (fixed), rope (rotary), none
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none, linear or llama3 (contract.ROPE_SCALINGS)
+    rope_factor: float = 1.0    # how much longer the context it stretches to
+    rope_low_freq: float = 1.0  # llama3: transformers' low_freq_factor
+    rope_high_freq: float = 4.0  # llama3: high_freq_factor
+    rope_original_context: int = 0  # llama3: the context trained before scaling
     mlp: str = "relu"         # relu, gelu (tanh form, GPT-2), swiglu (llama)
     ffn_dim: int = 0          # MLP hidden size (0: 4 x embed_dim, or llama's rule for swiglu)
     bias: bool = False        # biases on every linear (and layernorm)
@@ -102,6 +107,10 @@ class ArchConfig(StoredFields):
         if self.pos == "rope" and self.head_dim % 2:
             raise SqlgptError(f"rope needs an even head size, got {self.head_dim} "
                               f"(embed_dim / num_heads)")
+        if self.rope_scaling == "llama3" and not (
+                self.rope_original_context and self.rope_high_freq > self.rope_low_freq):
+            raise SqlgptError("llama3 rope scaling needs rope_original_context and "
+                              "rope_high_freq > rope_low_freq")
         if self.pos == "sinusoidal" and self.embed_dim % 2:
             raise SqlgptError("sinusoidal positions need an even embed_dim")
         return self

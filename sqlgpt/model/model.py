@@ -21,6 +21,8 @@ NORM = {"layernorm": lib.NORM_LAYERNORM, "rmsnorm": lib.NORM_RMSNORM}
 POS = {"learned": lib.POS_LEARNED, "sinusoidal": lib.POS_SINUSOIDAL, "rope": lib.POS_ROPE,
        "none": lib.POS_NONE}
 MLP = {"relu": lib.MLP_RELU, "gelu": lib.MLP_GELU, "swiglu": lib.MLP_SWIGLU}
+ROPE_SCALING = {"none": lib.ROPE_SCALING_NONE, "linear": lib.ROPE_SCALING_LINEAR,
+                "llama3": lib.ROPE_SCALING_LLAMA3}
 
 
 def check_status(status):
@@ -38,7 +40,19 @@ def model_config(arch):
     cfg.KVH, cfg.F, cfg.V, cfg.max_T = arch.n_kv_heads, arch.hidden_dim, arch.n_vocab, arch.seq_len
     cfg.norm, cfg.pos, cfg.mlp = NORM[arch.norm], POS[arch.pos], MLP[arch.mlp]
     cfg.final_norm, cfg.norm_eps, cfg.rope_theta = arch.final_norm, arch.norm_eps, arch.rope_theta
+    cfg.rope_scaling = ROPE_SCALING[arch.rope_scaling]
+    cfg.rope_factor, cfg.rope_low_freq = arch.rope_factor, arch.rope_low_freq
+    cfg.rope_high_freq, cfg.rope_original_T = arch.rope_high_freq, arch.rope_original_context
     return cfg
+
+
+def rope_frequencies(arch):
+    """Each rope pair's frequency (radians per position, head_dim / 2 of
+    them) as the kernel turns it: the scaled ones where arch scales rope."""
+    hs = arch.head_dim
+    cos, sin = np.zeros((2, hs // 2), np.float32), np.zeros((2, hs // 2), np.float32)
+    lib.rope_table(fptr(cos), fptr(sin), 2, hs, model_config(arch))
+    return np.arctan2(sin[1].astype(np.float64), cos[1])  # position 1: below pi
 
 
 def sinusoids(T, C):
