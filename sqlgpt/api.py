@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .chat.conversation import ChatFormat
+from .chat.template import DEFAULT_TEMPLATE
 from .store.rows import _check_values
 from .data.corpus import find_sources
 from .data.dataset import write_tokens
@@ -19,6 +21,7 @@ from .errors import SqlgptError
 from .train.evaluate import evaluate
 from .inference.decoder import Decoder, check_precision
 from .inference.sampling import Sampler
+from .inference.beam import beam_search
 from .inference.generate import DRAFT_TOKENS, MAX_BATCH, generate_batch, speculative_ids
 from .model.lora import merged
 from .model.quant import BITS, DEFAULT_GROUP, check_group, quantized_copy
@@ -37,6 +40,16 @@ class Completion:
     @property
     def tokens_per_s(self):
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Beam:
+    """One continuation found by beam search."""
+    text: str          # the text it adds after the prompt
+    ids: list          # its token ids (the end token not included)
+    logprob: float     # their summed natural-log probability (and the end token's)
+    score: float       # logprob / tokens ** length_penalty: what the search ranks by
+    finished: bool     # it ended at the end token, not at max_tokens
 
 
 class TextStream:
@@ -75,6 +88,21 @@ class TextStream:
             return piece
         return self._advance(piece, final=False)
 
+    def pieces(self, tokens, stats=None):
+        """Yield the text each of tokens adds as it comes (see push), then
+        what is left, ending at a stop string; stats counts the tokens."""
+        for token in tokens:
+            if stats is not None:
+                stats.tokens += 1
+            piece = self.push(token)
+            if piece:
+                yield piece
+            if self.stopped:
+                return
+        piece = self.finish()
+        if piece:
+            yield piece
+
     def finish(self):
         """What is left to show once generation ends."""
         return self._advance(self._decoder.finish(), final=True)
@@ -112,8 +140,10 @@ class Model:
     precision ("fp32" or "bf16") is the weights' format while generating."""
 
     def __init__(self, gpt, train_cfg, tokenizer, step, precision="fp32", corpus=None,
-                 quantized=None):
+                 quantized=None, chat_template=None):
         check_precision(precision)
+        self.chat_template = chat_template  # the model's own; None: sqlgpt's default
+        self._chat_formats = {}
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
         # int8 / int4: (group size, {matrix name: (q, scales)}) as stored
         self._quantized = quantized or (0, None)
@@ -241,16 +271,8 @@ class Model:
         generate_ids)."""
         text = TextStream(self.tokenizer, self.prompt_ids(prompt), stop)
         yield text.shown
-        for token in self.generate_ids(prompt, max_tokens, temperature, top_k, top_p, seed,
-                                       allow_unk, **options):
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                return
-        piece = text.finish()
-        if piece:
-            yield piece
+        yield from text.pieces(self.generate_ids(prompt, max_tokens, temperature, top_k, top_p,
+                                                 seed, allow_unk, **options))
 
     def generate(self, prompt="", max_tokens=50, temperature=1.0, top_k=0, top_p=1.0, seed=None,
                  allow_unk=False, stop=(), **options):
@@ -297,6 +319,81 @@ class Model:
             t.finish()
         return [Completion(p, t.shown, n, seconds) for p, t, n in zip(prompts, texts, counts)]
 
+    def beam_search(self, prompt="", num_beams=4, max_tokens=50, length_penalty=1.0,
+                    allow_unk=False, prompt_ids=None, end_id=None):
+        """The num_beams most likely continuations of prompt by beam search
+        (sqlgpt.inference.beam), best first: Beams with the text after the
+        prompt, the ids, their summed log-probability and score. One beam
+        is greedy decoding. prompt_ids (and end_id, the id a continuation
+        ends at: default <eos>) instead of a prompt's text: a chat turn's."""
+        ids = self.prompt_ids(prompt) if prompt_ids is None else prompt_ids
+        found = beam_search(self.decoder(num_beams), ids, num_beams, max_tokens, length_penalty,
+                            self.tokenizer.eos_id if end_id is None else end_id,
+                            self._banned(allow_unk))
+        before = self.decode(ids)
+        return [Beam(self._after(before, ids, h.ids), h.ids, h.logprob, h.score, h.finished)
+                for h in found]
+
+    def _after(self, before, prompt_ids, new):
+        """The text new ids add after the prompt (decoded together, so a
+        character split across the boundary stays whole)."""
+        text = self.decode(list(prompt_ids) + list(new))
+        return text[len(before):] if text.startswith(before) else self.decode(new)
+
+    # ---- chat ----
+    def chat_format(self, template=None):
+        """The ChatFormat of a template (default: the model's own, else
+        sqlgpt's default template) with this model's tokenizer."""
+        template = template or self.chat_template or DEFAULT_TEMPLATE
+        if template not in self._chat_formats:
+            self._chat_formats = {template: ChatFormat(self.tokenizer, template)}
+        return self._chat_formats[template]
+
+    def chat_prompt(self, messages, template=None):
+        """The ids that prompt the assistant's reply to messages, refused
+        when they leave no room in the context for one."""
+        ids = self.chat_format(template).prompt(messages)
+        if len(ids) >= self.arch.seq_len:
+            raise SqlgptError(f"the conversation is {len(ids)} tokens; the model's context is "
+                              f"{self.arch.seq_len}: drop earlier messages")
+        return ids
+
+    def chat_stream(self, messages, max_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
+                    seed=None, stop=(), template=None, min_p=0.0, repetition_penalty=1.0,
+                    stats=None):
+        """Yield the assistant's reply to messages ([{"role", "content"}...],
+        roles system, user and assistant) in pieces as its tokens come,
+        rendered by the model's chat template (or template); the reply ends
+        at the template's end token (not shown), a stop string, or after
+        max_tokens."""
+        chat = self.chat_format(template)
+        prompt = self.chat_prompt(messages, template)
+        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty)
+        drawn = (token for _, token in generate_batch(self.decoder(), [prompt], max_tokens,
+                                                      sampler, seed, self._banned(False),
+                                                      chat.end_id))
+        yield from TextStream(self.tokenizer, prompt, stop).pieces(drawn, stats)
+
+    def chat(self, messages, max_tokens=256, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+             stop=(), template=None, num_beams=1, length_penalty=1.0, **options):
+        """The assistant's reply to messages, as text (see chat_stream); with
+        num_beams > 1, the best reply beam search finds (sampling settings
+        then do not apply)."""
+        if num_beams > 1:
+            return self.chat_beams(messages, num_beams, max_tokens, length_penalty,
+                                   template)[0].text
+        return "".join(self.chat_stream(messages, max_tokens, temperature, top_k, top_p, seed,
+                                        stop, template, **options))
+
+    def chat_beams(self, messages, num_beams=4, max_tokens=256, length_penalty=1.0,
+                   template=None):
+        """The num_beams best replies to messages by beam search, best first
+        (Beams; each ends at the template's end token)."""
+        return self.beam_search(num_beams=num_beams, max_tokens=max_tokens,
+                                length_penalty=length_penalty,
+                                prompt_ids=self.chat_prompt(messages, template),
+                                end_id=self.chat_format(template).end_id)
+
     def evaluate(self, text=None, paths=(), stride=None, batch_size=8, extensions=(),
                  encoding_errors="strict", on_progress=None):
         """Loss per token, perplexity, accuracy and tokens scored on a text,
@@ -332,7 +429,9 @@ def load(path, precision="fp32", step=None, prefix=""):
         gpt, cfg, tokenizer, step, state = store.read_checkpoint(conn, path, step)
         quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
             if precision in BITS else None
-    return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized)
+    template = state.get("chat_template")
+    return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized,
+                 template if isinstance(template, str) and template else None)
 
 
 def _read_quantized(conn, path, arch, precision, step):

@@ -126,3 +126,56 @@ def shown_piece(piece):
 def fmt_loss(value):
     return "-" if value is None else f"{value:.4f}"
 
+
+
+# how generate and chat draw tokens: one set of options, one set of defaults
+SAMPLING_OPTIONS = (
+    click.option("--max-tokens", type=click.IntRange(min=0), default=50, show_default=True,
+                 help="Tokens to generate."),
+    click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                 help="Sampling temperature (0 = greedy)."),
+    click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Sample among the k most likely tokens (0 = all)."),
+    click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+                 show_default=True, help="Nucleus sampling: smallest set with this probability."),
+    click.option("--min-p", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+                 help="Keep tokens at least this fraction as likely as the most likely one."),
+    click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                 show_default=True,
+                 help="Above 1, tokens already in the context become less likely."),
+    click.option("--stop", multiple=True,
+                 help="End the text before this string (repeatable); <eos> and --max-tokens "
+                      "end it too."),
+    click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+                 help="Seed for reproducible samples (sample i of a batch uses seed + i)."),
+)
+
+
+def sampling_options(fn):
+    """--max-tokens, --temperature, --top-k, --top-p, --min-p,
+    --repetition-penalty, --stop and --seed."""
+    for option in reversed(SAMPLING_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def typed_lines(prompt="> "):
+    """Yield the lines typed at prompt (with line editing and history where
+    readline is there), skipping blank ones; Ctrl-C clears the line, Ctrl-D
+    or the end of input ends them."""
+    import importlib
+    try:
+        importlib.import_module("readline")  # line editing and history for input()
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input(prompt)
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        except EOFError:
+            click.echo()
+            return
+        if line.strip():
+            yield line

@@ -9,33 +9,18 @@ from ..api import load
 from ..data.corpus import ENCODING_ERRORS
 from ..errors import SqlgptError
 from ..inference.sampling import Sampler
+from ..inference.beam import MAX_BEAMS
 from ..inference.generate import DRAFT_TOKENS, GenerationStats, MAX_BATCH
+from .training import read_template
 from .common import (checked_prefix, db_option, emit_json, fail_cleanly, precision_option,
-                     shown_piece, step_option, threads_option)
+                     sampling_options, shown_piece, step_option, threads_option, typed_lines)
 
 
 @click.command()
 @db_option
 @click.option("--prompt", default="", help="Text to continue (empty: a new document, after <eos>; with the word "
                    "tokenizer, from the commonest word).")
-@click.option("--max-tokens", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Tokens to generate.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Sampling temperature (0 = greedy).")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Sample among the k most likely tokens (0 = all).")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
-              show_default=True, help="Nucleus sampling: smallest set with this probability.")
-@click.option("--min-p", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
-              help="Keep tokens at least this fraction as likely as the most likely one.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
-              show_default=True,
-              help="Above 1, tokens already in the context become less likely.")
-@click.option("--stop", multiple=True,
-              help="End the text before this string (repeatable); <eos> and --max-tokens "
-                   "end it too.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
-              help="Seed for reproducible samples (sample i of a batch uses seed + i).")
+@sampling_options
 @click.option("--allow-unk", is_flag=True, help="Let the model emit <unk> (out-of-vocabulary).")
 @precision_option
 @click.option("--num-samples", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
@@ -55,12 +40,25 @@ from .common import (checked_prefix, db_option, emit_json, fail_cleanly, precisi
               help="The draft model's table prefix in --draft-db.")
 @click.option("--draft-tokens", type=click.IntRange(1, 32), default=DRAFT_TOKENS,
               show_default=True, help="Tokens the draft proposes per step.")
+@click.option("--num-beams", type=click.IntRange(1, MAX_BEAMS), default=1, show_default=True,
+              help="Beam search: keep this many continuations at each step and print the most "
+                   "likely (1: sampling as set; with --json, every beam and its score).")
+@click.option("--length-penalty", type=float, default=1.0, show_default=True,
+              help="Beam search ranks by log-probability / tokens ** this (0: by probability "
+                   "alone; higher favours longer text).")
+@click.option("--chat", "as_chat", is_flag=True,
+              help="One chat turn: --prompt is the user's message, rendered by the model's chat "
+                   "template; the reply alone is printed.")
+@click.option("--system", default=None, help="With --chat: a system message first.")
+@click.option("--chat-template", type=click.Path(), default=None,
+              help="With --chat: a Jinja chat template file instead of the model's own.")
 @step_option
 @threads_option
 @fail_cleanly
 def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min_p,
              repetition_penalty, stop, seed, allow_unk, precision, num_samples, prompts_file,
-             stream, as_json, interactive, draft_db, draft_prefix, draft_tokens, step):
+             stream, as_json, interactive, draft_db, draft_prefix, draft_tokens, num_beams,
+             length_penalty, as_chat, system, chat_template, step):
     """Generate text from the model in --db, streaming tokens as they come
     on a terminal.
 
@@ -75,7 +73,19 @@ def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min
                                "--num-samples / --prompts-file")
     if interactive and (batched or as_json):
         raise click.UsageError("--interactive takes one prompt at a time, as text")
+    if (system is not None or chat_template) and not as_chat:
+        raise click.UsageError("--system and --chat-template go with --chat")
+    if as_chat and (batched or draft_db or interactive or allow_unk):
+        raise click.UsageError("--chat is one turn of one conversation (sqlgpt chat holds a "
+                               "conversation): drop --num-samples, --prompts-file, --draft-db, "
+                               "--interactive and --allow-unk")
+    if num_beams > 1 and (batched or draft_db or interactive):
+        raise click.UsageError("--num-beams searches one prompt: drop --num-samples, "
+                               "--prompts-file, --draft-db and --interactive")
     model = load(db_path, precision, step, prefix)
+    if num_beams > 1:
+        return print_beams(model, prompt, num_beams, max_tokens, length_penalty, allow_unk,
+                           as_json, (system, read_template(chat_template)) if as_chat else None)
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, allow_unk=allow_unk, stop=stop, min_p=min_p,
                    repetition_penalty=repetition_penalty)
@@ -88,6 +98,9 @@ def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min
     Sampler(temperature, top_k, top_p, min_p, repetition_penalty)  # bad settings: one line
     if interactive:
         return interactive_loop(model, options)
+    if as_chat:
+        return chat_turn(model, prompt, system, read_template(chat_template), options, stream,
+                         as_json)
     for text in (prompts or [prompt]):
         note_long_prompt(model, text)
     if batched:
@@ -104,22 +117,59 @@ def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min
             click.echo(f"{len(completions)} samples, {total:,} tokens, "
                        f"{total / max(completions[0].seconds, 1e-9):,.0f} tokens/s", err=True)
         return
-    shown = sys.stdout.isatty() if stream is None else stream
-    start, pieces, stats = time.perf_counter(), [], GenerationStats()
-    for piece in model.stream(prompt, stats=stats, **options):
-        pieces.append(piece)
-        if shown and not as_json:
-            click.echo(piece, nl=False)
-    seconds = time.perf_counter() - start
-    text = "".join(pieces)
-    if as_json:
-        emit_json({"prompt": prompt, "text": text, "tokens": stats.tokens,
-                   "tokens_per_s": round(stats.tokens / seconds, 1) if seconds else 0.0})
-    else:
-        click.echo("" if shown else text)
+    stats = GenerationStats()
+    print_stream(model.stream(prompt, stats=stats, **options), stats, stream, as_json,
+                 {"prompt": prompt}, "text")
     if draft_db:
         click.echo(f"draft: {stats.accepted} of {stats.proposed} proposed tokens accepted "
                    f"({stats.acceptance:.0%}), {stats.steps} target steps", err=True)
+
+
+def print_beams(model, prompt, num_beams, max_tokens, length_penalty, allow_unk, as_json, chat):
+    """generate --num-beams: the best continuation (or chat reply), or with
+    --json every beam with its score."""
+    if chat is not None:
+        system, template = chat
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": prompt}]
+        beams = model.chat_beams(messages, num_beams, max_tokens, length_penalty, template)
+    else:
+        beams = model.beam_search(prompt, num_beams, max_tokens, length_penalty, allow_unk)
+    if as_json:
+        emit_json({"prompt": prompt, "beams": [
+            {"text": b.text, "score": round(b.score, 6), "logprob": round(b.logprob, 6),
+             "tokens": len(b.ids), "finished": b.finished} for b in beams]})
+    else:
+        click.echo(beams[0].text if chat is not None else prompt + beams[0].text)
+
+
+def chat_turn(model, prompt, system, template, options, stream, as_json):
+    """generate --chat: the reply to one user message, streamed on a terminal."""
+    del options["allow_unk"]
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": prompt}]
+    stats = GenerationStats()
+    print_stream(model.chat_stream(messages, template=template, stats=stats, **options), stats,
+                 stream, as_json, {"messages": messages}, "reply")
+
+
+def print_stream(pieces, stats, stream, as_json, request, key):
+    """Print text as its pieces come (stream: None is on a terminal), or
+    whole at the end, or as one JSON line: request, key: the text, tokens
+    and tokens_per_s."""
+    shown = sys.stdout.isatty() if stream is None else stream
+    start, kept = time.perf_counter(), []
+    for piece in pieces:
+        kept.append(piece)
+        if shown and not as_json:
+            click.echo(piece, nl=False)
+    seconds = time.perf_counter() - start
+    text = "".join(kept)
+    if as_json:
+        emit_json({**request, key: text, "tokens": stats.tokens,
+                   "tokens_per_s": round(stats.tokens / seconds, 1) if seconds else 0.0})
+    else:
+        click.echo("" if shown else text)
 
 
 def read_prompts(path):
@@ -157,24 +207,9 @@ def note_long_prompt(model, prompt):
 def interactive_loop(model, options):
     """Read a prompt, stream its answer, again; Ctrl-C ends an answer (or
     clears the line), Ctrl-D or EOF quits."""
-    import importlib
-    try:
-        importlib.import_module("readline")  # line editing and history for input()
-    except ImportError:
-        pass
     click.echo("sqlgpt: type a prompt and press Enter; Ctrl-C stops an answer, Ctrl-D quits.",
                err=True)
-    while True:
-        try:
-            prompt = input("> ")
-        except KeyboardInterrupt:
-            click.echo()
-            continue
-        except EOFError:
-            click.echo()
-            return
-        if not prompt.strip():
-            continue
+    for prompt in typed_lines():
         note_long_prompt(model, prompt)
         try:
             for piece in model.stream(prompt, **options):

@@ -18,6 +18,7 @@ from ..data.corpus import ENCODING_ERRORS, find_sources, fingerprint
 from ..errors import AlreadyTrained, SqlgptError
 from ..model.lora import LoraConfig
 from ..train.trainer import Trainer
+from ..chat.template import MAX_TEMPLATE_CHARS
 from .common import db_option, emit_json, fail_cleanly, fmt_loss, output_option, threads_option
 
 
@@ -205,6 +206,13 @@ def load_run_file(ctx, param, path):
 @click.option("--init-from", "--base", "init_from", type=click.Path(), default=None,
               help="Start a new model in --db from a trained database's architecture, "
                    "tokenizer and weights (fresh optimizer state; the base is only read).")
+@click.option("--chat", "chat", type=click.Path(), default=None,
+              help="Fine-tune the --base model on conversations (JSON Lines of {\"messages\": "
+                   "[{\"role\", \"content\"}...]} or {\"prompt\", \"completion\"}) "
+                   "instead of a corpus: the loss counts the assistant's tokens alone.")
+@click.option("--chat-template", "chat_template", type=click.Path(), default=None,
+              help="With --chat: a Jinja chat template file to render the conversations with "
+                   "(kept with the model). [default: the base's, else sqlgpt's]")
 @click.option("--lora-rank", type=click.IntRange(min=0), default=None,
               help="Train LoRA adapters of this rank on the --base model instead of all of its "
                    "weights (finetune: 8).")
@@ -290,10 +298,15 @@ def check_ranks(ctx, world, corpus, extensions):
 
 def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensions,
                  encoding_errors, init_from, lora_rank, lora_alpha, lora_targets, lora_dropout,
-                 **options):
+                 chat, chat_template, **options):
     """The Trainer of a new model or of --resume's, from train's options."""
     if resume and overwrite:
         raise SqlgptError("--resume and --overwrite exclude each other")
+    if chat_template and not chat and not resume:
+        raise SqlgptError("--chat-template goes with --chat (the conversations it renders)")
+    if resume and (chat or chat_template):
+        raise SqlgptError("--resume continues on the conversations the fine-tune recorded: "
+                          "give no --chat")
     given_sources = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.DEFAULT_MAP)
     explicit = [name for name in SETTING_FIELDS
                 if ctx.get_parameter_source(name) in given_sources]
@@ -320,7 +333,7 @@ def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensi
         return Trainer.resume(db_path, corpus, extensions, encoding_errors, corpus_progress(),
                               given, run_options, iters, prefix)
     else:
-        if not corpus:
+        if not corpus and chat is None:
             raise SqlgptError("name the corpus: one or more files, a directory, or - for stdin")
         arch = preset(options["preset"], **{field: options[name] for name, field in
                                             ARCH_OPTIONS.items() if name in explicit})
@@ -340,7 +353,20 @@ def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensi
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
                           else vocab_size)
         return Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
-                              encoding_errors, corpus_progress(), init_from, given, prefix, lora)
+                              encoding_errors, corpus_progress(), init_from, given, prefix, lora,
+                              chat, read_template(chat_template))
+
+
+def read_template(path):
+    """--chat-template's text, or None."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(MAX_TEMPLATE_CHARS + 1)  # longer: refused by name when compiled
+    except (OSError, UnicodeDecodeError) as e:
+        raise SqlgptError(f"cannot read the chat template {path}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
 
 
 def report_training(trainer, result, db_path, as_json):

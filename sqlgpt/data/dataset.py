@@ -24,6 +24,7 @@ def tokens_path(db_path, suffix=TOKENS_SUFFIX, prefix=""):
 
 
 TOKEN_DTYPES = ("<u2", "<u4")  # what a token file's ids are stored as
+FLAG_DTYPE = "|u1"  # a byte per id (a chat corpus's flags: sqlgpt.chat.data)
 
 
 def token_dtype(n_ids):
@@ -107,7 +108,7 @@ def _sound_record(info):
         return False
     name = info.get("file")
     return (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
-            and info.get("dtype") in TOKEN_DTYPES and isinstance(info.get("sha256"), str)
+            and info.get("dtype") in (*TOKEN_DTYPES, FLAG_DTYPE) and isinstance(info.get("sha256"), str)
             and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
                     and info[k] >= 0 for k in ("count", "bytes"))
             and info["bytes"] == info["count"] * np.dtype(info["dtype"]).itemsize)

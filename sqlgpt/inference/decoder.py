@@ -134,6 +134,16 @@ class Decoder:
         self.kcache = aligned_zeros((slots * lib.key_cache_size(self.config),))
         self._k, self._v = fptr(self.kcache), fptr(self.vcache)
 
+    def reorder(self, parents):
+        """Slot i's caches become those slot parents[i] held (a beam search's
+        survivors, each continuing a parent's sequence)."""
+        parents = np.asarray(parents, dtype=np.int64)
+        if (parents == np.arange(len(parents))).all():
+            return
+        self.vcache[:len(parents)] = self.vcache[parents]
+        keys = self.kcache.reshape(self.slots, -1)
+        keys[:len(parents)] = keys[parents]
+
     def reset(self):
         self.pos = 0
 

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ..api import load
+from ..data import safe_json
 from ..errors import SqlgptError
 from ..train.evaluate import evaluate
 
@@ -53,6 +54,16 @@ def _integer(name, value, what, low, high):
     return value
 
 
+def _check_sampling(name, max_tokens, temperature, seed):
+    _integer(name, max_tokens, "max_tokens", 0, MAX_TOKENS)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or \
+            not 0 <= temperature <= 100:
+        raise SqlFunctionError(f"{name}: temperature must be a number from 0 to 100, "
+                               f"got {temperature!r}")
+    if seed is not None:
+        _integer(name, seed, "seed", 0, 2**63 - 1)
+
+
 class ModelFunctions:
     """One loaded model and the SQL functions over it."""
 
@@ -80,13 +91,7 @@ class ModelFunctions:
         """The continuation of prompt (the generated text only)."""
         name = "sqlgpt_generate"
         prompt = _text(name, prompt, "prompt")
-        max_tokens = _integer(name, max_tokens, "max_tokens", 0, MAX_TOKENS)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or \
-                not 0 <= temperature <= 100:
-            raise SqlFunctionError(f"{name}: temperature must be a number from 0 to 100, "
-                                   f"got {temperature!r}")
-        if seed is not None:
-            _integer(name, seed, "seed", 0, 2**63 - 1)
+        _check_sampling(name, max_tokens, temperature, seed)
         model = self.model
         prompt_ids = [int(i) for i in model.prompt_ids(prompt)]
         new = []
@@ -98,6 +103,21 @@ class ModelFunctions:
         prompt_text = model.decode(prompt_ids)
         text = model.decode(prompt_ids + new)
         return text[len(prompt_text):] if text.startswith(prompt_text) else model.decode(new)
+
+    def chat(self, messages, max_tokens=DEFAULT_MAX_TOKENS, temperature=1.0, seed=None):
+        """The assistant's reply to messages (a JSON array of {"role",
+        "content"} objects), rendered by the model's chat template."""
+        name = "sqlgpt_chat"
+        try:
+            messages = safe_json.loads(_text(name, messages, "messages"), "messages")
+        except SqlgptError as e:
+            raise SqlFunctionError(f"{name}: {e}") from None
+        _check_sampling(name, max_tokens, temperature, seed)
+        pieces = []
+        for piece in self.model.chat_stream(messages, max_tokens, float(temperature), seed=seed):
+            pieces.append(piece)
+            self._check(name)
+        return "".join(pieces)
 
     def tokens(self, text):
         """The token ids of text, as a JSON array."""
@@ -143,7 +163,8 @@ class ModelFunctions:
         """The message of the last failed call, or NULL."""
         return getattr(self._errors, "message", None)
 
-    FUNCTIONS = {"sqlgpt_generate": ("generate", (1, 2, 3, 4)), "sqlgpt_tokens": ("tokens", (1,)),
+    FUNCTIONS = {"sqlgpt_generate": ("generate", (1, 2, 3, 4)),
+                 "sqlgpt_chat": ("chat", (1, 2, 3, 4)), "sqlgpt_tokens": ("tokens", (1,)),
                  "sqlgpt_logprob": ("logprob", (1,)), "sqlgpt_embed": ("embed", (1,)),
                  "sqlgpt_error": ("error", (0,))}
 
@@ -187,7 +208,7 @@ def extension_path():
 
 
 def register(conn, path, precision="fp32", prefix=""):
-    """Add sqlgpt_generate, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed and
+    """Add sqlgpt_generate, sqlgpt_chat, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed and
     sqlgpt_error to a connection (the standard library's sqlite3 or apsw),
     backed by the model in path (loaded now, read-only; prefix: the one kept
     under that table prefix, e.g. in the app's own database). Returns the

@@ -102,3 +102,29 @@ def evaluate(model, tokens, stride=None, batch_size=8, limit=None, decoder=None,
             on_progress(i + len(batch), len(spans))
     loss = total / count
     return Evaluation(loss, math.exp(min(loss, 700.0)), correct / count, count)
+
+
+def evaluate_chat(model, chat, batch_size=8, limit=None):
+    """Evaluation on held-out conversations (sqlgpt.chat.data.ChatTokens):
+    loss and accuracy on the assistant's tokens alone, each conversation
+    from its start; limit keeps that many, spread evenly."""
+    T = model.arch.seq_len
+    which = np.arange(len(chat))
+    if limit and limit < len(which):
+        which = np.linspace(0, len(chat) - 1, limit).astype(int)
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, len(which), batch_size):
+        x, y = chat.rows(which[i:i + batch_size], T)
+        scored = y != IGNORE
+        n = int(scored.sum())
+        if not n:
+            continue
+        mean = model.forward(x, y)
+        guesses = model.acts.logits[:x.size].reshape(len(x), T, -1).argmax(axis=-1)
+        total += mean * n
+        count += n
+        correct += int((guesses == y)[scored].sum())
+    if not count:
+        raise SqlgptError("the held-out conversations have no assistant tokens to score")
+    loss = total / count
+    return Evaluation(loss, math.exp(min(loss, 700.0)), correct / count, count)

@@ -3,15 +3,19 @@ tokenized once into a file beside the database, the step-0 checkpoint
 written) or a resumed one, every stored setting and token file checked.
 Trainer (trainer.py) inherits these constructors."""
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import store
 from ..data.corpus import find_sources, fingerprint, remove_spools
-from ..data.dataset import (TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer, open_tokens,
-                            split_tokens, tokens_path, write_tokens)
+from ..chat.conversation import ChatFormat
+from ..chat.data import FLAGS_SUFFIX, ChatTokens, write_chat_tokens
+from ..chat.template import DEFAULT_TEMPLATE
+from ..data.corpus import file_sha256
+from ..data.dataset import (FLAG_DTYPE, TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer,
+                            open_tokens, split_tokens, token_dtype, tokens_path, write_tokens)
 from ..errors import AlreadyTrained, SqlgptError
 from ..model.config import RESUMABLE
 from ..model.lora import base_digest, base_reference, merged
@@ -149,6 +153,48 @@ def resumable_rng(state):
     return rng
 
 
+def _check_chat(chat, corpus, init_from, cfg, chat_template):
+    if chat is None:
+        if chat_template is not None:
+            raise SqlgptError("--chat-template goes with --chat (the conversations it renders)")
+        return
+    if corpus:
+        raise SqlgptError("--chat names the conversations to fine-tune on: give no corpus too")
+    if not init_from:
+        raise SqlgptError("--chat fine-tunes a model: name it with --base (or --init-from)")
+    if cfg.val_file:
+        raise SqlgptError("--val-file is text; a chat fine-tune holds out --val-fraction of "
+                          "its conversations")
+
+
+def _chat_tokens(path, chat, seq_len, val_fraction, ids_path, flags_path, counts):
+    """(ids record, chat record, train, held-out) of a JSON Lines file of
+    conversations encoded into ids_path and flags_path; counts gains each
+    id's occurrences."""
+    dtype = np.dtype(token_dtype(chat.tokenizer.n_ids))
+    made = write_chat_tokens(path, ids_path, flags_path, chat, seq_len, dtype)
+    ids = np.memmap(ids_path, dtype=dtype, mode="r")
+    flags = np.memmap(flags_path, dtype=np.uint8, mode="r")
+    counts += np.bincount(ids, minlength=len(counts))[:len(counts)]
+    info = {"file": "", "dtype": dtype.str, "count": len(ids), "bytes": ids.nbytes,
+            "sha256": file_sha256(ids_path)}
+    flag_info = {"file": "", "dtype": FLAG_DTYPE, "count": len(flags), "bytes": flags.nbytes,
+                 "sha256": file_sha256(flags_path)}
+    train, val = ChatTokens(ids, flags, chat.tokenizer.eos_id).split(val_fraction)
+    return info, {"flags": flag_info, **asdict(made)}, train, val
+
+
+def _resume_chat(db_path, state, tokenizer):
+    """A chat fine-tune's conversations from the files it recorded."""
+    for key, info in (("tokens", state.get("tokens")), ("flags", state["chat"].get("flags"))):
+        if not isinstance(info, dict) or not (Path(db_path).parent / str(info.get("file"))
+                                              ).is_file():
+            raise SqlgptError(f"the chat token files of {db_path} are missing: fine-tune on "
+                              f"the conversations again into a new --db")
+    return ChatTokens(open_tokens(db_path, state["tokens"]),
+                      open_tokens(db_path, state["chat"]["flags"]), tokenizer.eos_id)
+
+
 class TrainerSetup:
     """Trainer's constructors: create (a new model) and resume."""
 
@@ -156,7 +202,7 @@ class TrainerSetup:
     @classmethod
     def create(cls, db_path, corpus, arch, cfg, overwrite=False, extensions=(),
                encoding_errors="strict", on_progress=None, init_from=None, settings=None,
-               prefix="", lora=None):
+               prefix="", lora=None, chat=None, chat_template=None):
         """Build the tokenizer from the corpus (files, directories or "-"),
         tokenize the corpus once into the token file beside the database,
         and write a freshly initialized model of architecture arch (its
@@ -168,14 +214,21 @@ class TrainerSetup:
         resume) must then not change its architecture. prefix: the model goes
         into the (app's) database at db_path under prefixed table names.
         lora (a LoraConfig, with init_from as its base): a LoRA fine-tune,
-        whose database holds only the adapters and names its base."""
+        whose database holds only the adapters and names its base. chat: a
+        JSON Lines file of conversations to fine-tune on instead of a corpus
+        (the loss on the assistant's tokens alone; sqlgpt.chat.data), rendered
+        by chat_template (a template's text), else the base's own template,
+        else sqlgpt's default."""
         db_path = Path(db_path)
         store.check_new_location(db_path, overwrite, store.check_prefix(prefix))
         if lora is not None and not init_from:
             raise SqlgptError("a LoRA fine-tune needs the model it adapts: --base BASE.db")
+        _check_chat(chat, corpus, init_from, cfg, chat_template)
         cfg.validate()
         arch.validate()
-        sources = find_sources(corpus, extensions, spool_dir=db_path.parent)
+        sources = find_sources(corpus, extensions, spool_dir=db_path.parent) if chat is None \
+            else []
+        template = chat_template
         tmp_tokens = db_path.with_name(f".{db_path.name}.{os.getpid()}.{prefix}tokens.tmp")
         tmp_val = db_path.with_name(f".{db_path.name}.{os.getpid()}.{prefix}val.tokens.tmp")
         try:
@@ -187,7 +240,9 @@ class TrainerSetup:
                     raise SqlgptError("--init-from and --db name the same file; the base model "
                                       "is only read: name a new --db")
                 with store.snapshot(init_from) as conn:
-                    base, base_cfg, base_tokenizer, _, _ = store.read_checkpoint(conn, init_from)
+                    base, base_cfg, base_tokenizer, _, base_state = store.read_checkpoint(
+                        conn, init_from)
+                template = template or base_state.get("chat_template")
                 if lora is not None and base.lora is not None:
                     raise SqlgptError(f"the base {init_from} is itself a LoRA fine-tune: "
                                       f"sqlgpt merge it into a plain model first")
@@ -211,12 +266,18 @@ class TrainerSetup:
                 lora.validate(arch)
                 lora.base = base_reference(init_from, db_path)
             counts = np.zeros(tokenizer.n_ids, dtype=np.int64)
-            info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
-                                _progress(on_progress, "tokenizing", sources), counts)
+            val_info = chat_record = None
+            if chat is not None:  # the flags file goes where --val-file's would
+                info, chat_record, train, val = _chat_tokens(
+                    chat, ChatFormat(tokenizer, template or DEFAULT_TEMPLATE), arch.seq_len,
+                    cfg.val_fraction, tmp_tokens, tmp_val, counts)
+                chat_record["flags"]["file"] = tokens_path(db_path, FLAGS_SUFFIX, prefix).name
+            else:
+                info = write_tokens(sources, tokenizer, tmp_tokens, encoding_errors,
+                                    _progress(on_progress, "tokenizing", sources), counts)
+                tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
+                train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
             info["file"] = tokens_path(db_path, prefix=prefix).name
-            tokens = np.memmap(tmp_tokens, dtype=np.dtype(info["dtype"]), mode="r")
-            train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
-            val_info = None
             if cfg.val_file:  # beside the corpus's: both move into place with the database
                 val_info = write_tokens(val_sources, tokenizer, tmp_val, encoding_errors,
                                         _progress(on_progress, "tokenizing", val_sources))
@@ -233,11 +294,16 @@ class TrainerSetup:
                 if lora is not None:
                     lora.base_sha256 = base_digest(model.base)
             state = {"step": 0, "rng": rng.bit_generator.state,
-                     "corpus_sha256": fingerprint(sources), "tokens": info,
-                     "corpus": corpus_record(sources),
+                     "corpus_sha256": fingerprint(sources) if chat is None else file_sha256(chat),
+                     "tokens": info, "corpus": corpus_record(sources) if chat is None else
+                     [{"path": str(Path(chat).resolve()), "bytes": Path(chat).stat().st_size}],
                      "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
             if val_info:
                 state["val_tokens"] = val_info
+            if chat_record:
+                state["chat"] = chat_record
+            if template:
+                state["chat_template"] = template
             # an old file being replaced must not be in use (a prefixed model
             # takes its lock on the app's file inside create_database)
             old_lock = store.WriterLock(db_path) if db_path.exists() and not prefix else None
@@ -249,6 +315,8 @@ class TrainerSetup:
                 os.replace(tmp_tokens, tokens_path(db_path, prefix=prefix))
                 if val_info:
                     os.replace(tmp_val, tokens_path(db_path, VAL_TOKENS_SUFFIX, prefix))
+                if chat_record:
+                    os.replace(tmp_val, tokens_path(db_path, FLAGS_SUFFIX, prefix))
             finally:
                 if old_lock:
                     old_lock.release()
@@ -333,14 +401,20 @@ class TrainerSetup:
         if digest and state.get("corpus_sha256") != digest:
             raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
                               f"{db_path} was trained on; resume needs the same files")
-        tokens = _resume_tokens(db_path, conn.prefix, state, "corpus", tokenizer, sources,
-                                encoding_errors, on_progress)
+        if state.get("chat"):
+            if sources:
+                raise SqlgptError(f"{db_path} is a chat fine-tune: resume it without a corpus")
+            tokens = _resume_chat(db_path, state, tokenizer)
+        else:
+            tokens = _resume_tokens(db_path, conn.prefix, state, "corpus", tokenizer, sources,
+                                    encoding_errors, on_progress)
         for name, value in (run_options or {}).items():  # memory or messages, not results
             setattr(cfg, name, value)
         changed = _apply_changes(cfg, state, changes)
         model = store.model_for(conn, db_path, arch, cfg.checkpoint_activations)
         store.read_weights(conn, model)
-        train, val = split_tokens(tokens, arch.seq_len, cfg.val_fraction)
+        train, val = tokens.split(cfg.val_fraction) if isinstance(tokens, ChatTokens) else \
+            split_tokens(tokens, arch.seq_len, cfg.val_fraction)
         if cfg.val_file:
             val_sources = (_val_sources(cfg.val_file, Path(db_path).parent)
                            if Path(cfg.val_file).is_file() else [])

@@ -21,7 +21,8 @@ from ..model.lora import LoraConfig
 from ..model.model import GPT
 from ..model.tensor import aligned_zeros, fptr
 from .distributed import SIGNAL_CODES, Agreed, World, batch_too_small
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_chat
+from ..chat.data import ChatTokens
 from .setup import TrainerSetup, resumable_rng
 
 METRICS_FLUSH_S = 2.0   # write metrics rows at most this often
@@ -96,10 +97,12 @@ class Trainer(TrainerSetup):
         if world.size == 1:
             return trainer
         header = world.bcast(trainer._header() if world.is_root else None)
-        if header["cfg"]["batch_size"] < world.size:
+        if header["cfg"]["batch_size"] < world.size or header["chat"]:
             if trainer:
                 trainer.close()
-            raise Agreed(SqlgptError(batch_too_small(header["cfg"]["batch_size"], world.size)))
+            raise Agreed(SqlgptError("a chat fine-tune runs in one process (not under mpirun)"
+                                     if header["chat"] else
+                                     batch_too_small(header["cfg"]["batch_size"], world.size)))
         if not world.is_root:
             arch, cfg = ArchConfig.from_dict(header["arch"]), TrainConfig.from_dict(header["cfg"])
             lora = LoraConfig.from_rows(header["lora"]) if header["lora"] else None
@@ -113,6 +116,7 @@ class Trainer(TrainerSetup):
         lora = self.model.lora
         return {"arch": self.model.arch.to_dict(), "cfg": self.cfg.to_dict(),
                 "lora": dict(lora.rows()) if lora else None, "state": self.state,
+                "chat": isinstance(self.train_tokens, ChatTokens),
                 "tokens": (len(self.train_tokens), self.train_tokens.dtype.str)}
 
     def _join(self, world, tokens):
@@ -212,7 +216,10 @@ class Trainer(TrainerSetup):
         cfg, model, world = self.cfg, self.model, self.world
         B, N = cfg.batch_size, cfg.grad_accum
         # all windows at once: N micro-batches are one batch N times larger, split
-        x, y = random_batch(self.train_tokens, self.rng, B * N, model.arch.seq_len)
+        if isinstance(self.train_tokens, ChatTokens):  # conversations, the assistant's loss
+            x, y = self.train_tokens.batch(self.rng, B * N, model.arch.seq_len)
+        else:
+            x, y = random_batch(self.train_tokens, self.rng, B * N, model.arch.seq_len)
         # one draw per step whatever N is, so the batches of later steps do not
         # depend on it; micro-batch i's dropout seed is spread from it
         seed = int(self.rng.integers(0, 2**63))
@@ -305,6 +312,9 @@ class Trainer(TrainerSetup):
         """The held-out split scored in eval mode (no RNG used): eval_iters
         batches of windows spread over it, or all of it; None without one."""
         cfg, T = self.cfg, self.model.arch.seq_len
+        if isinstance(self.train_tokens, ChatTokens):
+            return evaluate_chat(self.model, self.val_tokens, cfg.batch_size,
+                                 cfg.eval_iters * cfg.batch_size) if self.val_tokens else None
         if len(self.val_tokens) < T + 1:
             return None
         # whole batches of the training batch size, so no new activations are
