@@ -45,7 +45,8 @@ ffibuilder.set_source(
 # The loadable SQLite extension: the kernel again, with the SQL functions,
 # tokenizers and sampling in C, and no Python
 EXTENSION = "sqlgpt0.so"
-EXTENSION_SOURCES = SOURCES + ["sqlite_ext.c", "ext_db.c", "ext_load.c", "ext_run.c", "tokenize.c"]
+EXTENSION_SOURCES = SOURCES + ["sqlite_ext.c", "ext_db.c", "ext_load.c", "ext_run.c", "ext_chat.c",
+                                "tokenize.c"]
 
 
 def unicode_tables():
@@ -150,6 +151,11 @@ def contract_header():
            *(f'_Static_assert(TOK_{kind.upper()} == {i}, "ext.h numbers the tokenizer kinds as '
              f'contract.py does");' for i, kind in enumerate(contract.TOKENIZER_KINDS)),
            c_array("const int", "QUANT_GROUPS", map(str, contract.QUANT_GROUPS)),
+           c_array("const char *const", "CHAT_TEMPLATE_NAMES", map(c_string, contract.CHAT_TEMPLATES)),
+           c_array("const char *const", "CHAT_TEMPLATES", map(c_string,
+                                                              contract.CHAT_TEMPLATES.values())),
+           c_array("const char *const", "CHAT_ROLES", map(c_string, contract.CHAT_ROLES)),
+           c_array("const char *const", "SPECIAL_NAMES", map(c_string, contract.SPECIALS)),
            c_array("const char *const", "REQUIRED_CONFIG_KEYS",
                    map(c_string, contract.REQUIRED_CONFIG_KEYS))]
     # the config: one struct member per field, and the table read_config loops over

@@ -469,7 +469,7 @@ Model *load(const Ext *x, Err *e) {
              (integer && quantized_set(x, m, m->precision == PRECISION_INT8 ? 8 : 4, e)) ||
              place(x, m, &ts, &c, PRECISION_FP32, &m->w32, e) ||
              (m->precision != PRECISION_FP32 && place(x, m, &ts, &c, m->precision, &m->w, e)) ||
-             read_tokenizer(x, m, &c, e);
+             read_tokenizer(x, m, &c, e) || read_chat_template(x, m, e);
     if (!status && m->precision == PRECISION_FP32) m->w = m->w32;
     if (x->own) sqlite3_exec(x->own, "COMMIT", NULL, NULL, NULL);
     free(ts.t);

@@ -1,5 +1,5 @@
-/* The loadable extension's SQL functions: sqlgpt_generate, sqlgpt_tokens,
- * sqlgpt_logprob and sqlgpt_embed, each a decode of the connection's model
+/* The loadable extension's SQL functions: sqlgpt_generate, sqlgpt_chat,
+ * sqlgpt_tokens, sqlgpt_logprob and sqlgpt_embed, each a decode of the connection's model
  * with its arguments checked, every failure a SQL error. */
 #include <math.h>
 #include <stdarg.h>
@@ -157,57 +157,61 @@ static int prompt_ids(Model *m, const char *text, int len, Ids *ids, Err *e) {
     return 0;
 }
 
-static int generate_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_value **argv,
+/* max_tokens, temperature and seed from argv[first..] (sqlgpt_generate's
+ * and sqlgpt_chat's optional arguments), checked; a seed drawn if none. */
+static int sampling_args(sqlite3_value **argv, int argc, int first, const char *fn,
+                         sqlite3_int64 *max_tokens, double *temperature, sqlite3_int64 *seed,
                          Err *e) {
-    (void)x;
-    const char *fn = "sqlgpt_generate";
-    int len;
-    sqlite3_int64 max_tokens = DEFAULT_MAX_TOKENS, seed = -1;
-    double temperature = 1.0;
-    const char *prompt = text_arg(argv[0], fn, "prompt", &len, e);
-    if (!prompt) return -1;
-    if (argc > 1 && int_arg(argv[1], fn, "max_tokens", 0, MAX_TOKENS, &max_tokens, e)) return -1;
-    if (argc > 2) {
-        int type = sqlite3_value_type(argv[2]);
-        temperature = sqlite3_value_double(argv[2]);
-        if ((type != SQLITE_INTEGER && type != SQLITE_FLOAT) || !(temperature >= 0) ||
-            temperature > 100)
+    *max_tokens = DEFAULT_MAX_TOKENS, *temperature = 1.0, *seed = -1;
+    if (argc > first && int_arg(argv[first], fn, "max_tokens", 0, MAX_TOKENS, max_tokens, e))
+        return -1;
+    if (argc > first + 1) {
+        int type = sqlite3_value_type(argv[first + 1]);
+        *temperature = sqlite3_value_double(argv[first + 1]);
+        if ((type != SQLITE_INTEGER && type != SQLITE_FLOAT) || !(*temperature >= 0) ||
+            *temperature > 100)
             return fail(e, "%s: temperature must be a number from 0 to 100", fn);
     }
-    if (argc > 3 && sqlite3_value_type(argv[3]) != SQLITE_NULL &&
-        int_arg(argv[3], fn, "seed", 0, INT64_MAX, &seed, e))
+    if (argc > first + 2 && sqlite3_value_type(argv[first + 2]) != SQLITE_NULL &&
+        int_arg(argv[first + 2], fn, "seed", 0, INT64_MAX, seed, e))
         return -1;
+    if (*seed < 0) sqlite3_randomness(sizeof(*seed), seed), *seed &= INT64_MAX;
+    return 0;
+}
+
+/* Sample up to max_tokens ids after context (n_prompt ids, generate.Window's
+ * sliding context), ending at end_id, and set the result to the text they
+ * add (decoded with the prompt, so a character split across the boundary
+ * stays whole). */
+static int continue_text(sqlite3_context *ctx, Ext *x, Model *m, Ids *context,
+                         sqlite3_int64 max_tokens, double temperature, sqlite3_int64 seed,
+                         int end_id, Err *e) {
     Pcg64 rng;
     SamplerConfig sampler = {temperature, 1.0, 0.0, 1.0, 0};
-    if (seed < 0) sqlite3_randomness(sizeof(seed), &seed), seed &= INT64_MAX;
     pcg64_seed(&rng, (uint64_t)seed);
     const Tokenizer *t = &m->tok;
-    int banned[3], n_banned = 0;
+    int banned[3], n_banned = 0;  /* Model._banned: <pad>, <bos>, <unk> */
     int candidates[3] = {t->pad_id, t->bos_id, t->unk_id};
     for (int i = 0; i < 3; i++)
         if (candidates[i] >= 0 && candidates[i] != t->eos_id) banned[n_banned++] = candidates[i];
-    Ids context = {0};
     Buffer before = {0}, after = {0};
-    int status = prompt_ids(m, prompt, len, &context, e);
-    int n_prompt = context.n, T = m->cfg.max_T;
+    int status = 0, n_prompt = context->n, T = m->cfg.max_T;
     int base = 0, pos = 0;  /* the KV cache holds context[base:base + pos] (generate.Window) */
     for (sqlite3_int64 step = 0; step < max_tokens && !(status = status || interrupted(x, e));
          step++) {
-        if (context.n - base > T) base = context.n - (T / 2 > 1 ? T / 2 : 1), pos = 0;
-        int rows = context.n - base - pos;
-        status = run(m, context.ids + base + pos, rows, pos, 1, GENERATE, m->logits, e);
+        if (context->n - base > T) base = context->n - (T / 2 > 1 ? T / 2 : 1), pos = 0;
+        int rows = context->n - base - pos;
+        status = run(m, context->ids + base + pos, rows, pos, 1, GENERATE, m->logits, e);
         pos += rows;
         if (status) break;
         int token = sample_token(m->logits, m->cfg.V, &sampler, NULL, 0, banned, n_banned, &rng,
                                  m->probs, m->scratch, m->order);
         if (token < 0) status = fail(e, "the model's logits are not finite");
-        else if (token == t->eos_id) break;
-        else if (ids_push(&context, token)) status = fail(e, "out of memory");
+        else if (token == end_id) break;
+        else if (ids_push(context, token)) status = fail(e, "out of memory");
     }
-    /* the text the new tokens add: decoded with the prompt, so a character
-     * split across the boundary stays whole */
-    if (!status && (tok_decode(t, context.ids, n_prompt, &before) ||
-                    tok_decode(t, context.ids, context.n, &after)))
+    if (!status && (tok_decode(t, context->ids, n_prompt, &before) ||
+                    tok_decode(t, context->ids, context->n, &after)))
         status = fail(e, "out of memory");
     if (!status) {
         if (after.n >= before.n && !memcmp(after.bytes, before.bytes, before.n)) {
@@ -215,15 +219,53 @@ static int generate_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlit
                                 SQLITE_TRANSIENT);
         } else {
             Buffer fresh = {0};
-            if (tok_decode(t, context.ids + n_prompt, context.n - n_prompt, &fresh))
+            if (tok_decode(t, context->ids + n_prompt, context->n - n_prompt, &fresh))
                 status = fail(e, "out of memory");
             else sqlite3_result_text(ctx, fresh.bytes ? fresh.bytes : "", (int)fresh.n,
                                      SQLITE_TRANSIENT);
             buf_free(&fresh);
         }
     }
-    ids_free(&context);
     buf_free(&before), buf_free(&after);
+    return status;
+}
+
+static int generate_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_value **argv,
+                         Err *e) {
+    const char *fn = "sqlgpt_generate";
+    int len;
+    sqlite3_int64 max_tokens, seed;
+    double temperature;
+    const char *prompt = text_arg(argv[0], fn, "prompt", &len, e);
+    if (!prompt || sampling_args(argv, argc, 1, fn, &max_tokens, &temperature, &seed, e))
+        return -1;
+    Ids context = {0};
+    int status = prompt_ids(m, prompt, len, &context, e) ||
+                 continue_text(ctx, x, m, &context, max_tokens, temperature, seed,
+                               m->tok.eos_id, e);
+    ids_free(&context);
+    return status;
+}
+
+/* sqlgpt_chat(messages [, max_tokens, temperature, seed]): the reply
+ * Model.chat gives, for the templates the extension renders (ext_chat.c). */
+static int chat_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_value **argv,
+                     Err *e) {
+    const char *fn = "sqlgpt_chat";
+    int len;
+    sqlite3_int64 max_tokens, seed;
+    double temperature;
+    const char *messages = text_arg(argv[0], fn, "messages", &len, e);
+    if (!messages || sampling_args(argv, argc, 1, fn, &max_tokens, &temperature, &seed, e))
+        return -1;
+    Ids context = {0};
+    int end_id, status = chat_prompt(x, m, messages, &context, &end_id, e);
+    if (!status && context.n >= m->cfg.max_T)
+        status = fail(e, "the conversation is %d tokens; the model's context is %d: drop "
+                         "earlier messages", context.n, m->cfg.max_T);
+    status = status || continue_text(ctx, x, m, &context, max_tokens, temperature, seed, end_id,
+                                     e);
+    ids_free(&context);
     return status;
 }
 
@@ -302,6 +344,9 @@ static int embed_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_
 
 void sqlgpt_generate(sqlite3_context *c, int n, sqlite3_value **v) {
     call(c, n, v, "sqlgpt_generate", generate_body);
+}
+void sqlgpt_chat(sqlite3_context *c, int n, sqlite3_value **v) {
+    call(c, n, v, "sqlgpt_chat", chat_body);
 }
 void sqlgpt_tokens(sqlite3_context *c, int n, sqlite3_value **v) {
     call(c, n, v, "sqlgpt_tokens", tokens_body);

@@ -26,6 +26,7 @@ typedef struct {
     double *probs, *scratch;  /* the sampler's scratch (V each) */
     int *order;
     Tokenizer tok;
+    int chat;                /* its chat template: an index of CHAT_TEMPLATES, or -1 */
     sqlite3_int64 step;      /* the checkpoint loaded: a newer one reloads */
     char *file;              /* and the file it came from (another one reloads) */
 } Model;
@@ -63,12 +64,19 @@ int check_prefix(const char *prefix, char *out);
 typedef struct Config Config;
 int read_tokenizer(const Ext *x, Model *m, const Config *c, Err *e);
 
+/* ext_chat.c: the model's chat template (which of contract.CHAT_TEMPLATES,
+ * or none the extension renders), and a conversation's prompt ids by it */
+int read_chat_template(const Ext *x, Model *m, Err *e);
+int chat_prompt(const Ext *x, const Model *m, const char *messages, Ids *ids, int *end_id,
+                Err *e);
+
 /* ext_load.c */
 Model *load(const Ext *x, Err *e);
 Model *model_of(Ext *x, Err *e);
 
 /* ext_run.c: the SQL functions */
 void sqlgpt_generate(sqlite3_context *c, int n, sqlite3_value **v);
+void sqlgpt_chat(sqlite3_context *c, int n, sqlite3_value **v);
 void sqlgpt_tokens(sqlite3_context *c, int n, sqlite3_value **v);
 void sqlgpt_logprob(sqlite3_context *c, int n, sqlite3_value **v);
 void sqlgpt_embed(sqlite3_context *c, int n, sqlite3_value **v);

@@ -140,6 +140,8 @@ int sqlite3_sqlgpt_init(sqlite3 *db, char **error, const sqlite3_api_routines *a
                                                                   sqlite3_value **); } fns[] = {
         {"sqlgpt_generate", 1, sqlgpt_generate}, {"sqlgpt_generate", 2, sqlgpt_generate},
         {"sqlgpt_generate", 3, sqlgpt_generate}, {"sqlgpt_generate", 4, sqlgpt_generate},
+        {"sqlgpt_chat", 1, sqlgpt_chat}, {"sqlgpt_chat", 2, sqlgpt_chat},
+        {"sqlgpt_chat", 3, sqlgpt_chat}, {"sqlgpt_chat", 4, sqlgpt_chat},
         {"sqlgpt_tokens", 1, sqlgpt_tokens}, {"sqlgpt_logprob", 1, sqlgpt_logprob},
         {"sqlgpt_embed", 1, sqlgpt_embed}, {"sqlgpt_model", 1, sqlgpt_model},
         {"sqlgpt_model", 2, sqlgpt_model}, {"sqlgpt_model", 3, sqlgpt_model}};

@@ -13,12 +13,13 @@ import numpy as np
 
 from . import store
 from .chat.conversation import ChatFormat
+from .chat.data import SCORED, START, ChatTokens, fitted, read_conversations
 from .chat.template import DEFAULT_TEMPLATE
 from .store.rows import _check_values
 from .data.corpus import find_sources
 from .data.dataset import write_tokens
 from .errors import SqlgptError
-from .train.evaluate import evaluate
+from .train.evaluate import evaluate, evaluate_chat
 from .inference.decoder import Decoder, check_precision
 from .inference.sampling import Sampler
 from .inference.beam import beam_search
@@ -143,6 +144,7 @@ class Model:
                  quantized=None, chat_template=None):
         check_precision(precision)
         self.chat_template = chat_template  # the model's own; None: sqlgpt's default
+        self.context = gpt.arch.seq_len  # a prompt and its reply together, at most (serve --ctx)
         self._chat_formats = {}
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
         # int8 / int4: (group size, {matrix name: (q, scales)}) as stored
@@ -340,6 +342,29 @@ class Model:
         text = self.decode(list(prompt_ids) + list(new))
         return text[len(before):] if text.startswith(before) else self.decode(new)
 
+    def embed(self, text):
+        """text's embedding (see embed_ids)."""
+        return self.embed_ids(self.encode(text))
+
+    def embed_ids(self, ids, on_window=None):
+        """The mean of the final hidden states (after the final norm, where
+        the model has one) over the ids, in windows of the context: a
+        float32 vector of embed_dim values (what sqlgpt_embed returns).
+        on_window() is called before each window."""
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        if not len(ids):
+            raise SqlgptError("the text has no tokens")
+        gpt, T = self._gpt, self.arch.seq_len
+        total = np.zeros(self.arch.embed_dim, dtype=np.float64)
+        for start in range(0, len(ids), T):
+            if on_window:
+                on_window()
+            window = ids[start:start + T][None]
+            gpt.forward(window)
+            hidden = gpt.acts.buffers["lnf" if gpt.arch.final_norm else "x_final"]
+            total += hidden[:window.shape[1]].sum(axis=0, dtype=np.float64)
+        return (total / len(ids)).astype(np.float32)
+
     # ---- chat ----
     def chat_format(self, template=None):
         """The ChatFormat of a template (default: the model's own, else
@@ -393,6 +418,33 @@ class Model:
                                 length_penalty=length_penalty,
                                 prompt_ids=self.chat_prompt(messages, template),
                                 end_id=self.chat_format(template).end_id)
+
+    def evaluate_chat(self, path, batch_size=8, template=None, max_tokens=256):
+        """Scores on held-out conversations (a JSON Lines file as --chat
+        reads): loss, perplexity and accuracy on the assistant's tokens
+        alone, and exact_match: how often the greedy reply to each
+        conversation but its last message equals that message (an
+        assistant's), ignoring the whitespace around it."""
+        chat = self.chat_format(template)
+        ids, flags, hits, asked = [], [], 0, 0
+        for _, messages in read_conversations(path):
+            found = fitted(chat, messages, self.arch.seq_len + 1)
+            if found is None:
+                continue
+            conversation, mask, _ = found
+            ids.append(conversation)
+            flags.append(np.where(mask, SCORED, 0).astype(np.uint8))
+            flags[-1][0] |= START
+            if messages[-1]["role"] == "assistant":
+                asked += 1
+                reply = self.chat(messages[:-1], max_tokens, temperature=0, template=template)
+                hits += reply.strip() == messages[-1]["content"].strip()
+        if not ids:
+            raise SqlgptError(f"{path} has no conversation whose first reply fits the context")
+        held = ChatTokens(np.concatenate(ids), np.concatenate(flags), self.tokenizer.eos_id)
+        scores = evaluate_chat(self._gpt, held, batch_size).to_dict()
+        return {**scores, "exact_match": hits / asked if asked else None,
+                "conversations": len(ids)}
 
     def evaluate(self, text=None, paths=(), stride=None, batch_size=8, extensions=(),
                  encoding_errors="strict", on_progress=None):
@@ -523,7 +575,8 @@ def import_hf(directory, db_path, overwrite=False, prefix=""):
     if tokenizer is None:
         raise SqlgptError(f"{directory} has no tokenizer.json: sqlgpt needs the model's "
                           f"tokenizer")
-    return _create_imported(db_path, directory, arch, weights, tokenizer, overwrite, prefix)
+    return _create_imported(db_path, directory, arch, weights, tokenizer, overwrite, prefix,
+                            extras={"chat_template": hf.read_chat_template(directory)})
 
 
 def import_gguf(path, db_path, overwrite=False, prefix=""):

@@ -179,6 +179,29 @@ PRETOKENIZER_PATTERNS = {
 }
 
 
+# ---- chat templates the extension renders without a Jinja engine (each a
+# fixed text it recognises; sqlgpt.chat.template renders them and any other) ----
+CHAT_TEMPLATES = {
+    # sqlgpt's default, on the specials every sqlgpt tokenizer has: a message
+    # is <bos>ROLE\nCONTENT<eos>; a reply is prompted by <bos>assistant\n
+    "sqlgpt": (
+        "{% for message in messages %}"
+        "{{ bos_token }}{{ message['role'] }}\n"
+        "{% if message['role'] == 'assistant' %}{% generation %}"
+        "{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+        "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ bos_token }}assistant\n{% endif %}"),
+    # ChatML: <|im_start|>ROLE\nCONTENT<|im_end|>\n, prompted by <|im_start|>assistant\n
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 def holds(when, config):
     """Whether a presence rule holds for config (an object with the
     ARCH_FIELDS as attributes)."""

@@ -379,3 +379,44 @@ def test_a_small_model_learns_to_follow_a_held_out_instruction(tmp_path):
                               max_tokens=16).strip() == r["completion"] for r in test) / len(test)
     assert exact(base) == 0
     assert exact(tuned) >= 0.15
+
+
+def test_exports_carry_the_template_and_transformers_chats_alike(tuned, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = sqlgpt.load(tuned)
+    messages = [{"role": "user", "content": "Reverse: one two"}]
+    assert run("export", "--db", tuned, "-o", tmp_path / "hf").exit_code == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                  return_tensors="pt")
+    assert ids["input_ids"][0].tolist() == model.chat_prompt(messages).tolist()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    out = hf_model.generate(**ids, max_new_tokens=8, do_sample=False,
+                            eos_token_id=tok.eos_token_id)
+    reply = tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert reply == model.chat(messages, temperature=0, max_tokens=8)
+    # back in from the directory, and through GGUF, with the template
+    (tmp_path / "hf" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert run("import", tmp_path / "hf", "--db", tmp_path / "back.db").exit_code == 0
+    assert sqlgpt.load(tmp_path / "back.db").chat_template == "{{ messages[0]['content'] }}"
+    pytest.importorskip("gguf")
+    assert run("export", "--db", tuned, "--format", "gguf", "-o", tmp_path / "m.gguf"
+               ).exit_code == 0
+    assert run("import", tmp_path / "m.gguf", "--db", tmp_path / "g.db").exit_code == 0
+    assert sqlgpt.load(tmp_path / "g.db").chat_template == model.chat_format().template
+
+
+def test_eval_chat_scores_the_replies(tuned, tmp_path):
+    data = write_jsonl(tmp_path / "held.jsonl", CONVERSATIONS)
+    result = run("eval", "--db", tuned, "--chat", data, "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["conversations"] == 3 and 0 <= scores["exact_match"] <= 1
+    model = sqlgpt.load(tuned)
+    hits = sum(model.chat([{k: v for k, v in m.items()} for m in c["messages"][:-1]],
+                          temperature=0).strip() == c["messages"][-1]["content"]
+               for c in CONVERSATIONS[:2])
+    hits += model.chat([{"role": "user", "content": "Reverse: cat dog"}],
+                       temperature=0).strip() == "dog cat"
+    assert scores["exact_match"] == hits / 3
+    assert run("eval", "--db", tuned).exit_code == 2

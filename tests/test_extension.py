@@ -156,6 +156,50 @@ def test_logprob_and_embedding_within_1e5(models, corpus, kind):
                                    np.frombuffer(bytes.fromhex(b["blob"]), "<f4"), atol=1e-5)
 
 
+CHATS = [[{"role": "user", "content": "hi"}],
+         [{"role": "system", "content": "é<eos>"}, {"role": "user", "content": "a"}],
+         [{"role": "user", "content": "so many words that the conversation outgrows it"}]]
+
+
+def with_template(db, folder, template):
+    """A copy of db whose train_state holds this chat template."""
+    copy = folder / f"chat-{abs(hash(template)) % 10**6}.db"
+    shutil.copy(db, copy)
+    conn = sqlite3.connect(copy)
+    conn.execute("INSERT OR REPLACE INTO train_state (key, value) VALUES ('chat_template', ?)",
+                 (json.dumps(template),))
+    conn.commit()
+    conn.close()
+    return copy
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "byte", "word"])
+def test_chat_replies_equal_pythons_for_the_templates_it_renders(models, tmp_path, kind):
+    from sqlgpt.chat.template import CHATML_TEMPLATE
+    queries = [f"SELECT sqlgpt_chat({quote(json.dumps(m))}, {n}, {t}, {seed})"
+               for m in CHATS for n, t, seed in ((8, 0, 1), (10, 0.9, 7))]
+    queries += ["SELECT sqlgpt_chat('[]')", "SELECT sqlgpt_chat('not json')",
+                "SELECT sqlgpt_chat('[{\"role\": \"bot\", \"content\": \"x\"}]')",
+                "SELECT sqlgpt_chat('[{\"role\": \"user\"}]')", "SELECT sqlgpt_chat(NULL)"]
+    chatml = with_template(models[kind], tmp_path, CHATML_TEMPLATE)
+    other = with_template(models[kind], tmp_path, "{{ messages[0]['content'] }}")
+    ours = client([{"db": str(db), "queries": queries} for db in (models[kind], chatml)] +
+                  [{"db": str(other), "queries": queries[:1]}])
+    for db, got in zip((models[kind], chatml), ours):
+        want = through_python(db, queries)
+        for a, b, sql in zip(got, want, queries):
+            if isinstance(b, dict):  # an error: the same one (sqlite3 hides Python's text)
+                assert isinstance(a, dict), (sql, a)
+                if kind == "word" and db == models[kind] and "chat('[" in sql:
+                    assert "no <bos> and <eos>" in a["error"]
+            else:
+                assert a == b, (sql, a, b)
+    if kind != "word":
+        assert "context" in ours[0][4]["error"] and "not JSON" in ours[0][7]["error"]
+        assert "role 'bot'" in ours[0][8]["error"] and "NULL" in ours[0][10]["error"]
+    assert "not one the extension renders" in ours[2][0]["error"]
+
+
 def test_bf16_decodes_as_the_python_bf16_path(models):
     db = models["char"]
     queries = [f"SELECT sqlgpt_generate('the king', 40, {t}, 5)" for t in (0, 1.0)]
@@ -465,6 +509,10 @@ def test_the_sqlite3_shell(models):
     expected, ids = through_python(db, ["SELECT sqlgpt_generate('the king', 25, 0.8, 42)",
                                         "SELECT sqlgpt_tokens('the king')"])
     assert text == expected.rstrip("\n") and json.loads(tokens) == json.loads(ids)
+    chat = "SELECT sqlgpt_chat('[{\"role\": \"user\", \"content\": \"hi\"}]', 6, 0)"
+    done = subprocess.run([SHELL, str(db), f".load {EXT[:-3]}", chat + ";"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.rstrip("\n") == through_python(db, [chat])[0]
     done = subprocess.run([SHELL, str(db), f".load {EXT}", "SELECT sqlgpt_generate(NULL);"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "prompt is NULL" in done.stderr

@@ -19,23 +19,13 @@ import time
 from contextvars import ContextVar
 from datetime import datetime
 
+from ..contract import CHAT_ROLES, CHAT_TEMPLATES
 from ..errors import SqlgptError
 
-DEFAULT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ bos_token }}{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
-    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ bos_token }}assistant\n{% endif %}")
-# ChatML (Qwen2's), which the extension renders too
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-ROLES = ("system", "user", "assistant")
+# sqlgpt's own template and ChatML (Qwen2's), which the extension renders too
+DEFAULT_TEMPLATE = CHAT_TEMPLATES["sqlgpt"]
+CHATML_TEMPLATE = CHAT_TEMPLATES["chatml"]
+ROLES = CHAT_ROLES
 MAX_TEMPLATE_CHARS = 1 << 20
 MAX_OUTPUT_CHARS = 1 << 24     # a rendered conversation
 MAX_MADE = 1 << 20             # a string or list a template builds with * or **

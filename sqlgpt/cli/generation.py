@@ -238,7 +238,7 @@ def eval_progress():
 
 
 @click.command(name="eval")
-@click.argument("corpus", nargs=-1, required=True, type=click.Path())
+@click.argument("corpus", nargs=-1, type=click.Path())
 @db_option
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="Windows of seq-len tokens this far apart; each token after the first "
@@ -250,20 +250,36 @@ def eval_progress():
               help="With a directory: only files with this suffix (repeatable).")
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
               show_default=True, help="Bytes that are not UTF-8: an error, or U+FFFD.")
+@click.option("--chat", "chat", type=click.Path(), default=None,
+              help="Score held-out conversations (JSON Lines, as finetune --chat reads) instead "
+                   "of a corpus: the assistant's tokens alone, and the greedy reply's exact "
+                   "match with each conversation's last message.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @precision_option
 @step_option
 @threads_option
 @fail_cleanly
-def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, as_json,
-          precision, step):
+def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, chat,
+          as_json, precision, step):
     """Score the model in --db on CORPUS (files, directories or -): mean
     cross-entropy per token, perplexity and next-token accuracy; with
     --precision, of the weights in that format, as generation reads them.
 
     Example: sqlgpt eval --db model.db held_out.txt --json
     """
+    if bool(corpus) == bool(chat):
+        raise click.UsageError("name a corpus to score, or --chat conversations (one of them)")
     model = load(db_path, precision, step, prefix)
+    if chat:
+        scores = model.evaluate_chat(chat, batch_size)
+        if as_json:
+            return emit_json(scores)
+        exact = "" if scores["exact_match"] is None else \
+            f", exact match {scores['exact_match']:.1%}"
+        click.echo(f"loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f}, accuracy "
+                   f"{scores['accuracy']:.1%} on {scores['tokens']:,} assistant tokens{exact}, "
+                   f"{scores['conversations']:,} conversations")
+        return
     result = model.evaluate(paths=corpus, stride=stride, batch_size=batch_size,
                             extensions=extensions, encoding_errors=encoding_errors,
                             on_progress=eval_progress())

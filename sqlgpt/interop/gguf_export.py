@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..chat.template import DEFAULT_TEMPLATE
 from ..errors import SqlgptError
 from ..model.arch import hf_to_gguf
 from ..model.model import rope_frequencies
@@ -78,6 +79,7 @@ def export(model, path, fmt="f32"):
     writer = gguf.GGUFWriter(str(path), kind)
     _metadata(writer, gguf, arch, kind, fmt)
     _tokenizer(writer, gguf, model.tokenizer)
+    writer.add_chat_template(model.chat_template or DEFAULT_TEMPLATE)
     for name, value in tensors.items():
         if value.ndim == 2 and fmt == "f16":
             writer.add_tensor(name, value.astype(np.float16))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chat.template import DEFAULT_TEMPLATE
 from ..model.arch import preset, tensor_table
 from ..data import safe_json
 from ..errors import SqlgptError
@@ -238,7 +239,8 @@ def export(model, out_dir):
         write_safetensors(tmp / SAFETENSORS, tensors)
         written = [*files, SAFETENSORS]
         if model.tokenizer.kind in ("bpe", "hf"):
-            written += _write_tokenizer(tmp, model.tokenizer, arch)
+            written += _write_tokenizer(tmp, model.tokenizer, arch,
+                                        model.chat_template or DEFAULT_TEMPLATE)
     return written
 
 
@@ -267,9 +269,10 @@ def new_directory(out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_tokenizer(directory, tokenizer, arch):
+def _write_tokenizer(directory, tokenizer, arch, chat_template):
     """tokenizer.json (the library's own definition, sqlgpt's specials as its
-    added tokens) and what transformers' AutoTokenizer reads beside it."""
+    added tokens) and what transformers' AutoTokenizer reads beside it (the
+    chat template in tokenizer_config.json)."""
     (directory / "tokenizer.json").write_text(tokenizer.state()["tokenizer_json"])
     special = {f"{role}_token": tokenizer.pieces([getattr(tokenizer, f"{role}_id")])[0]
                for role in ("pad", "unk", "bos", "eos")
@@ -277,7 +280,8 @@ def _write_tokenizer(directory, tokenizer, arch):
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": arch.seq_len,
-         "clean_up_tokenization_spaces": False, **special}, indent=2) + "\n")
+         "clean_up_tokenization_spaces": False, "chat_template": chat_template, **special},
+        indent=2) + "\n")
     return ["tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"]
 
 
@@ -455,6 +459,23 @@ def _special_roles(directory, config):
         if found:
             roles["unk"] = found[0]
     return roles
+
+
+def read_chat_template(directory):
+    """A transformers directory's chat template: chat_template.jinja (where
+    transformers 5 saves it), else tokenizer_config.json's chat_template
+    (text, or a list of named ones: the one named default); None if none."""
+    path = Path(directory) / "chat_template.jinja"
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise SqlgptError(f"{path} is not a UTF-8 text file") from None
+    template = _json_or_empty(Path(directory) / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and
+                         t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def _json_or_empty(path):

@@ -146,18 +146,11 @@ class ModelFunctions:
         """The mean of the final hidden states (after the final norm, where
         the model has one) over text's tokens, in windows of the context:
         a float32 BLOB of embed_dim values, the layout sqlite-vec reads."""
-        ids = [int(i) for i in self.model.encode(_text("sqlgpt_embed", text))]
-        if not ids:
+        ids = self.model.encode(_text("sqlgpt_embed", text))
+        if not len(ids):
             raise SqlFunctionError("sqlgpt_embed: the text has no tokens")
-        gpt, T = self.model._gpt, self.model.arch.seq_len
-        total = np.zeros(self.model.arch.embed_dim, dtype=np.float64)
-        for start in range(0, len(ids), T):
-            self._check("sqlgpt_embed")
-            window = np.asarray(ids[start:start + T], dtype=np.int32)[None]
-            gpt.forward(window)
-            hidden = gpt.acts.buffers["lnf" if gpt.arch.final_norm else "x_final"]
-            total += hidden[:window.shape[1]].sum(axis=0, dtype=np.float64)
-        return (total / len(ids)).astype("<f4").tobytes()
+        vector = self.model.embed_ids(ids, on_window=lambda: self._check("sqlgpt_embed"))
+        return vector.astype("<f4").tobytes()
 
     def error(self):
         """The message of the last failed call, or NULL."""

@@ -138,6 +138,10 @@ class Tokenizer:
         decode(ids) ends on a whole character."""
         return ByteStream(self._bytes_of, self._ids(ids))
 
+    def token_bytes(self, token):
+        """The bytes id token decodes to (b"" for <pad>, <bos>, <eos>)."""
+        return self._bytes_of[self._ids([token])[0]]
+
     def pieces(self, ids):
         """A readable piece per id (specials as "<eos>" etc.)."""
         return self._text[self._ids(ids)].tolist()
