@@ -81,3 +81,21 @@ def test_generate_overhead_reports_each_path(tmp_path):
     assert [r[1].strip() for r in rows] == ["C step alone", "generate(), greedy",
                                             "generate(), sampled", "generate_ids(), sampled"]
     assert all(float(r[3].strip().rstrip("%")) > 0 for r in rows)
+
+
+def test_the_serve_benchmark_and_soak_run_end_to_end(tmp_path):
+    import pytest
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    here = BENCH.parent
+    proc = subprocess.run([sys.executable, str(here / "serve_bench.py"), "--config",
+                           "llama-baby", "--clients", "1,2", "--json", str(tmp_path / "s.json")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    levels = json.loads((tmp_path / "s.json").read_text())
+    assert [r["clients"] for r in levels] == [1, 2] and all(r["aggregate"] > 0 for r in levels)
+    proc = subprocess.run([sys.executable, str(here / "serve_soak.py"), "--requests", "80",
+                           "--clients", "4"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout and "0 differ" in proc.stdout
