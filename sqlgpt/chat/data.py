@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.corpus import SqlSource
 from ..errors import SqlgptError
 from ..model.model import IGNORE
 from .template import check_messages
@@ -31,7 +32,14 @@ MAX_LINE_CHARS = 1 << 24
 
 def read_conversations(path):
     """Yield (line number, messages) of a JSON Lines file, each row checked
-    (blank lines skipped); a bad row is a one-line error naming its line."""
+    (blank lines skipped); a bad row is a one-line error naming its line. A
+    SqlSource's rows instead: each a JSON messages array or row object."""
+    if isinstance(path, SqlSource):
+        for number, text in enumerate(path.rows(), 1):
+            if text.lstrip().startswith("["):
+                text = '{"messages": ' + text + "}"
+            yield number, _messages(text, f"--sql row {number}")
+        return
     path = Path(path)
     if not path.is_file():
         raise SqlgptError(f"{path} is not a file of conversations (JSON Lines)")

@@ -179,3 +179,37 @@ def typed_lines(prompt="> "):
             return
         if line.strip():
             yield line
+
+
+FROM_SQL = "<--sql>"  # --chat given no file: its conversations are --sql's rows
+
+
+def sql_options(fn):
+    """--sql QUERY and --from DB: a corpus of a query's rows."""
+    fn = click.option("--from", "from_db", type=click.Path(), default=None,
+                      help="The SQLite database --sql reads (read-only). [default: --db, "
+                           "the model's own file]")(fn)
+    return click.option("--sql", default=None,
+                        help="A SELECT whose rows are the corpus, one document each (the "
+                             "first column's text), instead of files.")(fn)
+
+
+def sql_corpus(corpus, sql, from_db, db_path, chat=None):
+    """(corpus, chat) with --sql's rows in place of files: the corpus, or
+    with --chat given no file, the conversations."""
+    from ..data.corpus import sql_sources
+    if sql is None:
+        if chat == FROM_SQL:
+            raise click.UsageError("--chat with no file reads its conversations from --sql: "
+                                   "give --sql (or a JSON Lines file)")
+        if from_db is not None:
+            raise click.UsageError("--from goes with --sql")
+        return corpus, chat
+    if corpus:
+        raise click.UsageError("--sql is the corpus: name no files too")
+    sources = sql_sources(sql, from_db or db_path)
+    if chat == FROM_SQL:
+        return (), sources[0]
+    if chat is not None:
+        raise click.UsageError("--chat FILE and --sql are two corpora: give one")
+    return sources, chat

@@ -47,11 +47,15 @@ def info(db_path, prefix, as_json):
     if corpus.get("sha256"):
         files = corpus.get("files") or []
         tokens = f", {corpus['tokens']:,} tokens" if corpus.get("tokens") else ""
+        kind = ("query", "queries") if files and all("sql" in f for f in files) else \
+            ("file", "files")
         click.echo(f"corpus: {len(files) or 'files not recorded'}"
-                   f"{' file' if len(files) == 1 else ' files' if files else ''}{tokens}, "
+                   f"{' ' + kind[0] if len(files) == 1 else ' ' + kind[1] if files else ''}"
+                   f"{tokens}, "
                    f"sha256 {corpus['sha256']}")
         for f in files[:SHOWN_FILES]:
-            click.echo(f"  {f['path']} ({f['bytes']:,} bytes)")
+            click.echo(f"  --sql {f['sql']!r} on {f['from']} ({f['rows']:,} rows)" if "sql" in f
+                       else f"  {f['path']} ({f['bytes']:,} bytes)")
         if len(files) > SHOWN_FILES:
             click.echo(f"  ... and {len(files) - SHOWN_FILES:,} more (sqlgpt info --json lists "
                        f"them all)")

@@ -12,7 +12,8 @@ from ..inference.sampling import Sampler
 from ..inference.beam import MAX_BEAMS
 from ..inference.generate import DRAFT_TOKENS, GenerationStats, MAX_BATCH
 from .training import read_template
-from .common import (checked_prefix, db_option, emit_json, fail_cleanly, precision_option,
+from .common import (FROM_SQL, sql_corpus, sql_options,
+                     checked_prefix, db_option, emit_json, fail_cleanly, precision_option,
                      sampling_options, shown_piece, step_option, threads_option, typed_lines)
 
 
@@ -250,25 +251,30 @@ def eval_progress():
               help="With a directory: only files with this suffix (repeatable).")
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), default="strict",
               show_default=True, help="Bytes that are not UTF-8: an error, or U+FFFD.")
-@click.option("--chat", "chat", type=click.Path(), default=None,
-              help="Score held-out conversations (JSON Lines, as finetune --chat reads) instead "
-                   "of a corpus: the assistant's tokens alone, and the greedy reply's exact "
-                   "match with each conversation's last message.")
+@click.option("--chat", "chat", type=click.Path(), default=None, is_flag=False,
+              flag_value=FROM_SQL,
+              help="Score held-out conversations (JSON Lines, as finetune --chat reads; alone "
+                   "with --sql, the rows' messages) instead of a corpus: the assistant's tokens "
+                   "alone, and the greedy reply's exact match with each conversation's last "
+                   "message.")
+@sql_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @precision_option
 @step_option
 @threads_option
 @fail_cleanly
-def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, chat,
-          as_json, precision, step):
+def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_errors, chat, sql,
+          from_db, as_json, precision, step):
     """Score the model in --db on CORPUS (files, directories or -): mean
     cross-entropy per token, perplexity and next-token accuracy; with
     --precision, of the weights in that format, as generation reads them.
 
     Example: sqlgpt eval --db model.db held_out.txt --json
     """
+    corpus, chat = sql_corpus(corpus, sql, from_db, db_path, chat)
     if bool(corpus) == bool(chat):
-        raise click.UsageError("name a corpus to score, or --chat conversations (one of them)")
+        raise click.UsageError("name a corpus to score (files or --sql), or --chat "
+                               "conversations: one of them")
     model = load(db_path, precision, step, prefix)
     if chat:
         scores = model.evaluate_chat(chat, batch_size)
@@ -292,15 +298,21 @@ def eval_(corpus, db_path, prefix, stride, batch_size, extensions, encoding_erro
 
 @click.command()
 @db_option
-@click.argument("text")
+@click.argument("text", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@sql_options
 @fail_cleanly
-def tokenize(db_path, prefix, text, as_json):
-    """Show how the model in --db splits TEXT: each token's id and piece.
+def tokenize(db_path, prefix, text, as_json, sql, from_db):
+    """Show how the model in --db splits TEXT: each token's id and piece;
+    with --sql, each row's token count (and ids, with --json).
 
     Example: sqlgpt tokenize --db model.db "The king's crown"
     """
+    if (text is None) == (sql is None):
+        raise click.UsageError("give a TEXT to tokenize, or --sql rows: one of them")
     model = load(db_path, prefix=prefix)
+    if sql is not None:
+        return tokenize_rows(model, sql_corpus((), sql, from_db, db_path)[0][0], as_json)
     ids = [int(i) for i in model.encode(text)]
     pieces = model.tokenizer.pieces(ids)
     if as_json:
@@ -309,6 +321,20 @@ def tokenize(db_path, prefix, text, as_json):
     for token, piece in zip(ids, pieces):
         click.echo(f"{token:>7}  '{shown_piece(piece)}'")
     click.echo(f"{len(ids)} tokens")
+
+
+def tokenize_rows(model, source, as_json):
+    """tokenize --sql: each row's tokens, then the total."""
+    rows = total = 0
+    for rows, text in enumerate(source.rows(), 1):
+        ids = [int(i) for i in model.encode(text)]
+        total += len(ids)
+        if as_json:
+            emit_json({"row": rows, "ids": ids, "tokens": len(ids)})
+        else:
+            click.echo(f"row {rows}: {len(ids):,} tokens")
+    if not as_json:
+        click.echo(f"{rows:,} rows, {total:,} tokens")
 
 
 COMMANDS = (generate, eval_, tokenize)

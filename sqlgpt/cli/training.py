@@ -19,7 +19,8 @@ from ..errors import AlreadyTrained, SqlgptError
 from ..model.lora import LoraConfig
 from ..train.trainer import Trainer
 from ..chat.template import MAX_TEMPLATE_CHARS
-from .common import db_option, emit_json, fail_cleanly, fmt_loss, output_option, threads_option
+from .common import (FROM_SQL, db_option, emit_json, fail_cleanly, fmt_loss, output_option,
+                     sql_corpus, sql_options, threads_option)
 
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -206,10 +207,13 @@ def load_run_file(ctx, param, path):
 @click.option("--init-from", "--base", "init_from", type=click.Path(), default=None,
               help="Start a new model in --db from a trained database's architecture, "
                    "tokenizer and weights (fresh optimizer state; the base is only read).")
-@click.option("--chat", "chat", type=click.Path(), default=None,
+@click.option("--chat", "chat", type=click.Path(), default=None, is_flag=False,
+              flag_value=FROM_SQL,
               help="Fine-tune the --base model on conversations (JSON Lines of {\"messages\": "
                    "[{\"role\", \"content\"}...]} or {\"prompt\", \"completion\"}) "
-                   "instead of a corpus: the loss counts the assistant's tokens alone.")
+                   "instead of a corpus: the loss counts the assistant's tokens alone. --chat "
+                   "alone with --sql: each row's first column is a conversation's messages.")
+@sql_options
 @click.option("--chat-template", "chat_template", type=click.Path(), default=None,
               help="With --chat: a Jinja chat template file to render the conversations with "
                    "(kept with the model). [default: the base's, else sqlgpt's]")
@@ -298,8 +302,9 @@ def check_ranks(ctx, world, corpus, extensions):
 
 def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensions,
                  encoding_errors, init_from, lora_rank, lora_alpha, lora_targets, lora_dropout,
-                 chat, chat_template, **options):
+                 chat, chat_template, sql, from_db, **options):
     """The Trainer of a new model or of --resume's, from train's options."""
+    corpus, chat = sql_corpus(corpus, sql, from_db, db_path, chat)
     if resume and overwrite:
         raise SqlgptError("--resume and --overwrite exclude each other")
     if chat_template and not chat and not resume:

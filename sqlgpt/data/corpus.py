@@ -2,7 +2,10 @@
 chunks, so that a corpus far larger than memory streams through the
 tokenizer with flat memory.
 
-Every file is one document. A chunk ends right after a "\\n" that is
+Every file is one document; so is every row of a SQL query's results
+(SqlSource: `--sql QUERY --from app.db`, read through a read-only
+connection, each row's first column as the text). A chunk ends right after
+a "\\n" that is
 followed by a character other than whitespace (or at the end of its
 document): every tokenizer splits there anyway, so encoding chunk by chunk
 gives exactly the ids of encoding the whole text.
@@ -11,6 +14,7 @@ import codecs
 import hashlib
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +41,88 @@ class Source:
                 f"(e.g. --ext .txt)" if self.folder else "")
 
 
+@dataclass(frozen=True)
+class SqlSource(Source):
+    """A query's rows, each a document: path is the database it reads."""
+    query: str = ""
+
+    def __str__(self):  # as messages name it
+        return f"the rows of --sql {self.query!r}"
+
+    def rows(self):
+        """Yield the text of each row's first column (NULL and empty rows
+        skipped, numbers as text), through a read-only connection; a BLOB or
+        a failing query is a one-line error."""
+        conn = open_read_only(self.path)
+        try:
+            try:
+                cursor = conn.execute(self.query)
+            except sqlite3.Error as e:
+                raise SqlgptError(f"the --sql query failed on {self.path}: {e}") from None
+            if not cursor.description:
+                raise SqlgptError("the --sql query returns no rows: give a SELECT")
+            for number, row in enumerate(_fetch(cursor, self.path), 1):
+                value = row[0]
+                if isinstance(value, (bytes, memoryview)):
+                    raise SqlgptError(f"row {number} of the --sql query is a BLOB, not text")
+                if value is None or value == "":
+                    continue
+                yield value if isinstance(value, str) else str(value)
+        finally:
+            conn.close()
+
+
+def _fetch(cursor, path):
+    while True:
+        try:
+            rows = cursor.fetchmany(256)
+        except sqlite3.Error as e:
+            raise SqlgptError(f"the --sql query failed on {path}: {e}") from None
+        if not rows:
+            return
+        yield from rows
+
+
+def open_read_only(path):
+    """A connection that cannot change the database at path (mode=ro and
+    query_only): the app's file stays byte for byte as it was."""
+    from urllib.parse import quote
+    path = Path(path)
+    if not path.is_file():
+        raise SqlgptError(f"--from {path} is not a file")
+    try:
+        # a generator over its rows may be resumed on another thread (the BPE trainer's)
+        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True,
+                               check_same_thread=False)
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise SqlgptError(f"cannot read {path} as a SQLite database: {e}") from None
+    return conn
+
+
+def sql_sources(query, database):
+    """The corpus of a --sql query on the database at path, as sources."""
+    if not isinstance(query, str) or not query.strip():
+        raise SqlgptError("--sql needs a query")
+    path = Path(database)
+    open_read_only(path).close()
+    return [SqlSource(path, f"--sql on {path}", 0, "", query)]
+
+
+def documents(sources, errors="strict", on_bytes=None):
+    """Yield each document of the sources, in order, as an iterator of its
+    chunks: a file's (read_chunks), or a query row's text as one chunk."""
+    for source in sources:
+        if isinstance(source, SqlSource):
+            for text in source.rows():
+                yield iter((text,))
+        else:
+            yield read_chunks(source, errors)
+        if on_bytes:
+            on_bytes(source.size)
+
+
 def find_sources(paths, extensions=(), spool_dir=None):
     """The corpus's files, in order: each path a file, "-" (standard input,
     copied to a file in spool_dir so it can be read twice), or a directory
@@ -48,6 +134,9 @@ def find_sources(paths, extensions=(), spool_dir=None):
     extensions = {e if e.startswith(".") else f".{e}" for e in extensions}
     sources = []
     for given in paths:
+        if isinstance(given, Source):  # made already (sql_sources)
+            sources.append(given)
+            continue
         if str(given) == "-":
             sources.append(_spool_stdin(spool_dir))
             continue
@@ -140,20 +229,24 @@ def last_boundary(text):
 
 
 def corpus_chunks(sources, errors="strict", on_bytes=None):
-    """(document index, chunk) over every source in order; on_bytes(n) is
+    """(document index, chunk) over every document in order; on_bytes(n) is
     called as each source's bytes are read through (for a progress bar)."""
-    for index, source in enumerate(sources):
-        for chunk in read_chunks(source, errors):
+    for index, document in enumerate(documents(sources, errors, on_bytes)):
+        for chunk in document:
             yield index, chunk
-        if on_bytes:
-            on_bytes(source.size)
 
 
 def fingerprint(sources):
     """SHA-256 over the sources' bytes, in order (one file: the file's own
-    SHA-256, as schema-1 databases stored it)."""
+    SHA-256, as schema-1 databases stored it); a query's rows count as each
+    row's UTF-8 length (8 bytes) and bytes, so a changed row changes it."""
     digest = hashlib.sha256()
     for source in sources:
+        if isinstance(source, SqlSource):
+            for text in source.rows():
+                data = text.encode("utf-8", "surrogatepass")
+                digest.update(len(data).to_bytes(8, "little") + data)
+            continue
         with open(source.path, "rb") as f:
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 digest.update(block)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import corpus_chunks, file_sha256, read_chunks
+from .corpus import corpus_chunks, documents, file_sha256
 from ..errors import SqlgptError
 
 TOKENS_SUFFIX = ".tokens"
@@ -60,20 +60,18 @@ def write_tokens(sources, tokenizer, path, errors, on_bytes=None, counts=None):
                  if tokenizer.eos_id is not None else b"")
     count = 0
     with open(path, "wb") as f:
-        for index, source in enumerate(sources):
+        for index, document in enumerate(documents(sources, errors, on_bytes)):
             if index and separator:
                 f.write(separator)
                 count += 1
                 if counts is not None:
                     counts[tokenizer.eos_id] += 1
-            for ids in tokenizer.encode_chunks(read_chunks(source, errors)):
+            for ids in tokenizer.encode_chunks(document):
                 ids = np.asarray(ids, dtype)
                 f.write(ids.tobytes())
                 count += len(ids)
                 if counts is not None:
                     counts += np.bincount(ids, minlength=len(counts))[:len(counts)]
-            if on_bytes:
-                on_bytes(source.size)
         f.flush()
         os.fsync(f.fileno())
     if count == 0:

@@ -13,7 +13,7 @@ from ..data.corpus import find_sources, fingerprint, remove_spools
 from ..chat.conversation import ChatFormat
 from ..chat.data import FLAGS_SUFFIX, ChatTokens, write_chat_tokens
 from ..chat.template import DEFAULT_TEMPLATE
-from ..data.corpus import file_sha256
+from ..data.corpus import SqlSource, file_sha256
 from ..data.dataset import (FLAG_DTYPE, TOKENS_SUFFIX, VAL_TOKENS_SUFFIX, build_tokenizer,
                             open_tokens, split_tokens, token_dtype, tokens_path, write_tokens)
 from ..errors import AlreadyTrained, SqlgptError
@@ -132,8 +132,11 @@ def _val_split(val_tokens, seq_len, val_file):
 
 def corpus_record(sources):
     """What train_state keeps of the corpus besides its SHA-256: each file's
-    absolute path ("-" for standard input) and size in bytes."""
-    return [{"path": source.name if source.name == "-" else str(Path(source.path).resolve()),
+    absolute path ("-" for standard input) and size in bytes; a query's
+    text, the database it read and its rows."""
+    return [{"sql": source.query, "from": str(Path(source.path).resolve()),
+             "rows": sum(1 for _ in source.rows())} if isinstance(source, SqlSource) else
+            {"path": source.name if source.name == "-" else str(Path(source.path).resolve()),
              "bytes": source.size} for source in sources]
 
 
@@ -165,6 +168,11 @@ def _check_chat(chat, corpus, init_from, cfg, chat_template):
     if cfg.val_file:
         raise SqlgptError("--val-file is text; a chat fine-tune holds out --val-fraction of "
                           "its conversations")
+
+
+def _chat_source(chat):
+    """A chat fine-tune's conversations as a corpus source (a file, or a query)."""
+    return chat if isinstance(chat, SqlSource) else find_sources([chat])[0]
 
 
 def _chat_tokens(path, chat, seq_len, val_fraction, ids_path, flags_path, counts):
@@ -294,9 +302,8 @@ class TrainerSetup:
                 if lora is not None:
                     lora.base_sha256 = base_digest(model.base)
             state = {"step": 0, "rng": rng.bit_generator.state,
-                     "corpus_sha256": fingerprint(sources) if chat is None else file_sha256(chat),
-                     "tokens": info, "corpus": corpus_record(sources) if chat is None else
-                     [{"path": str(Path(chat).resolve()), "bytes": Path(chat).stat().st_size}],
+                     "corpus_sha256": fingerprint(sources or [_chat_source(chat)]),
+                     "tokens": info, "corpus": corpus_record(sources or [_chat_source(chat)]),
                      "elapsed_s": 0.0, "bad_steps": 0, "tokens_seen": 0}
             if val_info:
                 state["val_tokens"] = val_info
@@ -400,7 +407,8 @@ class TrainerSetup:
                               f"it cannot resume: start a new model from it with --init-from")
         if digest and state.get("corpus_sha256") != digest:
             raise SqlgptError(f"{', '.join(map(str, corpus))} is not the corpus "
-                              f"{db_path} was trained on; resume needs the same files")
+                              f"{db_path} was trained on; resume needs the same files (or "
+                              f"rows)")
         if state.get("chat"):
             if sources:
                 raise SqlgptError(f"{db_path} is a chat fine-tune: resume it without a corpus")
