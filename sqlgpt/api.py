@@ -144,6 +144,7 @@ class Model:
                  quantized=None, chat_template=None):
         check_precision(precision)
         self.chat_template = chat_template  # the model's own; None: sqlgpt's default
+        self.chat_tuned = chat_template is not None  # answers through a chat template
         self.context = gpt.arch.seq_len  # a prompt and its reply together, at most (serve --ctx)
         self._chat_formats = {}
         self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
@@ -482,8 +483,10 @@ def load(path, precision="fp32", step=None, prefix=""):
         quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
             if precision in BITS else None
     template = state.get("chat_template")
-    return Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized,
-                 template if isinstance(template, str) and template else None)
+    model = Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized,
+                  template if isinstance(template, str) and template else None)
+    model.chat_tuned = model.chat_tuned or bool(state.get("chat"))  # a chat fine-tune's
+    return model
 
 
 def _read_quantized(conn, path, arch, precision, step):

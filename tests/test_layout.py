@@ -101,7 +101,7 @@ def test_the_import_graph_sees_every_package():
     graph = import_graph()
     for package in ("sqlgpt.model", "sqlgpt.data", "sqlgpt.data.tokenizers", "sqlgpt.train",
                     "sqlgpt.store", "sqlgpt.inference", "sqlgpt.interop", "sqlgpt.sql",
-                    "sqlgpt.cli"):
+                    "sqlgpt.cli", "sqlgpt.chat", "sqlgpt.serve", "sqlgpt.plugins"):
         assert package in graph
     assert "sqlgpt.model.arch" in graph["sqlgpt.model.model"]
     assert "sqlgpt.api" in graph["sqlgpt"]

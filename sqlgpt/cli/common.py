@@ -190,14 +190,14 @@ def sql_options(fn):
                       help="The SQLite database --sql reads (read-only). [default: --db, "
                            "the model's own file]")(fn)
     return click.option("--sql", default=None,
-                        help="A SELECT whose rows are the corpus, one document each (the "
+                        help="A query whose rows are the corpus, one document each (the "
                              "first column's text), instead of files.")(fn)
 
 
 def sql_corpus(corpus, sql, from_db, db_path, chat=None):
     """(corpus, chat) with --sql's rows in place of files: the corpus, or
     with --chat given no file, the conversations."""
-    from ..data.corpus import sql_sources
+    from ..store import sql_sources
     if sql is None:
         if chat == FROM_SQL:
             raise click.UsageError("--chat with no file reads its conversations from --sql: "

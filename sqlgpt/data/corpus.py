@@ -3,8 +3,8 @@ chunks, so that a corpus far larger than memory streams through the
 tokenizer with flat memory.
 
 Every file is one document; so is every row of a SQL query's results
-(SqlSource: `--sql QUERY --from app.db`, read through a read-only
-connection, each row's first column as the text). A chunk ends right after
+(SqlSource: `--sql QUERY --from app.db`, read by sqlgpt.store.app_rows
+through a read-only connection, each row's first column as the text). A chunk ends right after
 a "\\n" that is
 followed by a character other than whitespace (or at the end of its
 document): every tokenizer splits there anyway, so encoding chunk by chunk
@@ -14,7 +14,6 @@ import codecs
 import hashlib
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -43,71 +42,17 @@ class Source:
 
 @dataclass(frozen=True)
 class SqlSource(Source):
-    """A query's rows, each a document: path is the database it reads."""
+    """A query's rows, each a document: path is the database it reads, and
+    reader(path, query) yields each row's text (sqlgpt.store.app_rows:
+    every SQL statement lives in the store)."""
     query: str = ""
+    reader: object = None
 
     def __str__(self):  # as messages name it
         return f"the rows of --sql {self.query!r}"
 
     def rows(self):
-        """Yield the text of each row's first column (NULL and empty rows
-        skipped, numbers as text), through a read-only connection; a BLOB or
-        a failing query is a one-line error."""
-        conn = open_read_only(self.path)
-        try:
-            try:
-                cursor = conn.execute(self.query)
-            except sqlite3.Error as e:
-                raise SqlgptError(f"the --sql query failed on {self.path}: {e}") from None
-            if not cursor.description:
-                raise SqlgptError("the --sql query returns no rows: give a SELECT")
-            for number, row in enumerate(_fetch(cursor, self.path), 1):
-                value = row[0]
-                if isinstance(value, (bytes, memoryview)):
-                    raise SqlgptError(f"row {number} of the --sql query is a BLOB, not text")
-                if value is None or value == "":
-                    continue
-                yield value if isinstance(value, str) else str(value)
-        finally:
-            conn.close()
-
-
-def _fetch(cursor, path):
-    while True:
-        try:
-            rows = cursor.fetchmany(256)
-        except sqlite3.Error as e:
-            raise SqlgptError(f"the --sql query failed on {path}: {e}") from None
-        if not rows:
-            return
-        yield from rows
-
-
-def open_read_only(path):
-    """A connection that cannot change the database at path (mode=ro and
-    query_only): the app's file stays byte for byte as it was."""
-    from urllib.parse import quote
-    path = Path(path)
-    if not path.is_file():
-        raise SqlgptError(f"--from {path} is not a file")
-    try:
-        # a generator over its rows may be resumed on another thread (the BPE trainer's)
-        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True,
-                               check_same_thread=False)
-        conn.execute("PRAGMA query_only = 1")
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as e:
-        raise SqlgptError(f"cannot read {path} as a SQLite database: {e}") from None
-    return conn
-
-
-def sql_sources(query, database):
-    """The corpus of a --sql query on the database at path, as sources."""
-    if not isinstance(query, str) or not query.strip():
-        raise SqlgptError("--sql needs a query")
-    path = Path(database)
-    open_read_only(path).close()
-    return [SqlSource(path, f"--sql on {path}", 0, "", query)]
+        return self.reader(self.path, self.query)
 
 
 def documents(sources, errors="strict", on_bytes=None):

@@ -76,11 +76,16 @@ class ModelFunctions:
         self._errors = threading.local()  # each thread's last error: its own, never another's
         self._interrupted = interrupted or (lambda: False)
         self._asked = 0.0
+        self._deadline = self._limit_s = None
 
     def _check(self, name):
         """Stop the call if the host interrupted it (asked at most every
         PROBE_EVERY_S, so a probe costs nothing next to the work)."""
         now = time.monotonic()
+        if self._deadline is not None and now > self._deadline:
+            raise SqlFunctionError(f"{name}: ran past the host's time limit of "
+                                   f"{self._limit_s * 1000:,.0f} ms (ask for less: fewer "
+                                   f"max_tokens, a shorter text)")
         if now - self._asked >= PROBE_EVERY_S:
             self._asked = now
             if self._interrupted():
@@ -161,15 +166,18 @@ class ModelFunctions:
                  "sqlgpt_logprob": ("logprob", (1,)), "sqlgpt_embed": ("embed", (1,)),
                  "sqlgpt_error": ("error", (0,))}
 
-    def sql_function(self, name):
+    def sql_function(self, name, limit_s=None):
         """The callable SQLite calls: one call at a time, every failure a
-        SqlFunctionError whose message is kept for sqlgpt_error()."""
+        SqlFunctionError whose message is kept for sqlgpt_error(); limit_s:
+        the seconds a call may run (a host's time limit), else no limit."""
         method = getattr(self, self.FUNCTIONS[name][0])
         if name == "sqlgpt_error":
             return method
 
         def call(*args):
             with self.lock:
+                self._deadline = None if limit_s is None else time.monotonic() + limit_s
+                self._limit_s = limit_s
                 try:
                     return method(*args)
                 except SqlFunctionError as e:
@@ -210,7 +218,7 @@ def register(conn, path, precision="fp32", prefix=""):
     for name, (_, counts) in ModelFunctions.FUNCTIONS.items():
         fn = functions.sql_function(name)
         for nargs in counts:
-            _create_function(conn, name, nargs, fn, deterministic=name == "sqlgpt_tokens")
+            create_function(conn, name, nargs, fn, deterministic=name == "sqlgpt_tokens")
     return functions
 
 
@@ -231,7 +239,7 @@ def _interrupt_probe(conn):
     return probe
 
 
-def _create_function(conn, name, nargs, fn, deterministic):
+def create_function(conn, name, nargs, fn, deterministic):
     if hasattr(conn, "create_function"):  # the standard library
         conn.create_function(name, nargs, fn, deterministic=deterministic)
     else:  # apsw

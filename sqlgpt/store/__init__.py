@@ -31,5 +31,6 @@ from .database import (checkpoints, compact, create_database, has_model, integri
 from .migrations import MIGRATIONS, open_database
 from .models import check_new_location, model_for, read_checkpoint, read_lora, snapshot
 from .queries import read_curves
+from .app_rows import sql_sources
 from .rows import (SELECT_SQL, read_config, read_tokenizer, read_train_state, read_weights,
                    row_crc, row_crcs, weight_tables)
