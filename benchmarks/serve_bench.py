@@ -4,6 +4,7 @@ and 16 clients, in one run.
 
     python benchmarks/serve_bench.py [--config llama-small] [--db model.db]
                                      [--clients 1,2,4,8,16] [--markdown]
+                                     [--llama-server PATH/llama-server]
 
 The model is a config of benchmarks/bench.py (random weights after one
 training step on the example corpus: decoding speed does not depend on what
@@ -13,6 +14,11 @@ NEW_TOKENS tokens (ignore_eos, so every request makes all of them) after a
 PROMPT_WORDS-word prompt (fewer where the context is short), ROUNDS times one after another. Aggregate is every
 token over the wall time of the level; per request, a request's tokens over
 its own time; time to first token, from sending to the first streamed text.
+
+With --llama-server, llama.cpp's server runs the same model (sqlgpt's GGUF
+export, f32) with as many slots (-np) and a context of seq_len per slot, on
+2 threads, and the same clients stream from it in the same run; the table
+then has a row per side at each level.
 
 The goals it checks: 8 clients at least 4x the aggregate tokens/s of one;
 and time to first token, with slots free, within one decode step plus the
@@ -64,6 +70,35 @@ def start_server(db, slots):
         if line.startswith("serving"):
             return proc, line.split(" at ")[1].split("/v1")[0]
     raise SystemExit("the server did not start")
+
+
+def start_llama_server(binary, db, slots, folder):
+    """llama.cpp's server on the model's f32 GGUF export, when it answers."""
+    import socket
+    import sqlgpt
+    from sqlgpt.api import export
+    gguf = Path(folder) / "model.gguf"
+    export(str(db), str(gguf), "gguf", dtype="f32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = sqlgpt.load(db).arch.seq_len
+    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--port", str(port), "-np", str(slots),
+                             "-c", str(slots * context), "-t", "2", "-cb", "--log-disable"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"{binary} did not start")
 
 
 def fitting_prompt(db):
@@ -118,31 +153,47 @@ def main():
     parser.add_argument("--db", default=None, help="serve this model instead of a config's")
     parser.add_argument("--clients", default="1,2,4,8,16")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--llama-server", default=None,
+                        help="a llama.cpp llama-server binary to run beside sqlgpt")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    sides = {}
     with tempfile.TemporaryDirectory() as folder:
         db = args.db or make_model(args.config, folder)
-        proc, url = start_server(db, max(levels))
-        try:
-            prompt, new_tokens = fitting_prompt(db)
-            asyncio.run(level(url, 1, prompt, new_tokens))  # warm: the first packs the weights
-            results = [asyncio.run(level(url, c, prompt, new_tokens)) for c in levels]
-        finally:
-            proc.terminate()
-            proc.wait()
-    base = results[0]["aggregate"]
-    rows = [[str(r["clients"]), f"{r['aggregate']:,.0f}", f"{r['aggregate'] / base:.2f}x",
-             f"{r['per_request']:,.0f}", f"{r['ttft_p50'] * 1000:,.0f}",
-             f"{r['ttft_p99'] * 1000:,.0f}"] for r in results]
-    print(render(["clients", "aggregate tok/s", "vs 1 client", "per request tok/s",
+        prompt, new_tokens = fitting_prompt(db)
+        starts = {"sqlgpt": lambda: start_server(db, max(levels))}
+        if args.llama_server:
+            starts["llama.cpp"] = lambda: start_llama_server(args.llama_server, db, max(levels),
+                                                             folder)
+        for side, start in starts.items():
+            proc, url = start()
+            try:
+                asyncio.run(level(url, 1, prompt, new_tokens))  # warm: the first packs weights
+                sides[side] = [asyncio.run(level(url, c, prompt, new_tokens)) for c in levels]
+            finally:
+                proc.terminate()
+                proc.wait()
+    rows = []
+    for i, clients in enumerate(levels):
+        for side, results in sides.items():
+            r, base = results[i], results[0]["aggregate"]
+            rows.append([str(clients), side, f"{r['aggregate']:,.0f}",
+                         f"{r['aggregate'] / base:.2f}x", f"{r['per_request']:,.0f}",
+                         f"{r['ttft_p50'] * 1000:,.0f}", f"{r['ttft_p99'] * 1000:,.0f}"])
+        if len(sides) == 2:
+            ours, theirs = (sides[s][i]["aggregate"] for s in sides)
+            rows.append([str(clients), "sqlgpt / llama.cpp", f"{ours / theirs:.2f}x", "", "",
+                         "", ""])
+    print(render(["clients", "server", "aggregate tok/s", "vs 1 client", "per request tok/s",
                   "TTFT p50 ms", "TTFT p99 ms"], rows, args.markdown))
+    results = sides["sqlgpt"]
     eight = next((r for r in results if r["clients"] == 8), None)
     if eight and results[0]["clients"] == 1:
-        print(f"8 clients: {eight['aggregate'] / base:.2f}x one client's aggregate "
-              f"(goal: 4x)")
+        print(f"8 clients: {eight['aggregate'] / results[0]['aggregate']:.2f}x one client's "
+              f"aggregate (goal: 4x)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(sides if len(sides) > 1 else results, indent=2))
 
 
 if __name__ == "__main__":

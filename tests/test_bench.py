@@ -99,3 +99,22 @@ def test_the_serve_benchmark_and_soak_run_end_to_end(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout and "0 differ" in proc.stdout
+
+
+def test_the_llamacpp_benchmarks_files_import_and_run(tmp_path):
+    """benchmarks/llamacpp_bench.py's GGUF files (each format) import into
+    sqlgpt and run its side of the benchmark (llama.cpp itself is not here)."""
+    import pytest
+    pytest.importorskip("gguf")
+    import numpy as np
+    sys.path.insert(0, str(BENCH.parent))
+    import llamacpp_bench
+    from sqlgpt.model.arch import preset
+    arch = preset("llama", n_vocab=300, embed_dim=64, num_heads=4, kv_heads=2, num_layers=2,
+                  ffn_dim=96, seq_len=64, tie_weights=True, qkv_bias=True).validate()
+    llamacpp_bench.PROMPT, llamacpp_bench.NEW, llamacpp_bench.ROUNDS = 16, 8, 1
+    for fmt in llamacpp_bench.FORMATS:
+        path = tmp_path / f"m-{fmt}.gguf"
+        llamacpp_bench.write_gguf(path, arch, fmt, np.random.default_rng(0))
+        result = llamacpp_bench.sqlgpt_side(path, fmt, tmp_path)
+        assert result["pp"] > 0 and result["tg"] > 0 and result["db_mb"] > 0
