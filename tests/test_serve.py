@@ -319,7 +319,10 @@ def browser():
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     from selenium.webdriver.chrome.service import Service
-    return webdriver.Chrome(service=Service(driver_path), options=options)
+    # the browser is not ours to sanitize (CI preloads the sanitizers for sqlgpt's kernel)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS",
+                                                            "UBSAN_OPTIONS")}
+    return webdriver.Chrome(service=Service(driver_path, env=env), options=options)
 
 
 def test_the_chat_page_in_a_real_browser(chat_db, tmp_path):
