@@ -599,7 +599,7 @@ def _create_imported(db_path, source, arch, weights, tokenizer, overwrite, prefi
     from .model.model import GPT
     store.check_new_location(Path(db_path), overwrite, store.check_prefix(prefix),
                              resumable=False)
-    model = GPT(arch)
+    model = GPT(arch, training=False)  # stored as weights alone: no optimizer moments
     for t in model.params:
         t.data[...] = weights[t.name]
     _check_values(model.params)  # NaN or Inf weights are refused, as a load does

@@ -172,8 +172,9 @@ class LoraStruct:
             layers = ffi.new("LayerTensors[]", arch.num_layers)
             for layer in range(arch.num_layers):
                 for site in lora.sites:
-                    array = getattr(params[f"layers.{layer}.{site}.{part[1]}"], part[0])
-                    setattr(layers[layer], site, self._ptr(array))
+                    tensor = params[f"layers.{layer}.{site}.{part[1]}"]
+                    if hasattr(tensor, part[0]):  # a model only run has no gradients
+                        setattr(layers[layer], site, self._ptr(getattr(tensor, part[0])))
             self.sets[buf] = layers
         self.batch_rows = None  # the rows the buffers below are for
 

@@ -159,13 +159,16 @@ class GPT:
     frozen base (data only, no gradients) and params, what trains and what
     checkpoints store, are the adapters."""
 
-    def __init__(self, arch, checkpoint_activations=False, lora=None, moments=True):
+    def __init__(self, arch, checkpoint_activations=False, lora=None, moments=True,
+                 training=True):
         self.arch = arch.validate()
         self.lora = lora.validate(arch) if lora else None
         # recompute each block's activations in backward instead of keeping them
         self.checkpoint_activations = checkpoint_activations
-        # moments=False: no m and v arenas (an MPI rank keeping a shard of them)
-        buffers = BUFFERS if moments else ("data", "grad")
+        # moments=False: no m and v arenas (an MPI rank keeping a shard of them);
+        # training=False: the weights alone, a third of a trainable model's memory
+        buffers = ("data",) if not training else BUFFERS if moments else ("data", "grad")
+        self.training = training
         if lora:
             self.base = ParameterSet(stored_tensors(arch), buffers=("data",))
             self.params = ParameterSet(lora_tensors(arch, lora), buffers)
@@ -178,7 +181,7 @@ class GPT:
         self.weights = TensorStruct(arch.num_layers, *tensor_fields(
             arch, {t.name: t.data for t in self.base}, self.weights_fixed))
         self.grads = TensorStruct(arch.num_layers, *tensor_fields(
-            arch, {} if lora else {t.name: t.grad for t in self.params}))
+            arch, {} if lora or not training else {t.name: t.grad for t in self.params}))
         self.adapters = LoraStruct(arch, lora, self.params) if lora else None
         self.acts = None
         self._last = None  # what backward needs of the last forward with targets

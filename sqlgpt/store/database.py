@@ -427,7 +427,8 @@ def read_kept_weights(conn, model, step):
                 raise SqlgptError(f"checkpoint {step}: weights of {t.name} are damaged: row {i} "
                                   f"fails its checksum")
         t.data[...] = np.frombuffer(b"".join(d for _, d, _ in found), "<f4").reshape(t.shape)
-        t.m[...], t.v[...] = 0.0, 0.0
+        if hasattr(t, "m"):
+            t.m[...], t.v[...] = 0.0, 0.0
     _check_values(model.params)
 
 

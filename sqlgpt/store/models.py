@@ -55,7 +55,7 @@ def read_checkpoint(conn, path, step=None):
     one that `train --keep` kept; a fine-tune's GPT with its base's weights."""
     arch, cfg = read_config(conn)
     tokenizer = read_tokenizer(conn, arch, cfg)
-    gpt = model_for(conn, path, arch)
+    gpt = model_for(conn, path, arch, training=False)  # to run, or to copy into a new model
     state = read_train_state(conn)
     latest = state.get("step")
     if not isinstance(latest, int) or latest < 0:
@@ -99,7 +99,7 @@ def fill_base(model, tuned_path):
             base_arch, _ = from_rows(dict(conn.execute("SELECT key, value FROM config")))
             merge_check(model.arch, base_arch)
             check_fits(conn, model.arch)
-            plain = GPT(model.arch)
+            plain = GPT(model.arch, training=False)
             read_weights(conn, plain)
     finally:
         conn.close()
@@ -110,14 +110,15 @@ def fill_base(model, tuned_path):
         t.data[...] = plain.params[t.name].data
 
 
-def model_for(conn, db_path, arch, checkpoint_activations=False):
+def model_for(conn, db_path, arch, checkpoint_activations=False, training=True):
     """An empty GPT for the database on conn: plain, or for a fine-tune its
     adapters' GPT with the base's weights already read (the caller then
-    reads the database's own weights)."""
+    reads the database's own weights). training=False: weights alone (no
+    gradients, no optimizer moments), to run the model."""
     lora = read_lora(conn)
     if lora is None:  # a fine-tune's file holds its adapters, its base file the rest
         check_fits(conn, arch)
-    model = GPT(arch, checkpoint_activations, lora)
+    model = GPT(arch, checkpoint_activations, lora, training=training)
     if lora is not None:
         fill_base(model, db_path)
     return model

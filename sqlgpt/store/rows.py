@@ -111,9 +111,17 @@ def _row_columns(params):
     in_place = True
     for t in _in_key_order(params):
         table, key = location(t.spec)
+        n = t.spec.rows
+        if not hasattr(t, "m"):  # weights alone (an import): the compacted layout
+            stored = _stored(t.data)
+            in_place &= stored is t.data
+            values = [list(map(memoryview, stored.reshape(n, t.spec.cols))), [b""] * n,
+                      [b""] * n] + [[k] * n for k in key] + [range(n)]
+            for column, part in zip(columns[table], values):
+                column.extend(part)
+            continue
         stored = [_stored(buf) for buf in (t.data, t.m, t.v)]
         in_place &= all(s is buf for s, buf in zip(stored, (t.data, t.m, t.v)))
-        n = t.spec.rows
         values = [list(map(memoryview, s.reshape(n, t.spec.cols))) for s in stored] + \
             [[k] * n for k in key] + [range(n)]
         for column, part in zip(columns[table], values):
@@ -129,7 +137,9 @@ def weight_rows(params, rowids=None):
     (data, m, v, crc, rowid, *key, i), as UPDATE_SQL takes them."""
     crcs = {table: [] for table in WEIGHT_TABLES}
     for t in _in_key_order(params):
-        crcs[location(t.spec)[0]].extend(row_crcs(t))
+        crcs[location(t.spec)[0]].extend(
+            row_crcs(t) if hasattr(t, "m") else  # compacted: each crc over data alone
+            [zlib.crc32(row) for row in _stored(t.data).reshape(t.spec.rows, -1)])
     rows = {}
     for table, (data, m, v, *keys) in _row_columns(params).items():
         extra = [rowids[table]] if rowids else []
@@ -250,14 +260,15 @@ def _check_values(params):
     test is one dot product per arena (finite whenever every value is, short
     of float32 overflow); only when it fails are the parameters searched."""
     arenas = params.arenas
+    kept = [b for b in ("data", "m", "v") if b in arenas]
     with np.errstate(over="ignore"):
-        quick = all(math.isfinite(np.dot(arenas[b], arenas[b])) for b in ("data", "m", "v"))
-    if quick and arenas["v"].min() >= 0:
+        quick = all(math.isfinite(np.dot(arenas[b], arenas[b])) for b in kept)
+    if quick and ("v" not in arenas or arenas["v"].min() >= 0):
         return
     for t in params:
-        if not (np.isfinite(t.data).all() and np.isfinite(t.m).all() and np.isfinite(t.v).all()):
+        if not all(np.isfinite(getattr(t, b)).all() for b in kept):
             raise SqlgptError(f"weights of {t.name} contain NaN or Inf")
-        if (t.v < 0).any():
+        if "v" in arenas and (t.v < 0).any():
             raise SqlgptError(f"weights of {t.name} are damaged: negative Adam second moment")
 
 
@@ -276,25 +287,46 @@ def _fill(t, rows, index_range):
         columns = [b"".join(column) for column in (data, m, v)]  # refuses what is not bytes
     except TypeError:
         columns = None
+    moments = hasattr(t, "m")  # a model to run holds its weights alone
     if columns and len(columns[0]) == 4 * t.data.size and columns[1] == columns[2] == b"":
-        # a compacted file (sqlgpt compact): no moments, each crc over data alone
+        # a compacted file (sqlgpt compact, an import): no moments, each crc over data alone
         t.data[...] = np.frombuffer(columns[0], dtype="<f4").reshape(t.shape)
-        t.m[...], t.v[...] = 0.0, 0.0
+        if moments:
+            t.m[...], t.v[...] = 0.0, 0.0
         bad = [i for i, (row, c) in enumerate(zip(data, crc)) if zlib.crc32(row) != c]
         if not bad:
             return
         raise SqlgptError(f"weights of {t.name} are damaged: row {bad[0]} fails its checksum")
+    # the moments are read to check each row's crc, then dropped if t keeps none
+    held = t if moments else _Row(t.spec, t.data, np.empty(t.shape, np.float32),
+                                  np.empty(t.shape, np.float32))
     if columns and all(len(c) == 4 * t.data.size for c in columns):
-        for column, buf in zip(columns, (t.data, t.m, t.v)):
+        for column, buf in zip(columns, (held.data, held.m, held.v)):
             buf[...] = np.frombuffer(column, dtype="<f4").reshape(t.shape)
-        if row_crcs(t) == list(crc):  # over the copied rows: the same bytes, in one call
+        if row_crcs(held) == list(crc):  # over the copied rows: the same bytes, in one call
+            if not moments:
+                _check_moments(t.name, held.m, held.v)
             return
     for column in (data, m, v):
         if set(map(type, column)) != {bytes} or set(map(len, column)) != {4 * ncols}:
             raise SqlgptError(f"weights of {t.name} are damaged: a row is not {ncols} "
                               f"float32 values")
-    bad = next(i for i, (a, b) in enumerate(zip(row_crcs(t), crc)) if a != b)
+    bad = next(i for i, (a, b) in enumerate(zip(row_crcs(held), crc)) if a != b)
     raise SqlgptError(f"weights of {t.name} are damaged: row {bad} fails its checksum")
+
+
+class _Row:
+    """A parameter's rows with moments read only to check them."""
+
+    def __init__(self, spec, data, m, v):
+        self.spec, self.data, self.m, self.v = spec, data, m, v
+
+
+def _check_moments(name, m, v):
+    if not (np.isfinite(m).all() and np.isfinite(v).all()):
+        raise SqlgptError(f"weights of {name} contain NaN or Inf")
+    if (v < 0).any():
+        raise SqlgptError(f"weights of {name} are damaged: negative Adam second moment")
 
 
 def read_train_state(conn):
