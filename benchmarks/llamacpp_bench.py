@@ -142,13 +142,15 @@ print(json.dumps({"pp": statistics.median(pp), "tg": statistics.median(tg), "loa
 def sqlgpt_side(gguf_path, fmt, folder):
     db = Path(folder) / f"{gguf_path.stem}.db"
     start = time.perf_counter()
+    # in the scratch folder: a checkout's root holds the sqlgpt source, not the installed one
     done = subprocess.run([sys.executable, "-m", "sqlgpt.cli", "import", str(gguf_path),
-                           "--db", str(db)], capture_output=True, text=True)
+                           "--db", str(db)], capture_output=True, text=True, cwd=folder)
     if done.returncode:
         raise SystemExit(f"sqlgpt import failed: {done.stderr[-500:]}")
     import_s = time.perf_counter() - start
     out = subprocess.run([sys.executable, "-c", SQLGPT_SIDE, str(db), PRECISION[fmt],
-                          str(ROUNDS), str(PROMPT), str(NEW)], capture_output=True, text=True)
+                          str(ROUNDS), str(PROMPT), str(NEW)], capture_output=True, text=True,
+                         cwd=folder)
     if out.returncode:
         raise SystemExit(f"sqlgpt failed: {out.stderr[-500:]}")
     result = json.loads(out.stdout)

@@ -58,14 +58,14 @@ def make_model(config, folder):
     if spec.get("kv_heads"):
         options += ["--kv-heads", str(spec["kv_heads"])]
     subprocess.run([sys.executable, "-m", "sqlgpt.cli", "train", str(CORPUS), "--db", str(db),
-                    *options], check=True, capture_output=True)
+                    *options], check=True, capture_output=True, cwd=folder)
     return db
 
 
 def start_server(db, slots):
     proc = subprocess.Popen([sys.executable, "-m", "sqlgpt.cli", "serve", "--db", str(db),
                              "--port", "0", "--slots", str(slots), "--queue", "1000", *EXTRA],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     for line in proc.stderr:
         if line.startswith("serving"):
             return proc, line.split(" at ")[1].split("/v1")[0]

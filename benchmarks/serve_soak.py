@@ -149,7 +149,8 @@ def main():
         db = args.db or make_model("llama-baby", folder)
         proc = subprocess.Popen([sys.executable, "-m", "sqlgpt.cli", "serve", "--db", str(db),
                                  "--alias", "m", "--port", "0", "--slots", "8", "--api-key", KEY,
-                                 "--queue", "1000"], stderr=subprocess.PIPE, text=True)
+                                 "--queue", "1000"], stderr=subprocess.PIPE, text=True,
+                                cwd=folder)
         url = next(line for line in proc.stderr if line.startswith("serving")) \
             .split(" at ")[1].split("/v1")[0]
         try:

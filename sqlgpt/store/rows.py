@@ -232,26 +232,30 @@ def read_weights(conn, model):
     weight tables, checking that each one has exactly its rows and every BLOB
     exactly its length, and that no rows belong to no parameter. Call inside
     a transaction: the reads of a table must see one snapshot."""
-    found = {}
+    params = {location(t.spec): t for t in model.params}
+    filled, unknown = set(), []
     try:
         for table in weight_tables(conn):
             groups = conn.execute(GROUPS_SQL[table]).fetchall()
-            rows = conn.execute(ROWS_SQL[table]).fetchall()
-            start = 0
+            rows = conn.execute(ROWS_SQL[table])  # streamed: one parameter's rows at a time
             for *key, count, distinct, first, last, non_integers in groups:
-                if count:  # an empty head table still gives its one aggregate row
-                    index_range = (first, last) if distinct == count and not non_integers \
-                        else None
-                    found[table, tuple(key)] = (rows[start:start + count], index_range)
-                start += count
+                if not count:  # an empty head table still gives its one aggregate row
+                    continue
+                loc = (table, tuple(key))
+                chunk = rows.fetchmany(count)
+                if loc not in params:
+                    unknown.append(describe(*loc))
+                    continue
+                index_range = (first, last) if distinct == count and not non_integers else None
+                _fill(params[loc], chunk, index_range)
+                filled.add(loc)
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
         raise SqlgptError(f"cannot read weights: {e}") from None
-    params = {location(t.spec): t for t in model.params}
-    unknown = [describe(*loc) for loc in found if loc not in params]
     if unknown:
         raise SqlgptError(f"weights for unknown parameter(s): {', '.join(sorted(unknown))}")
     for loc, t in params.items():
-        _fill(t, *found.get(loc, ([], None)))
+        if loc not in filled:
+            _fill(t, [], None)
     _check_values(model.params)
 
 
