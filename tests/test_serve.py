@@ -274,14 +274,29 @@ def test_a_cancelled_stream_frees_its_slot(live):
     assert live.metric("sqlgpt_slots_busy") == 0 and live.metric("sqlgpt_queue_length") == 0
 
 
-def test_a_full_queue_is_429_and_ctrl_c_drains(chat_db):
-    server = Live("--db", chat_db, "--slots", "1", "--queue", "1")
+@pytest.fixture(scope="module")
+def long_db(chat_db):
+    """A model with a long context, whose requests run long enough to overlap."""
+    db = chat_db.parent / "long.db"
+    assert run("train", chat_db.parent / "corpus.txt", "--db", db, "--preset", "gpt2",
+               "--embed-dim", "64", "--heads", "4", "--layers", "2", "--seq-len", "2048",
+               "--vocab-size", "300", "--iters", "1", "--batch-size", "1").exit_code == 0
+    return db
+
+
+def test_a_full_queue_is_429_and_ctrl_c_drains(long_db):
+    server = Live("--db", long_db, "--slots", "1", "--queue", "1")
     try:
         def ask():
             return server.http("POST", "/v1/completions", key=None,
-                               json={"prompt": "the", "max_tokens": 100, "temperature": 1})
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(ask())) for _ in range(6)]
+                               json={"prompt": "the", "max_tokens": 2000, "temperature": 1,
+                                     "ignore_eos": True})
+        results, start = [], threading.Barrier(8)
+
+        def one():
+            start.wait()
+            results.append(ask())
+        threads = [threading.Thread(target=one) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
