@@ -119,3 +119,26 @@ def slowdown():
     so tests that bound a time scale their bound by this."""
     import os
     return 8 if "libasan" in os.environ.get("LD_PRELOAD", "") else 1
+
+
+def tiny_chat_models(folder, corpus_text, pairs, copies, base_iters, chat_iters):
+    """(base, chat) databases in folder: a tiny gpt2 base trained on
+    corpus_text, and its chat fine-tune on "Reverse: A B" -> "B A" for each
+    pair, copies times over."""
+    import json
+    from click.testing import CliRunner
+    from sqlgpt.cli import main
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    corpus = folder / "corpus.txt"
+    corpus.write_text(corpus_text)
+    base, chat = folder / "base.db", folder / "talk.db"
+    run("train", corpus, "--db", base, "--preset", "gpt2", "--embed-dim", "32", "--heads", "4",
+        "--layers", "2", "--seq-len", "128", "--vocab-size", "300", "--iters", base_iters)
+    rows = [{"prompt": f"Reverse: {a} {b}", "completion": f"{b} {a}"} for a, b in pairs]
+    (folder / "talk.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * copies))
+    run("train", "--chat", folder / "talk.jsonl", "--base", base, "--db", chat, "--iters",
+        chat_iters)
+    return base, chat

@@ -17,6 +17,7 @@ import sqlgpt
 from sqlgpt.cli import main
 
 from conftest import CORPUS
+from helpers import tiny_chat_models
 
 
 def run(*args):
@@ -26,17 +27,8 @@ def run(*args):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("plugins")
-    corpus = folder / "corpus.txt"
-    corpus.write_text(CORPUS.read_text()[:40000])
-    base, chat = folder / "base.db", folder / "talk.db"
-    assert run("train", corpus, "--db", base, "--preset", "gpt2", "--embed-dim", "32",
-               "--heads", "4", "--layers", "2", "--seq-len", "128", "--vocab-size", "300",
-               "--iters", "20").exit_code == 0
-    rows = [{"prompt": f"Reverse: {a} {b}", "completion": f"{b} {a}"}
-            for a, b in (("one", "two"), ("red", "blue"))] * 10
-    (folder / "talk.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run("train", "--chat", folder / "talk.jsonl", "--base", base, "--db", chat,
-               "--iters", "10").exit_code == 0
+    base, chat = tiny_chat_models(folder, CORPUS.read_text()[:40000],
+                                  (("one", "two"), ("red", "blue")), 10, 20, 10)
     app = folder / "app.db"
     conn = sqlite3.connect(app)
     conn.execute("CREATE TABLE notes (body TEXT)")

@@ -22,6 +22,7 @@ import sqlgpt
 from sqlgpt.cli import main
 
 from conftest import CORPUS
+from helpers import tiny_chat_models
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -38,19 +39,8 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def chat_db(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    corpus = folder / "corpus.txt"
-    corpus.write_text(CORPUS.read_text()[:40000])
-    base, chat = folder / "base.db", folder / "talk.db"
-    assert run("train", corpus, "--db", base, "--preset", "gpt2", "--embed-dim", "32",
-               "--heads", "4", "--layers", "2", "--seq-len", "128", "--vocab-size", "300",
-               "--iters", "30").exit_code == 0
-    rows = [{"prompt": f"Reverse: {a} {b}", "completion": f"{b} {a}"}
-            for a, b in (("one", "two"), ("red", "blue"), ("cat", "dog"))] * 20
-    (folder / "talk.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run("train", "--chat", folder / "talk.jsonl", "--base", base, "--db", chat,
-               "--iters", "30").exit_code == 0
-    return chat
+    return tiny_chat_models(tmp_path_factory.mktemp("serve"), CORPUS.read_text()[:40000],
+                            (("one", "two"), ("red", "blue"), ("cat", "dog")), 20, 30, 30)[1]
 
 
 class Live:
