@@ -68,8 +68,7 @@ def write_gguf(path, arch, fmt, rng):
     """A GGUF of random weights for arch, in fmt, laid out as sqlgpt's
     exporter (and llama.cpp's converter) lays it out."""
     import gguf
-    import numpy as np
-    from sqlgpt.interop.gguf_export import _metadata, gguf_arch, gguf_tensors
+    from sqlgpt.interop.gguf_export import _metadata, gguf_arch, gguf_tensors, write_tensors
     from sqlgpt.model.model import GPT
     model = GPT(arch)
     model.init_weights(rng)
@@ -84,20 +83,7 @@ def write_gguf(path, arch, fmt, rng):
     writer.add_token_types([1] * len(tokens))
     writer.add_token_merges(merges)
     writer.add_eos_token_id(0)
-    qtypes = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-    for name, value in gguf_tensors(arch, weights).items():
-        value = np.ascontiguousarray(value, dtype=np.float32)
-        if value.ndim == 2 and fmt in qtypes and value.shape[1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(value, qtypes[fmt]),
-                              raw_dtype=qtypes[fmt])
-        elif value.ndim == 2 and fmt == "f16":
-            writer.add_tensor(name, value.astype(np.float16))
-        else:
-            writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors(writer, gguf, gguf_tensors(arch, weights), fmt)
 
 
 def llama_bench(binaries, gguf_path):

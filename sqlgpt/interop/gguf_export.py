@@ -23,7 +23,7 @@ from .hf import GPT2, LLAMA, QWEN2, hf_config, hf_tensors
 ROPE_FREQS = "rope_freqs.weight"  # llama 3's rope scaling: each pair's frequency divisor
 
 FORMATS = ("f32", "f16", "q8_0")
-Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32
+Q8_BLOCK = 32  # Q8_0 and Q4_0 quantize rows in blocks of 32
 def rope_interleaved(w, heads):
     """q or k (out = heads * hs rows, or a bias) from rotate_half's layout
     to llama.cpp's interleaved one (convert_hf_to_gguf's permute)."""
@@ -80,19 +80,28 @@ def export(model, path, fmt="f32"):
     _metadata(writer, gguf, arch, kind, fmt)
     _tokenizer(writer, gguf, model.tokenizer)
     writer.add_chat_template(model.chat_template or DEFAULT_TEMPLATE)
+    write_tensors(writer, gguf, tensors, fmt)
+    return len(tensors)
+
+
+def write_tensors(writer, gguf, tensors, fmt):
+    """Every tensor ({name: float32 array}) into writer in fmt: matrices as
+    f16, or as Q8_0/Q4_0 blocks where their rows split into whole blocks;
+    vectors (and other matrices) as float32. Then the file is written."""
+    qtypes = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     for name, value in tensors.items():
+        value = np.ascontiguousarray(value, dtype=np.float32)
         if value.ndim == 2 and fmt == "f16":
             writer.add_tensor(name, value.astype(np.float16))
-        elif value.ndim == 2 and fmt == "q8_0" and value.shape[1] % Q8_BLOCK == 0:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+        elif value.ndim == 2 and fmt in qtypes and value.shape[1] % Q8_BLOCK == 0:
+            writer.add_tensor(name, gguf.quants.quantize(value, qtypes[fmt]),
+                              raw_dtype=qtypes[fmt])
         else:
             writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return len(tensors)
 
 
 def _metadata(writer, gguf, arch, kind, fmt):
