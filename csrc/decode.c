@@ -233,11 +233,11 @@ static Ahead first_panel(const Format *f, const void *w, int C, int OC) {
                    (int)(panel_bytes(C, f->bf16) / 64)};
 }
 
-/* Outputs j0..j1-1 of the integer W (C,OC) for row r of x, into y. */
-static void quant_row(float *y, const Format *f, const void *w, Rows x, int r, int j0, int j1,
-                      int C, int OC) {
-    quant_outputs(y, j0, j1, w, x.q + 2 * (size_t)r * C, x.scales + (size_t)r * (C / f->group),
-                  C, OC, f->bits, f->group);
+/* Outputs j0..j1-1 of the integer W (C,OC) for the n rows of x, into y's
+ * rows ldy apart. */
+static void quant_rows(float *y, int ldy, const Format *f, const void *w, Rows x, int n, int j0,
+                       int j1, int C, int OC) {
+    quant_tile(y, ldy, n, j0, j1, w, x.q, x.scales, C, OC, f->bits, f->group);
 }
 
 /* y (n, OC) = act(x (n, C) @ W (C,OC) + bias), outputs shared among the team
@@ -251,9 +251,9 @@ static void matmat(float *y, Rows x, int n, const void *w, const float *bias, in
     if (f->bits) {
         int j0, j1;
         own_share(OC, &j0, &j1);
+        quant_rows(y + j0, OC, f, w, x, n, j0, j1, C, OC);
         for (int r = 0; r < n; r++) {
             float *out_r = y + (size_t)r * OC + j0;
-            quant_row(out_r, f, w, x, r, j0, j1, C, OC);
             epilogue(out_r, out_r, bias ? bias + j0 : NULL, j1 - j0, act);
         }
         return;
@@ -287,18 +287,16 @@ static void swiglu(float *h, const float *g, const float *u, const float *gate_b
 static void matmat_swiglu(float *h, Rows x, int n, const void *gate, const float *gate_b,
                           const void *up, const float *up_b, int C, int F, const Format *f,
                           float *out, Ahead then) {
-    if (f->bits) { /* the gate's outputs in h, the up half's PANEL at a time in out */
+    if (f->bits) { /* the gate's outputs in h, the up ones a PANEL at a time in out */
         int j0, j1;
         own_share(F, &j0, &j1);
-        for (int r = 0; r < n; r++) {
-            float *h_r = h + (size_t)r * F;
-            quant_row(h_r + j0, f, gate, x, r, j0, j1, C, F);
-            for (int b = j0; b < j1; b += PANEL) {
-                int e = b + PANEL < j1 ? b + PANEL : j1;
-                quant_row(out, f, up, x, r, b, e, C, F);
-                swiglu(h_r + b, h_r + b, out, gate_b ? gate_b + b : NULL, up_b ? up_b + b : NULL,
-                       e - b);
-            }
+        for (int b = j0; b < j1; b += PANEL) {
+            int e = b + PANEL < j1 ? b + PANEL : j1;
+            quant_rows(h + b, F, f, gate, x, n, b, e, C, F);
+            quant_rows(out, PANEL, f, up, x, n, b, e, C, F);
+            for (int r = 0; r < n; r++)
+                swiglu(h + (size_t)r * F + b, h + (size_t)r * F + b, out + (size_t)r * PANEL,
+                       gate_b ? gate_b + b : NULL, up_b ? up_b + b : NULL, e - b);
         }
         return;
     }

@@ -89,6 +89,10 @@ static inline float silu(float x) { return x * sigmoid(x); }
  * activations as quantize_q8 made them (xq, scales xs), into y[j - j0]. */
 void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, const float *xs,
                    int C, int OC, int bits, int G);
+/* The same for n rows of activations (xq's rows 2C bytes apart, xs's C/G),
+ * into y[r * ldy + j - j0]: the rows share each weight read. */
+void quant_tile(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+                const float *xs, int C, int OC, int bits, int G);
 
 /* Grows a per-thread scratch buffer; slot picks one of a few independent
  * buffers (one per use that may be live while another is). NULL when it

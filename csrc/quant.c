@@ -23,7 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "kernel.h"
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -37,7 +37,37 @@ long quant_size(int C, int OC, int bits, int G) {
 
 /* x (n) as int8 groups of G: q (2n), the values then their magnitudes (the
  * AVX2 product's unsigned operand), scales (n / G); d = amax / 127. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* Group g of x on AVX-512, 16 values at a time: the same values and scales
+ * as the loop below (rint rounds to nearest even in both; a NaN's
+ * conversion is masked to 0). */
+static void quantize_group512(int8_t *q, float *scales, const float *x, int n, int g, int G) {
+    const float *v = x + (size_t)g * G;
+    __m512 amax = _mm512_setzero_ps();
+    for (int k = 0; k < G; k += 16) /* a NaN loses */
+        amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v + k)), amax);
+    float d = _mm512_reduce_max_ps(amax) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    scales[g] = d;
+    for (int k = 0; k < G; k += 16) {
+        __m512 f = _mm512_mul_ps(_mm512_loadu_ps(v + k), _mm512_set1_ps(inv));
+        __mmask16 number = _mm512_cmp_ps_mask(f, f, _CMP_ORD_Q);
+        f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+        __m512i r = _mm512_maskz_cvt_roundps_epi32(number, f,
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(q + (size_t)g * G + k), _mm512_cvtepi32_epi8(r));
+        _mm_storeu_si128((__m128i *)(q + (size_t)n + (size_t)g * G + k),
+                         _mm512_cvtepi32_epi8(_mm512_abs_epi32(r)));
+    }
+}
+#endif
+
 void quantize_q8(int8_t *q, float *scales, const float *x, int n, int G) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (G % 16 == 0) {
+        for (int g = 0; g < n / G; g++) quantize_group512(q, scales, x, n, g, G);
+        return;
+    }
+#endif
     for (int g = 0; g < n / G; g++) {
         const float *v = x + (size_t)g * G;
         float amax = 0.0f;
@@ -168,6 +198,153 @@ void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, co
     OUTPUTS(dot_portable);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* Tiles of rows x outputs on AVX-512 VNNI, 64 input values (two runs of 32)
+ * at a time. vpdpbusd multiplies unsigned by signed bytes, so the weights
+ * go in offset to unsigned (int8: q + 128, a flip of the top bit; int4: the
+ * stored nibble q + 8) and each product's offset is taken back by starting
+ * the sums at -offset * (the activations' sums), once per row and run pair
+ * (llama.cpp's and tinyBLAS's sign tricks cost an operation per product).
+ * Each lane's integer sum stays exact; a row's activations and the
+ * corrections are prepared once for all the tile's outputs, and a tile's
+ * weights once for all its rows, so a prompt reads each weight from memory
+ * once per block of rows instead of once per row. */
+#define TILE_ROWS 4 /* and the switch in tiles512 below */
+#define TILE_OUTPUTS 4
+#define AHEAD 16 /* outputs: how far ahead one row's decoding fetches */
+#define OUTPUT_BLOCK 64 /* outputs whose weights stay in cache while every row passes */
+
+/* Which run of 32 each int32 lane sums (0: the first, 1: the second): int8
+ * pairs are two runs of 32 bytes; an int4 pair is 32 bytes whose low nibbles
+ * (the runs' values 0-15) come before their high nibbles (16-31). */
+static inline __m512i lane_runs(int bits) {
+    return bits == 8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                     : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+}
+
+/* The scales of pair p's two runs, spread over the lanes that sum them; a
+ * last pair of one run (whole) reads one scale. */
+static inline __m512 pair_scales(const float *s, int p, int whole, __m512i runs, const int G) {
+    __m128 two = G == 64 ? _mm_set1_ps(s[p])
+                 : whole ? _mm_castpd_ps(_mm_load_sd((const double *)(s + 2 * p)))
+                         : _mm_load_ss(s + 2 * p);
+    return _mm512_permutexvar_ps(runs, _mm512_castps128_ps512(two));
+}
+
+/* One row's activations for pair p, in the weights' lane order, and the
+ * sums the offset products start from. */
+static inline void pair_row(__m512i *x, __m512i *start, const int8_t *xq, int p, int whole,
+                            const int bits) {
+    __m512i v = _mm512_maskz_loadu_epi8(whole ? ~0ULL : 0xffffffffULL, xq + 64 * (size_t)p);
+    if (bits == 4) v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+    __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v);
+    *x = v;
+    *start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, bits == 8 ? 7 : 3));
+}
+
+/* Output row wq's offset weights for pair p. */
+static inline __m512i pair_weights(const void *wq, int p, int whole, const int bits) {
+    if (bits == 8)
+        return _mm512_xor_si512(
+            _mm512_maskz_loadu_epi8(whole ? ~0ULL : 0xffffffffULL, (const int8_t *)wq + 64 * (size_t)p),
+            _mm512_set1_epi8((char)0x80));
+    __m256i v = _mm256_maskz_loadu_epi8(whole ? 0xffffffffU : 0xffffU,
+                                        (const uint8_t *)wq + 32 * (size_t)p);
+    __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+    return _mm512_and_si512(both, _mm512_set1_epi8(0x0f));
+}
+
+/* y[r * ldy + o] for R rows of xq (stride 2C) and O outputs from row j of w:
+ * every (row, output) sum in its own accumulator. */
+static inline __attribute__((always_inline)) void
+tile512(float *y, int ldy, const int8_t *xq, const float *xs, const char *w, const float *ws,
+        int j, int C, const int R, const int O, const int bits, const int G) {
+    long row = quant_row_bytes(C, bits);
+    int pairs = (C + 63) / 64, groups = C / G;
+    __m512i runs = lane_runs(bits);
+    __m512 acc[TILE_ROWS][TILE_OUTPUTS];
+    for (int r = 0; r < R; r++)
+        for (int o = 0; o < O; o++) acc[r][o] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; p++) {
+        int whole = 64 * p + 64 <= C;
+        __m512i x[TILE_ROWS], start[TILE_ROWS];
+        __m512 xscale[TILE_ROWS];
+        for (int r = 0; r < R; r++) {
+            pair_row(&x[r], &start[r], xq + 2 * (size_t)r * C, p, whole, bits);
+            xscale[r] = pair_scales(xs + (size_t)r * groups, p, whole, runs, G);
+        }
+        for (int o = 0; o < O; o++) {
+            if (R == 1) /* one row's decoding streams the weights: ask for them early */
+                _mm_prefetch(w + (size_t)(j + o + AHEAD) * row + (bits == 8 ? 64 : 32) * (size_t)p,
+                             _MM_HINT_T0);
+            __m512i wv = pair_weights(w + (size_t)(j + o) * row, p, whole, bits);
+            __m512 wscale = pair_scales(ws + (size_t)(j + o) * groups, p, whole, runs, G);
+            for (int r = 0; r < R; r++) {
+                __m512 sum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[r], wv, x[r]));
+                acc[r][o] = _mm512_fmadd_ps(sum, _mm512_mul_ps(xscale[r], wscale), acc[r][o]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int o = 0; o < O; o++) y[(size_t)r * ldy + o] = _mm512_reduce_add_ps(acc[r][o]);
+}
+
+/* Rows r0.. (R of them, 1 to TILE_ROWS) against outputs j0..j1-1. */
+static inline __attribute__((always_inline)) void
+rows512(float *y, int ldy, const int8_t *xq, const float *xs, const char *w, const float *ws,
+        int j0, int j1, int C, const int R, const int bits, const int G) {
+    int j = j0;
+    for (; j + TILE_OUTPUTS <= j1; j += TILE_OUTPUTS)
+        tile512(y + (j - j0), ldy, xq, xs, w, ws, j, C, R, TILE_OUTPUTS, bits, G);
+    for (; j < j1; j++) tile512(y + (j - j0), ldy, xq, xs, w, ws, j, C, R, 1, bits, G);
+}
+
+/* quant_tile for one format: blocks of outputs, each passed by every row. */
+static inline __attribute__((always_inline)) void
+tiles512(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+         const float *xs, int C, int OC, const int bits, const int G) {
+    const float *ws = (const float *)((const char *)w + (size_t)OC * quant_row_bytes(C, bits));
+    for (int b = j0; b < j1; b += OUTPUT_BLOCK) {
+        int e = b + OUTPUT_BLOCK < j1 ? b + OUTPUT_BLOCK : j1, r = 0;
+        for (; r + TILE_ROWS <= n; r += TILE_ROWS)
+            rows512(y + (size_t)r * ldy + (b - j0), ldy, xq + 2 * (size_t)r * C,
+                    xs + (size_t)r * (C / G), w, ws, b, e, C, TILE_ROWS, bits, G);
+        const int8_t *xr = xq + 2 * (size_t)r * C;
+        const float *sr = xs + (size_t)r * (C / G);
+        float *yr = y + (size_t)r * ldy + (b - j0);
+        switch (n - r) { /* the last rows: fewer than TILE_ROWS (at most 3) */
+        case 3: rows512(yr, ldy, xr, sr, w, ws, b, e, C, 3, bits, G); break;
+        case 2: rows512(yr, ldy, xr, sr, w, ws, b, e, C, 2, bits, G); break;
+        case 1: rows512(yr, ldy, xr, sr, w, ws, b, e, C, 1, bits, G); break;
+        default: break;
+        }
+    }
+}
+
+#define TILES(name, b, g)                                                                 \
+    static void name(float *y, int ldy, int n, int j0, int j1, const void *w,             \
+                     const int8_t *xq, const float *xs, int C, int OC) {                  \
+        tiles512(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g);                              \
+    }
+TILES(tiles8_32, 8, 32)
+TILES(tiles8_64, 8, 64)
+TILES(tiles4_32, 4, 32)
+TILES(tiles4_64, 4, 64)
+#endif
+
+void quant_tile(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+                const float *xs, int C, int OC, int bits, int G) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (bits == 8 && G == 32) { tiles8_32(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
+    if (bits == 8 && G == 64) { tiles8_64(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
+    if (bits == 4 && G == 32) { tiles4_32(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
+    if (bits == 4 && G == 64) { tiles4_64(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
+#endif
+    for (int r = 0; r < n; r++)
+        quant_outputs(y + (size_t)r * ldy, j0, j1, w, xq + 2 * (size_t)r * C,
+                      xs + (size_t)r * (C / G), C, OC, bits, G);
+}
+
 int quant_matmul(float *y, const float *x, int n, const void *w, int C, int OC, int bits,
                  int G) {
     int8_t *xq = (int8_t *)scratch(SCRATCH_QUANT_ROWS, (size_t)n * C / 2 + (size_t)n * (C / G) + 1);
@@ -175,8 +352,6 @@ int quant_matmul(float *y, const float *x, int n, const void *w, int C, int OC, 
     float *xs = (float *)(xq + 2 * (size_t)n * C + (-(size_t)n * C & 1) * 2);
     for (int r = 0; r < n; r++)
         quantize_q8(xq + 2 * (size_t)r * C, xs + (size_t)r * (C / G), x + (size_t)r * C, C, G);
-    for (int r = 0; r < n; r++)
-        quant_outputs(y + (size_t)r * OC, 0, OC, w, xq + 2 * (size_t)r * C,
-                      xs + (size_t)r * (C / G), C, OC, bits, G);
+    quant_tile(y, OC, n, 0, OC, w, xq, xs, C, OC, bits, G);
     return take_status();
 }

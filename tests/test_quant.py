@@ -65,10 +65,24 @@ def test_activations_quantize_as_the_weights_do(rng):
     np.testing.assert_allclose(scales, ref_scales[0], rtol=1e-7)
 
 
+def test_activations_with_nan_and_inf_quantize_to_defined_values(rng):
+    x = (rng.standard_normal(64) * 2).astype(np.float32)
+    x[3], x[40] = np.nan, np.inf
+    q, scales = c_quantize_q8(x, 32)
+    ref_q, ref_scales = quantize(np.where(np.isnan(x), 0, x)[:32].reshape(-1, 1), 8, 32)
+    assert q[3] == 0 and np.array_equal(np.delete(q[:32], 3), np.delete(ref_q.view(np.int8)[0], 3))
+    assert scales[0] == ref_scales[0][0]  # the NaN does not count in the group's magnitude
+    assert scales[1] == np.inf and not q[32:64].any()  # inf * 0 is NaN: each becomes 0
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group", [32, 64])
-def test_integer_products_equal_float64_sums_of_the_same_values(rng, bits, group):
-    C, OC, n = 192, 70, 3
+@pytest.mark.parametrize("C,OC,n", [(192, 70, 3), (288, 9, 6), (64, 5, 1), (576, 13, 9)])
+def test_integer_products_equal_float64_sums_of_the_same_values(rng, bits, group, C, OC, n):
+    """Tiles of rows and outputs with their remainders, and a last half pair
+    of 32 values (C = 288)."""
+    if C % group:
+        pytest.skip("groups must divide C")
     w = rng.standard_normal((C, OC)).astype(np.float32)
     x = rng.standard_normal((n, C)).astype(np.float32)
     q, scales = quantize(w, bits, group)
