@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 SOURCES = ["scratch.c", "governor.c", "matmul.c", "attention.c", "norm.c", "rope.c", "activation.c",
            "embedding.c", "loss.c", "dropout.c", "optim.c", "checksum.c", "model.c", "decode.c",
-           "quant.c", "sample.c"]
+           "quant.c", "sample.c", "classify.c"]
 
 
 def compile_flags():
@@ -185,7 +185,7 @@ def contract_header():
                "high; const char *const *choices; int n_choices; double absent; } "
                "ARCH_FIELDS[] = {\n    " + ",\n    ".join(rows) + "};")
     # the tensors: shapes, presence, placement, storage
-    dims = ("1", "C", "F", "KV", "V", "T")
+    dims = ("1", "C", "F", "KV", "V", "T", "L")
     out.append("enum { " + ", ".join(f"DIM_{d if d != '1' else 'ONE'}" for d in dims) + " };")
     tables = list(contract.WEIGHT_TABLES)
     components, present = [], []

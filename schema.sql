@@ -119,6 +119,39 @@ CREATE TABLE IF NOT EXISTS norms (
     PRIMARY KEY (name, i)
 );
 
+-- A classifier's head (since version 5): cls_w (embed_dim rows of
+-- num_labels values: row i is input unit i) and cls_b (one row, i = 0), on
+-- the pooled final hidden state. Empty for a language model.
+CREATE TABLE IF NOT EXISTS classifier (
+    name TEXT NOT NULL,
+    i    INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    m    BLOB NOT NULL,
+    v    BLOB NOT NULL,
+    crc  INTEGER NOT NULL,
+    PRIMARY KEY (name, i)
+);
+
+-- A classifier's labels (since version 5): the head's output `id` is the
+-- label `name` (the text the training rows gave).
+CREATE TABLE IF NOT EXISTS labels (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+
+-- A classifier's score on its held-out rows at a step (since version 5):
+-- accuracy, the mean of the per-label F1 scores, and the confusion matrix as
+-- JSON (rows: the true label's id, columns: the predicted one's).
+CREATE TABLE IF NOT EXISTS classifier_evals (
+    step       INTEGER PRIMARY KEY,
+    loss       REAL NOT NULL,
+    accuracy   REAL NOT NULL,
+    macro_f1   REAL NOT NULL,
+    confusion  TEXT NOT NULL,
+    examples   INTEGER NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
 -- What exact resume needs besides weights: step, RNG state (JSON), the
 -- corpus fingerprint, counters.
 CREATE TABLE IF NOT EXISTS train_state (

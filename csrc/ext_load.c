@@ -122,7 +122,8 @@ static ModelConfig model_config(const ArchFields *a) {
                          .rope_original_T = (int)a->rope_original_context,
                          .rope_factor = (float)a->rope_factor,
                          .rope_low_freq = (float)a->rope_low_freq,
-                         .rope_high_freq = (float)a->rope_high_freq};
+                         .rope_high_freq = (float)a->rope_high_freq,
+                         .L = (int)a->num_labels, .pool = a->pool};
 }
 
 static long long dimension(const ModelConfig *cfg, int dim) {
@@ -132,6 +133,7 @@ static long long dimension(const ModelConfig *cfg, int dim) {
     case DIM_KV: return (long long)cfg->KVH * (cfg->C / cfg->NH);
     case DIM_V: return cfg->V;
     case DIM_T: return cfg->max_T;
+    case DIM_L: return cfg->L;
     default: return 1;
     }
 }

@@ -239,10 +239,10 @@ static const float *head_input(const ModelConfig *cfg, const ModelActs *a) {
     return cfg->final_norm ? a->lnf : a->x_final;
 }
 
-int model_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lora,
-                  const ModelActs *a, const int *ids, const int *targets, int B, int T,
-                  float dropout, const unsigned long long *seeds, int ignore_index,
-                  double *loss) {
+/* ids -> the head's input (the final norm's output, or the last block's) */
+static int trunk_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lora,
+                         const ModelActs *a, const int *ids, int B, int T, float dropout,
+                         const unsigned long long *seeds) {
     int N = B * T, C = cfg->C, st = 0;
     if (cfg->pos == POS_ROPE) rope_table(a->rope_cos, a->rope_sin, T, head_size(cfg), cfg);
     embedding_forward(a->layers[0].x, ids, w->wte, w->wpe, B, T, C);
@@ -253,25 +253,20 @@ int model_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lor
     }
     if (cfg->final_norm)
         norm_forward(cfg, a->lnf, a->meanf, a->rstdf, a->x_final, w->lnf_w, w->lnf_b, N);
-    st |= w->head ? matmul_forward(a->logits, head_input(cfg, a), w->head, NULL, N, C, cfg->V)
-                  : matmul_t_forward(a->logits, head_input(cfg, a), w->wte, N, C, cfg->V);
-    if (targets)
-        st |= crossentropy_forward(loss, a->losses, a->logits, targets, N, cfg->V, ignore_index);
     return st;
 }
 
-int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTensors *grads,
-                   const Lora *lora, const ModelActs *a, const int *ids, const int *targets,
-                   int B, int T, float dropout, const unsigned long long *seeds,
-                   int ignore_index) {
-    int N = B * T, C = cfg->C, V = cfg->V, st = 0;
-    /* dlogits overwrite the logits in place: each row is read before it is written */
-    crossentropy_backward(a->logits, a->logits, targets, N, V, ignore_index, 1.0f);
-    float *dhead_in = cfg->final_norm ? a->dln : a->dx;
-    st |= w->head ? matmul_backward(dhead_in, grads->head, NULL, a->logits, head_input(cfg, a),
-                                    w->head, N, C, V, 0)
-                  : matmul_t_backward(dhead_in, grads->wte, a->logits, head_input(cfg, a),
-                                      w->wte, N, C, V);
+/* Where the gradient of the head's input goes before trunk_backward. */
+static float *head_input_grad(const ModelConfig *cfg, const ModelActs *a) {
+    return cfg->final_norm ? a->dln : a->dx;
+}
+
+/* Mirror of trunk_forward, from the head input's gradient (head_input_grad). */
+static int trunk_backward(const ModelConfig *cfg, const ModelTensors *w,
+                          const ModelTensors *grads, const Lora *lora, const ModelActs *a,
+                          const int *ids, int B, int T, float dropout,
+                          const unsigned long long *seeds) {
+    int N = B * T, C = cfg->C, st = 0;
     if (cfg->final_norm)
         norm_backward(cfg, a->dx, grads->lnf_w, grads->lnf_b, NULL, a->dln, a->x_final,
                       w->lnf_w, a->meanf, a->rstdf, N);
@@ -287,4 +282,56 @@ int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTen
     }
     embedding_backward(grads->wte, grads->wpe, a->dx, ids, B, T, C);
     return st;
+}
+
+int model_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lora,
+                  const ModelActs *a, const int *ids, const int *targets, int B, int T,
+                  float dropout, const unsigned long long *seeds, int ignore_index,
+                  double *loss) {
+    int N = B * T, C = cfg->C;
+    int st = trunk_forward(cfg, w, lora, a, ids, B, T, dropout, seeds);
+    st |= w->head ? matmul_forward(a->logits, head_input(cfg, a), w->head, NULL, N, C, cfg->V)
+                  : matmul_t_forward(a->logits, head_input(cfg, a), w->wte, N, C, cfg->V);
+    if (targets)
+        st |= crossentropy_forward(loss, a->losses, a->logits, targets, N, cfg->V, ignore_index);
+    return st;
+}
+
+int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTensors *grads,
+                   const Lora *lora, const ModelActs *a, const int *ids, const int *targets,
+                   int B, int T, float dropout, const unsigned long long *seeds,
+                   int ignore_index) {
+    int N = B * T, C = cfg->C, V = cfg->V, st = 0;
+    /* dlogits overwrite the logits in place: each row is read before it is written */
+    crossentropy_backward(a->logits, a->logits, targets, N, V, ignore_index, 1.0f);
+    float *dhead_in = head_input_grad(cfg, a);
+    st |= w->head ? matmul_backward(dhead_in, grads->head, NULL, a->logits, head_input(cfg, a),
+                                    w->head, N, C, V, 0)
+                  : matmul_t_backward(dhead_in, grads->wte, a->logits, head_input(cfg, a),
+                                      w->wte, N, C, V);
+    return st | trunk_backward(cfg, w, grads, lora, a, ids, B, T, dropout, seeds);
+}
+
+int model_classify_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lora,
+                           const ModelActs *a, const int *ids, const int *lens,
+                           const int *labels, int B, int T, float dropout,
+                           const unsigned long long *seeds, int ignore_index, double *loss) {
+    int st = trunk_forward(cfg, w, lora, a, ids, B, T, dropout, seeds);
+    pool_forward(a->pooled, head_input(cfg, a), lens, B, T, cfg->C, cfg->pool);
+    return st | classify_forward(a->logits, loss, a->losses, a->pooled, w->cls_w, w->cls_b,
+                                 labels, B, cfg->C, cfg->L, ignore_index);
+}
+
+int model_classify_backward(const ModelConfig *cfg, const ModelTensors *w,
+                            const ModelTensors *grads, const Lora *lora, const ModelActs *a,
+                            const int *ids, const int *lens, const int *labels, int B, int T,
+                            float dropout, const unsigned long long *seeds, int ignore_index) {
+    /* dpooled goes where the trunk's gradient would otherwise start: dx is
+     * free until trunk_backward, and is not the buffer it starts from when
+     * there is a final norm (dln); without one, dln is the free buffer */
+    float *dpooled = cfg->final_norm ? a->dx : a->dln;
+    int st = classify_backward(dpooled, grads->cls_w, grads->cls_b, a->logits, a->pooled,
+                               w->cls_w, labels, B, cfg->C, cfg->L, ignore_index);
+    pool_backward(head_input_grad(cfg, a), dpooled, lens, B, T, cfg->C, cfg->pool);
+    return st | trunk_backward(cfg, w, grads, lora, a, ids, B, T, dropout, seeds);
 }

@@ -46,6 +46,7 @@ enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 };
 enum { POS_LEARNED = 0, POS_SINUSOIDAL = 1, POS_ROPE = 2, POS_NONE = 3 };
 enum { MLP_RELU = 0, MLP_GELU = 1, MLP_SWIGLU = 2 };
 enum { ROPE_SCALING_NONE = 0, ROPE_SCALING_LINEAR = 1, ROPE_SCALING_LLAMA3 = 2 };
+enum { POOL_LAST = 0, POOL_MEAN = 1 };
 
 /* The architecture: which parts a block has and its sizes. Optional
  * parameters (norm gains and biases, linear biases, a learned wpe, the
@@ -60,6 +61,8 @@ typedef struct {
      * rope_original_T / rope_low_freq */
     int rope_scaling, rope_original_T;
     float rope_factor, rope_low_freq, rope_high_freq;
+    /* a classifier's L labels (0: none) and how it pools a sequence (POOL_*) */
+    int L, pool;
 } ModelConfig;
 
 /* One block's parameters (in, out): q (C,C), k and v (C,KVH*hs), proj
@@ -74,9 +77,10 @@ typedef struct {
 
 /* wte (V,C); wpe (max_T,C): learned, or the fixed sinusoids (with no
  * gradient) for POS_SINUSOIDAL, NULL otherwise; lnf_w, lnf_b (C) the final
- * norm; head (C,V) or NULL (tied); layers (num_layers). */
+ * norm; head (C,V) or NULL (tied); cls_w (C,L), cls_b (L) a classifier's
+ * head (NULL without one); layers (num_layers). */
 typedef struct {
-    float *wte, *wpe, *lnf_w, *lnf_b, *head;
+    float *wte, *wpe, *lnf_w, *lnf_b, *head, *cls_w, *cls_b;
     LayerTensors *layers;
 } ModelTensors;
 
@@ -103,7 +107,7 @@ typedef struct {
 typedef struct {
     LayerActs *layers;
     int recompute;
-    float *x_final, *lnf, *meanf, *rstdf, *logits, *losses, *rope_cos, *rope_sin;
+    float *x_final, *lnf, *meanf, *rstdf, *logits, *losses, *rope_cos, *rope_sin, *pooled;
     float *branch, *dx, *dbranch, *datt, *dq, *dk, *dv, *dln, *dh, *dgate;
 } ModelActs;
 
@@ -143,6 +147,22 @@ int model_backward(const ModelConfig *cfg, const ModelTensors *w, const ModelTen
                    const Lora *lora, const ModelActs *a, const int *ids, const int *targets,
                    int B, int T, float dropout, const unsigned long long *seeds,
                    int ignore_index);
+
+/* A classifier (cfg->L labels): the same trunk, then each sequence b of ids
+ * (B,T, padded on the right) pooled from its lens[b] positions into
+ * a->pooled (B,C) (cfg->pool), a->logits (B,L) = pooled @ cls_w + cls_b,
+ * and *loss the mean cross-entropy against labels (B; NULL: no loss; a
+ * label of ignore_index is skipped). backward overwrites the logits with
+ * their gradient. The activations are a (B,T) set whose logits and losses
+ * are (B,L) and (B). */
+int model_classify_forward(const ModelConfig *cfg, const ModelTensors *w, const Lora *lora,
+                           const ModelActs *a, const int *ids, const int *lens,
+                           const int *labels, int B, int T, float dropout,
+                           const unsigned long long *seeds, int ignore_index, double *loss);
+int model_classify_backward(const ModelConfig *cfg, const ModelTensors *w,
+                            const ModelTensors *grads, const Lora *lora, const ModelActs *a,
+                            const int *ids, const int *lens, const int *labels, int B, int T,
+                            float dropout, const unsigned long long *seeds, int ignore_index);
 
 /* decode.c: generation, one token through the whole model with a KV cache,
  * in one call, on the same ModelConfig and per-row helpers as training.
@@ -233,6 +253,23 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *wei
                      int N, int C, float eps);
 void rmsnorm_backward(float *dinp, float *dweight, const float *dskip, const float *dout,
                       const float *inp, const float *weight, const float *rstd, int N, int C);
+
+/* classify.c: the classifier's head. pool_forward: pooled (B,C) from h
+ * (B,T,C), sequence b's position lens[b] - 1 (POOL_LAST) or the mean of its
+ * positions below lens[b] (POOL_MEAN; lens clamped to 1..T); pool_backward
+ * writes dh (B,T,C) whole (zero where nothing was pooled). classify_forward:
+ * logits (B,L) = pooled @ W (C,L) + bias, and with labels (B) the mean
+ * cross-entropy (losses (B)); classify_backward turns the logits into their
+ * gradient in place and gives dpooled (=) and dW, dbias (+=). */
+void pool_forward(float *pooled, const float *h, const int *lens, int B, int T, int C, int pool);
+void pool_backward(float *dh, const float *dpooled, const int *lens, int B, int T, int C,
+                   int pool);
+int classify_forward(float *logits, double *loss, float *losses, const float *pooled,
+                     const float *W, const float *bias, const int *labels, int B, int C, int L,
+                     int ignore_index);
+int classify_backward(float *dpooled, float *dW, float *dbias, float *logits,
+                      const float *pooled, const float *W, const int *labels, int B, int C,
+                      int L, int ignore_index);
 
 /* rope.c: rotary position embeddings on x (B,T,heads*hs) in place, pairs
  * (i, i + hs/2) of each head rotated by angle t * theta^(-2i/hs), the

@@ -9,7 +9,7 @@ added here reaches both loaders; nothing else decides which tensors a model
 has or where their rows live.
 
 Dimension symbols (shapes): C = embed_dim, F = the MLP's hidden size,
-KV = kv heads x head size, V = n_vocab, T = seq_len. A shape of one symbol
+KV = kv heads x head size, V = n_vocab, T = seq_len, L = a classifier's labels. A shape of one symbol
 is a vector (stored as one row); two are a matrix (in, out): y = x @ W.
 
 Presence rules ("when"): a tuple of alternatives, any of which makes the
@@ -20,7 +20,7 @@ or a choice (`norm=layernorm`). () is never; ((),) is always.
 
 # ---- the file ----
 APPLICATION_ID = 0x53514C47  # "SQLG": PRAGMA application_id of a sqlgpt file
-SCHEMA_VERSION = 4           # PRAGMA user_version this sqlgpt writes
+SCHEMA_VERSION = 5           # PRAGMA user_version this sqlgpt writes
 # the oldest version whose weight tables both loaders read as they are
 # (version 2 added the norms table and the architecture keys)
 OLDEST_READABLE_SCHEMA = 2
@@ -33,9 +33,11 @@ WEIGHT_TABLES = {
     "layers": ("layer", "component", "i"),
     "head": ("i",),
     "norms": ("name", "i"),
+    "classifier": ("name", "i"),
 }
 MODEL_TENSOR_TABLES = {"wte": "embeddings", "wpe": "embeddings", "head": "head",
-                       "lnf_w": "norms", "lnf_b": "norms"}
+                       "lnf_w": "norms", "lnf_b": "norms", "cls_w": "classifier",
+                       "cls_b": "classifier"}
 
 # A weight row: its data as little-endian float32, then Adam's two moments
 # of the same length, and crc = zlib's CRC-32 of data || m || v. The other
@@ -67,6 +69,10 @@ MLPS = ("relu", "gelu", "swiglu")
 # shorter than rope_original_context / rope_high_freq kept, a blend between)
 ROPE_SCALINGS = ("none", "linear", "llama3")
 INITS = ("lua", "normal")
+# how a classifier reads a sequence: its last position's final hidden state,
+# or the mean of all its positions'
+POOLS = ("last", "mean")
+MAX_LABELS = 65536
 SWIGLU_MULTIPLE = 32  # llama's hidden-size rule rounds up to this
 ARCH_FIELDS = {
     "n_vocab": ("int", 1, 10**7),
@@ -91,6 +97,8 @@ ARCH_FIELDS = {
     "qkv_bias": ("bool",),
     "tie_weights": ("bool",),
     "final_norm": ("bool",),
+    "num_labels": ("int", 0, MAX_LABELS),  # a classifier's labels (0: a language model)
+    "pool": ("choice", POOLS),
 }
 
 # ---- the tensors ----
@@ -139,7 +147,7 @@ LAYER_COMPONENTS = (
 )
 # the model's own tensors (fields of ModelTensors), in storage order; the
 # blocks come between lnf's predecessors and it: wte, wpe, blocks, lnf_w,
-# lnf_b, head.
+# lnf_b, head, and a classifier's cls_w, cls_b.
 MODEL_COMPONENTS = (
     ("wte", ("V", "C"), ALWAYS,
      "transformer.wte.weight", "model.embed_tokens.weight", "token_embd.weight", None),
@@ -151,6 +159,9 @@ MODEL_COMPONENTS = (
      "transformer.ln_f.bias", None, "output_norm.bias", None),
     ("head", ("C", "V"), ALWAYS,
      "lm_head.weight", "lm_head.weight", "output.weight", None),
+    # a classifier's head on the pooled final hidden state (no exported name)
+    ("cls_w", ("C", "L"), (("num_labels",),), None, None, None, None),
+    ("cls_b", ("L",), (("num_labels",),), None, None, None, None),
 )
 # llama.cpp's name of a tensor that fuses q, k and v (GPT-2's c_attn)
 GGUF_FUSED_QKV = "attn_qkv"

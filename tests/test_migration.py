@@ -103,7 +103,7 @@ def test_opening_for_writing_migrates_to_the_current_version(v1_db, journal):
                        for i, w in words]
     others["metrics"] = [(*row, None) for row in others["metrics"]]  # no gradient norms then
     assert query(v1_db, "SELECT key, value FROM tokenizer") == [("kind", "word")]
-    assert version(v1_db) == store.SCHEMA_VERSION == 4
+    assert version(v1_db) == store.SCHEMA_VERSION == 5
     assert query(v1_db, "SELECT count(*) FROM norms") == [(0,)]
     migrated = config_of(v1_db)
     assert {k: migrated[k] for k in config} == config  # no key changed
@@ -186,10 +186,11 @@ def test_save_checkpoint_after_migration(v1_db):
 @pytest.mark.parametrize("readonly", [True, False])
 def test_a_newer_version_is_refused_and_untouched(v1_db, readonly):
     store.open_database(v1_db, readonly=False).close()
-    execute(v1_db, "PRAGMA user_version = 5")
+    newer = store.SCHEMA_VERSION + 1
+    execute(v1_db, f"PRAGMA user_version = {newer}")
     before = v1_db.read_bytes()
-    with pytest.raises(SqlgptError, match=r"schema version 5, newer than this sqlgpt supports "
-                                          r"\(4\); upgrade sqlgpt"):
+    with pytest.raises(SqlgptError, match=rf"schema version {newer}, newer than this sqlgpt "
+                                          rf"supports \({newer - 1}\); upgrade sqlgpt"):
         store.open_database(v1_db, readonly=readonly)
     assert v1_db.read_bytes() == before
 
@@ -273,7 +274,7 @@ def test_version_2_reads_as_it_is_and_migrates_to_3(v2_db):
               for t in ("config", "tokenizer", "train_state", "checkpoints", "metrics",
                         "evaluations")}
     store.open_database(v2_db, readonly=False).close()
-    assert version(v2_db) == 4
+    assert version(v2_db) == store.SCHEMA_VERSION
     assert weights_bytes(v2_db) == weights
     assert query(v2_db, "SELECT * FROM vocab ORDER BY id") == [(*row, None) for row in vocab]
     assert {t: query(v2_db, f"SELECT * FROM {t} ORDER BY 1") for t in others} == others
@@ -359,7 +360,7 @@ def test_version_3_reads_as_it_is_and_migrates_to_4_keeping_every_row(v3_db):
     tables = [t for t in store.tables_at(3)]
     rows = {t: query(v3_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
     store.open_database(v3_db, readonly=False).close()
-    assert version(v3_db) == 4
+    assert version(v3_db) == store.SCHEMA_VERSION
     assert {t: query(v3_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables} == rows
     assert query(v3_db, "SELECT count(*) FROM quantized") == [(0,)]
     assert rel_err(sqlgpt.load(v3_db).logits(expected["ids"]), expected["logits"]) < 1e-5
@@ -373,3 +374,39 @@ def test_a_migrated_version_3_file_has_the_tables_of_a_new_one_and_quantizes(v3_
     assert table_layout(v3_db) == table_layout(new)
     result = CliRunner().invoke(main, ["quantize", "--db", str(v3_db), "--bits", "8"])
     assert result.exit_code == 0, result.output
+
+
+# ---- version 4 -> 5 ----
+# tests/data/v4_model.db.gz is a schema-4 database made by 3bd992b (llama
+# preset, char tokenizer, embed 32, 2 heads, 1 kv head, 1 layer, seq 8, batch
+# 4, 20 steps, checkpoints at 10 and 20, on the first 20,000 characters of
+# examples/tinyshakespeare.txt, then `sqlgpt quantize --bits 8`);
+# v4_model_logits.npz its logits for "the king".
+V4_ARCH = V3_ARCH
+
+
+@pytest.fixture
+def v4_db(tmp_path):
+    return unpacked("v4_model.db.gz", tmp_path / "v4.db")
+
+
+def test_version_4_reads_as_it_is_and_migrates_to_5_keeping_every_row(v4_db):
+    import sqlgpt
+    model, expected = read_committed(v4_db, 4, V4_ARCH)
+    tables = [t for t in store.tables_at(4)]
+    rows = {t: query(v4_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
+    assert rows["quantized"]  # the int8 copy is among the rows kept
+    store.open_database(v4_db, readonly=False).close()
+    assert version(v4_db) == store.SCHEMA_VERSION == 5
+    assert {t: query(v4_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables} == rows
+    for table in ("classifier", "labels", "classifier_evals"):
+        assert query(v4_db, f"SELECT count(*) FROM {table}") == [(0,)]
+    assert rel_err(sqlgpt.load(v4_db).logits(expected["ids"]), expected["logits"]) < 1e-5
+    assert rel_err(sqlgpt.load(v4_db, "int8").logits(expected["ids"]), expected["logits"]) < 0.05
+
+
+def test_a_migrated_version_4_file_has_the_tables_of_a_new_one(v4_db, tmp_path):
+    store.open_database(v4_db, readonly=False).close()
+    new = tmp_path / "new.db"
+    write_db(new, V4_ARCH, TrainConfig(tokenizer="word", vocab_size=60), save_at=())
+    assert table_layout(v4_db) == table_layout(new)

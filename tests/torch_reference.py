@@ -35,6 +35,13 @@ def reference_logits(weights, arch, ids, masks=None, relu_signs=None, lora=None)
     lora: None, or LoRA adapters as PEFT computes them, y = x @ W + b +
     scale * (drop(x) @ A) @ B: {"scale": s, "adapters": {(layer, comp): (A,
     B)}, "masks": {(layer, comp): mask (scaled) or None}}."""
+    return reference_hidden(weights, arch, ids, masks, relu_signs, lora) @ \
+        _lookup(weights, arch)("head")
+
+
+def reference_hidden(weights, arch, ids, masks=None, relu_signs=None, lora=None):
+    """The head's input (B, T, C): the final hidden states (reference_logits'
+    arguments)."""
     lookup = _lookup(weights, arch)
     x = _embed(lookup, arch, ids)
     for layer in range(arch.num_layers):
@@ -46,7 +53,19 @@ def reference_logits(weights, arch, ids, masks=None, relu_signs=None, lora=None)
         x = x + _dropped(y, masks, 2 * layer + 1)
     if arch.final_norm:
         x = _norm(x, lookup("lnf_w"), lookup("lnf_b"), arch)
-    return x @ lookup("head")
+    return x
+
+
+def reference_classify_loss(weights, arch, ids, lens, labels, relu_signs=None, lora=None):
+    """A classifier's mean cross-entropy: each sequence's final hidden state
+    at its last position (pool last) or averaged over its lens[b] positions
+    (pool mean), through cls_w and cls_b. (loss, logits)"""
+    h = reference_hidden(weights, arch, ids, relu_signs=relu_signs, lora=lora)
+    rows = []
+    for b, n in enumerate(lens.tolist()):
+        rows.append(h[b, n - 1] if arch.pool == "last" else h[b, :n].mean(dim=0))
+    logits = torch.stack(rows) @ weights["cls_w"] + weights["cls_b"]
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE), logits
 
 
 def reference_loss(weights, arch, ids, targets, masks=None, relu_signs=None, lora=None):

@@ -57,6 +57,8 @@ class ArchConfig(StoredFields):
     tie_weights: bool = False  # the head is wte transposed
     final_norm: bool = False  # a norm before the head (the original has none)
     init: str = "lua"         # lua (the original's uniform ranges) or normal (GPT-2's)
+    num_labels: int = 0       # a classifier's labels (0: a language model)
+    pool: str = "last"        # a classifier's pooling: last or mean (contract.POOLS)
 
     @property
     def head_dim(self):
@@ -249,7 +251,7 @@ def _spec(arch, declared, layer=None):
 def dimension(arch, symbol):
     """The size a contract dimension symbol stands for."""
     return {"C": arch.embed_dim, "F": arch.hidden_dim, "KV": arch.kv_dim, "V": arch.n_vocab,
-            "T": arch.seq_len}[symbol]
+            "T": arch.seq_len, "L": arch.num_labels}[symbol]
 
 
 def tensor_table(arch):

@@ -7,6 +7,7 @@ pointers to them, filled by reading the tensor table, never by names.
 """
 import numpy as np
 
+from .. import contract
 from .._kernel import ffi, lib
 from .arch import stored_tensors, tensor_table
 from .config import OPTIMIZERS
@@ -43,6 +44,7 @@ def model_config(arch):
     cfg.rope_scaling = ROPE_SCALING[arch.rope_scaling]
     cfg.rope_factor, cfg.rope_low_freq = arch.rope_factor, arch.rope_low_freq
     cfg.rope_high_freq, cfg.rope_original_T = arch.rope_high_freq, arch.rope_original_context
+    cfg.L, cfg.pool = arch.num_labels, contract.POOLS.index(arch.pool)
     return cfg
 
 
@@ -98,9 +100,10 @@ def tensor_fields(arch, arrays, fixed=None):
     return globals_, layers
 
 
-def activation_shapes(arch, B, T):
+def activation_shapes(arch, B, T, classify=False):
     """(per-layer {name: shape}, model-wide {name: shape}) of the buffers of
-    a (B, T) forward and backward (the fields of LayerActs and ModelActs)."""
+    a (B, T) forward and backward (the fields of LayerActs and ModelActs);
+    classify: a classifier's, whose logits and losses are per sequence."""
     N, C, F, KV = B * T, arch.embed_dim, arch.hidden_dim, arch.kv_dim
     layer_shapes = dict(x=(N, C), ln1=(N, C), mean1=(N,), rstd1=(N,), q=(N, C), k=(N, KV),
                         v=(N, KV), att=(N, C), lse=(B, arch.num_heads, T), xmid=(N, C),
@@ -112,6 +115,8 @@ def activation_shapes(arch, B, T):
         layer_shapes["pre"] = (N, F)
     if arch.mlp == "swiglu":
         layer_shapes["gate"] = shapes["dgate"] = (N, F)
+    if classify:
+        shapes.update(logits=(B, arch.num_labels), losses=(B,), pooled=(B, C))
     if arch.final_norm:
         shapes.update(lnf=(N, C), meanf=(N,), rstdf=(N,))
     if arch.pos == "rope":
@@ -126,9 +131,9 @@ class Activations:
     layers keep only their inputs and share one block's other buffers,
     which backward fills again block by block."""
 
-    def __init__(self, arch, B, T, recompute=False):
-        self.B, self.T, self.recompute = B, T, recompute
-        layer_shapes, shapes = activation_shapes(arch, B, T)
+    def __init__(self, arch, B, T, recompute=False, classify=False):
+        self.B, self.T, self.recompute, self.classify = B, T, recompute, classify
+        layer_shapes, shapes = activation_shapes(arch, B, T, classify)
         shared = {name: aligned_zeros(shape) for name, shape in layer_shapes.items()
                   if name != "x"} if recompute else None
         self.layers = [{name: shared[name] if shared and name != "x" else aligned_zeros(shape)
@@ -197,9 +202,10 @@ class GPT:
             else:
                 t.data[...] = 1.0 if kind == "ones" else 0.0
 
-    def _activations(self, B, T):
-        shape = (B, T, self.checkpoint_activations)
-        if self.acts is None or (self.acts.B, self.acts.T, self.acts.recompute) != shape:
+    def _activations(self, B, T, classify=False):
+        shape = (B, T, self.checkpoint_activations, classify)
+        if self.acts is None or (self.acts.B, self.acts.T, self.acts.recompute,
+                                 self.acts.classify) != shape:
             self.acts = None  # free the old set before allocating the new one
             self.acts = Activations(self.arch, *shape)
         return self.acts
@@ -246,7 +252,7 @@ class GPT:
     def backward(self):
         """Gradients of the last forward's mean loss into every parameter's .grad
         (accumulated; call params.zero_grad() first). Overwrites the logits."""
-        if self._last is None:
+        if self._last is None or isinstance(self._last[0], str):
             raise SqlgptError("backward() needs a forward() with targets first")
         ids, targets, dropout, seeds, lora = self._last
         a = self.acts
@@ -254,6 +260,48 @@ class GPT:
         check_status(lib.model_backward(
             self.kernel_config, self.weights.struct, self.grads.struct, lora, a.struct,
             iptr(ids), iptr(targets), a.B, a.T, dropout, seeds, IGNORE))
+
+    # ---- a classifier: one kernel call each way as well ----
+    def classify_forward(self, ids, lens, labels=None, dropout=0.0, dropout_seed=None):
+        """ids (B,T) padded on the right, lens (B) their lengths -> the
+        head's logits (B, num_labels) in self.acts.logits; returns the mean
+        loss if labels (B) are given (IGNORE skips one)."""
+        L = self.arch.num_labels
+        if not L:
+            raise SqlgptError("this model has no classification head")
+        ids = self.check_ids(ids)
+        B, T = ids.shape
+        lens = np.ascontiguousarray(lens, dtype=np.int32)
+        if lens.shape != (B,) or lens.min() < 1 or lens.max() > T:
+            raise SqlgptError(f"each of the {B} sequences needs a length from 1 to {T}")
+        if labels is not None:
+            labels = np.ascontiguousarray(labels, dtype=np.int32)
+            if labels.shape != (B,) or ((labels != IGNORE) & ((labels < 0) | (labels >= L))).any():
+                raise SqlgptError(f"labels must be {B} ids in [0, {L})")
+        a = self._activations(B, T, classify=True)
+        seeds = (ffi.new("unsigned long long[]", dropout_seeds(
+            dropout_seed, self.arch.num_layers, 0))
+                 if dropout_seed is not None and dropout > 0 else ffi.NULL)
+        loss = ffi.new("double *")
+        lora = self._lora_struct(B * T, dropout_seed)
+        check_status(lib.model_classify_forward(
+            self.kernel_config, self.weights.struct, lora, a.struct, iptr(ids), iptr(lens),
+            iptr(labels) if labels is not None else ffi.NULL, B, T, dropout, seeds, IGNORE,
+            loss))
+        self._last = None if labels is None else ("classify", ids, lens, labels, dropout, seeds,
+                                                  lora)
+        return None if labels is None else loss[0]
+
+    def classify_backward(self):
+        """Gradients of the last classify_forward's mean loss (accumulated)."""
+        if self._last is None or not isinstance(self._last[0], str):
+            raise SqlgptError("classify_backward() needs a classify_forward() with labels first")
+        _, ids, lens, labels, dropout, seeds, lora = self._last
+        a = self.acts
+        self._last = None
+        check_status(lib.model_classify_backward(
+            self.kernel_config, self.weights.struct, self.grads.struct, lora, a.struct,
+            iptr(ids), iptr(lens), iptr(labels), a.B, a.T, dropout, seeds, IGNORE))
 
     def _lora_struct(self, N, dropout_seed, first=0):
         """The adapters' struct for N rows (NULL without adapters), the first

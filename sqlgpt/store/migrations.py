@@ -168,7 +168,14 @@ def _v3_to_v4(conn):
     conn.execute(next(sql for kind, name, sql in schema_objects() if name == "quantized"))
 
 
-MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+def _v4_to_v5(conn):
+    """Version 5 can hold a classifier: its head's rows, its labels and its
+    held-out scores (three tables, empty for a language model)."""
+    for name in ("classifier", "labels", "classifier_evals"):
+        conn.execute(next(sql for kind, n, sql in schema_objects() if n == name))
+
+
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 
 
 def migrate(conn, path):
