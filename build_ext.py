@@ -46,7 +46,7 @@ ffibuilder.set_source(
 # tokenizers and sampling in C, and no Python
 EXTENSION = "sqlgpt0.so"
 EXTENSION_SOURCES = SOURCES + ["sqlite_ext.c", "ext_db.c", "ext_load.c", "ext_run.c", "ext_chat.c",
-                                "tokenize.c"]
+                                "ext_classify.c", "tokenize.c"]
 
 
 def unicode_tables():
@@ -228,6 +228,8 @@ def contract_header():
         queries.append(f"{{{c_string(table)}, {c_string(sql)}}}")
     out.append("static const char *const WEIGHT_QUERIES[][2] = {\n    " + ",\n    ".join(queries)
                + "};")
+    out.append(c_array("const int", "WEIGHT_TABLE_SINCE",
+                       (str(contract.WEIGHT_TABLE_SINCE.get(t, 1)) for t in contract.WEIGHT_TABLES)))
     return "\n".join(out) + "\n"
 
 

@@ -256,9 +256,10 @@ static Tensor *row_tensor(const Tensors *ts, int table, sqlite3_stmt *s) {
     return NULL;
 }
 
-static int read_rows(const Ext *x, Tensors *ts, Err *e) {
+static int read_rows(const Ext *x, int version, Tensors *ts, Err *e) {
     int n_tables = (int)(sizeof(WEIGHT_QUERIES) / sizeof(WEIGHT_QUERIES[0]));
     for (int q = 0; q < n_tables; q++) {
+        if (WEIGHT_TABLE_SINCE[q] > version) continue;  /* an older file has no such table */
         sqlite3_stmt *s = prepare(x, e, WEIGHT_QUERIES[q][1], WEIGHT_QUERIES[q][0]);
         if (!s) return -1;
         int rc;
@@ -382,6 +383,15 @@ static void tensor_name(int layer, int component, char *out, size_t n) {
  * vectors and lookup tables as they are read, matrices in precision's
  * layout (panels, or the stored int8/int4 copy); a tied tensor its
  * source transposed; sinusoidal positions computed. */
+/* A classifier's head as stored (float32 rows), for its functions. */
+static void head_of(Model *m, const Tensors *ts) {
+    for (int k = 0; k < N_COMPONENTS; k++) {
+        const Tensor *t = COMPONENTS[k].in_layer ? NULL : tensor_at(ts, -1, k);
+        if (t && !strcmp(COMPONENTS[k].name, "cls_w")) m->cls_w = t->data;
+        if (t && !strcmp(COMPONENTS[k].name, "cls_b")) m->cls_b = t->data;
+    }
+}
+
 static int place(const Ext *x, Model *m, const Tensors *ts, const Config *c, int precision,
                  ModelTensors *w, Err *e) {
     const ModelConfig *cfg = &m->cfg;
@@ -463,15 +473,18 @@ Model *load(const Ext *x, Err *e) {
      * snapshot; a file's own connection reads in a transaction of its own */
     if (x->own) sqlite3_exec(x->own, "BEGIN", NULL, NULL, NULL);
     int integer = m->precision == PRECISION_INT8 || m->precision == PRECISION_INT4;
-    int status = schema_version(x, e) < 0 || check_views(x, e) || read_config(x, &c, e) ||
+    int version = schema_version(x, e);
+    int status = version < 0 || check_views(x, e) || read_config(x, &c, e) ||
                  (m->step = latest_step(x, e)) < -1;
     if (!status) m->cfg = model_config(&c.a);
     status = status || list_tensors(&c, &m->cfg, &ts, e) || check_size(x, &ts, e) ||
-             alloc_tensors(m, &ts, e) || read_rows(x, &ts, e) ||
+             alloc_tensors(m, &ts, e) || read_rows(x, version, &ts, e) ||
              (integer && quantized_set(x, m, m->precision == PRECISION_INT8 ? 8 : 4, e)) ||
              place(x, m, &ts, &c, PRECISION_FP32, &m->w32, e) ||
              (m->precision != PRECISION_FP32 && place(x, m, &ts, &c, m->precision, &m->w, e)) ||
-             read_tokenizer(x, m, &c, e) || read_chat_template(x, m, e);
+             read_tokenizer(x, m, &c, e) || read_chat_template(x, m, e) ||
+             read_labels(x, m, e);
+    if (!status && m->cfg.L) head_of(m, &ts);
     if (!status && m->precision == PRECISION_FP32) m->w = m->w32;
     if (x->own) sqlite3_exec(x->own, "COMMIT", NULL, NULL, NULL);
     free(ts.t);

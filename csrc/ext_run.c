@@ -35,6 +35,10 @@ static int run(Model *m, const int *tokens, int n, int pos0, int n_out, int mode
     return status == SQLGPT_OK ? 0 : fail(e, "out of memory");
 }
 
+int decode_hidden(Model *m, const int *tokens, int n, int n_out, float *out, Err *e) {
+    return run(m, tokens, n, 0, n_out, HIDDEN, out, e);
+}
+
 /* The host asked (sqlite3_interrupt) for the statement to stop: checked
  * between a call's decode steps. SQLite 3.41 and later say so directly;
  * before, a one-row statement on the host's connection is refused with
@@ -61,7 +65,7 @@ static int interrupted(const Ext *x, Err *e) {
 }
 
 /* ---- argument checks ---- */
-static const char *text_arg(sqlite3_value *v, const char *fn, const char *what, int *len,
+const char *text_arg(sqlite3_value *v, const char *fn, const char *what, int *len,
                             Err *e) {
     if (sqlite3_value_type(v) == SQLITE_NULL) return fail(e, "%s: %s is NULL", fn, what), NULL;
     if (sqlite3_value_type(v) != SQLITE_TEXT)
@@ -88,9 +92,8 @@ static int int_arg(sqlite3_value *v, const char *fn, const char *what, sqlite3_i
 }
 
 /* ---- the SQL functions ---- */
-typedef int (*Body)(sqlite3_context *, Ext *, Model *, int, sqlite3_value **, Err *);
 
-static void call(sqlite3_context *ctx, int argc, sqlite3_value **argv, const char *fn, Body body) {
+void call(sqlite3_context *ctx, int argc, sqlite3_value **argv, const char *fn, Body body) {
     Ext *x = sqlite3_user_data(ctx);
     Err e = {{0}};
     sqlite3_mutex_enter(x->mutex);

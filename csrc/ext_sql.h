@@ -27,6 +27,8 @@ typedef struct {
     int *order;
     Tokenizer tok;
     int chat;                /* its chat template: an index of CHAT_TEMPLATES, or -1 */
+    char **labels;           /* a classifier's label names (cfg.L), else NULL */
+    const float *cls_w, *cls_b;  /* and its head, float32 (C,L) and (L) */
     sqlite3_int64 step;      /* the checkpoint loaded: a newer one reloads */
     char *file;              /* and the file it came from (another one reloads) */
 } Model;
@@ -74,12 +76,24 @@ int chat_prompt(const Ext *x, const Model *m, const char *messages, Ids *ids, in
 Model *load(const Ext *x, Err *e);
 Model *model_of(Ext *x, Err *e);
 
-/* ext_run.c: the SQL functions */
+/* ext_run.c: the SQL functions, over what they share: call runs a
+ * function's body with the connection's model, its failure a SQL error;
+ * text_arg checks a TEXT argument; decode_hidden gives the final hidden
+ * states (float32) of the last n_out of n tokens decoded from position 0 */
+typedef int (*Body)(sqlite3_context *, Ext *, Model *, int, sqlite3_value **, Err *);
+void call(sqlite3_context *ctx, int argc, sqlite3_value **argv, const char *fn, Body body);
+const char *text_arg(sqlite3_value *v, const char *fn, const char *what, int *len, Err *e);
+int decode_hidden(Model *m, const int *tokens, int n, int n_out, float *out, Err *e);
 void sqlgpt_generate(sqlite3_context *c, int n, sqlite3_value **v);
 void sqlgpt_chat(sqlite3_context *c, int n, sqlite3_value **v);
 void sqlgpt_tokens(sqlite3_context *c, int n, sqlite3_value **v);
 void sqlgpt_logprob(sqlite3_context *c, int n, sqlite3_value **v);
 void sqlgpt_embed(sqlite3_context *c, int n, sqlite3_value **v);
+
+/* ext_classify.c: a classifier's labels (read at load) and its functions */
+int read_labels(const Ext *x, Model *m, Err *e);
+void sqlgpt_classify(sqlite3_context *c, int n, sqlite3_value **v);
+void sqlgpt_classify_scores(sqlite3_context *c, int n, sqlite3_value **v);
 
 /* the config table's architecture (contract.h's ArchFields), and what
  * else the loader reads from it */

@@ -143,7 +143,8 @@ int sqlite3_sqlgpt_init(sqlite3 *db, char **error, const sqlite3_api_routines *a
         {"sqlgpt_chat", 1, sqlgpt_chat}, {"sqlgpt_chat", 2, sqlgpt_chat},
         {"sqlgpt_chat", 3, sqlgpt_chat}, {"sqlgpt_chat", 4, sqlgpt_chat},
         {"sqlgpt_tokens", 1, sqlgpt_tokens}, {"sqlgpt_logprob", 1, sqlgpt_logprob},
-        {"sqlgpt_embed", 1, sqlgpt_embed}, {"sqlgpt_model", 1, sqlgpt_model},
+        {"sqlgpt_embed", 1, sqlgpt_embed}, {"sqlgpt_classify", 1, sqlgpt_classify},
+        {"sqlgpt_classify_scores", 1, sqlgpt_classify_scores}, {"sqlgpt_model", 1, sqlgpt_model},
         {"sqlgpt_model", 2, sqlgpt_model}, {"sqlgpt_model", 3, sqlgpt_model}};
     int n = (int)(sizeof(fns) / sizeof(fns[0]));
     x->refs = 1;  /* this function's, until every registration holds its own */

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .classify.predict import encode_texts, probabilities
 from . import store
 from .chat.conversation import ChatFormat
 from .chat.data import SCORED, START, ChatTokens, fitted, read_conversations
@@ -155,6 +156,7 @@ class Model:
         self.train_config = train_cfg
         self.precision = precision
         self._decoder = None  # made on first use: packing the weights is a model-sized copy
+        self.labels = []  # a classifier's label names, by the head's output id
 
     @property
     def config(self):
@@ -367,6 +369,26 @@ class Model:
         return (total / len(ids)).astype(np.float32)
 
     # ---- chat ----
+    def classify_scores(self, texts):
+        """Each text's probability of every label, {label: p} (a classifier's:
+        finetune --task classify); one text gives one dict, a list a list."""
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        if not self.labels:
+            raise SqlgptError("this model is not a classifier (fine-tune one with "
+                              "--task classify)")
+        if not batch:
+            return []
+        probs, _ = probabilities(self._gpt, encode_texts(self.tokenizer, batch, self.arch.seq_len))
+        scored = [dict(zip(self.labels, map(float, row))) for row in probs]
+        return scored[0] if single else scored
+
+    def classify(self, texts):
+        """Each text's most probable label: one text gives one label, a list a list."""
+        scored = self.classify_scores(texts)
+        best = lambda scores: max(scores, key=scores.get)  # the first of equals: argmax's
+        return best(scored) if isinstance(texts, str) else [best(s) for s in scored]
+
     def chat_format(self, template=None):
         """The ChatFormat of a template (default: the model's own, else
         sqlgpt's default template) with this model's tokenizer."""
@@ -482,10 +504,12 @@ def load(path, precision="fp32", step=None, prefix=""):
         gpt, cfg, tokenizer, step, state = store.read_checkpoint(conn, path, step)
         quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
             if precision in BITS else None
+        labels = store.read_labels(conn, gpt.arch.num_labels) if gpt.arch.num_labels else []
     template = state.get("chat_template")
     model = Model(gpt, cfg, tokenizer, step, precision, corpus_of(state), quantized,
                   template if isinstance(template, str) and template else None)
     model.chat_tuned = model.chat_tuned or bool(state.get("chat"))  # a chat fine-tune's
+    model.labels = labels
     return model
 
 
@@ -553,15 +577,19 @@ def export(path, out, fmt="hf", prefix="", dtype="f32"):
     (file names, or the tensor count)."""
     if fmt not in ("hf", "gguf", "peft"):
         raise SqlgptError(f"export format must be hf, gguf or peft, got {fmt!r}")
+    model = load(path, prefix=prefix)
+    if model.labels:  # its head would be left out without a word
+        raise SqlgptError(f"{path} is a classifier: its head has no {fmt} form here; export "
+                          f"the base model it was tuned from")
     if fmt in ("hf", "peft"):
         from .interop import hf, peft
-        return (hf.export if fmt == "hf" else peft.export_peft)(load(path, prefix=prefix), out)
+        return (hf.export if fmt == "hf" else peft.export_peft)(model, out)
     from .interop import gguf_export
     if Path(out).exists():
         raise SqlgptError(f"{out} already exists; name a new file")
     tmp = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.tmp")
     try:
-        count = gguf_export.export(load(path, prefix=prefix), tmp, dtype)
+        count = gguf_export.export(model, tmp, dtype)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -35,6 +35,8 @@ WEIGHT_TABLES = {
     "norms": ("name", "i"),
     "classifier": ("name", "i"),
 }
+# the schema version that added a weight table (the others are in every version)
+WEIGHT_TABLE_SINCE = {"norms": 2, "classifier": 5}
 MODEL_TENSOR_TABLES = {"wte": "embeddings", "wpe": "embeddings", "head": "head",
                        "lnf_w": "norms", "lnf_b": "norms", "cls_w": "classifier",
                        "cls_b": "classifier"}

@@ -69,6 +69,27 @@ def test_datasette_runs_the_functions_on_the_configured_models(models):
     assert r.status_code == 400
 
 
+def test_datasette_classifies_with_a_configured_classifier(models, tmp_path):
+    base, _, app = models
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"{w} {k}", "label": k}) + "\n"
+                            for w in ("the", "a", "my", "our") for k in ("king", "lord")))
+    clf = tmp_path / "clf.db"
+    result = run("train", "--task", "classify", "--base", base, rows, "--db", clf,
+                 "--iters", "5")
+    assert result.exit_code == 0, result.output
+    config = {"models": {"default": str(base), "clf": str(clf)}}
+    r = datasette_query(app, config, "SELECT body, sqlgpt_classify(body, 'clf') AS label, "
+                        "sqlgpt_classify_scores(body, 'clf') AS scores FROM notes")
+    assert r.status_code == 200, r.text
+    model = sqlgpt.load(clf)
+    for row in r.json():
+        assert row["label"] == model.classify(row["body"])
+        assert json.loads(row["scores"]) == pytest.approx(model.classify_scores(row["body"]))
+    for sql in ("SELECT sqlgpt_classify(NULL, 'clf')", "SELECT sqlgpt_classify('the king')"):
+        assert datasette_query(app, config, sql).status_code == 400  # NULL; not a classifier
+
+
 def test_datasette_stops_a_call_at_its_time_limit(models):
     base, _, app = models
     r = datasette_query(app, {"models": {"default": str(base)}},

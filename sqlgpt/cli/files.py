@@ -31,6 +31,7 @@ def info(db_path, prefix, as_json):
             kept = store.kept_steps(conn)
             quantized = {f"int{bits}": {"group_size": group, "step": step}
                          for bits, (group, step) in store.quantized_sets(conn).items()}
+            scores = store.read_classifier_evals(conn) if model.labels else []
     finally:
         conn.close()
     profile = model_profile(model.arch, model.train_config.batch_size,
@@ -38,7 +39,8 @@ def info(db_path, prefix, as_json):
     lora = model.lora.to_dict() if model.lora else None
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
               "step": model.step, "corpus": model.corpus, "profile": profile,
-              "checkpoints": history, "kept_steps": kept, "lora": lora, "quantized": quantized}
+              "checkpoints": history, "kept_steps": kept, "lora": lora, "quantized": quantized,
+              "labels": model.labels, "classifier_evals": scores}
     if as_json:
         emit_json(report)
         return
@@ -63,6 +65,13 @@ def info(db_path, prefix, as_json):
         click.echo(f"LoRA fine-tune of {lora['base']} (weights sha256 {lora['base_sha256'][:16]}"
                    f"...): rank {lora['rank']}, alpha {lora['alpha']:g}, targets "
                    f"{lora['targets']}, dropout {lora['dropout']:g}")
+    if model.labels:
+        click.echo(f"classifier: {len(model.labels)} labels ({', '.join(model.labels[:8])}"
+                   f"{', ...' if len(model.labels) > 8 else ''}), pool {model.arch.pool}")
+        if scores:
+            last = scores[-1]
+            click.echo(f"  held out at step {last['step']}: accuracy {last['accuracy']:.1%}, "
+                       f"macro-F1 {last['macro_f1']:.3f} on {last['examples']:,} rows")
     for name, q in quantized.items():
         click.echo(f"{name} copy: group size {q['group_size']}, from step {q['step']}"
                    + ("" if q["step"] == model.step else " (stale: quantize again)"))

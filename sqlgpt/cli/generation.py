@@ -337,4 +337,38 @@ def tokenize_rows(model, source, as_json):
         click.echo(f"{rows:,} rows, {total:,} tokens")
 
 
-COMMANDS = (generate, eval_, tokenize)
+@click.command()
+@db_option
+@click.argument("texts", nargs=-1)
+@click.option("--scores", is_flag=True, help="Show every label's probability.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per text: its label and every label's probability.")
+@sql_options
+@fail_cleanly
+def classify(db_path, prefix, texts, scores, as_json, sql, from_db):
+    """Label each TEXT (or each --sql row's first column) with the classifier
+    in --db (made by finetune --task classify): one line per text, the label
+    then the text.
+
+    Example: sqlgpt classify --db clf.db "a joyful crown" "a night of woe"
+    """
+    if bool(texts) == (sql is not None):
+        raise click.UsageError("give TEXTs to classify, or --sql rows: one of them")
+    model = load(db_path, prefix=prefix)
+    rows = list(texts) if texts else list(sql_corpus((), sql, from_db, db_path)[0][0].rows())
+    for start in range(0, len(rows), CLASSIFY_BATCH):
+        batch = rows[start:start + CLASSIFY_BATCH]
+        for text, probs in zip(batch, model.classify_scores(batch)):
+            label = max(probs, key=probs.get)
+            if as_json:
+                emit_json({"text": text, "label": label, "scores": probs})
+            elif scores:
+                shown = ", ".join(f"{name} {p:.3f}" for name, p in probs.items())
+                click.echo(f"{label}\t{text}\t({shown})")
+            else:
+                click.echo(f"{label}\t{text}")
+
+
+CLASSIFY_BATCH = 256  # texts scored per call: memory stays flat over a long --sql
+
+COMMANDS = (generate, eval_, tokenize, classify)

@@ -11,7 +11,7 @@ import click
 
 from .. import set_threads
 from ..train import distributed
-from ..contract import MLPS, NORMS, POSITIONS
+from ..contract import MLPS, NORMS, POOLS, POSITIONS
 from ..model.arch import PRESETS, ArchConfig, preset
 from ..model.config import OPTIMIZERS, SCHEDULES, TOKENIZER_KINDS, TrainConfig, read_run_file
 from ..data.corpus import ENCODING_ERRORS, find_sources, fingerprint
@@ -214,6 +214,14 @@ def load_run_file(ctx, param, path):
                    "instead of a corpus: the loss counts the assistant's tokens alone. --chat "
                    "alone with --sql: each row's first column is a conversation's messages.")
 @sql_options
+@click.option("--task", type=click.Choice(["generate", "classify"]), default="generate",
+              show_default=True,
+              help="classify: fine-tune --base into a classifier of the labelled rows "
+                   "(--sql's two columns text, label; or a .csv/.jsonl file with text and "
+                   "label), a head on its pooled final hidden state.")
+@click.option("--pool", type=click.Choice(POOLS), default="last", show_default=True,
+              help="How a classifier reads a text: its last token's final hidden state, or "
+                   "the mean over its tokens.")
 @click.option("--chat-template", "chat_template", type=click.Path(), default=None,
               help="With --chat: a Jinja chat template file to render the conversations with "
                    "(kept with the model). [default: the base's, else sqlgpt's]")
@@ -302,8 +310,14 @@ def check_ranks(ctx, world, corpus, extensions):
 
 def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensions,
                  encoding_errors, init_from, lora_rank, lora_alpha, lora_targets, lora_dropout,
-                 chat, chat_template, sql, from_db, **options):
+                 chat, chat_template, sql, from_db, task, pool, **options):
     """The Trainer of a new model or of --resume's, from train's options."""
+    if task == "classify":
+        return open_classifier(ctx, corpus, db_path, prefix, iters, resume, overwrite,
+                               init_from, lora_rank, lora_alpha, lora_targets, lora_dropout,
+                               chat, sql, from_db, pool, options)
+    if ctx.get_parameter_source("pool") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--pool goes with --task classify")
     corpus, chat = sql_corpus(corpus, sql, from_db, db_path, chat)
     if resume and overwrite:
         raise SqlgptError("--resume and --overwrite exclude each other")
@@ -360,6 +374,42 @@ def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensi
         return Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
                               encoding_errors, corpus_progress(), init_from, given, prefix, lora,
                               chat, read_template(chat_template))
+
+
+def open_classifier(ctx, corpus, db_path, prefix, iters, resume, overwrite, init_from,
+                    lora_rank, lora_alpha, lora_targets, lora_dropout, chat, sql, from_db, pool,
+                    options):
+    """finetune --task classify's Trainer: a new classifier of --base."""
+    from ..classify.trainer import ClassifierTrainer
+    from ..store import labelled_sql_source
+    if resume:
+        raise SqlgptError("a classifier cannot --resume yet: fine-tune it again into a new --db")
+    if chat is not None:
+        raise click.UsageError("--chat and --task classify exclude each other")
+    if sql is not None:
+        if corpus:
+            raise click.UsageError("--sql is the labelled rows: name no file too")
+        source = labelled_sql_source(sql, from_db or db_path)
+    elif from_db is not None:
+        raise click.UsageError("--from goes with --sql")
+    elif len(corpus) != 1:
+        raise SqlgptError("--task classify reads one .csv or .jsonl file of labelled texts "
+                          "(or --sql rows)")
+    else:
+        source = corpus[0]
+    lora = LoraConfig(lora_rank, lora_alpha, lora_targets, lora_dropout) \
+        if lora_rank is not None else None
+    cfg = TrainConfig(**{field: options[name] for name, field in TRAIN_OPTIONS.items()
+                         if field not in ("val_file",)}, max_iters=iters,
+                      tokenizer="char", vocab_size=0)
+    cfg.lr_decay_iters = cfg.lr_decay_iters or iters
+    cfg.min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    cfg.dropout_final = -1.0 if cfg.dropout_final is None else cfg.dropout_final
+    cfg.checkpoint_activations, cfg.keep = options["checkpoint_activations"], options["keep"]
+    if options["val_file"] is not None:
+        raise click.UsageError("a classifier holds out --val-fraction of its rows: no --val-file")
+    return ClassifierTrainer.create_classifier(db_path, source, init_from, cfg, pool, lora,
+                                               overwrite, prefix)
 
 
 def read_template(path):

@@ -248,6 +248,16 @@ def _spec(arch, declared, layer=None):
     return TensorSpec(full, shape, init, decay, layer, name, hf=hf, gguf=(gguf_name, None))
 
 
+def language_model(arch):
+    """arch without a classifier's head: a classifier's base model."""
+    return replace(arch, num_labels=0, pool="last")
+
+
+def head_specs(arch):
+    """A classifier's head tensors (none for a language model)."""
+    return [s for s in tensor_table(arch) if s.name in ("cls_w", "cls_b")]
+
+
 def dimension(arch, symbol):
     """The size a contract dimension symbol stands for."""
     return {"C": arch.embed_dim, "F": arch.hidden_dim, "KV": arch.kv_dim, "V": arch.n_vocab,

@@ -139,6 +139,7 @@ def merged(model):
     arrays = {t.name: t.data for t in model.base}
     if model.lora is None:
         return arrays
+    arrays.update({t.name: t.data for t in model.params if t.name in ("cls_w", "cls_b")})
     for layer in range(model.arch.num_layers):
         for site in model.lora.sites:
             name = f"layers.{layer}.{site}"

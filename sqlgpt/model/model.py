@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import contract
 from .._kernel import ffi, lib
-from .arch import stored_tensors, tensor_table
+from .arch import head_specs, language_model, stored_tensors, tensor_table
 from .config import OPTIMIZERS
 from ..errors import SqlgptError
 from .dropout import dropout_seeds
@@ -174,19 +174,22 @@ class GPT:
         # training=False: the weights alone, a third of a trainable model's memory
         buffers = ("data",) if not training else BUFFERS if moments else ("data", "grad")
         self.training = training
-        if lora:
-            self.base = ParameterSet(stored_tensors(arch), buffers=("data",))
-            self.params = ParameterSet(lora_tensors(arch, lora), buffers)
+        if lora:  # a classifier's head trains with the adapters
+            self.base = ParameterSet(stored_tensors(language_model(arch)), buffers=("data",))
+            self.params = ParameterSet(lora_tensors(arch, lora) + head_specs(arch), buffers)
         else:
             self.base = self.params = ParameterSet(stored_tensors(arch), buffers)
+        head = {t.name: t for t in self.params if t.name in ("cls_w", "cls_b")} if lora else {}
         self.kernel_config = model_config(arch)
         # fixed (not learned) tensors the kernel reads as parameters
         self.weights_fixed = ({"wpe": sinusoids(arch.seq_len, arch.embed_dim)}
                               if arch.pos == "sinusoidal" else {})
         self.weights = TensorStruct(arch.num_layers, *tensor_fields(
-            arch, {t.name: t.data for t in self.base}, self.weights_fixed))
+            arch, {**{t.name: t.data for t in self.base}, **{n: t.data for n, t in head.items()}},
+            self.weights_fixed))
+        trained = (head.values() if lora else self.params) if training else ()
         self.grads = TensorStruct(arch.num_layers, *tensor_fields(
-            arch, {} if lora or not training else {t.name: t.grad for t in self.params}))
+            arch, {t.name: t.grad for t in trained}))
         self.adapters = LoraStruct(arch, lora, self.params) if lora else None
         self.acts = None
         self._last = None  # what backward needs of the last forward with targets

@@ -16,6 +16,7 @@ COMPONENTS = {  # component -> group it is reported under
     "q": "attention", "k": "attention", "v": "attention", "proj": "attention",
     "q_b": "attention", "k_b": "attention", "v_b": "attention", "proj_b": "attention",
     "gate": "mlp", "fc1": "mlp", "fc2": "mlp", "gate_b": "mlp", "fc1_b": "mlp", "fc2_b": "mlp",
+    "cls_w": "classifier", "cls_b": "classifier",
 }
 
 
@@ -36,7 +37,8 @@ def model_profile(arch, batch_size, checkpoint_activations=False):
     matmul = sum(prod(s.shape) for s in table if len(s.shape) == 2 and s.name not in ("wte", "wpe"))
     attention = 2 * arch.num_layers * arch.seq_len * arch.embed_dim  # QK^T and AV, causal half
     forward = 2 * matmul + attention
-    layer_shapes, shapes = activation_shapes(arch, batch_size, arch.seq_len)
+    layer_shapes, shapes = activation_shapes(arch, batch_size, arch.seq_len,
+                                             classify=bool(arch.num_labels))
     per_layer = sum(prod(s) for s in layer_shapes.values())
     if checkpoint_activations:
         kept = arch.num_layers * prod(layer_shapes["x"]) + per_layer - prod(layer_shapes["x"])

@@ -64,6 +64,10 @@ def _check_sampling(name, max_tokens, temperature, seed):
         _integer(name, seed, "seed", 0, 2**63 - 1)
 
 
+# the same arguments give the same value (a classifier's labels have no sampling)
+DETERMINISTIC = ("sqlgpt_tokens", "sqlgpt_classify", "sqlgpt_classify_scores")
+
+
 class ModelFunctions:
     """One loaded model and the SQL functions over it."""
 
@@ -157,6 +161,23 @@ class ModelFunctions:
         vector = self.model.embed_ids(ids, on_window=lambda: self._check("sqlgpt_embed"))
         return vector.astype("<f4").tobytes()
 
+    def classify(self, text):
+        """A classifier's most probable label for text."""
+        scores = self._label_scores("sqlgpt_classify", text)
+        return max(scores, key=scores.get)
+
+    def classify_scores(self, text):
+        """A classifier's probability of each label for text, a JSON object
+        {label: probability} in the labels' order."""
+        return json.dumps(self._label_scores("sqlgpt_classify_scores", text))
+
+    def _label_scores(self, name, text):
+        text = _text(name, text)
+        if not self.model.labels:
+            raise SqlFunctionError(f"{name}: the model is not a classifier (fine-tune one "
+                                   f"with --task classify)")
+        return self.model.classify_scores(text)
+
     def error(self):
         """The message of the last failed call, or NULL."""
         return getattr(self._errors, "message", None)
@@ -164,6 +185,8 @@ class ModelFunctions:
     FUNCTIONS = {"sqlgpt_generate": ("generate", (1, 2, 3, 4)),
                  "sqlgpt_chat": ("chat", (1, 2, 3, 4)), "sqlgpt_tokens": ("tokens", (1,)),
                  "sqlgpt_logprob": ("logprob", (1,)), "sqlgpt_embed": ("embed", (1,)),
+                 "sqlgpt_classify": ("classify", (1,)),
+                 "sqlgpt_classify_scores": ("classify_scores", (1,)),
                  "sqlgpt_error": ("error", (0,))}
 
     def sql_function(self, name, limit_s=None):
@@ -209,8 +232,8 @@ def extension_path():
 
 
 def register(conn, path, precision="fp32", prefix=""):
-    """Add sqlgpt_generate, sqlgpt_chat, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed and
-    sqlgpt_error to a connection (the standard library's sqlite3 or apsw),
+    """Add sqlgpt_generate, sqlgpt_chat, sqlgpt_tokens, sqlgpt_logprob, sqlgpt_embed,
+    sqlgpt_classify, sqlgpt_classify_scores and sqlgpt_error to a connection (the standard library's sqlite3 or apsw),
     backed by the model in path (loaded now, read-only; prefix: the one kept
     under that table prefix, e.g. in the app's own database). Returns the
     ModelFunctions object (its .model is the loaded sqlgpt.Model)."""
@@ -218,7 +241,7 @@ def register(conn, path, precision="fp32", prefix=""):
     for name, (_, counts) in ModelFunctions.FUNCTIONS.items():
         fn = functions.sql_function(name)
         for nargs in counts:
-            create_function(conn, name, nargs, fn, deterministic=name == "sqlgpt_tokens")
+            create_function(conn, name, nargs, fn, deterministic=name in DETERMINISTIC)
     return functions
 
 

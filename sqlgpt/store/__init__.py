@@ -31,6 +31,8 @@ from .database import (checkpoints, compact, create_database, has_model, integri
 from .migrations import MIGRATIONS, open_database
 from .models import check_new_location, model_for, read_checkpoint, read_lora, snapshot
 from .queries import read_curves
-from .app_rows import sql_sources
+from .app_rows import labelled_sql_source, sql_sources
+from .classifier import (read_classifier_evals, read_labels, write_classifier_eval,
+                         write_labels)
 from .rows import (SELECT_SQL, read_config, read_tokenizer, read_train_state, read_weights,
                    row_crc, row_crcs, weight_tables)

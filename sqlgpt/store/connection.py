@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..contract import APPLICATION_ID, PREFIX_KEYWORDS, PREFIX_MAX, SCHEMA_VERSION
-from ..contract import WEIGHT_TABLES as KEY_COLUMNS
+from ..contract import WEIGHT_TABLE_SINCE, WEIGHT_TABLES as KEY_COLUMNS
 from ..errors import SqlgptError
 
 
@@ -20,9 +20,8 @@ REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
                    "metrics", "evaluations", "tensor_stats", "checkpoint_weights",
                    "quantized", "labels", "classifier_evals") + WEIGHT_TABLES
 # the schema version that added a table (the others are in every version)
-ADDED_IN = {"norms": 2, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3,
-            "checkpoint_weights": 3, "quantized": 4, "classifier": 5, "labels": 5,
-            "classifier_evals": 5}
+ADDED_IN = {**WEIGHT_TABLE_SINCE, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3,
+            "checkpoint_weights": 3, "quantized": 4, "labels": 5, "classifier_evals": 5}
 # the views sqlgpt creates, and the version that added each
 VIEWS_ADDED_IN = {"tensors": 3}
 _NAME_RE = re.compile(r"\b(" + "|".join(PREFIX_KEYWORDS) + r")(\s+)("

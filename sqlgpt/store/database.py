@@ -13,6 +13,7 @@ import numpy as np
 from ..model.arch import stored_tensors
 from ..model.config import to_rows
 from ..errors import SqlgptError
+from .classifier import write_labels
 from ..model.tensor import ParameterSet
 from .connection import (ADDED_IN, APPLICATION_ID, ModelConnection, PAGE_SIZE, PREFIX_SCHEMA,
                          REQUIRED_TABLES, SCHEMA_VERSION, VIEWS_ADDED_IN, WEIGHT_TABLES,
@@ -25,17 +26,17 @@ from .migrations import migrate, open_database
 
 
 def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
-                    token_counts=None, prefix=""):
+                    token_counts=None, prefix="", labels=()):
     """Write a new database with the step-0 checkpoint, atomically: built
     under a temporary name, locked, then moved to `path` (replacing a file
     there only with overwrite); with prefix, the model's tables added to
     the (app's) database at path in one transaction. model: .arch (an
     ArchConfig) and .params (its ParameterSet); token_counts: each id's
-    occurrences in the corpus (n_ids integers) or None. Returns (connection,
-    writer lock)."""
+    occurrences in the corpus (n_ids integers) or None; labels: a
+    classifier's label names by id. Returns (connection, writer lock)."""
     if prefix:
         return _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts,
-                              check_prefix(prefix))
+                              check_prefix(prefix), labels)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
@@ -50,7 +51,7 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         with atomic(conn):
-            _new_model_rows(conn, model, tokenizer, token_counts)
+            _new_model_rows(conn, model, tokenizer, token_counts, labels)
         save_checkpoint(conn, model, train_cfg, state, train_loss=None, val_loss=None)
         _fold_wal(conn, path)
         conn.close()
@@ -121,8 +122,10 @@ def _place_new(tmp, path, overwrite):
     return True
 
 
-def _new_model_rows(conn, model, tokenizer, token_counts):
-    """A new model's vocabulary, tokenizer and weight rows (inside a transaction)."""
+def _new_model_rows(conn, model, tokenizer, token_counts, labels=()):
+    """A new model's vocabulary, tokenizer, labels and weight rows (inside a
+    transaction)."""
+    write_labels(conn, labels)
     counts = [None] * tokenizer.n_ids if token_counts is None else [int(c) for c in token_counts]
     conn.executemany("INSERT INTO vocab (id, token, bytes, count) VALUES (?, ?, ?, ?)",
                      [(*row, counts[row[0]]) for row in tokenizer.vocab_rows()])
@@ -150,7 +153,8 @@ def has_model(path, prefix):
         conn.close()
 
 
-def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts, prefix):
+def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts, prefix,
+                   labels=()):
     """The model's prefixed tables, rows and step-0 checkpoint added to the
     database at path (created if missing) in one transaction: the app's
     tables, its PRAGMAs and its journal mode are left as they are; with
@@ -176,7 +180,7 @@ def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_co
                 conn.executemany(f"INSERT INTO {prefix}{PREFIX_SCHEMA} (key, value) "
                                  f"VALUES (?, ?)",
                                  [("application", "sqlgpt"), ("version", SCHEMA_VERSION)])
-                _new_model_rows(conn, model, tokenizer, token_counts)
+                _new_model_rows(conn, model, tokenizer, token_counts, labels)
                 _checkpoint_rows(conn, model, train_cfg, state, None, None)
     except BaseException:
         if conn is not None:

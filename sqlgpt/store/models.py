@@ -4,6 +4,7 @@ in one snapshot."""
 import contextlib
 
 from ..errors import SqlgptError
+from ..model.arch import language_model
 from ..model.config import from_rows
 from ..model.lora import LoraConfig, base_digest, base_path, merge_check
 from ..model.model import GPT
@@ -97,9 +98,10 @@ def fill_base(model, tuned_path):
             if read_lora(conn) is not None:
                 raise SqlgptError(f"the base model {path} is itself a LoRA fine-tune")
             base_arch, _ = from_rows(dict(conn.execute("SELECT key, value FROM config")))
-            merge_check(model.arch, base_arch)
-            check_fits(conn, model.arch)
-            plain = GPT(model.arch, training=False)
+            tuned = language_model(model.arch)  # a classifier's base has no head
+            merge_check(tuned, base_arch)
+            check_fits(conn, tuned)
+            plain = GPT(tuned, training=False)
             read_weights(conn, plain)
     finally:
         conn.close()

@@ -215,23 +215,17 @@ class Trainer(TrainerSetup):
         same windows and takes its rows of each micro-batch."""
         cfg, model, world = self.cfg, self.model, self.world
         B, N = cfg.batch_size, cfg.grad_accum
-        # all windows at once: N micro-batches are one batch N times larger, split
-        if isinstance(self.train_tokens, ChatTokens):  # conversations, the assistant's loss
-            x, y = self.train_tokens.batch(self.rng, B * N, model.arch.seq_len)
-        else:
-            x, y = random_batch(self.train_tokens, self.rng, B * N, model.arch.seq_len)
+        # all rows at once: N micro-batches are one batch N times larger, split
+        batch = self._draw(B * N)
         # one draw per step whatever N is, so the batches of later steps do not
         # depend on it; micro-batch i's dropout seed is spread from it
         seed = int(self.rng.integers(0, 2**63))
         seeds = [(seed + MICRO_SEED_STRIDE * i) % 2**64 for i in range(N)]
         first, last = world.rows(B)
         model.params.zero_grad()
-        losses = []
-        for i, seed in enumerate(seeds):
-            rows = slice(i * B + first, i * B + last)
-            losses.append(model.forward(x[rows], y[rows], dropout=cfg.dropout_at(step),
-                                        dropout_seed=seed, first_row=first))
-            model.backward()
+        losses = [self._forward_backward(batch, slice(i * B + first, i * B + last), first,
+                                         cfg.dropout_at(step), seed)
+                  for i, seed in enumerate(seeds)]
         # the mean over micro-batches, as one batch's mean; a rank's part of it
         share = (last - first) / B
         loss = (losses[0] if N == 1 else float(np.mean(losses))) * share
@@ -255,6 +249,21 @@ class Trainer(TrainerSetup):
         if span:
             world.gather_shards(model.params.arenas["data"])
         return loss, lr, math.sqrt(grad_sq), False
+
+    def _draw(self, n):
+        """n training rows (x, y): windows of the corpus, or conversations."""
+        T = self.model.arch.seq_len
+        if isinstance(self.train_tokens, ChatTokens):  # conversations, the assistant's loss
+            return self.train_tokens.batch(self.rng, n, T)
+        return random_batch(self.train_tokens, self.rng, n, T)
+
+    def _forward_backward(self, batch, rows, first, dropout, seed):
+        """One micro-batch's loss, its gradients accumulated."""
+        x, y = batch
+        loss = self.model.forward(x[rows], y[rows], dropout=dropout, dropout_seed=seed,
+                                  first_row=first)
+        self.model.backward()
+        return loss
 
     def _reduce(self, loss):
         """(loss, squared gradient norm) over every rank, their gradients
