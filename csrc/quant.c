@@ -225,9 +225,13 @@ static inline __m512i lane_runs(int bits) {
 /* The scales of pair p's two runs, spread over the lanes that sum them; a
  * last pair of one run (whole) reads one scale. */
 static inline __m512 pair_scales(const float *s, int p, int whole, __m512i runs, const int G) {
-    __m128 two = G == 64 ? _mm_set1_ps(s[p])
-                 : whole ? _mm_castpd_ps(_mm_load_sd((const double *)(s + 2 * p)))
-                         : _mm_load_ss(s + 2 * p);
+    __m128 two;
+    if (G == 64) two = _mm_set1_ps(s[p]);
+    else if (whole) { /* two floats, 4-byte aligned: memcpy, not a double's load */
+        long long both;
+        memcpy(&both, s + 2 * p, sizeof(both));
+        two = _mm_castsi128_ps(_mm_cvtsi64_si128(both));
+    } else two = _mm_load_ss(s + 2 * p);
     return _mm512_permutexvar_ps(runs, _mm512_castps128_ps512(two));
 }
 
