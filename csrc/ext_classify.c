@@ -68,21 +68,6 @@ static int label_probs(Model *m, sqlite3_value *text, const char *fn, double *pr
     return status;
 }
 
-static int classify_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_value **argv,
-                         Err *e) {
-    (void)x, (void)argc;
-    double *probs = malloc(sizeof(double) * (size_t)(m->cfg.L > 0 ? m->cfg.L : 1));
-    if (!probs) return fail(e, "out of memory");
-    int status = label_probs(m, argv[0], "sqlgpt_classify", probs, e);
-    if (!status) {
-        int best = 0;  /* the first of equals, as argmax */
-        for (int j = 1; j < m->cfg.L; j++) best = probs[j] > probs[best] ? j : best;
-        sqlite3_result_text(ctx, m->labels[best], -1, SQLITE_TRANSIENT);
-    }
-    free(probs);
-    return status;
-}
-
 /* s as a JSON string onto out (escaped as Python's json.dumps does) */
 static int json_string(Buffer *out, const char *s) {
     int status = buf_add(out, "\"", 1);
@@ -96,25 +81,41 @@ static int json_string(Buffer *out, const char *s) {
     return status || buf_add(out, "\"", 1);
 }
 
-static int scores_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_value **argv,
-                       Err *e) {
-    (void)x, (void)argc;
+/* The most probable label (scores 0), or every label's probability as a
+ * JSON object (scores 1), of the text in argv[0]. */
+static int label_result(sqlite3_context *ctx, Model *m, sqlite3_value **argv, const char *fn,
+                        int scores, Err *e) {
     double *probs = malloc(sizeof(double) * (size_t)(m->cfg.L > 0 ? m->cfg.L : 1));
     if (!probs) return fail(e, "out of memory");
-    int status = label_probs(m, argv[0], "sqlgpt_classify_scores", probs, e);
+    int status = label_probs(m, argv[0], fn, probs, e), best = 0;
     Buffer out = {0};
-    for (int j = 0; j < m->cfg.L && !status; j++) {
+    for (int j = 1; j < m->cfg.L && !status; j++)  /* the first of equals, as argmax */
+        best = probs[j] > probs[best] ? j : best;
+    for (int j = 0; j < m->cfg.L && !status && scores; j++) {
         char number[40];
         snprintf(number, sizeof(number), ": %.17g", probs[j]);
         if (buf_add(&out, j ? ", " : "{", j ? 2 : 1) || json_string(&out, m->labels[j]) ||
             buf_add(&out, number, strlen(number)))
             status = fail(e, "out of memory");
     }
-    if (!status && buf_add(&out, "}", 1)) status = fail(e, "out of memory");
-    if (!status) sqlite3_result_text(ctx, out.bytes, (int)out.n, SQLITE_TRANSIENT);
+    if (!status && scores && buf_add(&out, "}", 1)) status = fail(e, "out of memory");
+    if (!status && scores) sqlite3_result_text(ctx, out.bytes, (int)out.n, SQLITE_TRANSIENT);
+    else if (!status) sqlite3_result_text(ctx, m->labels[best], -1, SQLITE_TRANSIENT);
     buf_free(&out);
     free(probs);
     return status;
+}
+
+static int classify_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_value **argv,
+                         Err *e) {
+    (void)x, (void)argc;
+    return label_result(ctx, m, argv, "sqlgpt_classify", 0, e);
+}
+
+static int scores_body(sqlite3_context *ctx, Ext *x, Model *m, int argc, sqlite3_value **argv,
+                       Err *e) {
+    (void)x, (void)argc;
+    return label_result(ctx, m, argv, "sqlgpt_classify_scores", 1, e);
 }
 
 void sqlgpt_classify(sqlite3_context *c, int n, sqlite3_value **v) {

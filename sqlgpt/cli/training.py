@@ -357,23 +357,28 @@ def open_trainer(ctx, corpus, db_path, prefix, iters, resume, overwrite, extensi
         arch = preset(options["preset"], **{field: options[name] for name, field in
                                             ARCH_OPTIONS.items() if name in explicit})
         tokenizer = options["tokenizer"] or PRESET_TOKENIZER[arch.preset]
-        settings = {field: options[name] for name, field in TRAIN_OPTIONS.items()}
-        # what a resumed run must not change is fixed now: the decay's length and end
-        settings["lr_decay_iters"] = settings["lr_decay_iters"] or iters
-        if settings["min_lr"] is None:
-            settings["min_lr"] = settings["lr"] / 10
-        settings["val_file"] = settings["val_file"] or ""
-        if settings["dropout_final"] is None:
-            settings["dropout_final"] = -1.0
-        settings["checkpoint_activations"] = options["checkpoint_activations"]
-        settings["keep"] = options["keep"]
         vocab_size = options["vocab_size"]
-        cfg = TrainConfig(**settings, tokenizer=tokenizer, max_iters=iters,
+        cfg = TrainConfig(**train_settings(options, iters), tokenizer=tokenizer, max_iters=iters,
                           vocab_size=DEFAULT_VOCAB[tokenizer] if vocab_size is None
                           else vocab_size)
         return Trainer.create(db_path, corpus, arch, cfg, overwrite, extensions,
                               encoding_errors, corpus_progress(), init_from, given, prefix, lora,
                               chat, read_template(chat_template))
+
+
+def train_settings(options, iters):
+    """TrainConfig's fields from train's options, with what a resumed run
+    must not change fixed now: the decay's length and end."""
+    settings = {field: options[name] for name, field in TRAIN_OPTIONS.items()}
+    settings["lr_decay_iters"] = settings["lr_decay_iters"] or iters
+    if settings["min_lr"] is None:
+        settings["min_lr"] = settings["lr"] / 10
+    settings["val_file"] = settings["val_file"] or ""
+    if settings["dropout_final"] is None:
+        settings["dropout_final"] = -1.0
+    settings["checkpoint_activations"] = options["checkpoint_activations"]
+    settings["keep"] = options["keep"]
+    return settings
 
 
 def open_classifier(ctx, corpus, db_path, prefix, iters, resume, overwrite, init_from,
@@ -399,15 +404,11 @@ def open_classifier(ctx, corpus, db_path, prefix, iters, resume, overwrite, init
         source = corpus[0]
     lora = LoraConfig(lora_rank, lora_alpha, lora_targets, lora_dropout) \
         if lora_rank is not None else None
-    cfg = TrainConfig(**{field: options[name] for name, field in TRAIN_OPTIONS.items()
-                         if field not in ("val_file",)}, max_iters=iters,
-                      tokenizer="char", vocab_size=0)
-    cfg.lr_decay_iters = cfg.lr_decay_iters or iters
-    cfg.min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-    cfg.dropout_final = -1.0 if cfg.dropout_final is None else cfg.dropout_final
-    cfg.checkpoint_activations, cfg.keep = options["checkpoint_activations"], options["keep"]
     if options["val_file"] is not None:
         raise click.UsageError("a classifier holds out --val-fraction of its rows: no --val-file")
+    # the base's tokenizer replaces this placeholder
+    cfg = TrainConfig(**train_settings(options, iters), max_iters=iters, tokenizer="char",
+                      vocab_size=0)
     return ClassifierTrainer.create_classifier(db_path, source, init_from, cfg, pool, lora,
                                                overwrite, prefix)
 
