@@ -185,7 +185,7 @@ def contract_header():
                "high; const char *const *choices; int n_choices; double absent; } "
                "ARCH_FIELDS[] = {\n    " + ",\n    ".join(rows) + "};")
     # the tensors: shapes, presence, placement, storage
-    dims = ("1", "C", "F", "KV", "V", "T", "L")
+    dims = ("1", "C", "F", "Q", "KV", "V", "T", "L")
     out.append("enum { " + ", ".join(f"DIM_{d if d != '1' else 'ONE'}" for d in dims) + " };")
     tables = list(contract.WEIGHT_TABLES)
     components, present = [], []

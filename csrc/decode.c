@@ -335,7 +335,7 @@ static int key_stride(int max_T) {
 }
 
 long key_cache_size(const ModelConfig *cfg) {
-    return (long)cfg->num_layers * cfg->KVH * (cfg->C / cfg->NH) * key_stride(cfg->max_T);
+    return (long)cfg->num_layers * cfg->KVH * cfg->HS * key_stride(cfg->max_T);
 }
 
 /* One batched step as a layer sees it: n rows, row r the token at position
@@ -434,17 +434,17 @@ static void weigh_values(float *out, const float *p, const float *values, int n,
     }
 }
 
-/* att (n, C) = each row's causal attention of its query q (rotated here for
+/* att (n, Q) = each row's causal attention of its query q (rotated here for
  * rope) over positions 0..pos of its caches, (row, query head) pairs shared
  * among the team; scores (Tk) are the caller's. Scores past pos are computed
  * from stale keys and never used. Ends in a barrier. */
 static void attend(const Step *s, int l, float *att, float *scores, float *q) {
-    int hs = s->hs, Tk = s->Tk, NH = s->cfg->NH, group = NH / s->cfg->KVH, C = s->cfg->C;
+    int hs = s->hs, Tk = s->Tk, NH = s->cfg->NH, group = NH / s->cfg->KVH, Q = NH * hs;
     float scale = 1.0f / sqrtf((float)hs);
     #pragma omp for schedule(static)
     for (int rh = 0; rh < s->n * NH; rh++) {
         int r = rh / NH, h = rh % NH, n = s->pos[r] + 1;
-        float *qh = q + (size_t)r * C + h * hs;
+        float *qh = q + (size_t)r * Q + h * hs;
         const float *cos = s->angles + (size_t)r * hs;
         if (s->cfg->pos == POS_ROPE) rope_row(qh, cos, cos + hs / 2, 1, hs, 1.0f);
         score_keys(scores, qh, keys_of(s, r, l) + (size_t)(h / group) * hs * Tk, n, hs, scale);
@@ -455,18 +455,18 @@ static void attend(const Step *s, int l, float *att, float *scores, float *q) {
             scores[t] = fast_expf(scores[t] - maxv);
             sum += scores[t];
         }
-        float *ah = att + (size_t)r * C + h * hs, inv = 1.0f / sum;
+        float *ah = att + (size_t)r * Q + h * hs, inv = 1.0f / sum;
         weigh_values(ah, scores, values_of(s, r, l) + (size_t)(h / group) * s->cfg->max_T * hs,
                      n, hs);
         for (int d = 0; d < hs; d++) ah[d] *= inv;
     }
 }
 
-/* Rows shared by the team, n of each: q, att, branch (C), k, v (KVC), h (F). */
+/* Rows shared by the team, n of each: q, att (Q), branch (C), k, v (KVC), h (F). */
 typedef struct { float *q, *k, *v, *att, *branch, *h; } SharedRows;
 
 /* This thread's rows: x and ln (n, C), its panel outputs (2n, PANEL),
- * attention scores (Tk), and a matmat input quantized (n, 2 max(C, F):
+ * attention scores (Tk), and a matmat input quantized (n, 2 max(C, F, Q):
  * quantize_q8's values and magnitudes) with its group scales, for integer
  * weights. */
 typedef struct { float *x, *ln, *out, *scores, *qscales; int8_t *q; } OwnRows;
@@ -502,23 +502,23 @@ static void decode_block(const Step *s, const ModelTensors *w, int l, const Form
                          SharedRows r, OwnRows o) {
     const ModelConfig *cfg = s->cfg;
     const LayerTensors *L = &w->layers[l];
-    int C = cfg->C, KVC = cfg->KVH * s->hs, F = cfg->F, n = s->n;
+    int C = cfg->C, Q = cfg->NH * s->hs, KVC = cfg->KVH * s->hs, F = cfg->F, n = s->n;
     int swiglu = cfg->mlp == MLP_SWIGLU;
     /* each matmat fetches the start of the one after it */
     Ahead k = first_panel(f, L->k, C, KVC), v = first_panel(f, L->v, C, KVC);
-    Ahead proj = first_panel(f, L->proj, C, C);
+    Ahead proj = first_panel(f, L->proj, Q, C);
     Ahead fc1 = first_panel(f, swiglu ? L->gate : L->fc1, C, F);
     Ahead fc2 = first_panel(f, L->fc2, F, C);
-    Ahead after = l + 1 < cfg->num_layers ? first_panel(f, w->layers[l + 1].q, C, C)
+    Ahead after = l + 1 < cfg->num_layers ? first_panel(f, w->layers[l + 1].q, C, Q)
                                           : first_panel(f, w->head, C, cfg->V);
     Rows ln = own_rows(f, o, o.ln, n, C);
-    matmat(r.q, ln, n, L->q, L->q_b, C, C, f, ACT_NONE, o.out, k);
+    matmat(r.q, ln, n, L->q, L->q_b, C, Q, f, ACT_NONE, o.out, k);
     matmat(r.k, ln, n, L->k, L->k_b, C, KVC, f, ACT_NONE, o.out, v);
     matmat(r.v, ln, n, L->v, L->v_b, C, KVC, f, ACT_NONE, o.out, proj);
     #pragma omp barrier
     store_kv(s, l, r.k, r.v);
     attend(s, l, r.att, o.scores, r.q);
-    matmat(r.branch, own_rows(f, o, r.att, n, C), n, L->proj, L->proj_b, C, C, f, ACT_NONE,
+    matmat(r.branch, own_rows(f, o, r.att, n, Q), n, L->proj, L->proj_b, Q, C, f, ACT_NONE,
            o.out, fc1);
     #pragma omp barrier
     add_and_norm(cfg, n, o, r.branch, L->ln2_w, L->ln2_b);
@@ -545,21 +545,22 @@ static void decode_block(const Step *s, const ModelTensors *w, int l, const Form
 static int decode_rows(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
                        float *kcache, float *vcache, int n, const int *slots, const int *tokens,
                        const int *pos, int n_out, const int *out_rows, float *logits) {
-    int C = cfg->C, hs = C / cfg->NH, F = cfg->F, Tk = key_stride(cfg->max_T);
-    int KVC = cfg->KVH * hs, wide = C > F ? C : F;
+    int C = cfg->C, hs = cfg->HS, F = cfg->F, Tk = key_stride(cfg->max_T);
+    int Q = cfg->NH * hs, KVC = cfg->KVH * hs, wide = C > F ? C : F;
+    wide = wide > Q ? wide : Q;
     Format f = {precision == PRECISION_BF16,
                 precision == PRECISION_INT8 ? 8 : precision == PRECISION_INT4 ? 4 : 0, group};
     /* quantized inputs: 2 n wide bytes (values, magnitudes) and n wide / group
      * scales, in floats */
     size_t quantized = f.bits ? (size_t)n * wide / 2 + 1 + (size_t)n * (wide / group) : 0;
-    float *shared = scratch(SCRATCH_DECODE_ROWS, (size_t)n * (3 * C + 2 * KVC + F + hs));
+    float *shared = scratch(SCRATCH_DECODE_ROWS, (size_t)n * (2 * Q + C + 2 * KVC + F + hs));
     if (!shared) return take_status();
     SharedRows r;
     r.q = shared;
-    r.k = r.q + (size_t)n * C;
+    r.k = r.q + (size_t)n * Q;
     r.v = r.k + (size_t)n * KVC;
     r.att = r.v + (size_t)n * KVC;
-    r.branch = r.att + (size_t)n * C;
+    r.branch = r.att + (size_t)n * Q;
     r.h = r.branch + (size_t)n * C;
     float *angles = r.h + (size_t)n * F;
     if (cfg->pos == POS_ROPE)

@@ -97,8 +97,9 @@ static int read_config(const Ext *x, Config *c, Err *e) {
     /* the rules between fields (arch.ArchConfig.validate) */
     const ArchFields *a = &c->a;
     long long kvh = a->kv_heads ? a->kv_heads : a->num_heads;
-    if (a->embed_dim % a->num_heads || a->kv_heads > a->num_heads || a->num_heads % kvh ||
-        (a->pos == POS_ROPE && (a->embed_dim / a->num_heads) % 2) ||
+    long long hs = a->head_size ? a->head_size : a->embed_dim / a->num_heads;
+    if ((!a->head_size && a->embed_dim % a->num_heads) || a->kv_heads > a->num_heads ||
+        a->num_heads % kvh || (a->pos == POS_ROPE && hs % 2) ||
         (a->pos == POS_SINUSOIDAL && a->embed_dim % 2) ||
         (a->rope_scaling == ROPE_SCALING_LLAMA3 &&
          !(a->rope_original_context && a->rope_high_freq > a->rope_low_freq)))
@@ -113,7 +114,8 @@ static ModelConfig model_config(const ArchFields *a) {
     if (!F && a->mlp != MLP_SWIGLU) F = 4 * C;
     if (!F) F = (8 * C / 3 + SQLGPT_SWIGLU_MULTIPLE - 1) / SQLGPT_SWIGLU_MULTIPLE *
                 SQLGPT_SWIGLU_MULTIPLE;
-    return (ModelConfig){.num_layers = (int)a->num_layers, .C = C, .NH = (int)a->num_heads,
+    int NH = (int)a->num_heads, HS = (int)(a->head_size ? a->head_size : C / NH);
+    return (ModelConfig){.num_layers = (int)a->num_layers, .C = C, .NH = NH, .HS = HS,
                          .KVH = (int)(a->kv_heads ? a->kv_heads : a->num_heads), .F = F,
                          .V = (int)a->n_vocab, .max_T = (int)a->seq_len, .norm = a->norm,
                          .pos = a->pos, .mlp = a->mlp, .final_norm = a->final_norm,
@@ -130,7 +132,8 @@ static long long dimension(const ModelConfig *cfg, int dim) {
     switch (dim) {
     case DIM_C: return cfg->C;
     case DIM_F: return cfg->F;
-    case DIM_KV: return (long long)cfg->KVH * (cfg->C / cfg->NH);
+    case DIM_Q: return (long long)cfg->NH * cfg->HS;
+    case DIM_KV: return (long long)cfg->KVH * cfg->HS;
     case DIM_V: return cfg->V;
     case DIM_T: return cfg->max_T;
     case DIM_L: return cfg->L;

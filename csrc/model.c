@@ -19,7 +19,8 @@ static const size_t SITE_FIELD[LORA_SITES] = {
     offsetof(LayerTensors, proj), offsetof(LayerTensors, gate), offsetof(LayerTensors, fc1),
     offsetof(LayerTensors, fc2)};
 
-static int head_size(const ModelConfig *cfg) { return cfg->C / cfg->NH; }
+static int head_size(const ModelConfig *cfg) { return cfg->HS; }
+static int q_width(const ModelConfig *cfg) { return cfg->NH * cfg->HS; }
 static int kv_width(const ModelConfig *cfg) { return cfg->KVH * head_size(cfg); }
 
 static void norm_forward(const ModelConfig *cfg, float *out, float *mean, float *rstd,
@@ -181,10 +182,11 @@ static int mlp_backward(const ModelConfig *cfg, const LayerTensors *w, const Lay
 static int block_forward(const ModelConfig *cfg, const LayerTensors *w, Adapted ad,
                          const LayerActs *l, const ModelActs *a, float *out, int B, int T,
                          float p, const unsigned long long *seeds) {
-    int N = B * T, C = cfg->C, KVC = kv_width(cfg), hs = head_size(cfg), st = 0;
+    int N = B * T, C = cfg->C, Q = q_width(cfg), KVC = kv_width(cfg), hs = head_size(cfg);
+    int st = 0;
     /* attention sublayer */
     norm_forward(cfg, l->ln1, l->mean1, l->rstd1, l->x, w->ln1_w, w->ln1_b, N);
-    st |= linear_forward(l->q, l->ln1, w->q, w->q_b, ad, SITE_Q, N, C, C);
+    st |= linear_forward(l->q, l->ln1, w->q, w->q_b, ad, SITE_Q, N, C, Q);
     st |= linear_forward(l->k, l->ln1, w->k, w->k_b, ad, SITE_K, N, C, KVC);
     st |= linear_forward(l->v, l->ln1, w->v, w->v_b, ad, SITE_V, N, C, KVC);
     if (cfg->pos == POS_ROPE) {
@@ -192,7 +194,7 @@ static int block_forward(const ModelConfig *cfg, const LayerTensors *w, Adapted 
         rope_forward(l->k, a->rope_cos, a->rope_sin, B, T, cfg->KVH, hs);
     }
     st |= attention_forward(l->att, l->lse, l->q, l->k, l->v, B, T, cfg->NH, cfg->KVH, hs);
-    st |= linear_forward(a->branch, l->att, w->proj, w->proj_b, ad, SITE_PROJ, N, C, C);
+    st |= linear_forward(a->branch, l->att, w->proj, w->proj_b, ad, SITE_PROJ, N, Q, C);
     residual_forward(l->xmid, l->x, a->branch, (long)N * C, p, seeds);
     /* MLP sublayer */
     norm_forward(cfg, l->ln2, l->mean2, l->rstd2, l->xmid, w->ln2_w, w->ln2_b, N);
@@ -206,7 +208,8 @@ static int block_forward(const ModelConfig *cfg, const LayerTensors *w, Adapted 
 static int block_backward(const ModelConfig *cfg, const LayerTensors *w, const LayerTensors *g,
                           Adapted ad, const LayerActs *l, const ModelActs *a, int B, int T,
                           float p, const unsigned long long *seeds) {
-    int N = B * T, C = cfg->C, KVC = kv_width(cfg), hs = head_size(cfg), st = 0;
+    int N = B * T, C = cfg->C, Q = q_width(cfg), KVC = kv_width(cfg), hs = head_size(cfg);
+    int st = 0;
     long n = (long)N * C;
     /* MLP sublayer */
     const float *dbranch = branch_backward(a->dbranch, a->dx, n, p, seeds ? seeds + 1 : NULL);
@@ -218,7 +221,7 @@ static int block_backward(const ModelConfig *cfg, const LayerTensors *w, const L
     /* attention sublayer (a->dx is now dL/d(xmid)) */
     dbranch = branch_backward(a->dbranch, a->dx, n, p, seeds);
     st |= linear_backward(a->datt, g->proj, g->proj_b, dbranch, l->att, w->proj, ad, SITE_PROJ,
-                          N, C, C, 0);
+                          N, Q, C, 0);
     st |= attention_backward(a->dq, a->dk, a->dv, a->datt, l->q, l->k, l->v, l->att, l->lse,
                              B, T, cfg->NH, cfg->KVH, hs);
     if (cfg->pos == POS_ROPE) {
@@ -226,7 +229,7 @@ static int block_backward(const ModelConfig *cfg, const LayerTensors *w, const L
         rope_backward(a->dk, a->rope_cos, a->rope_sin, B, T, cfg->KVH, hs);
     }
     /* norm1's output feeds q, k and v: its gradient is the sum of three */
-    st |= linear_backward(a->dln, g->q, g->q_b, a->dq, l->ln1, w->q, ad, SITE_Q, N, C, C, 0);
+    st |= linear_backward(a->dln, g->q, g->q_b, a->dq, l->ln1, w->q, ad, SITE_Q, N, C, Q, 0);
     st |= linear_backward(a->dln, g->k, g->k_b, a->dk, l->ln1, w->k, ad, SITE_K, N, C, KVC, 1);
     st |= linear_backward(a->dln, g->v, g->v_b, a->dv, l->ln1, w->v, ad, SITE_V, N, C, KVC, 1);
     norm_backward(cfg, a->dx, g->ln1_w, g->ln1_b, a->dx, a->dln, l->x, w->ln1_w, l->mean1,

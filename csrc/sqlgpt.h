@@ -19,7 +19,8 @@
  *
  * Legend: N = rows (batch*time), B = batch, T = time, C = channels,
  * OC = output channels, NH = query heads, KVH = key/value heads,
- * hs = head size (C / NH), F = MLP hidden size, V = vocabulary.
+ * hs = head size (HS: C / NH unless a model says otherwise), Q = NH * hs
+ * the attention's width, F = MLP hidden size, V = vocabulary.
  *
  * This header is also the CFFI cdef, so it holds declarations only: no
  * preprocessor lines, no inline code.
@@ -53,7 +54,7 @@ enum { POOL_LAST = 0, POOL_MEAN = 1 };
  * head) are present exactly where their pointer in ModelTensors is not
  * NULL; a NULL head means the head is wte transposed (tied). */
 typedef struct {
-    int num_layers, C, NH, KVH, F, V, max_T;
+    int num_layers, C, NH, KVH, HS, F, V, max_T;
     int norm, pos, mlp, final_norm;
     float norm_eps, rope_theta;
     /* rope's frequencies stretched (contract.ROPE_SCALINGS): by rope_factor,
@@ -65,8 +66,8 @@ typedef struct {
     int L, pool;
 } ModelConfig;
 
-/* One block's parameters (in, out): q (C,C), k and v (C,KVH*hs), proj
- * (C,C), gate and fc1 (C,F), fc2 (F,C); *_w, *_b are norm gains and biases
+/* One block's parameters (in, out): q (C,Q), k and v (C,KVH*hs), proj
+ * (Q,C), gate and fc1 (C,F), fc2 (F,C); *_w, *_b are norm gains and biases
  * (C), q_b ... fc2_b linear biases (OC). gate exists for MLP_SWIGLU:
  * fc2(silu(x @ gate) * (x @ fc1)). In a decoder the matrices point at
  * pack_panels' layout instead. */
@@ -85,8 +86,8 @@ typedef struct {
 } ModelTensors;
 
 /* What one layer's forward keeps for backward. x (N,C) its input; ln1, ln2
- * (N,C) norm outputs with mean1/rstd1, mean2/rstd2 (N); q (N,C), k, v
- * (N,KVH*hs), rotated for POS_ROPE; att (N,C) and lse (B,NH,T); xmid (N,C)
+ * (N,C) norm outputs with mean1/rstd1, mean2/rstd2 (N); q (N,Q), k, v
+ * (N,KVH*hs), rotated for POS_ROPE; att (N,Q) and lse (B,NH,T); xmid (N,C)
  * after the attention sublayer; pre (N,F) fc1's output (GELU's input, or
  * SwiGLU's linear half; unused for ReLU), gate (N,F) SwiGLU's gate input,
  * h (N,F) the activation, fc2's input. */
@@ -98,7 +99,7 @@ typedef struct {
 /* Every buffer of one (B,T) forward/backward: layers (num_layers); x_final
  * (N,C) the last block's output, lnf/meanf/rstdf its final norm; logits
  * (N,V), losses (N); rope_cos/rope_sin (T, hs/2); the rest is backward's
- * scratch: branch, dx, dbranch, datt, dq, dln (N,C), dk, dv (N,KVH*hs),
+ * scratch: branch, dx, dbranch, dln (N,C), datt, dq (N,Q), dk, dv (N,KVH*hs),
  * dh, dgate (N,F). recompute = 1 is activation checkpointing: every
  * layer's LayerActs has its own x but shares all other buffers with the
  * others, and backward runs each block's forward again from its x (with
@@ -118,7 +119,7 @@ typedef struct {
  * LayerTensors (q, k, v, proj, gate, fc1, fc2: the LORA_SITES sites; NULL
  * where a matrix has no adapter; the vector fields are unused); da and db
  * their gradients (accumulated; NULL in evaluation); u (num_layers) each
- * site's (N,rank) drop(x) @ A, kept for backward. xdrop (N, max(C,F)) and
+ * site's (N,rank) drop(x) @ A, kept for backward. xdrop (N, max(C,F,Q)) and
  * tmp (N,rank) are scratch. seeds (num_layers * LORA_SITES, site-major
  * within a layer) seed the dropout of each site's input, or NULL for none
  * (evaluation, or dropout 0). */

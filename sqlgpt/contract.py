@@ -9,7 +9,7 @@ added here reaches both loaders; nothing else decides which tensors a model
 has or where their rows live.
 
 Dimension symbols (shapes): C = embed_dim, F = the MLP's hidden size,
-KV = kv heads x head size, V = n_vocab, T = seq_len, L = a classifier's labels. A shape of one symbol
+Q = query heads x head size (C unless head_size says otherwise), KV = kv heads x head size, V = n_vocab, T = seq_len, L = a classifier's labels. A shape of one symbol
 is a vector (stored as one row); two are a matrix (in, out): y = x @ W.
 
 Presence rules ("when"): a tuple of alternatives, any of which makes the
@@ -80,6 +80,7 @@ ARCH_FIELDS = {
     "n_vocab": ("int", 1, 10**7),
     "embed_dim": ("int", 1, 16384),
     "num_heads": ("int", 1, 16384),
+    "head_size": ("int", 0, 16384),    # 0: embed_dim / num_heads
     "kv_heads": ("int", 0, 16384),     # and at most num_heads
     "num_layers": ("int", 1, 1024),
     "seq_len": ("int", 1, 65536),
@@ -114,9 +115,9 @@ LAYER_COMPONENTS = (
      "ln_1.weight", "input_layernorm.weight", "attn_norm.weight", None),
     ("ln1_b", ("C",), (("norm_affine", "norm=layernorm", "bias"),),
      "ln_1.bias", None, "attn_norm.bias", None),
-    ("q", ("C", "C"), ALWAYS,
+    ("q", ("C", "Q"), ALWAYS,
      "attn.c_attn.weight", "self_attn.q_proj.weight", "attn_q.weight", 0),
-    ("q_b", ("C",), (("bias",), ("qkv_bias",)),
+    ("q_b", ("Q",), (("bias",), ("qkv_bias",)),
      "attn.c_attn.bias", "self_attn.q_proj.bias", "attn_q.bias", 0),
     ("k", ("C", "KV"), ALWAYS,
      "attn.c_attn.weight", "self_attn.k_proj.weight", "attn_k.weight", 1),
@@ -126,7 +127,7 @@ LAYER_COMPONENTS = (
      "attn.c_attn.weight", "self_attn.v_proj.weight", "attn_v.weight", 2),
     ("v_b", ("KV",), (("bias",), ("qkv_bias",)),
      "attn.c_attn.bias", "self_attn.v_proj.bias", "attn_v.bias", 2),
-    ("proj", ("C", "C"), ALWAYS,
+    ("proj", ("Q", "C"), ALWAYS,
      "attn.c_proj.weight", "self_attn.o_proj.weight", "attn_output.weight", None),
     ("proj_b", ("C",), (("bias",),),
      "attn.c_proj.bias", "self_attn.o_proj.bias", "attn_output.bias", None),

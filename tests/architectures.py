@@ -25,6 +25,9 @@ ARCHITECTURES = {
     # biases on q, k and v alone: Qwen2's layout, and on a GPT-2-like block
     "qwen2": ("llama", dict(kv_heads=2, qkv_bias=True)),
     "layernorm-qkv-bias": ("gpt2", dict(bias=False, qkv_bias=True, tie_weights=False)),
+    # heads whose widths do not add up to embed_dim (num_heads x head_size != C)
+    "llama-wide-heads": ("llama", dict(kv_heads=2, head_size=12, qkv_bias=True)),
+    "gpt2-narrow-heads": ("gpt2", dict(head_size=6, num_heads=3)),
 }
 
 

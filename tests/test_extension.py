@@ -56,6 +56,9 @@ MODELS = {
     "word": ["--preset", "lua"],
     "byte": ["--preset", "gpt2", "--tokenizer", "byte", "--pos", "sinusoidal",
              "--no-tie-weights"],
+    # heads of 12 whose 48 columns are not the model's 32
+    "bpe-wide-heads": ["--preset", "llama", "--kv-heads", "2", "--head-size", "12",
+                       "--qkv-bias", "--vocab-size", "300"],
 }
 SIZE = ["--embed-dim", "32", "--heads", "4", "--layers", "2", "--seq-len", "24",
         "--batch-size", "4", "--iters", "12", "--save-every", "12"]

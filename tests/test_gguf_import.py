@@ -10,7 +10,7 @@ import pytest
 import sqlgpt
 from sqlgpt import store
 
-from test_gguf import corpus, run, trained  # noqa: F401 (fixtures)
+from test_gguf import TINY, corpus, run, trained  # noqa: F401 (fixtures)
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -24,6 +24,19 @@ TEXTS = ["Hello, world!", "  spaces   and\ttabs\n\nnew lines", "digits 1234567 a
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_an_exported_file_imports_as_the_same_model(trained, tmp_path, dtype):
+    assert_round_trip(trained, tmp_path, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_heads_wider_than_the_model_round_trip(corpus, tmp_path, dtype):
+    trained = tmp_path / "heads.db"
+    assert run("train", corpus, "--db", trained, "--preset", "llama", "--kv-heads", "2",
+               "--qkv-bias", "--head-size", "16", *TINY).exit_code == 0
+    assert sqlgpt.load(trained).arch.q_dim == 64
+    assert_round_trip(trained, tmp_path, dtype)
+
+
+def assert_round_trip(trained, tmp_path, dtype):
     path, db = tmp_path / "m.gguf", tmp_path / "back.db"
     assert run("export", "--db", trained, "--format", "gguf", "--dtype", dtype,
                "-o", path).exit_code == 0
@@ -86,12 +99,13 @@ def library_tokenizer(corpus, pattern):
     return tok
 
 
-def hf_family(kind, vocab, tied, rope=None):
+def hf_family(kind, vocab, tied, rope=None, head_dim=None):
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   tie_word_embeddings=tied, rms_norm_eps=1e-6,
-                  **({"rope_parameters": rope} if rope else {}))
+                  **({"rope_parameters": rope} if rope else {}),
+                  **({"head_dim": head_dim} if head_dim else {}))
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:
@@ -133,7 +147,11 @@ def write_like_llama_cpp(path, kind, model, tok, qtype=None):
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"]
                               if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -239,10 +257,13 @@ def test_rope_freqs_of_another_rule_are_refused(corpus, tmp_path):
     assert "is not llama 3.1's rope scaling" in result.output
 
 
-@pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("qwen2", False)])
-def test_a_transformers_model_in_llama_cpps_layout_imports(corpus, tmp_path, kind, tied):
+@pytest.mark.parametrize("kind,tied,head_dim", [("llama", False, None), ("llama", True, None),
+                                               ("qwen2", False, None), ("llama", False, 24),
+                                               ("qwen2", True, 8)])
+def test_a_transformers_model_in_llama_cpps_layout_imports(corpus, tmp_path, kind, tied,
+                                                           head_dim):
     tok = library_tokenizer(corpus, LLAMA3)
-    model = hf_family(kind, tok.get_vocab_size(), tied)
+    model = hf_family(kind, tok.get_vocab_size(), tied, head_dim=head_dim)
     path, db = tmp_path / "m.gguf", tmp_path / "m.db"
     write_like_llama_cpp(path, kind, model, tok)
     result = run("import", path, "--db", db)

@@ -116,23 +116,29 @@ ROPES = {"llama3-rope": {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 
          "linear-rope": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 3.0}}
 
 
+# heads whose widths do not add up to hidden_size (48 = 4 x 12)
+HEAD_DIMS = {"llama-head-dim": 16, "qwen2-head-dim": 8}
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral", "llama-sharded",
-                                  *ROPES])
+                                  *ROPES, *HEAD_DIMS])
 def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, kind):
     base = tmp_path / "base.db"  # for its tokenizer (sqlgpt's layout)
     assert run("train", corpus, "--db", base, "--preset", "gpt2" if kind == "gpt2" else "llama",
                *TINY, "--iters", "1").exit_code == 0
     vocab = sqlgpt.load(base).arch.n_vocab
     torch.manual_seed(0)
+    heads = {"head_dim": HEAD_DIMS[kind]} if kind in HEAD_DIMS else {}
     if kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=48, n_layer=2,
                                          n_head=4, activation_function="gelu_new")
         model = transformers.GPT2LMHeadModel(config)
-    elif kind == "qwen2":
+    elif kind.startswith("qwen2"):
         config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=48, intermediate_size=96,
                                           num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, max_position_embeddings=32,
-                                          rope_theta=5000.0, tie_word_embeddings=True)
+                                          rope_theta=5000.0, tie_word_embeddings=True,
+                                          **heads)
         model = transformers.Qwen2ForCausalLM(config)
     elif kind == "mistral":  # a window as wide as the context: exactly llama's attention
         config = transformers.MistralConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
@@ -145,7 +151,7 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96,
                                           num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, max_position_embeddings=32,
-                                          rope_parameters=rope)
+                                          rope_parameters=rope, **heads)
         model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():  # well away from init's exact ones and zeros
@@ -165,10 +171,13 @@ def test_models_made_by_transformers_import_with_their_logits(corpus, tmp_path, 
     ids = ours.encode(TEXT)
     assert np.abs(hf_logits(model.eval(), ids) - ours.logits(ids)).max() < 1e-4
     assert_same_greedy(model, ours, ids)
-    if kind in ROPES:  # and the export carries the scaling back
-        assert ours.arch.rope_scaling == ROPES[kind]["rope_type"]
+    if kind in HEAD_DIMS:
+        assert ours.arch.head_dim == HEAD_DIMS[kind] and ours.arch.q_dim != 48
+    if kind in ROPES or kind in HEAD_DIMS:  # and the export carries the scaling or heads back
+        if kind in ROPES:
+            assert ours.arch.rope_scaling == ROPES[kind]["rope_type"]
         assert run("export", "--db", tmp_path / "made.db", "-o", tmp_path / "back").exit_code == 0
-        again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
         assert np.abs(hf_logits(again, ids) - ours.logits(ids)).max() < 1e-4
 
 

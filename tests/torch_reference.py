@@ -164,7 +164,8 @@ def _dropped(y, masks, site):
 
 
 def _attention(x, w, arch):
-    """Causal grouped-query attention of x (B, T, C) -> (B, T, C)."""
+    """Causal grouped-query attention of x (B, T, C) -> (B, T, C), through
+    heads of head_dim (whose NH x head_dim need not be C)."""
     B, T, C = x.shape
     NH, KVH, hs = arch.num_heads, arch.n_kv_heads, arch.head_dim
     q = w.linear(x, "q").view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
@@ -177,7 +178,7 @@ def _attention(x, w, arch):
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, NH, T, T)
     future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
     probs = scores.masked_fill(future, float("-inf")).softmax(-1)
-    y = (probs @ v).transpose(1, 2).reshape(B, T, C)
+    y = (probs @ v).transpose(1, 2).reshape(B, T, NH * hs)
     return w.linear(y, "proj")
 
 

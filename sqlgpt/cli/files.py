@@ -77,7 +77,8 @@ def info(db_path, prefix, as_json):
                    + ("" if q["step"] == model.step else " (stale: quantize again)"))
     # sizes stored as 0 mean "the default": show what that default is
     derived = {"ffn_dim": f"MLP hidden size {model.arch.hidden_dim}",
-               "kv_heads": f"{model.arch.n_kv_heads} key/value heads"}
+               "kv_heads": f"{model.arch.n_kv_heads} key/value heads",
+               "head_size": f"{model.arch.num_heads} heads of {model.arch.head_dim}"}
     for title, settings in (("architecture", model.arch), ("training", model.train_config)):
         click.echo(f"{title}:")
         for name, value in settings.to_dict().items():

@@ -34,7 +34,7 @@ DEFAULTS, ARCH_DEFAULTS, LORA_DEFAULTS = TrainConfig(), ArchConfig(), LoraConfig
 # architecture; those not given on the command line keep the preset's value
 ARCH_OPTIONS = {
     "embed_dim": "embed_dim", "heads": "num_heads", "layers": "num_layers",
-    "seq_len": "seq_len", "kv_heads": "kv_heads", "norm": "norm",
+    "seq_len": "seq_len", "kv_heads": "kv_heads", "head_size": "head_size", "norm": "norm",
     "norm_affine": "norm_affine", "norm_eps": "norm_eps", "pos": "pos",
     "rope_theta": "rope_theta", "mlp": "mlp", "ffn_dim": "ffn_dim", "bias": "bias",
     "qkv_bias": "qkv_bias", "tie_weights": "tie_weights", "final_norm": "final_norm",
@@ -89,7 +89,10 @@ def load_run_file(ctx, param, path):
 @click.option("--embed-dim", type=int, default=ARCH_DEFAULTS.embed_dim, show_default=True,
               help="Width of the model.")
 @click.option("--heads", type=int, default=ARCH_DEFAULTS.num_heads, show_default=True,
-              help="Attention heads (must divide --embed-dim).")
+              help="Attention heads (must divide --embed-dim unless --head-size is given).")
+@click.option("--head-size", type=int, default=None,
+              help="Each attention head's width, when heads x head size is not --embed-dim "
+                   "(as Qwen3's and Gemma's are). [default: --embed-dim / --heads]")
 @click.option("--kv-heads", type=int, default=None,
               help="Key/value heads for grouped-query attention (must divide --heads; "
                    "1 = multi-query). [default: --heads]")

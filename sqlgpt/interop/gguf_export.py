@@ -117,6 +117,9 @@ def _metadata(writer, gguf, arch, kind, fmt):
         writer.add_head_count_kv(arch.n_kv_heads)
         writer.add_rope_freq_base(arch.rope_theta)
         writer.add_rope_dimension_count(arch.head_dim)
+        if arch.head_size:  # llama.cpp's default is embedding_length / head_count
+            writer.add_key_length(arch.head_dim)
+            writer.add_value_length(arch.head_dim)
         if arch.rope_scaling == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(arch.rope_factor)

@@ -27,7 +27,7 @@ from ..contract import PRETOKENIZER_PATTERNS
 from ..errors import SqlgptError
 from ..model.arch import hf_to_gguf, tensor_table
 from ..model.model import rope_frequencies
-from ..model.quant import matrices, quantize
+from ..model.quant import check_group, matrices, quantize
 from . import hf
 from .gguf_export import ROPE_FREQS
 
@@ -239,6 +239,11 @@ def _quantized(arch, kind, tensors, weights):
     if not any(counts.values()):
         return None
     bits = BLOCKS[max(counts, key=counts.get)]
+    try:
+        check_group(arch, GROUP)
+    except SqlgptError as e:  # sqlgpt's integer copy holds every matrix in groups of 32
+        raise SqlgptError(f"the file is {'Q8_0' if bits == 8 else 'Q4_0'}, but sqlgpt's int"
+                          f"{bits} copy cannot hold it: {e}") from None
     blocks = {}
     for spec in matrices(arch):
         source = _block_source(arch, spec, to_gguf, tensors)

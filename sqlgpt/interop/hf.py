@@ -55,6 +55,9 @@ def family(arch):
         name = LLAMA
     else:
         name = GPT2
+        if arch.head_size and arch.head_dim * arch.num_heads != arch.embed_dim:
+            raise SqlgptError(f"transformers' gpt2 has heads of n_embd / n_head; this model's "
+                              f"are {arch.head_dim} wide")
     if not arch.final_norm:
         raise SqlgptError(f"this model has no final norm (the {arch.preset} preset's layout), "
                           f"and transformers' {name} always applies one: it has no exact "
@@ -78,7 +81,7 @@ def hf_config(arch, tokenizer):
                 "vocab_size": arch.n_vocab, "hidden_size": arch.embed_dim,
                 "intermediate_size": arch.hidden_dim, "num_hidden_layers": arch.num_layers,
                 "num_attention_heads": arch.num_heads, "num_key_value_heads": arch.n_kv_heads,
-                "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
+                "head_dim": arch.head_dim, "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
                 "rope_theta": arch.rope_theta, "max_position_embeddings": arch.seq_len,
                 **rope_settings(arch),
                 "tie_word_embeddings": arch.tie_weights, "use_sliding_window": False,
@@ -142,7 +145,7 @@ def _repeat_kv(arch, value):
     if group == 1:
         return value
     heads = value.reshape(*value.shape[:-1], arch.n_kv_heads, arch.head_dim)
-    return np.repeat(heads, group, axis=-2).reshape(*value.shape[:-1], arch.embed_dim)
+    return np.repeat(heads, group, axis=-2).reshape(*value.shape[:-1], arch.q_dim)
 
 
 def _gpt2_equivalents(arch, out):
@@ -317,8 +320,7 @@ def _described(config):
             if config.get("hidden_act", "silu") != "silu":
                 raise SqlgptError(f"llama activation {config['hidden_act']!r} is not silu")
             C, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-            if int(config.get("head_dim") or C // heads) * heads != C:
-                raise SqlgptError("a head_dim other than hidden_size / heads is not supported")
+            head_dim = int(config.get("head_dim") or C // max(heads, 1))
             if bool(config.get("attention_bias", False)) != bool(config.get("mlp_bias", False)):
                 raise SqlgptError("attention_bias and mlp_bias must agree (sqlgpt has one bias "
                                   "setting)")
@@ -330,7 +332,7 @@ def _described(config):
                 raise SqlgptError(f"a sliding window of {window} tokens, narrower than the "
                                   f"context, is not supported")
             return preset("llama", n_vocab=int(config["vocab_size"]), embed_dim=C,
-                          num_heads=heads,
+                          num_heads=heads, head_size=0 if head_dim * heads == C else head_dim,
                           kv_heads=int(config.get("num_key_value_heads") or heads),
                           num_layers=int(config["num_hidden_layers"]),
                           seq_len=int(config.get("max_position_embeddings", 2048)),

@@ -36,7 +36,8 @@ class ArchConfig(StoredFields):
     preset: str = "lua"
     n_vocab: int = 428        # token ids (rows of wte): the tokenizer's size
     embed_dim: int = 128
-    num_heads: int = 8        # must divide embed_dim
+    num_heads: int = 8        # must divide embed_dim unless head_size is set
+    head_size: int = 0        # each head's width (0: embed_dim / num_heads)
     kv_heads: int = 0         # key/value heads for grouped-query attention (0: num_heads)
     num_layers: int = 6
     seq_len: int = 256        # context length (also the rows of a learned wpe)
@@ -62,7 +63,12 @@ class ArchConfig(StoredFields):
 
     @property
     def head_dim(self):
-        return self.embed_dim // self.num_heads
+        return self.head_size or self.embed_dim // self.num_heads
+
+    @property
+    def q_dim(self):
+        """The attention's width: q's outputs and proj's inputs."""
+        return self.num_heads * self.head_dim
 
     @property
     def n_kv_heads(self):
@@ -94,7 +100,7 @@ class ArchConfig(StoredFields):
                     raise SqlgptError(f"{name} must be a number in ({low:g}, {high:g}), "
                                       f"got {value}")
         _check_int("kv_heads", self.kv_heads, 0, self.num_heads)
-        if self.embed_dim % self.num_heads:
+        if not self.head_size and self.embed_dim % self.num_heads:
             raise SqlgptError(f"num_heads ({self.num_heads}) must divide embed_dim "
                               f"({self.embed_dim})")
         if self.num_heads % self.n_kv_heads:
@@ -107,8 +113,7 @@ class ArchConfig(StoredFields):
                 raise SqlgptError(f"{name} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
         if self.pos == "rope" and self.head_dim % 2:
-            raise SqlgptError(f"rope needs an even head size, got {self.head_dim} "
-                              f"(embed_dim / num_heads)")
+            raise SqlgptError(f"rope needs an even head size, got {self.head_dim}")
         if self.rope_scaling == "llama3" and not (
                 self.rope_original_context and self.rope_high_freq > self.rope_low_freq):
             raise SqlgptError("llama3 rope scaling needs rope_original_context and "
@@ -260,7 +265,8 @@ def head_specs(arch):
 
 def dimension(arch, symbol):
     """The size a contract dimension symbol stands for."""
-    return {"C": arch.embed_dim, "F": arch.hidden_dim, "KV": arch.kv_dim, "V": arch.n_vocab,
+    return {"C": arch.embed_dim, "F": arch.hidden_dim, "Q": arch.q_dim, "KV": arch.kv_dim,
+            "V": arch.n_vocab,
             "T": arch.seq_len, "L": arch.num_labels}[symbol]
 
 

@@ -87,8 +87,8 @@ def adaptable(arch):
 
 
 def _site_shape(arch, site):
-    C, F, KV = arch.embed_dim, arch.hidden_dim, arch.kv_dim
-    return {"q": (C, C), "k": (C, KV), "v": (C, KV), "proj": (C, C), "gate": (C, F),
+    C, F, Q, KV = arch.embed_dim, arch.hidden_dim, arch.q_dim, arch.kv_dim
+    return {"q": (C, Q), "k": (C, KV), "v": (C, KV), "proj": (Q, C), "gate": (C, F),
             "fc1": (C, F), "fc2": (F, C)}[site]
 
 
@@ -196,7 +196,7 @@ class LoraStruct:
                 for site, array in arrays.items():
                     setattr(self.u[layer], site, ffi.cast("float *", ffi.from_buffer(
                         "float[]", array)))
-            self.xdrop = aligned_zeros((N, max(arch.embed_dim, arch.hidden_dim)))
+            self.xdrop = aligned_zeros((N, max(arch.embed_dim, arch.hidden_dim, arch.q_dim)))
             self.tmp = aligned_zeros((N, r))
             self.struct = ffi.new("Lora *")
             s = self.struct

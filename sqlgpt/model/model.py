@@ -38,6 +38,7 @@ def model_config(arch):
     """The kernel's ModelConfig for an architecture."""
     cfg = ffi.new("ModelConfig *")
     cfg.num_layers, cfg.C, cfg.NH = arch.num_layers, arch.embed_dim, arch.num_heads
+    cfg.HS = arch.head_dim
     cfg.KVH, cfg.F, cfg.V, cfg.max_T = arch.n_kv_heads, arch.hidden_dim, arch.n_vocab, arch.seq_len
     cfg.norm, cfg.pos, cfg.mlp = NORM[arch.norm], POS[arch.pos], MLP[arch.mlp]
     cfg.final_norm, cfg.norm_eps, cfg.rope_theta = arch.final_norm, arch.norm_eps, arch.rope_theta
@@ -104,12 +105,12 @@ def activation_shapes(arch, B, T, classify=False):
     """(per-layer {name: shape}, model-wide {name: shape}) of the buffers of
     a (B, T) forward and backward (the fields of LayerActs and ModelActs);
     classify: a classifier's, whose logits and losses are per sequence."""
-    N, C, F, KV = B * T, arch.embed_dim, arch.hidden_dim, arch.kv_dim
-    layer_shapes = dict(x=(N, C), ln1=(N, C), mean1=(N,), rstd1=(N,), q=(N, C), k=(N, KV),
-                        v=(N, KV), att=(N, C), lse=(B, arch.num_heads, T), xmid=(N, C),
+    N, C, F, Q, KV = B * T, arch.embed_dim, arch.hidden_dim, arch.q_dim, arch.kv_dim
+    layer_shapes = dict(x=(N, C), ln1=(N, C), mean1=(N,), rstd1=(N,), q=(N, Q), k=(N, KV),
+                        v=(N, KV), att=(N, Q), lse=(B, arch.num_heads, T), xmid=(N, C),
                         ln2=(N, C), mean2=(N,), rstd2=(N,), h=(N, F))
     shapes = dict(x_final=(N, C), logits=(N, arch.n_vocab), losses=(N,), branch=(N, C),
-                  dx=(N, C), dbranch=(N, C), datt=(N, C), dq=(N, C), dk=(N, KV), dv=(N, KV),
+                  dx=(N, C), dbranch=(N, C), datt=(N, Q), dq=(N, Q), dk=(N, KV), dv=(N, KV),
                   dln=(N, C), dh=(N, F))  # dh: also the gradient of fc1's output
     if arch.mlp != "relu":  # relu keeps only its output: h > 0 is its mask
         layer_shapes["pre"] = (N, F)

@@ -35,7 +35,7 @@ def model_profile(arch, batch_size, checkpoint_activations=False):
     total = sum(groups.values())
     # matmul weights (every matrix but the row lookups; the head even when tied)
     matmul = sum(prod(s.shape) for s in table if len(s.shape) == 2 and s.name not in ("wte", "wpe"))
-    attention = 2 * arch.num_layers * arch.seq_len * arch.embed_dim  # QK^T and AV, causal half
+    attention = 2 * arch.num_layers * arch.seq_len * arch.q_dim  # QK^T and AV, causal half
     forward = 2 * matmul + attention
     layer_shapes, shapes = activation_shapes(arch, batch_size, arch.seq_len,
                                              classify=bool(arch.num_labels))

@@ -37,13 +37,14 @@ def _progress(on_progress, stage, sources):
 
 def _check_unchanged(settings, stored, arch, keeper="--resume keeps the stored config"):
     """Refuse, naming them, the settings a run asks to change from stored ones.
-    kv_heads and ffn_dim compare by what they mean (0: the default) in arch."""
+    kv_heads, head_size and ffn_dim compare by what they mean (0: the default) in arch."""
     def same(field, value):
         if field == "val_file":
             return Path(value).resolve() == Path(stored[field]).resolve()
-        if field in ("kv_heads", "ffn_dim"):
+        if field in ("kv_heads", "head_size", "ffn_dim"):
             other = replace(arch, **{field: value})
-            return (other.n_kv_heads, other.hidden_dim) == (arch.n_kv_heads, arch.hidden_dim)
+            return (other.n_kv_heads, other.head_dim, other.hidden_dim) == \
+                (arch.n_kv_heads, arch.head_dim, arch.hidden_dim)
         return stored.get(field) == value
     changed = [f"{option} {value} (stored: {stored.get(field, 'none')})"
                for field, (option, value) in settings.items() if not same(field, value)]
