@@ -151,6 +151,9 @@ def contract_header():
            *(f'_Static_assert(TOK_{kind.upper()} == {i}, "ext.h numbers the tokenizer kinds as '
              f'contract.py does");' for i, kind in enumerate(contract.TOKENIZER_KINDS)),
            c_array("const int", "QUANT_GROUPS", map(str, contract.QUANT_GROUPS)),
+           c_array("const char *const", "PRECISIONS", map(c_string, contract.PRECISIONS)),
+           *(f'_Static_assert(PRECISION_{name.upper()} == {i}, "sqlgpt.h numbers the '
+             f'precisions as contract.py does");' for i, name in enumerate(contract.PRECISIONS)),
            c_array("const char *const", "CHAT_TEMPLATE_NAMES", map(c_string, contract.CHAT_TEMPLATES)),
            c_array("const char *const", "CHAT_TEMPLATES", map(c_string,
                                                               contract.CHAT_TEMPLATES.values())),

@@ -23,6 +23,9 @@
 #include <stdint.h>
 #include <string.h>
 #include "kernel.h"
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 /* Panels are PANEL columns (NV vectors) wide. */
 #define NV 4
@@ -46,22 +49,39 @@ static uint32_t to_bf16(float f) {
     return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
 }
 
+/* A panel's element: float32, or half of it (HALF_*: the decode.c side of
+ * the PRECISION_BF16 and PRECISION_F16 panels). */
+enum { HALF_NONE, HALF_BF16, HALF_F16 };
+
+int panel_half(int precision) {
+    return precision == PRECISION_BF16 ? HALF_BF16 : precision == PRECISION_F16 ? HALF_F16
+                                                                                : HALF_NONE;
+}
+
+static size_t element_bytes(int half) {
+    return half ? 2 : 4;
+}
+
 /* In bf16 panels, 32-bit word i of a row's word vector k holds column
  * 2k*VLEN + i in its low half and column (2k+1)*VLEN + i in its high half:
  * a shift and a mask then widen a whole vector of each to float32, with no
- * lane shuffles. */
-void pack_panels(void *dst, const float *w, int C, int OC, int bf16) {
+ * lane shuffles. f16 panels hold a row's columns in order (the CPU widens a
+ * vector of them in one instruction). */
+void pack_panels(void *dst, const float *w, int C, int OC, int half) {
     float *out = dst;
     uint32_t *words = dst;
+    _Float16 *halves = dst;
     for (int j0 = 0; j0 < OC; j0 += PANEL)
         for (int p = 0; p < C; p++) {
             const float *row = w + (size_t)p * OC;
             #define COLUMN(j) (j0 + (j) < OC ? row[j0 + (j)] : 0.0f)
-            if (!bf16) {
+            if (half == HALF_NONE) {
                 int n = OC - j0 < PANEL ? OC - j0 : PANEL;
                 memcpy(out, row + j0, sizeof(float) * n);
                 memset(out + n, 0, sizeof(float) * (PANEL - n));
                 out += PANEL;
+            } else if (half == HALF_F16) { /* rounded to nearest even, as numpy's float16 */
+                for (int j = 0; j < PANEL; j++) *halves++ = (_Float16)COLUMN(j);
             } else /* word vector k holds vectors 2k (low halves) and 2k+1 (high) */
                 for (int k = 0; k < NV / 2; k++)
                     for (int i = 0; i < VLEN; i++)
@@ -88,10 +108,25 @@ static inline __attribute__((always_inline)) void fetch_spread(Spread *s, int C)
     }
 }
 
+/* VLEN halves widened to float32: one instruction where the CPU has one
+ * (GCC 12 widens a vector of _Float16 element by element). */
+static inline __attribute__((always_inline)) vfloat widen_f16(const _Float16 *h) {
+#if VLEN == 16
+    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+#elif VLEN == 8 && defined(__F16C__)
+    return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+#else
+    vfloat v;
+    for (int i = 0; i < VLEN; i++) v[i] = (float)h[i];
+    return v;
+#endif
+}
+
 /* Vector i of a panel row as float32 (bf16 is float32's top half). */
 static inline __attribute__((always_inline)) vfloat
-panel_vector(const void *row, int i, const int bf16) {
-    if (!bf16) return ((const vfloat *)row)[i];
+panel_vector(const void *row, int i, const int half) {
+    if (half == HALF_NONE) return ((const vfloat *)row)[i];
+    if (half == HALF_F16) return widen_f16((const _Float16 *)row + i * VLEN);
     vuint word = ((const vuint *)row)[i / 2];
     return (vfloat)(i % 2 ? word & 0xffff0000u : word << 16);
 }
@@ -100,13 +135,13 @@ panel_vector(const void *row, int i, const int bf16) {
  * column summed over p in order: the order every kernel here keeps, so that
  * a row's result does not depend on which rows share its step. */
 static inline __attribute__((always_inline)) void
-panel_matvec(float *out, const float *x, const void *panel, int C, Spread ahead, const int bf16) {
-    size_t row_bytes = (size_t)PANEL * (bf16 ? 2 : 4);
+panel_matvec(float *out, const float *x, const void *panel, int C, Spread ahead, const int half) {
+    size_t row_bytes = (size_t)PANEL * element_bytes(half);
     const char *rows = panel;
     vfloat acc[NV] = {0};
     for (int p = 0; p < C; p++) {
         fetch_spread(&ahead, C);
-        for (int v = 0; v < NV; v++) acc[v] += x[p] * panel_vector(rows + p * row_bytes, v, bf16);
+        for (int v = 0; v < NV; v++) acc[v] += x[p] * panel_vector(rows + p * row_bytes, v, half);
     }
     for (int v = 0; v < NV; v++) *(vfloat *)(out + v * VLEN) = acc[v];
 }
@@ -116,8 +151,8 @@ panel_matvec(float *out, const float *x, const void *panel, int C, Spread ahead,
  * accumulators, and the half panel stays in L1 for the next four rows. */
 static inline __attribute__((always_inline)) void
 panel_matvec4(float *out, const float *x, const void *panel, int C, int half, Spread ahead,
-              const int bf16) {
-    size_t row_bytes = (size_t)PANEL * (bf16 ? 2 : 4);
+              const int half_format) {
+    size_t row_bytes = (size_t)PANEL * element_bytes(half_format);
     const char *rows = panel;
     vfloat acc[4][2];
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = (vfloat){0};
@@ -125,7 +160,8 @@ panel_matvec4(float *out, const float *x, const void *panel, int C, int half, Sp
         const char *row = rows + p * row_bytes;
         if (half == 0) __builtin_prefetch(row + row_bytes / 2); /* the other half, next */
         fetch_spread(&ahead, C);
-        vfloat a = panel_vector(row, half, bf16), b = panel_vector(row, half + 1, bf16);
+        vfloat a = panel_vector(row, half, half_format), b = panel_vector(row, half + 1,
+                                                                          half_format);
         for (int r = 0; r < 4; r++) {
             acc[r][0] += x[(size_t)r * C + p] * a;
             acc[r][1] += x[(size_t)r * C + p] * b;
@@ -171,27 +207,39 @@ static Spread pass_share(Ahead next, int pass, int passes, int C) {
  * (n, PANEL): the panel comes from memory once, and stays in cache for the
  * rows after the first four. Meanwhile every pass over it fetches a share
  * of the next panel's lines, so that memory and arithmetic overlap. */
-static void panel_block(float *out, const float *x, int n, const void *panel, int C, int bf16,
+/* (one instance of the inlined kernels per element type: the type is a
+ * constant inside each) */
+#define EACH_HALF(half, call)                            \
+    do {                                                 \
+        if ((half) == HALF_BF16) call(HALF_BF16);        \
+        else if ((half) == HALF_F16) call(HALF_F16);     \
+        else call(HALF_NONE);                            \
+    } while (0)
+
+static void panel_block(float *out, const float *x, int n, const void *panel, int C, int half,
                         Ahead next) {
     int quads = n / 4, passes = 2 * quads + n % 4, pass = 0;
-    for (int half = 0; half < NV; half += 2)
+    for (int v = 0; v < NV; v += 2)
         for (int i = 0; i < quads; i++, pass++) {
             float *o = out + (size_t)4 * i * PANEL;
             const float *xr = x + (size_t)4 * i * C;
             Spread ahead = pass_share(next, pass, passes, C);
-            if (bf16) panel_matvec4(o, xr, panel, C, half, ahead, 1);
-            else panel_matvec4(o, xr, panel, C, half, ahead, 0);
+            #define QUAD(h) panel_matvec4(o, xr, panel, C, v, ahead, h)
+            EACH_HALF(half, QUAD);
+            #undef QUAD
         }
     for (int r = 4 * quads; r < n; r++, pass++) {
         Spread ahead = pass_share(next, pass, passes, C);
-        if (bf16) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, ahead, 1);
-        else panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, ahead, 0);
+        #define ROW(h) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, ahead, h)
+        EACH_HALF(half, ROW);
+        #undef ROW
     }
 }
 
-/* How a step's matrices are stored: column panels in float32 or bfloat16,
- * or rows of int8 / int4 groups of `group` (quant.c; bits 0 for panels). */
-typedef struct { int bf16, bits, group; } Format;
+/* How a step's matrices are stored: column panels in float32 or half of
+ * it (HALF_*), or rows of int8 / int4 groups of `group` (quant.c; bits 0
+ * for panels). */
+typedef struct { int half, bits, group; } Format;
 
 /* A matmat's input rows as the format reads them: float32, and for integer
  * weights also quantized (int8 groups, this thread's copy). */
@@ -208,8 +256,8 @@ static Rows rows_for(const Format *f, const float *x, int n, int C, int8_t *q, f
     return rows;
 }
 
-static size_t panel_bytes(int C, int bf16) {
-    return (size_t)C * PANEL * (bf16 ? 2 : 4);
+static size_t panel_bytes(int C, int half) {
+    return (size_t)C * PANEL * element_bytes(half);
 }
 
 /* This thread's share of n outputs, [*j0, *j1): the same every call. */
@@ -229,8 +277,8 @@ static Ahead first_panel(const Format *f, const void *w, int C, int OC) {
     int b0, b1;
     own_blocks(OC, &b0, &b1);
     if (f->bits || !w || b0 >= b1) return (Ahead){NULL, 0};
-    return (Ahead){(const char *)w + b0 * panel_bytes(C, f->bf16),
-                   (int)(panel_bytes(C, f->bf16) / 64)};
+    return (Ahead){(const char *)w + b0 * panel_bytes(C, f->half),
+                   (int)(panel_bytes(C, f->half) / 64)};
 }
 
 /* Outputs j0..j1-1 of the integer W (C,OC) for the n rows of x, into y's
@@ -258,13 +306,13 @@ static void matmat(float *y, Rows x, int n, const void *w, const float *bias, in
         }
         return;
     }
-    int b0, b1, lines = (int)(panel_bytes(C, f->bf16) / 64);
+    int b0, b1, lines = (int)(panel_bytes(C, f->half) / 64);
     own_blocks(OC, &b0, &b1);
     for (int b = b0; b < b1; b++) {
         int j0 = b * PANEL, m = OC - j0 < PANEL ? OC - j0 : PANEL;
-        const char *panel = (const char *)w + b * panel_bytes(C, f->bf16);
-        Ahead next = b + 1 < b1 ? (Ahead){panel + panel_bytes(C, f->bf16), lines} : then;
-        panel_block(out, x.x, n, panel, C, f->bf16, next);
+        const char *panel = (const char *)w + b * panel_bytes(C, f->half);
+        Ahead next = b + 1 < b1 ? (Ahead){panel + panel_bytes(C, f->half), lines} : then;
+        panel_block(out, x.x, n, panel, C, f->half, next);
         for (int r = 0; r < n; r++)
             epilogue(y + (size_t)r * OC + j0, out + (size_t)r * PANEL, bias ? bias + j0 : NULL, m,
                      act);
@@ -300,16 +348,16 @@ static void matmat_swiglu(float *h, Rows x, int n, const void *gate, const float
         }
         return;
     }
-    int b0, b1, lines = (int)(panel_bytes(C, f->bf16) / 64);
+    int b0, b1, lines = (int)(panel_bytes(C, f->half) / 64);
     float *g = out, *u = out + (size_t)n * PANEL;
     own_blocks(F, &b0, &b1);
     for (int b = b0; b < b1; b++) { /* the gate's panel, then the up one's, then the next gate's */
         int j0 = b * PANEL, m = F - j0 < PANEL ? F - j0 : PANEL;
-        size_t at = b * panel_bytes(C, f->bf16);
+        size_t at = b * panel_bytes(C, f->half);
         const char *gate_panel = (const char *)gate + at, *up_panel = (const char *)up + at;
-        panel_block(g, x.x, n, gate_panel, C, f->bf16, (Ahead){up_panel, lines});
-        panel_block(u, x.x, n, up_panel, C, f->bf16,
-                    b + 1 < b1 ? (Ahead){gate_panel + panel_bytes(C, f->bf16), lines} : then);
+        panel_block(g, x.x, n, gate_panel, C, f->half, (Ahead){up_panel, lines});
+        panel_block(u, x.x, n, up_panel, C, f->half,
+                    b + 1 < b1 ? (Ahead){gate_panel + panel_bytes(C, f->half), lines} : then);
         for (int r = 0; r < n; r++)
             swiglu(h + (size_t)r * F + j0, g + (size_t)r * PANEL, u + (size_t)r * PANEL,
                    gate_b ? gate_b + j0 : NULL, up_b ? up_b + j0 : NULL, m);
@@ -548,7 +596,7 @@ static int decode_rows(const ModelConfig *cfg, const ModelTensors *w, int precis
     int C = cfg->C, hs = cfg->HS, F = cfg->F, Tk = key_stride(cfg->max_T);
     int Q = cfg->NH * hs, KVC = cfg->KVH * hs, wide = C > F ? C : F;
     wide = wide > Q ? wide : Q;
-    Format f = {precision == PRECISION_BF16,
+    Format f = {panel_half(precision),
                 precision == PRECISION_INT8 ? 8 : precision == PRECISION_INT4 ? 4 : 0, group};
     /* quantized inputs: 2 n wide bytes (values, magnitudes) and n wide / group
      * scales, in floats */

@@ -286,11 +286,11 @@ static int read_rows(const Ext *x, int version, Tensors *ts, Err *e) {
     return 0;
 }
 
-/* A matrix (C, OC) as decode reads it: column panels (float32 or bf16). */
-static float *panels(Model *m, const float *matrix, int C, int OC, int bf16, Err *e) {
-    float *out = own_alloc(m, (size_t)panels_size(C, OC) * (bf16 ? 2 : 4));
+/* A matrix (C, OC) as decode reads it: column panels (float32, bf16 or f16). */
+static float *panels(Model *m, const float *matrix, int C, int OC, int half, Err *e) {
+    float *out = own_alloc(m, (size_t)panels_size(C, OC) * (half ? 2 : 4));
     if (!out) return fail(e, "out of memory"), NULL;
-    pack_panels(out, matrix, C, OC, bf16);
+    pack_panels(out, matrix, C, OC, half);
     return out;
 }
 
@@ -373,7 +373,7 @@ static float *matrix(const Ext *x, Model *m, int precision, const char *name, co
                      int C, int OC, Err *e) {
     if (precision == PRECISION_INT8 || precision == PRECISION_INT4)
         return quantized(x, m, name, C, OC, precision == PRECISION_INT8 ? 8 : 4, e);
-    return panels(m, data, C, OC, precision == PRECISION_BF16, e);
+    return panels(m, data, C, OC, panel_half(precision), e);
 }
 
 /* A tensor's name in the tensor table (layers.3.q, head). */

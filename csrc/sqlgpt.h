@@ -167,15 +167,20 @@ int model_classify_backward(const ModelConfig *cfg, const ModelTensors *w,
 
 /* decode.c: generation, one token through the whole model with a KV cache,
  * in one call, on the same ModelConfig and per-row helpers as training.
- * Decode weights, by precision: PRECISION_FP32 and PRECISION_BF16, W (C,OC)
- * repacked as contiguous column panels of panels_size elements, float32 or
- * bfloat16 (float32 rounded to nearest even, 8 significant bits, half the
- * bytes to stream); PRECISION_INT8 and PRECISION_INT4, W's quant.c layout
+ * Decode weights, by precision: PRECISION_FP32, PRECISION_BF16 and
+ * PRECISION_F16, W (C,OC) repacked as contiguous column panels of
+ * panels_size elements, float32, bfloat16 (float32 rounded to nearest even,
+ * 8 significant bits, half the bytes to stream) or IEEE half (11
+ * significant bits, the same bytes: an F16 file's own values); PRECISION_INT8 and PRECISION_INT4, W's quant.c layout
  * (quant_size bytes) in groups of `group`, the activations quantized per
  * group on the fly (group is unused for the float formats). */
-enum { PRECISION_FP32 = 0, PRECISION_BF16 = 1, PRECISION_INT8 = 2, PRECISION_INT4 = 3 };
+enum { PRECISION_FP32 = 0, PRECISION_BF16 = 1, PRECISION_INT8 = 2, PRECISION_INT4 = 3,
+       PRECISION_F16 = 4 };
 long panels_size(int C, int OC);
-void pack_panels(void *dst, const float *w, int C, int OC, int bf16);
+/* half: a precision's panel element, panel_half(precision): 0 float32, 1
+ * bfloat16, 2 IEEE half */
+int panel_half(int precision);
+void pack_panels(void *dst, const float *w, int C, int OC, int half);
 
 /* w: every matrix, the head included (wte transposed when tied), in the
  * precision's layout; wte, wpe and the vectors float32 as in training.

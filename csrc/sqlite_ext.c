@@ -21,7 +21,7 @@ SQLITE_EXTENSION_INIT1
 
 /* sqlgpt_model(name [, precision [, prefix]]): the model the functions use
  * from now on: an attached schema's ('main' is the connection's own file)
- * or a database file's; precision fp32 or bf16. Returns name, after
+ * or a database file's; precision one of contract.PRECISIONS. Returns name, after
  * loading the model (so a bad choice fails here). */
 static void sqlgpt_model(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
     Ext *x = sqlite3_user_data(ctx);
@@ -33,10 +33,10 @@ static void sqlgpt_model(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
         sqlite3_result_error(ctx, "sqlgpt_model: name a schema ('main') or a database file", -1);
         return;
     }
-    static const char *const precisions[] = {"fp32", "bf16", "int8", "int4"};
-    int code = choose(precision, precisions, 4);  /* PRECISION_FP32 ... PRECISION_INT4 */
+    int n_precisions = (int)(sizeof(PRECISIONS) / sizeof(*PRECISIONS));
+    int code = choose(precision, PRECISIONS, n_precisions);  /* PRECISION_* */
     if (code < 0) {
-        sqlite3_result_error(ctx, "sqlgpt_model: precision is fp32, bf16, int8 or int4", -1);
+        sqlite3_result_error(ctx, "sqlgpt_model: precision is fp32, bf16, f16, int8 or int4", -1);
         return;
     }
     char lower[SQLGPT_PREFIX_MAX + 1];

@@ -139,7 +139,7 @@ class TextStream:
 
 class Model:
     """A trained model: config, tokenizer and weights of the latest checkpoint.
-    precision ("fp32" or "bf16") is the weights' format while generating."""
+    precision (contract.PRECISIONS) is the weights' format while generating."""
 
     def __init__(self, gpt, train_cfg, tokenizer, step, precision="fp32", corpus=None,
                  quantized=None, chat_template=None):
@@ -494,8 +494,10 @@ class Model:
 
 def load(path, precision="fp32", step=None, prefix=""):
     """Load the latest checkpoint of a sqlgpt database (read-only), or with
-    step an older one that `train --keep` kept. With precision "bf16",
-    generation reads the matrices rounded to bfloat16. prefix: the model
+    step an older one that `train --keep` kept. With precision "bf16" or
+    "f16", generation reads the matrices rounded to bfloat16 or IEEE half
+    (an F16 import's own values); "int8" and "int4" read the stored integer
+    copy. prefix: the model
     kept under that table prefix inside an app's database."""
     check_precision(precision)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):

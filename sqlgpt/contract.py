@@ -51,6 +51,10 @@ ROW_LAYOUTS = {
 }
 # int8 / int4 copies (the quantized table): groups of this many inputs
 QUANT_GROUPS = (32, 64)
+# the formats a model's matrices decode in (the kernel's PRECISION_* in this
+# order): float32; rounded to bfloat16 or to IEEE half (an F16 file's own
+# values) for half the bytes; the stored int8 / int4 copies
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "f16")
 
 # ---- a model inside an app's database (--prefix) ----
 PREFIX_MAX = 32               # characters, letters/digits/_ starting with a letter

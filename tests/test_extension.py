@@ -203,12 +203,16 @@ def test_chat_replies_equal_pythons_for_the_templates_it_renders(models, tmp_pat
     assert "not one the extension renders" in ours[2][0]["error"]
 
 
-def test_bf16_decodes_as_the_python_bf16_path(models):
+@pytest.mark.parametrize("precision", ["bf16", "f16"])
+def test_half_precisions_decode_as_the_python_path(models, precision):
     db = models["char"]
     queries = [f"SELECT sqlgpt_generate('the king', 40, {t}, 5)" for t in (0, 1.0)]
-    ours, = client([{"db": str(db), "setup": ["SELECT sqlgpt_model('main', 'bf16')"],
+    queries.append("SELECT sqlgpt_logprob('the king is dead')")
+    ours, = client([{"db": str(db), "setup": [f"SELECT sqlgpt_model('main', '{precision}')"],
                      "queries": queries}])
-    assert ours == through_python(db, queries, "bf16")
+    theirs = through_python(db, queries, precision)
+    assert ours[:2] == theirs[:2]
+    assert abs(ours[2] - theirs[2]) <= 1e-6 * abs(theirs[2])  # sums of logs, in another order
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -308,7 +312,7 @@ def test_hostile_arguments_are_sql_errors(models):
         "SELECT sqlgpt_tokens(printf('%.*c', 10000001, 'a'))": "longer than 10,000,000",
         "SELECT sqlgpt_embed('')": "has no tokens",
         "SELECT sqlgpt_model(NULL)": "name a schema",
-        "SELECT sqlgpt_model('main', 'int3')": "precision is fp32, bf16, int8 or int4",
+        "SELECT sqlgpt_model('main', 'int3')": "precision is fp32, bf16, f16, int8 or int4",
         "SELECT sqlgpt_model('/nonexistent/dir/x.db')": "is no sqlgpt model this can read",
     }
     ours, = client([{"db": str(models["char"]), "queries": list(bad)}])

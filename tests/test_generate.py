@@ -107,26 +107,30 @@ def bf16_rounded(x):
            tie_weights=False),
     preset("llama", embed_dim=144, num_heads=8, kv_heads=2, num_layers=2, seq_len=24, n_vocab=72),
 ], ids=["lua", "lua-wide", "lua-odd", "gpt2-untied", "llama"])
-def test_bf16_decoding_is_exactly_the_model_with_bf16_rounded_matrices(rng, arch):
-    """The bf16 panels hold each matrix weight rounded to nearest even, and
-    the step computes with them in float32: the same logits as a float32
-    decoder of a model whose matrices were rounded that way beforehand
-    (embeddings, norm gains and biases stay float32 in bf16 decoding)."""
+@pytest.mark.parametrize("precision, rounding", [
+    ("bf16", bf16_rounded), ("f16", lambda x: x.astype(np.float16).astype(np.float32))])
+def test_half_decoding_is_exactly_the_model_with_rounded_matrices(rng, arch, precision,
+                                                                   rounding):
+    """The bf16 and f16 panels hold each matrix weight rounded to nearest
+    even, and the step computes with them in float32: the same logits as a
+    float32 decoder of a model whose matrices were rounded that way
+    beforehand (embeddings, norm gains and biases stay float32)."""
     model = initialized(arch, rng, jitter=0.02)
-    bf16 = Decoder(model, "bf16")
+    half = Decoder(model, precision)
     for t in model.params:
         if t.data.ndim == 2 and t.name not in ("wte", "wpe"):
-            t.data[...] = bf16_rounded(t.data)
+            t.data[...] = rounding(t.data)
     rounded = Decoder(model)
     for token in rng.integers(0, arch.n_vocab, 12):
-        assert rel_err(bf16.step(int(token)), rounded.step(int(token))) < 1e-5
+        assert rel_err(half.step(int(token)), rounded.step(int(token))) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["lua", "gpt2", "llama"])
-def test_bf16_decoding_stays_close_to_float32(rng, name):
+@pytest.mark.parametrize("precision, tol", [("bf16", 1e-2), ("f16", 2e-3)])
+def test_half_decoding_stays_close_to_float32(rng, name, precision, tol):
     base, overrides = ARCHITECTURES[name]
     model = initialized(preset(base, **overrides), rng)  # the presets at their default sizes
-    assert_decode_matches_forward(model, rng, "bf16", tol=1e-2)
+    assert_decode_matches_forward(model, rng, precision, tol=tol)
 
 
 def test_unknown_precision_is_refused(rng):

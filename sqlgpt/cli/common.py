@@ -82,9 +82,11 @@ def precision_option(fn):
     """--precision: the weights' format while decoding."""
     return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
                         show_default=True,
-                        help="Weights while decoding: bf16 streams half the bytes of fp32 per "
-                             "token, int8 and int4 a quarter and an eighth (from sqlgpt "
-                             "quantize's copies; integer dot products).")(fn)
+                        help="Weights while decoding: bf16 and f16 stream half the bytes of "
+                             "fp32 per token (f16 keeps an F16 or BF16 import's values "
+                             "exactly), int8 and int4 a quarter and an eighth (from sqlgpt "
+                             "quantize's or a Q8_0/Q4_0 file's copies; integer dot "
+                             "products).")(fn)
 
 
 def output_option(help_text):

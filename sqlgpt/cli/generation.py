@@ -92,7 +92,7 @@ def generate(db_path, prefix, prompt, max_tokens, temperature, top_k, top_p, min
                    repetition_penalty=repetition_penalty)
     if draft_db:
         # a draft reads float weights (bf16 beside an integer model: it has no copies of its own)
-        draft = load(draft_db, precision if precision in ("fp32", "bf16") else "bf16",
+        draft = load(draft_db, precision if precision in ("fp32", "bf16", "f16") else "bf16",
                      prefix=draft_prefix)
         model.check_draft(draft)
         options.update(draft=draft, draft_tokens=draft_tokens)

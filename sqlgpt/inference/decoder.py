@@ -5,6 +5,7 @@ import copy
 
 import numpy as np
 
+from .. import contract
 from .._kernel import ffi, lib
 from ..errors import SqlgptError
 from ..model.arch import tensor_table
@@ -13,9 +14,8 @@ from ..model.model import TensorStruct, check_status, model_config, tensor_field
 from ..model.quant import BITS, check_group, kernel_block
 from ..model.tensor import ALIGN_FLOATS, aligned_zeros, fptr
 
-PRECISIONS = ("fp32", "bf16", "int8", "int4")
-PRECISION_CODES = {"fp32": lib.PRECISION_FP32, "bf16": lib.PRECISION_BF16,
-                   "int8": lib.PRECISION_INT8, "int4": lib.PRECISION_INT4}
+PRECISIONS = contract.PRECISIONS
+PRECISION_CODES = {name: code for code, name in enumerate(PRECISIONS)}  # the kernel's PRECISION_*
 
 
 def check_precision(precision):
@@ -33,7 +33,8 @@ class Decoder:
 
     precision "bf16" rounds the matrices to bfloat16 (8 significant bits) for
     decoding: half the memory to stream per token, logits within about 1e-2
-    of float32's; embeddings, norms, biases, activations and sums stay float32.
+    of float32's; "f16" to IEEE half (11 significant bits: exact for an F16
+    or BF16 import's values, which came from half); embeddings, norms, biases, activations and sums stay float32.
     "int8" and "int4" decode from quantized copies of the matrices
     (quantized: {name: (q, scales)} as sqlgpt.model.quant makes them, in groups
     of `group`), with integer dot products against activations quantized
@@ -43,7 +44,7 @@ class Decoder:
         check_precision(precision)
         arch = model.arch
         self.arch, self.precision, self.pos, self.slots = arch, precision, 0, slots
-        self.bf16 = precision == "bf16"
+        self.half = lib.panel_half(PRECISION_CODES[precision])
         self.code, self.group = PRECISION_CODES[precision], group
         if precision in BITS and not quantized:
             raise SqlgptError(f"{precision} decoding needs the model's {precision} weights "
@@ -75,13 +76,13 @@ class Decoder:
             else:
                 arrays[spec.name] = data.copy()
         # panel sizes in float32 slots, each rounded up to keep panels 64-byte aligned
-        slots = [-(-lib.panels_size(*m.shape) // (2 if self.bf16 else 1) // ALIGN_FLOATS)
+        slots = [-(-lib.panels_size(*m.shape) // (2 if self.half else 1) // ALIGN_FLOATS)
                  * ALIGN_FLOATS for m in matrices.values()]
         self.panels = aligned_zeros((sum(slots),))
         offset = 0
         for (name, matrix), size in zip(matrices.items(), slots):
             arrays[name] = self.panels[offset:offset + size]
-            lib.pack_panels(fptr(arrays[name]), fptr(matrix), *matrix.shape, self.bf16)
+            lib.pack_panels(fptr(arrays[name]), fptr(matrix), *matrix.shape, self.half)
             offset += size
         return arrays
 
