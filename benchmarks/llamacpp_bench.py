@@ -10,11 +10,11 @@ format, a GGUF file is written as llama.cpp's converter lays one out (with
 sqlgpt's exporter's layout; Q4_0 and F16 blocks by the gguf package), run
 by llama.cpp's own llama-bench (-p 512 -n 128 -t 2), and imported with
 `sqlgpt import`, which keeps Q8_0/Q4_0 blocks as its int8/int4 copy (an F16
-file is stored as float32). sqlgpt then runs a 512-token prompt in one
+file is stored as float32, and runs in IEEE half: its own values). sqlgpt then runs a 512-token prompt in one
 decode step (pp512) and generates 128 tokens greedily from one token (tg128,
 as llama-bench's tg starts from an empty cache), in
-the precision the file holds (fp32 for F32 and F16, int8 for Q8_0, int4 for
-Q4_0), each the median of ROUNDS. The import's seconds, the load's and the
+the precision the file holds (fp32 for F32, f16 for F16, int8 for Q8_0, int4
+for Q4_0), each the median of ROUNDS. The import's seconds, the load's and the
 resident memory while generating are reported too. llama.cpp is not a
 dependency: point --llama-cpp at a build's bin folder (cmake --build build
 --target llama-bench).
@@ -42,7 +42,7 @@ SHAPES = {  # ArchConfig fields of the real models' shapes
                          tie_weights=True, qkv_bias=True, rope_theta=1e6),
 }
 FORMATS = ("f32", "f16", "q8_0", "q4_0")
-PRECISION = {"f32": "fp32", "f16": "fp32", "q8_0": "int8", "q4_0": "int4"}
+PRECISION = {"f32": "fp32", "f16": "f16", "q8_0": "int8", "q4_0": "int4"}
 PROMPT, NEW = 512, 128
 ROUNDS = 3
 
