@@ -340,3 +340,42 @@ def test_damaged_specials_and_rows_are_sql_errors(shapes, tmp_path):
         runs.append({"db": str(copy), "queries": ["SELECT sqlgpt_tokens('hi')"]})
     for sql, (got,) in zip(changes, client(runs)):
         assert isinstance(got, dict) and "error" in got, (sql, got)
+
+
+def mutated(text, data):
+    """text with a random part cut, swapped or replaced by random JSON."""
+    how = data.draw(st.sampled_from(["cut", "bytes", "value"]))
+    at = data.draw(st.integers(0, len(text) - 1))
+    if how == "cut":
+        return text[:at]
+    if how == "bytes":
+        return text[:at] + data.draw(st.text(max_size=8)) + text[at + 1:]
+    # a value of the JSON replaced: after a ':' or a '[' or ','
+    starts = [i for i, c in enumerate(text) if c in ":[,"]
+    start = starts[data.draw(st.integers(0, len(starts) - 1))] + 1
+    end = start + data.draw(st.integers(0, 40))
+    value = data.draw(st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) |
+                                   st.text(max_size=6),
+                                   lambda inner: st.lists(inner, max_size=3) |
+                                   st.dictionaries(st.sampled_from(
+                                       ["type", "id", "content", "pattern", "Regex"]), inner,
+                                       max_size=3), max_leaves=6))
+    return text[:start] + json.dumps(value) + text[end:]
+
+
+def test_fuzzed_tokenizer_json_loads_or_is_a_sql_error(shapes, tmp_path):
+    _, db = shapes["qwen2"]
+    text, = sqlite3.connect(db).execute(
+        "SELECT value FROM tokenizer WHERE key = 'tokenizer_json'").fetchone()
+    found = []
+
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def collect(data):
+        found.append(mutated(text, data))
+    collect()
+    runs = [{"db": str(damaged(db, tmp_path, lambda spec, t=t: t)),
+             "queries": ["SELECT sqlgpt_tokens('it''s 12 cafés 中文')"]} for t in found]
+    for (got,), t in zip(client(runs), found):  # the client came back: nothing crashed
+        assert isinstance(got, str) or "error" in got
