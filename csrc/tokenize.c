@@ -251,41 +251,71 @@ static uint32_t compose(uint32_t a, uint32_t b) {
 
 /* Unicode's algorithm as written: decompose, order the combining marks by
  * class (stably), compose each with the last starter it is not blocked
- * from. Text with no NFC_UNSAFE character is NFC already, and is copied. */
-int nfc(const unsigned char *s, size_t n, Buffer *out) {
-    size_t i = 0;
-    while (i < n && (s[i] < 0x80 || !in_ranges(NFC_UNSAFE, COUNT(NFC_UNSAFE),
-                                                  next_cp(s, (size_t[]){i}))))
-        i += s[i] < 0x80 ? 1 : s[i] < 0xe0 ? 2 : s[i] < 0xf0 ? 3 : 4;
-    if (i == n) return buf_add(out, s, n);
-    uint32_t *cp = malloc(sizeof(uint32_t) * (4 * n + 1));
-    if (!cp) return -1;
+ * from. */
+static int nfc_span(const unsigned char *s, size_t n, Buffer *out) {
+    /* each code point with its class above it: (class << 21 | code point) */
+    uint32_t *cp = malloc(sizeof(uint32_t) * (4 * n + 1)), *sorted = malloc(sizeof(uint32_t) * (4 * n + 1));
     size_t m = 0;
-    for (i = 0; i < n;) m += (size_t)decompose(next_cp(s, &i), cp + m);
-    for (size_t k = 1; k < m; k++) {  /* insertion sort within each run of marks */
-        int c = ccc_of(cp[k]);
-        for (size_t j = k; c && j > 0 && ccc_of(cp[j - 1]) > c; j--) {
-            uint32_t swap = cp[j];
-            cp[j] = cp[j - 1], cp[j - 1] = swap;
-        }
+    int status = -1;
+    if (!cp || !sorted) goto done;
+    for (size_t i = 0; i < n;) m += (size_t)decompose(next_cp(s, &i), cp + m);
+    for (size_t k = 0; k < m; k++) cp[k] |= (uint32_t)ccc_of(cp[k]) << 21;
+    /* each run of marks ordered by class, stably: a counting sort, linear
+     * however long the run */
+    for (size_t a = 0, b; a < m; a = b + 1) {
+        for (b = a; b < m && cp[b] >> 21; b++) {}
+        if (b - a < 2) continue;
+        size_t at[257] = {0};
+        for (size_t k = a; k < b; k++) at[(cp[k] >> 21) + 1]++;
+        for (int c = 1; c < 257; c++) at[c] += at[c - 1];
+        for (size_t k = a; k < b; k++) sorted[at[cp[k] >> 21]++] = cp[k];
+        memcpy(cp + a, sorted, sizeof(uint32_t) * (b - a));
     }
     size_t kept = m ? 1 : 0, starter = 0;
-    int last = m && ccc_of(cp[0]) ? 256 : 0;  /* a leading mark blocks */
+    int last = m && cp[0] >> 21 ? 256 : 0;  /* a leading mark blocks */
     for (size_t k = 1; k < m; k++) {
-        int c = ccc_of(cp[k]);
-        uint32_t both = compose(cp[starter], cp[k]);
+        int c = (int)(cp[k] >> 21);
+        uint32_t both = compose(cp[starter] & 0x1fffff, cp[k] & 0x1fffff);
         if (both && (last < c || last == 0)) {
-            cp[starter] = both;
+            cp[starter] = both;  /* a composite is a starter (class 0) */
             continue;
         }
         if (!c) starter = kept;
         last = c;
         cp[kept++] = cp[k];
     }
-    int status = 0;
-    for (size_t k = 0; k < kept && !status; k++) status = put_cp(out, cp[k]);
-    free(cp);
+    status = 0;
+    for (size_t k = 0; k < kept && !status; k++) status = put_cp(out, cp[k] & 0x1fffff);
+done:
+    free(cp), free(sorted);
     return status;
+}
+
+/* Whether the character at s[i] may change under NFC or change what comes
+ * before it (NFC_UNSAFE), and in *next where the one after starts. */
+static int unsafe_at(const unsigned char *s, size_t i, size_t *next) {
+    if (s[i] < 0x80) return *next = i + 1, 0;
+    return in_ranges(NFC_UNSAFE, COUNT(NFC_UNSAFE), next_cp(s, (*next = i, next)));
+}
+
+/* NFC is the same cut before any safe character (a starter nothing
+ * composes onto and none reorders across): the text is copied, and only
+ * the spans from the safe character before an unsafe one to the next safe
+ * one go through nfc_span. */
+int nfc(const unsigned char *s, size_t n, Buffer *out) {
+    size_t done = 0, safe = 0, next;
+    for (size_t i = 0; i < n;) {
+        if (!unsafe_at(s, i, &next)) {
+            safe = i, i = next;
+            continue;
+        }
+        size_t start = safe > done ? safe : done;
+        while (next < n && unsafe_at(s, next, &i)) next = i;
+        if (buf_add(out, s + done, start - done) || nfc_span(s + start, next - start, out))
+            return -1;
+        done = i = next;
+    }
+    return buf_add(out, s + done, n - done);
 }
 
 /* ---- hashing ---- */

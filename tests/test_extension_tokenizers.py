@@ -201,6 +201,35 @@ def test_the_library_s_ids_on_generated_text(shapes, shape):
         assert got == library_ids(tok, text), repr(text)
 
 
+def test_nfc_of_every_character_that_normalization_touches(shapes):
+    """The qwen2 tokenizer normalizes by NFC, which in C is Python's
+    unicodedata.normalize("NFC"): text of the characters NFC can change or
+    combine (and Hangul jamo, and a run of 3,000 marks), mixed with
+    letters, gets the ids the library gives that normal form. (The
+    library's own NFC tables are older: it leaves alone the marks Unicode
+    added since, as NKO DANTAYALAN, U+07FD; on text without those the two
+    agree, and there the ids are the library's on the text itself.)"""
+    import random
+    import unicodedata
+    tok, db = shapes["qwen2"]
+    touched = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000 and (
+        unicodedata.combining(chr(c)) or unicodedata.decomposition(chr(c)) and
+        not unicodedata.decomposition(chr(c)).startswith("<"))]
+    touched += [chr(c) for c in (*range(0x1100, 0x1113), *range(0x1161, 0x1176),
+                                 *range(0x11A8, 0x11C3))]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(touched + list("aeoAEO ")) for _ in range(12))
+             for _ in range(600)]
+    texts += ["".join(touched[i:i + 200]) for i in range(0, len(touched), 200)]
+    texts += ["e" + "\u0301\u0323\u0300" * 1000, "caf\u00e9 cafe\u0301 \u1e9b\u0323"]
+    library_nfc = normalizers.NFC().normalize_str
+    for text, got in zip(texts, extension_ids(db, texts)):
+        normal = unicodedata.normalize("NFC", text)
+        assert got == library_ids(tok, normal), repr(text)
+        if library_nfc(text) == normal:
+            assert got == library_ids(tok, text), repr(text)
+
+
 def test_invalid_utf8_is_refused(shapes):
     _, db = shapes["gpt-2"]
     got, = client([{"db": str(db), "queries": ["SELECT sqlgpt_tokens(CAST(x'ff61' AS TEXT))",
