@@ -46,6 +46,7 @@ typedef struct {
     uint32_t *char_cp; int n_chars;       /* char: code points of ids 4.. in order */
     Merge *merges; int n_merges;          /* bpe, hf: in rank order */
     int *merge_slots; int merge_cap;      /* bpe, hf: hash of (left, right) -> merge index */
+    unsigned char *walls;                 /* bpe, hf: 1 for each id no merge takes */
     int byte_id[256];                     /* the id of each single byte (sentencepiece: <0xXX>) */
     int *id_slots; int id_cap;            /* hash of a token's key -> id */
     unsigned char added_first[256];       /* hf: the first bytes of added tokens matched in text */

@@ -393,7 +393,10 @@ static const char *check_merges(Tokenizer *t) {
     int own = t->kind == TOK_BPE;
     if (!live) return "out of memory";
     for (int b = 0; b < 256; b++) live[t->byte_id[b]] = 1;
-    if (!(t->merge_slots = empty_slots(t->n_merges, &t->merge_cap))) problem = "out of memory";
+    if (!(t->merge_slots = empty_slots(t->n_merges, &t->merge_cap)) ||
+        !(t->walls = malloc((size_t)t->n_ids)))
+        problem = "out of memory";
+    else memset(t->walls, 1, (size_t)t->n_ids);
     for (int r = 0; r < t->n_merges && !problem; r++) {
         Merge *m = &t->merges[r];
         if (own && (m->left < 4 || m->right < 4 || !live[m->left] || !live[m->right])) {
@@ -418,6 +421,7 @@ static const char *check_merges(Tokenizer *t) {
             while (t->merge_slots[h] >= 0) h = (h + 1) & (t->merge_cap - 1);
             t->merge_slots[h] = r;
             live[m->result] = 1;
+            t->walls[m->left] = t->walls[m->right] = 0;
         }
     }
     for (int i = 4; own && i < t->n_ids && !problem; i++)
@@ -509,6 +513,7 @@ void tok_free(Tokenizer *t) {
     free(t->char_cp);
     free(t->merges);
     free(t->merge_slots);
+    free(t->walls);
     free(t->id_slots);
     memset(t, 0, sizeof(*t));
 }
@@ -596,41 +601,62 @@ static int symbols(const Tokenizer *t, const unsigned char *s, size_t n, int *to
     return k;
 }
 
-static int encode_piece(const Tokenizer *t, const unsigned char *s, size_t n, Ids *out) {
-    int whole = t->ignore_merges ? tok_find(t, s, n) : -1;
-    if (whole >= 0) return ids_push(out, whole);
-    int *token = malloc(sizeof(int) * (n ? n : 1)), *next = malloc(sizeof(int) * (n ? n : 1));
-    int *prev = malloc(sizeof(int) * (n ? n : 1));
-    /* each merge adds at most two candidates to the n - 1 first ones */
-    Candidate *heap = malloc(sizeof(Candidate) * (3 * n + 1));
-    int status = -1, size = 0, k = 0;
-    if (!token || !next || !prev || !heap) goto done;
-    k = symbols(t, s, n, token);
-    for (int i = 0; i < k; i++) next[i] = i + 1 < k ? i + 1 : -1, prev[i] = i - 1;
-    for (int i = 0; i + 1 < k; i++) {
+/* BPE on the symbols token[a..b): their merges, then their ids onto out. */
+static int merge_run(const Tokenizer *t, int *token, int *next, int *prev, Candidate *heap,
+                     int a, int b, Ids *out) {
+    int size = 0, status = 0;
+    for (int i = a; i < b; i++) next[i] = i + 1 < b ? i + 1 : -1, prev[i] = i - 1;
+    prev[a] = -1;
+    for (int i = a; i + 1 < b; i++) {
         int m = find_merge(t, token[i], token[i + 1]);
         if (m >= 0) heap_push(heap, &size, (Candidate){m, i});
     }
     while (size) {
         Candidate c = heap_pop(heap, &size);
-        int a = c.at, b = next[a], m;
-        /* stale: a was merged away (token -1), or its pair makes another token */
-        if (token[a] < 0 || b < 0 || (m = find_merge(t, token[a], token[b])) < 0 ||
+        int at = c.at, right = next[at], m;
+        /* stale: at was merged away (token -1), or its pair makes another token */
+        if (token[at] < 0 || right < 0 || (m = find_merge(t, token[at], token[right])) < 0 ||
             t->merges[m].result != t->merges[c.rank].result)
             continue;
-        token[a] = t->merges[c.rank].result;
-        token[b] = -1;
-        next[a] = next[b];
-        if (next[b] >= 0) prev[next[b]] = a;
-        if (prev[a] >= 0 && (m = find_merge(t, token[prev[a]], token[a])) >= 0)
-            heap_push(heap, &size, (Candidate){m, prev[a]});
-        if (next[a] >= 0 && (m = find_merge(t, token[a], token[next[a]])) >= 0)
-            heap_push(heap, &size, (Candidate){m, a});
+        token[at] = t->merges[c.rank].result;
+        token[right] = -1;
+        next[at] = next[right];
+        if (next[right] >= 0) prev[next[right]] = at;
+        if (prev[at] >= 0 && (m = find_merge(t, token[prev[at]], token[at])) >= 0)
+            heap_push(heap, &size, (Candidate){m, prev[at]});
+        if (next[at] >= 0 && (m = find_merge(t, token[at], token[next[at]])) >= 0)
+            heap_push(heap, &size, (Candidate){m, at});
     }
+    for (int i = a; i >= 0 && !status; i = next[i]) status = ids_push(out, token[i]);
+    return status;
+}
+
+static int encode_piece(const Tokenizer *t, const unsigned char *s, size_t n, Ids *out) {
+    int whole = t->ignore_merges ? tok_find(t, s, n) : -1;
+    if (whole >= 0) return ids_push(out, whole);
+    /* a word's symbols fit on the stack; a longer piece's are allocated */
+    enum { SHORT = 64 };
+    int short_token[SHORT], short_next[SHORT], short_prev[SHORT];
+    Candidate short_heap[3 * SHORT + 1];
+    int on_stack = n <= SHORT;
+    int *token = on_stack ? short_token : malloc(sizeof(int) * n);
+    int *next = on_stack ? short_next : malloc(sizeof(int) * n);
+    int *prev = on_stack ? short_prev : malloc(sizeof(int) * n);
+    /* each merge adds at most two candidates to the n - 1 first ones */
+    Candidate *heap = on_stack ? short_heap : malloc(sizeof(Candidate) * (3 * n + 1));
+    int status = -1;
+    if (!token || !next || !prev || !heap) goto done;
+    int k = symbols(t, s, n, token);
+    /* a symbol no merge takes (a newline's byte-fallback token) is a wall no
+     * merge crosses: the runs between walls merge alone, in small heaps,
+     * as they would in one */
     status = 0;
-    for (int i = k ? 0 : -1; i >= 0 && !status; i = next[i]) status = ids_push(out, token[i]);
+    for (int a = 0, b; a < k && !status; a = b) {
+        for (b = a + 1; b < k && !t->walls[token[a]] && !t->walls[token[b]]; b++) {}
+        status = merge_run(t, token, next, prev, heap, a, b, out);
+    }
 done:
-    free(token), free(next), free(prev), free(heap);
+    if (!on_stack) free(token), free(next), free(prev), free(heap);
     return status;
 }
 
