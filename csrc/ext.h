@@ -11,9 +11,10 @@ enum { TOK_WORD, TOK_CHAR, TOK_BYTE, TOK_BPE, TOK_HF };
 /* an imported (hf) tokenizer's shape: byte-level BPE (GPT-2's, llama 3's,
  * Qwen2's) or SentencePiece-style BPE with byte fallback (llama 2's) */
 enum { SHAPE_BYTE_LEVEL, SHAPE_SENTENCEPIECE };
-/* sentencepiece: how "\u2581" comes before the text (a Prepend normalizer
- * always; Metaspace unless the text starts with one) */
-enum { PREPEND_NONE, PREPEND_ALWAYS, PREPEND_UNLESS_THERE };
+/* sentencepiece: how "\u2581" comes before each part of the text between
+ * added tokens (a Prepend normalizer: always; Metaspace: unless the part
+ * starts with one, before every part or only the text's first) */
+enum { PREPEND_NONE, PREPEND_ALWAYS, PREPEND_UNLESS_THERE, PREPEND_FIRST_UNLESS_THERE };
 /* pre-tokenizer steps, run in order, each cutting every piece of the one
  * before: a PATTERN_* of contract.h (a Split, "isolated"), or these */
 enum { STEP_DIGIT = 64, STEP_DIGITS, STEP_PREFIX_SPACE };

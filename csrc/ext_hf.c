@@ -205,7 +205,8 @@ static int read_pre_tokenizer(const Ext *x, Tokenizer *t, const char *json, int 
                 (strcmp(scheme, "first") && strcmp(scheme, "always") && strcmp(scheme, "never")))
                 status = fail(e, "the tokenizer's pre-tokenizer step %s is not in the extension",
                               type);
-            t->prepend = strcmp(scheme, "never") ? PREPEND_UNLESS_THERE : PREPEND_NONE;
+            t->prepend = !strcmp(scheme, "first") ? PREPEND_FIRST_UNLESS_THERE
+                         : !strcmp(scheme, "always") ? PREPEND_UNLESS_THERE : PREPEND_NONE;
             last_step = 1;
         } else if (!strcmp(type, "ByteLevel") && last) {
             last_step = 1;
@@ -348,11 +349,12 @@ static int read_added(const Ext *x, Tokenizer *t, const char *json, Err *e) {
         else if (t->name[id] || t->raw[id])
             status = fail(e, "the tokenizer is damaged: its vocab rows do not match its "
                              "tokenizer_json (added token %d)", (int)id);
-        else if (!special && (t->shape == SHAPE_SENTENCEPIECE ||
-                              strcmp(column(s, 6), "falsefalsefalse")))
-            status = fail(e, "the tokenizer's added token %.40s (not special, with %s) is not "
-                             "in the extension", text, t->shape == SHAPE_SENTENCEPIECE
-                             ? "a SentencePiece normalizer" : "lstrip, rstrip or single_word");
+        else if (!special && (strcmp(column(s, 6), "falsefalsefalse") ||
+                              (t->shape == SHAPE_SENTENCEPIECE && !strcmp(column(s, 5), "true"))))
+            status = fail(e, "the tokenizer's added token %.40s (not special, %s) is not in "
+                             "the extension", text, strcmp(column(s, 6), "falsefalsefalse")
+                             ? "with lstrip, rstrip or single_word"
+                             : "matched in SentencePiece's normalized text");
         else if (!(t->name[id] = malloc((size_t)n + 1)))
             status = fail(e, "out of memory");
         else {

@@ -795,20 +795,21 @@ static int pre_tokenize(const Tokenizer *t, int step, const unsigned char *s, si
 static int added_split(const Tokenizer *t, int normalized, const unsigned char *s, size_t n,
                        Ids *out);
 
-/* A part of the text between added tokens: normalized (NFC, or for
- * sentencepiece spaces as "\u2581" and one before) and cut again by the
- * normalized added tokens; then pre-tokenized. */
+/* A part of the text between added tokens (the text's first part: at_start):
+ * normalized (NFC, or for sentencepiece spaces as "\u2581" and one before)
+ * and cut again by the normalized added tokens; then pre-tokenized. */
 static int text_part(const Tokenizer *t, int normalized, const unsigned char *s, size_t n,
-                     Ids *out) {
+                     int at_start, Ids *out) {
     static const unsigned char SPM_SPACE[] = "\xe2\x96\x81";
     if (!n) return 0;
     if (normalized) return pre_tokenize(t, 0, s, n, out);
     Buffer b = {0};
     int status = 0;
     if (t->shape == SHAPE_SENTENCEPIECE) {
-        int there = n >= 3 && !memcmp(s, SPM_SPACE, 3);
-        if (t->prepend == PREPEND_ALWAYS || (t->prepend == PREPEND_UNLESS_THERE && !there &&
-                                             s[0] != ' '))
+        int there = s[0] == ' ' || (n >= 3 && !memcmp(s, SPM_SPACE, 3));
+        if (t->prepend == PREPEND_ALWAYS ||
+            (!there && (t->prepend == PREPEND_UNLESS_THERE ||
+                        (t->prepend == PREPEND_FIRST_UNLESS_THERE && at_start))))
             status = buf_add(&b, SPM_SPACE, 3);
         for (size_t i = 0; i < n && !status; i++)
             status = s[i] == ' ' ? buf_add(&b, SPM_SPACE, 3) : buf_add(&b, s + i, 1);
@@ -838,14 +839,14 @@ static int added_split(const Tokenizer *t, int normalized, const unsigned char *
             continue;
         }
         if (!t->added[found].special) {
-            if (text_part(t, normalized, s + start, i - start, out) ||
+            if (text_part(t, normalized, s + start, i - start, start == 0, out) ||
                 ids_push(out, t->added[found].id))
                 return -1;
             start = i + (size_t)t->added[found].len;
         }
         i += (size_t)t->added[found].len;
     }
-    return text_part(t, normalized, s + start, n - start, out);
+    return text_part(t, normalized, s + start, n - start, start == 0, out);
 }
 
 /* The original's words (word.words_of): every character that is neither

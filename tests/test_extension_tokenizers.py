@@ -35,7 +35,8 @@ TEXTS = ["", "a", "Hello world", "  leading and trailing  ", "tabs\tand\nnewline
          "it's I'LL they'Re we've 'd 'M 'sT", "numbers 1 12 123 1234 12345 ١٢٣ ⅷ ½",
          "caf\u00e9 cafe\u0301 \u1e9b\u0323 \uac00\u11a8 \u1100\u1161\u11a8 A\u030a\u0301 \u0958",
          "中文 日本語 한국어 😀👍🏽 \U0001f468\u200d\U0001f469", "\u00a0nbsp\u3000wide\u2028line",
-         "x  \n\n  y", "   ", "\n", "a<|im_start|>b <tool>c<|endoftext|>", "'ſ 'S ſ",
+         "x  \n\n  y", "   ", "\n", "a<|im_start|>b <tool>c<|endoftext|>",
+         "<tool> x [INST]y  [INST] <tool>", " <tool>", "'ſ 'S ſ",
          "trailing spaces   ", "...!!! ???", "\x00\x1c\x1f\x85 ctrl", MULTILINGUAL]
 SPACE = "\u2581"
 
@@ -90,7 +91,9 @@ def sentencepiece(metaspace):
     spec = json.loads(tok.to_str())
     # the byte tokens are ordinary vocabulary (SentencePiece's), not added ones
     spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["content"].startswith("<0x")]
-    return Tokenizer.from_str(json.dumps(spec))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_tokens([AddedToken("<tool>", normalized=False), AddedToken("[INST]", normalized=False)])
+    return tok
 
 
 SHAPES = {
@@ -179,10 +182,14 @@ def test_the_library_s_ids_on_chosen_text(shapes, shape):
         assert got == model.encode(text).tolist()
 
 
-# text from every corner of Unicode, with the characters the patterns treat apart
-TEXT = st.text(st.one_of(st.characters(blacklist_categories=("Cs",)),
-                         st.sampled_from(list(" \t\n\r'sStTlLdDmMreREvV0123456789\u0301\u00e9"
-                                              "\u017f\u00a0\u3000\u2581<>|_"))), max_size=40)
+# text from every corner of Unicode, with the characters the patterns treat
+# apart and the added tokens
+TEXT = st.lists(st.one_of(
+    st.characters(blacklist_categories=("Cs",)),
+    st.sampled_from(list(" \t\n\r'sStTlLdDmMreREvV0123456789\u0301\u00e9\u017f\u00a0\u3000"
+                         "\u2581<>|_")),
+    st.sampled_from(["<tool>", "[INST]", "<|im_end|>", "cafe\u0301", "  "])),
+    max_size=30).map("".join)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -228,6 +235,29 @@ def test_nfc_of_every_character_that_normalization_touches(shapes):
         assert got == library_ids(tok, normal), repr(text)
         if library_nfc(text) == normal:
             assert got == library_ids(tok, text), repr(text)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "sentencepiece"])
+def test_tokenizers_imported_from_gguf_give_python_s_ids(tmp_path, kind):
+    """A GGUF file's tokenizer, as sqlgpt import builds its tokenizer.json
+    (llama.cpp's byte-level "gpt2" with a pre-tokenizer pattern; its
+    SentencePiece "llama" with merges from the scores)."""
+    pytest.importorskip("gguf")
+    from test_gguf_import import LLAMA3, hf_family, library_tokenizer, spm_gguf
+    from test_gguf_import import write_like_llama_cpp
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(train_text()[:30000])
+    path, db = tmp_path / "m.gguf", tmp_path / "m.db"
+    if kind == "sentencepiece":
+        spm_gguf(path, corpus)
+    else:
+        tok = library_tokenizer(corpus, LLAMA3)
+        write_like_llama_cpp(path, kind, hf_family(kind, tok.get_vocab_size(), True), tok)
+    run("import", path, "--db", db)
+    model = sqlgpt.load(db)
+    texts = TEXTS + [CORPUS.read_text()[:5000]]
+    for text, got in zip(texts, extension_ids(db, texts)):
+        assert got == model.encode(text).tolist(), text[:80]
 
 
 def test_invalid_utf8_is_refused(shapes):
