@@ -3,7 +3,8 @@
  * rendered by the model's chat template when it is one of the fixed texts
  * contract.CHAT_TEMPLATES declares (sqlgpt's default, ChatML), and encoded
  * as sqlgpt.chat.conversation encodes a rendered conversation: the text of
- * a special token (<bos>, <eos>, ...) is its id, the rest is text. Any
+ * a special token (<bos>, <eos>, an imported tokenizer's <|im_start|>, ...)
+ * is its id, the rest is text. Any
  * other template needs Jinja: a SQL error that says so. */
 #include <stdio.h>
 #include <string.h>
@@ -32,10 +33,7 @@ int read_chat_template(const Ext *x, Model *m, Err *e) {
 
 /* The text of the tokenizer's special id (as its vocab names it), or "". */
 static const char *special_text(const Tokenizer *t, int id) {
-    int ids[4] = {t->pad_id, t->unk_id, t->bos_id, t->eos_id};
-    for (int r = 0; r < 4; r++)
-        if (id >= 0 && ids[r] == id) return SPECIAL_NAMES[r];
-    return "";
+    return id >= 0 && t->name[id] ? t->name[id] : "";
 }
 
 /* One message rendered onto out, as the template's text gives it. */
@@ -49,22 +47,28 @@ static int render_message(int chat, const Tokenizer *t, const char *role, const 
            buf_add(out, close, strlen(close));
 }
 
-/* The ids of rendered text, each special token's text as its id. */
+/* The special token whose text is the longest to start text (n bytes), or -1. */
+static int special_at(const Tokenizer *t, const char *text, size_t n) {
+    int found = -1;
+    size_t longest = 0;
+    for (int id = 0; id < t->n_ids; id++) {
+        size_t len = t->name[id] ? strlen(t->name[id]) : 0;
+        if (len > longest && len <= n && !memcmp(text, t->name[id], len)) found = id, longest = len;
+    }
+    return found;
+}
+
+/* The ids of rendered text, each special token's text as its id (the
+ * longest where several start at one place, as sqlgpt.chat.conversation). */
 static int encode_specials(const Tokenizer *t, const char *text, size_t n, Ids *ids) {
-    int specials[4] = {t->pad_id, t->unk_id, t->bos_id, t->eos_id};
     size_t start = 0;
     for (size_t i = 0; i <= n; i++) {
-        int found = -1;
-        for (int r = 0; r < 4 && i < n && found < 0; r++) {
-            size_t len = strlen(SPECIAL_NAMES[r]);
-            if (specials[r] >= 0 && len <= n - i && !memcmp(text + i, SPECIAL_NAMES[r], len))
-                found = r;
-        }
+        int found = i < n ? special_at(t, text + i, n - i) : -1;
         if (found < 0 && i < n) continue;
         if (i > start && tok_encode(t, text + start, i - start, ids)) return -1;
         if (found >= 0) {
-            if (ids_push(ids, specials[found])) return -1;
-            i += strlen(SPECIAL_NAMES[found]) - 1;
+            if (ids_push(ids, found)) return -1;
+            i += strlen(t->name[found]) - 1;
         }
         start = i + 1;
     }
@@ -140,6 +144,9 @@ int chat_prompt(const Ext *x, const Model *m, const char *messages, Ids *ids, in
     int status = render(x, m->chat, t, messages, &text, e);
     if (!status && encode_specials(t, text.bytes, text.n, ids)) status = fail(e, "out of memory");
     buf_free(&text);
-    *end_id = t->eos_id;  /* the special after a reply: <eos> (ChatML's <|im_end|> is text here) */
+    /* the special right after a reply's text: <eos>, or ChatML's <|im_end|>
+     * where the tokenizer has it (ChatFormat._end_id) */
+    int end = m->chat == SQLGPT_TEMPLATE ? -1 : special_at(t, "<|im_end|>\n", 11);
+    *end_id = end >= 0 ? end : t->eos_id;
     return status;
 }

@@ -248,7 +248,7 @@ static int parse_merges(Tokenizer *t, const char *json, Err *e) {
 }
 
 /* A tokenizer table value (NULL when the key is missing or not text). */
-static char *tokenizer_value(const Ext *x, const char *key, Err *e) {
+char *tokenizer_value(const Ext *x, const char *key, Err *e) {
     sqlite3_stmt *s = prepare(x, e, "SELECT value FROM \"%w\".\"%w%w\" WHERE key = ?",
                               "tokenizer");
     if (!s) return NULL;
@@ -261,13 +261,24 @@ static char *tokenizer_value(const Ext *x, const char *key, Err *e) {
     return value;
 }
 
+/* Each special's text, as the vocab names it: sqlgpt's kinds have the
+ * contract's names at their roles' ids (an hf tokenizer reads its own). */
+static int name_specials(Tokenizer *t) {
+    int ids[4] = {t->pad_id, t->unk_id, t->bos_id, t->eos_id};
+    if (!(t->name = calloc((size_t)t->n_ids, sizeof(char *)))) return -1;
+    for (int r = 0; r < 4; r++)
+        if (ids[r] >= 0 && !(t->name[ids[r]] = malloc(strlen(SPECIAL_NAMES[r]) + 1))) return -1;
+        else if (ids[r] >= 0) strcpy(t->name[ids[r]], SPECIAL_NAMES[r]);
+    return 0;
+}
+
 int read_tokenizer(const Ext *x, Model *m, const Config *c, Err *e) {
     Tokenizer *t = &m->tok;
     t->kind = choose(c->tokenizer, TOKENIZER_KINDS,
                      (int)(sizeof(TOKENIZER_KINDS) / sizeof(TOKENIZER_KINDS[0])));
     if (t->kind < 0)
-        return fail(e, "the %s tokenizer is not in the extension (it reads word, char, byte "
-                       "and bpe): use this model from Python (sqlgpt.connect or "
+        return fail(e, "the %s tokenizer is not in the extension (it reads word, char, byte, "
+                       "bpe and hf): use this model from Python (sqlgpt.connect or "
                        "sqlgpt.register)", c->tokenizer[0] ? c->tokenizer : "unnamed");
     t->n_ids = (int)c->a.n_vocab;
     t->raw = calloc((size_t)(int)c->a.n_vocab, sizeof(unsigned char *));
@@ -298,24 +309,30 @@ int read_tokenizer(const Ext *x, Model *m, const Config *c, Err *e) {
         return fail(e, "the vocab table is damaged (%d ids for a model of %d)", count, (int)c->a.n_vocab);
     for (int i = 0; i < t->n_ids; i++)
         if (t->raw_len[i] < 0) t->raw_len[i] = 0;
-    if (t->kind == TOK_WORD) {
-        t->pad_id = 0, t->unk_id = (int)c->a.n_vocab - 1, t->bos_id = t->eos_id = -1;
-    } else {
-        t->pad_id = 0, t->unk_id = 1, t->bos_id = 2, t->eos_id = 3;
-    }
     char *kind = tokenizer_value(x, "kind", e);
     int same = kind && !strcmp(kind, c->tokenizer);
     sqlite3_free(kind);
     if (!same) return fail(e, "the tokenizer table's kind is not the config's %s", c->tokenizer);
+    if (t->kind == TOK_HF) {  /* its own specials, names, steps and merges */
+        if (read_hf(x, t, e)) return -1;
+    } else {
+        if (t->kind == TOK_WORD) {
+            t->pad_id = 0, t->unk_id = (int)c->a.n_vocab - 1, t->bos_id = t->eos_id = -1;
+        } else {
+            t->pad_id = 0, t->unk_id = 1, t->bos_id = 2, t->eos_id = 3;
+        }
+        if (name_specials(t)) return fail(e, "out of memory");
+    }
     if (t->kind == TOK_BPE) {  /* the rule tokenize.c implements, and the merges */
         char *pattern = tokenizer_value(x, "pattern", e), *merges = NULL;
-        int status = !pattern || strcmp(pattern, BPE_PATTERN)
+        int status = !pattern || strcmp(pattern, PATTERN_REGEXES[PATTERN_SQLGPT])
                          ? fail(e, "the BPE tokenizer's pre-tokenization pattern is not the one "
                                    "this extension implements")
                          : !(merges = tokenizer_value(x, "merges", e)) ? -1
                                                                       : parse_merges(t, merges, e);
         sqlite3_free(pattern), sqlite3_free(merges);
         if (status) return -1;
+        t->steps[0] = PATTERN_SQLGPT, t->n_steps = 1;
     }
     const char *problem = tok_prepare(t);
     return problem ? fail(e, "the tokenizer is damaged: %s", problem) : 0;

@@ -65,6 +65,13 @@ int check_views(const Ext *x, Err *e);
 int check_prefix(const char *prefix, char *out);
 typedef struct Config Config;
 int read_tokenizer(const Ext *x, Model *m, const Config *c, Err *e);
+/* A tokenizer table value (sqlite3_malloc'd; NULL with e set when the key
+ * is missing or not text). */
+char *tokenizer_value(const Ext *x, const char *key, Err *e);
+
+/* ext_hf.c: an imported tokenizer's specials, names, normalizer,
+ * pre-tokenizer, added tokens, keys and merges from its tokenizer_json */
+int read_hf(const Ext *x, Tokenizer *t, Err *e);
 
 /* ext_chat.c: the model's chat template (which of contract.CHAT_TEMPLATES,
  * or none the extension renders), and a conversation's prompt ids by it */

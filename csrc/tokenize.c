@@ -1,12 +1,18 @@
 /* Tokenizers in C, encoding to the ids the Python package gives (the rules
- * are stated in sqlgpt/tokenizers/): word (the original's sanitizing over
- * Unicode, with tables generated from Python's own Unicode database at
- * build time), char, byte, and byte-level BPE. Decoding joins the ids'
- * bytes and replaces invalid UTF-8 as Python's "replace" does. */
+ * are stated in sqlgpt/data/tokenizers/): word (the original's sanitizing
+ * over Unicode, with tables generated from Python's own Unicode database at
+ * build time), char, byte, sqlgpt's byte-level BPE, and imported (hf) BPEs
+ * as the tokenizers library runs them: added tokens, NFC, the pre-tokenizer
+ * patterns of contract.PRETOKENIZER_PATTERNS as hand-written matchers, and
+ * byte-level or SentencePiece-style merges. Decoding joins the ids' bytes
+ * and replaces invalid UTF-8 as Python's "replace" does. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "ext.h"
 #include "unicode_tables.h"
+#include "sqlgpt.h"
+#include "contract.h"  /* PATTERN_* (its asserts read sqlgpt.h) */
 
 int ids_push(Ids *ids, int id) {
     if (ids->n == ids->cap) {
@@ -142,16 +148,19 @@ static int is_case_ignorable(uint32_t c) {
     return in_ranges(CASE_IGNORABLE, COUNT(CASE_IGNORABLE), c);
 }
 
-static uint32_t lower_of(uint32_t c) {
-    int lo = 0, hi = COUNT(LOWER) - 1;
+/* The value a sorted table of (code point, value) gives c, or absent. */
+static uint32_t mapped(const uint32_t (*table)[2], int n, uint32_t c, uint32_t absent) {
+    int lo = 0, hi = n - 1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;
-        if (c < LOWER[mid][0]) hi = mid - 1;
-        else if (c > LOWER[mid][0]) lo = mid + 1;
-        else return LOWER[mid][1];
+        if (c < table[mid][0]) hi = mid - 1;
+        else if (c > table[mid][0]) lo = mid + 1;
+        else return table[mid][1];
     }
-    return c;
+    return absent;
 }
+
+static uint32_t lower_of(uint32_t c) { return mapped(LOWER, COUNT(LOWER), c, c); }
 
 /* str.lower()'s capital sigma: final (U+03C2) after a cased letter and
  * not before one, case-ignorable characters skipped (CPython's rule). */
@@ -165,6 +174,148 @@ static uint32_t lower_sigma(const uint32_t *s, long n, long i) {
         final = j == n || !is_cased(s[j]);
     }
     return final ? 0x3c2 : 0x3c3;
+}
+
+/* ---- the classes the pre-tokenizer patterns read: \p{L}, \p{N}, \s and
+ * the rest (unicode_tables.h: the regex engine's \s, Unicode's L and N) ---- */
+enum { C_OTHER, C_LETTER, C_NUMBER, C_SPACE };
+
+static int class_of(uint32_t c) {
+    if (c < 0x80) {
+        if ((c | 32) >= 'a' && (c | 32) <= 'z') return C_LETTER;
+        if (c >= '0' && c <= '9') return C_NUMBER;
+        return c == ' ' || (c >= '\t' && c <= '\r') ? C_SPACE : C_OTHER;
+    }
+    if (in_ranges(LETTER, COUNT(LETTER), c)) return C_LETTER;
+    if (in_ranges(NUMBER, COUNT(NUMBER), c)) return C_NUMBER;
+    return in_ranges(WHITE, COUNT(WHITE), c) ? C_SPACE : C_OTHER;
+}
+
+/* The class of the character at s[i], and in *next where the one after starts. */
+static int class_at(const unsigned char *s, size_t i, size_t *next) {
+    if (s[i] < 0x80) return *next = i + 1, class_of(s[i]);
+    return class_of(next_cp(s, (*next = i, next)));
+}
+
+/* Where the run of characters of class c from s[i] ends. */
+static size_t run_of(const unsigned char *s, size_t i, size_t n, int c) {
+    size_t next;
+    while (i < n && class_at(s, i, &next) == c) i = next;
+    return i;
+}
+
+/* ---- NFC (unicode_tables.h: CCC, DECOMPOSED, COMPOSE, NFC_UNSAFE) ---- */
+enum { HANGUL_S = 0xac00, HANGUL_L = 0x1100, HANGUL_V = 0x1161, HANGUL_T = 0x11a7,
+       HANGUL_VS = 21, HANGUL_TS = 28, HANGUL_SYLLABLES = 11172 };
+
+static int ccc_of(uint32_t c) { return (int)mapped(CCC, COUNT(CCC), c, 0); }
+
+/* c's full canonical decomposition onto out (at most 4 code points); how many. */
+static int decompose(uint32_t c, uint32_t *out) {
+    if (c >= HANGUL_S && c < HANGUL_S + HANGUL_SYLLABLES) {
+        uint32_t i = c - HANGUL_S, t = i % HANGUL_TS;
+        out[0] = HANGUL_L + i / (HANGUL_VS * HANGUL_TS);
+        out[1] = HANGUL_V + i % (HANGUL_VS * HANGUL_TS) / HANGUL_TS;
+        if (t) out[2] = HANGUL_T + t;
+        return t ? 3 : 2;
+    }
+    int lo = 0, hi = COUNT(DECOMPOSED) - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (c < DECOMPOSED[mid][0]) hi = mid - 1;
+        else if (c > DECOMPOSED[mid][0]) lo = mid + 1;
+        else {
+            memcpy(out, DECOMPOSITION + DECOMPOSED[mid][1], sizeof(uint32_t) * DECOMPOSED[mid][2]);
+            return (int)DECOMPOSED[mid][2];
+        }
+    }
+    return out[0] = c, 1;
+}
+
+/* The primary composite of a and b, or 0. */
+static uint32_t compose(uint32_t a, uint32_t b) {
+    if (a >= HANGUL_L && a < HANGUL_L + 19 && b >= HANGUL_V && b < HANGUL_V + HANGUL_VS)
+        return HANGUL_S + ((a - HANGUL_L) * HANGUL_VS + b - HANGUL_V) * HANGUL_TS;
+    if (a >= HANGUL_S && a < HANGUL_S + HANGUL_SYLLABLES && (a - HANGUL_S) % HANGUL_TS == 0 &&
+        b > HANGUL_T && b < HANGUL_T + HANGUL_TS)
+        return a + b - HANGUL_T;
+    int lo = 0, hi = COUNT(COMPOSE) - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (a < COMPOSE[mid][0] || (a == COMPOSE[mid][0] && b < COMPOSE[mid][1])) hi = mid - 1;
+        else if (a > COMPOSE[mid][0] || b > COMPOSE[mid][1]) lo = mid + 1;
+        else return COMPOSE[mid][2];
+    }
+    return 0;
+}
+
+/* Unicode's algorithm as written: decompose, order the combining marks by
+ * class (stably), compose each with the last starter it is not blocked
+ * from. */
+static int nfc_span(const unsigned char *s, size_t n, Buffer *out) {
+    /* each code point with its class above it: (class << 21 | code point) */
+    uint32_t *cp = malloc(sizeof(uint32_t) * (4 * n + 1)), *sorted = malloc(sizeof(uint32_t) * (4 * n + 1));
+    size_t m = 0;
+    int status = -1;
+    if (!cp || !sorted) goto done;
+    for (size_t i = 0; i < n;) m += (size_t)decompose(next_cp(s, &i), cp + m);
+    for (size_t k = 0; k < m; k++) cp[k] |= (uint32_t)ccc_of(cp[k]) << 21;
+    /* each run of marks ordered by class, stably: a counting sort, linear
+     * however long the run */
+    for (size_t a = 0, b; a < m; a = b + 1) {
+        for (b = a; b < m && cp[b] >> 21; b++) {}
+        if (b - a < 2) continue;
+        size_t at[257] = {0};
+        for (size_t k = a; k < b; k++) at[(cp[k] >> 21) + 1]++;
+        for (int c = 1; c < 257; c++) at[c] += at[c - 1];
+        for (size_t k = a; k < b; k++) sorted[at[cp[k] >> 21]++] = cp[k];
+        memcpy(cp + a, sorted, sizeof(uint32_t) * (b - a));
+    }
+    size_t kept = m ? 1 : 0, starter = 0;
+    int last = m && cp[0] >> 21 ? 256 : 0;  /* a leading mark blocks */
+    for (size_t k = 1; k < m; k++) {
+        int c = (int)(cp[k] >> 21);
+        uint32_t both = compose(cp[starter] & 0x1fffff, cp[k] & 0x1fffff);
+        if (both && (last < c || last == 0)) {
+            cp[starter] = both;  /* a composite is a starter (class 0) */
+            continue;
+        }
+        if (!c) starter = kept;
+        last = c;
+        cp[kept++] = cp[k];
+    }
+    status = 0;
+    for (size_t k = 0; k < kept && !status; k++) status = put_cp(out, cp[k] & 0x1fffff);
+done:
+    free(cp), free(sorted);
+    return status;
+}
+
+/* Whether the character at s[i] may change under NFC or change what comes
+ * before it (NFC_UNSAFE), and in *next where the one after starts. */
+static int unsafe_at(const unsigned char *s, size_t i, size_t *next) {
+    if (s[i] < 0x80) return *next = i + 1, 0;
+    return in_ranges(NFC_UNSAFE, COUNT(NFC_UNSAFE), next_cp(s, (*next = i, next)));
+}
+
+/* NFC is the same cut before any safe character (a starter nothing
+ * composes onto and none reorders across): the text is copied, and only
+ * the spans from the safe character before an unsafe one to the next safe
+ * one go through nfc_span. */
+int nfc(const unsigned char *s, size_t n, Buffer *out) {
+    size_t done = 0, safe = 0, next;
+    for (size_t i = 0; i < n;) {
+        if (!unsafe_at(s, i, &next)) {
+            safe = i, i = next;
+            continue;
+        }
+        size_t start = safe > done ? safe : done;
+        while (next < n && unsafe_at(s, next, &i)) next = i;
+        if (buf_add(out, s + done, start - done) || nfc_span(s + start, next - start, out))
+            return -1;
+        done = i = next;
+    }
+    return buf_add(out, s + done, n - done);
 }
 
 /* ---- hashing ---- */
@@ -191,12 +342,11 @@ static int *empty_slots(int n, int *cap) {
     return slots;
 }
 
-/* The id whose bytes are w (n bytes), or -1. */
-static int find_bytes(const Tokenizer *t, const unsigned char *w, size_t n) {
+int tok_find(const Tokenizer *t, const unsigned char *w, size_t n) {
     for (uint64_t h = hash_bytes(w, n) & (t->id_cap - 1);; h = (h + 1) & (t->id_cap - 1)) {
         int id = t->id_slots[h];
         if (id < 0) return -1;
-        if ((size_t)t->raw_len[id] == n && !memcmp(t->raw[id], w, n)) return id;
+        if ((size_t)t->key_len[id] == n && !memcmp(t->key[id], w, n)) return id;
     }
 }
 
@@ -211,49 +361,59 @@ static int find_merge(const Tokenizer *t, int left, int right) {
 
 static int words_of(const Tokenizer *t, const char *text, size_t len, Buffer *words, Ids *ends);
 
-/* The specials each kind has at its fixed ids, with no bytes; every other
- * id with bytes, each id's distinct (check_specials). */
-static const char *check_table(Tokenizer *t) {
+/* Specials without bytes, every other id with them: at each kind's fixed
+ * ids (check_specials), or for hf its added tokens; each id's key distinct. */
+const char *tok_index(Tokenizer *t) {
     int specials = t->kind == TOK_WORD ? 2 : 4;
-    if (t->n_ids < specials + 1) return "too few ids for its kind";
-    for (int i = 0; i < t->n_ids; i++) {
+    if (t->kind != TOK_HF && t->n_ids < specials + 1) return "too few ids for its kind";
+    for (int i = 0; i < t->n_ids && t->kind != TOK_HF; i++) {
         int special = t->kind == TOK_WORD ? i == 0 || i == t->n_ids - 1 : i < 4;
         if (special != !t->raw[i]) return "a special id has bytes, or a token has none";
     }
+    if (!t->key) t->key = t->raw, t->key_len = t->raw_len;
     if (!(t->id_slots = empty_slots(t->n_ids, &t->id_cap))) return "out of memory";
     for (int i = 0; i < t->n_ids; i++) {
-        if (!t->raw[i]) continue;
-        if (find_bytes(t, t->raw[i], (size_t)t->raw_len[i]) >= 0) return "two tokens have the same bytes";
-        uint64_t h = hash_bytes(t->raw[i], (size_t)t->raw_len[i]) & (t->id_cap - 1);
+        if (!t->key[i]) continue;
+        if (tok_find(t, t->key[i], (size_t)t->key_len[i]) >= 0) return "two tokens have the same bytes";
+        uint64_t h = hash_bytes(t->key[i], (size_t)t->key_len[i]) & (t->id_cap - 1);
         while (t->id_slots[h] >= 0) h = (h + 1) & (t->id_cap - 1);
         t->id_slots[h] = i;
     }
     return 0;
 }
 
-/* bpe: pairs of non-special ids in rank order, each of bytes or an
- * earlier merge's token, making a token of the vocabulary; the
- * vocabulary is the bytes and the merges' tokens (bpe._check_merges). */
+/* Merges in rank order, each making the token whose key is left's then
+ * right's, no pair twice. bpe: pairs of non-special ids, each of bytes or
+ * an earlier merge's token, the vocabulary the bytes and the merges'
+ * tokens (bpe._check_merges). */
 static const char *check_merges(Tokenizer *t) {
     unsigned char *live = calloc((size_t)t->n_ids, 1);
     Buffer joined = {0};
     const char *problem = 0;
+    int own = t->kind == TOK_BPE;
     if (!live) return "out of memory";
     for (int b = 0; b < 256; b++) live[t->byte_id[b]] = 1;
-    if (!(t->merge_slots = empty_slots(t->n_merges, &t->merge_cap))) problem = "out of memory";
+    if (!(t->merge_slots = empty_slots(t->n_merges, &t->merge_cap)) ||
+        !(t->walls = malloc((size_t)t->n_ids)))
+        problem = "out of memory";
+    else memset(t->walls, 1, (size_t)t->n_ids);
     for (int r = 0; r < t->n_merges && !problem; r++) {
         Merge *m = &t->merges[r];
-        if (m->left < 4 || m->right < 4 || !live[m->left] || !live[m->right]) {
+        if (own && (m->left < 4 || m->right < 4 || !live[m->left] || !live[m->right])) {
             problem = "a merge uses a token no earlier merge makes";
             break;
         }
         joined.n = 0;
-        if (buf_add(&joined, t->raw[m->left], (size_t)t->raw_len[m->left]) ||
-            buf_add(&joined, t->raw[m->right], (size_t)t->raw_len[m->right])) {
+        if (!t->key[m->left] || !t->key[m->right]) {
+            problem = "a merge names an added token";
+            break;
+        }
+        if (buf_add(&joined, t->key[m->left], (size_t)t->key_len[m->left]) ||
+            buf_add(&joined, t->key[m->right], (size_t)t->key_len[m->right])) {
             problem = "out of memory";
             break;
         }
-        m->result = find_bytes(t, (unsigned char *)joined.bytes, joined.n);
+        m->result = tok_find(t, (unsigned char *)joined.bytes, joined.n);
         if (m->result < 0) problem = "a merge makes a token that is not in the vocabulary";
         else if (find_merge(t, m->left, m->right) >= 0) problem = "a merge appears twice";
         else {
@@ -261,30 +421,48 @@ static const char *check_merges(Tokenizer *t) {
             while (t->merge_slots[h] >= 0) h = (h + 1) & (t->merge_cap - 1);
             t->merge_slots[h] = r;
             live[m->result] = 1;
+            t->walls[m->left] = t->walls[m->right] = 0;
         }
     }
-    for (int i = 4; i < t->n_ids && !problem; i++)
+    for (int i = 4; own && i < t->n_ids && !problem; i++)
         if (!live[i]) problem = "a token is neither a byte nor made by a merge";
     free(live);
     buf_free(&joined);
     return problem;
 }
 
+/* Each byte's id: the token of that one byte, or for sentencepiece its
+ * byte-fallback token <0xXX>. */
+static const char *byte_ids(Tokenizer *t) {
+    for (int b = 0; b < 256; b++) {
+        char fallback[8];
+        snprintf(fallback, sizeof(fallback), "<0x%02X>", b);
+        unsigned char one = (unsigned char)b;
+        t->byte_id[b] = t->kind == TOK_HF && t->shape == SHAPE_SENTENCEPIECE
+                            ? tok_find(t, (unsigned char *)fallback, 6) : tok_find(t, &one, 1);
+        if (t->byte_id[b] < 0 && t->kind != TOK_WORD && t->kind != TOK_CHAR)
+            return t->kind == TOK_HF && t->shape == SHAPE_SENTENCEPIECE
+                       ? "the tokenizer lacks a byte-fallback token <0xXX>"
+                       : "the tokenizer lacks a token for a single byte";
+    }
+    return 0;
+}
+
 const char *tok_prepare(Tokenizer *t) {
-    const char *problem = check_table(t);
-    if (problem) return problem;
-    for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
-    for (int i = 0; i < t->n_ids; i++)
-        if (t->raw[i] && t->raw_len[i] == 1 && t->kind != TOK_WORD) t->byte_id[t->raw[i][0]] = i;
+    const char *problem = t->id_slots ? 0 : tok_index(t);
+    if (problem || (problem = byte_ids(t))) return problem;
     if (t->kind == TOK_BYTE) {  /* exactly the specials, then byte b at 4 + b */
         if (t->n_ids != 260) return "the byte tokenizer has other than 260 ids";
         for (int b = 0; b < 256; b++)
             if (t->byte_id[b] != 4 + b) return "the byte tokenizer's ids are out of order";
     }
-    if (t->kind == TOK_BPE) {
-        for (int b = 0; b < 256; b++)
-            if (t->byte_id[b] < 0) return "the tokenizer lacks a token for a single byte";
+    if (t->kind == TOK_BPE || t->kind == TOK_HF) {
         if ((problem = check_merges(t))) return problem;
+        /* every added token's first byte, where any is matched in text (a
+         * special one found there is skipped whole) */
+        int matched = 0;
+        for (int a = 0; a < t->n_added; a++) matched |= !t->added[a].special;
+        for (int a = 0; matched && a < t->n_added; a++) t->added_first[t->added[a].text[0]] = 1;
     }
     if (t->kind == TOK_CHAR) {  /* single characters in code-point order */
         t->n_chars = t->n_ids - 4;
@@ -321,13 +499,21 @@ const char *tok_prepare(Tokenizer *t) {
 }
 
 void tok_free(Tokenizer *t) {
-    if (t->raw)
-        for (int i = 0; i < t->n_ids; i++) free(t->raw[i]);
+    for (int i = 0; i < t->n_ids; i++) {
+        if (t->raw) free(t->raw[i]);
+        if (t->key && t->key != t->raw) free(t->key[i]);
+        if (t->name) free(t->name[i]);
+    }
+    if (t->key != t->raw) free(t->key), free(t->key_len);
+    for (int a = 0; a < t->n_added; a++) free(t->added[a].text);
     free(t->raw);
     free(t->raw_len);
+    free(t->name);
+    free(t->added);
     free(t->char_cp);
     free(t->merges);
     free(t->merge_slots);
+    free(t->walls);
     free(t->id_slots);
     memset(t, 0, sizeof(*t));
 }
@@ -357,10 +543,14 @@ static int encode_byte(const Tokenizer *t, const char *text, size_t len, Ids *ou
     return 0;
 }
 
-/* One BPE piece: its bytes' ids, then the lowest-rank merge (leftmost of
- * equals) applied while any adjacent pair has one. The candidates sit in a
- * min-heap by (rank, position), the tokens in a linked list, so a piece of
- * n bytes takes O(n log n), as in the tokenizers library. */
+/* One BPE piece: its symbols' ids (bytes; for sentencepiece characters, or
+ * a character's byte-fallback tokens where it has no token), then the
+ * lowest-rank merge (leftmost of equals) applied while any adjacent pair
+ * has one. The candidates sit in a min-heap by (rank, position), the
+ * tokens in a linked list, so a piece of n symbols takes O(n log n), as in
+ * the tokenizers library; a candidate is stale, as there, when the pair at
+ * its place no longer makes its token. With ignore_merges a piece that is
+ * a token is that token. */
 typedef struct { int rank, at; } Candidate;
 
 static void heap_push(Candidate *heap, int *n, Candidate c) {
@@ -393,67 +583,270 @@ static Candidate heap_pop(Candidate *heap, int *n) {
     return top;
 }
 
-static int encode_piece(const Tokenizer *t, const unsigned char *s, size_t n, Ids *out) {
-    int *token = malloc(sizeof(int) * (n ? n : 1)), *next = malloc(sizeof(int) * (n ? n : 1));
-    int *prev = malloc(sizeof(int) * (n ? n : 1));
-    /* each merge adds at most two candidates to the n - 1 first ones */
-    Candidate *heap = malloc(sizeof(Candidate) * (3 * n + 1));
-    int status = -1, size = 0;
-    if (!token || !next || !prev || !heap) goto done;
-    for (size_t i = 0; i < n; i++) {
-        token[i] = t->byte_id[s[i]];
-        next[i] = i + 1 < n ? (int)i + 1 : -1;
-        prev[i] = (int)i - 1;
+/* The piece's symbols into token (n at most its bytes); how many. */
+static int symbols(const Tokenizer *t, const unsigned char *s, size_t n, int *token) {
+    int k = 0;
+    if (t->kind != TOK_HF || t->shape != SHAPE_SENTENCEPIECE) {
+        for (size_t i = 0; i < n; i++) token[k++] = t->byte_id[s[i]];
+        return k;
     }
-    for (size_t i = 0; i + 1 < n; i++) {
+    for (size_t i = 0; i < n;) {
+        size_t at = i;
+        next_cp(s, &i);
+        int id = tok_find(t, s + at, i - at);
+        if (id >= 0) token[k++] = id;
+        else
+            while (at < i) token[k++] = t->byte_id[s[at++]];
+    }
+    return k;
+}
+
+/* BPE on the symbols token[a..b): their merges, then their ids onto out. */
+static int merge_run(const Tokenizer *t, int *token, int *next, int *prev, Candidate *heap,
+                     int a, int b, Ids *out) {
+    int size = 0, status = 0;
+    for (int i = a; i < b; i++) next[i] = i + 1 < b ? i + 1 : -1, prev[i] = i - 1;
+    prev[a] = -1;
+    for (int i = a; i + 1 < b; i++) {
         int m = find_merge(t, token[i], token[i + 1]);
-        if (m >= 0) heap_push(heap, &size, (Candidate){m, (int)i});
+        if (m >= 0) heap_push(heap, &size, (Candidate){m, i});
     }
     while (size) {
         Candidate c = heap_pop(heap, &size);
-        int a = c.at, b = next[a];
-        /* stale: a was merged away (token -1) or its pair changed */
-        if (token[a] < 0 || b < 0 || t->merges[c.rank].left != token[a] ||
-            t->merges[c.rank].right != token[b])
+        int at = c.at, right = next[at], m;
+        /* stale: at was merged away (token -1), or its pair makes another token */
+        if (token[at] < 0 || right < 0 || (m = find_merge(t, token[at], token[right])) < 0 ||
+            t->merges[m].result != t->merges[c.rank].result)
             continue;
-        token[a] = t->merges[c.rank].result;
-        token[b] = -1;
-        next[a] = next[b];
-        if (next[b] >= 0) prev[next[b]] = a;
-        int m;
-        if (prev[a] >= 0 && (m = find_merge(t, token[prev[a]], token[a])) >= 0)
-            heap_push(heap, &size, (Candidate){m, prev[a]});
-        if (next[a] >= 0 && (m = find_merge(t, token[a], token[next[a]])) >= 0)
-            heap_push(heap, &size, (Candidate){m, a});
+        token[at] = t->merges[c.rank].result;
+        token[right] = -1;
+        next[at] = next[right];
+        if (next[right] >= 0) prev[next[right]] = at;
+        if (prev[at] >= 0 && (m = find_merge(t, token[prev[at]], token[at])) >= 0)
+            heap_push(heap, &size, (Candidate){m, prev[at]});
+        if (next[at] >= 0 && (m = find_merge(t, token[at], token[next[at]])) >= 0)
+            heap_push(heap, &size, (Candidate){m, at});
     }
-    status = 0;
-    for (int i = n ? 0 : -1; i >= 0 && !status; i = next[i]) status = ids_push(out, token[i]);
-done:
-    free(token), free(next), free(prev), free(heap);
+    for (int i = a; i >= 0 && !status; i = next[i]) status = ids_push(out, token[i]);
     return status;
+}
+
+static int encode_piece(const Tokenizer *t, const unsigned char *s, size_t n, Ids *out) {
+    int whole = t->ignore_merges ? tok_find(t, s, n) : -1;
+    if (whole >= 0) return ids_push(out, whole);
+    /* a word's symbols fit on the stack; a longer piece's are allocated */
+    enum { SHORT = 64 };
+    int short_token[SHORT], short_next[SHORT], short_prev[SHORT];
+    Candidate short_heap[3 * SHORT + 1];
+    int on_stack = n <= SHORT;
+    int *token = on_stack ? short_token : malloc(sizeof(int) * n);
+    int *next = on_stack ? short_next : malloc(sizeof(int) * n);
+    int *prev = on_stack ? short_prev : malloc(sizeof(int) * n);
+    /* each merge adds at most two candidates to the n - 1 first ones */
+    Candidate *heap = on_stack ? short_heap : malloc(sizeof(Candidate) * (3 * n + 1));
+    int status = -1;
+    if (!token || !next || !prev || !heap) goto done;
+    int k = symbols(t, s, n, token);
+    /* a symbol no merge takes (a newline's byte-fallback token) is a wall no
+     * merge crosses: the runs between walls merge alone, in small heaps,
+     * as they would in one */
+    status = 0;
+    for (int a = 0, b; a < k && !status; a = b) {
+        for (b = a + 1; b < k && !t->walls[token[a]] && !t->walls[token[b]]; b++) {}
+        status = merge_run(t, token, next, prev, heap, a, b, out);
+    }
+done:
+    if (!on_stack) free(token), free(next), free(prev), free(heap);
+    return status;
+}
+
+/* ---- pre-tokenizer patterns (contract.PRETOKENIZER_PATTERNS): each
+ * pattern's alternatives tried in order at s[i], each greedy and
+ * backtracking as the regex engine does; the end of the match, or i ---- */
+
+/* A contraction 's 't 're 've 'm 'll 'd after the apostrophe at s[i - 1]
+ * (any case: with ſ, which folds to s); its end, or 0. */
+static size_t contraction(const unsigned char *s, size_t i, size_t n, int any_case) {
+    static const char *const ENDS[] = {"s", "t", "re", "ve", "m", "ll", "d"};
+    if (any_case && i + 1 < n && s[i] == 0xc5 && s[i + 1] == 0xbf) return i + 2;
+    for (int k = 0; k < 7; k++) {
+        size_t len = strlen(ENDS[k]), j = 0;
+        while (j < len && i + j < n &&
+               (s[i + j] == ENDS[k][j] || (any_case && (s[i + j] | 32) == ENDS[k][j])))
+            j++;
+        if (j == len) return i + len;
+    }
+    return 0;
+}
+
+/* \s+(?!\S)|\s+ at whitespace s[i]: the run but its last character where
+ * something follows it (that one starts the next piece), or all of it. */
+static size_t spaces(const unsigned char *s, size_t i, size_t n) {
+    size_t end = run_of(s, i, n, C_SPACE), last = end;
+    if (end == n) return end;
+    do last--; while ((s[last] & 0xc0) == 0x80);
+    return last > i ? last : end;
+}
+
+/* gpt-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
+static size_t match_gpt2(const unsigned char *s, size_t i, size_t n) {
+    size_t end, next, after;
+    if (s[i] == '\'' && (end = contraction(s, i + 1, n, 0))) return end;
+    int c = class_at(s, i, &next), d;
+    if (s[i] == ' ' && next < n && (d = class_at(s, next, &after)) != C_SPACE)
+        return run_of(s, after, n, d);
+    return c == C_SPACE ? spaces(s, i, n) : run_of(s, next, n, c);
+}
+
+/* llama-3 and qwen2 (digits at most 3 or 1 in a piece):
+ * (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+ * ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+static size_t match_llama3(const unsigned char *s, size_t i, size_t n, int digits) {
+    size_t end, next, after;
+    if (s[i] == '\'' && (end = contraction(s, i + 1, n, 1))) return end;
+    int c = class_at(s, i, &next);
+    if (c == C_LETTER) return run_of(s, next, n, C_LETTER);
+    if (c != C_NUMBER && s[i] != '\r' && s[i] != '\n' && next < n &&
+        class_at(s, next, &after) == C_LETTER)
+        return run_of(s, after, n, C_LETTER);
+    if (c == C_NUMBER) {
+        for (end = next; --digits > 0 && end < n && class_at(s, end, &after) == C_NUMBER;)
+            end = after;
+        return end;
+    }
+    size_t other = s[i] == ' ' ? next : i;
+    if (other < n && class_at(s, other, &after) == C_OTHER) {
+        end = run_of(s, after, n, C_OTHER);
+        while (end < n && (s[end] == '\r' || s[end] == '\n')) end++;
+        return end;
+    }
+    if (c != C_SPACE) return i;
+    for (end = run_of(s, i, n, C_SPACE); end > i; end--)  /* through its last \r or \n */
+        if (s[end - 1] == '\r' || s[end - 1] == '\n') return end;
+    return spaces(s, i, n);
 }
 
 static int bpe_space(unsigned char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == 0x0b || c == 0x0c || c == '\r';
 }
 
-/* The pieces of sqlgpt's pre-tokenization (sqlgpt/tokenizers/bpe.py, rule 2). */
-static int encode_bpe(const Tokenizer *t, const char *text, size_t len, Ids *out) {
-    const unsigned char *s = (const unsigned char *)text;
-    size_t i = 0;
-    while (i < len) {
-        size_t j = i;
-        if (!bpe_space(s[i]) || (s[i] == ' ' && i + 1 < len && !bpe_space(s[i + 1]))) {
-            j = i + 1;  /* a word, or a space and the word after it */
-            while (j < len && !bpe_space(s[j])) j++;
-        } else if (s[i] == ' ') {
-            while (j < len && s[j] == ' ') j++;
-            if (j < len && !bpe_space(s[j]) && j - i > 1) j--;  /* the last starts the word */
-        } else j = i + 1;
-        if (encode_piece(t, s + i, j - i, out)) return -1;
-        i = j;
+/* sqlgpt: ?[^ \t\n\x0b\x0c\r]+| +(?![^ \t\n\x0b\x0c\r])|[\t\n\x0b\x0c\r]
+ * (sqlgpt/data/tokenizers/bpe.py, rule 2: bytes, ASCII whitespace) */
+static size_t match_sqlgpt(const unsigned char *s, size_t i, size_t n) {
+    size_t j = i;
+    if (!bpe_space(s[i]) || (s[i] == ' ' && i + 1 < n && !bpe_space(s[i + 1]))) {
+        j = i + 1;  /* a word, or a space and the word after it */
+        while (j < n && !bpe_space(s[j])) j++;
+    } else if (s[i] == ' ') {
+        while (j < n && s[j] == ' ') j++;
+        if (j < n && !bpe_space(s[j]) && j - i > 1) j--;  /* the last starts the word */
+    } else j = i + 1;
+    return j;
+}
+
+/* The end of step's piece at s[i], or i where it matches nothing there. */
+static size_t cut(int step, const unsigned char *s, size_t i, size_t n) {
+    size_t next;
+    switch (step) {
+    case PATTERN_GPT_2: return match_gpt2(s, i, n);
+    case PATTERN_LLAMA_3: return match_llama3(s, i, n, 3);
+    case PATTERN_QWEN2: return match_llama3(s, i, n, 1);
+    case PATTERN_SQLGPT: return match_sqlgpt(s, i, n);
+    case STEP_DIGIT: return class_at(s, i, &next) == C_NUMBER ? next : i;
+    default: return run_of(s, i, n, C_NUMBER);  /* STEP_DIGITS */
     }
-    return 0;
+}
+
+/* The pre-tokenizer's steps from step on s (n bytes), each piece's BPE
+ * ids onto out: a step's matches are pieces, and so is the text between
+ * them ("isolated"); ByteLevel's prefix space goes before a piece that
+ * does not start with one. */
+static int pre_tokenize(const Tokenizer *t, int step, const unsigned char *s, size_t n,
+                        Ids *out) {
+    if (!n) return 0;
+    if (step == t->n_steps) return encode_piece(t, s, n, out);
+    if (t->steps[step] == STEP_PREFIX_SPACE) {
+        if (s[0] == ' ') return pre_tokenize(t, step + 1, s, n, out);
+        unsigned char *spaced = malloc(n + 1);
+        if (!spaced) return -1;
+        spaced[0] = ' ';
+        memcpy(spaced + 1, s, n);
+        int status = pre_tokenize(t, step + 1, spaced, n + 1, out);
+        free(spaced);
+        return status;
+    }
+    size_t gap = 0;
+    for (size_t i = 0; i < n;) {
+        size_t end = cut(t->steps[step], s, i, n);
+        if (end == i) {
+            i += s[i] < 0x80 ? 1 : s[i] < 0xe0 ? 2 : s[i] < 0xf0 ? 3 : 4;
+            continue;
+        }
+        if ((i > gap && pre_tokenize(t, step + 1, s + gap, i - gap, out)) ||
+            pre_tokenize(t, step + 1, s + i, end - i, out))
+            return -1;
+        gap = i = end;
+    }
+    return pre_tokenize(t, step + 1, s + gap, n - gap, out);
+}
+
+/* ---- an imported (hf) tokenizer: added tokens, then the normalizer,
+ * then the pre-tokenizer and BPE, as the tokenizers library runs them ---- */
+static int added_split(const Tokenizer *t, int normalized, const unsigned char *s, size_t n,
+                       Ids *out);
+
+/* A part of the text between added tokens (the text's first part: at_start):
+ * normalized (NFC, or for sentencepiece spaces as "\u2581" and one before)
+ * and cut again by the normalized added tokens; then pre-tokenized. */
+static int text_part(const Tokenizer *t, int normalized, const unsigned char *s, size_t n,
+                     int at_start, Ids *out) {
+    static const unsigned char SPM_SPACE[] = "\xe2\x96\x81";
+    if (!n) return 0;
+    if (normalized) return pre_tokenize(t, 0, s, n, out);
+    Buffer b = {0};
+    int status = 0;
+    if (t->shape == SHAPE_SENTENCEPIECE) {
+        int there = s[0] == ' ' || (n >= 3 && !memcmp(s, SPM_SPACE, 3));
+        if (t->prepend == PREPEND_ALWAYS ||
+            (!there && (t->prepend == PREPEND_UNLESS_THERE ||
+                        (t->prepend == PREPEND_FIRST_UNLESS_THERE && at_start))))
+            status = buf_add(&b, SPM_SPACE, 3);
+        for (size_t i = 0; i < n && !status; i++)
+            status = s[i] == ' ' ? buf_add(&b, SPM_SPACE, 3) : buf_add(&b, s + i, 1);
+    } else status = t->nfc ? nfc(s, n, &b) : buf_add(&b, s, n);
+    if (!status) status = added_split(t, 1, (unsigned char *)b.bytes, b.n, out);
+    buf_free(&b);
+    return status;
+}
+
+/* The added tokens of one kind (normalized or not) found in s, leftmost
+ * and longest first, as the library's matcher finds them: a special one
+ * found is skipped and stays text (encode never gives a special); the
+ * others are their ids, and the text between them text_part's. */
+static int added_split(const Tokenizer *t, int normalized, const unsigned char *s, size_t n,
+                       Ids *out) {
+    size_t start = 0, i = 0;
+    while (i < n) {
+        int found = -1;
+        for (int a = 0; t->added_first[s[i]] && a < t->n_added; a++) {
+            const Added *x = &t->added[a];
+            if (x->normalized == normalized && (size_t)x->len <= n - i &&
+                (found < 0 || x->len > t->added[found].len) && !memcmp(s + i, x->text, (size_t)x->len))
+                found = a;
+        }
+        if (found < 0) {
+            i++;
+            continue;
+        }
+        if (!t->added[found].special) {
+            if (text_part(t, normalized, s + start, i - start, start == 0, out) ||
+                ids_push(out, t->added[found].id))
+                return -1;
+            start = i + (size_t)t->added[found].len;
+        }
+        i += (size_t)t->added[found].len;
+    }
+    return text_part(t, normalized, s + start, n - start, start == 0, out);
 }
 
 /* The original's words (word.words_of): every character that is neither
@@ -491,7 +884,7 @@ static int encode_word(const Tokenizer *t, const char *text, size_t len, Ids *ou
     Ids ends = {0};
     int status = words_of(t, text, len, &words, &ends);
     for (int w = 0, start = 0; w < ends.n && !status; start = ends.ids[w++]) {
-        int id = find_bytes(t, (unsigned char *)words.bytes + start, (size_t)(ends.ids[w] - start));
+        int id = tok_find(t, (unsigned char *)words.bytes + start, (size_t)(ends.ids[w] - start));
         status = ids_push(out, id >= 0 ? id : t->unk_id);
     }
     buf_free(&words);
@@ -500,14 +893,15 @@ static int encode_word(const Tokenizer *t, const char *text, size_t len, Ids *ou
 }
 
 int tok_encode(const Tokenizer *t, const char *text, size_t len, Ids *out) {
+    const unsigned char *s = (const unsigned char *)text;
     switch (t->kind) {
     case TOK_CHAR: return encode_char(t, text, len, out);
     case TOK_BYTE: return encode_byte(t, text, len, out);
-    case TOK_BPE: return encode_bpe(t, text, len, out);
+    case TOK_BPE: return pre_tokenize(t, 0, s, len, out);
+    case TOK_HF: return added_split(t, 0, s, len, out);
     default: return encode_word(t, text, len, out);
     }
 }
-
 int tok_decode(const Tokenizer *t, const int *ids, int n, Buffer *out) {
     static const char UNK_WORD[] = "<unk>", REPLACEMENT[] = "\xef\xbf\xbd";
     if (t->kind == TOK_WORD) {  /* words joined by single spaces; <pad> dropped */

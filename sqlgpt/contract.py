@@ -183,6 +183,7 @@ LOOKUP_TABLES = ("wte", "wpe")
 # ---- tokenizers ----
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0..3 for char, byte and bpe
 TOKENIZER_KINDS = ("word", "char", "byte", "bpe")  # what sqlgpt builds
+IMPORTED_TOKENIZER_KINDS = ("hf",)  # what only comes with an imported model
 # The pre-tokenizer patterns an imported (hf) tokenizer may split by before
 # its byte-level step: the real models' own, each linear in the text. Any
 # other pattern is refused at import and at load, since a pattern is code:

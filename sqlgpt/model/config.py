@@ -4,10 +4,9 @@ import math
 from dataclasses import dataclass
 
 from .arch import ArchConfig, StoredFields
-from ..contract import REQUIRED_CONFIG_KEYS, TOKENIZER_KINDS
+from ..contract import IMPORTED_TOKENIZER_KINDS, REQUIRED_CONFIG_KEYS, TOKENIZER_KINDS
 from ..errors import SqlgptError
 
-IMPORTED_KINDS = ("hf",)  # what only comes with an imported model
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -100,7 +99,7 @@ class TrainConfig(StoredFields):
             raise SqlgptError(f"min_lr must be from 0 to lr ({self.lr}), got {self.min_lr}")
         if not isinstance(self.warmup_iters, int) or not 0 <= self.warmup_iters < 2**31:
             raise SqlgptError(f"warmup_iters must be >= 0, got {self.warmup_iters!r}")
-        if self.tokenizer not in TOKENIZER_KINDS + IMPORTED_KINDS:
+        if self.tokenizer not in TOKENIZER_KINDS + IMPORTED_TOKENIZER_KINDS:
             raise SqlgptError(f"unknown tokenizer {self.tokenizer!r} "
                               f"(known: {', '.join(TOKENIZER_KINDS)})")
         return self
