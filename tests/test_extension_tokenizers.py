@@ -333,8 +333,11 @@ def test_greedy_text_in_the_shell_is_the_python_api_s(shapes):
     assert "First Citizen" + shell.stdout.rstrip("\n") == text
 
 
-def test_chatml_chats_with_the_added_tokens_as_their_ids(shapes):
-    tok, db = shapes["qwen2"]
+@pytest.mark.parametrize("shape", ["qwen2", "gpt-2"])
+def test_chat_with_the_added_tokens_as_their_ids(shapes, shape):
+    """qwen2's import has ChatML's template, gpt-2's sqlgpt's (its bos and
+    eos, <|endoftext|> and <|im_end|>, as their ids)."""
+    tok, db = shapes[shape]
     chats = [[{"role": "user", "content": "hi there"}],
              [{"role": "system", "content": "be <|im_end|> brief"},
               {"role": "user", "content": "café?"}]]
@@ -342,11 +345,12 @@ def test_chatml_chats_with_the_added_tokens_as_their_ids(shapes):
                for c in chats for t in (0, 1.0)]
     ours, = client([{"db": str(db), "queries": queries}])
     assert ours == through_python(db, queries)
+    assert all(isinstance(text, str) for text in ours)
     model = sqlgpt.load(db)
     from sqlgpt.chat.conversation import ChatFormat
-    chat = ChatFormat(model.tokenizer, CHATML_TEMPLATE)
-    prompt = chat.prompt(chats[0]).tolist()
-    assert prompt[0] == tok.token_to_id("<|im_start|>")
+    chat = ChatFormat(model.tokenizer, CHATML_TEMPLATE if shape == "qwen2" else None)
+    first = "<|im_start|>" if shape == "qwen2" else "<|endoftext|>"
+    assert chat.prompt(chats[0]).tolist()[0] == tok.token_to_id(first)
     assert chat.end_id == tok.token_to_id("<|im_end|>")
 
 
