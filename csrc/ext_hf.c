@@ -155,13 +155,15 @@ static int read_normalizer(const Ext *x, Tokenizer *t, const char *json, int *re
             status = fail(e, "the tokenizer is damaged: its normalizer is not JSON objects");
             break;
         }
-        int sequence = sqlite3_column_int(s, STEP_SEQUENCE), last = n + 1 == sqlite3_column_int(s, STEP_COUNT);
+        int sequence = sqlite3_column_int(s, STEP_SEQUENCE);
+        int last = n + 1 == sqlite3_column_int(s, STEP_COUNT);
         if (t->shape == SHAPE_BYTE_LEVEL && !strcmp(type, "NFC") && !sequence) t->nfc = 1;
         else if (t->shape == SHAPE_SENTENCEPIECE && sequence && n == 0 && !last &&
                  !strcmp(type, "Prepend") && !strcmp(column(s, STEP_PREPEND), SPM_SPACE))
             t->prepend = PREPEND_ALWAYS;
         else if (t->shape == SHAPE_SENTENCEPIECE && sequence && last && !strcmp(type, "Replace") &&
-                 !strcmp(column(s, STEP_STRING), " ") && !strcmp(column(s, STEP_CONTENT), SPM_SPACE))
+                 !strcmp(column(s, STEP_STRING), " ") &&
+                 !strcmp(column(s, STEP_CONTENT), SPM_SPACE))
             *replaced = 1;
         else status = fail(e, "the tokenizer's normalizer step %s is not in the extension", type);
         n++;
@@ -184,7 +186,8 @@ static int read_pre_tokenizer(const Ext *x, Tokenizer *t, const char *json, int 
                               Err *e) {
     sqlite3_stmt *s = steps_of(x, json, "$.pre_tokenizer", "pretokenizers", e);
     if (!s) return -1;
-    int rc = SQLITE_DONE, status = 0, n = 0, last_step = replaced;  /* ByteLevel, or the spaces turned */
+    /* last_step: a ByteLevel, or the spaces turned */
+    int rc = SQLITE_DONE, status = 0, n = 0, last_step = replaced;
     while (!status && (rc = sqlite3_step(s)) == SQLITE_ROW) {
         const char *type = column(s, STEP_TYPE), *regex = column(s, STEP_REGEX);
         if (strcmp(column(s, STEP_JSON_TYPE), "object")) {
@@ -196,9 +199,9 @@ static int read_pre_tokenizer(const Ext *x, Tokenizer *t, const char *json, int 
         int last = n + 1 == sqlite3_column_int(s, STEP_COUNT);
         n++;
         if (t->shape == SHAPE_SENTENCEPIECE) {
-            const char *scheme = sqlite3_column_type(s, STEP_SCHEME) == SQLITE_NULL
-                                     ? (!strcmp(column(s, STEP_PREFIX), "true") ? "always" : "never")
-                                     : column(s, STEP_SCHEME);
+            /* older files say add_prefix_space instead */
+            const char *scheme = column(s, STEP_SCHEME)[0] ? column(s, STEP_SCHEME)
+                                 : !strcmp(column(s, STEP_PREFIX), "true") ? "always" : "never";
             if (strcmp(type, "Metaspace") || replaced || !last ||
                 strcmp(column(s, STEP_REPLACEMENT), SPM_SPACE) ||
                 strcmp(column(s, STEP_SPLIT), "false") ||
@@ -279,14 +282,16 @@ static unsigned char *key_of(const Tokenizer *t, const char *text, int n, int *l
 static int row_matches(const Tokenizer *t, int id, const char *text, int n) {
     const unsigned char *raw = t->raw[id];
     int len = t->raw_len[id];
-    if (t->shape == SHAPE_BYTE_LEVEL) return len == t->key_len[id] && !memcmp(raw, t->key[id], (size_t)len);
+    if (t->shape == SHAPE_BYTE_LEVEL)
+        return len == t->key_len[id] && !memcmp(raw, t->key[id], (size_t)len);
     if (n == 6 && !memcmp(text, "<0x", 3) && text[5] == '>' &&
         strspn(text + 3, "0123456789abcdefABCDEF") >= 2)
         return len == 1 && raw[0] == strtol((char[]){text[3], text[4], 0}, NULL, 16);
     Buffer expected = {0};
     int status = 0;
     for (int i = 0; i < n && !status; i++)
-        if (i + 3 <= n && !memcmp(text + i, SPM_SPACE, 3)) status = buf_add(&expected, " ", 1), i += 2;
+        if (i + 3 <= n && !memcmp(text + i, SPM_SPACE, 3))
+            status = buf_add(&expected, " ", 1), i += 2;
         else status = buf_add(&expected, text + i, 1);
     int same = !status && expected.n == (size_t)len && !memcmp(expected.bytes, raw, (size_t)len);
     buf_free(&expected);
@@ -403,7 +408,8 @@ static int read_merges(const Ext *x, Tokenizer *t, const char *json, Err *e) {
         const char *left = column(s, 2), *right = column(s, 3), *text = column(s, 1);
         int left_n = sqlite3_column_bytes(s, 2), right_n = sqlite3_column_bytes(s, 3);
         const char *space = strchr(text, ' ');
-        if (!t->merges && !(t->merges = malloc(sizeof(Merge) * (size_t)(sqlite3_column_int(s, 5) + 1))))
+        int count = sqlite3_column_int(s, 5);
+        if (!t->merges && !(t->merges = malloc(sizeof(Merge) * (size_t)(count + 1))))
             return finish(x, s, rc, fail(e, "out of memory"), e);
         if (!strcmp(column(s, 0), "text") && space && !strchr(space + 1, ' ') &&
             (int)strlen(text) == sqlite3_column_bytes(s, 1))

@@ -254,7 +254,8 @@ static uint32_t compose(uint32_t a, uint32_t b) {
  * from. */
 static int nfc_span(const unsigned char *s, size_t n, Buffer *out) {
     /* each code point with its class above it: (class << 21 | code point) */
-    uint32_t *cp = malloc(sizeof(uint32_t) * (4 * n + 1)), *sorted = malloc(sizeof(uint32_t) * (4 * n + 1));
+    uint32_t *cp = malloc(sizeof(uint32_t) * (4 * n + 1));  /* at most 4 a character */
+    uint32_t *sorted = malloc(sizeof(uint32_t) * (4 * n + 1));
     size_t m = 0;
     int status = -1;
     if (!cp || !sorted) goto done;
@@ -374,7 +375,8 @@ const char *tok_index(Tokenizer *t) {
     if (!(t->id_slots = empty_slots(t->n_ids, &t->id_cap))) return "out of memory";
     for (int i = 0; i < t->n_ids; i++) {
         if (!t->key[i]) continue;
-        if (tok_find(t, t->key[i], (size_t)t->key_len[i]) >= 0) return "two tokens have the same bytes";
+        if (tok_find(t, t->key[i], (size_t)t->key_len[i]) >= 0)
+            return "two tokens have the same bytes";
         uint64_t h = hash_bytes(t->key[i], (size_t)t->key_len[i]) & (t->id_cap - 1);
         while (t->id_slots[h] >= 0) h = (h + 1) & (t->id_cap - 1);
         t->id_slots[h] = i;
@@ -831,7 +833,8 @@ static int added_split(const Tokenizer *t, int normalized, const unsigned char *
         for (int a = 0; t->added_first[s[i]] && a < t->n_added; a++) {
             const Added *x = &t->added[a];
             if (x->normalized == normalized && (size_t)x->len <= n - i &&
-                (found < 0 || x->len > t->added[found].len) && !memcmp(s + i, x->text, (size_t)x->len))
+                (found < 0 || x->len > t->added[found].len) &&
+                !memcmp(s + i, x->text, (size_t)x->len))
                 found = a;
         }
         if (found < 0) {
