@@ -484,3 +484,25 @@ def test_fuzzed_tokenizer_json_loads_or_is_a_sql_error(shapes, tmp_path):
              "queries": ["SELECT sqlgpt_tokens('it''s 12 cafés 中文')"]} for t in found]
     for (got,), t in zip(client(runs), found):  # the client came back: nothing crashed
         assert isinstance(got, str) or "error" in got
+
+
+@pytest.mark.parametrize("qtype, precision", [("Q8_0", "int8"), ("Q4_0", "int4"),
+                                              (None, "f16")])
+def test_gguf_imports_generate_in_their_precision_as_python_does(tmp_path, qtype, precision):
+    """A Q8_0/Q4_0 file's blocks (the int8/int4 copy) and float weights run
+    in half: the extension's greedy and sampled text is Python's."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf_import import LLAMA3, hf_family, library_tokenizer, write_like_llama_cpp
+    qtype = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(train_text()[:30000])
+    path, db = tmp_path / "m.gguf", tmp_path / "m.db"
+    tok = library_tokenizer(corpus, LLAMA3)
+    write_like_llama_cpp(path, "qwen2", hf_family("qwen2", tok.get_vocab_size(), True), tok,
+                         qtype)
+    assert run("import", path, "--db", db).exit_code == 0
+    queries = [f"SELECT sqlgpt_generate({quote(p)}, 12, {t}, 3)"
+               for p in ("Hello", "café ") for t in (0, 0.8)]
+    ours, = client([{"db": str(db), "setup": [f"SELECT sqlgpt_model('main', '{precision}')"],
+                     "queries": queries}])
+    assert ours == through_python(db, queries, precision)
