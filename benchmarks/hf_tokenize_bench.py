@@ -13,7 +13,8 @@ twelve scripts with numbers and emoji, drawn at random).
 
 Each side encodes the whole text in one call, best of --repeats, and both
 give the same ids: the extension as SELECT sqlgpt_tokens(...) (the ids
-written out as JSON text included) in the sqlite3 shell (.timer); the library's Tokenizer.encode (one text runs on one thread)
+written out as JSON text included) in the sqlite3 shell (.timer, over
+statements of five calls); the library's Tokenizer.encode (one text runs on one thread)
 with RAYON_NUM_THREADS=1, and its encode_batch over the text's lines with
 RAYON_NUM_THREADS=1 and with its default threads (what the library does
 fastest).
@@ -135,19 +136,23 @@ print(json.dumps([whole, batch, ids]))
 """
 
 
-def extension_side(db, path, repeats):
-    """(best seconds, ids) of SELECT sqlgpt_tokens on the text at path, in
-    the sqlite3 shell (the model loaded first, untimed)."""
+def extension_side(db, path, repeats, calls=5):
+    """(best seconds a call, ids) of SELECT sqlgpt_tokens on the text at
+    path, in the sqlite3 shell: the model loaded and the ids read first,
+    untimed; then statements of `calls` calls each, timed (.timer has
+    milliseconds)."""
     import sqlgpt
     shell = shutil.which("sqlite3") or sys.exit("no sqlite3 shell here")
-    script = (f".load {sqlgpt.extension_path()}\nSELECT length(sqlgpt_tokens('warm up'));\n"
-              ".timer on\n" + f"SELECT sqlgpt_tokens(CAST(readfile('{path}') AS TEXT));\n"
-              * repeats)
+    text = f"CAST(readfile('{path}') AS TEXT)"
+    timed = (f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < {calls}) "
+             f"SELECT sum(length(sqlgpt_tokens({text}))) FROM k;\n")
+    script = (f".load {sqlgpt.extension_path()}\nSELECT sqlgpt_tokens({text});\n.timer on\n"
+              + timed * repeats)
     done = subprocess.run([shell, str(db)], input=script, capture_output=True, text=True,
                           check=True)
     lines = done.stdout.splitlines()
     times = [float(line.split()[3]) for line in lines if line.startswith("Run Time:")]
-    return min(times), json.loads(lines[-2])
+    return min(times) / calls, json.loads(lines[0])
 
 
 def side(command, threads=None):
