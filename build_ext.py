@@ -204,6 +204,15 @@ def contract_header():
            "enum { " + ", ".join(f"PATTERN_{c_name(name)}" for name in patterns) + " };",
            c_array("const char *const", "PATTERN_REGEXES", map(c_string, patterns.values())),
            c_array("const int", "QUANT_GROUPS", map(str, contract.QUANT_GROUPS)),
+           # how an import's tensor may be stored: its name, bytes per value and,
+           # for an integer format, the quantized copy's bits (0: rows of halves)
+           c_array("const char *const", "TENSOR_FORMATS", map(c_string, contract.TENSOR_FORMATS)),
+           c_array("const double", "TENSOR_FORMAT_BYTES",
+                   (repr(float(b)) for b in contract.TENSOR_FORMATS.values())),
+           c_array("const int", "TENSOR_FORMAT_BITS",
+                   (name[3:] if name.startswith("int") else "0" for name in contract.TENSOR_FORMATS)),
+           "enum { " + ", ".join(f"TENSOR_{name.upper()}" for name in contract.TENSOR_FORMATS)
+           + " };",
            c_array("const char *const", "PRECISIONS", map(c_string, contract.PRECISIONS)),
            *(f'_Static_assert(PRECISION_{name.upper()} == {i}, "sqlgpt.h numbers the '
              f'precisions as contract.py does");' for i, name in enumerate(contract.PRECISIONS)),

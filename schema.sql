@@ -1,4 +1,4 @@
--- sqlgpt database layout, schema version 4 (PRAGMA user_version).
+-- sqlgpt database layout, schema version 6 (PRAGMA user_version).
 --
 -- One file holds a whole training state: config, vocabulary, every weight with
 -- its Adam moments, the RNG and data position, and the training history.
@@ -255,4 +255,18 @@ CREATE TABLE IF NOT EXISTS quantized (
     scales     BLOB NOT NULL,
     crc        INTEGER NOT NULL,
     PRIMARY KEY (tensor, bits, i)
+);
+
+-- How an imported tensor is stored where it is not float32 rows (since
+-- version 6), so that a model keeps the precision it came in: `name` is the
+-- tensor table's (wte, layers.0.q, lnf_w, ...) and `format` f16 or bf16 (its
+-- rows in the weight tables hold cols IEEE half or bfloat16 values, two
+-- little-endian bytes each, m and v empty, crc over data) or int8 or int4
+-- (it has no rows in the weight tables: its values are its quantized copy's
+-- of those bits, made from the file's Q8_0 / Q4_0 blocks; a tied wte's are
+-- the head's rows). Only an import writes it, and only for tensors whose
+-- values that format holds exactly; a tensor not named here is float32.
+CREATE TABLE IF NOT EXISTS tensor_formats (
+    name   TEXT PRIMARY KEY,
+    format TEXT NOT NULL CHECK (format IN ('f16', 'bf16', 'int8', 'int4'))
 );

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "kernel.h"
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -67,19 +68,24 @@ static size_t element_bytes(int half) {
  * a shift and a mask then widen a whole vector of each to float32, with no
  * lane shuffles. f16 panels hold a row's columns in order (the CPU widens a
  * vector of them in one instruction). */
-void pack_panels(void *dst, const float *w, int C, int OC, int half) {
+/* W's element (p, j) is w[p * row_stride + j * column_stride]: W itself
+ * (OC, 1), or W^T's storage read as W (1, C). */
+static void pack(void *dst, const float *w, int C, int OC, int half, size_t row_stride,
+                 size_t column_stride) {
     float *out = dst;
     uint32_t *words = dst;
     _Float16 *halves = dst;
     for (int j0 = 0; j0 < OC; j0 += PANEL)
         for (int p = 0; p < C; p++) {
-            const float *row = w + (size_t)p * OC;
-            #define COLUMN(j) (j0 + (j) < OC ? row[j0 + (j)] : 0.0f)
-            if (half == HALF_NONE) {
+            const float *row = w + (size_t)p * row_stride;
+            #define COLUMN(j) (j0 + (j) < OC ? row[(size_t)(j0 + (j)) * column_stride] : 0.0f)
+            if (half == HALF_NONE && column_stride == 1) {
                 int n = OC - j0 < PANEL ? OC - j0 : PANEL;
                 memcpy(out, row + j0, sizeof(float) * n);
                 memset(out + n, 0, sizeof(float) * (PANEL - n));
                 out += PANEL;
+            } else if (half == HALF_NONE) {
+                for (int j = 0; j < PANEL; j++) *out++ = COLUMN(j);
             } else if (half == HALF_F16) { /* rounded to nearest even, as numpy's float16 */
                 for (int j = 0; j < PANEL; j++) *halves++ = (_Float16)COLUMN(j);
             } else /* word vector k holds vectors 2k (low halves) and 2k+1 (high) */
@@ -89,6 +95,14 @@ void pack_panels(void *dst, const float *w, int C, int OC, int half) {
                                    to_bf16(COLUMN((2 * k + 1) * VLEN + i)) << 16;
             #undef COLUMN
         }
+}
+
+void pack_panels(void *dst, const float *w, int C, int OC, int half) {
+    pack(dst, w, C, OC, half, (size_t)OC, 1);
+}
+
+void pack_panels_t(void *dst, const float *wt, int C, int OC, int half) {
+    pack(dst, wt, C, OC, half, 1, (size_t)C);
 }
 
 /* A panel to fetch into cache meanwhile: `lines` cache lines from `at`. */
@@ -590,14 +604,64 @@ static void decode_block(const Step *s, const ModelTensors *w, int l, const Form
  * computing them redundantly (n x C values), so no thread waits on another
  * for them: a barrier costs more than the work. Barriers remain only where a
  * matmat's output, split among threads, feeds the next op. */
+/* Column j of the head (C, V) as the step stores it, into out (C): what a
+ * decoder without a wte of its own (a tied model whose head holds wte
+ * exactly, head_holds_wte) looks a token's embedding up in. */
+static void head_column(float *out, const void *head, int C, int V, const Format *f, int j) {
+    if (f->bits) { /* row j of the integer rows */
+        quant_row_values(out, head, C, V, f->bits, f->group, j);
+        return;
+    }
+    size_t row0 = (size_t)(j / PANEL) * C * PANEL; /* the panel's first element */
+    int k = j % PANEL, vector = k / VLEN, lane = k % VLEN;
+    for (int c = 0; c < C; c++) {
+        size_t at = row0 + (size_t)c * PANEL;
+        if (f->half == HALF_NONE) out[c] = ((const float *)head)[at + k];
+        else if (f->half == HALF_F16) out[c] = (float)((const _Float16 *)head)[at + k];
+        else { /* bf16: word vector vector/2, its low half for even vectors */
+            uint32_t word = ((const uint32_t *)head)[at / 2 + (size_t)(vector / 2) * VLEN + lane];
+            uint32_t bits = (vector % 2 ? word >> 16 : word & 0xffff) << 16;
+            memcpy(&out[c], &bits, 4);
+        }
+    }
+}
+
+static Format format_of(int precision, int group) {
+    return (Format){panel_half(precision),
+                    precision == PRECISION_INT8 ? 8 : precision == PRECISION_INT4 ? 4 : 0, group};
+}
+
+int head_holds_wte(const ModelConfig *cfg, const void *head, int precision, int group,
+                   const float *wte) {
+    Format f = format_of(precision, group);
+    float *row = malloc(sizeof(float) * (size_t)cfg->C);
+    int same = row != NULL;
+    for (int j = 0; same && j < cfg->V; j++) {
+        head_column(row, head, cfg->C, cfg->V, &f, j);
+        same = !memcmp(row, wte + (size_t)j * cfg->C, sizeof(float) * (size_t)cfg->C);
+    }
+    free(row);
+    return same;
+}
+
+/* Row r's input: its token's embedding (from wte, or the head's column),
+ * plus its position's where positions are added. */
+static void embed(float *x, const ModelConfig *cfg, const ModelTensors *w, const Format *f,
+                  int token, int pos) {
+    int C = cfg->C;
+    if (w->wte) memcpy(x, w->wte + (size_t)token * C, sizeof(float) * C);
+    else head_column(x, w->head, C, cfg->V, f, token);
+    if (w->wpe)
+        for (int c = 0; c < C; c++) x[c] += w->wpe[(size_t)pos * C + c];
+}
+
 static int decode_rows(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
                        float *kcache, float *vcache, int n, const int *slots, const int *tokens,
                        const int *pos, int n_out, const int *out_rows, float *logits) {
     int C = cfg->C, hs = cfg->HS, F = cfg->F, Tk = key_stride(cfg->max_T);
     int Q = cfg->NH * hs, KVC = cfg->KVH * hs, wide = C > F ? C : F;
     wide = wide > Q ? wide : Q;
-    Format f = {panel_half(precision),
-                precision == PRECISION_INT8 ? 8 : precision == PRECISION_INT4 ? 4 : 0, group};
+    Format f = format_of(precision, group);
     /* quantized inputs: 2 n wide bytes (values, magnitudes) and n wide / group
      * scales, in floats */
     size_t quantized = f.bits ? (size_t)n * wide / 2 + 1 + (size_t)n * (wide / group) : 0;
@@ -629,10 +693,8 @@ static int decode_rows(const ModelConfig *cfg, const ModelTensors *w, int precis
             o.qscales = o.scores + Tk + (size_t)n * C; /* after the head's rows (last) */
             o.q = (int8_t *)(o.qscales + (size_t)n * (wide / (group > 0 ? group : 1)));
             for (int i = 0; i < n; i++) {
-                const float *te = w->wte + (size_t)tokens[i] * C;
-                const float *pe = w->wpe ? w->wpe + (size_t)pos[i] * C : NULL;
                 float *x = o.x + (size_t)i * C;
-                for (int c = 0; c < C; c++) x[c] = te[c] + (pe ? pe[c] : 0.0f);
+                embed(x, cfg, w, &f, tokens[i], pos[i]);
                 norm_row(cfg, o.ln + (size_t)i * C, x, w->layers[0].ln1_w, w->layers[0].ln1_b);
             }
             for (int l = 0; l < cfg->num_layers; l++) decode_block(&s, w, l, &f, r, o);
@@ -658,7 +720,7 @@ static int decode_rows(const ModelConfig *cfg, const ModelTensors *w, int precis
 int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
                  float *kcache, float *vcache, int n, const int *slots, const int *tokens,
                  const int *pos, int n_out, const int *out_rows, float *logits) {
-    threads_unit_begin(w->wte, n);
+    threads_unit_begin(w->wte ? (const void *)w->wte : w->head, n);
     int status = decode_rows(cfg, w, precision, group, kcache, vcache, n, slots, tokens, pos,
                              n_out, out_rows, logits);
     threads_unit_end();

@@ -146,6 +146,7 @@ static long long dimension(const ModelConfig *cfg, int dim) {
 typedef struct {
     int component, layer;    /* COMPONENTS[component] of block layer (-1: the model's) */
     int rows, cols, seen;
+    int format;              /* how it is stored: -1 float32 rows, else TENSOR_FORMATS' */
     float *data;
     unsigned char *has_row;  /* which rows were read (each exactly once) */
 } Tensor;
@@ -180,9 +181,59 @@ static int list_tensors(const Config *c, const ModelConfig *cfg, Tensors *ts, Er
             *slot = ts->n;
             ts->t[ts->n++] = (Tensor){k, COMPONENTS[k].in_layer ? layer : -1,
                                       (int)dimension(cfg, COMPONENTS[k].rows),
-                                      (int)dimension(cfg, COMPONENTS[k].cols), 0, NULL, NULL};
+                                      (int)dimension(cfg, COMPONENTS[k].cols), 0, -1, NULL, NULL};
         }
     return 0;
+}
+
+/* A tensor's name in the tensor table (layers.3.q, head). */
+static void tensor_name(int layer, int component, char *out, size_t n) {
+    if (layer >= 0) snprintf(out, n, "layers.%d.%s", layer, COMPONENTS[component].name);
+    else snprintf(out, n, "%s", COMPONENTS[component].name);
+}
+
+/* The component whose rows hold t's values when t is stored as its integer
+ * copy: t itself (a matrix), or for a lookup table the tied component that
+ * is it transposed (a tied head holds wte); -1 for none. */
+static int integer_source(const Config *c, const Tensor *t) {
+    const Component *k = &COMPONENTS[t->component];
+    if (k->rows == DIM_ONE) return -1;
+    if (!k->lookup) return t->component;
+    for (int j = 0; j < N_COMPONENTS; j++)
+        if (COMPONENTS[j].tied_to && !strcmp(COMPONENTS[j].tied_to, k->name) &&
+            component_present(&c->a, j) && !stored(&c->a, j))
+            return j;
+    return -1;
+}
+
+/* The tensor_formats table (since version 6): which tensors an import keeps
+ * in half rows or as their integer copy (store.read_formats' checks). */
+static int read_formats(const Ext *x, int version, const Config *c, Tensors *ts, Err *e) {
+    if (version < 6) return 0;
+    sqlite3_stmt *s = prepare(x, e, "SELECT name, format FROM \"%w\".\"%w%w\"", "tensor_formats");
+    if (!s) return -1;
+    int n_formats = (int)(sizeof(TENSOR_FORMATS) / sizeof(TENSOR_FORMATS[0])), status = 0;
+    char name[96];
+    while (!status && sqlite3_step(s) == SQLITE_ROW) {
+        const char *tensor = (const char *)sqlite3_column_text(s, 0);
+        const char *format = (const char *)sqlite3_column_text(s, 1);
+        Tensor *t = NULL;
+        int f = -1;
+        for (int i = 0; tensor && i < ts->n && !t; i++) {
+            tensor_name(ts->t[i].layer, ts->t[i].component, name, sizeof(name));
+            if (!strcmp(name, tensor)) t = &ts->t[i];
+        }
+        for (int i = 0; format && i < n_formats; i++)
+            if (!strcmp(format, TENSOR_FORMATS[i])) f = i;
+        if (!t || f < 0 || (TENSOR_FORMAT_BITS[f] && integer_source(c, t) < 0))
+            status = fail(e, "the tensor_formats table is damaged: %s stored as %s",
+                          tensor ? tensor : "NULL", format ? format : "NULL");
+        else
+            t->format = f;
+    }
+    if (sqlite3_finalize(s) != SQLITE_OK && !status)
+        return fail(e, "cannot read the tensor_formats table: %s", sqlite3_errmsg(conn_of(x)));
+    return status;
 }
 
 /* Validate before allocating: the weights the config claims must fit in
@@ -190,7 +241,9 @@ static int list_tensors(const Config *c, const ModelConfig *cfg, Tensors *ts, Er
  * config cannot make the loader take gigabytes before any row is read. */
 static int check_size(const Ext *x, const Tensors *ts, Err *e) {
     double claimed = 0, file = 1;
-    for (int i = 0; i < ts->n; i++) claimed += 4.0 * ts->t[i].rows * ts->t[i].cols;
+    for (int i = 0; i < ts->n; i++)
+        claimed += (ts->t[i].format < 0 ? 4.0 : TENSOR_FORMAT_BYTES[ts->t[i].format]) *
+                   ts->t[i].rows * ts->t[i].cols;
     static const char *const pragmas[] = {"PRAGMA \"%w\".page_count", "PRAGMA \"%w\".page_size"};
     for (int p = 0; p < 2; p++) {
         sqlite3_stmt *s = prepare(x, e, pragmas[p], "");
@@ -218,13 +271,20 @@ static int alloc_tensors(Model *m, Tensors *ts, Err *e) {
 /* One weight row (contract.ROW_LAYOUTS): data of cols float32, then m and
  * v of as many (a full row; crc over data || m || v) or both empty (a
  * compacted or merged file; crc over data), finite data; copied into row i
- * of t. */
+ * of t. A tensor kept in half (tensor_formats) has rows of cols 2-byte
+ * values, m and v empty, widened here; one kept as its integer copy has
+ * no rows. */
 static int take_row(Tensor *t, sqlite3_int64 i, sqlite3_stmt *s, int first, Err *e) {
     if (!t || i < 0 || i >= t->rows || t->has_row[i])
         return fail(e, "a weight row belongs to no tensor, or to one twice: the file is damaged");
     t->has_row[i] = 1;
     const char *name = COMPONENTS[t->component].name;
-    int bytes = t->cols * 4, moments = sqlite3_column_bytes(s, first + 1);
+    if (t->format >= 0 && TENSOR_FORMAT_BITS[t->format])
+        return fail(e, "%s has weight rows though it is stored as its int%d copy: the file is "
+                       "damaged", name, TENSOR_FORMAT_BITS[t->format]);
+    int half = t->format >= 0;
+    int bytes = t->cols * (half ? 2 : 4), moments = sqlite3_column_bytes(s, first + 1);
+    if (half && moments) return fail(e, "row %d of %s has moments: the file is damaged", (int)i, name);
     const void *blob[3];
     for (int b = 0; b < 3; b++) {
         blob[b] = sqlite3_column_blob(s, first + b);
@@ -239,7 +299,19 @@ static int take_row(Tensor *t, sqlite3_int64 i, sqlite3_stmt *s, int first, Err 
     if ((sqlite3_int64)crc != sqlite3_column_int64(s, first + 3))
         return fail(e, "row %d of %s fails its checksum: the file is damaged", (int)i, name);
     float *row = t->data + (size_t)i * t->cols;
-    memcpy(row, blob[0], (size_t)bytes);
+    if (!half) memcpy(row, blob[0], (size_t)bytes);
+    for (int c = 0; half && c < t->cols; c++) {
+        uint16_t h;
+        memcpy(&h, (const char *)blob[0] + 2 * c, 2);
+        if (t->format == TENSOR_F16) {
+            _Float16 value;
+            memcpy(&value, &h, 2);
+            row[c] = (float)value;
+        } else {  /* bfloat16: float32's top half */
+            uint32_t bits = (uint32_t)h << 16;
+            memcpy(&row[c], &bits, 4);
+        }
+    }
     for (int c = 0; c < t->cols; c++)
         if (!isfinite(row[c])) return fail(e, "%s holds NaN or Inf", name);
     t->seen++;
@@ -275,7 +347,8 @@ static int read_rows(const Ext *x, int version, Tensors *ts, Err *e) {
                         sqlite3_errmsg(conn_of(x)));
     }
     for (int i = 0; i < ts->n; i++)
-        if (ts->t[i].seen != ts->t[i].rows) {
+        if (ts->t[i].seen != ts->t[i].rows &&
+            !(ts->t[i].format >= 0 && TENSOR_FORMAT_BITS[ts->t[i].format])) {
             const Tensor *t = &ts->t[i];
             if (t->layer >= 0)
                 return fail(e, "layers.%d.%s has %d of its %d rows: the file is damaged",
@@ -368,6 +441,33 @@ static int quantized_set(const Ext *x, Model *m, int bits, Err *e) {
     return status;
 }
 
+/* The values of the tensors kept as their integer copy (tensor_formats),
+ * from its rows: a matrix (C, OC) from its own, a lookup table (V, C)
+ * from the tied component's (a tied head's rows are wte's). */
+static int read_integers(const Ext *x, Model *m, const Config *c, Tensors *ts, Err *e) {
+    char name[96];
+    for (int i = 0; i < ts->n; i++) {
+        Tensor *t = &ts->t[i];
+        int bits = t->format >= 0 ? TENSOR_FORMAT_BITS[t->format] : 0;
+        if (!bits) continue;
+        int source = integer_source(c, t), lookup = COMPONENTS[t->component].lookup;
+        int C = lookup ? t->cols : t->rows, OC = lookup ? t->rows : t->cols;
+        tensor_name(lookup ? -1 : t->layer, source, name, sizeof(name));
+        if (quantized_set(x, m, bits, e)) return -1;
+        const float *block = quantized(x, m, name, C, OC, bits, e);
+        float *row = malloc(sizeof(float) * (size_t)C);
+        if (!block || !row) return free(row), block ? fail(e, "out of memory") : -1;
+        for (int j = 0; j < OC; j++) {
+            quant_row_values(lookup ? t->data + (size_t)j * C : row, block, C, OC, bits,
+                             m->group, j);
+            for (int k = 0; !lookup && k < C; k++) t->data[(size_t)k * OC + j] = row[k];
+        }
+        free(row);
+        t->seen = t->rows;
+    }
+    return 0;
+}
+
 /* A matrix in a precision's layout. */
 static float *matrix(const Ext *x, Model *m, int precision, const char *name, const float *data,
                      int C, int OC, Err *e) {
@@ -376,11 +476,6 @@ static float *matrix(const Ext *x, Model *m, int precision, const char *name, co
     return panels(m, data, C, OC, panel_half(precision), e);
 }
 
-/* A tensor's name in the tensor table (layers.3.q, head). */
-static void tensor_name(int layer, int component, char *out, size_t n) {
-    if (layer >= 0) snprintf(out, n, "layers.%d.%s", layer, COMPONENTS[component].name);
-    else snprintf(out, n, "%s", COMPONENTS[component].name);
-}
 
 /* Each tensor into its field of the decode struct w (COMPONENTS' field):
  * vectors and lookup tables as they are read, matrices in precision's
@@ -480,8 +575,10 @@ Model *load(const Ext *x, Err *e) {
     int status = version < 0 || check_views(x, e) || read_config(x, &c, e) ||
                  (m->step = latest_step(x, e)) < -1;
     if (!status) m->cfg = model_config(&c.a);
-    status = status || list_tensors(&c, &m->cfg, &ts, e) || check_size(x, &ts, e) ||
+    status = status || list_tensors(&c, &m->cfg, &ts, e) ||
+             read_formats(x, version, &c, &ts, e) || check_size(x, &ts, e) ||
              alloc_tensors(m, &ts, e) || read_rows(x, version, &ts, e) ||
+             read_integers(x, m, &c, &ts, e) ||
              (integer && quantized_set(x, m, m->precision == PRECISION_INT8 ? 8 : 4, e)) ||
              place(x, m, &ts, &c, PRECISION_FP32, &m->w32, e) ||
              (m->precision != PRECISION_FP32 && place(x, m, &ts, &c, m->precision, &m->w, e)) ||

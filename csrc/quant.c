@@ -35,6 +35,18 @@ long quant_size(int C, int OC, int bits, int G) {
     return (long)OC * quant_row_bytes(C, bits) + (long)OC * (C / G) * (long)sizeof(float);
 }
 
+void quant_row_values(float *out, const void *w, int C, int OC, int bits, int G, int j) {
+    long row_bytes = quant_row_bytes(C, bits);
+    const uint8_t *q = (const uint8_t *)w + (size_t)j * row_bytes;
+    const float *scales = (const float *)((const char *)w + (size_t)OC * row_bytes) +
+                          (size_t)j * (C / G);
+    for (int c = 0; c < C; c++) { /* int4: byte k of each run of 32 holds k low, k + 16 high */
+        int value = bits == 8 ? (int8_t)q[c]
+                              : ((q[c / 32 * 16 + c % 16] >> (c % 32 < 16 ? 0 : 4)) & 15) - 8;
+        out[c] = scales[c / G] * (float)value;
+    }
+}
+
 /* x (n) as int8 groups of G: q (2n), the values then their magnitudes (the
  * AVX2 product's unsigned operand), scales (n / G); d = amax / 127. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)

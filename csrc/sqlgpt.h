@@ -181,13 +181,23 @@ long panels_size(int C, int OC);
  * bfloat16, 2 IEEE half */
 int panel_half(int precision);
 void pack_panels(void *dst, const float *w, int C, int OC, int half);
+/* the same panels of W from wt, W^T (OC,C) row-major: a tied head from wte */
+void pack_panels_t(void *dst, const float *wt, int C, int OC, int half);
 
 /* w: every matrix, the head included (wte transposed when tied), in the
  * precision's layout; wte, wpe and the vectors float32 as in training.
+ * A tied model's wte may be NULL where the head holds it exactly
+ * (head_holds_wte): tokens are then looked up in the head's columns, so
+ * the decoder keeps one copy of the embeddings, not two.
  * kcache holds key_cache_size floats (keys in blocks of positions per kv
  * head), vcache (num_layers, max_T, KVH*hs); positions 0..pos-1 must
  * already hold the earlier tokens' keys and values. logits is (V). */
 long key_cache_size(const ModelConfig *cfg);
+/* 1 if every column of head (C,V in precision's layout, group for int8 /
+ * int4) is bit for bit the matching row of wte (V,C), else 0 (or out of
+ * memory). */
+int head_holds_wte(const ModelConfig *cfg, const void *head, int precision, int group,
+                   const float *wte);
 int decode_step(const ModelConfig *cfg, const ModelTensors *w, int precision, int group,
                 float *kcache, float *vcache, int token, int pos, float *logits);
 /* n rows in one step, every weight read once for all of them: row r is the
@@ -209,6 +219,9 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, i
  * takes quant_size bytes, quant_row_bytes of values per output row. */
 long quant_row_bytes(int C, int bits);
 long quant_size(int C, int OC, int bits, int G);
+/* out (C) = the values of row j (output j) of such a matrix w (OC rows):
+ * scale times value, as the products use them */
+void quant_row_values(float *out, const void *w, int C, int OC, int bits, int G, int j);
 /* x (n) as int8 groups of G, q (2n: the values, then their magnitudes),
  * scales (n / G): activations as decoding quantizes them. */
 void quantize_q8(int8_t *q, float *scales, const float *x, int n, int G);

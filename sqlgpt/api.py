@@ -148,7 +148,8 @@ class Model:
         self.chat_tuned = chat_template is not None  # answers through a chat template
         self.context = gpt.arch.seq_len  # a prompt and its reply together, at most (serve --ctx)
         self._chat_formats = {}
-        self._gpt, self.tokenizer, self.step = gpt, tokenizer, step
+        self._model, self.tokenizer, self.step = gpt, tokenizer, step
+        self._later = None  # a store.LaterRead while the weights are still unread
         # int8 / int4: (group size, {matrix name: (q, scales)}) as stored
         self._quantized = quantized or (0, None)
         # what the model was trained on: {files: [{path, bytes}], sha256, tokens}
@@ -159,18 +160,31 @@ class Model:
         self.labels = []  # a classifier's label names, by the head's output id
 
     @property
+    def _gpt(self):
+        """The GPT with its weights (float32), read on first use."""
+        if self._later is not None:
+            self._later.into(self._model)
+            self._later = None
+        return self._model
+
+    def read_weights(self):
+        """Read (and so check) the weights now, where load() left them for
+        their first use."""
+        return self._gpt
+
+    @property
     def config(self):
         """Architecture and training settings, as stored (one flat dict)."""
-        return {**self.train_config.to_dict(), **self._gpt.arch.to_dict()}
+        return {**self.train_config.to_dict(), **self._model.arch.to_dict()}
 
     @property
     def arch(self):
-        return self._gpt.arch
+        return self._model.arch
 
     @property
     def lora(self):
         """A fine-tune's LoraConfig (its adapters and base), or None."""
-        return self._gpt.lora
+        return self._model.lora
 
     def state_dict(self):
         """{name: float32 array} of every stored tensor, under the tensor
@@ -186,7 +200,7 @@ class Model:
     def num_parameters(self):
         """The model's parameters (a fine-tune's base's: its adapters are
         folded in)."""
-        return self._gpt.base.size
+        return self._model.base.size
 
     def encode(self, text):
         return self.tokenizer.encode(text)
@@ -213,7 +227,7 @@ class Model:
                               else "the prompt has no tokens")
         if tok.unk_id is not None and (ids == tok.unk_id).all():
             raise SqlgptError(f"none of the prompt's tokens are in the vocabulary: {prompt!r}")
-        return ids[-self._gpt.arch.seq_len:]
+        return ids[-self.arch.seq_len:]
 
     def _banned(self, allow_unk):
         """Ids never sampled: <pad>, <bos>, and <unk> unless allowed."""
@@ -225,10 +239,18 @@ class Model:
 
     def decoder(self, slots=1):
         """A Decoder with KV caches of its own for `slots` sequences, on the
-        model's weights as packed once (on first use)."""
+        model's weights as packed once (on first use). A plain model whose
+        weights are still unread is packed from the file tensor by tensor:
+        generating never holds the float32 weights beside the decoder's."""
         if self._decoder is None:
             group, blocks = self._quantized
-            self._decoder = Decoder(self._gpt, self.precision, 1, blocks, group)
+            if self._later is None or self.lora is not None:
+                self._decoder = Decoder(self._gpt, self.precision, 1, blocks, group)
+            else:
+                with self._later.snapshot() as conn:
+                    self._decoder = Decoder(self._model, self.precision, 1, blocks, group,
+                                            store.StoredTensors(conn, self.arch))
+            self._quantized = (group, None)  # the decoder holds them now, in its layout
         return self._decoder.fork(slots)
 
     def check_draft(self, draft):
@@ -503,7 +525,11 @@ def load(path, precision="fp32", step=None, prefix=""):
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise SqlgptError(f"step must be an integer >= 0, got {step!r}")
     with store.snapshot(path, prefix) as conn:  # a trainer may commit while we read
-        gpt, cfg, tokenizer, step, state = store.read_checkpoint(conn, path, step)
+        # an import's or compacted file's weights are read when first needed
+        later = step is None and store.weights_fixed(store.read_train_state(conn))
+        gpt, cfg, tokenizer, step, state = store.read_checkpoint(conn, path, step, lazy=later)
+        if later:
+            later = store.LaterRead(conn, path, prefix)
         quantized = _read_quantized(conn, path, gpt.arch, precision, step) \
             if precision in BITS else None
         labels = store.read_labels(conn, gpt.arch.num_labels) if gpt.arch.num_labels else []
@@ -512,6 +538,7 @@ def load(path, precision="fp32", step=None, prefix=""):
                   template if isinstance(template, str) and template else None)
     model.chat_tuned = model.chat_tuned or bool(state.get("chat"))  # a chat fine-tune's
     model.labels = labels
+    model._later = later or None
     return model
 
 
@@ -636,14 +663,15 @@ def _create_imported(db_path, source, arch, weights, tokenizer, overwrite, prefi
     cfg = TrainConfig(tokenizer=tokenizer.kind, vocab_size=arch.n_vocab)
     state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(source).resolve()),
              **{k: v for k, v in (extras or {}).items() if v is not None}}
+    # each tensor kept in the narrowest format that holds it exactly (its
+    # blocks, half, or float32): an F16 file is stored in half, a Q8_0 one's
+    # matrices as their int8 rows alone
+    formats = store.formats_of(arch, weights, quantized)
     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state, overwrite,
-                                       prefix=prefix)
+                                       prefix=prefix, stored=(formats, quantized))
     try:
-        if quantized is not None:
-            bits, group, blocks = quantized
-            store.write_quantized(conn, bits, group, 0, blocks)
-    finally:
         store.close_writer(conn)
+    finally:
         lock.release()
     return load(db_path, prefix=prefix)
 

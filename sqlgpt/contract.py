@@ -20,7 +20,7 @@ or a choice (`norm=layernorm`). () is never; ((),) is always.
 
 # ---- the file ----
 APPLICATION_ID = 0x53514C47  # "SQLG": PRAGMA application_id of a sqlgpt file
-SCHEMA_VERSION = 5           # PRAGMA user_version this sqlgpt writes
+SCHEMA_VERSION = 6           # PRAGMA user_version this sqlgpt writes
 # the oldest version whose weight tables both loaders read as they are
 # (version 2 added the norms table and the architecture keys)
 OLDEST_READABLE_SCHEMA = 2
@@ -49,6 +49,12 @@ ROW_LAYOUTS = {
     # sqlgpt compact / merge: no moments, so crc is the CRC-32 of data alone
     "compacted": "data of cols float32, m and v empty",
 }
+# How an import's tensor may be stored instead of float32 rows (the
+# tensor_formats table, since version 6), with the bytes each value takes:
+# half formats as rows of cols 2-byte values (m and v empty, crc over data);
+# integer formats as no rows at all, their values being the quantized copy's
+# of those bits (a tied wte's are the head's rows).
+TENSOR_FORMATS = {"f16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 # int8 / int4 copies (the quantized table): groups of this many inputs
 QUANT_GROUPS = (32, 64)
 # the formats a model's matrices decode in (the kernel's PRECISION_* in this

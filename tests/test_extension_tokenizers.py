@@ -25,6 +25,7 @@ from sqlgpt.contract import PRETOKENIZER_PATTERNS
 
 from conftest import CORPUS
 from test_extension import EXT, SHELL, client, quote, through_python
+from test_gguf_import import corpus, stored_imports  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(EXT is None, reason="the extension is not built")
 
@@ -280,15 +281,13 @@ def test_nfc_of_every_character_that_normalization_touches(shapes):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "sentencepiece"])
-def test_tokenizers_imported_from_gguf_give_python_s_ids(tmp_path, kind):
+def test_tokenizers_imported_from_gguf_give_python_s_ids(tmp_path, corpus, kind):
     """A GGUF file's tokenizer, as sqlgpt import builds its tokenizer.json
     (llama.cpp's byte-level "gpt2" with a pre-tokenizer pattern; its
     SentencePiece "llama" with merges from the scores)."""
     pytest.importorskip("gguf")
     from test_gguf_import import LLAMA3, hf_family, library_tokenizer, spm_gguf
     from test_gguf_import import write_like_llama_cpp
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(train_text()[:30000])
     path, db = tmp_path / "m.gguf", tmp_path / "m.db"
     if kind == "sentencepiece":
         spm_gguf(path, corpus)
@@ -487,15 +486,17 @@ def test_fuzzed_tokenizer_json_loads_or_is_a_sql_error(shapes, tmp_path):
 
 
 @pytest.mark.parametrize("qtype, precision", [("Q8_0", "int8"), ("Q4_0", "int4"),
-                                              (None, "f16")])
-def test_gguf_imports_generate_in_their_precision_as_python_does(tmp_path, qtype, precision):
-    """A Q8_0/Q4_0 file's blocks (the int8/int4 copy) and float weights run
-    in half: the extension's greedy and sampled text is Python's."""
+                                              (None, "f16"), ("F16", "f16"), ("BF16", "bf16"),
+                                              ("Q8_0", "fp32"), ("F16", "fp32")])
+def test_gguf_imports_generate_in_their_precision_as_python_does(tmp_path, corpus, qtype,
+                                                                 precision):
+    """A Q8_0/Q4_0 file's blocks (the int8/int4 copy, its matrices' only
+    storage), an F16/BF16 file's half rows and float weights run in their
+    precision or in float32: the extension's greedy and sampled text is
+    Python's."""
     gguf = pytest.importorskip("gguf")
     from test_gguf_import import LLAMA3, hf_family, library_tokenizer, write_like_llama_cpp
     qtype = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(train_text()[:30000])
     path, db = tmp_path / "m.gguf", tmp_path / "m.db"
     tok = library_tokenizer(corpus, LLAMA3)
     write_like_llama_cpp(path, "qwen2", hf_family("qwen2", tok.get_vocab_size(), True), tok,
@@ -506,3 +507,44 @@ def test_gguf_imports_generate_in_their_precision_as_python_does(tmp_path, qtype
     ours, = client([{"db": str(db), "setup": [f"SELECT sqlgpt_model('main', '{precision}')"],
                      "queries": queries}])
     assert ours == through_python(db, queries, precision)
+
+
+@pytest.mark.parametrize("qtype, sql, message", [
+    ("Q8_0", "DELETE FROM quantized WHERE tensor = 'layers.0.q' AND i = 3", "int8"),
+    ("Q8_0", "UPDATE quantized SET crc = crc + 1 WHERE tensor = 'head' AND i = 5", "int8"),
+    ("Q8_0", "DELETE FROM tensor_formats", "rows"),
+    # (int8 decoding reads that matrix from the copy alone: it has no rows to miss)
+    ("Q8_0", "UPDATE tensor_formats SET format = 'f16' WHERE name = 'layers.0.fc2'", "rows"),
+    ("Q8_0", "INSERT OR REPLACE INTO tensor_formats VALUES ('lnf_w', 'int8')",
+     "tensor_formats table is damaged"),
+    ("Q8_0", "INSERT OR REPLACE INTO tensor_formats VALUES ('layers.9.q', 'f16')",
+     "tensor_formats table is damaged"),
+    ("Q8_0", "DROP TABLE tensor_formats; CREATE TABLE tensor_formats (name, format); "
+             "INSERT INTO tensor_formats VALUES ('layers.0.q', 'int2')",
+     "tensor_formats table is damaged"),
+    ("F16", "UPDATE layers SET data = substr(data, 1, 10) WHERE component = 'k' AND i = 1",
+     "damaged"),
+    ("F16", "DELETE FROM tensor_formats WHERE name = 'layers.1.fc1'", "damaged"),
+    ("F16", "UPDATE layers SET crc = crc + 1 WHERE component = 'v' AND i = 2", "checksum"),
+    ("F16", "UPDATE tensor_formats SET format = 'int8' WHERE name = 'layers.0.q'", "int8"),
+])
+def test_an_import_kept_in_its_precision_and_damaged_is_an_error(stored_imports, tmp_path,
+                                                                qtype, sql, message):
+    """Damage to how an import is kept (its formats, its half rows, its
+    integer rows) is a one-line error in Python and an SQL error in the
+    extension, in every precision."""
+    db = tmp_path / "damaged.db"
+    shutil.copy(stored_imports[qtype], db)
+    conn = sqlite3.connect(db)
+    conn.executescript(sql)
+    conn.commit()
+    conn.close()
+    half = qtype == "F16" or "'f16' WHERE" in sql
+    for precision in ("fp32", "f16") if half else ("fp32", "int8"):
+        result = CliRunner().invoke(main, ["generate", "--db", str(db), "--prompt", "Hello",
+                                           "--max-tokens", "3", "--precision", precision])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert message in result.output and "Traceback" not in result.output, result.output
+        got, = client([{"db": str(db), "setup": [f"SELECT sqlgpt_model('main', '{precision}')"],
+                        "queries": ["SELECT sqlgpt_generate('Hello', 3, 0)"]}])
+        assert isinstance(got[0], dict) and message in got[0]["error"], (precision, got)

@@ -57,6 +57,31 @@ def assert_round_trip(trained, tmp_path, dtype):
     assert after.tokenizer.decode(ids) == before.tokenizer.decode(ids)  # the same bytes
     if dtype == "q8_0":
         check_blocks_kept(path, db, after)
+    check_stored_in(db, after.arch, {"f32": None, "f16": "f16", "q8_0": "int8"}[dtype])
+
+
+def check_stored_in(db, arch, fmt):
+    """The import keeps each matrix in the file's precision: f16 rows of two
+    bytes a value, int8 as the quantized copy alone (no float rows)."""
+    import sqlite3
+    from sqlgpt.model.quant import matrices
+    conn = sqlite3.connect(db)
+    try:
+        formats = dict(conn.execute("SELECT name, format FROM tensor_formats"))
+        for spec in matrices(arch):
+            name = spec.tied_to or spec.name
+            assert formats.get(name) == fmt, name
+            layer, component = (spec.layer, spec.component) if spec.layer is not None \
+                else (None, None)
+            if layer is None:
+                continue
+            widths = conn.execute("SELECT DISTINCT length(data), length(m) FROM layers WHERE "
+                                  "layer = ? AND component = ?", (layer, component)).fetchall()
+            expected = {None: [(4 * spec.shape[1], 0)], "f16": [(2 * spec.shape[1], 0)],
+                        "int8": []}[fmt]
+            assert widths == expected, name
+    finally:
+        conn.close()
 
 
 def check_blocks_kept(path, db, model):
@@ -184,7 +209,9 @@ def write_like_llama_cpp(path, kind, model, tok, qtype=None):
             value = permute(value, cfg.num_attention_heads)
         if kind == "llama" and "k_proj" in name:
             value = permute(value, cfg.num_key_value_heads)
-        if qtype and value.ndim == 2:
+        if qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+            writer.add_tensor(out, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+        elif qtype and value.ndim == 2:
             writer.add_tensor(out, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(out, np.ascontiguousarray(value))
@@ -309,6 +336,43 @@ def test_q8_0_and_q4_0_blocks_are_kept_bit_for_bit(corpus, tmp_path, qtype, bits
                               ours.state_dict()[ours_name]), ours_name
     decoding = sqlgpt.load(db, precision=f"int{bits}")  # from the kept blocks
     assert len(decoding.generate("Hello", max_tokens=8, temperature=0)) > 0
+
+
+# ---- kept in the precision they came in ----
+
+@pytest.fixture(scope="module")
+def stored_imports(corpus, tmp_path_factory):
+    """A Q8_0 and an F16 import of one small tied qwen2 model: {qtype: db}."""
+    folder = tmp_path_factory.mktemp("stored")
+    tok = library_tokenizer(corpus, LLAMA3)
+    model = hf_family("qwen2", tok.get_vocab_size(), True)
+    dbs = {}
+    for qtype in ("Q8_0", "F16"):
+        path, dbs[qtype] = folder / f"{qtype}.gguf", folder / f"{qtype}.db"
+        write_like_llama_cpp(path, "qwen2", model, tok, getattr(gguf.GGMLQuantizationType, qtype))
+        assert run("import", path, "--db", dbs[qtype]).exit_code == 0
+    return dbs
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
+def test_an_import_kept_in_its_precision_fine_tunes_and_exports(stored_imports, corpus, tmp_path,
+                                                                qtype):
+    """A model kept as int8 rows or half rows is read back as the values it
+    holds: a LoRA fine-tune on it trains and generates, and merges into a
+    float32 model with those values; `info` says how it is kept."""
+    db = stored_imports[qtype]
+    result = run("info", "--db", db)
+    kept = {"Q8_0": "int8", "F16": "f16"}[qtype]
+    assert result.exit_code == 0 and f"stored as: {kept} " in result.output, result.output
+    tuned, merged = tmp_path / "tuned.db", tmp_path / "merged.db"
+    result = run("finetune", "--base", db, corpus, "--db", tuned, "--iters", "2",
+                 "--batch-size", "2", "--lora-rank", "2")
+    assert result.exit_code == 0, result.output
+    assert sqlgpt.load(tuned).generate("Hello", max_tokens=4, temperature=0)
+    assert run("merge", "--db", tuned, "-o", merged).exit_code == 0
+    base, plain = sqlgpt.load(db).state_dict(), sqlgpt.load(merged).state_dict()
+    for name in ("wte", "layers.0.ln1_w", "layers.1.k_b"):  # not adapted: the stored values
+        assert np.array_equal(plain[name], base[name]), name
 
 
 # ---- bad files ----

@@ -103,7 +103,7 @@ def test_opening_for_writing_migrates_to_the_current_version(v1_db, journal):
                        for i, w in words]
     others["metrics"] = [(*row, None) for row in others["metrics"]]  # no gradient norms then
     assert query(v1_db, "SELECT key, value FROM tokenizer") == [("kind", "word")]
-    assert version(v1_db) == store.SCHEMA_VERSION == 5
+    assert version(v1_db) == store.SCHEMA_VERSION == 6
     assert query(v1_db, "SELECT count(*) FROM norms") == [(0,)]
     migrated = config_of(v1_db)
     assert {k: migrated[k] for k in config} == config  # no key changed
@@ -390,14 +390,14 @@ def v4_db(tmp_path):
     return unpacked("v4_model.db.gz", tmp_path / "v4.db")
 
 
-def test_version_4_reads_as_it_is_and_migrates_to_5_keeping_every_row(v4_db):
+def test_version_4_reads_as_it_is_and_migrates_keeping_every_row(v4_db):
     import sqlgpt
     model, expected = read_committed(v4_db, 4, V4_ARCH)
     tables = [t for t in store.tables_at(4)]
     rows = {t: query(v4_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
     assert rows["quantized"]  # the int8 copy is among the rows kept
     store.open_database(v4_db, readonly=False).close()
-    assert version(v4_db) == store.SCHEMA_VERSION == 5
+    assert version(v4_db) == store.SCHEMA_VERSION == 6
     assert {t: query(v4_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables} == rows
     for table in ("classifier", "labels", "classifier_evals"):
         assert query(v4_db, f"SELECT count(*) FROM {table}") == [(0,)]
@@ -410,3 +410,42 @@ def test_a_migrated_version_4_file_has_the_tables_of_a_new_one(v4_db, tmp_path):
     new = tmp_path / "new.db"
     write_db(new, V4_ARCH, TrainConfig(tokenizer="word", vocab_size=60), save_at=())
     assert table_layout(v4_db) == table_layout(new)
+
+
+# ---- version 5 -> 6 ----
+# tests/data/v5_model.db.gz is a schema-5 database made by 78d7c67's `sqlgpt
+# import` of a Q8_0 GGUF file (a tied llama: 300 ids, embed 64, 2 heads, 1
+# kv head, 1 layer, MLP 96, seq 16, random weights): every tensor as float32
+# rows, beside the int8 copy from the file's blocks; v5_model_logits.npz its
+# logits for "the king".
+@pytest.fixture
+def v5_db(tmp_path):
+    return unpacked("v5_model.db.gz", tmp_path / "v5.db")
+
+
+def test_version_5_reads_as_it_is_and_migrates_keeping_every_row(v5_db):
+    import sqlgpt
+    before = v5_db.read_bytes()
+    assert version(v5_db) == 5
+    expected = np.load(DATA / "v5_model_logits.npz")
+    model = sqlgpt.load(v5_db)
+    assert (model.arch.embed_dim, model.arch.n_vocab, model.arch.tie_weights) == (64, 300, True)
+    assert np.array_equal(model.logits(expected["ids"]), expected["logits"])
+    greedy = sqlgpt.load(v5_db, "int8").generate("the king", max_tokens=8, temperature=0)
+    assert v5_db.read_bytes() == before  # read-only: untouched
+    tables = store.tables_at(5)
+    rows = {t: query(v5_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables}
+    assert rows["quantized"] and rows["layers"]  # float32 rows beside the int8 copy
+    store.open_database(v5_db, readonly=False).close()
+    assert version(v5_db) == store.SCHEMA_VERSION == 6
+    assert {t: query(v5_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables} == rows
+    assert query(v5_db, "SELECT count(*) FROM tensor_formats") == [(0,)]
+    assert np.array_equal(sqlgpt.load(v5_db).logits(expected["ids"]), expected["logits"])
+    assert sqlgpt.load(v5_db, "int8").generate("the king", max_tokens=8, temperature=0) == greedy
+
+
+def test_a_migrated_version_5_file_has_the_tables_of_a_new_one(v5_db, tmp_path):
+    store.open_database(v5_db, readonly=False).close()
+    new = tmp_path / "new.db"
+    write_db(new, V4_ARCH, TrainConfig(tokenizer="word", vocab_size=60), save_at=())
+    assert table_layout(v5_db) == table_layout(new)

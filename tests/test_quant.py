@@ -20,6 +20,7 @@ from sqlgpt.model.model import GPT
 from sqlgpt.model.quant import dequantize, kernel_block, matrices, quantize, quantized_copy
 from sqlgpt.model.tensor import fptr
 
+from architectures import ARCHITECTURES, arch_of
 from conftest import CORPUS
 
 
@@ -274,3 +275,51 @@ def test_the_portable_loop_gives_the_vector_paths_products(rng, tmp_path):
                                   portable_ffi.from_buffer("float[]", x), n,
                                   portable_ffi.from_buffer("float[]", block), C, OC, bits, group)
             np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+
+
+TIED = [name for name, (_, options) in ARCHITECTURES.items() if options.get("tie_weights")]
+
+
+def held_exactly(model, precision):
+    """model with wte moved onto values the precision's head holds exactly
+    (an import's), and the quantized copy for an integer precision."""
+    wte = model.params["wte"].data
+    if precision in ("bf16", "f16"):
+        if precision == "f16":
+            wte[...] = wte.astype(np.float16).astype(np.float32)
+        else:  # bfloat16: float32's top 16 bits
+            wte.view(np.uint32)[...] &= 0xFFFF0000
+        return None
+    if precision == "fp32":
+        return None
+    bits = int(precision[3:])
+    blocks = quantized_of(model, bits)
+    wte[...] = dequantize(*blocks["head"], model.arch.embed_dim, bits, 32).T
+    return blocks
+
+
+@pytest.mark.parametrize("name", TIED)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "f16", "int8", "int4"])
+def test_a_tied_head_that_holds_wte_exactly_is_its_only_copy(rng, name, precision):
+    """Where the head holds wte's values exactly (always in float32; an
+    import's values in half or integers), the decoder keeps no wte of its
+    own and looks tokens up in the head, with bit for bit the logits of a
+    decoder that keeps wte; where it does not (a float32 model's wte in
+    integers, or in half), wte is kept."""
+    arch = arch_of(name, seq_len=16, embed_dim=64, num_heads=4, n_vocab=75)
+    model = GPT(arch)
+    model.init_weights(rng)
+    blocks = held_exactly(model, precision)
+    group = 32 if blocks else 0
+    decoder = Decoder(model, precision, quantized=blocks, group=group)
+    assert decoder.tensors.struct.wte == ffi.NULL
+    ids = rng.integers(0, arch.n_vocab, 10).tolist()
+    got = decoder.run([0] * 10, ids, list(range(10)), list(range(10))).copy()
+    kept = model.params["wte"].data.copy()
+    decoder.tensors.struct.wte = ffi.cast("float *", fptr(kept))
+    again = decoder.fork(1)
+    assert np.array_equal(again.run([0] * 10, ids, list(range(10)), list(range(10))), got)
+    if precision != "fp32":  # float32 values the half or integer head does not hold: wte stays
+        model.params["wte"].data[...] += 1e-3 * rng.standard_normal(kept.shape).astype(np.float32)
+        assert Decoder(model, precision, quantized=blocks, group=group).tensors.struct.wte \
+            != ffi.NULL

@@ -52,7 +52,7 @@ def copy_db(src, tmp_path):
 def test_layout_pragmas_and_original_tables(stored_db):
     conn = sqlite3.connect(stored_db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 6
     assert conn.execute("PRAGMA application_id").fetchone()[0] == store.APPLICATION_ID
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     config = dict(conn.execute("SELECT key, value FROM config"))

@@ -32,6 +32,7 @@ def info(db_path, prefix, as_json):
             quantized = {f"int{bits}": {"group_size": group, "step": step}
                          for bits, (group, step) in store.quantized_sets(conn).items()}
             scores = store.read_classifier_evals(conn) if model.labels else []
+            stored = store.stored_parameters(conn, model.arch)
     finally:
         conn.close()
     profile = model_profile(model.arch, model.train_config.batch_size,
@@ -40,11 +41,13 @@ def info(db_path, prefix, as_json):
     report = {"db": db_path, "config": model.config, "parameters": model.num_parameters(),
               "step": model.step, "corpus": model.corpus, "profile": profile,
               "checkpoints": history, "kept_steps": kept, "lora": lora, "quantized": quantized,
-              "labels": model.labels, "classifier_evals": scores}
+              "labels": model.labels, "classifier_evals": scores, "stored": stored}
     if as_json:
         emit_json(report)
         return
     click.echo(f"{db_path}: step {model.step}, {model.num_parameters():,} parameters")
+    if set(stored) != {"f32"}:  # an import kept in the precision it came in
+        click.echo("stored as: " + ", ".join(f"{fmt} {count:,}" for fmt, count in stored.items()))
     corpus = model.corpus
     if corpus.get("sha256"):
         files = corpus.get("files") or []
@@ -115,6 +118,7 @@ def check(db_path, prefix):
     if problems:
         raise SqlgptError(f"{db_path} is damaged: " + "; ".join(problems[:3]))
     model = load(db_path, prefix=prefix)
+    model.read_weights()
     click.echo(f"{db_path}: ok (integrity_check ok, {model.num_parameters():,} parameters "
                f"checksummed, step {model.step})")
 

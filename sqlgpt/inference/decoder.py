@@ -38,9 +38,14 @@ class Decoder:
     "int8" and "int4" decode from quantized copies of the matrices
     (quantized: {name: (q, scales)} as sqlgpt.model.quant makes them, in groups
     of `group`), with integer dot products against activations quantized
-    per group."""
+    per group.
 
-    def __init__(self, model, precision="fp32", slots=1, quantized=None, group=0):
+    weights: where the tensors come from ({name: float32 array}; a mapping
+    that reads each when asked, as store.StoredTensors does, keeps only the
+    decoder's copy and the tensor in hand in memory); by default the
+    model's own, a fine-tune's adapters folded in."""
+
+    def __init__(self, model, precision="fp32", slots=1, quantized=None, group=0, weights=None):
         check_precision(precision)
         arch = model.arch
         self.arch, self.precision, self.pos, self.slots = arch, precision, 0, slots
@@ -51,40 +56,62 @@ class Decoder:
                               f"(sqlgpt quantize)")
         if precision in BITS:
             check_group(arch, group)  # the kernel divides by it and reads groups of it
-        arrays = self._snapshot(model, quantized if precision in BITS else None)
+        fresh = weights is not None  # arrays read for the decoder alone: kept, not copied
+        arrays = self._snapshot(arch, merged(model) if weights is None else weights,
+                                quantized if precision in BITS else None, fresh)
         self.config = model_config(arch)
+        self._drop_held_wte(arrays)
         self.tensors = TensorStruct(arch.num_layers,
                                     *tensor_fields(arch, arrays, model.weights_fixed))
         self.grow(slots)
         self.logits = aligned_zeros((1, arch.n_vocab))
 
-    def _snapshot(self, model, quantized):
+    def _snapshot(self, arch, weights, quantized, fresh):
         """{name: array} for the decode struct: matrices packed into panels
-        (one aligned block) or their quantized rows, everything else copied
-        as float32."""
-        arrays, matrices = {}, {}
-        weights = merged(model)  # a fine-tune's adapters folded in once, here
-        for spec in tensor_table(model.arch):
+        (one aligned block, each matrix read and packed in turn) or their
+        quantized rows, everything else as float32."""
+        specs = tensor_table(arch)
+        packed = [spec for spec in specs if len(spec.shape) == 2 and
+                  spec.name not in ("wte", "wpe") and not (quantized and spec.name in quantized)]
+        # panel sizes in float32 slots, each rounded up to keep panels 64-byte aligned
+        sizes = [-(-lib.panels_size(*spec.shape) // (2 if self.half else 1) // ALIGN_FLOATS)
+                 * ALIGN_FLOATS for spec in packed]
+        self.panels = aligned_zeros((sum(sizes),))
+        offsets = dict(zip((spec.name for spec in packed), np.cumsum([0] + sizes).tolist()))
+        arrays = {}
+        # wte kept in the head's own format (an import's) is the head's values: not read
+        unread = {"wte"} if getattr(weights, "held_by_head", lambda _: False)(self.precision) \
+            else set()
+        for spec, size in zip(packed, sizes):
+            arrays[spec.name] = self.panels[offsets[spec.name]:offsets[spec.name] + size]
+        for spec in specs:
             if quantized and spec.name in quantized:
-                arrays[spec.name] = kernel_block(*quantized[spec.name])
+                matrix = quantized[spec.name]  # read into the kernel's layout, or made so here
+                arrays[spec.name] = getattr(matrix, "block", None)
+                if arrays[spec.name] is None:
+                    arrays[spec.name] = kernel_block(*matrix)
+                continue
+            if spec.name in unread:
                 continue
             data = weights[spec.tied_to or spec.name]
-            if spec.tied_to:
-                data = np.ascontiguousarray(data.T)  # the head reads wte transposed
-            if len(spec.shape) == 2 and spec.name not in ("wte", "wpe"):
-                matrices[spec.name] = data
-            else:
-                arrays[spec.name] = data.copy()
-        # panel sizes in float32 slots, each rounded up to keep panels 64-byte aligned
-        slots = [-(-lib.panels_size(*m.shape) // (2 if self.half else 1) // ALIGN_FLOATS)
-                 * ALIGN_FLOATS for m in matrices.values()]
-        self.panels = aligned_zeros((sum(slots),))
-        offset = 0
-        for (name, matrix), size in zip(matrices.items(), slots):
-            arrays[name] = self.panels[offset:offset + size]
-            lib.pack_panels(fptr(arrays[name]), fptr(matrix), *matrix.shape, self.half)
-            offset += size
+            if spec.name not in offsets:
+                arrays[spec.name] = data if fresh else data.copy()
+                continue
+            pack = lib.pack_panels_t if spec.tied_to else lib.pack_panels  # a tied head: wte^T
+            pack(fptr(arrays[spec.name]), fptr(data), *spec.shape, self.half)
         return arrays
+
+    def _drop_held_wte(self, arrays):
+        """A tied model's head holds wte: where it holds it exactly (always
+        in float32; in half or integers when wte's values are those, as an
+        import's are), tokens are looked up in the head and the second copy,
+        V x C floats, is dropped."""
+        if "head" not in arrays or "wte" not in arrays or \
+                not any(spec.tied_to for spec in tensor_table(self.arch)):
+            return
+        if lib.head_holds_wte(self.config, fptr(arrays["head"]), self.code, self.group,
+                              fptr(arrays["wte"])):
+            del arrays["wte"]
 
     def run(self, slots, tokens, positions, out_rows):
         """One batched step: row r is token tokens[r] at position positions[r]

@@ -54,6 +54,16 @@ def quantize(w, bits, group):
     return packed.reshape(OC, C // 2), d.astype(np.float32)
 
 
+def dequantize_rows(q, scales, C, bits, group, chunk=4096):
+    """The float32 rows (OC, C) that quantized rows stand for (W transposed),
+    made a chunk of rows at a time: no temporaries the size of W."""
+    out = np.empty((q.shape[0], C), dtype=np.float32)
+    for start in range(0, q.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        out[rows] = dequantize(q[rows], scales[rows], C, bits, group).T
+    return out
+
+
 def dequantize(q, scales, C, bits, group):
     """The float32 W (C, OC) that quantized rows (q, scales) stand for."""
     OC = q.shape[0]
@@ -75,12 +85,31 @@ def quantized_copy(arch, weights, bits, group):
             for spec in matrices(arch)}
 
 
+class Quantized(tuple):
+    """One matrix's integer rows, (q (OC, row bytes) uint8, scales (OC,
+    C/group) float32), as views of `block`: the one buffer in kernel_block's
+    layout, which the kernel reads as it is."""
+
+    @classmethod
+    def empty(cls, C, OC, bits, group):
+        row, groups = C * bits // 8, C // group
+        block = np.zeros(-(-(OC * row + 4 * OC * groups) // 4), dtype=np.float32)
+        raw = block.view(np.uint8)
+        matrix = cls((raw[:OC * row].reshape(OC, row),
+                      raw[OC * row:OC * (row + 4 * groups)].view(np.float32).reshape(OC, groups)))
+        matrix.block = block
+        return matrix
+
+
 def kernel_block(q, scales):
     """One matrix's rows as the kernel reads them: every row's values, then
     every row's scales, in one buffer (float32-aligned for the kernel's
     pointer)."""
-    raw = q.tobytes() + np.ascontiguousarray(scales, dtype="<f4").tobytes()
-    out = np.zeros(-(-len(raw) // 4), dtype=np.float32)
-    out.view(np.uint8)[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    values = q.size  # bytes
+    out = np.zeros(-(-(values + 4 * scales.size) // 4), dtype=np.float32)
+    raw = out.view(np.uint8)
+    raw[:values] = q.reshape(-1).view(np.uint8)
+    raw[values:values + 4 * scales.size] = \
+        np.ascontiguousarray(scales, dtype="<f4").reshape(-1).view(np.uint8)
     return out
 

@@ -25,14 +25,16 @@ from .connection import (APPLICATION_ID, REQUIRED_TABLES, SCHEMA_VERSION, Writer
                          check_prefix, check_writable, close_writer, is_sqlgpt_file, prefixed,
                          schema_sql, schema_version, sqlite_errors, tables_at)
 from .database import (checkpoints, compact, create_database, has_model, integrity_check,
-                       kept_steps, model_names, quantized_sets, read_kept_weights, read_quantized,
+                       kept_steps, model_names, read_kept_weights,
                        save_checkpoint, write_evaluation, write_merged, write_metrics,
                        write_quantized)
 from .migrations import MIGRATIONS, open_database
-from .models import check_new_location, model_for, read_checkpoint, read_lora, snapshot
+from .models import (LaterRead, StoredTensors, check_new_location, model_for, read_checkpoint,
+                     read_lora, snapshot, weights_fixed)
 from .queries import read_curves
 from .app_rows import labelled_sql_source, sql_sources
 from .classifier import (read_classifier_evals, read_labels, write_classifier_eval,
                          write_labels)
-from .rows import (SELECT_SQL, read_config, read_tokenizer, read_train_state, read_weights,
-                   row_crc, row_crcs, weight_tables)
+from .rows import (SELECT_SQL, formats_of, quantized_sets, read_config, read_formats,
+                   read_quantized, read_tokenizer, read_train_state, read_weights, row_crc,
+                   row_crcs, stored_parameters, weight_tables)

@@ -18,10 +18,12 @@ from ..errors import SqlgptError
 WEIGHT_TABLES = tuple(KEY_COLUMNS)
 REQUIRED_TABLES = ("config", "vocab", "tokenizer", "train_state", "checkpoints",
                    "metrics", "evaluations", "tensor_stats", "checkpoint_weights",
-                   "quantized", "labels", "classifier_evals") + WEIGHT_TABLES
+                   "quantized", "labels", "classifier_evals",
+                   "tensor_formats") + WEIGHT_TABLES
 # the schema version that added a table (the others are in every version)
 ADDED_IN = {**WEIGHT_TABLE_SINCE, "tokenizer": 2, "evaluations": 2, "tensor_stats": 3,
-            "checkpoint_weights": 3, "quantized": 4, "labels": 5, "classifier_evals": 5}
+            "checkpoint_weights": 3, "quantized": 4, "labels": 5, "classifier_evals": 5,
+            "tensor_formats": 6}
 # the views sqlgpt creates, and the version that added each
 VIEWS_ADDED_IN = {"tensors": 3}
 _NAME_RE = re.compile(r"\b(" + "|".join(PREFIX_KEYWORDS) + r")(\s+)("

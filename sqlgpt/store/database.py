@@ -11,6 +11,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ..model.arch import stored_tensors
+from ..model.quant import Quantized
 from ..model.config import to_rows
 from ..errors import SqlgptError
 from .classifier import write_labels
@@ -21,22 +22,25 @@ from .connection import (ADDED_IN, APPLICATION_ID, ModelConnection, PAGE_SIZE, P
                          check_prefix, is_sqlgpt_file, schema_objects, schema_sql,
                          schema_version, sqlite_errors, tables_at)
 from .rows import (INSERT_SQL, TENSOR_STATS_SQL, UPDATE_SQL, _check_values, _row_columns, _stored,
-                   location, table_rowids, tensor_stats, weight_rows)
+                   location, read_formats, table_rowids, tensor_stats, weight_rows)
 from .migrations import migrate, open_database
 
 
 def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
-                    token_counts=None, prefix="", labels=()):
+                    token_counts=None, prefix="", labels=(), stored=None):
     """Write a new database with the step-0 checkpoint, atomically: built
     under a temporary name, locked, then moved to `path` (replacing a file
     there only with overwrite); with prefix, the model's tables added to
     the (app's) database at path in one transaction. model: .arch (an
     ArchConfig) and .params (its ParameterSet); token_counts: each id's
     occurrences in the corpus (n_ids integers) or None; labels: a
-    classifier's label names by id. Returns (connection, writer lock)."""
+    classifier's label names by id; stored: an import's (formats, quantized),
+    its tensors' formats (rows.formats_of) and the quantized copy (bits,
+    group, blocks) that its integer ones are, written with the rest.
+    Returns (connection, writer lock)."""
     if prefix:
         return _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts,
-                              check_prefix(prefix), labels)
+                              check_prefix(prefix), labels, stored)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
@@ -51,7 +55,7 @@ def create_database(path, model, train_cfg, tokenizer, state, overwrite=False,
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         with atomic(conn):
-            _new_model_rows(conn, model, tokenizer, token_counts, labels)
+            _new_model_rows(conn, model, tokenizer, token_counts, labels, stored)
         save_checkpoint(conn, model, train_cfg, state, train_loss=None, val_loss=None)
         _fold_wal(conn, path)
         conn.close()
@@ -122,16 +126,21 @@ def _place_new(tmp, path, overwrite):
     return True
 
 
-def _new_model_rows(conn, model, tokenizer, token_counts, labels=()):
-    """A new model's vocabulary, tokenizer, labels and weight rows (inside a
-    transaction)."""
+def _new_model_rows(conn, model, tokenizer, token_counts, labels=(), stored=None):
+    """A new model's vocabulary, tokenizer, labels, tensor formats, quantized
+    copy and weight rows (inside a transaction)."""
+    formats, quantized = stored or ({}, None)
+    conn.executemany("INSERT INTO tensor_formats (name, format) VALUES (?, ?)",
+                     sorted(formats.items()))
+    if quantized is not None:
+        conn.executemany(QUANTIZED_INSERT_SQL, _quantized_rows(*quantized, step=0))
     write_labels(conn, labels)
     counts = [None] * tokenizer.n_ids if token_counts is None else [int(c) for c in token_counts]
     conn.executemany("INSERT INTO vocab (id, token, bytes, count) VALUES (?, ?, ?, ?)",
                      [(*row, counts[row[0]]) for row in tokenizer.vocab_rows()])
     conn.executemany("INSERT INTO tokenizer (key, value) VALUES (?, ?)",
                      [("kind", tokenizer.kind), *tokenizer.state().items()])
-    for table, rows in weight_rows(model.params).items():  # the rows checkpoints rewrite
+    for table, rows in weight_rows(model.params, formats=formats).items():  # checkpoints rewrite them
         conn.executemany(INSERT_SQL[table], rows)
 
 
@@ -154,7 +163,7 @@ def has_model(path, prefix):
 
 
 def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_counts, prefix,
-                   labels=()):
+                   labels, stored=()):
     """The model's prefixed tables, rows and step-0 checkpoint added to the
     database at path (created if missing) in one transaction: the app's
     tables, its PRAGMAs and its journal mode are left as they are; with
@@ -180,7 +189,7 @@ def _create_in_app(path, model, train_cfg, tokenizer, state, overwrite, token_co
                 conn.executemany(f"INSERT INTO {prefix}{PREFIX_SCHEMA} (key, value) "
                                  f"VALUES (?, ?)",
                                  [("application", "sqlgpt"), ("version", SCHEMA_VERSION)])
-                _new_model_rows(conn, model, tokenizer, token_counts, labels)
+                _new_model_rows(conn, model, tokenizer, token_counts, labels, stored)
                 _checkpoint_rows(conn, model, train_cfg, state, None, None)
     except BaseException:
         if conn is not None:
@@ -230,12 +239,16 @@ def _write_checkpoint(conn, model, train_cfg, state, train_loss, val_loss):
 def _checkpoint_rows(conn, model, train_cfg, state, train_loss, val_loss):
     """Everything a checkpoint writes (inside its transaction)."""
     rowids = {table: table_rowids(conn, table) for table in WEIGHT_TABLES}
-    rows = weight_rows(model.params, rowids)
+    formats = read_formats(conn, model.arch)
+    if formats and any(hasattr(t, "m") for t in model.params):
+        raise SqlgptError("this model is kept in its import's precision: train a copy of it "
+                          "(--init-from), not the file itself")
+    rows = weight_rows(model.params, rowids, formats)
     lora = getattr(model, "lora", None)
     conn.executemany("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
                      to_rows(model.arch, train_cfg) + (lora.rows() if lora else []))
     for table in WEIGHT_TABLES:
-        expected = len(_row_columns(model.params)[table][0])
+        expected = len(_row_columns(model.params, formats)[table][0])
         if len(rowids[table]) != expected or \
                 conn.executemany(UPDATE_SQL[table], rows[table]).rowcount != expected:
             raise SqlgptError(f"the {table} table does not have the model's rows")
@@ -463,71 +476,21 @@ def write_quantized(conn, bits, group, step, blocks):
     """Replace the quantized rows of this bits by blocks ({tensor name: (q
     (OC, row bytes) uint8, scales (OC, C/group) float32)}) made from the
     checkpoint at step, in one transaction."""
-    rows = []
+    with atomic(conn):
+        conn.execute("DELETE FROM quantized WHERE bits = ?", (bits,))
+        conn.executemany(QUANTIZED_INSERT_SQL, _quantized_rows(bits, group, blocks, step))
+
+
+QUANTIZED_INSERT_SQL = ("INSERT INTO quantized (tensor, bits, group_size, step, i, q, scales, "
+                        "crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _quantized_rows(bits, group, blocks, step):
     for name, (q, scales) in blocks.items():
         scales = np.ascontiguousarray(scales, dtype="<f4")
         for i in range(q.shape[0]):
             qb, sb = q[i].tobytes(), scales[i].tobytes()
-            rows.append((name, bits, group, step, i, qb, sb, zlib.crc32(sb, zlib.crc32(qb))))
-    with atomic(conn):
-        conn.execute("DELETE FROM quantized WHERE bits = ?", (bits,))
-        conn.executemany("INSERT INTO quantized (tensor, bits, group_size, step, i, q, scales, "
-                         "crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-
-
-def quantized_sets(conn):
-    """{bits: (group_size, step)} of the quantized copies a database holds
-    (none before version 4)."""
-    if schema_version(conn) < ADDED_IN["quantized"]:
-        return {}
-    with sqlite_errors("cannot read the quantized table"):
-        found = conn.execute("SELECT bits, min(group_size), max(group_size), min(step), "
-                             "max(step) FROM quantized GROUP BY bits").fetchall()
-    for bits, g0, g1, s0, s1 in found:
-        if g0 != g1 or s0 != s1:
-            raise SqlgptError(f"the int{bits} weights are damaged: their rows disagree on the "
-                              f"group size or step")
-    return {bits: (group, step) for bits, group, _, step, _ in found}
-
-
-def read_quantized(conn, shapes, bits):
-    """{name: (q, scales)} of the int`bits` copy, for shapes ({name: (C,
-    OC)}, every quantized matrix), each row checked: its length, its
-    checksum, finite scales, and no rows missing or extra."""
-    group, _ = quantized_sets(conn)[bits]
-    if group not in (32, 64) or any(C % group for C, _ in shapes.values()):
-        raise SqlgptError(f"the int{bits} weights are damaged: group size {group!r} does not "
-                          f"fit the model's matrices")
-    row_bytes = {8: 1.0, 4: 0.5}[bits]
-    with sqlite_errors("cannot read the quantized table"):
-        rows = conn.execute("SELECT tensor, i, q, scales, crc FROM quantized WHERE bits = ? "
-                            "ORDER BY tensor, i", (bits,)).fetchall()
-    by_name = {}
-    for name, i, q, scales, crc in rows:
-        by_name.setdefault(name, []).append((i, q, scales, crc))
-    unknown = sorted(set(by_name) - set(shapes))
-    if unknown:
-        raise SqlgptError(f"int{bits} weights for unknown tensor(s): {', '.join(unknown)}")
-    blocks = {}
-    for name, (C, OC) in shapes.items():
-        found = by_name.get(name, [])
-        if [r[0] for r in found] != list(range(OC)):
-            raise SqlgptError(f"the int{bits} weights of {name} are damaged: expected rows "
-                              f"0..{OC - 1}, found {len(found)}")
-        for i, q, scales, crc in found:
-            if not (isinstance(q, bytes) and isinstance(scales, bytes)
-                    and len(q) == int(C * row_bytes) and len(scales) == 4 * (C // group)):
-                raise SqlgptError(f"the int{bits} weights of {name} are damaged: row {i} has "
-                                  f"the wrong length")
-            if zlib.crc32(scales, zlib.crc32(q)) != crc:
-                raise SqlgptError(f"the int{bits} weights of {name} are damaged: row {i} fails "
-                                  f"its checksum")
-        q = np.frombuffer(b"".join(r[1] for r in found), dtype=np.uint8).reshape(OC, -1)
-        scales = np.frombuffer(b"".join(r[2] for r in found), dtype="<f4").reshape(OC, -1)
-        if not np.isfinite(scales).all():
-            raise SqlgptError(f"the int{bits} weights of {name} have NaN or Inf scales")
-        blocks[name] = (q, scales.astype(np.float32))
-    return group, blocks
+            yield name, bits, group, step, i, qb, sb, zlib.crc32(sb, zlib.crc32(qb))
 
 
 def integrity_check(path, prefix=""):

@@ -175,7 +175,13 @@ def _v4_to_v5(conn):
         conn.execute(next(sql for kind, n, sql in schema_objects() if n == name))
 
 
-MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+def _v5_to_v6(conn):
+    """Version 6 can keep an import's tensors in the precision they came in
+    (the tensor_formats table; empty: every tensor float32, as before)."""
+    conn.execute(next(sql for kind, name, sql in schema_objects() if name == "tensor_formats"))
+
+
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6}
 
 
 def migrate(conn, path):

@@ -2,16 +2,18 @@
 back (config, tokenizer, a fine-tune's base, the weights of a checkpoint)
 in one snapshot."""
 import contextlib
+import os
 
 from ..errors import SqlgptError
-from ..model.arch import language_model
+from ..model.arch import language_model, stored_tensors, tensor_table
 from ..model.config import from_rows
 from ..model.lora import LoraConfig, base_digest, base_path, merge_check
 from ..model.model import GPT
 from .connection import check_writable, is_sqlgpt_file, sqlite_errors
 from .database import has_model, kept_steps, read_kept_weights
 from .migrations import open_database
-from .rows import check_fits, read_config, read_tokenizer, read_train_state, read_weights
+from .rows import (check_fits, read_config, read_formats, read_tensor, read_tokenizer,
+                   read_train_state, read_weights)
 
 
 @contextlib.contextmanager
@@ -50,10 +52,13 @@ def check_new_location(db_path, overwrite, prefix, resumable=True):
     check_writable(db_path)
 
 
-def read_checkpoint(conn, path, step=None):
+def read_checkpoint(conn, path, step=None, lazy=False):
     """(gpt, train config, tokenizer, step, training state) of the database
     on conn (inside a snapshot): the latest checkpoint, or with step an older
-    one that `train --keep` kept; a fine-tune's GPT with its base's weights."""
+    one that `train --keep` kept; a fine-tune's GPT with its base's weights.
+    lazy=True leaves the weights of a file that never changes (weights_fixed)
+    unread (zero pages that take no memory until written): read them later
+    through a LaterRead."""
     arch, cfg = read_config(conn)
     tokenizer = read_tokenizer(conn, arch, cfg)
     gpt = model_for(conn, path, arch, training=False)  # to run, or to copy into a new model
@@ -62,7 +67,8 @@ def read_checkpoint(conn, path, step=None):
     if not isinstance(latest, int) or latest < 0:
         raise SqlgptError(f"{path} is damaged: no valid training step")
     if step is None or step == latest:
-        read_weights(conn, gpt)
+        if not (lazy and weights_fixed(state)):
+            read_weights(conn, gpt)
         step = latest
     else:
         kept = kept_steps(conn)
@@ -124,3 +130,74 @@ def model_for(conn, db_path, arch, checkpoint_activations=False, training=True):
     if lora is not None:
         fill_base(model, db_path)
     return model
+
+
+def weights_fixed(state):
+    """Whether a file's weights never change (by its training state): an
+    import's or a compacted copy's, which no training resumes into."""
+    return bool(state.get("imported_from") or state.get("compacted"))
+
+
+def _identity(conn, path):
+    """What tells one model at path from another put there since: the file,
+    and the time its latest checkpoint was written."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SqlgptError(f"cannot read {path}: {e.strerror}") from None
+    with sqlite_errors(f"cannot read {path}"):
+        written = conn.execute("SELECT step, created_at FROM checkpoints ORDER BY step DESC "
+                               "LIMIT 1").fetchone()
+    return st.st_dev, st.st_ino, written
+
+
+class LaterRead:
+    """Where a loaded model's weights are, to read them when first needed
+    (a generation reads only what its decoder keeps): only a file whose
+    weights never change (weights_fixed) is read so. Each read is a new
+    snapshot, refused if another model was put at the path since."""
+
+    def __init__(self, conn, path, prefix):
+        self.path, self.prefix = path, prefix
+        self.identity = _identity(conn, path)
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        with snapshot(self.path, self.prefix) as conn:
+            if _identity(conn, self.path) != self.identity:
+                raise SqlgptError(f"{self.path} holds another model than the one loaded "
+                                  f"from it: load it again")
+            yield conn
+
+    def into(self, gpt):
+        """Read the weights into gpt's parameters."""
+        with self.snapshot() as conn:
+            read_weights(conn, gpt)
+
+
+class StoredTensors:
+    """{name: float32 array} of the latest weights on conn, each tensor read
+    when it is asked for (inside the caller's snapshot), so a decoder built
+    from it never holds more than its own copy and the tensor in hand. The
+    tensors others are tied to are read once."""
+
+    def __init__(self, conn, arch):
+        self.conn, self.arch, self.formats = conn, arch, read_formats(conn, arch)
+        self.specs = {spec.name: spec for spec in stored_tensors(arch)}
+        self.shared = {spec.tied_to for spec in tensor_table(arch) if spec.tied_to}
+        self.kept = {}
+
+    def held_by_head(self, precision):
+        """Whether a tied head decoded in precision holds wte exactly because
+        wte is stored in that very format (an import's): then wte need not
+        be read at all."""
+        tied = self.shared & {"wte"}
+        return bool(tied) and self.formats.get("wte") == precision
+
+    def __getitem__(self, name):
+        if name in self.kept:
+            return self.kept[name]
+        data = read_tensor(self.conn, self.arch, self.specs[name], self.formats)
+        if name in self.shared:
+            self.kept[name] = data
+        return data
