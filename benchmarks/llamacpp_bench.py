@@ -9,13 +9,14 @@ For each shape (random weights: speed does not depend on them) and tensor
 format, a GGUF file is written as llama.cpp's converter lays one out (with
 sqlgpt's exporter's layout; Q4_0 and F16 blocks by the gguf package), run
 by llama.cpp's own llama-bench (-p 512 -n 128 -t 2), and imported with
-`sqlgpt import`, which keeps Q8_0/Q4_0 blocks as its int8/int4 copy (an F16
-file is stored as float32, and runs in IEEE half: its own values). sqlgpt then runs a 512-token prompt in one
+`sqlgpt import`, which keeps each tensor in the file's precision (Q8_0/Q4_0
+blocks as its int8/int4 rows, F16 as half rows). sqlgpt then runs a 512-token prompt in one
 decode step (pp512) and generates 128 tokens greedily from one token (tg128,
 as llama-bench's tg starts from an empty cache), in
 the precision the file holds (fp32 for F32, f16 for F16, int8 for Q8_0, int4
-for Q4_0), each the median of ROUNDS. The import's seconds, the load's and the
-resident memory while generating are reported too. llama.cpp is not a
+for Q4_0), each the median of ROUNDS. The import's seconds, the load's
+(reading the file into the decoder) and the sqlgpt process's peak resident
+memory are reported too. llama.cpp is not a
 dependency: point --llama-cpp at a build's bin folder (cmake --build build
 --target llama-bench).
 """
@@ -100,13 +101,18 @@ def llama_bench(binaries, gguf_path):
 
 
 SQLGPT_SIDE = """
-import json, resource, statistics, sys, time
+import json, statistics, sys, time
 import numpy as np
 import sqlgpt
 from sqlgpt.inference.generate import generate_ids
 sqlgpt.set_threads(2)
 db, precision, rounds, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), \\
     int(sys.argv[4]), int(sys.argv[5])
+def peak_mb():
+    # VmHWM: this process's own peak (getrusage's ru_maxrss keeps the peak of
+    # the process it was forked from, the benchmark that made the model)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 start = time.perf_counter()
 model = sqlgpt.load(db, precision)
 decoder = model.decoder()
@@ -121,7 +127,7 @@ for _ in range(rounds):
     made = len(list(generate_ids(decoder, [int(np.argmax(logits[0]))], new, 0)))
     tg.append(made / (time.perf_counter() - t))
 print(json.dumps({"pp": statistics.median(pp), "tg": statistics.median(tg), "load_s": load_s,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_mb": peak_mb()}))
 """
 
 

@@ -520,7 +520,12 @@ def load(path, precision="fp32", step=None, prefix=""):
     "f16", generation reads the matrices rounded to bfloat16 or IEEE half
     (an F16 import's own values); "int8" and "int4" read the stored integer
     copy. prefix: the model
-    kept under that table prefix inside an app's database."""
+    kept under that table prefix inside an app's database.
+
+    A file whose weights never change (an import, a compacted copy) is
+    checked and read when its weights are first needed (Model.read_weights
+    reads them now), and generation reads them tensor by tensor into the
+    decoder alone; a file that may be training is read whole here."""
     check_precision(precision)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise SqlgptError(f"step must be an integer >= 0, got {step!r}")
@@ -657,8 +662,8 @@ def _create_imported(db_path, source, arch, weights, tokenizer, overwrite, prefi
     store.check_new_location(Path(db_path), overwrite, store.check_prefix(prefix),
                              resumable=False)
     model = GPT(arch, training=False)  # stored as weights alone: no optimizer moments
-    for t in model.params:
-        t.data[...] = weights[t.name]
+    for t in model.params:  # each array let go once copied: the model is held once, not twice
+        t.data[...] = weights.pop(t.name)
     _check_values(model.params)  # NaN or Inf weights are refused, as a load does
     cfg = TrainConfig(tokenizer=tokenizer.kind, vocab_size=arch.n_vocab)
     state = {"step": 0, "elapsed_s": 0.0, "imported_from": str(Path(source).resolve()),
@@ -666,7 +671,7 @@ def _create_imported(db_path, source, arch, weights, tokenizer, overwrite, prefi
     # each tensor kept in the narrowest format that holds it exactly (its
     # blocks, half, or float32): an F16 file is stored in half, a Q8_0 one's
     # matrices as their int8 rows alone
-    formats = store.formats_of(arch, weights, quantized)
+    formats = store.formats_of(arch, {t.name: t.data for t in model.params}, quantized)
     conn, lock = store.create_database(db_path, model, cfg, tokenizer, state, overwrite,
                                        prefix=prefix, stored=(formats, quantized))
     try:

@@ -11,12 +11,11 @@ from urllib.parse import quote
 import numpy as np
 
 from ..model.arch import stored_tensors
-from ..model.quant import Quantized
 from ..model.config import to_rows
 from ..errors import SqlgptError
 from .classifier import write_labels
 from ..model.tensor import ParameterSet
-from .connection import (ADDED_IN, APPLICATION_ID, ModelConnection, PAGE_SIZE, PREFIX_SCHEMA,
+from .connection import (APPLICATION_ID, ModelConnection, PAGE_SIZE, PREFIX_SCHEMA,
                          REQUIRED_TABLES, SCHEMA_VERSION, VIEWS_ADDED_IN, WEIGHT_TABLES,
                          WriterLock, _check_is_sqlite, _connect, _durable, _is_marked, atomic,
                          check_prefix, is_sqlgpt_file, schema_objects, schema_sql,

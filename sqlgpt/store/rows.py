@@ -12,7 +12,7 @@ import numpy as np
 from .._kernel import ffi, lib
 from ..contract import MODEL_TENSOR_TABLES, TENSOR_FORMATS
 from ..contract import WEIGHT_TABLES as KEY_COLUMNS
-from ..model.arch import stored_tensors, tensor_table
+from ..model.arch import stored_tensors
 from ..model.quant import Quantized, dequantize, dequantize_rows
 from ..model.quant import matrices as quant_matrices
 from ..model.config import from_rows
