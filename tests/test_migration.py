@@ -430,7 +430,7 @@ def test_version_5_reads_as_it_is_and_migrates_keeping_every_row(v5_db):
     expected = np.load(DATA / "v5_model_logits.npz")
     model = sqlgpt.load(v5_db)
     assert (model.arch.embed_dim, model.arch.n_vocab, model.arch.tie_weights) == (64, 300, True)
-    assert np.array_equal(model.logits(expected["ids"]), expected["logits"])
+    assert rel_err(model.logits(expected["ids"]), expected["logits"]) < 1e-5  # any build's sums
     greedy = sqlgpt.load(v5_db, "int8").generate("the king", max_tokens=8, temperature=0)
     assert v5_db.read_bytes() == before  # read-only: untouched
     tables = store.tables_at(5)
@@ -440,7 +440,7 @@ def test_version_5_reads_as_it_is_and_migrates_keeping_every_row(v5_db):
     assert version(v5_db) == store.SCHEMA_VERSION == 6
     assert {t: query(v5_db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables} == rows
     assert query(v5_db, "SELECT count(*) FROM tensor_formats") == [(0,)]
-    assert np.array_equal(sqlgpt.load(v5_db).logits(expected["ids"]), expected["logits"])
+    assert rel_err(sqlgpt.load(v5_db).logits(expected["ids"]), expected["logits"]) < 1e-5
     assert sqlgpt.load(v5_db, "int8").generate("the king", max_tokens=8, temperature=0) == greedy
 
 
