@@ -310,7 +310,11 @@ static inline __attribute__((always_inline)) void
 rows512(float *y, int ldy, const int8_t *xq, const float *xs, const char *w, const float *ws,
         int j0, int j1, int C, const int R, const int bits, const int G) {
     int j = j0;
-    for (; j + TILE_OUTPUTS <= j1; j += TILE_OUTPUTS)
+    /* one row's int8 decoding reads output after output: each row's bytes in
+     * order, one stream (tiles of outputs interleave four rows' lines, and
+     * that ran at half the memory's speed); int4 keeps its tiles, whose
+     * shared activations save more than the interleaving costs */
+    for (; (R > 1 || bits == 4) && j + TILE_OUTPUTS <= j1; j += TILE_OUTPUTS)
         tile512(y + (j - j0), ldy, xq, xs, w, ws, j, C, R, TILE_OUTPUTS, bits, G);
     for (; j < j1; j++) tile512(y + (j - j0), ldy, xq, xs, w, ws, j, C, R, 1, bits, G);
 }
