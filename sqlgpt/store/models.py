@@ -12,8 +12,8 @@ from ..model.model import GPT
 from .connection import check_writable, is_sqlgpt_file, sqlite_errors
 from .database import has_model, kept_steps, read_kept_weights
 from .migrations import open_database
-from .rows import (check_fits, read_config, read_formats, read_tensor, read_tokenizer,
-                   read_train_state, read_weights)
+from .rows import (check_fits, integer_sets, read_config, read_formats, read_tensor,
+                   read_tokenizer, read_train_state, read_weights)
 
 
 @contextlib.contextmanager
@@ -183,6 +183,7 @@ class StoredTensors:
 
     def __init__(self, conn, arch):
         self.conn, self.arch, self.formats = conn, arch, read_formats(conn, arch)
+        self.sets = integer_sets(conn, self.formats)
         self.specs = {spec.name: spec for spec in stored_tensors(arch)}
         self.shared = {spec.tied_to for spec in tensor_table(arch) if spec.tied_to}
         self.kept = {}
@@ -197,7 +198,7 @@ class StoredTensors:
     def __getitem__(self, name):
         if name in self.kept:
             return self.kept[name]
-        data = read_tensor(self.conn, self.arch, self.specs[name], self.formats)
+        data = read_tensor(self.conn, self.arch, self.specs[name], self.formats, self.sets)
         if name in self.shared:
             self.kept[name] = data
         return data

@@ -162,10 +162,17 @@ def stored_parameters(conn, arch):
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
-def _dequantized(conn, arch, name, fmt):
-    """The float32 values of tensor name, stored as its int8 / int4 copy."""
+def integer_sets(conn, formats):
+    """quantized_sets where formats name an integer tensor (else {}): read
+    once per snapshot, not once per tensor (each is a scan of the table)."""
+    return quantized_sets(conn) if any(f in INTEGERS for f in formats.values()) else {}
+
+
+def _dequantized(conn, arch, name, fmt, sets):
+    """The float32 values of tensor name, stored as its int8 / int4 copy
+    (sets: integer_sets of the snapshot)."""
     bits = INTEGERS[fmt]
-    found = quantized_sets(conn).get(bits)
+    found = sets.get(bits)
     source = next(s for s in quant_matrices(arch) if (s.tied_to or s.name) == name)
     if found is None or found[0] not in (32, 64) or source.shape[0] % found[0]:
         raise SqlgptError(f"{name} is stored as its {fmt} copy, which the file lacks or "
@@ -377,24 +384,26 @@ def read_weights(conn, model):
         raise SqlgptError(f"cannot read weights: {e}") from None
     if unknown:
         raise SqlgptError(f"weights for unknown parameter(s): {', '.join(sorted(unknown))}")
+    sets = integer_sets(conn, formats)
     for loc, t in params.items():
         if loc in filled:
             continue
         if formats.get(t.name) in INTEGERS:
-            t.data[...] = _dequantized(conn, model.arch, t.name, formats[t.name])
+            t.data[...] = _dequantized(conn, model.arch, t.name, formats[t.name], sets)
         else:
             _fill(t, [], None)
     _check_values(model.params)
 
 
-def read_tensor(conn, arch, spec, formats):
+def read_tensor(conn, arch, spec, formats, sets):
     """One stored parameter's float32 weights, checked as read_weights
     checks them (its rows, their lengths and checksums, finite values, sane
     moments), each row read straight into place: a reader of one tensor at
-    a time holds it once. Call inside a transaction."""
+    a time holds it once (formats: read_formats; sets: integer_sets). Call
+    inside a transaction."""
     fmt = formats.get(spec.name, "f32")
     if fmt in INTEGERS:
-        return _dequantized(conn, arch, spec.name, fmt)
+        return _dequantized(conn, arch, spec.name, fmt, sets)
     table, key = location(spec)
     data = np.empty((spec.rows, spec.cols), dtype=np.float32)
     count, width = 0, VALUE_BYTES[fmt] * spec.cols
