@@ -38,12 +38,16 @@ def test_round_trip_error_is_within_half_a_step_per_group(rng, bits, group):
     back = dequantize(q, scales, C, bits, group)
     step = np.repeat(np.abs(scales), group, axis=1).T  # (C, OC): each value's group's step
     err = np.abs(back - w)
+    # Levels are rounded against the exact scale, which is then stored in
+    # float32: up to 128 levels times half an ulp of the scale, plus the float32
+    # product's own rounding, may add to the half step.
+    slack = 128 * step * 2.0**-24 + np.abs(w) * 2.0**-24 + 1e-30
     if bits == 8:
-        assert (err <= step / 2 * (1 + 1e-6) + 1e-30).all()
+        assert (err <= step / 2 + slack).all()
     else:  # the largest magnitude is exact (-8 steps); its opposite may clamp at +7
-        assert (err <= step * (1 + 1e-6) + 1e-30).all()
+        assert (err <= step + slack).all()
         inside = np.abs(w) <= 7 * step
-        assert (err[inside] <= step[inside] / 2 * (1 + 1e-6) + 1e-30).all()
+        assert (err[inside] <= step[inside] / 2 + slack[inside]).all()
     assert (back[:group, 0] == 0).all()
     levels = q.view(np.int8) if bits == 8 else \
         np.concatenate([q & 15, q >> 4], axis=1).astype(np.int64) - 8
