@@ -308,13 +308,14 @@ def test_speculative_greedy_gives_the_targets_tokens(trained_db, draft_db):
 
 
 @pytest.mark.parametrize("name", ["lua", "llama"])
-def test_speculative_sampling_follows_the_targets_distribution(name, rng=None):
+def test_speculative_sampling_follows_the_targets_distribution(name):
     """The first two tokens after a prompt, over many seeds: the first is
     distributed as the target's p, whatever the draft (here the target with
     noise added, so that proposals are both kept and rejected), and so is the
-    second given the first. The models come from a fixed seed: some random
-    models show a bias in the second token (see the test below)."""
-    rng = rng or np.random.default_rng(0)
+    second given the first. The models and draws come from fixed seeds: a
+    chi-square test fails by chance on some (the next test checks the draws on
+    fresh models exactly)."""
+    rng = np.random.default_rng(0)
     arch = arch_of(name, seq_len=16, n_vocab=12)
     target = initialized(arch, rng, 0.3)
     draft = GPT(arch)
@@ -342,12 +343,55 @@ def test_speculative_sampling_follows_the_targets_distribution(name, rng=None):
     assert 0 < stats.accepted < stats.proposed  # both branches ran
 
 
-@pytest.mark.xfail(reason="known, not yet found: with this model the target's most likely "
-                          "second token is drawn about 10% too rarely (about 3 standard errors "
-                          "over 20,000 draws)", strict=False)
-def test_speculative_sampling_of_a_model_where_the_second_token_is_biased():
-    test_speculative_sampling_follows_the_targets_distribution(
-        "llama", np.random.default_rng(3346900278))
+def reference_speculative(target, draft, prompt, n, draft_tokens, sampler, seed):
+    """The textbook algorithm (propose k from q, keep each with min(1, p/q),
+    else draw from max(p - q, 0); a bonus token when all are kept), every
+    distribution from a fresh prefill, drawing from numpy's own generator."""
+    r, context, out = np.random.default_rng(seed), list(prompt), []
+    dist = lambda model, ids: sampler.probs(Decoder(model).prefill(ids))  # noqa: E731
+    while len(out) < n:
+        k, proposals, qs, new = min(draft_tokens, n - len(out) - 1), [], [], []
+        for _ in range(k):
+            qs.append(dist(draft, context + proposals))
+            proposals.append(int(r.choice(qs[-1].size, p=qs[-1])))
+        for i in range(k + 1):
+            p = dist(target, context + new)
+            if i == k:
+                new.append(int(r.choice(p.size, p=p)))
+            elif r.random() < min(1.0, p[proposals[i]] / qs[i][proposals[i]]):
+                new.append(proposals[i])
+                continue
+            else:
+                residual = np.maximum(p - qs[i], 0.0)
+                new.append(int(r.choice(p.size, p=residual / residual.sum())))
+            break
+        context += new[:n - len(out)]
+        out += new[:n - len(out)]
+    return out
+
+
+@pytest.mark.parametrize("name", ["lua", "llama"])
+def test_speculative_sampling_draws_what_the_textbook_algorithm_draws(name, rng):
+    """Seed for seed, on fresh random models, the tokens are those of the
+    algorithm written out plainly over numpy's generator (the C sampler draws
+    numpy's stream). Logits from the cache and from a prefill may differ in
+    the last bits, which can flip a draw right at a boundary: one in 200 may
+    differ."""
+    arch = arch_of(name, seq_len=16, n_vocab=12)
+    target = initialized(arch, rng, 0.3)
+    draft = GPT(arch)
+    for t in draft.params:
+        t.data[...] = target.params[t.name].data + 0.1 * rng.standard_normal(t.shape)
+    sampler = Sampler(temperature=4.0)
+    big, small = Decoder(target), Decoder(draft)
+    prompt, first = [1, 2], int(rng.integers(2**40))
+    stats = GenerationStats()
+    differ = sum(list(speculative_ids(big, small, prompt, 6, sampler, seed, draft_tokens=3,
+                                      stats=stats))
+                 != reference_speculative(target, draft, prompt, 6, 3, sampler, seed)
+                 for seed in range(first, first + 200))
+    assert differ <= 1
+    assert 0 < stats.accepted < stats.proposed  # both branches ran
 
 
 # ---- bad input ----
