@@ -286,6 +286,15 @@ static void own_blocks(int OC, int *b0, int *b1) {
     own_share((OC + PANEL - 1) / PANEL, b0, b1);
 }
 
+/* This thread's share of an integer W's OC outputs: whole blocks of the
+ * kernel's arranged outputs (quant_lanes), so that none is cut. */
+static void own_outputs(int OC, int *j0, int *j1) {
+    int unit = quant_lanes() ? quant_lanes() : 1;
+    own_share((OC + unit - 1) / unit, j0, j1);
+    *j0 = *j0 * unit < OC ? *j0 * unit : OC;
+    *j1 = *j1 * unit < OC ? *j1 * unit : OC;
+}
+
 /* This thread's first panel of W (C,OC) (none for integer weights). */
 static Ahead first_panel(const Format *f, const void *w, int C, int OC) {
     int b0, b1;
@@ -312,7 +321,7 @@ static void matmat(float *y, Rows x, int n, const void *w, const float *bias, in
                    const Format *f, int act, float *out, Ahead then) {
     if (f->bits) {
         int j0, j1;
-        own_share(OC, &j0, &j1);
+        own_outputs(OC, &j0, &j1);
         quant_rows(y + j0, OC, f, w, x, n, j0, j1, C, OC);
         for (int r = 0; r < n; r++) {
             float *out_r = y + (size_t)r * OC + j0;
@@ -351,7 +360,7 @@ static void matmat_swiglu(float *h, Rows x, int n, const void *gate, const float
                           float *out, Ahead then) {
     if (f->bits) { /* the gate's outputs in h, the up ones a PANEL at a time in out */
         int j0, j1;
-        own_share(F, &j0, &j1);
+        own_outputs(F, &j0, &j1);
         for (int b = j0; b < j1; b += PANEL) {
             int e = b + PANEL < j1 ? b + PANEL : j1;
             quant_rows(h + b, F, f, gate, x, n, b, e, C, F);

@@ -367,9 +367,10 @@ static float *panels(Model *m, const float *matrix, int C, int OC, int half, Err
     return out;
 }
 
-/* The int8/int4 copy of matrix `name` (C, OC) as the kernel reads it: every
- * row's values, then every row's scales (sqlgpt.quant.kernel_block), each
- * row checked: its length, CRC-32 of q || scales, finite scales. */
+/* The int8/int4 copy of matrix `name` (C, OC) as the kernel reads it (the
+ * rows as stored, every row's values then every row's scales, arranged by
+ * quant_arrange), each row checked: its length, CRC-32 of q || scales,
+ * finite scales. */
 static float *quantized(const Ext *x, Model *m, const char *name, int C, int OC, int bits,
                         Err *e) {
     long row_bytes = quant_row_bytes(C, bits), groups = C / m->group;
@@ -408,6 +409,8 @@ static float *quantized(const Ext *x, Model *m, const char *name, int C, int OC,
     if (!status && row != OC)
         status = fail(e, "the int%d weights of %s are damaged: %d of %d rows", bits, name, row,
                       OC);
+    if (!status && quant_arrange(block, C, OC, bits, m->group) != SQLGPT_OK)
+        status = fail(e, "out of memory");
     return status ? NULL : (float *)block;
 }
 

@@ -90,7 +90,9 @@ static inline float silu(float x) { return x * sigmoid(x); }
 void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, const float *xs,
                    int C, int OC, int bits, int G);
 /* The same for n rows of activations (xq's rows 2C bytes apart, xs's C/G),
- * into y[r * ldy + j - j0]: the rows share each weight read. */
+ * into y[r * ldy + j - j0]: the rows share each weight read. W arranged
+ * (quant_arrange): j0, and j1 unless it is OC, are multiples of
+ * quant_lanes() (whole blocks). */
 void quant_tile(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
                 const float *xs, int C, int OC, int bits, int G);
 

@@ -14,6 +14,11 @@
  * Activations are quantized as int8 (Q8_0) per group of the same G, so each
  * group's dot product is an exact integer sum, scaled by both groups' d.
  *
+ * Decoders keep W arranged for their kernel (quant_arrange): on AVX-512
+ * VNNI, each block of 16 outputs interleaved so that one 64-byte vector
+ * holds 4 inputs of all 16 (see the arranged layout below); elsewhere
+ * arranging changes nothing.
+ *
  * The vector paths: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd;
  * |q| <= 127 keeps the 16-bit pair sums from saturating), and a portable
  * loop. Each group's integer sum is exact on every path; the float sums of
@@ -21,6 +26,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "kernel.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -35,16 +41,150 @@ long quant_size(int C, int OC, int bits, int G) {
     return (long)OC * quant_row_bytes(C, bits) + (long)OC * (C / G) * (long)sizeof(float);
 }
 
+/* The arranged layout (AVX-512 VNNI builds). Outputs [0, arranged(OC)) go
+ * in blocks of LANES (16); the last OC % 16 keep their rows where they are.
+ * A block takes the bytes of its 16 rows, group after group of G inputs;
+ * a group is vectors of 64 bytes, vector u holding inputs 4u..4u+3 of each
+ * output o at bytes 4o..4o+3, ready for one vpdpbusd against those four
+ * activations broadcast:
+ *   int8: q + 128 (unsigned), one vector per 4 inputs;
+ *   int4: q + 8 in nibbles, a vector's low nibbles being step 2v and its
+ *     high nibbles step 2v + 1 (inputs 8v..8v+3 and 8v+4..8v+7).
+ * The blocks' scales follow in the same order, block by block, group by
+ * group, 16 (one vector) each: IEEE halves where every one of them is a
+ * half exactly (an import's Q8_0/Q4_0 scales always are: a ninth fewer
+ * bytes to stream for int4), else float32. Halves are marked by HALF_SCALES
+ * in the last float32 slot they leave free: a NaN, which a float32 scale
+ * never is (the loaders refuse non-finite scales). Each output's sum lands
+ * in its own lane: no horizontal sums, and one float scaling per group for
+ * 16 outputs. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LANES 16
+#else
+#define LANES 0
+#endif
+#define HALF_SCALES 0x7fc5ca1eu
+
+int quant_lanes(void) {
+    return LANES;
+}
+
+static int arranged(int OC) {
+    return LANES ? OC - OC % LANES : 0;
+}
+
+#if LANES
+/* Where input c of lane o lies in its arranged block: a byte offset, and
+ * *shift, the bits to shift an int4 byte right by. */
+static size_t arranged_at(int o, int c, int bits, int G, int *shift) {
+    int g = c / G, k = c % G, u = k / 4;
+    *shift = bits == 4 && u % 2 ? 4 : 0;
+    return (size_t)g * LANES * G * bits / 8 + (size_t)(bits == 8 ? u : u / 2) * 64 +
+           4 * (size_t)o + k % 4;
+}
+
+/* The first arranged scale, and whether they are halves. */
+static const void *arranged_scales(const void *w, int C, int OC, int bits, int G, int *half) {
+    const char *scales = (const char *)w + (size_t)OC * quant_row_bytes(C, bits);
+    uint32_t mark;
+    memcpy(&mark, scales + ((size_t)arranged(OC) * (C / G) - 1) * 4, 4);
+    *half = mark == HALF_SCALES;
+    return scales;
+}
+#endif
+
+/* Value c of a row as stored (q: int8 bytes, or Q4_0's nibbles). */
+static int row_value(const uint8_t *q, int c, int bits) {
+    return bits == 8 ? (int8_t)q[c] : ((q[c / 32 * 16 + c % 16] >> (c % 32 < 16 ? 0 : 4)) & 15) - 8;
+}
+
+#if LANES
+/* Each block's values, in place (blocks share nothing: a thread each). */
+static int arrange_values(uint8_t *q, int C, int blocks, int bits, int G) {
+    long row = quant_row_bytes(C, bits);
+    size_t bytes = (size_t)LANES * row;
+    int failed = 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+        uint8_t *rows = malloc(bytes);
+        failed = rows == NULL;
+        #pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            if (!rows) continue;
+            uint8_t *block = q + (size_t)b * bytes;
+            memcpy(rows, block, bytes);
+            memset(block, 0, bytes);
+            for (int o = 0; o < LANES; o++)
+                for (int c = 0; c < C; c++) {
+                    int shift, value = row_value(rows + (size_t)o * row, c, bits);
+                    block[arranged_at(o, c, bits, G, &shift)] |=
+                        (uint8_t)((value + (bits == 8 ? 128 : 8)) << shift);
+                }
+        }
+        free(rows);
+    }
+    return failed;
+}
+
+/* The blocks' scales, in place, block after block: a block's halves end
+ * where its float32 scales began, so none is written over before it is read. */
+static int arrange_scales(float *scales, int blocks, int groups) {
+    size_t n = (size_t)blocks * LANES * groups, per_block = (size_t)LANES * groups;
+    int half = 1;
+    for (size_t i = 0; i < n && half; i++) half = (float)(_Float16)scales[i] == scales[i];
+    float *was = malloc(per_block * sizeof(float));
+    if (!was) return 1;
+    for (int b = 0; b < blocks; b++) {
+        memcpy(was, scales + b * per_block, per_block * sizeof(float));
+        for (int o = 0; o < LANES; o++)
+            for (int g = 0; g < groups; g++) {
+                size_t at = b * per_block + (size_t)g * LANES + o;
+                float value = was[(size_t)o * groups + g];
+                if (half) ((_Float16 *)scales)[at] = (_Float16)value;
+                else scales[at] = value;
+            }
+    }
+    free(was);
+    if (half) memcpy(scales + n - 1, &(uint32_t){HALF_SCALES}, 4);
+    return 0;
+}
+#endif
+
+int quant_arrange(void *w, int C, int OC, int bits, int G) {
+#if LANES
+    if (arranged(OC) == 0) return SQLGPT_OK;
+    float *scales = (float *)((char *)w + (size_t)OC * quant_row_bytes(C, bits));
+    int blocks = arranged(OC) / LANES;
+    if (arrange_values(w, C, blocks, bits, G) || arrange_scales(scales, blocks, C / G))
+        return SQLGPT_NOMEM;
+#else
+    (void)w, (void)C, (void)OC, (void)bits, (void)G;
+#endif
+    return SQLGPT_OK;
+}
+
 void quant_row_values(float *out, const void *w, int C, int OC, int bits, int G, int j) {
     long row_bytes = quant_row_bytes(C, bits);
+#if LANES
+    if (j < arranged(OC)) {
+        int b = j / LANES, o = j % LANES, groups = C / G, half;
+        const uint8_t *block = (const uint8_t *)w + (size_t)b * LANES * row_bytes;
+        const void *scales = arranged_scales(w, C, OC, bits, G, &half);
+        size_t first = (size_t)b * LANES * groups + o;
+        for (int c = 0; c < C; c++) {
+            int shift, stored = block[arranged_at(o, c, bits, G, &shift)] >> shift;
+            int value = bits == 8 ? stored - 128 : (stored & 15) - 8;
+            size_t at = first + (size_t)(c / G) * LANES;
+            float scale = half ? (float)((const _Float16 *)scales)[at] : ((const float *)scales)[at];
+            out[c] = scale * (float)value;
+        }
+        return;
+    }
+#endif
     const uint8_t *q = (const uint8_t *)w + (size_t)j * row_bytes;
     const float *scales = (const float *)((const char *)w + (size_t)OC * row_bytes) +
                           (size_t)j * (C / G);
-    for (int c = 0; c < C; c++) { /* int4: byte k of each run of 32 holds k low, k + 16 high */
-        int value = bits == 8 ? (int8_t)q[c]
-                              : ((q[c / 32 * 16 + c % 16] >> (c % 32 < 16 ? 0 : 4)) & 15) - 8;
-        out[c] = scales[c / G] * (float)value;
-    }
+    for (int c = 0; c < C; c++) out[c] = scales[c / G] * (float)row_value(q, c, bits);
 }
 
 /* x (n) as int8 groups of G: q (2n), the values then their magnitudes (the
@@ -226,6 +366,7 @@ void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, co
 #define AHEAD 16 /* outputs: how far ahead one row's decoding fetches */
 #define OUTPUT_BLOCK 64 /* outputs whose weights stay in cache while every row passes */
 
+
 /* Which run of 32 each int32 lane sums (0: the first, 1: the second): int8
  * pairs are two runs of 32 bytes; an int4 pair is 32 bytes whose low nibbles
  * (the runs' values 0-15) come before their high nibbles (16-31). */
@@ -341,10 +482,140 @@ tiles512(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *
     }
 }
 
+/* Four inputs of R rows (x + 2C r: their activations, broadcast) times the
+ * matching vectors of NB blocks, into the rows' integer sums. */
+static inline __attribute__((always_inline)) void
+arranged_step(__m512i sum[4][2], const __m512i *weights, const int8_t *x, int C, const int R,
+              const int NB) {
+    for (int r = 0; r < R; r++) {
+        int32_t four;
+        memcpy(&four, x + 2 * (size_t)r * C, 4);
+        __m512i xb = _mm512_set1_epi32(four);
+        for (int b = 0; b < NB; b++) sum[r][b] = _mm512_dpbusd_epi32(sum[r][b], weights[b], xb);
+    }
+}
+
+/* The arranged kernel: R rows (1-4) times NB blocks of 16 outputs (1-2),
+ * from block wb (its scales ws, halves or float32); sums[r * groups + g] is row r's group g
+ * sum, from which the offset products start. Each lane's integer sum is
+ * exact, and each output's float sum takes the groups in order whatever R
+ * and NB are: a row's result does not depend on the rows beside it. */
+static inline __attribute__((always_inline)) void
+arranged_tile(float *y, int ldy, const int8_t *xq, const float *xs, const int32_t *sums,
+              const uint8_t *wb, const char *ws, int C, const int R, const int NB,
+              const int bits, const int G, const int half) {
+    int groups = C / G;
+    size_t block_bytes = (size_t)LANES * quant_row_bytes(C, bits), group_bytes = LANES * G * bits / 8;
+    size_t block_scales = (size_t)LANES * groups;
+    __m512 acc[4][2];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i sum[4][2], low[2], high[2];
+        for (int r = 0; r < R; r++) {
+            __m512i start = _mm512_set1_epi32(-(bits == 8 ? 128 : 8) * sums[r * groups + g]);
+            for (int b = 0; b < NB; b++) sum[r][b] = start;
+        }
+        const uint8_t *wg = wb + (size_t)g * group_bytes;
+        const int8_t *xg = xq + (size_t)g * G;
+        if (bits == 8)
+            for (int u = 0; u < G / 4; u++) { /* inputs 4u..4u+3 of the group */
+                for (int b = 0; b < NB; b++) low[b] = _mm512_loadu_si512(wg + b * block_bytes + 64 * u);
+                arranged_step(sum, low, xg + 4 * u, C, R, NB);
+            }
+        else
+            for (int v = 0; v < G / 8; v++) { /* inputs 8v..8v+3 low, 8v+4..8v+7 high */
+                for (int b = 0; b < NB; b++) {
+                    __m512i both = _mm512_loadu_si512(wg + b * block_bytes + 64 * v);
+                    low[b] = _mm512_and_si512(both, _mm512_set1_epi8(0x0f));
+                    high[b] = _mm512_and_si512(_mm512_srli_epi16(both, 4), _mm512_set1_epi8(0x0f));
+                }
+                arranged_step(sum, low, xg + 8 * v, C, R, NB);
+                arranged_step(sum, high, xg + 8 * v + 4, C, R, NB);
+            }
+        for (int b = 0; b < NB; b++) {
+            size_t at = b * block_scales + (size_t)g * LANES;
+            __m512 scale = half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + 2 * at)))
+                                : _mm512_loadu_ps(ws + 4 * at);
+            for (int r = 0; r < R; r++)
+                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][b]),
+                                            _mm512_mul_ps(scale, _mm512_set1_ps(xs[(size_t)r * groups + g])),
+                                            acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(y + (size_t)r * ldy + b * LANES, acc[r][b]);
+}
+
+/* Each of R rows' group sums of its activations. */
+static void group_sums(int32_t *sums, const int8_t *xq, int R, int C, int G) {
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < C / G; g++) {
+            int32_t total = 0;
+            for (int k = 0; k < G; k++) total += xq[2 * (size_t)r * C + (size_t)g * G + k];
+            sums[r * (C / G) + g] = total;
+        }
+}
+
+/* R rows against the arranged blocks of outputs [j0, j1) (multiples of 16),
+ * two blocks at a time for a tile of rows; one row's decoding goes block by
+ * block, reading the weights as one stream in order (two blocks at a time
+ * read two streams, and that ran at nine tenths the memory's speed). */
+static inline __attribute__((always_inline)) void
+arranged_rows(float *y, int ldy, const int8_t *xq, const float *xs, const int32_t *sums,
+              const uint8_t *w, const char *ws, int j0, int j1, int C, const int R,
+              const int bits, const int G, const int half) {
+    size_t row = quant_row_bytes(C, bits), scale_bytes = (size_t)(C / G) * (half ? 2 : 4);
+    int j = j0;
+    for (; R > 1 && j + 2 * LANES <= j1; j += 2 * LANES)
+        arranged_tile(y + (j - j0), ldy, xq, xs, sums, w + j * row, ws + j * scale_bytes, C, R,
+                      2, bits, G, half);
+    for (; j < j1; j += LANES)
+        arranged_tile(y + (j - j0), ldy, xq, xs, sums, w + j * row, ws + j * scale_bytes, C, R,
+                      1, bits, G, half);
+}
+
+/* Outputs [j0, j1) of the arranged ones (multiples of 16) for n rows: blocks
+ * of OUTPUT_BLOCK outputs, each passed by every row four at a time. */
+static inline __attribute__((always_inline)) void
+arranged_tiles(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+               const float *xs, int C, int OC, const int bits, const int G, const int half) {
+    const char *ws = (const char *)w + (size_t)OC * quant_row_bytes(C, bits);
+    int groups = C / G;
+    int32_t sums[4 * groups];
+    for (int b = j0; b < j1; b += OUTPUT_BLOCK) {
+        int e = b + OUTPUT_BLOCK < j1 ? b + OUTPUT_BLOCK : j1;
+        for (int r = 0; r < n; r += 4) {
+            int R = n - r < 4 ? n - r : 4;
+            const int8_t *xr = xq + 2 * (size_t)r * C;
+            const float *sr = xs + (size_t)r * groups;
+            float *yr = y + (size_t)r * ldy + (b - j0);
+            group_sums(sums, xr, R, C, G);
+            switch (R) {
+            case 4: arranged_rows(yr, ldy, xr, sr, sums, w, ws, b, e, C, 4, bits, G, half);
+                    break;
+            case 3: arranged_rows(yr, ldy, xr, sr, sums, w, ws, b, e, C, 3, bits, G, half);
+                    break;
+            case 2: arranged_rows(yr, ldy, xr, sr, sums, w, ws, b, e, C, 2, bits, G, half);
+                    break;
+            default: arranged_rows(yr, ldy, xr, sr, sums, w, ws, b, e, C, 1, bits, G, half);
+                    break;
+            }
+        }
+    }
+}
+
 #define TILES(name, b, g)                                                                 \
     static void name(float *y, int ldy, int n, int j0, int j1, const void *w,             \
                      const int8_t *xq, const float *xs, int C, int OC) {                  \
         tiles512(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g);                              \
+    }                                                                                     \
+    static void arranged_##name(float *y, int ldy, int n, int j0, int j1, const void *w,  \
+                                const int8_t *xq, const float *xs, int C, int OC) {       \
+        int half;                                                                         \
+        arranged_scales(w, C, OC, b, g, &half);                                           \
+        if (half) arranged_tiles(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g, 1);           \
+        else arranged_tiles(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g, 0);                \
     }
 TILES(tiles8_32, 8, 32)
 TILES(tiles8_64, 8, 64)
@@ -352,13 +623,24 @@ TILES(tiles4_32, 4, 32)
 TILES(tiles4_64, 4, 64)
 #endif
 
+#if LANES
+typedef void Tiles(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+                   const float *xs, int C, int OC);
+#endif
+
 void quant_tile(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
                 const float *xs, int C, int OC, int bits, int G) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (bits == 8 && G == 32) { tiles8_32(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
-    if (bits == 8 && G == 64) { tiles8_64(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
-    if (bits == 4 && G == 32) { tiles4_32(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
-    if (bits == 4 && G == 64) { tiles4_64(y, ldy, n, j0, j1, w, xq, xs, C, OC); return; }
+    Tiles *rows = bits == 8 ? (G == 32 ? tiles8_32 : G == 64 ? tiles8_64 : NULL)
+                            : (G == 32 ? tiles4_32 : G == 64 ? tiles4_64 : NULL);
+    Tiles *blocks = bits == 8 ? (G == 32 ? arranged_tiles8_32 : G == 64 ? arranged_tiles8_64 : NULL)
+                              : (G == 32 ? arranged_tiles4_32 : G == 64 ? arranged_tiles4_64 : NULL);
+    if (rows && blocks) { /* the arranged outputs, then the last OC % 16 as rows */
+        int A = arranged(OC), first_row = j0 > A ? j0 : A;
+        if (j0 < A) blocks(y, ldy, n, j0, j1 < A ? j1 : A, w, xq, xs, C, OC);
+        if (first_row < j1) rows(y + (first_row - j0), ldy, n, first_row, j1, w, xq, xs, C, OC);
+        return;
+    }
 #endif
     for (int r = 0; r < n; r++)
         quant_outputs(y + (size_t)r * ldy, j0, j1, w, xq + 2 * (size_t)r * C,
@@ -372,6 +654,14 @@ int quant_matmul(float *y, const float *x, int n, const void *w, int C, int OC, 
     float *xs = (float *)(xq + 2 * (size_t)n * C + (-(size_t)n * C & 1) * 2);
     for (int r = 0; r < n; r++)
         quantize_q8(xq + 2 * (size_t)r * C, xs + (size_t)r * (C / G), x + (size_t)r * C, C, G);
-    quant_tile(y, OC, n, 0, OC, w, xq, xs, C, OC, bits, G);
+    void *mine = malloc((size_t)quant_size(C, OC, bits, G)); /* w as stored: arrange a copy */
+    if (!mine || quant_arrange(memcpy(mine, w, (size_t)quant_size(C, OC, bits, G)), C, OC, bits,
+                               G) != SQLGPT_OK) {
+        free(mine);
+        take_status();
+        return SQLGPT_NOMEM;
+    }
+    quant_tile(y, OC, n, 0, OC, mine, xq, xs, C, OC, bits, G);
+    free(mine);
     return take_status();
 }

@@ -219,14 +219,21 @@ int decode_batch(const ModelConfig *cfg, const ModelTensors *w, int precision, i
  * takes quant_size bytes, quant_row_bytes of values per output row. */
 long quant_row_bytes(int C, int bits);
 long quant_size(int C, int OC, int bits, int G);
-/* out (C) = the values of row j (output j) of such a matrix w (OC rows):
- * scale times value, as the products use them */
+/* Such a matrix as stored (every row's values, then every row's scales)
+ * rearranged in place into the layout the decoder's kernel reads (on AVX-512
+ * VNNI, blocks of quant_lanes() outputs interleaved; elsewhere unchanged):
+ * the layout decode_step and quant_row_values take. SQLGPT_OK, or
+ * SQLGPT_NOMEM (the matrix then partly arranged: discard it). */
+int quant_arrange(void *w, int C, int OC, int bits, int G);
+int quant_lanes(void);
+/* out (C) = the values of output j of such an arranged matrix w (OC
+ * outputs): scale times value, as the products use them */
 void quant_row_values(float *out, const void *w, int C, int OC, int bits, int G, int j);
 /* x (n) as int8 groups of G, q (2n: the values, then their magnitudes),
  * scales (n / G): activations as decoding quantizes them. */
 void quantize_q8(int8_t *q, float *scales, const float *x, int n, int G);
 /* y (n,OC) = x (n,C), quantized as quantize_q8 does, times the quantized
- * W: the products decoding computes. */
+ * W as stored (arranged in a copy): the products decoding computes. */
 int quant_matmul(float *y, const float *x, int n, const void *w, int C, int OC, int bits,
                  int G);
 

@@ -82,15 +82,23 @@ def test_activations_with_nan_and_inf_quantize_to_defined_values(rng):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group", [32, 64])
-@pytest.mark.parametrize("C,OC,n", [(192, 70, 3), (288, 9, 6), (64, 5, 1), (576, 13, 9)])
-def test_integer_products_equal_float64_sums_of_the_same_values(rng, bits, group, C, OC, n):
-    """Tiles of rows and outputs with their remainders, and a last half pair
-    of 32 values (C = 288)."""
+@pytest.mark.parametrize("C,OC,n", [(192, 70, 3), (288, 9, 6), (64, 5, 1), (576, 13, 9),
+                                    (128, 48, 7), (96, 16, 1)])
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_integer_products_equal_float64_sums_of_the_same_values(rng, bits, group, C, OC, n,
+                                                               half_scales):
+    """Tiles of rows and outputs with their remainders (the kernel arranges
+    outputs in blocks of quant_lanes(): whole blocks, odd and even counts of
+    them, and the rows after the last), a last half pair of 32 values (C =
+    288), and scales that are all halves exactly (an import's), which the
+    arranged layout keeps as halves."""
     if C % group:
         pytest.skip("groups must divide C")
     w = rng.standard_normal((C, OC)).astype(np.float32)
     x = rng.standard_normal((n, C)).astype(np.float32)
     q, scales = quantize(w, bits, group)
+    if half_scales:
+        scales = scales.astype(np.float16).astype(np.float32)
     y = np.zeros((n, OC), np.float32)
     assert lib.quant_matmul(fptr(y), fptr(x), n, fptr(kernel_block(q, scales)), C, OC, bits,
                             group) == 0
@@ -103,6 +111,30 @@ def test_integer_products_equal_float64_sums_of_the_same_values(rng, bits, group
                 ).sum(axis=2)  # exact integers per (output, group)
         expected = (sums * scales.astype(np.float64) * xs.astype(np.float64)).sum(axis=1)
         np.testing.assert_allclose(y[r], expected, rtol=2e-6, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("OC", [5, 16, 40, 64])
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_arranged_outputs_read_back_as_their_rows(rng, bits, group, OC, half_scales):
+    """quant_arrange, then quant_row_values of each output: the values of
+    its row as stored (embeddings are looked up this way in a tied head)."""
+    C = 128
+    q, scales = quantize(rng.standard_normal((C, OC)).astype(np.float32), bits, group)
+    if half_scales:
+        scales = scales.astype(np.float16).astype(np.float32)
+    block = kernel_block(q, scales)
+    before = block.copy()
+    assert lib.quant_arrange(fptr(block), C, OC, bits, group) == 0
+    lanes = lib.quant_lanes()
+    if lanes and OC >= lanes:
+        assert not np.array_equal(block, before)  # rearranged, not left as it was
+    expected = dequantize(q, scales, C, bits, group).T  # (OC, C)
+    row = np.zeros(C, np.float32)
+    for j in range(OC):
+        lib.quant_row_values(fptr(row), fptr(block), C, OC, bits, group, j)
+        np.testing.assert_array_equal(row, expected[j])
 
 
 def quantized_of(model, bits, group=32):

@@ -86,10 +86,7 @@ class Decoder:
             arrays[spec.name] = self.panels[offsets[spec.name]:offsets[spec.name] + size]
         for spec in specs:
             if quantized and spec.name in quantized:
-                matrix = quantized[spec.name]  # read into the kernel's layout, or made so here
-                arrays[spec.name] = getattr(matrix, "block", None)
-                if arrays[spec.name] is None:
-                    arrays[spec.name] = kernel_block(*matrix)
+                arrays[spec.name] = self._arranged(quantized[spec.name], *spec.shape)
                 continue
             if spec.name in unread:
                 continue
@@ -100,6 +97,21 @@ class Decoder:
             pack = lib.pack_panels_t if spec.tied_to else lib.pack_panels  # a tied head: wte^T
             pack(fptr(arrays[spec.name]), fptr(data), *spec.shape, self.half)
         return arrays
+
+    def _arranged(self, matrix, C, OC):
+        """A quantized matrix's block in the kernel's arranged layout
+        (quant_arrange). A Quantized read for the decoder (its .block) is
+        handed over and arranged in place: its q and scales views no longer
+        hold rows after."""
+        block = getattr(matrix, "block", None)
+        if block is None:
+            block = kernel_block(*matrix)
+        elif getattr(matrix, "arranged", False):
+            return block
+        check_status(lib.quant_arrange(fptr(block), C, OC, BITS[self.precision], self.group))
+        if hasattr(matrix, "block"):
+            matrix.arranged = True
+        return block
 
     def _drop_held_wte(self, arrays):
         """A tied model's head holds wte: where it holds it exactly (always
