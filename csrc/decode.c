@@ -479,25 +479,31 @@ static void score_keys(float *scores, const float *q, const float *keys, int n, 
     }
 }
 
-/* out (hs) = sum_t p_t v_t (t < n), values (n, hs): two vectors of
- * head dimensions at a time, the positions split in four interleaved sums
- * (eight independent FMA chains), added at the end. */
+/* out[d..] (V vectors) = sum_t p_t v_t[d..] (t < n), values (n, hs): the
+ * positions split in four interleaved sums (4V independent FMA chains),
+ * added at the end. */
+static inline __attribute__((always_inline)) void
+weigh_vectors(float *out, const float *p, const float *values, int n, int hs, int d, const int V) {
+    vfloat acc[4][2] = {0};
+    int t = 0;
+    for (; t + 4 <= n; t += 4)
+        for (int j = 0; j < 4; j++)
+            for (int v = 0; v < V; v++)
+                acc[j][v] += p[t + j] * *(const vfloat *)(values + (size_t)(t + j) * hs + d + v * VLEN);
+    for (; t < n; t++)
+        for (int v = 0; v < V; v++)
+            acc[0][v] += p[t] * *(const vfloat *)(values + (size_t)t * hs + d + v * VLEN);
+    for (int v = 0; v < V; v++)
+        *(vfloat *)(out + d + v * VLEN) = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+}
+
+/* out (hs) = sum_t p_t v_t (t < n), values (n, hs): two vectors of head
+ * dimensions at a time, then one (a head of 48 left a third of its
+ * dimensions to the scalar loop), then the last dimensions one by one. */
 static void weigh_values(float *out, const float *p, const float *values, int n, int hs) {
     int d = 0;
-    for (; d + 2 * VLEN <= hs; d += 2 * VLEN) {
-        vfloat acc[4][2] = {0};
-        int t = 0;
-        for (; t + 4 <= n; t += 4)
-            for (int j = 0; j < 4; j++)
-                for (int v = 0; v < 2; v++)
-                    acc[j][v] += p[t + j] *
-                                 *(const vfloat *)(values + (size_t)(t + j) * hs + d + v * VLEN);
-        for (; t < n; t++)
-            for (int v = 0; v < 2; v++)
-                acc[0][v] += p[t] * *(const vfloat *)(values + (size_t)t * hs + d + v * VLEN);
-        for (int v = 0; v < 2; v++)
-            *(vfloat *)(out + d + v * VLEN) = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
-    }
+    for (; d + 2 * VLEN <= hs; d += 2 * VLEN) weigh_vectors(out, p, values, n, hs, d, 2);
+    for (; d + VLEN <= hs; d += VLEN) weigh_vectors(out, p, values, n, hs, d, 1);
     for (; d < hs; d++) {
         float acc = 0.0f;
         for (int t = 0; t < n; t++) acc += p[t] * values[(size_t)t * hs + d];
@@ -512,7 +518,9 @@ static void weigh_values(float *out, const float *p, const float *values, int n,
 static void attend(const Step *s, int l, float *att, float *scores, float *q) {
     int hs = s->hs, Tk = s->Tk, NH = s->cfg->NH, group = NH / s->cfg->KVH, Q = NH * hs;
     float scale = 1.0f / sqrtf((float)hs);
-    #pragma omp for schedule(static)
+    /* pairs dealt in turn: a prompt's later rows attend over more positions,
+     * and contiguous shares gave the last thread most of the work */
+    #pragma omp for schedule(static, 1)
     for (int rh = 0; rh < s->n * NH; rh++) {
         int r = rh / NH, h = rh % NH, n = s->pos[r] + 1;
         float *qh = q + (size_t)r * Q + h * hs;
