@@ -117,8 +117,8 @@ static int arrange_values(uint8_t *q, int C, int blocks, int bits, int G) {
             for (int o = 0; o < LANES; o++)
                 for (int c = 0; c < C; c++) {
                     int shift, value = row_value(rows + (size_t)o * row, c, bits);
-                    block[arranged_at(o, c, bits, G, &shift)] |=
-                        (uint8_t)((value + (bits == 8 ? 128 : 8)) << shift);
+                    size_t at = arranged_at(o, c, bits, G, &shift); /* sets shift first */
+                    block[at] |= (uint8_t)((value + (bits == 8 ? 128 : 8)) << shift);
                 }
         }
         free(rows);
@@ -172,7 +172,9 @@ void quant_row_values(float *out, const void *w, int C, int OC, int bits, int G,
         const void *scales = arranged_scales(w, C, OC, bits, G, &half);
         size_t first = (size_t)b * LANES * groups + o;
         for (int c = 0; c < C; c++) {
-            int shift, stored = block[arranged_at(o, c, bits, G, &shift)] >> shift;
+            int shift;
+            size_t byte = arranged_at(o, c, bits, G, &shift); /* sets shift first */
+            int stored = block[byte] >> shift;
             int value = bits == 8 ? stored - 128 : (stored & 15) - 8;
             size_t at = first + (size_t)(c / G) * LANES;
             float scale = half ? (float)((const _Float16 *)scales)[at] : ((const float *)scales)[at];
