@@ -489,7 +489,8 @@ weigh_vectors(float *out, const float *p, const float *values, int n, int hs, in
     for (; t + 4 <= n; t += 4)
         for (int j = 0; j < 4; j++)
             for (int v = 0; v < V; v++)
-                acc[j][v] += p[t + j] * *(const vfloat *)(values + (size_t)(t + j) * hs + d + v * VLEN);
+                acc[j][v] += p[t + j] *
+                             *(const vfloat *)(values + (size_t)(t + j) * hs + d + v * VLEN);
     for (; t < n; t++)
         for (int v = 0; v < V; v++)
             acc[0][v] += p[t] * *(const vfloat *)(values + (size_t)t * hs + d + v * VLEN);

@@ -177,7 +177,8 @@ void quant_row_values(float *out, const void *w, int C, int OC, int bits, int G,
             int stored = block[byte] >> shift;
             int value = bits == 8 ? stored - 128 : (stored & 15) - 8;
             size_t at = first + (size_t)(c / G) * LANES;
-            float scale = half ? (float)((const _Float16 *)scales)[at] : ((const float *)scales)[at];
+            float scale = half ? (float)((const _Float16 *)scales)[at]
+                               : ((const float *)scales)[at];
             out[c] = scale * (float)value;
         }
         return;
@@ -368,7 +369,6 @@ void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, co
 #define AHEAD 16 /* outputs: how far ahead one row's decoding fetches */
 #define OUTPUT_BLOCK 64 /* outputs whose weights stay in cache while every row passes */
 
-
 /* Which run of 32 each int32 lane sums (0: the first, 1: the second): int8
  * pairs are two runs of 32 bytes; an int4 pair is 32 bytes whose low nibbles
  * (the runs' values 0-15) come before their high nibbles (16-31). */
@@ -498,8 +498,8 @@ arranged_step(__m512i sum[4][2], const __m512i *weights, const int8_t *x, int C,
 }
 
 /* The arranged kernel: R rows (1-4) times NB blocks of 16 outputs (1-2),
- * from block wb (its scales ws, halves or float32); sums[r * groups + g] is row r's group g
- * sum, from which the offset products start. Each lane's integer sum is
+ * from block wb (its scales ws, halves or float32); sums[r * groups + g]
+ * is row r's group g sum, from which the offset products start. Each lane's integer sum is
  * exact, and each output's float sum takes the groups in order whatever R
  * and NB are: a row's result does not depend on the rows beside it. */
 static inline __attribute__((always_inline)) void
@@ -507,8 +507,8 @@ arranged_tile(float *y, int ldy, const int8_t *xq, const float *xs, const int32_
               const uint8_t *wb, const char *ws, int C, const int R, const int NB,
               const int bits, const int G, const int half) {
     int groups = C / G;
-    size_t block_bytes = (size_t)LANES * quant_row_bytes(C, bits), group_bytes = LANES * G * bits / 8;
-    size_t block_scales = (size_t)LANES * groups;
+    size_t block_bytes = (size_t)LANES * quant_row_bytes(C, bits);
+    size_t group_bytes = LANES * G * bits / 8, block_scales = (size_t)LANES * groups;
     __m512 acc[4][2];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
@@ -522,7 +522,8 @@ arranged_tile(float *y, int ldy, const int8_t *xq, const float *xs, const int32_
         const int8_t *xg = xq + (size_t)g * G;
         if (bits == 8)
             for (int u = 0; u < G / 4; u++) { /* inputs 4u..4u+3 of the group */
-                for (int b = 0; b < NB; b++) low[b] = _mm512_loadu_si512(wg + b * block_bytes + 64 * u);
+                for (int b = 0; b < NB; b++)
+                    low[b] = _mm512_loadu_si512(wg + b * block_bytes + 64 * u);
                 arranged_step(sum, low, xg + 4 * u, C, R, NB);
             }
         else
@@ -537,12 +538,13 @@ arranged_tile(float *y, int ldy, const int8_t *xq, const float *xs, const int32_
             }
         for (int b = 0; b < NB; b++) {
             size_t at = b * block_scales + (size_t)g * LANES;
-            __m512 scale = half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + 2 * at)))
-                                : _mm512_loadu_ps(ws + 4 * at);
-            for (int r = 0; r < R; r++)
-                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][b]),
-                                            _mm512_mul_ps(scale, _mm512_set1_ps(xs[(size_t)r * groups + g])),
-                                            acc[r][b]);
+            __m512 scale = half
+                ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ws + 2 * at)))
+                : _mm512_loadu_ps(ws + 4 * at);
+            for (int r = 0; r < R; r++) {
+                __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(xs[(size_t)r * groups + g]));
+                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][b]), both, acc[r][b]);
+            }
         }
     }
     for (int r = 0; r < R; r++)
@@ -635,8 +637,9 @@ void quant_tile(float *y, int ldy, int n, int j0, int j1, const void *w, const i
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     Tiles *rows = bits == 8 ? (G == 32 ? tiles8_32 : G == 64 ? tiles8_64 : NULL)
                             : (G == 32 ? tiles4_32 : G == 64 ? tiles4_64 : NULL);
-    Tiles *blocks = bits == 8 ? (G == 32 ? arranged_tiles8_32 : G == 64 ? arranged_tiles8_64 : NULL)
-                              : (G == 32 ? arranged_tiles4_32 : G == 64 ? arranged_tiles4_64 : NULL);
+    Tiles *blocks = bits == 8
+        ? (G == 32 ? arranged_tiles8_32 : G == 64 ? arranged_tiles8_64 : NULL)
+        : (G == 32 ? arranged_tiles4_32 : G == 64 ? arranged_tiles4_64 : NULL);
     if (rows && blocks) { /* the arranged outputs, then the last OC % 16 as rows */
         int A = arranged(OC), first_row = j0 > A ? j0 : A;
         if (j0 < A) blocks(y, ldy, n, j0, j1 < A ? j1 : A, w, xq, xs, C, OC);

@@ -88,7 +88,8 @@ def quantized_copy(arch, weights, bits, group):
 class Quantized(tuple):
     """One matrix's integer rows, (q (OC, row bytes) uint8, scales (OC,
     C/group) float32), as views of `block`: the one buffer in kernel_block's
-    layout, which the kernel reads as it is."""
+    layout, which a Decoder arranges in place for its kernel (quant_arrange;
+    `arranged` is then set, and the views no longer hold rows)."""
 
     @classmethod
     def empty(cls, C, OC, bits, group):
@@ -102,9 +103,9 @@ class Quantized(tuple):
 
 
 def kernel_block(q, scales):
-    """One matrix's rows as the kernel reads them: every row's values, then
+    """One matrix's rows as the kernel takes them: every row's values, then
     every row's scales, in one buffer (float32-aligned for the kernel's
-    pointer)."""
+    pointer); a Decoder arranges it for its kernel (quant_arrange)."""
     values = q.size  # bytes
     out = np.zeros(-(-(values + 4 * scales.size) // 4), dtype=np.float32)
     raw = out.view(np.uint8)
