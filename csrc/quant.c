@@ -14,10 +14,10 @@
  * Activations are quantized as int8 (Q8_0) per group of the same G, so each
  * group's dot product is an exact integer sum, scaled by both groups' d.
  *
- * Decoders keep W arranged for their kernel (quant_arrange): on AVX-512
- * VNNI, each block of 16 outputs interleaved so that one 64-byte vector
- * holds 4 inputs of all 16 (see the arranged layout below); elsewhere
- * arranging changes nothing.
+ * Decoders keep W arranged for their kernel (quant_arrange): each block of
+ * LANES outputs (16 on AVX-512 VNNI, 8 on AVX2) interleaved so that one
+ * vector holds 4 inputs of all of them (see the arranged layout below);
+ * portable builds keep the rows.
  *
  * The vector paths: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd;
  * |q| <= 127 keeps the 16-bit pair sums from saturating), and a portable
@@ -41,25 +41,31 @@ long quant_size(int C, int OC, int bits, int G) {
     return (long)OC * quant_row_bytes(C, bits) + (long)OC * (C / G) * (long)sizeof(float);
 }
 
-/* The arranged layout (AVX-512 VNNI builds). Outputs [0, arranged(OC)) go
- * in blocks of LANES (16); the last OC % 16 keep their rows where they are.
- * A block takes the bytes of its 16 rows, group after group of G inputs;
- * a group is vectors of 64 bytes, vector u holding inputs 4u..4u+3 of each
- * output o at bytes 4o..4o+3, ready for one vpdpbusd against those four
- * activations broadcast:
- *   int8: q + 128 (unsigned), one vector per 4 inputs;
+/* The arranged layout (AVX-512 VNNI and AVX2 builds). Outputs [0,
+ * arranged(OC)) go in blocks of LANES (16, or 8 on AVX2); the last OC %
+ * LANES keep their rows where they are. A block takes the bytes of its
+ * LANES rows, group after group of G inputs; a group is vectors of 4 LANES
+ * bytes (one register), vector u holding inputs 4u..4u+3 of each output o at
+ * bytes 4o..4o+3, ready for one vpdpbusd (AVX2: vpmaddubsw + vpmaddwd)
+ * against those four activations broadcast:
+ *   int8: q + OFFSET8, one vector per 4 inputs (VNNI: q + 128, unsigned;
+ *     AVX2 keeps q signed, for its sign trick);
  *   int4: q + 8 in nibbles, a vector's low nibbles being step 2v and its
  *     high nibbles step 2v + 1 (inputs 8v..8v+3 and 8v+4..8v+7).
  * The blocks' scales follow in the same order, block by block, group by
- * group, 16 (one vector) each: IEEE halves where every one of them is a
+ * group, LANES (one vector) each: IEEE halves where every one of them is a
  * half exactly (an import's Q8_0/Q4_0 scales always are: a ninth fewer
  * bytes to stream for int4), else float32. Halves are marked by HALF_SCALES
  * in the last float32 slot they leave free: a NaN, which a float32 scale
  * never is (the loaders refuse non-finite scales). Each output's sum lands
  * in its own lane: no horizontal sums, and one float scaling per group for
- * 16 outputs. */
+ * LANES outputs. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define LANES 16
+#define OFFSET8 128
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define LANES 8
+#define OFFSET8 0
 #else
 #define LANES 0
 #endif
@@ -79,7 +85,7 @@ static int arranged(int OC) {
 static size_t arranged_at(int o, int c, int bits, int G, int *shift) {
     int g = c / G, k = c % G, u = k / 4;
     *shift = bits == 4 && u % 2 ? 4 : 0;
-    return (size_t)g * LANES * G * bits / 8 + (size_t)(bits == 8 ? u : u / 2) * 64 +
+    return (size_t)g * LANES * G * bits / 8 + (size_t)(bits == 8 ? u : u / 2) * 4 * LANES +
            4 * (size_t)o + k % 4;
 }
 
@@ -118,7 +124,7 @@ static int arrange_values(uint8_t *q, int C, int blocks, int bits, int G) {
                 for (int c = 0; c < C; c++) {
                     int shift, value = row_value(rows + (size_t)o * row, c, bits);
                     size_t at = arranged_at(o, c, bits, G, &shift); /* sets shift first */
-                    block[at] |= (uint8_t)((value + (bits == 8 ? 128 : 8)) << shift);
+                    block[at] |= (uint8_t)((unsigned)(value + (bits == 8 ? OFFSET8 : 8)) << shift);
                 }
         }
         free(rows);
@@ -175,7 +181,7 @@ void quant_row_values(float *out, const void *w, int C, int OC, int bits, int G,
             int shift;
             size_t byte = arranged_at(o, c, bits, G, &shift); /* sets shift first */
             int stored = block[byte] >> shift;
-            int value = bits == 8 ? stored - 128 : (stored & 15) - 8;
+            int value = bits == 8 ? (int8_t)(uint8_t)(stored - OFFSET8) : (stored & 15) - 8;
             size_t at = first + (size_t)(c / G) * LANES;
             float scale = half ? (float)((const _Float16 *)scales)[at]
                                : ((const float *)scales)[at];
@@ -216,10 +222,49 @@ static void quantize_group512(int8_t *q, float *scales, const float *x, int n, i
 }
 #endif
 
+#if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512BW__))
+/* The same on AVX2, 32 values at a time (G a multiple of 32): four vectors
+ * of int32 packed to bytes (packs interleave 128-bit lanes; the permute
+ * puts them back in order). */
+static void quantize_group256(int8_t *q, float *scales, const float *x, int n, int g, int G) {
+    const float *v = x + (size_t)g * G;
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 amax = _mm256_setzero_ps();
+    for (int k = 0; k < G; k += 8) /* a NaN loses */
+        amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + k), magnitude), amax);
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    float d = _mm_cvtss_f32(m) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    scales[g] = d;
+    for (int k = 0; k < G; k += 32) {
+        __m256i r[4];
+        for (int i = 0; i < 4; i++) {
+            __m256 f = _mm256_mul_ps(_mm256_loadu_ps(v + k + 8 * i), _mm256_set1_ps(inv));
+            __m256 number = _mm256_cmp_ps(f, f, _CMP_ORD_Q);
+            f = _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+            f = _mm256_round_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r[i] = _mm256_and_si256(_mm256_cvtps_epi32(f), _mm256_castps_si256(number));
+        }
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]),
+                                           _mm256_packs_epi32(r[2], r[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + (size_t)g * G + k), bytes);
+        _mm256_storeu_si256((__m256i *)(q + (size_t)n + (size_t)g * G + k),
+                            _mm256_abs_epi8(bytes));
+    }
+}
+#endif
+
 void quantize_q8(int8_t *q, float *scales, const float *x, int n, int G) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (G % 16 == 0) {
         for (int g = 0; g < n / G; g++) quantize_group512(q, scales, x, n, g, G);
+        return;
+    }
+#elif defined(__AVX2__)
+    if (G % 32 == 0) {
+        for (int g = 0; g < n / G; g++) quantize_group256(q, scales, x, n, g, G);
         return;
     }
 #endif
@@ -353,6 +398,8 @@ void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, co
     OUTPUTS(dot_portable);
 }
 
+#define OUTPUT_BLOCK 64 /* outputs whose weights stay in cache while every row passes */
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* Tiles of rows x outputs on AVX-512 VNNI, 64 input values (two runs of 32)
  * at a time. vpdpbusd multiplies unsigned by signed bytes, so the weights
@@ -367,7 +414,6 @@ void quant_outputs(float *y, int j0, int j1, const void *w, const int8_t *xq, co
 #define TILE_ROWS 4 /* and the switch in tiles512 below */
 #define TILE_OUTPUTS 4
 #define AHEAD 16 /* outputs: how far ahead one row's decoding fetches */
-#define OUTPUT_BLOCK 64 /* outputs whose weights stay in cache while every row passes */
 
 /* Which run of 32 each int32 lane sums (0: the first, 1: the second): int8
  * pairs are two runs of 32 bytes; an int4 pair is 32 bytes whose low nibbles
@@ -551,6 +597,91 @@ arranged_tile(float *y, int ldy, const int8_t *xq, const float *xs, const int32_
         for (int b = 0; b < NB; b++) _mm512_storeu_ps(y + (size_t)r * ldy + b * LANES, acc[r][b]);
 }
 
+#endif
+
+/* A kernel for n rows and outputs [j0, j1) of W, in one format. */
+typedef void Tiles(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+                   const float *xs, int C, int OC);
+
+/* kernel(name, bits, G) for each format the package quantizes to, and
+ * family_for(bits, G), the one for a format (NULL: none). */
+#define EACH_FORMAT(family, kernel)                                                       \
+    kernel(family##8_32, 8, 32)                                                           \
+    kernel(family##8_64, 8, 64)                                                           \
+    kernel(family##4_32, 4, 32)                                                           \
+    kernel(family##4_64, 4, 64)                                                           \
+    static Tiles *family##_for(int bits, int G) {                                         \
+        return bits == 8 ? (G == 32 ? family##8_32 : G == 64 ? family##8_64 : NULL)      \
+                         : (G == 32 ? family##4_32 : G == 64 ? family##4_64 : NULL);      \
+    }
+
+#if LANES == 8
+/* The four activations of row r at x (x + C: their magnitudes), broadcast. */
+static inline __m256i four_of(const int8_t *x) {
+    int32_t four;
+    memcpy(&four, x, 4);
+    return _mm256_set1_epi32(four);
+}
+
+/* The arranged kernel on AVX2 for R rows (1-4) and one block of 8 outputs
+ * from wb (its scales ws): vpmaddubsw multiplies unsigned by signed bytes
+ * into 16-bit pair sums and vpmaddwd adds the pairs. int4's nibbles (q + 8)
+ * go in as the unsigned side and the offset is taken back by starting from
+ * -8 times the group's activation sum (|pair| <= 2 * 15 * 127); int8 takes
+ * |x| times q * sign(x) (|pair| <= 2 * 127 * 127: no saturation). Each
+ * lane's sum is exact and each output's float sum takes the groups in
+ * order, whatever R is. */
+static inline __attribute__((always_inline)) void
+arranged_tile(float *y, int ldy, const int8_t *xq, const float *xs, const int32_t *sums,
+              const uint8_t *wb, const char *ws, int C, const int R, const int NB,
+              const int bits, const int G, const int half) {
+    (void)NB; /* one block at a time: two rows' worth of registers would spill */
+    int groups = C / G;
+    size_t group_bytes = LANES * G * bits / 8;
+    const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0f);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i sum[4];
+        for (int r = 0; r < R; r++)
+            sum[r] = bits == 8 ? _mm256_setzero_si256() : _mm256_set1_epi32(-8 * sums[r * groups + g]);
+        const uint8_t *wg = wb + (size_t)g * group_bytes;
+        const int8_t *xg = xq + (size_t)g * G;
+        if (bits == 8)
+            for (int u = 0; u < G / 4; u++) { /* inputs 4u..4u+3 of the group */
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + 32 * u));
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = xg + 2 * (size_t)r * C + 4 * u;
+                    __m256i pairs = _mm256_maddubs_epi16(four_of(x + C),
+                                                         _mm256_sign_epi8(wv, four_of(x)));
+                    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        else
+            for (int v = 0; v < G / 8; v++) { /* inputs 8v..8v+3 low, 8v+4..8v+7 high */
+                __m256i both = _mm256_loadu_si256((const __m256i *)(wg + 32 * v));
+                __m256i low = _mm256_and_si256(both, nibble);
+                __m256i high = _mm256_and_si256(_mm256_srli_epi16(both, 4), nibble);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = xg + 2 * (size_t)r * C + 8 * v;
+                    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, four_of(x)),
+                                                     _mm256_maddubs_epi16(high, four_of(x + 4)));
+                    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        size_t at = (size_t)g * LANES;
+        __m256 scale = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + 2 * at)))
+                            : _mm256_loadu_ps((const float *)ws + at);
+        for (int r = 0; r < R; r++) {
+            __m256 both = _mm256_mul_ps(scale, _mm256_set1_ps(xs[(size_t)r * groups + g]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), both, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + (size_t)r * ldy, acc[r]);
+}
+#endif
+
+#if LANES
 /* Each of R rows' group sums of its activations. */
 static void group_sums(int32_t *sums, const int8_t *xq, int R, int C, int G) {
     for (int r = 0; r < R; r++)
@@ -561,17 +692,18 @@ static void group_sums(int32_t *sums, const int8_t *xq, int R, int C, int G) {
         }
 }
 
-/* R rows against the arranged blocks of outputs [j0, j1) (multiples of 16),
- * two blocks at a time for a tile of rows; one row's decoding goes block by
- * block, reading the weights as one stream in order (two blocks at a time
- * read two streams, and that ran at nine tenths the memory's speed). */
+/* R rows against the arranged blocks of outputs [j0, j1) (multiples of
+ * LANES), two blocks at a time for a tile of rows on AVX-512 (AVX2's 16
+ * registers hold one); one row's decoding goes block by block, reading the
+ * weights as one stream in order (two blocks at a time read two streams,
+ * and that ran at nine tenths the memory's speed). */
 static inline __attribute__((always_inline)) void
 arranged_rows(float *y, int ldy, const int8_t *xq, const float *xs, const int32_t *sums,
               const uint8_t *w, const char *ws, int j0, int j1, int C, const int R,
               const int bits, const int G, const int half) {
     size_t row = quant_row_bytes(C, bits), scale_bytes = (size_t)(C / G) * (half ? 2 : 4);
     int j = j0;
-    for (; R > 1 && j + 2 * LANES <= j1; j += 2 * LANES)
+    for (; LANES == 16 && R > 1 && j + 2 * LANES <= j1; j += 2 * LANES)
         arranged_tile(y + (j - j0), ldy, xq, xs, sums, w + j * row, ws + j * scale_bytes, C, R,
                       2, bits, G, half);
     for (; j < j1; j += LANES)
@@ -579,8 +711,8 @@ arranged_rows(float *y, int ldy, const int8_t *xq, const float *xs, const int32_
                       1, bits, G, half);
 }
 
-/* Outputs [j0, j1) of the arranged ones (multiples of 16) for n rows: blocks
- * of OUTPUT_BLOCK outputs, each passed by every row four at a time. */
+/* Outputs [j0, j1) of the arranged ones (multiples of LANES) for n rows:
+ * blocks of OUTPUT_BLOCK outputs, each passed by every row four at a time. */
 static inline __attribute__((always_inline)) void
 arranged_tiles(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
                const float *xs, int C, int OC, const int bits, const int G, const int half) {
@@ -609,47 +741,54 @@ arranged_tiles(float *y, int ldy, int n, int j0, int j1, const void *w, const in
     }
 }
 
-#define TILES(name, b, g)                                                                 \
+#define ARRANGED(name, b, g)                                                              \
     static void name(float *y, int ldy, int n, int j0, int j1, const void *w,             \
                      const int8_t *xq, const float *xs, int C, int OC) {                  \
-        tiles512(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g);                              \
-    }                                                                                     \
-    static void arranged_##name(float *y, int ldy, int n, int j0, int j1, const void *w,  \
-                                const int8_t *xq, const float *xs, int C, int OC) {       \
         int half;                                                                         \
         arranged_scales(w, C, OC, b, g, &half);                                           \
         if (half) arranged_tiles(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g, 1);           \
         else arranged_tiles(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g, 0);                \
     }
-TILES(tiles8_32, 8, 32)
-TILES(tiles8_64, 8, 64)
-TILES(tiles4_32, 4, 32)
-TILES(tiles4_64, 4, 64)
+EACH_FORMAT(arranged, ARRANGED)
 #endif
 
-#if LANES
-typedef void Tiles(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
-                   const float *xs, int C, int OC);
-#endif
-
-void quant_tile(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
-                const float *xs, int C, int OC, int bits, int G) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    Tiles *rows = bits == 8 ? (G == 32 ? tiles8_32 : G == 64 ? tiles8_64 : NULL)
-                            : (G == 32 ? tiles4_32 : G == 64 ? tiles4_64 : NULL);
-    Tiles *blocks = bits == 8
-        ? (G == 32 ? arranged_tiles8_32 : G == 64 ? arranged_tiles8_64 : NULL)
-        : (G == 32 ? arranged_tiles4_32 : G == 64 ? arranged_tiles4_64 : NULL);
-    if (rows && blocks) { /* the arranged outputs, then the last OC % 16 as rows */
-        int A = arranged(OC), first_row = j0 > A ? j0 : A;
-        if (j0 < A) blocks(y, ldy, n, j0, j1 < A ? j1 : A, w, xq, xs, C, OC);
-        if (first_row < j1) rows(y + (first_row - j0), ldy, n, first_row, j1, w, xq, xs, C, OC);
+#define TILES(name, b, g)                                                                 \
+    static void name(float *y, int ldy, int n, int j0, int j1, const void *w,             \
+                     const int8_t *xq, const float *xs, int C, int OC) {                  \
+        tiles512(y, ldy, n, j0, j1, w, xq, xs, C, OC, b, g);                              \
+    }
+EACH_FORMAT(tiles, TILES)
+#endif
+
+/* Outputs [j0, j1) of n rows from W's rows as stored (not arranged). */
+static void stored_rows(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+                        const float *xs, int C, int OC, int bits, int G) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    Tiles *rows = tiles_for(bits, G);
+    if (rows) {
+        rows(y, ldy, n, j0, j1, w, xq, xs, C, OC);
         return;
     }
 #endif
     for (int r = 0; r < n; r++)
         quant_outputs(y + (size_t)r * ldy, j0, j1, w, xq + 2 * (size_t)r * C,
                       xs + (size_t)r * (C / G), C, OC, bits, G);
+}
+
+void quant_tile(float *y, int ldy, int n, int j0, int j1, const void *w, const int8_t *xq,
+                const float *xs, int C, int OC, int bits, int G) {
+#if LANES
+    Tiles *blocks = arranged_for(bits, G);
+    int A = blocks ? arranged(OC) : 0; /* the arranged outputs, then the last OC % LANES */
+    if (j0 < A) {
+        blocks(y, ldy, n, j0, j1 < A ? j1 : A, w, xq, xs, C, OC);
+        if (j1 <= A) return;
+        y += A - j0;
+        j0 = A;
+    }
+#endif
+    stored_rows(y, ldy, n, j0, j1, w, xq, xs, C, OC, bits, G);
 }
 
 int quant_matmul(float *y, const float *x, int n, const void *w, int C, int OC, int bits,

@@ -221,7 +221,8 @@ long quant_row_bytes(int C, int bits);
 long quant_size(int C, int OC, int bits, int G);
 /* Such a matrix as stored (every row's values, then every row's scales)
  * rearranged in place into the layout the decoder's kernel reads (on AVX-512
- * VNNI, blocks of quant_lanes() outputs interleaved; elsewhere unchanged):
+ * VNNI and AVX2, blocks of quant_lanes() outputs interleaved, 16 or 8; a
+ * portable build keeps the rows):
  * the layout decode_step and quant_row_values take. SQLGPT_OK, or
  * SQLGPT_NOMEM (the matrix then partly arranged: discard it). */
 int quant_arrange(void *w, int C, int OC, int bits, int G);

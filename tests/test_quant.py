@@ -70,6 +70,18 @@ def test_activations_quantize_as_the_weights_do(rng):
     np.testing.assert_allclose(scales, ref_scales[0], rtol=1e-7)
 
 
+def test_activations_round_ties_to_even_as_the_weights_do(rng):
+    """Groups whose scale is 1 (a magnitude of 127), the rest of their
+    values halfway between two levels: each vector path rounds them to even,
+    as rint does."""
+    x = (rng.integers(-254, 255, 128) / 2).astype(np.float32)
+    x[::32] = 127.0
+    q, scales = c_quantize_q8(x, 32)
+    assert np.array_equal(scales, np.ones(4, np.float32))
+    assert np.array_equal(q[:128], np.rint(x).astype(np.int8))
+    assert np.array_equal(q[128:], np.abs(np.rint(x)).astype(np.int8))
+
+
 def test_activations_with_nan_and_inf_quantize_to_defined_values(rng):
     x = (rng.standard_normal(64) * 2).astype(np.float32)
     x[3], x[40] = np.nan, np.inf
