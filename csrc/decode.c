@@ -160,28 +160,35 @@ panel_matvec(float *out, const float *x, const void *panel, int C, Spread ahead,
     for (int v = 0; v < NV; v++) *(vfloat *)(out + v * VLEN) = acc[v];
 }
 
-/* Vectors half, half + 1 of four rows' outputs, out + r * PANEL for rows
- * x + r * C (r < 4): each panel vector loaded once for four rows, eight
- * accumulators, and the half panel stays in L1 for the next four rows. */
+/* Vectors half, half + 1 of R rows' outputs, out + r * PANEL for rows x +
+ * r * C (r < R): each panel vector loaded once for R rows, 2R accumulators
+ * (QUAD_ROWS: all that the registers hold beside the panel's two vectors),
+ * and the half panel stays in cache for the next R rows. */
+#if VLEN == 8
+#define QUAD_ROWS 6 /* AVX2's 16 registers: 12 accumulators */
+#else
+#define QUAD_ROWS 4
+#endif
+
 static inline __attribute__((always_inline)) void
-panel_matvec4(float *out, const float *x, const void *panel, int C, int half, Spread ahead,
-              const int half_format) {
+panel_matvec_rows(float *out, const float *x, const void *panel, int C, int half, Spread ahead,
+                  const int R, const int half_format) {
     size_t row_bytes = (size_t)PANEL * element_bytes(half_format);
     const char *rows = panel;
-    vfloat acc[4][2];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = (vfloat){0};
+    vfloat acc[QUAD_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (vfloat){0};
     for (int p = 0; p < C; p++) {
         const char *row = rows + p * row_bytes;
         if (half == 0) __builtin_prefetch(row + row_bytes / 2); /* the other half, next */
         fetch_spread(&ahead, C);
         vfloat a = panel_vector(row, half, half_format), b = panel_vector(row, half + 1,
                                                                           half_format);
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < R; r++) {
             acc[r][0] += x[(size_t)r * C + p] * a;
             acc[r][1] += x[(size_t)r * C + p] * b;
         }
     }
-    for (int r = 0; r < 4; r++)
+    for (int r = 0; r < R; r++)
         for (int v = 0; v < 2; v++)
             *(vfloat *)(out + (size_t)r * PANEL + (half + v) * VLEN) = acc[r][v];
 }
@@ -194,15 +201,27 @@ static inline float activate(float y, int act) {
     return act == ACT_GELU ? gelu(y) : y;
 }
 
+/* y (m) = x + bias, where there is a bias (else x itself). A loop that
+ * tests bias per element vectorizes into masked loads, and on AVX2 AMD
+ * cores a masked load from a NULL bias's page takes a microcode assist per
+ * vector: over half a prompt's time outside the matmuls. */
+static const float *with_bias(float *y, const float *x, const float *bias, int m) {
+    if (!bias) return x;
+    #pragma omp simd
+    for (int j = 0; j < m; j++) y[j] = x[j] + bias[j];
+    return y;
+}
+
 /* y (m) = act(x + bias) (bias may be NULL), one loop per activation so that
  * each vectorizes (GELU's exp is most of a batched step's scalar work). */
 static void epilogue(float *y, const float *x, const float *bias, int m, int act) {
+    x = with_bias(y, x, bias, m);
     if (act == ACT_GELU) {
         #pragma omp simd
-        for (int j = 0; j < m; j++) y[j] = gelu(x[j] + (bias ? bias[j] : 0.0f));
+        for (int j = 0; j < m; j++) y[j] = gelu(x[j]);
     } else {
         #pragma omp simd
-        for (int j = 0; j < m; j++) y[j] = activate(x[j] + (bias ? bias[j] : 0.0f), act);
+        for (int j = 0; j < m; j++) y[j] = activate(x[j], act);
     }
 }
 
@@ -232,17 +251,17 @@ static Spread pass_share(Ahead next, int pass, int passes, int C) {
 
 static void panel_block(float *out, const float *x, int n, const void *panel, int C, int half,
                         Ahead next) {
-    int quads = n / 4, passes = 2 * quads + n % 4, pass = 0;
+    int quads = n / QUAD_ROWS, passes = 2 * quads + n % QUAD_ROWS, pass = 0;
     for (int v = 0; v < NV; v += 2)
         for (int i = 0; i < quads; i++, pass++) {
-            float *o = out + (size_t)4 * i * PANEL;
-            const float *xr = x + (size_t)4 * i * C;
+            float *o = out + (size_t)QUAD_ROWS * i * PANEL;
+            const float *xr = x + (size_t)QUAD_ROWS * i * C;
             Spread ahead = pass_share(next, pass, passes, C);
-            #define QUAD(h) panel_matvec4(o, xr, panel, C, v, ahead, h)
+            #define QUAD(h) panel_matvec_rows(o, xr, panel, C, v, ahead, QUAD_ROWS, h)
             EACH_HALF(half, QUAD);
             #undef QUAD
         }
-    for (int r = 4 * quads; r < n; r++, pass++) {
+    for (int r = QUAD_ROWS * quads; r < n; r++, pass++) {
         Spread ahead = pass_share(next, pass, passes, C);
         #define ROW(h) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, ahead, h)
         EACH_HALF(half, ROW);
@@ -342,14 +361,13 @@ static void matmat(float *y, Rows x, int n, const void *w, const float *bias, in
     }
 }
 
-/* h (m) = silu(g + gate_b) * (u + up_b) (biases may be NULL), vectorized
- * (a scalar loop was a third of a batched llama step's work outside the
- * matmuls). */
-static void swiglu(float *h, const float *g, const float *u, const float *gate_b,
-                   const float *up_b, int m) {
+/* h (m) = silu(g + gate_b) * (u + up_b) (biases may be NULL; g and u take
+ * them in place), vectorized (a scalar loop was a third of a batched llama
+ * step's work outside the matmuls). */
+static void swiglu(float *h, float *g, float *u, const float *gate_b, const float *up_b, int m) {
+    const float *gate = with_bias(g, g, gate_b, m), *up = with_bias(u, u, up_b, m);
     #pragma omp simd
-    for (int j = 0; j < m; j++)
-        h[j] = silu(g[j] + (gate_b ? gate_b[j] : 0.0f)) * (u[j] + (up_b ? up_b[j] : 0.0f));
+    for (int j = 0; j < m; j++) h[j] = silu(gate[j]) * up[j];
 }
 
 /* SwiGLU's hidden rows, h (n, F) = silu(x @ gate + gate_b) * (x @ up + up_b),
