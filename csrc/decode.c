@@ -69,40 +69,50 @@ static size_t element_bytes(int half) {
  * lane shuffles. f16 panels hold a row's columns in order (the CPU widens a
  * vector of them in one instruction). */
 /* W's element (p, j) is w[p * row_stride + j * column_stride]: W itself
- * (OC, 1), or W^T's storage read as W (1, C). */
-static void pack(void *dst, const float *w, int C, int OC, int half, size_t row_stride,
-                 size_t column_stride) {
-    float *out = dst;
-    uint32_t *words = dst;
-    _Float16 *halves = dst;
+ * (OC, 1), or W^T's storage read as W (1, C); float32, or IEEE half where
+ * from_half (an F16 import's tensor, packed without a float32 copy). */
+static void pack(void *dst, const void *w, int from_half, int C, int OC, int half,
+                 size_t row_stride, size_t column_stride) {
+    const float *w32 = w;
+    const _Float16 *w16 = w;
+    size_t bytes = element_bytes(half), source_bytes = from_half ? 2 : 4;
+    char *at = dst; /* the next panel row */
     for (int j0 = 0; j0 < OC; j0 += PANEL)
-        for (int p = 0; p < C; p++) {
-            const float *row = w + (size_t)p * row_stride;
-            #define COLUMN(j) (j0 + (j) < OC ? row[(size_t)(j0 + (j)) * column_stride] : 0.0f)
-            if (half == HALF_NONE && column_stride == 1) {
-                int n = OC - j0 < PANEL ? OC - j0 : PANEL;
-                memcpy(out, row + j0, sizeof(float) * n);
-                memset(out + n, 0, sizeof(float) * (PANEL - n));
-                out += PANEL;
+        for (int p = 0; p < C; p++, at += PANEL * bytes) {
+            size_t row = (size_t)p * row_stride;
+            int n = OC - j0 < PANEL ? OC - j0 : PANEL;
+            #define AT(j) (row + (size_t)(j0 + (j)) * column_stride)
+            #define COLUMN(j) (j0 + (j) >= OC ? 0.0f : from_half ? (float)w16[AT(j)] : w32[AT(j)])
+            if (column_stride == 1 && half != HALF_BF16 && bytes == source_bytes) {
+                memcpy(at, (const char *)w + AT(0) * bytes, bytes * n); /* the same type */
+                memset(at + bytes * n, 0, bytes * (PANEL - n));
             } else if (half == HALF_NONE) {
-                for (int j = 0; j < PANEL; j++) *out++ = COLUMN(j);
+                for (int j = 0; j < PANEL; j++) ((float *)at)[j] = COLUMN(j);
             } else if (half == HALF_F16) { /* rounded to nearest even, as numpy's float16 */
-                for (int j = 0; j < PANEL; j++) *halves++ = (_Float16)COLUMN(j);
-            } else /* word vector k holds vectors 2k (low halves) and 2k+1 (high) */
+                for (int j = 0; j < PANEL; j++) ((_Float16 *)at)[j] = (_Float16)COLUMN(j);
+            } else { /* word vector k holds vectors 2k (low halves) and 2k+1 (high) */
+                uint32_t *words = (uint32_t *)at;
                 for (int k = 0; k < NV / 2; k++)
                     for (int i = 0; i < VLEN; i++)
                         *words++ = to_bf16(COLUMN(2 * k * VLEN + i)) |
                                    to_bf16(COLUMN((2 * k + 1) * VLEN + i)) << 16;
+            }
             #undef COLUMN
+            #undef AT
         }
 }
 
 void pack_panels(void *dst, const float *w, int C, int OC, int half) {
-    pack(dst, w, C, OC, half, (size_t)OC, 1);
+    pack(dst, w, 0, C, OC, half, (size_t)OC, 1);
 }
 
 void pack_panels_t(void *dst, const float *wt, int C, int OC, int half) {
-    pack(dst, wt, C, OC, half, 1, (size_t)C);
+    pack(dst, wt, 0, C, OC, half, 1, (size_t)C);
+}
+
+void pack_panels_f16(void *dst, const void *w, int C, int OC, int half, int transposed) {
+    if (transposed) pack(dst, w, 1, C, OC, half, 1, (size_t)C);
+    else pack(dst, w, 1, C, OC, half, (size_t)OC, 1);
 }
 
 /* A panel to fetch into cache meanwhile: `lines` cache lines from `at`. */

@@ -183,6 +183,9 @@ int panel_half(int precision);
 void pack_panels(void *dst, const float *w, int C, int OC, int half);
 /* the same panels of W from wt, W^T (OC,C) row-major: a tied head from wte */
 void pack_panels_t(void *dst, const float *wt, int C, int OC, int half);
+/* the same from IEEE halves (an F16 import's tensor, with no float32 copy):
+ * W (C,OC), or W^T (OC,C) where transposed */
+void pack_panels_f16(void *dst, const void *w, int C, int OC, int half, int transposed);
 
 /* w: every matrix, the head included (wte transposed when tied), in the
  * precision's layout; wte, wpe and the vectors float32 as in training.

@@ -4,6 +4,10 @@ model (here with the gguf package, independently of sqlgpt's exporter)
 import to logits within 1e-4 of transformers' and ids equal to the
 tokenizers library's; Q8_0/Q4_0 blocks are kept bit for bit; bad files
 are one-line errors that leave nothing behind."""
+import shutil
+import sqlite3
+import zlib
+
 import numpy as np
 import pytest
 
@@ -352,6 +356,41 @@ def stored_imports(corpus, tmp_path_factory):
         write_like_llama_cpp(path, "qwen2", model, tok, getattr(gguf.GGMLQuantizationType, qtype))
         assert run("import", path, "--db", dbs[qtype]).exit_code == 0
     return dbs
+
+
+@pytest.mark.parametrize("precision", ["f16", "fp32", "bf16"])
+def test_an_f16_import_decodes_from_its_half_rows_as_from_float32(stored_imports, precision):
+    """A decoder packs an F16 import's matrices straight from its half rows
+    (no float32 copy of a tensor): the same panels, in every float
+    precision, as packing the float32 values they read back as."""
+    from sqlgpt.inference.decoder import Decoder
+    stored = sqlgpt.load(stored_imports["F16"], precision)
+    plain = sqlgpt.load(stored_imports["F16"])
+    expected = Decoder(plain._gpt, precision, weights=plain.state_dict())
+    got = stored.decoder()
+    assert got.panels.size == expected.panels.size
+    assert np.array_equal(got.panels, expected.panels)
+    for token in np.random.default_rng(0).integers(0, stored.arch.n_vocab, 6).tolist():
+        assert np.array_equal(got.step(token), expected.step(token))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_half_row_that_is_not_finite_is_refused_when_decoding(stored_imports, tmp_path, value):
+    """A half row with a valid checksum but a NaN or Inf in it: the decoder
+    reading the halves refuses it as the float32 reader does."""
+    db = tmp_path / "bad.db"
+    shutil.copy(stored_imports["F16"], db)
+    conn = sqlite3.connect(db)
+    raw, = conn.execute("SELECT data FROM layers WHERE layer = 1 AND component = 'fc2' "
+                        "AND i = 3").fetchone()
+    row = np.frombuffer(raw, "<f2").copy()
+    row[5] = value
+    conn.execute("UPDATE layers SET data = ?, crc = ? WHERE layer = 1 AND component = 'fc2' "
+                 "AND i = 3", (row.tobytes(), zlib.crc32(row.tobytes())))
+    conn.commit()
+    conn.close()
+    with pytest.raises(sqlgpt.SqlgptError, match="layers.1.fc2 contain NaN or Inf"):
+        sqlgpt.load(db, "f16").decoder()
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "F16"])

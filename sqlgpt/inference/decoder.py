@@ -90,13 +90,26 @@ class Decoder:
                 continue
             if spec.name in unread:
                 continue
-            data = weights[spec.tied_to or spec.name]
-            if spec.name not in offsets:
-                arrays[spec.name] = data if fresh else data.copy()
+            if spec.name in offsets:
+                self._pack(spec, weights, arrays[spec.name])
                 continue
-            pack = lib.pack_panels_t if spec.tied_to else lib.pack_panels  # a tied head: wte^T
-            pack(fptr(arrays[spec.name]), fptr(data), *spec.shape, self.half)
+            data = weights[spec.tied_to or spec.name]
+            arrays[spec.name] = data if fresh else data.copy()
         return arrays
+
+    def _pack(self, spec, weights, panels):
+        """spec's matrix into its panels (a tied head: wte transposed): from
+        an F16 import's halves where the store gives them (no float32 copy
+        of the tensor is made), else from float32."""
+        source, transposed = spec.tied_to or spec.name, bool(spec.tied_to)
+        read_halves = getattr(weights, "halves", None)
+        halves = read_halves(source) if read_halves else None
+        if halves is not None:
+            lib.pack_panels_f16(fptr(panels), ffi.from_buffer(halves), *spec.shape, self.half,
+                                transposed)
+            return
+        pack = lib.pack_panels_t if transposed else lib.pack_panels
+        pack(fptr(panels), fptr(weights[source]), *spec.shape, self.half)
 
     def _arranged(self, matrix, C, OC):
         """A quantized matrix's block in the kernel's arranged layout

@@ -195,6 +195,15 @@ class StoredTensors:
         tied = self.shared & {"wte"}
         return bool(tied) and self.formats.get("wte") == precision
 
+    def halves(self, name):
+        """name's values as float16 where it is stored in f16 (an F16
+        import's) and not already read in float32, else None: a decoder packs
+        them straight into its panels, with no float32 copy."""
+        if self.formats.get(name) != "f16" or name in self.kept:
+            return None
+        return read_tensor(self.conn, self.arch, self.specs[name], self.formats, self.sets,
+                           halves=True)
+
     def __getitem__(self, name):
         if name in self.kept:
             return self.kept[name]

@@ -395,17 +395,19 @@ def read_weights(conn, model):
     _check_values(model.params)
 
 
-def read_tensor(conn, arch, spec, formats, sets):
+def read_tensor(conn, arch, spec, formats, sets, halves=False):
     """One stored parameter's float32 weights, checked as read_weights
     checks them (its rows, their lengths and checksums, finite values, sane
     moments), each row read straight into place: a reader of one tensor at
-    a time holds it once (formats: read_formats; sets: integer_sets). Call
-    inside a transaction."""
+    a time holds it once (formats: read_formats; sets: integer_sets). With
+    halves, a tensor stored in f16 comes as its float16 values, with no
+    float32 copy. Call inside a transaction."""
     fmt = formats.get(spec.name, "f32")
     if fmt in INTEGERS:
         return _dequantized(conn, arch, spec.name, fmt, sets)
+    halves = halves and fmt == "f16"
     table, key = location(spec)
-    data = np.empty((spec.rows, spec.cols), dtype=np.float32)
+    data = np.empty((spec.rows, spec.cols), dtype=np.float16 if halves else np.float32)
     count, width = 0, VALUE_BYTES[fmt] * spec.cols
     try:
         for i, row, m, v, crc in conn.execute(TENSOR_ROWS_SQL[table], key):
@@ -423,18 +425,27 @@ def read_tensor(conn, arch, spec, formats, sets):
                                   f"checksum")
             if full:
                 _check_moments(spec.name, np.frombuffer(m, "<f4"), np.frombuffer(v, "<f4"))
-            data[i] = _values(row, fmt)
+            data[i] = np.frombuffer(row, "<f2") if halves else _values(row, fmt)
             count += 1
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
         raise SqlgptError(f"cannot read weights: {e}") from None
     if count != spec.rows:
         raise SqlgptError(f"weights of {spec.name} are damaged: expected rows "
                           f"0..{spec.rows - 1}, found others")
-    flat = data.reshape(-1)
-    with np.errstate(over="ignore"):
-        if not math.isfinite(np.dot(flat, flat)) and not np.isfinite(flat).all():
-            raise SqlgptError(f"weights of {spec.name} contain NaN or Inf")
+    if not _finite(data.reshape(-1)):
+        raise SqlgptError(f"weights of {spec.name} contain NaN or Inf")
     return data.reshape(spec.shape)
+
+
+def _finite(flat):
+    """Whether every value is finite: one dot product for float32 (finite
+    unless a value is not, or the sum overflows: then each is looked at);
+    halves a million at a time (their dot product overflows at 256)."""
+    if flat.dtype == np.float16:
+        step = 1 << 20
+        return all(np.isfinite(flat[i:i + step]).all() for i in range(0, flat.size, step))
+    with np.errstate(over="ignore"):
+        return math.isfinite(np.dot(flat, flat)) or np.isfinite(flat).all()
 
 
 def _check_values(params):
