@@ -172,12 +172,12 @@ panel_matvec(float *out, const float *x, const void *panel, int C, Spread ahead,
 
 /* Vectors half, half + 1 of R rows' outputs, out + r * PANEL for rows x +
  * r * C (r < R): each panel vector loaded once for R rows, 2R accumulators
- * (QUAD_ROWS: all that the registers hold beside the panel's two vectors),
+ * (TILE_ROWS: all that the registers hold beside the panel's two vectors),
  * and the half panel stays in cache for the next R rows. */
 #if VLEN == 8
-#define QUAD_ROWS 6 /* AVX2's 16 registers: 12 accumulators */
+#define TILE_ROWS 6 /* AVX2's 16 registers: 12 accumulators */
 #else
-#define QUAD_ROWS 4
+#define TILE_ROWS 4
 #endif
 
 static inline __attribute__((always_inline)) void
@@ -185,7 +185,7 @@ panel_matvec_rows(float *out, const float *x, const void *panel, int C, int half
                   const int R, const int half_format) {
     size_t row_bytes = (size_t)PANEL * element_bytes(half_format);
     const char *rows = panel;
-    vfloat acc[QUAD_ROWS][2];
+    vfloat acc[TILE_ROWS][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (vfloat){0};
     for (int p = 0; p < C; p++) {
         const char *row = rows + p * row_bytes;
@@ -261,17 +261,17 @@ static Spread pass_share(Ahead next, int pass, int passes, int C) {
 
 static void panel_block(float *out, const float *x, int n, const void *panel, int C, int half,
                         Ahead next) {
-    int quads = n / QUAD_ROWS, passes = 2 * quads + n % QUAD_ROWS, pass = 0;
+    int tiles = n / TILE_ROWS, passes = 2 * tiles + n % TILE_ROWS, pass = 0;
     for (int v = 0; v < NV; v += 2)
-        for (int i = 0; i < quads; i++, pass++) {
-            float *o = out + (size_t)QUAD_ROWS * i * PANEL;
-            const float *xr = x + (size_t)QUAD_ROWS * i * C;
+        for (int i = 0; i < tiles; i++, pass++) {
+            float *o = out + (size_t)TILE_ROWS * i * PANEL;
+            const float *xr = x + (size_t)TILE_ROWS * i * C;
             Spread ahead = pass_share(next, pass, passes, C);
-            #define QUAD(h) panel_matvec_rows(o, xr, panel, C, v, ahead, QUAD_ROWS, h)
-            EACH_HALF(half, QUAD);
-            #undef QUAD
+            #define TILE(h) panel_matvec_rows(o, xr, panel, C, v, ahead, TILE_ROWS, h)
+            EACH_HALF(half, TILE);
+            #undef TILE
         }
-    for (int r = QUAD_ROWS * quads; r < n; r++, pass++) {
+    for (int r = TILE_ROWS * tiles; r < n; r++, pass++) {
         Spread ahead = pass_share(next, pass, passes, C);
         #define ROW(h) panel_matvec(out + (size_t)r * PANEL, x + (size_t)r * C, panel, C, ahead, h)
         EACH_HALF(half, ROW);
